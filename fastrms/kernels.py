@@ -1,0 +1,187 @@
+"""The fused RMSprop kernels: Numba code and nothing else.
+
+Every kernel here reads ``param``, ``grad`` and the state arrays once and writes ``param``
+and the state once, element by element, in place: no temporaries and no second pass.
+This module imports nothing from the rest of the package, so user ``@njit`` code can call
+it directly.
+
+The per-element update (written once, in :func:`_make_driver`) is, for step ``t``::
+
+    g <- sign * grad                              sign = -1 when maximizing
+    coupled weight decay:     g <- g + wd * p
+    decoupled weight decay:   p <- p - (lr * wd) * p
+    v <- beta * v + (1 - beta) * g^2
+    centered:                 m <- beta * m + (1 - beta) * g
+    v^ = v / bc,  m^ = m / bc                     bc = 1 - beta^t, or 1 without bias correction
+    s  = max(v^ - m^^2, 0) if centered else v^
+    d  = sqrt(s + eps_in) + eps_out               one of eps_in / eps_out is 0
+    u  = g / d
+    no momentum:              p <- p - lr * u
+    momentum, lr outside:     b <- mu * b + u;       p <- p - lr * (u + mu * b if nesterov else b)
+    momentum, lr inside:      b <- mu * b + lr * u;  p <- p - (lr * u + mu * b if nesterov else b)
+
+Scalars arrive as Python floats and are rounded once to the array's dtype (``1 - beta`` and
+``lr * wd`` are formed in float64 first), so float32 arrays are updated in float32
+arithmetic throughout. ``sign``, ``eps_in``/``eps_out`` and ``bc`` are runtime scalars
+because their neutral values (1, 0, 1) leave the arithmetic bit-exact; the options that
+change which arrays are touched (centring, momentum, Nesterov, weight decay) are
+compile-time constants of each specialised driver, so a variant pays only for what it uses.
+
+Each variant has two drivers compiled from that one source: a serial loop and a
+``parallel=True`` ``prange`` loop. Arrays of at least :data:`PARALLEL_THRESHOLD` elements go
+to the parallel one.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+#: Arrays with at least this many elements use the parallel driver; smaller ones the serial
+#: one (a parallel launch costs a few microseconds). Chosen from ``fastrms bench``.
+PARALLEL_THRESHOLD = 1 << 15
+
+#: Weight-decay modes (compile-time).
+WD_NONE, WD_COUPLED, WD_DECOUPLED = 0, 1, 2
+#: Momentum modes (compile-time): none, PyTorch's (lr outside the buffer), Keras/TF1/optax's
+#: (lr inside the buffer).
+MOM_NONE, MOM_OUTSIDE, MOM_INSIDE = 0, 1, 2
+
+_JIT_OPTIONS = dict(error_model="numpy", cache=True, nogil=True)
+
+
+def _make_driver(centered, wd_mode, mom_mode, nesterov, parallel):
+    """Compile-time specialisation of the one per-element update.
+
+    The flags are closure constants, so Numba folds the branches away. Every flag is read in
+    the body (``parallel`` is the return value): Numba's on-disk cache keys a closure by the
+    values of the variables it uses, so this keeps the cached variants apart.
+    """
+
+    @njit(parallel=parallel, **_JIT_OPTIONS)
+    def driver(
+        param,
+        grad,
+        square_avg,
+        grad_avg,
+        momentum_buffer,
+        lr,
+        beta,
+        eps_in,
+        eps_out,
+        weight_decay,
+        momentum,
+        sign,
+        bias_correction,
+    ):
+        T = param.dtype.type
+        zero = T(0.0)
+        lr_ = T(lr)
+        beta_ = T(beta)
+        one_minus_beta = T(1.0 - beta)
+        eps_in_ = T(eps_in)
+        eps_out_ = T(eps_out)
+        wd = T(weight_decay)
+        lr_wd = T(lr * weight_decay)
+        mu = T(momentum)
+        sign_ = T(sign)
+        bc = T(bias_correction)
+        for i in prange(param.size):
+            p = param[i]
+            g = sign_ * grad[i]
+            if wd_mode == WD_COUPLED:
+                g = g + wd * p
+            elif wd_mode == WD_DECOUPLED:
+                p = p - lr_wd * p
+            v = beta_ * square_avg[i] + one_minus_beta * (g * g)
+            square_avg[i] = v
+            if centered:
+                m = beta_ * grad_avg[i] + one_minus_beta * g
+                grad_avg[i] = m
+                mhat = m / bc
+                s = v / bc - mhat * mhat
+                s = zero if s < zero else s  # NaN passes through, as np.maximum does
+            else:
+                s = v / bc
+            u = g / (np.sqrt(s + eps_in_) + eps_out_)
+            if mom_mode == MOM_OUTSIDE:
+                b = mu * momentum_buffer[i] + u
+                momentum_buffer[i] = b
+                if nesterov:
+                    p = p - lr_ * (u + mu * b)
+                else:
+                    p = p - lr_ * b
+            elif mom_mode == MOM_INSIDE:
+                step = lr_ * u
+                b = mu * momentum_buffer[i] + step
+                momentum_buffer[i] = b
+                if nesterov:
+                    p = p - (step + mu * b)
+                else:
+                    p = p - b
+            else:
+                p = p - lr_ * u
+            param[i] = p
+        return parallel
+
+    return driver
+
+
+_DRIVERS = {}
+
+
+def drivers(centered=False, wd_mode=WD_NONE, mom_mode=MOM_NONE, nesterov=False):
+    """Return ``(serial, parallel)``, the two compiled drivers of one variant.
+
+    Both take ``(param, grad, square_avg, grad_avg, momentum_buffer, lr, beta, eps_in,
+    eps_out, weight_decay, momentum, sign, bias_correction)`` with 1-D C-contiguous arrays of
+    one float dtype (``grad_avg`` / ``momentum_buffer`` may be empty when the variant does not
+    use them), update in place and return whether they ran in parallel. They do no checking:
+    callers validate. Callable from Python and from ``@njit`` code.
+    """
+    key = (bool(centered), int(wd_mode), int(mom_mode), bool(nesterov))
+    if key[2] not in (MOM_NONE, MOM_OUTSIDE, MOM_INSIDE) or key[1] not in (
+        WD_NONE,
+        WD_COUPLED,
+        WD_DECOUPLED,
+    ):
+        raise ValueError(f"unknown kernel variant {key}")
+    if key[3] and key[2] == MOM_NONE:
+        raise ValueError("nesterov needs a momentum mode")
+    pair = _DRIVERS.get(key)
+    if pair is None:
+        pair = _DRIVERS[key] = (_make_driver(*key, False), _make_driver(*key, True))
+    return pair
+
+
+_plain_serial, _plain_parallel = drivers()
+
+
+@njit(**_JIT_OPTIONS)
+def rmsprop_update(param, grad, square_avg, learning_rate, beta, epsilon):
+    """The plain RMSprop step, in place, callable from Python or from ``@njit`` code::
+
+        v <- beta * v + (1 - beta) * g^2
+        p <- p - learning_rate * g / (sqrt(v) + epsilon)
+
+    ``param``, ``grad`` and ``square_avg`` are C-contiguous float32 or float64 arrays of one
+    dtype and size (any shape); float32 stays float32. Large arrays run in parallel. Returns
+    nothing. Example::
+
+        from numba import njit
+        from fastrms.kernels import rmsprop_update
+
+        @njit
+        def train(w, v, x, y, steps):
+            for _ in range(steps):
+                g = 2.0 * x.T @ (x @ w - y) / x.shape[0]
+                rmsprop_update(w, g, v, 0.01, 0.9, 1e-8)
+    """
+    n = param.size
+    if grad.size != n or square_avg.size != n:
+        raise ValueError("rmsprop_update: param, grad and square_avg must have one size")
+    p = param.reshape(n)
+    g = grad.reshape(n)
+    v = square_avg.reshape(n)
+    if n >= PARALLEL_THRESHOLD:
+        _plain_parallel(p, g, v, p[:0], p[:0], learning_rate, beta, 0.0, epsilon, 0.0, 0.0, 1.0, 1.0)
+    else:
+        _plain_serial(p, g, v, p[:0], p[:0], learning_rate, beta, 0.0, epsilon, 0.0, 0.0, 1.0, 1.0)

@@ -1,0 +1,389 @@
+"""The RMSprop optimizer: validates, holds the state, and hands each array to a fused kernel.
+
+Per element, at step ``t`` (1-based) with learning rate ``lr_t``::
+
+    g <- -grad if maximize else grad
+    weight_decay, coupled (PyTorch):        g <- g + weight_decay * p
+    weight_decay, decoupled (Keras, AdamW): p <- p - lr_t * weight_decay * p
+    v <- beta * v + (1 - beta) * g^2                         v starts at initial_scale
+    centered:          m <- beta * m + (1 - beta) * g       m starts at 0
+    bias_correction:   v^ = v / (1 - beta^t), m^ = m / (1 - beta^t)   (else v^ = v, m^ = m)
+    s = max(v^ - m^^2, 0) if centered else v^
+    d = sqrt(s + epsilon) if eps_in_sqrt else sqrt(s) + epsilon
+    u = g / d
+    no momentum:                    p <- p - lr_t * u
+    momentum, lr outside (PyTorch): b <- momentum * b + u;        p <- p - lr_t * (u + momentum * b if nesterov else b)
+    momentum, lr_in_momentum:       b <- momentum * b + lr_t * u; p <- p - (lr_t * u + momentum * b if nesterov else b)
+"""
+
+import bisect
+import math
+from numbers import Real
+
+import numpy as np
+
+from . import kernels
+from ._checks import count, flag, float_array, number
+from .presets import preset_options
+
+FORMAT_VERSION = 1
+_BOOL_OPTIONS = (
+    "centered",
+    "nesterov",
+    "lr_in_momentum",
+    "decoupled_weight_decay",
+    "maximize",
+    "bias_correction",
+    "eps_in_sqrt",
+)
+_FLOAT_OPTIONS = ("beta", "epsilon", "momentum", "weight_decay", "initial_scale")
+#: Above this many owned arrays, grads are checked for overlap by address bisection (O(log n)
+#: per grad) instead of one ``np.may_share_memory`` per owned array.
+_LINEAR_OVERLAP_CHECK = 8
+
+
+def check_hyperparameters(h):
+    """Validate and normalise a dict of every constructor option; returns a new dict."""
+    out = {}
+    lr = h["learning_rate"]
+    out["learning_rate"] = lr if callable(lr) else number("learning_rate", lr, low=0.0)
+    out["beta"] = number("beta", h["beta"], low=0.0, high=1.0, high_open=True)
+    out["epsilon"] = number("epsilon", h["epsilon"], low=0.0, low_open=True)
+    out["momentum"] = number("momentum", h["momentum"], low=0.0)
+    out["weight_decay"] = number("weight_decay", h["weight_decay"], low=0.0)
+    out["initial_scale"] = number("initial_scale", h["initial_scale"], low=0.0)
+    for name in _BOOL_OPTIONS:
+        out[name] = flag(name, h[name])
+    if out["nesterov"] and out["momentum"] == 0.0:
+        raise ValueError("nesterov=True needs momentum > 0")
+    return out
+
+
+class _Slot:
+    """One parameter array, its state (flat, allocated once) and the driver for its size."""
+
+    __slots__ = ("param", "shape", "dtype", "flat", "square_avg", "grad_avg", "momentum_buffer", "names", "owned", "driver")
+
+    def __init__(self, param, hyper, source=None):
+        self.param, self.shape, self.dtype = param, param.shape, param.dtype
+        self.flat = param.reshape(-1)
+        self.names = state_names(hyper)
+        empty = self.flat[:0]
+        self.grad_avg = self.momentum_buffer = empty
+        self.square_avg = np.full(param.size, hyper["initial_scale"], dtype=param.dtype)
+        for name in self.names[1:]:
+            setattr(self, name, np.zeros_like(self.flat))
+        if source is not None:
+            for name in self.names:
+                np.copyto(getattr(self, name), source[name].reshape(-1))
+        self.owned = tuple(a for a in (param, *(getattr(self, n) for n in self.names)) if a.size)
+        self.driver = None
+
+
+def state_names(hyper):
+    """The state arrays a variant keeps, in PyTorch's names."""
+    return ("square_avg",) + (("grad_avg",) if hyper["centered"] else ()) + (("momentum_buffer",) if hyper["momentum"] else ())
+
+
+def _span(a):
+    start = a.__array_interface__["data"][0]
+    return start, start + a.nbytes
+
+
+class RMSprop:
+    """RMSprop over NumPy float arrays, each step one fused in-place Numba pass per array.
+
+    Parameters
+    ----------
+    params : ndarray or sequence of ndarray
+        float32 or float64, C-contiguous, writeable, any shape; updated in place. ``step``
+        then takes grads of the same structure: one array, or a sequence of as many.
+    learning_rate : float or callable
+        A number >= 0, or a schedule ``count -> lr`` (``count`` = steps already taken; see
+        :mod:`fastrms.schedules`).
+    beta : float
+        Decay of the squared-gradient average, in [0, 1) (PyTorch ``alpha``, Keras ``rho``,
+        TF1/optax ``decay``).
+    epsilon : float
+        > 0; added outside the root (PyTorch, the seed) or, with ``eps_in_sqrt``, inside it
+        (Keras, TF1, optax).
+    momentum : float
+        >= 0; 0 keeps no momentum buffer.
+    centered : bool
+        Divide by the root of the variance estimate ``v - m^2`` (clamped at 0).
+    nesterov : bool
+        Nesterov momentum; needs ``momentum > 0``.
+    lr_in_momentum : bool
+        Accumulate ``lr * u`` in the momentum buffer (Keras, TF1, optax) instead of ``u``
+        (PyTorch). Differs when the learning rate changes over time.
+    weight_decay : float
+        >= 0; L2 penalty added to the gradient, or, with ``decoupled_weight_decay``, the
+        parameter shrunk by ``lr * weight_decay`` before the update (Keras 3, AdamW style).
+    maximize : bool
+        Ascend instead of descend.
+    bias_correction : bool
+        Divide ``v`` and ``m`` by ``1 - beta^t`` (optax's option).
+    eps_in_sqrt : bool
+        ``sqrt(v + eps)`` instead of ``sqrt(v) + eps``.
+    initial_scale : float
+        Starting value of ``square_avg`` (TF1 uses 1.0).
+
+    State arrays (same dtype as their param, allocated once) are named as PyTorch names them:
+    ``square_avg``, ``grad_avg`` (centered), ``momentum_buffer`` (momentum > 0).
+    """
+
+    def __init__(
+        self,
+        params,
+        learning_rate=1e-3,
+        beta=0.9,
+        epsilon=1e-8,
+        *,
+        momentum=0.0,
+        centered=False,
+        nesterov=False,
+        lr_in_momentum=False,
+        weight_decay=0.0,
+        decoupled_weight_decay=False,
+        maximize=False,
+        bias_correction=False,
+        eps_in_sqrt=False,
+        initial_scale=0.0,
+    ):
+        hyper = check_hyperparameters(
+            dict(
+                learning_rate=learning_rate,
+                beta=beta,
+                epsilon=epsilon,
+                momentum=momentum,
+                centered=centered,
+                nesterov=nesterov,
+                lr_in_momentum=lr_in_momentum,
+                weight_decay=weight_decay,
+                decoupled_weight_decay=decoupled_weight_decay,
+                maximize=maximize,
+                bias_correction=bias_correction,
+                eps_in_sqrt=eps_in_sqrt,
+                initial_scale=initial_scale,
+            )
+        )
+        self._single = isinstance(params, np.ndarray)
+        if self._single:
+            arrays = [float_array("params", params, writeable=True)]
+        else:
+            if isinstance(params, (str, bytes, dict)) or not hasattr(params, "__iter__"):
+                raise TypeError(f"params must be an ndarray or a sequence of ndarrays, got {type(params).__name__}")
+            arrays = [float_array(f"params[{i}]", p, writeable=True) for i, p in enumerate(params)]
+        spans = sorted((*_span(a), i) for i, a in enumerate(arrays) if a.size)
+        for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
+            if start < end:
+                raise ValueError(f"params[{min(i, j)}] and params[{max(i, j)}] share memory; each must be its own array")
+        self._step_count = 0
+        self._last_lr = None
+        self._install([_Slot(p, hyper) for p in arrays], hyper)
+
+    @classmethod
+    def like(cls, name, params, **overrides):
+        """An optimizer with library ``name``'s defaults and formula ("seed", "torch",
+        "keras", "tf1", "optax"); ``overrides`` may use that library's spellings (``lr``,
+        ``alpha``, ``rho``, ``eps``, ``decay``). See :mod:`fastrms.presets`."""
+        return cls(params, **preset_options(name, overrides))
+
+    def _install(self, slots, hyper):
+        """Take new slots and hyperparameters (both already validated) and pick the kernels."""
+        self._slots = slots
+        owned = sorted(_span(a) for s in slots for a in s.owned)
+        self._owned_starts = [start for start, _ in owned]
+        self._owned_ends = [end for _, end in owned]
+        self._hyper = hyper
+        lr = hyper["learning_rate"]
+        self._schedule = lr if callable(lr) else None
+        self._lr = None if callable(lr) else lr
+        if hyper["momentum"]:
+            mom_mode = kernels.MOM_INSIDE if hyper["lr_in_momentum"] else kernels.MOM_OUTSIDE
+        else:
+            mom_mode = kernels.MOM_NONE
+        if hyper["weight_decay"]:
+            wd_mode = kernels.WD_DECOUPLED if hyper["decoupled_weight_decay"] else kernels.WD_COUPLED
+        else:
+            wd_mode = kernels.WD_NONE
+        serial, parallel = kernels.drivers(hyper["centered"], wd_mode, mom_mode, hyper["nesterov"])
+        for slot in self._slots:
+            slot.driver = parallel if slot.flat.size >= kernels.PARALLEL_THRESHOLD else serial
+        eps = hyper["epsilon"]
+        self._eps_in, self._eps_out = (eps, 0.0) if hyper["eps_in_sqrt"] else (0.0, eps)
+        self._sign = -1.0 if hyper["maximize"] else 1.0
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def params(self):
+        """The parameter arrays (the user's own objects), in the structure given."""
+        return self._slots[0].param if self._single else [s.param for s in self._slots]
+
+    def _state_view(self, name):
+        if name not in state_names(self._hyper):
+            return None
+        arrays = [getattr(s, name).reshape(s.shape) for s in self._slots]
+        return arrays[0] if self._single else arrays
+
+    @property
+    def square_avg(self):
+        """The squared-gradient averages ``v``, shaped like the params."""
+        return self._state_view("square_avg")
+
+    @property
+    def grad_avg(self):
+        """The gradient averages ``m`` (centered only, else None)."""
+        return self._state_view("grad_avg")
+
+    @property
+    def momentum_buffer(self):
+        """The momentum buffers ``b`` (momentum > 0 only, else None)."""
+        return self._state_view("momentum_buffer")
+
+    @property
+    def hyperparameters(self):
+        """A copy of the options in force (``learning_rate`` may be a schedule)."""
+        return dict(self._hyper)
+
+    @property
+    def step_count(self):
+        """Steps taken so far."""
+        return self._step_count
+
+    @property
+    def current_learning_rate(self):
+        """The learning rate the next step will use."""
+        return self._lr if self._schedule is None else self._scheduled_lr(self._step_count)
+
+    @property
+    def last_learning_rate(self):
+        """The learning rate the last step used (None before the first step)."""
+        return self._last_lr
+
+    def __repr__(self):
+        shown = ", ".join(f"{k}={v!r}" for k, v in self._hyper.items())
+        sizes = [s.flat.size for s in self._slots]
+        return f"RMSprop({len(sizes)} array(s), {sum(sizes)} elements, step_count={self._step_count}, {shown})"
+
+    # ------------------------------------------------------------------ the step
+
+    def _scheduled_lr(self, count):
+        lr = self._schedule(count)
+        if isinstance(lr, np.ndarray) and lr.ndim == 0:
+            lr = lr.item()
+        if isinstance(lr, bool) or not isinstance(lr, Real):
+            raise TypeError(f"learning_rate schedule returned {type(lr).__name__} at count {count}; expected a float")
+        lr = float(lr)
+        if not (lr >= 0.0 and math.isfinite(lr)):
+            raise ValueError(f"learning_rate schedule returned {lr!r} at count {count}; expected a finite float >= 0")
+        return lr
+
+    def _check_grad(self, name, g, slot):
+        if not isinstance(g, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray, got {type(g).__name__}")
+        if g.dtype != slot.dtype:
+            raise TypeError(f"{name} must have dtype {slot.dtype} like its param, got {g.dtype}")
+        if g.shape != slot.shape:
+            raise ValueError(f"{name} must have shape {slot.shape} like its param, got {g.shape}")
+        if not g.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray), got strides {g.strides}")
+        if len(self._owned_starts) <= _LINEAR_OVERLAP_CHECK:
+            overlaps = any(np.may_share_memory(g, a) for s in self._slots for a in s.owned)
+        elif g.size:
+            start, end = _span(g)
+            k = bisect.bisect_left(self._owned_starts, end) - 1
+            overlaps = k >= 0 and self._owned_ends[k] > start
+        else:
+            overlaps = False
+        if overlaps:
+            raise ValueError(f"{name} shares memory with the params or the optimizer state; pass a separate array")
+        return g.ravel()
+
+    def step(self, grads):
+        """Apply one update in place. ``grads`` has the structure of ``params``.
+
+        Every check runs before anything is written: a rejected step leaves params and state
+        unchanged. Returns None.
+        """
+        slots = self._slots
+        if self._single:
+            flat = [self._check_grad("grads", grads, slots[0])]
+        else:
+            if not isinstance(grads, (list, tuple)):
+                raise TypeError(f"grads must be a list or tuple of {len(slots)} arrays, got {type(grads).__name__}")
+            if len(grads) != len(slots):
+                raise ValueError(f"grads must hold {len(slots)} arrays, one per param, got {len(grads)}")
+            flat = [self._check_grad(f"grads[{i}]", g, s) for i, (g, s) in enumerate(zip(grads, slots))]
+        lr = self._lr if self._schedule is None else self._scheduled_lr(self._step_count)
+        h = self._hyper
+        t = self._step_count + 1
+        bc = 1.0 - h["beta"] ** t if h["bias_correction"] else 1.0
+        beta, wd, mu = h["beta"], h["weight_decay"], h["momentum"]
+        eps_in, eps_out, sign = self._eps_in, self._eps_out, self._sign
+        for g, s in zip(flat, slots):
+            s.driver(s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer, lr, beta, eps_in, eps_out, wd, mu, sign, bc)
+        self._step_count = t
+        self._last_lr = lr
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self):
+        """The optimizer's state as a flat dict of NumPy arrays (copies) and Python scalars.
+
+        Keys: ``format_version``, ``step_count``, ``num_params``, every hyperparameter
+        (``learning_rate`` only when it is a number, not a schedule) and ``"<name>.<i>"`` for
+        each state array of param ``i``. :meth:`load_state_dict` continues bit-identically.
+        """
+        d = {"format_version": FORMAT_VERSION, "step_count": self._step_count, "num_params": len(self._slots)}
+        for key, value in self._hyper.items():
+            if not callable(value):
+                d[key] = value
+        for i, slot in enumerate(self._slots):
+            for name in slot.names:
+                d[f"{name}.{i}"] = getattr(slot, name).reshape(slot.shape).copy()
+        return d
+
+    def load_state_dict(self, state_dict):
+        """Restore a :meth:`state_dict` into this optimizer over the same params.
+
+        Hyperparameters are restored from the dict (a schedule of this optimizer's is kept
+        when the dict carries no ``learning_rate``). Everything is checked first: on any
+        mismatch a TypeError/ValueError names it and nothing changes. The state arrays are
+        then new arrays (as in PyTorch): re-read ``square_avg`` etc. after loading.
+        """
+        d = state_dict
+        if not isinstance(d, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(d).__name__}")
+        required = ("format_version", "step_count", "num_params", *_FLOAT_OPTIONS, *_BOOL_OPTIONS)
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"state_dict is missing {missing}")
+        if d["format_version"] != FORMAT_VERSION:
+            raise ValueError(f"state_dict format_version must be {FORMAT_VERSION}, got {d['format_version']!r}")
+        step_count = count("state_dict['step_count']", d["step_count"], minimum=0)
+        if count("state_dict['num_params']", d["num_params"], minimum=0) != len(self._slots):
+            raise ValueError(f"state_dict holds state for {d['num_params']} params, this optimizer has {len(self._slots)}")
+        merged = {k: d[k] for k in (*_FLOAT_OPTIONS, *_BOOL_OPTIONS)}
+        merged["learning_rate"] = d.get("learning_rate", self._hyper["learning_rate"])
+        hyper = check_hyperparameters(merged)
+        expected = set(required) | ({"learning_rate"} & d.keys())
+        names = state_names(hyper)
+        for i, slot in enumerate(self._slots):
+            for name in names:
+                key = f"{name}.{i}"
+                expected.add(key)
+                a = d.get(key)
+                if not isinstance(a, np.ndarray):
+                    raise ValueError(f"state_dict[{key!r}] must be an ndarray, got {type(a).__name__}")
+                if a.dtype != slot.dtype or a.shape != slot.shape:
+                    raise ValueError(
+                        f"state_dict[{key!r}] must be {slot.dtype} of shape {slot.shape}, got {a.dtype} of shape {a.shape}"
+                    )
+        unexpected = sorted(set(d) - expected)
+        if unexpected:
+            raise ValueError(f"state_dict has entries this optimizer does not use: {unexpected}")
+        slots = [_Slot(s.param, hyper, {n: d[f"{n}.{i}"] for n in names}) for i, s in enumerate(self._slots)]
+        self._step_count = step_count
+        self._install(slots, hyper)

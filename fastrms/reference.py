@@ -1,0 +1,111 @@
+"""Pure-NumPy RMSprop, written straight from the formulas, for tests and benchmarks.
+
+Nothing here is fast: every line allocates temporaries, as the seed article's code does.
+:func:`seed_rmsprop` and :func:`seed_step` are the seed's own code; :func:`rmsprop_step` and
+:class:`RMSprop` are every variant of the update exactly as ``DESIGN.md`` states it, with
+scalars rounded once to the array's dtype (``1 - beta`` and ``lr * wd`` formed in float64
+first), as the kernels do.
+"""
+
+import numpy as np
+
+
+def seed_step(theta, v, g_t, learning_rate, beta, epsilon):
+    """One step of the seed article's loop body; returns the new ``(theta, v)``."""
+    v = beta * v + (1 - beta) * np.power(g_t, 2)
+    theta = theta - (learning_rate / (np.sqrt(v) + epsilon)) * g_t
+    return theta, v
+
+
+def seed_rmsprop(theta, num_iterations, calculate_gradient, learning_rate=0.001, beta=0.9, epsilon=1e-8):
+    """The seed article's integrated ``rmsprop()``, line for line (decay x0.95 every 500)."""
+    v = np.zeros_like(theta)
+    for t in range(1, num_iterations + 1):
+        g_t = calculate_gradient(theta)
+        v = beta * v + (1 - beta) * np.power(g_t, 2)
+        theta = theta - (learning_rate / (np.sqrt(v) + epsilon)) * g_t
+        if t % 500 == 0:
+            learning_rate *= 0.95
+    return theta
+
+
+def rmsprop_step(
+    param,
+    grad,
+    state,
+    t,
+    lr,
+    beta=0.9,
+    epsilon=1e-8,
+    *,
+    momentum=0.0,
+    centered=False,
+    nesterov=False,
+    lr_in_momentum=False,
+    weight_decay=0.0,
+    decoupled_weight_decay=False,
+    maximize=False,
+    bias_correction=False,
+    eps_in_sqrt=False,
+):
+    """Step ``t`` (1-based) of any variant; returns the new param, updates ``state`` (a dict
+    with ``square_avg`` and, when used, ``grad_avg`` / ``momentum_buffer``)."""
+    T = param.dtype.type
+    lr_t, beta_t, omb = T(lr), T(beta), T(1.0 - beta)
+    p = param.copy()
+    g = -grad if maximize else grad.copy()
+    if weight_decay and not decoupled_weight_decay:
+        g = g + T(weight_decay) * p
+    if weight_decay and decoupled_weight_decay:
+        p = p - T(lr * weight_decay) * p
+    v = beta_t * state["square_avg"] + omb * (g * g)
+    state["square_avg"] = v
+    bc = T(1.0 - beta**t) if bias_correction else T(1.0)
+    v_hat = v / bc
+    if centered:
+        m = beta_t * state["grad_avg"] + omb * g
+        state["grad_avg"] = m
+        m_hat = m / bc
+        s = np.maximum(v_hat - m_hat * m_hat, T(0.0))
+    else:
+        s = v_hat
+    d = np.sqrt(s + T(epsilon)) if eps_in_sqrt else np.sqrt(s) + T(epsilon)
+    u = g / d
+    mu = T(momentum)
+    if not momentum:
+        return p - lr_t * u
+    if lr_in_momentum:
+        b = mu * state["momentum_buffer"] + lr_t * u
+        state["momentum_buffer"] = b
+        return p - (lr_t * u + mu * b if nesterov else b)
+    b = mu * state["momentum_buffer"] + u
+    state["momentum_buffer"] = b
+    return p - lr_t * (u + mu * b if nesterov else b)
+
+
+class RMSprop:
+    """The optimizer's semantics in NumPy: same constructor and ``step`` as
+    :class:`fastrms.RMSprop`, no validation, params updated in place."""
+
+    def __init__(self, params, learning_rate=1e-3, beta=0.9, epsilon=1e-8, *, initial_scale=0.0, **options):
+        self.single = isinstance(params, np.ndarray)
+        self.params = [params] if self.single else list(params)
+        self.learning_rate, self.beta, self.epsilon = learning_rate, beta, epsilon
+        self.options = options
+        self.step_count = 0
+        self.state = []
+        for p in self.params:
+            st = {"square_avg": np.full_like(p, initial_scale)}
+            if options.get("centered"):
+                st["grad_avg"] = np.zeros_like(p)
+            if options.get("momentum"):
+                st["momentum_buffer"] = np.zeros_like(p)
+            self.state.append(st)
+
+    def step(self, grads):
+        grads = [grads] if self.single else list(grads)
+        lr = self.learning_rate
+        lr = float(lr(self.step_count)) if callable(lr) else lr
+        self.step_count += 1
+        for p, g, st in zip(self.params, grads, self.state):
+            p[...] = rmsprop_step(p, g, st, self.step_count, lr, self.beta, self.epsilon, **self.options)

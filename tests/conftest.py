@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+
+import fastrms
+from fastrms import reference, schedules
+
+SIZES = (0, 1, 7, 22, 1031)
+BIG = 1_000_003
+DTYPES = (np.float32, np.float64)
+STEPS = 50
+
+
+def problem(n, dtype, seed=0, shape=None):
+    """Start params and a pool of gradients (reused in turn) for ``n`` elements."""
+    rng = np.random.default_rng(seed)
+    shape = (n,) if shape is None else shape
+    p0 = rng.standard_normal(shape).astype(dtype)
+    grads = [rng.standard_normal(shape).astype(dtype) for _ in range(4)]
+    return p0, grads
+
+
+def run_both(options, n, dtype, steps=STEPS, lr=None, **problem_kw):
+    """Run fastrms and the NumPy reference side by side; return both optimizers."""
+    lr = schedules.exponential_decay(0.01, 0.9, 10) if lr is None else lr
+    p0, grads = problem(n, dtype, **problem_kw)
+    fast = fastrms.RMSprop(p0.copy(), lr, **options)
+    ref = reference.RMSprop(p0.copy(), lr, **{k: v for k, v in options.items()})
+    for t in range(steps):
+        fast.step(grads[t % len(grads)])
+        ref.step(grads[t % len(grads)])
+    return fast, ref
+
+
+def assert_same_state(fast, ref):
+    """Params and every state array equal bit for bit (the kernels round as NumPy does)."""
+    fast_params = [fast.params] if isinstance(fast.params, np.ndarray) else fast.params
+    for i, (a, b) in enumerate(zip(fast_params, ref.params)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b, err_msg=f"params[{i}]")
+    for name in ("square_avg", "grad_avg", "momentum_buffer"):
+        got = getattr(fast, name)
+        if got is None:
+            assert all(name not in st for st in ref.state)
+            continue
+        got = [got] if isinstance(got, np.ndarray) else got
+        for i, (a, st) in enumerate(zip(got, ref.state)):
+            np.testing.assert_array_equal(a, st[name], err_msg=f"{name}[{i}]")
+
+
+@pytest.fixture(params=DTYPES, ids=lambda d: np.dtype(d).name)
+def dtype(request):
+    return request.param
+
+
+def snapshot(opt):
+    """Deep copies of params and state, to prove a rejected call changed nothing."""
+    return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in opt.state_dict().items()} | {
+        "params": [p.copy() for p in ([opt.params] if isinstance(opt.params, np.ndarray) else opt.params)]
+    }
+
+
+def assert_unchanged(opt, before):
+    after = snapshot(opt)
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        if key == "params":
+            for a, b in zip(value, after["params"]):
+                assert a.tobytes() == b.tobytes()
+        elif isinstance(value, np.ndarray):
+            assert value.tobytes() == after[key].tobytes(), key
+        else:
+            assert value == after[key], key

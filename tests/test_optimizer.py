@@ -1,0 +1,418 @@
+"""fastrms.RMSprop: every variant against the NumPy reference, state, and the step's checks."""
+
+import numpy as np
+import pytest
+from conftest import BIG, SIZES, assert_same_state, assert_unchanged, problem, run_both, snapshot
+
+import fastrms
+from fastrms import kernels, reference, schedules
+from fastrms.cases import MAIN, all_variants
+
+VARIANTS = all_variants()
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_variant_matches_reference_bitwise(name, dtype, n):
+    fast, ref = run_both(VARIANTS[name], n, dtype)
+    assert_same_state(fast, ref)
+    assert fast.step_count == 50
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_variant_matches_reference_on_the_parallel_path(name, dtype):
+    fast, ref = run_both(VARIANTS[name], BIG, dtype)
+    assert fast._slots[0].driver is kernels.drivers(*_key(fast))[1]
+    assert_same_state(fast, ref)
+
+
+def _key(opt):
+    h = opt.hyperparameters
+    mom = (kernels.MOM_INSIDE if h["lr_in_momentum"] else kernels.MOM_OUTSIDE) if h["momentum"] else kernels.MOM_NONE
+    wd = (kernels.WD_DECOUPLED if h["decoupled_weight_decay"] else kernels.WD_COUPLED) if h["weight_decay"] else 0
+    return h["centered"], wd, mom, h["nesterov"]
+
+
+def test_small_arrays_use_the_serial_driver():
+    opt = fastrms.RMSprop(np.zeros(kernels.PARALLEL_THRESHOLD - 1))
+    big = fastrms.RMSprop(np.zeros(kernels.PARALLEL_THRESHOLD))
+    assert opt._slots[0].driver is kernels.drivers()[0]
+    assert big._slots[0].driver is kernels.drivers()[1]
+
+
+@pytest.mark.parametrize("name", MAIN)
+def test_sequence_of_arrays_of_any_shape(name, dtype):
+    rng = np.random.default_rng(3)
+    shapes = [(2, 3), (5,), (), (4, 0), (3, 2, 2)]
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(dtype) for s in shapes] for _ in range(3)]
+    fast = fastrms.RMSprop([p.copy() for p in params], 0.01, **MAIN[name])
+    ref = reference.RMSprop([p.copy() for p in params], 0.01, **MAIN[name])
+    for t in range(50):
+        fast.step(grads[t % 3])
+        ref.step(grads[t % 3])
+    assert_same_state(fast, ref)
+    assert [p.shape for p in fast.params] == shapes
+    assert [a.shape for a in fast.square_avg] == shapes
+
+
+def test_params_are_updated_in_place_and_state_keeps_the_dtype(dtype):
+    p = np.ones((3, 4), dtype)
+    opt = fastrms.RMSprop(p, 0.1, momentum=0.5, centered=True)
+    opt.step(np.full((3, 4), 0.5, dtype))
+    assert opt.params is p
+    assert np.all(p < 1)
+    for arr in (opt.square_avg, opt.grad_avg, opt.momentum_buffer):
+        assert arr.dtype == dtype and arr.shape == (3, 4)
+
+
+def test_float32_is_computed_in_float32():
+    # 1 - beta rounded once to float32 differs from float64 arithmetic rounded at the end.
+    p0, grads = problem(1031, np.float32)
+    fast = fastrms.RMSprop(p0.copy(), 0.01, beta=0.95)
+    wide = fastrms.RMSprop(p0.astype(np.float64), 0.01, beta=0.95)
+    for t in range(20):
+        fast.step(grads[t % 4])
+        wide.step(grads[t % 4].astype(np.float64))
+    assert fast.params.dtype == np.float32
+    assert not np.array_equal(fast.params, wide.params.astype(np.float32))
+    np.testing.assert_allclose(fast.params, wide.params, rtol=1e-4, atol=1e-6)
+
+
+def test_state_names_follow_pytorch():
+    plain = fastrms.RMSprop(np.zeros(3))
+    assert plain.grad_avg is None and plain.momentum_buffer is None
+    full = fastrms.RMSprop(np.zeros(3), centered=True, momentum=0.9)
+    assert isinstance(full.grad_avg, np.ndarray) and isinstance(full.momentum_buffer, np.ndarray)
+    assert set(k.split(".")[0] for k in full.state_dict() if "." in k) == {"square_avg", "grad_avg", "momentum_buffer"}
+
+
+def test_initial_scale_starts_square_avg():
+    opt = fastrms.RMSprop(np.zeros(4, np.float32), initial_scale=1.0)
+    assert np.array_equal(opt.square_avg, np.ones(4, np.float32))
+
+
+# ---------------------------------------------------------------- equivalences between options
+
+
+def test_bias_correction_with_eps_outside_is_adam_with_beta1_zero(dtype):
+    p0, grads = problem(257, dtype)
+    opt = fastrms.RMSprop(p0.copy(), 0.01, beta=0.99, epsilon=1e-8, bias_correction=True)
+    p, m, v = p0.astype(np.float64), np.zeros(257), np.zeros(257)  # Adam, b1 = 0, written out
+    for t in range(1, 51):
+        g = grads[t % 4].astype(np.float64)
+        m = 0.0 * m + 1.0 * g
+        v = 0.99 * v + 0.01 * g * g
+        p = p - 0.01 * (m / (1 - 0.0**t)) / (np.sqrt(v / (1 - 0.99**t)) + 1e-8)
+        opt.step(grads[t % 4])
+    np.testing.assert_allclose(opt.params, p, rtol=1e-12 if dtype == np.float64 else 2e-5, atol=1e-6)
+
+
+def test_lr_inside_and_outside_momentum_agree_for_a_constant_rate(dtype):
+    p0, grads = problem(300, dtype)
+    a = fastrms.RMSprop(p0.copy(), 0.01, momentum=0.9)
+    b = fastrms.RMSprop(p0.copy(), 0.01, momentum=0.9, lr_in_momentum=True)
+    for t in range(50):
+        a.step(grads[t % 4])
+        b.step(grads[t % 4])
+    np.testing.assert_allclose(a.params, b.params, rtol=1e-10 if dtype == np.float64 else 1e-4)
+    np.testing.assert_allclose(b.momentum_buffer, 0.01 * a.momentum_buffer, rtol=1e-10 if dtype == np.float64 else 1e-4)
+
+
+def test_lr_inside_and_outside_momentum_differ_under_a_schedule():
+    p0, grads = problem(300, np.float64)
+    sched = schedules.step_decay(0.01, 0.1, 10)
+    a = fastrms.RMSprop(p0.copy(), sched, momentum=0.9)
+    b = fastrms.RMSprop(p0.copy(), sched, momentum=0.9, lr_in_momentum=True)
+    for t in range(30):
+        a.step(grads[t % 4])
+        b.step(grads[t % 4])
+    assert np.max(np.abs(a.params - b.params)) > 1e-4
+
+
+def test_maximize_is_minimizing_the_negated_gradient(dtype):
+    p0, grads = problem(99, dtype)
+    a = fastrms.RMSprop(p0.copy(), 0.01, momentum=0.5, centered=True, maximize=True)
+    b = fastrms.RMSprop(p0.copy(), 0.01, momentum=0.5, centered=True)
+    for t in range(50):
+        a.step(grads[t % 4])
+        b.step(-grads[t % 4])
+    np.testing.assert_array_equal(a.params, b.params)
+
+
+def test_tf1_momentum_zero_equals_no_momentum_and_eps_inside():
+    p0, grads = problem(64, np.float64)
+    a = fastrms.RMSprop.like("tf1", p0.copy())
+    b = fastrms.RMSprop(p0.copy(), 1e-3, 0.9, 1e-10, eps_in_sqrt=True, initial_scale=1.0)
+    for t in range(50):
+        a.step(grads[t % 4])
+        b.step(grads[t % 4])
+    np.testing.assert_array_equal(a.params, b.params)
+
+
+def test_zero_learning_rate_changes_no_param_but_updates_state():
+    p0, grads = problem(10, np.float64)
+    opt = fastrms.RMSprop(p0.copy(), 0.0)
+    opt.step(grads[0])
+    np.testing.assert_array_equal(opt.params, p0)
+    assert np.all(opt.square_avg > 0)
+
+
+# ---------------------------------------------------------------- learning rates
+
+
+def test_schedule_is_called_with_the_count_of_steps_taken():
+    seen = []
+
+    def sched(count):
+        seen.append(count)
+        return 0.01 / (1 + count)
+
+    opt = fastrms.RMSprop(np.ones(3), sched)
+    assert opt.last_learning_rate is None
+    assert opt.current_learning_rate == 0.01
+    opt.step(np.ones(3))
+    opt.step(np.ones(3))
+    assert seen[-2:] == [0, 1]
+    assert opt.last_learning_rate == 0.005
+    assert opt.current_learning_rate == pytest.approx(0.01 / 3)
+    assert opt.step_count == 2
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf"), "0.1", None])
+def test_a_schedule_returning_a_bad_rate_is_refused_before_any_write(bad):
+    opt = fastrms.RMSprop(np.ones(5), lambda count: 0.1 if count == 0 else bad)
+    opt.step(np.ones(5))
+    before = snapshot(opt)
+    with pytest.raises((TypeError, ValueError), match="learning_rate"):
+        opt.step(np.ones(5))
+    assert_unchanged(opt, before)
+    assert opt.step_count == 1
+
+
+# ---------------------------------------------------------------- state_dict
+
+
+@pytest.mark.parametrize("name", [*MAIN, "15-centered-plain"])
+def test_state_dict_round_trip_continues_bit_identically(name, dtype):
+    options = MAIN.get(name) or dict(centered=True, bias_correction=True, eps_in_sqrt=True)
+    sched = schedules.cosine_decay(0.01, 40)
+    p0, grads = problem(1031, dtype)
+    straight = fastrms.RMSprop(p0.copy(), sched, **options)
+    first = fastrms.RMSprop(p0.copy(), sched, **options)
+    for t in range(20):
+        straight.step(grads[t % 4])
+        first.step(grads[t % 4])
+    saved = first.state_dict()
+    resumed = fastrms.RMSprop(first.params.copy(), sched, **options)
+    resumed.load_state_dict(saved)
+    assert resumed.step_count == 20
+    for t in range(20, 50):
+        straight.step(grads[t % 4])
+        resumed.step(grads[t % 4])
+    np.testing.assert_array_equal(straight.params, resumed.params)
+    for key, value in straight.state_dict().items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(value, resumed.state_dict()[key])
+        else:
+            assert value == resumed.state_dict()[key]
+
+
+def test_state_dict_is_plain_arrays_and_scalars_and_a_copy():
+    opt = fastrms.RMSprop([np.ones(3), np.ones((2, 2))], 0.1, momentum=0.9)
+    opt.step([np.ones(3), np.ones((2, 2))])
+    d = opt.state_dict()
+    assert all(isinstance(v, (np.ndarray, bool, int, float)) for v in d.values())
+    assert d["step_count"] == 1 and d["num_params"] == 2 and d["learning_rate"] == 0.1
+    assert d["square_avg.1"].shape == (2, 2)
+    d["square_avg.0"][:] = 123.0
+    assert not np.any(opt.square_avg[0] == 123.0)
+
+
+def test_load_state_dict_restores_hyperparameters_and_variant():
+    src = fastrms.RMSprop(np.ones(4), 0.05, momentum=0.9, centered=True)
+    src.step(np.ones(4))
+    dst = fastrms.RMSprop(src.params.copy(), 0.1)
+    dst.load_state_dict(src.state_dict())
+    assert dst.hyperparameters == src.hyperparameters
+    assert dst.grad_avg is not None and np.array_equal(dst.momentum_buffer, src.momentum_buffer)
+    src.step(np.ones(4) * 2)
+    dst.step(np.ones(4) * 2)
+    np.testing.assert_array_equal(src.params, dst.params)
+
+
+def _bad_state_dicts():
+    opt = fastrms.RMSprop([np.ones(3), np.ones(2)], 0.1, momentum=0.9)
+    opt.step([np.ones(3), np.ones(2)])
+    good = opt.state_dict()
+
+    def edit(**changes):
+        d = dict(good)
+        for k, v in changes.items():
+            if v is None:
+                d.pop(k.replace("__", "."))
+            else:
+                d[k.replace("__", ".")] = v
+        return d
+
+    return [
+        ("not a dict", [good]),
+        ("format_version", edit(format_version=99)),
+        ("missing", edit(beta=None)),
+        ("num_params", edit(num_params=3)),
+        ("step_count", edit(step_count=-1)),
+        ("beta", edit(beta=1.5)),
+        ("square_avg.0", edit(square_avg__0=np.ones(3, np.float32))),
+        ("square_avg.1", edit(square_avg__1=np.ones(5))),
+        ("momentum_buffer.1", edit(momentum_buffer__1=None)),
+        ("does not use", edit(grad_avg__0=np.ones(3))),
+        ("nesterov", edit(nesterov=True, momentum=0.0)),
+    ]
+
+
+@pytest.mark.parametrize("label,bad", _bad_state_dicts(), ids=[c[0] for c in _bad_state_dicts()])
+def test_a_bad_state_dict_is_refused_and_changes_nothing(label, bad):
+    opt = fastrms.RMSprop([np.ones(3), np.ones(2)], 0.2, momentum=0.5)
+    opt.step([np.full(3, 0.5), np.full(2, 0.5)])
+    before = snapshot(opt)
+    with pytest.raises((TypeError, ValueError)):
+        opt.load_state_dict(bad)
+    assert_unchanged(opt, before)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _bad_params():
+    base = np.ones(6)
+    ro = np.ones(6)
+    ro.flags.writeable = False
+    return [
+        ("int", np.ones(6, np.int64), TypeError, "float32 or float64"),
+        ("float16", np.ones(6, np.float16), TypeError, "float16"),
+        ("complex", np.ones(6, np.complex128), TypeError, "complex128"),
+        ("object", np.array([1.0, 2.0], dtype=object), TypeError, "object"),
+        ("byteswapped", np.ones(6, ">f8") if np.little_endian else np.ones(6, "<f8"), TypeError, "byte"),
+        ("noncontig", base[::2], ValueError, "C-contiguous"),
+        ("fortran", np.ones((3, 4), order="F"), ValueError, "C-contiguous"),
+        ("readonly", ro, ValueError, "writeable"),
+        ("list", [1.0, 2.0], TypeError, r"params\[0\]"),
+        ("str", "abc", TypeError, "params"),
+        ("overlap", [base[:4], base[2:]], ValueError, "share memory"),
+        ("same twice", [base, base], ValueError, "share memory"),
+    ]
+
+
+@pytest.mark.parametrize("label,params,exc,match", _bad_params(), ids=[c[0] for c in _bad_params()])
+def test_bad_params_are_refused(label, params, exc, match):
+    with pytest.raises(exc, match=match):
+        fastrms.RMSprop(params)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(learning_rate=-0.1), "learning_rate"),
+        (dict(learning_rate=float("nan")), "learning_rate"),
+        (dict(learning_rate="0.1"), "learning_rate"),
+        (dict(beta=1.0), "beta"),
+        (dict(beta=-0.01), "beta"),
+        (dict(beta=float("nan")), "beta"),
+        (dict(epsilon=0.0), "epsilon"),
+        (dict(epsilon=float("inf")), "epsilon"),
+        (dict(momentum=-0.5), "momentum"),
+        (dict(nesterov=True), "nesterov"),
+        (dict(weight_decay=-1.0), "weight_decay"),
+        (dict(initial_scale=float("nan")), "initial_scale"),
+        (dict(centered=1), "centered"),
+        (dict(maximize="yes"), "maximize"),
+        (dict(beta=True), "beta"),
+    ],
+)
+def test_bad_hyperparameters_are_refused(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        fastrms.RMSprop(np.ones(3), **kwargs)
+
+
+def _bad_grads():
+    return [
+        ("list", lambda p, o: [1.0] * 6, TypeError, "ndarray"),
+        ("dtype", lambda p, o: np.ones(6, np.float32), TypeError, "dtype float64"),
+        ("int", lambda p, o: np.ones(6, np.int64), TypeError, "dtype"),
+        ("shape", lambda p, o: np.ones(7), ValueError, "shape"),
+        ("2d shape", lambda p, o: np.ones((2, 3)), ValueError, "shape"),
+        ("noncontig", lambda p, o: np.ones(12)[::2], ValueError, "C-contiguous"),
+        ("is params", lambda p, o: p, ValueError, "shares memory"),
+        ("is state", lambda p, o: o.square_avg, ValueError, "shares memory"),
+        ("momentum buffer", lambda p, o: o.momentum_buffer, ValueError, "shares memory"),
+        ("view of params", lambda p, o: p.reshape(2, 3).reshape(6), ValueError, "shares memory"),
+        ("nan-free but None", lambda p, o: None, TypeError, "ndarray"),
+    ]
+
+
+@pytest.mark.parametrize("label,make,exc,match", _bad_grads(), ids=[c[0] for c in _bad_grads()])
+def test_bad_grads_raise_and_leave_everything_bitwise_unchanged(label, make, exc, match):
+    p = np.linspace(-1, 1, 6)
+    opt = fastrms.RMSprop(p, 0.1, momentum=0.9, centered=True)
+    opt.step(np.full(6, 0.3))
+    before = snapshot(opt)
+    with pytest.raises(exc, match=match):
+        opt.step(make(p, opt))
+    assert_unchanged(opt, before)
+    assert opt.step_count == 1
+
+
+def test_a_bad_grad_late_in_a_sequence_leaves_the_earlier_arrays_unchanged():
+    params = [np.ones(3), np.ones(4), np.ones(5)]
+    opt = fastrms.RMSprop(params, 0.1)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"grads\[2\].*shape"):
+        opt.step([np.ones(3), np.ones(4), np.ones(6)])
+    with pytest.raises(ValueError, match=r"grads\[1\].*shares memory"):
+        opt.step([np.ones(3), params[2][:4], np.ones(5)])
+    with pytest.raises(ValueError, match="3 arrays"):
+        opt.step([np.ones(3), np.ones(4)])
+    with pytest.raises(TypeError, match="list or tuple"):
+        opt.step(np.ones(3))
+    assert_unchanged(opt, before)
+
+
+def test_overlap_check_by_address_with_many_arrays():
+    params = [np.ones(4) for _ in range(20)]  # > 8 owned arrays: the bisection path
+    opt = fastrms.RMSprop(params, 0.1)
+    grads = [np.ones(4) for _ in range(20)]
+    opt.step(grads)
+    before = snapshot(opt)
+    for bad in (params[13], params[0], params[19].reshape(2, 2).reshape(4), opt.square_avg[19], opt.square_avg[0]):
+        with pytest.raises(ValueError, match=r"grads\[5\] shares memory"):
+            opt.step(grads[:5] + [bad] + grads[6:])
+    assert_unchanged(opt, before)
+    opt.step(grads)  # and good grads still pass the bisection
+    assert opt.step_count == 2
+
+
+def test_grads_may_share_memory_with_each_other():
+    g = np.full(4, 0.5)
+    opt = fastrms.RMSprop([np.ones(4), np.ones(4)], 0.1)
+    opt.step([g, g])
+    np.testing.assert_array_equal(opt.params[0], opt.params[1])
+
+
+def test_like_presets_and_aliases():
+    opt = fastrms.RMSprop.like("torch", np.ones(3), lr=0.5, alpha=0.8, momentum=0.1)
+    h = opt.hyperparameters
+    assert (h["learning_rate"], h["beta"], h["epsilon"], h["momentum"]) == (0.5, 0.8, 1e-8, 0.1)
+    assert not h["eps_in_sqrt"] and not h["lr_in_momentum"]
+    keras = fastrms.RMSprop.like("keras", np.ones(3), rho=0.8).hyperparameters
+    assert keras["beta"] == 0.8 and keras["epsilon"] == 1e-7 and keras["eps_in_sqrt"] and keras["decoupled_weight_decay"]
+    assert fastrms.RMSprop.like("tf1", np.ones(3)).hyperparameters["initial_scale"] == 1.0
+    with pytest.raises(ValueError, match="name must be one of"):
+        fastrms.RMSprop.like("adam", np.ones(3))
+    with pytest.raises(TypeError, match="given twice"):
+        fastrms.RMSprop.like("torch", np.ones(3), lr=0.1, learning_rate=0.2)
+
+
+def test_repr_names_the_options():
+    text = repr(fastrms.RMSprop(np.ones(3), 0.1, momentum=0.9))
+    assert "momentum=0.9" in text and "3 elements" in text
