@@ -51,12 +51,13 @@ _JIT_OPTIONS = dict(error_model="numpy", cache=True, nogil=True)
 def _make_driver(centered, wd_mode, mom_mode, nesterov, parallel):
     """Compile-time specialisation of the one per-element update.
 
-    The flags are closure constants, so Numba folds the branches away. Every flag is read in
-    the body (``parallel`` is the return value): Numba's on-disk cache keys a closure by the
-    values of the variables it uses, so this keeps the cached variants apart.
+    The flags are closure constants, so Numba folds the branches away. Each variant gets a
+    name of its own (``driver_c1_w2_m1_n0_parallel``): Numba derives both the cache file and
+    the machine-code symbol from the function's qualified name, and variants sharing one name
+    would let a cached caller (``rmsprop_update``) link against another variant's code in a
+    later process.
     """
 
-    @njit(parallel=parallel, **_JIT_OPTIONS)
     def driver(
         param,
         grad,
@@ -122,7 +123,9 @@ def _make_driver(centered, wd_mode, mom_mode, nesterov, parallel):
             param[i] = p
         return parallel
 
-    return driver
+    name = f"driver_c{centered:d}_w{wd_mode:d}_m{mom_mode:d}_n{nesterov:d}_{'parallel' if parallel else 'serial'}"
+    driver.__name__ = driver.__qualname__ = name
+    return njit(parallel=parallel, **_JIT_OPTIONS)(driver)
 
 
 _DRIVERS = {}

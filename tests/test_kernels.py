@@ -1,0 +1,141 @@
+"""fastrms.kernels: the drivers, rmsprop_update from user @njit code, and the machine code."""
+
+import re
+
+import llvmlite.binding as llvm
+import numpy as np
+import pytest
+from conftest import BIG, problem
+from numba import njit
+
+from fastrms import kernels, reference
+from fastrms.cases import all_variants
+
+ARGS = (0.01, 0.9, 0.0, 1e-8, 0.01, 0.9, 1.0, 0.5)  # lr, beta, eps_in, eps_out, wd, mu, sign, bc
+
+
+def _arrays(n, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(n).astype(dtype) if k != 2 else rng.random(n).astype(dtype) for k in range(5)]
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 1031, BIG])
+@pytest.mark.parametrize("key", [(False, 0, 0, False), (True, 1, 1, True), (True, 2, 2, True), (False, 2, 2, False)])
+def test_serial_and_parallel_drivers_are_bitwise_identical(key, n, dtype):
+    serial, parallel = kernels.drivers(*key)
+    a, b = _arrays(n, dtype), _arrays(n, dtype)
+    for _ in range(3):
+        assert serial(*a, *ARGS) is False
+        assert parallel(*b, *ARGS) is True
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_drivers_are_built_once_per_variant():
+    assert kernels.drivers(True, 1, 2, True) is kernels.drivers(True, 1, 2, True)
+    with pytest.raises(ValueError, match="nesterov"):
+        kernels.drivers(nesterov=True)
+    with pytest.raises(ValueError, match="unknown"):
+        kernels.drivers(mom_mode=7)
+
+
+@njit
+def _user_loop(w, v, x, y, steps, lr):
+    for _ in range(steps):
+        g = 2.0 * x.T @ (x @ w - y) / x.shape[0]
+        kernels.rmsprop_update(w, g, v, lr, 0.9, 1e-8)
+    return w
+
+
+def test_rmsprop_update_from_user_njit_code_matches_the_seed_step():
+    rng = np.random.default_rng(0)
+    x, y = rng.random((50, 3)), rng.random(50)
+    w = np.zeros(3)
+    got = _user_loop(w.copy(), np.zeros(3), x, y, 200, 0.01)
+    theta, v = w.copy(), np.zeros(3)
+    for _ in range(200):
+        theta, v = reference.seed_step(theta, v, 2.0 * x.T @ (x @ theta - y) / x.shape[0], 0.01, 0.9, 1e-8)
+    np.testing.assert_allclose(got, theta, rtol=1e-12)
+
+
+@pytest.mark.parametrize("n", [5, 1031, BIG])
+def test_rmsprop_update_is_the_plain_variant_bitwise(n, dtype):
+    p0, grads = problem(n, dtype)
+    p, v = p0.copy(), np.zeros(n, dtype)
+    ref_p, st = p0.copy(), {"square_avg": np.zeros(n, dtype)}
+    for t in range(1, 11):
+        kernels.rmsprop_update(p, grads[t % 4], v, 0.01, 0.9, 1e-8)
+        ref_p = reference.rmsprop_step(ref_p, grads[t % 4], st, t, 0.01, 0.9, 1e-8)
+    np.testing.assert_array_equal(p, ref_p)
+    np.testing.assert_array_equal(v, st["square_avg"])
+    assert p.dtype == dtype and v.dtype == dtype
+
+
+def test_rmsprop_update_takes_any_shape_and_checks_sizes():
+    p, g, v = np.ones((2, 3)), np.ones((2, 3)), np.zeros((2, 3))
+    kernels.rmsprop_update(p, g, v, 0.1, 0.9, 1e-8)
+    assert np.all(p < 1) and np.all(v > 0)
+    before = p.copy()
+    with pytest.raises(ValueError, match="one size"):
+        kernels.rmsprop_update(p, np.ones(5), v, 0.1, 0.9, 1e-8)
+    np.testing.assert_array_equal(p, before)
+
+
+def _widest_register():
+    features = llvm.get_host_cpu_features()
+    if features.get("avx512f"):
+        return "zmm"
+    if features.get("avx"):
+        return "ymm"
+    return "xmm"
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+@pytest.mark.parametrize("name", list(all_variants())[::7])
+def test_hot_loop_is_vectorised_on_the_widest_registers(name, parallel, dtype):
+    """Recompile the driver's own source without the cache (cached code cannot be inspected)
+    and look for packed square roots and divisions on the machine's widest registers, and for
+    no float32 -> float64 promotion."""
+    opts = all_variants()[name]
+    mom = (2 if opts.get("lr_in_momentum") else 1) if opts.get("momentum") else 0
+    wd = (2 if opts["decoupled_weight_decay"] else 1) if opts["weight_decay"] else 0
+    driver = kernels.drivers(opts["centered"], wd, mom, bool(opts.get("nesterov")))[parallel]
+    fresh = njit(parallel=parallel, error_model="numpy", nogil=True)(driver.py_func)
+    fresh(*_arrays(4, dtype), *ARGS)
+    asm = "\n".join(fresh.inspect_asm().values())
+    reg, suffix = _widest_register(), "ps" if dtype == np.float32 else "pd"
+    assert re.search(rf"vsqrt{suffix}\s+[^\n]*%{reg}", asm) or (reg == "xmm" and f"sqrt{suffix}" in asm)
+    assert re.search(rf"vdiv{suffix}\s+[^\n]*%{reg}", asm) or (reg == "xmm" and f"div{suffix}" in asm)
+    if dtype == np.float32:
+        assert "cvtss2sd" not in asm and "cvtps2pd" not in asm
+    assert "ZeroDivisionError" not in "\n".join(fresh.inspect_llvm().values())
+
+
+_CACHE_SCRIPT = """
+import sys
+import numpy as np
+from fastrms import kernels, reference
+x = np.ones(64, np.float32)
+if sys.argv[1] == "others-first":
+    for key in [(True, 1, 1, True), (True, 2, 2, False), (False, 1, 0, False)]:
+        for driver in kernels.drivers(*key):
+            driver(x.copy(), x.copy(), x.copy(), x.copy(), x.copy(), 0.1, 0.9, 0.0, 1e-8, 0.1, 0.9, 1.0, 1.0)
+p, g, v = np.linspace(-1, 1, 64).astype(np.float32), np.full(64, 0.5, np.float32), np.zeros(64, np.float32)
+ref = reference.rmsprop_step(p.copy(), g, {"square_avg": v.copy()}, 1, 0.01, 0.9, 1e-8)
+kernels.rmsprop_update(p, g, v, 0.01, 0.9, 1e-8)
+assert np.array_equal(p, ref), (p[:4], ref[:4])
+print("ok")
+"""
+
+
+def test_cached_code_stays_right_whatever_compiles_first(tmp_path):
+    """A cached caller of a driver, loaded in a process that compiled other variants first,
+    must still run the plain variant (regression: variants once shared one symbol name)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    for order in ("plain-only", "others-first", "others-first"):
+        out = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, order], env=env, capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == "ok", (order, out.stdout, out.stderr[-2000:])
