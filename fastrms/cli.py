@@ -41,7 +41,8 @@ def main(argv=None):
     p.add_argument("--output", type=Path, default=Path("fastrms-output"), help="folder for the plot")
     p.add_argument("--no-plot", action="store_true", help="print the numbers only")
     p.set_defaults(func=_demo)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in sub.choices and argv[0] not in ("-h", "--help", "--version"):
+        argv = ["demo", *argv]  # the demo is the default command
     args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["demo", *(argv or [])])
     return args.func(args)
