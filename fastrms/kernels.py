@@ -23,7 +23,8 @@ The per-element update (written once, in :func:`_make_driver`) is, for step ``t`
 Scalars arrive as Python floats and are rounded once to the array's dtype (``1 - beta`` and
 ``lr * wd`` are formed in float64 first), so float32 arrays are updated in float32
 arithmetic throughout. ``sign``, ``eps_in``/``eps_out`` and ``bc`` are runtime scalars
-because their neutral values (1, 0, 1) leave the arithmetic bit-exact; the options that
+because their neutral values (1, 0, 1) leave the arithmetic bit-exact (and ``bc == 1`` skips
+the division through a loop-invariant branch that LLVM hoists out of the loop); the options that
 change which arrays are touched (centring, momentum, Nesterov, weight decay) are
 compile-time constants of each specialised driver, so a variant pays only for what it uses.
 
@@ -85,6 +86,7 @@ def _make_driver(centered, wd_mode, mom_mode, nesterov, parallel):
         mu = T(momentum)
         sign_ = T(sign)
         bc = T(bias_correction)
+        correct = bc != T(1.0)  # loop-invariant: LLVM unswitches it, so no division when off
         for i in prange(param.size):
             p = param[i]
             g = sign_ * grad[i]
@@ -97,11 +99,11 @@ def _make_driver(centered, wd_mode, mom_mode, nesterov, parallel):
             if centered:
                 m = beta_ * grad_avg[i] + one_minus_beta * g
                 grad_avg[i] = m
-                mhat = m / bc
-                s = v / bc - mhat * mhat
+                mhat = m / bc if correct else m
+                s = (v / bc if correct else v) - mhat * mhat
                 s = zero if s < zero else s  # NaN passes through, as np.maximum does
             else:
-                s = v / bc
+                s = v / bc if correct else v
             u = g / (np.sqrt(s + eps_in_) + eps_out_)
             if mom_mode == MOM_OUTSIDE:
                 b = mu * momentum_buffer[i] + u
