@@ -29,16 +29,25 @@ change which arrays are touched (centring, momentum, Nesterov, weight decay) are
 compile-time constants of each specialised driver, so a variant pays only for what it uses.
 
 Each variant has two drivers compiled from that one source: a serial loop and a
-``parallel=True`` ``prange`` loop. Arrays of at least :data:`PARALLEL_THRESHOLD` elements go
-to the parallel one.
+``parallel=True`` ``prange`` loop. Steps that move at least :data:`PARALLEL_MIN_BYTES` go to
+the parallel one.
 """
 
 import numpy as np
 from numba import njit, prange
 
-#: Arrays with at least this many elements use the parallel driver; smaller ones the serial
-#: one (a parallel launch costs a few microseconds). Chosen from ``fastrms bench``.
-PARALLEL_THRESHOLD = 1 << 15
+#: A step that moves at least this many bytes (param, grad and state read; param and state
+#: written) runs on the parallel driver; a smaller one on the serial driver, since a parallel
+#: launch costs several microseconds. Measured on 2 cores (``fastrms bench --threshold``):
+#: the parallel driver wins from about 0.5 MiB (centered + momentum, float64) to 1.3 MiB
+#: (plain, float32) of traffic.
+PARALLEL_MIN_BYTES = 3 << 18
+
+
+@njit(cache=True)
+def step_bytes(size, itemsize, state_arrays):
+    """Bytes one fused step moves: reads 2 + k arrays, writes 1 + k (k state arrays)."""
+    return size * itemsize * (3 + 2 * state_arrays)
 
 #: Weight-decay modes (compile-time).
 WD_NONE, WD_COUPLED, WD_DECOUPLED = 0, 1, 2
@@ -186,7 +195,7 @@ def rmsprop_update(param, grad, square_avg, learning_rate, beta, epsilon):
     p = param.reshape(n)
     g = grad.reshape(n)
     v = square_avg.reshape(n)
-    if n >= PARALLEL_THRESHOLD:
+    if step_bytes(n, param.itemsize, 1) >= PARALLEL_MIN_BYTES:
         _plain_parallel(p, g, v, p[:0], p[:0], learning_rate, beta, 0.0, epsilon, 0.0, 0.0, 1.0, 1.0)
     else:
         _plain_serial(p, g, v, p[:0], p[:0], learning_rate, beta, 0.0, epsilon, 0.0, 0.0, 1.0, 1.0)

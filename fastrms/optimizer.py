@@ -85,6 +85,10 @@ def state_names(hyper):
     return ("square_avg",) + (("grad_avg",) if hyper["centered"] else ()) + (("momentum_buffer",) if hyper["momentum"] else ())
 
 
+def _grad_name(index):
+    return "grads" if index is None else f"grads[{index}]"
+
+
 def _span(a):
     start = a.__array_interface__["data"][0]
     return start, start + a.nbytes
@@ -195,6 +199,9 @@ class RMSprop:
         owned = sorted(_span(a) for s in slots for a in s.owned)
         self._owned_starts = [start for start, _ in owned]
         self._owned_ends = [end for _, end in owned]
+        # Few arrays: one np.may_share_memory each; many: bisect their sorted address ranges.
+        few = len(owned) <= _LINEAR_OVERLAP_CHECK
+        self._owned = tuple(a for s in slots for a in s.owned) if few else None
         self._hyper = hyper
         lr = hyper["learning_rate"]
         self._schedule = lr if callable(lr) else None
@@ -209,10 +216,13 @@ class RMSprop:
             wd_mode = kernels.WD_NONE
         serial, parallel = kernels.drivers(hyper["centered"], wd_mode, mom_mode, hyper["nesterov"])
         for slot in self._slots:
-            slot.driver = parallel if slot.flat.size >= kernels.PARALLEL_THRESHOLD else serial
+            moved = kernels.step_bytes(slot.flat.size, slot.dtype.itemsize, len(slot.names))
+            slot.driver = parallel if moved >= kernels.PARALLEL_MIN_BYTES else serial
         eps = hyper["epsilon"]
-        self._eps_in, self._eps_out = (eps, 0.0) if hyper["eps_in_sqrt"] else (0.0, eps)
-        self._sign = -1.0 if hyper["maximize"] else 1.0
+        eps_in, eps_out = (eps, 0.0) if hyper["eps_in_sqrt"] else (0.0, eps)
+        sign = -1.0 if hyper["maximize"] else 1.0
+        self._scalars = (hyper["beta"], eps_in, eps_out, hyper["weight_decay"], hyper["momentum"], sign)
+        self._beta, self._bias_correction = hyper["beta"], hyper["bias_correction"]
 
     # ------------------------------------------------------------------ properties
 
@@ -280,26 +290,32 @@ class RMSprop:
             raise ValueError(f"learning_rate schedule returned {lr!r} at count {count}; expected a finite float >= 0")
         return lr
 
-    def _check_grad(self, name, g, slot):
-        if not isinstance(g, np.ndarray):
-            raise TypeError(f"{name} must be a numpy.ndarray, got {type(g).__name__}")
+    def _check_grad(self, g, slot, index):
+        """``g`` checked against its param, flattened (a view); the argument is named only
+        when an error is raised, to keep the per-step cost to a few attribute reads."""
+        if type(g) is not np.ndarray and not isinstance(g, np.ndarray):
+            raise TypeError(f"{_grad_name(index)} must be a numpy.ndarray, got {type(g).__name__}")
         if g.dtype != slot.dtype:
-            raise TypeError(f"{name} must have dtype {slot.dtype} like its param, got {g.dtype}")
+            raise TypeError(f"{_grad_name(index)} must have dtype {slot.dtype} like its param, got {g.dtype}")
         if g.shape != slot.shape:
-            raise ValueError(f"{name} must have shape {slot.shape} like its param, got {g.shape}")
+            raise ValueError(f"{_grad_name(index)} must have shape {slot.shape} like its param, got {g.shape}")
         if not g.flags.c_contiguous:
-            raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray), got strides {g.strides}")
-        if len(self._owned_starts) <= _LINEAR_OVERLAP_CHECK:
-            overlaps = any(np.may_share_memory(g, a) for s in self._slots for a in s.owned)
+            raise ValueError(f"{_grad_name(index)} must be C-contiguous (use np.ascontiguousarray), got strides {g.strides}")
+        owned = self._owned
+        if owned is not None:
+            for a in owned:
+                if np.may_share_memory(g, a):
+                    break
+            else:
+                return g.ravel()
         elif g.size:
             start, end = _span(g)
             k = bisect.bisect_left(self._owned_starts, end) - 1
-            overlaps = k >= 0 and self._owned_ends[k] > start
+            if k < 0 or self._owned_ends[k] <= start:
+                return g.ravel()
         else:
-            overlaps = False
-        if overlaps:
-            raise ValueError(f"{name} shares memory with the params or the optimizer state; pass a separate array")
-        return g.ravel()
+            return g.ravel()
+        raise ValueError(f"{_grad_name(index)} shares memory with the params or the optimizer state; pass a separate array")
 
     def step(self, grads):
         """Apply one update in place. ``grads`` has the structure of ``params``.
@@ -309,19 +325,18 @@ class RMSprop:
         """
         slots = self._slots
         if self._single:
-            flat = [self._check_grad("grads", grads, slots[0])]
+            flat = (self._check_grad(grads, slots[0], None),)
         else:
             if not isinstance(grads, (list, tuple)):
                 raise TypeError(f"grads must be a list or tuple of {len(slots)} arrays, got {type(grads).__name__}")
             if len(grads) != len(slots):
                 raise ValueError(f"grads must hold {len(slots)} arrays, one per param, got {len(grads)}")
-            flat = [self._check_grad(f"grads[{i}]", g, s) for i, (g, s) in enumerate(zip(grads, slots))]
+            check = self._check_grad
+            flat = [check(g, s, i) for i, (g, s) in enumerate(zip(grads, slots))]
         lr = self._lr if self._schedule is None else self._scheduled_lr(self._step_count)
-        h = self._hyper
         t = self._step_count + 1
-        bc = 1.0 - h["beta"] ** t if h["bias_correction"] else 1.0
-        beta, wd, mu = h["beta"], h["weight_decay"], h["momentum"]
-        eps_in, eps_out, sign = self._eps_in, self._eps_out, self._sign
+        bc = 1.0 - self._beta ** t if self._bias_correction else 1.0
+        beta, eps_in, eps_out, wd, mu, sign = self._scalars
         for g, s in zip(flat, slots):
             s.driver(s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer, lr, beta, eps_in, eps_out, wd, mu, sign, bc)
         self._step_count = t

@@ -34,11 +34,15 @@ def _key(opt):
     return h["centered"], wd, mom, h["nesterov"]
 
 
-def test_small_arrays_use_the_serial_driver():
-    opt = fastrms.RMSprop(np.zeros(kernels.PARALLEL_THRESHOLD - 1))
-    big = fastrms.RMSprop(np.zeros(kernels.PARALLEL_THRESHOLD))
-    assert opt._slots[0].driver is kernels.drivers()[0]
-    assert big._slots[0].driver is kernels.drivers()[1]
+@pytest.mark.parametrize("dtype_,options,states", [(np.float32, {}, 1), (np.float64, dict(centered=True, momentum=0.5), 3)])
+def test_the_driver_is_chosen_by_bytes_moved(dtype_, options, states):
+    per_element = np.dtype(dtype_).itemsize * (3 + 2 * states)
+    cut = -(-kernels.PARALLEL_MIN_BYTES // per_element)  # the first size at or above the threshold
+    key = (options.get("centered", False), 0, 1 if options else 0, False)
+    small = fastrms.RMSprop(np.zeros(cut - 1, dtype_), **options)
+    big = fastrms.RMSprop(np.zeros(cut, dtype_), **options)
+    assert small._slots[0].driver is kernels.drivers(*key)[0]
+    assert big._slots[0].driver is kernels.drivers(*key)[1]
 
 
 @pytest.mark.parametrize("name", MAIN)
