@@ -222,10 +222,11 @@ def _traffic(problem):
     if key not in _TRAFFIC:
         _TRAFFIC[key] = _make_traffic(*key)
     kernel = _TRAFFIC[key]
-    v = np.zeros_like(p)
+    v = np.full(p.size, float(opts.get("initial_scale", 0.0)), dtype=p.dtype)  # allocated as RMSprop does
     m = np.zeros_like(p) if key[0] else p[:0]
     b = np.zeros_like(p) if key[1] else p[:0]
-    return lambda: kernel(p, g, v, m, b), _Holder(p, {})
+    state = {"square_avg": v, "grad_avg": m, "momentum_buffer": b}
+    return lambda: kernel(p, g, v, m, b), _Holder(p, {k: state[k] for k in names})
 
 
 class _Holder:

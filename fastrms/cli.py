@@ -29,6 +29,12 @@ def _demo(args):
     return 0
 
 
+def _bench(args):
+    from . import report
+
+    return report.run(args)
+
+
 def main(argv=None):
     from pathlib import Path
 
@@ -41,8 +47,19 @@ def main(argv=None):
     p.add_argument("--output", type=Path, default=Path("fastrms-output"), help="folder for the plot")
     p.add_argument("--no-plot", action="store_true", help="print the numbers only")
     p.set_defaults(func=_demo)
+    b = sub.add_parser("bench", help="time a step against the NumPy reference, NumPy out=, torch and the traffic limit")
+    b.add_argument("--quick", action="store_true", help="a short sweep (float32, two variants, four sizes)")
+    b.add_argument("--output", type=Path, default=Path("bench-results"), help="folder for bench.json/.md/.png")
+    b.add_argument("--sizes", type=lambda s: int(float(s)), nargs="+", help="array sizes (e.g. 1e2 1e6)")
+    b.add_argument("--variants", nargs="+", help="variants from fastrms.cases.MAIN")
+    b.add_argument("--dtypes", nargs="+", choices=["float32", "float64"])
+    b.add_argument("--rounds", type=int, help="interleaved rounds per case (median taken)")
+    b.add_argument("--readme", type=Path, help="rewrite the benchmark block of this README")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(func=_bench)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in sub.choices and argv[0] not in ("-h", "--help", "--version"):
         argv = ["demo", *argv]  # the demo is the default command
     args = parser.parse_args(argv)
+    args.argv = argv[1:]
     return args.func(args)

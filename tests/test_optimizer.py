@@ -420,3 +420,21 @@ def test_like_presets_and_aliases():
 def test_repr_names_the_options():
     text = repr(fastrms.RMSprop(np.ones(3), 0.1, momentum=0.9))
     assert "momentum=0.9" in text and "3 elements" in text
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_a_step_allocates_nothing(name):
+    """tracemalloc sees NumPy's buffers: a temporary of a 1e6-element array would be 4 MB."""
+    import tracemalloc
+
+    p0, grads = problem(1_000_000, np.float32)
+    opt = fastrms.RMSprop(p0, schedules.exponential_decay(0.01, 0.9, 10), **VARIANTS[name])
+    opt.step(grads[0])  # compile or load from the cache outside the trace
+    tracemalloc.start()
+    try:
+        for t in range(10):
+            opt.step(grads[t % 4])
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16_384, f"{peak} bytes allocated during 10 steps"

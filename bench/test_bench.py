@@ -1,0 +1,48 @@
+"""pytest-benchmark suite: one optimizer step of every implementation in the comparison table.
+
+In the normal test run (``--benchmark-disable`` in the pytest configuration) each case runs
+once as a test. To time them for real:
+
+    python -m pytest bench --benchmark-enable --benchmark-only --benchmark-group-by=group \
+        --benchmark-json=bench-results/pytest-benchmark.json
+
+``fastrms bench`` sweeps more sizes and writes the README table and plot.
+"""
+
+from functools import lru_cache
+
+import numpy as np
+import pytest
+
+from fastrms import benchmark as B
+from fastrms.cases import MAIN
+
+SIZES = (100, 10_000, 1_000_000, 10_000_000)
+BIG = 30_000_000  # the plain variant only: the far end of the sweep
+
+
+def _cases():
+    for variant in MAIN:
+        for dtype in ("float32", "float64"):
+            for n in SIZES + ((BIG,) if variant == "plain" else ()):
+                for impl in B.IMPLEMENTATIONS:
+                    if impl == "torch_foreach" and not (B.available(impl) and B.torch_supports(MAIN[variant])):
+                        continue
+                    yield pytest.param(impl, variant, dtype, n, id=f"{variant}-{dtype}-{n:.0e}-{impl}")
+
+
+@lru_cache(maxsize=4)
+def _problem(n, dtype, variant):
+    return B.Problem(n, dtype, MAIN[variant])
+
+
+@pytest.mark.parametrize("impl,variant,dtype,n", _cases())
+def test_step(benchmark, impl, variant, dtype, n):
+    problem = _problem(n, dtype, variant)
+    step, holder = B.setup(impl, problem)
+    step()  # compile or load from the cache before timing
+    benchmark.group = f"{variant} {dtype} n={n:.0e}"
+    benchmark.extra_info.update(bytes_per_step=problem.bytes_per_step, impl=impl)
+    benchmark(step)
+    params = holder.params[0] if isinstance(holder.params, list) else holder.params
+    assert params.dtype == np.dtype(dtype) and params.shape == (n,)

@@ -1,0 +1,259 @@
+"""``fastrms bench``: sweep sizes, print the table, write JSON, a plot and the README block.
+
+Every figure is a ratio measured in one process (see :mod:`fastrms.benchmark`):
+
+- ``us/step``: median microseconds of ``RMSprop.step`` (validation included);
+- ``GB/s``: bytes a fused step must move divided by that time;
+- ``% limit``: the same-traffic kernel's time over fastrms's (100 % = at the bandwidth limit);
+- ``x seed`` / ``x out=`` / ``x torch``: how many times faster than the seed's NumPy step,
+  NumPy with ``out=`` buffers, and ``torch.optim.RMSprop(foreach=True)``.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from . import benchmark as B
+from .cases import MAIN
+
+FULL_SIZES = (100, 1_000, 10_000, 100_000, 1_000_000, 3_000_000, 10_000_000, 30_000_000)
+QUICK_SIZES = (100, 10_000, 1_000_000, 10_000_000)
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def sweep(variants, dtypes, sizes, rounds, target, progress=True):
+    """Measure every implementation on every (variant, dtype, size); returns result rows."""
+    cases = [(v, d, n) for v in variants for d in dtypes for n in sizes]
+    rows = []
+    bar = _progress(len(cases)) if progress else None
+    try:
+        for variant, dtype, n in cases:
+            if bar:
+                bar.update(f"{variant} {dtype} n={n:.0e}")
+            problem = B.Problem(n, dtype, MAIN[variant])
+            times = B.measure(problem, list(B.IMPLEMENTATIONS), rounds=rounds, target=target)
+            rows.append(dict(variant=variant, dtype=dtype, n=n, bytes_per_step=problem.bytes_per_step, seconds=times))
+            del problem
+            if bar:
+                bar.advance()
+    finally:
+        if bar:
+            bar.close()
+    return rows
+
+
+class _progress:
+    """A rich progress bar when rich is installed, plain lines on stderr otherwise."""
+
+    def __init__(self, total):
+        self.total, self.done = total, 0
+        try:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        except ImportError:
+            self.rich = None
+            return
+        self.rich = Progress(
+            TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            transient=True,
+        )
+        self.rich.start()
+        self.task = self.rich.add_task("", total=total)
+
+    def update(self, text):
+        if self.rich:
+            self.rich.update(self.task, description=text)
+        else:
+            print(f"[{self.done + 1}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+    def advance(self):
+        self.done += 1
+        if self.rich:
+            self.rich.advance(self.task)
+
+    def close(self):
+        if self.rich:
+            self.rich.stop()
+
+
+def summarize(row):
+    """The derived figures of one result row (None where an implementation did not run)."""
+    s = row["seconds"]
+    f = s["fastrms"]
+
+    def ratio(name):
+        return s[name] / f if name in s else None
+
+    return {
+        "us_per_step": f * 1e6,
+        "gb_per_s": row["bytes_per_step"] / f / 1e9,
+        "pct_of_limit": 100.0 * s["traffic"] / f if "traffic" in s else None,
+        "x_seed": ratio("numpy_seed"),
+        "x_out": ratio("numpy_out"),
+        "x_torch": ratio("torch_foreach"),
+    }
+
+
+COLUMNS = [
+    ("variant", "variant", "{}"),
+    ("dtype", "dtype", "{}"),
+    ("n", "n", "{:.0e}"),
+    ("us/step", "us_per_step", "{:.1f}"),
+    ("GB/s", "gb_per_s", "{:.1f}"),
+    ("% limit", "pct_of_limit", "{:.0f}%"),
+    ("x seed NumPy", "x_seed", "{:.1f}x"),
+    ("x NumPy out=", "x_out", "{:.1f}x"),
+    ("x torch foreach", "x_torch", "{:.1f}x"),
+]
+
+
+def table_rows(rows):
+    out = []
+    for row in rows:
+        fig = {**row, **summarize(row)}
+        out.append([("-" if fig[key] is None else fmt.format(fig[key])) for _, key, fmt in COLUMNS])
+    return out
+
+
+def markdown(result):
+    """The README block: the table and a footnote naming machine, versions and command."""
+    m = result["machine"]
+    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(result["rows"])]
+    versions = ", ".join(f"{k} {m[k]}" for k in ("python", "numpy", "numba", "torch") if k in m)
+    lines += [
+        "",
+        f"Medians of {result['rounds']} interleaved rounds on {m['cpu']} ({m['cores']} cores, "
+        f"{m['threads']} Numba threads, threading layer {m.get('threading_layer', '?')}); {versions}; "
+        f"fastrms {result['version']}. Generated {result['date']} by `{result['command']}`. "
+        "`% limit` is the same-traffic kernel's time over fastrms's; `x ...` are speed-ups of "
+        "`RMSprop.step` (validation included) over each peer.",
+    ]
+    return "\n".join(lines)
+
+
+def print_table(result, file=sys.stdout):
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(markdown(result), file=file)
+        return
+    table = Table(title=f"fastrms {result['version']} on {result['machine']['cpu']}")
+    for header, _, _ in COLUMNS:
+        table.add_column(header, justify="right")
+    for r in table_rows(result["rows"]):
+        table.add_row(*r)
+    Console(file=file, width=max(130, Console(file=file).width)).print(table)
+
+
+def plot(result, path):
+    """GB/s against n (log axes) per dtype for the plain variant's implementations, with the
+    same-traffic kernel drawn as the limit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r["dtype"] for r in result["rows"]})
+    variants = list(dict.fromkeys(r["variant"] for r in result["rows"]))
+    fig, axes = plt.subplots(len(variants), len(dtypes), figsize=(6 * len(dtypes), 3.6 * len(variants)), squeeze=False)
+    styles = {
+        "fastrms": dict(color="C3", marker="o", lw=2, label="fastrms RMSprop.step"),
+        "numpy_seed": dict(color="C0", marker="s", label="seed's NumPy"),
+        "numpy_out": dict(color="C2", marker="^", label="NumPy out="),
+        "torch_foreach": dict(color="C4", marker="D", label="torch foreach"),
+        "traffic": dict(color="k", ls="--", label="same-traffic limit"),
+    }
+    for i, variant in enumerate(variants):
+        for j, dtype in enumerate(dtypes):
+            ax = axes[i][j]
+            rows = [r for r in result["rows"] if r["variant"] == variant and r["dtype"] == dtype]
+            for name, style in styles.items():
+                pts = [(r["n"], r["bytes_per_step"] / r["seconds"][name] / 1e9) for r in rows if name in r["seconds"]]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, **style)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"{variant}, {dtype}")
+            ax.set_xlabel("elements n")
+            ax.set_ylabel("GB/s (bytes a fused step moves / time)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"fastrms {result['version']}: one RMSprop step, {result['machine']['cpu']}")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def update_readme(path, block):
+    """Replace the text between the bench markers of ``path`` with ``block``."""
+    path = Path(path)
+    text = path.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{path} has no {README_START} ... {README_END} block to replace")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    path.write_text(f"{head}{README_START}\n{block}\n{README_END}{tail}")
+
+
+def run(args):
+    """The ``fastrms bench`` command."""
+    import numba
+
+    sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
+    variants = args.variants or (["plain", "centered_momentum"] if args.quick else list(MAIN))
+    dtypes = args.dtypes or (["float32"] if args.quick else ["float32", "float64"])
+    rounds = args.rounds or (3 if args.quick else 7)
+    target = 0.005 if args.quick else 0.03
+    unknown = sorted(set(variants) - set(MAIN))
+    if unknown:
+        raise SystemExit(f"fastrms bench: unknown variant(s) {unknown}; choose from {sorted(MAIN)}")
+    rows = sweep(variants, dtypes, sizes, rounds, target, progress=not args.no_progress)
+    machine = B.machine()
+    machine["threading_layer"] = numba.threading_layer() if _parallel_ran() else "unused"
+    result = dict(
+        version=__version__,
+        date=time.strftime("%Y-%m-%d"),
+        command="fastrms bench " + " ".join(args.argv),
+        rounds=rounds,
+        machine=machine,
+        rows=rows,
+    )
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    (out / "bench.md").write_text(markdown(result) + "\n")
+    print_table(result)
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    try:
+        print(f"wrote {plot(result, out / 'bench.png')}")
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install 'fastrms[bench]')", file=sys.stderr)
+    if args.readme:
+        update_readme(args.readme, markdown(result))
+        print(f"updated the benchmark table in {args.readme}")
+    return 0
+
+
+def _parallel_ran():
+    import numba
+
+    try:
+        numba.threading_layer()
+        return True
+    except ValueError:
+        return False
+
+
+def from_json(path):
+    """Reload a result written by ``fastrms bench`` (for re-rendering)."""
+    result = json.loads(Path(path).read_text())
+    for row in result["rows"]:
+        row["n"] = int(row["n"])
+    return result
+

@@ -1,0 +1,168 @@
+"""Keeping parallel kernels safe in their host process: threading layer, threads and forks.
+
+Numba's threading layers differ (Numba's documentation, "Selecting a threading layer"):
+
+=========  ============  ==========================================================
+layer      thread-safe   fork-safe
+=========  ============  ==========================================================
+tbb        yes           yes
+omp        yes           no with GNU OpenMP: a forked child that runs parallel code
+                         after its parent did is killed or hangs
+workqueue  no            yes; two Python threads in parallel code at once abort
+                         the whole process
+=========  ============  ==========================================================
+
+At import (:func:`setup`), unless the user chose a layer (``NUMBA_THREADING_LAYER`` or
+``numba.config.THREADING_LAYER``), fastrms makes TBB loadable when the ``tbb`` package is
+installed (its ``libtbb.so.12`` lands in the environment's ``lib/``, where the loader does not
+look) and asks Numba for it. Whatever layer ends up active, the optimizer adapts
+(:func:`parallel_mode`): under ``workqueue`` it serialises its parallel kernel calls with a
+lock; in a child forked after the parent ran GNU OpenMP, it uses the serial kernels. Nothing
+aborts. :func:`info` reports the layer, the thread count and why.
+"""
+
+import ctypes
+import os
+import sys
+import threading
+import weakref
+
+import numba
+
+_LOCK = threading.Lock()
+_OPTIMIZERS = weakref.WeakSet()
+_STATE = {"reason": "not set up", "tbb_library": None, "forked_after_omp": False, "user_choice": None}
+
+
+def _find_libtbb():
+    """Path of the ``tbb`` package's libtbb.so.12, or None."""
+    candidates = [os.path.join(sys.prefix, "lib", "libtbb.so.12")]
+    try:
+        from importlib.metadata import PackageNotFoundError, files
+
+        try:
+            for f in files("tbb") or ():
+                if f.name.startswith("libtbb.so.12"):
+                    candidates.insert(0, str(f.locate()))
+        except PackageNotFoundError:
+            pass
+    except ImportError:  # pragma: no cover - Python < 3.8
+        pass
+    return next((os.path.realpath(c) for c in candidates if os.path.exists(c)), None)
+
+
+def _load_tbb():
+    """Make Numba's TBB layer importable; returns the library path, or None if unavailable."""
+    try:
+        from numba.np.ufunc import tbbpool  # noqa: F401  (already loadable)
+
+        return "found by the loader"
+    except ImportError:
+        pass
+    path = _find_libtbb()
+    if path is None:
+        return None
+    try:
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        from numba.np.ufunc import tbbpool  # noqa: F401, F811
+    except (OSError, ImportError):
+        return None
+    return path
+
+
+def setup():
+    """Choose the threading layer (once, at import). Respects the user's choice."""
+    if _STATE["reason"] != "not set up":
+        return
+    user = os.environ.get("NUMBA_THREADING_LAYER") or (
+        numba.config.THREADING_LAYER if numba.config.THREADING_LAYER != "default" else None
+    )
+    if user:
+        _STATE["user_choice"] = user
+        _STATE["reason"] = f"threading layer {user!r} chosen by the user (NUMBA_THREADING_LAYER); fastrms adapts to it"
+    elif _launched_layer() is not None:
+        _STATE["reason"] = "Numba's threads were already running when fastrms was imported"
+    else:
+        lib = _load_tbb()
+        if lib is not None:
+            numba.config.THREADING_LAYER = "tbb"
+            _STATE["tbb_library"] = lib
+            _STATE["reason"] = "TBB is installed: thread- and fork-safe"
+        else:
+            _STATE["reason"] = (
+                "TBB is not installed (pip install tbb): Numba picks omp or workqueue; "
+                "fastrms serialises workqueue calls and uses serial kernels in children forked after omp ran"
+            )
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _launched_layer():
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return None
+
+
+def layer():
+    """The active threading layer, starting Numba's thread pool if it is not running yet."""
+    active = _launched_layer()
+    if active is None:
+        from numba.np.ufunc import parallel
+
+        parallel._launch_threads()
+        active = numba.threading_layer()
+    return active
+
+
+def parallel_mode():
+    """How the optimizer may call its parallel kernels here:
+
+    ``"free"`` (tbb, omp), ``"serialized"`` (workqueue: one call at a time, under a lock) or
+    ``"serial"`` (a child forked after its parent ran GNU OpenMP: serial kernels only).
+    """
+    if _STATE["forked_after_omp"]:
+        return "serial"
+    return "serialized" if layer() == "workqueue" else "free"
+
+
+def serialized(kernel):
+    """``kernel`` wrapped so that only one thread runs it (or any other wrapped kernel) at once."""
+
+    def call(*args):
+        with _LOCK:
+            return kernel(*args)
+
+    call.kernel = kernel
+    return call
+
+
+def register(optimizer):
+    """Track an optimizer so that a fork can move it to the serial kernels."""
+    _OPTIMIZERS.add(optimizer)
+
+
+def _after_fork_in_child():
+    global _LOCK
+    _LOCK = threading.Lock()  # a lock held by another parent thread would never be released here
+    if _launched_layer() == "omp":
+        _STATE["forked_after_omp"] = True
+        for opt in list(_OPTIMIZERS):
+            opt._choose_drivers()
+
+
+def info():
+    """What fastrms runs on: threading layer, threads, the parallel mode and why; caching."""
+    from . import kernels
+
+    return {
+        "threading_layer": layer(),
+        "parallel_mode": parallel_mode(),
+        "reason": _STATE["reason"],
+        "user_threading_layer": _STATE["user_choice"],
+        "tbb_library": _STATE["tbb_library"],
+        "num_threads": numba.get_num_threads(),
+        "NUMBA_NUM_THREADS": numba.config.NUMBA_NUM_THREADS,
+        "parallel_min_bytes": kernels.PARALLEL_MIN_BYTES,
+        "cache": kernels.CACHE_STATUS,
+        "numba": numba.__version__,
+    }

@@ -1,0 +1,56 @@
+"""fastrms.report and ``fastrms bench``: the sweep, its JSON, table, plot and README block."""
+
+import json
+
+import pytest
+
+from fastrms import cli, report
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    readme = out / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{report.README_START}\nold table\n{report.README_END}\nafter\n")
+    argv = ["bench", "--quick", "--sizes", "100", "2e3", "--variants", "plain", "--rounds", "1",
+            "--output", str(out), "--no-progress", "--readme", str(readme)]
+    assert cli.main(argv) == 0
+    return out, readme
+
+
+def test_bench_writes_json_markdown_and_plot(quick_run):
+    out, _ = quick_run
+    result = json.loads((out / "bench.json").read_text())
+    assert [r["n"] for r in result["rows"]] == [100, 2000]
+    assert {"fastrms", "numpy_seed", "numpy_out", "traffic"} <= result["rows"][0]["seconds"].keys()
+    assert result["machine"]["numba"] and result["command"].startswith("fastrms bench --quick")
+    assert "| plain | float32 | 1e+02 |" in (out / "bench.md").read_text()
+    pytest.importorskip("matplotlib")
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_readme_block_is_replaced_and_the_rest_kept(quick_run):
+    _, readme = quick_run
+    text = readme.read_text()
+    assert "old table" not in text and "before" in text and "after" in text
+    assert "| variant | dtype |" in text and "by `fastrms bench --quick" in text
+
+
+def test_summary_figures_are_ratios_of_the_medians():
+    row = dict(n=10, bytes_per_step=200, seconds=dict(fastrms=1e-6, traffic=5e-7, numpy_seed=4e-6, numpy_out=2e-6))
+    fig = report.summarize(row)
+    assert fig["gb_per_s"] == pytest.approx(0.2) and fig["pct_of_limit"] == pytest.approx(50.0)
+    assert fig["x_seed"] == pytest.approx(4.0) and fig["x_out"] == pytest.approx(2.0) and fig["x_torch"] is None
+
+
+def test_readme_without_markers_is_refused(tmp_path):
+    path = tmp_path / "R.md"
+    path.write_text("no markers")
+    with pytest.raises(ValueError, match="no <!-- bench:start -->"):
+        report.update_readme(path, "table")
+    assert path.read_text() == "no markers"
+
+
+def test_unknown_variant_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="unknown variant"):
+        cli.main(["bench", "--variants", "adam", "--output", str(tmp_path), "--no-progress"])
