@@ -5,11 +5,16 @@ Public face: :class:`RMSprop` (the optimizer), :func:`rmsprop` (the seed article
 :mod:`fastrms.reference` (the pure-NumPy version, for comparison).
 """
 
-from . import kernels, reference, schedules
-from .functional import rmsprop
-from .optimizer import RMSprop
-from .presets import PRESETS
+from . import runtime
+
+runtime.setup()  # before any parallel kernel runs: choose a thread- and fork-safe layer
+
+from . import kernels, reference, schedules  # noqa: E402
+from .functional import rmsprop  # noqa: E402
+from .optimizer import RMSprop  # noqa: E402
+from .presets import PRESETS  # noqa: E402
+from .runtime import info  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["RMSprop", "rmsprop", "schedules", "kernels", "reference", "PRESETS", "__version__"]
+__all__ = ["RMSprop", "rmsprop", "schedules", "kernels", "reference", "info", "PRESETS", "__version__"]

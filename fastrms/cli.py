@@ -29,6 +29,14 @@ def _demo(args):
     return 0
 
 
+def _info(args):
+    from .runtime import info
+
+    for key, value in info().items():
+        print(f"{key:>22}: {value}")
+    return 0
+
+
 def _bench(args):
     from . import report
 
@@ -57,6 +65,8 @@ def main(argv=None):
     b.add_argument("--readme", type=Path, help="rewrite the benchmark block of this README")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_bench)
+    i = sub.add_parser("info", help="threading layer, thread count, parallel mode and why; caching")
+    i.set_defaults(func=_info)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in sub.choices and argv[0] not in ("-h", "--help", "--version"):
         argv = ["demo", *argv]  # the demo is the default command

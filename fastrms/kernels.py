@@ -44,18 +44,43 @@ from numba import njit, prange
 PARALLEL_MIN_BYTES = 3 << 18
 
 
-@njit(cache=True)
-def step_bytes(size, itemsize, state_arrays):
-    """Bytes one fused step moves: reads 2 + k arrays, writes 1 + k (k state arrays)."""
-    return size * itemsize * (3 + 2 * state_arrays)
-
 #: Weight-decay modes (compile-time).
 WD_NONE, WD_COUPLED, WD_DECOUPLED = 0, 1, 2
 #: Momentum modes (compile-time): none, PyTorch's (lr outside the buffer), Keras/TF1/optax's
 #: (lr inside the buffer).
 MOM_NONE, MOM_OUTSIDE, MOM_INSIDE = 0, 1, 2
 
-_JIT_OPTIONS = dict(error_model="numpy", cache=True, nogil=True)
+_JIT_OPTIONS = dict(error_model="numpy", nogil=True)
+
+#: "on" when compiled kernels are cached on disk, else why not. Caching is on by default:
+#: without it every new process compiles each variant it uses again (0.15 s serial, 0.4 s
+#: parallel). Numba looks for a writable place (next to this file, then the user-wide cache,
+#: or NUMBA_CACHE_DIR, which fastrms never overrides); where there is none (a read-only
+#: install with no writable home), the kernels are compiled in memory instead of failing.
+CACHE_STATUS = "on"
+
+
+def _jit(parallel=False):
+    """``njit`` with this module's options, cached on disk where Numba can."""
+
+    def wrap(fn):
+        global CACHE_STATUS
+        if CACHE_STATUS == "on":
+            try:
+                return njit(parallel=parallel, cache=True, **_JIT_OPTIONS)(fn)
+            except RuntimeError as exc:  # Numba found no writable cache location
+                if "cannot cache" not in str(exc):
+                    raise
+                CACHE_STATUS = f"off: {exc}"
+        return njit(parallel=parallel, **_JIT_OPTIONS)(fn)
+
+    return wrap
+
+
+@_jit()
+def step_bytes(size, itemsize, state_arrays):
+    """Bytes one fused step moves: reads 2 + k arrays, writes 1 + k (k state arrays)."""
+    return size * itemsize * (3 + 2 * state_arrays)
 
 
 def _make_driver(centered, wd_mode, mom_mode, nesterov, parallel):
@@ -136,7 +161,7 @@ def _make_driver(centered, wd_mode, mom_mode, nesterov, parallel):
 
     name = f"driver_c{centered:d}_w{wd_mode:d}_m{mom_mode:d}_n{nesterov:d}_{'parallel' if parallel else 'serial'}"
     driver.__name__ = driver.__qualname__ = name
-    return njit(parallel=parallel, **_JIT_OPTIONS)(driver)
+    return _jit(parallel)(driver)
 
 
 _DRIVERS = {}
@@ -169,7 +194,29 @@ def drivers(centered=False, wd_mode=WD_NONE, mom_mode=MOM_NONE, nesterov=False):
 _plain_serial, _plain_parallel = drivers()
 
 
-@njit(**_JIT_OPTIONS)
+def _make_nonfinite(parallel):
+    """Whether a float array holds a NaN or an infinity: ``x - x`` is 0 exactly when ``x`` is
+    finite (no fastmath, so LLVM may not fold it), counted with an integer sum that
+    vectorises. The array is only read."""
+
+    def nonfinite(a):
+        zero = a.dtype.type(0.0)
+        count = 0
+        for i in prange(a.size):
+            x = a[i]
+            count += 1 if x - x != zero else 0
+        return count > 0
+
+    nonfinite.__name__ = nonfinite.__qualname__ = f"nonfinite_{'parallel' if parallel else 'serial'}"
+    return _jit(parallel)(nonfinite)
+
+
+#: ``nonfinite_serial(a)`` / ``nonfinite_parallel(a)``: True if the 1-D float array ``a``
+#: holds a NaN or +-Inf.
+nonfinite_serial, nonfinite_parallel = _make_nonfinite(False), _make_nonfinite(True)
+
+
+@_jit()
 def rmsprop_update(param, grad, square_avg, learning_rate, beta, epsilon):
     """The plain RMSprop step, in place, callable from Python or from ``@njit`` code::
 

@@ -18,15 +18,20 @@ Per element, at step ``t`` (1-based) with learning rate ``lr_t``::
 
 import bisect
 import math
+import os
+import tempfile
+import zipfile
+import zlib
 from numbers import Real
 
 import numpy as np
 
-from . import kernels
+from . import kernels, runtime
 from ._checks import count, flag, float_array, number
 from .presets import preset_options
 
 FORMAT_VERSION = 1
+_CHECKPOINT_KEY, _CHECKPOINT_KIND = "fastrms_checkpoint", "fastrms.RMSprop"
 _BOOL_OPTIONS = (
     "centered",
     "nesterov",
@@ -35,6 +40,7 @@ _BOOL_OPTIONS = (
     "maximize",
     "bias_correction",
     "eps_in_sqrt",
+    "skip_nonfinite",
 )
 _FLOAT_OPTIONS = ("beta", "epsilon", "momentum", "weight_decay", "initial_scale")
 #: Above this many owned arrays, grads are checked for overlap by address bisection (O(log n)
@@ -59,10 +65,37 @@ def check_hyperparameters(h):
     return out
 
 
+def _variant(hyper):
+    """The options that choose the update's formula (and so the state it keeps)."""
+    return {
+        "centered": hyper["centered"],
+        "momentum > 0": hyper["momentum"] > 0,
+        "nesterov": hyper["nesterov"],
+        "lr_in_momentum": hyper["lr_in_momentum"],
+        "weight_decay > 0": hyper["weight_decay"] > 0,
+        "decoupled_weight_decay": hyper["decoupled_weight_decay"],
+        "maximize": hyper["maximize"],
+        "bias_correction": hyper["bias_correction"],
+        "eps_in_sqrt": hyper["eps_in_sqrt"],
+    }
+
+
 class _Slot:
     """One parameter array, its state (flat, allocated once) and the driver for its size."""
 
-    __slots__ = ("param", "shape", "dtype", "flat", "square_avg", "grad_avg", "momentum_buffer", "names", "owned", "driver")
+    __slots__ = (
+        "param",
+        "shape",
+        "dtype",
+        "flat",
+        "square_avg",
+        "grad_avg",
+        "momentum_buffer",
+        "names",
+        "owned",
+        "driver",
+        "nonfinite",
+    )
 
     def __init__(self, param, hyper, source=None):
         self.param, self.shape, self.dtype = param, param.shape, param.dtype
@@ -77,7 +110,7 @@ class _Slot:
             for name in self.names:
                 np.copyto(getattr(self, name), source[name].reshape(-1))
         self.owned = tuple(a for a in (param, *(getattr(self, n) for n in self.names)) if a.size)
-        self.driver = None
+        self.driver = self.nonfinite = None
 
 
 def state_names(hyper):
@@ -131,6 +164,10 @@ class RMSprop:
         ``sqrt(v + eps)`` instead of ``sqrt(v) + eps``.
     initial_scale : float
         Starting value of ``square_avg`` (TF1 uses 1.0).
+    skip_nonfinite : bool
+        Check the grads first: a step whose grads hold a NaN or an infinity changes nothing
+        (params, state, ``step_count`` and the schedule stay as they were) and is counted in
+        ``skipped_steps``. Costs one extra read of the grads (see the README).
 
     State arrays (same dtype as their param, allocated once) are named as PyTorch names them:
     ``square_avg``, ``grad_avg`` (centered), ``momentum_buffer`` (momentum > 0).
@@ -153,6 +190,7 @@ class RMSprop:
         bias_correction=False,
         eps_in_sqrt=False,
         initial_scale=0.0,
+        skip_nonfinite=False,
     ):
         hyper = check_hyperparameters(
             dict(
@@ -169,6 +207,7 @@ class RMSprop:
                 bias_correction=bias_correction,
                 eps_in_sqrt=eps_in_sqrt,
                 initial_scale=initial_scale,
+                skip_nonfinite=skip_nonfinite,
             )
         )
         self._single = isinstance(params, np.ndarray)
@@ -183,8 +222,10 @@ class RMSprop:
             if start < end:
                 raise ValueError(f"params[{min(i, j)}] and params[{max(i, j)}] share memory; each must be its own array")
         self._step_count = 0
+        self._skipped_steps = 0
         self._last_lr = None
         self._install([_Slot(p, hyper) for p in arrays], hyper)
+        runtime.register(self)
 
     @classmethod
     def like(cls, name, params, **overrides):
@@ -214,15 +255,32 @@ class RMSprop:
             wd_mode = kernels.WD_DECOUPLED if hyper["decoupled_weight_decay"] else kernels.WD_COUPLED
         else:
             wd_mode = kernels.WD_NONE
-        serial, parallel = kernels.drivers(hyper["centered"], wd_mode, mom_mode, hyper["nesterov"])
-        for slot in self._slots:
-            moved = kernels.step_bytes(slot.flat.size, slot.dtype.itemsize, len(slot.names))
-            slot.driver = parallel if moved >= kernels.PARALLEL_MIN_BYTES else serial
+        self._drivers = kernels.drivers(hyper["centered"], wd_mode, mom_mode, hyper["nesterov"])
+        self._choose_drivers()
         eps = hyper["epsilon"]
         eps_in, eps_out = (eps, 0.0) if hyper["eps_in_sqrt"] else (0.0, eps)
         sign = -1.0 if hyper["maximize"] else 1.0
         self._scalars = (hyper["beta"], eps_in, eps_out, hyper["weight_decay"], hyper["momentum"], sign)
         self._beta, self._bias_correction = hyper["beta"], hyper["bias_correction"]
+        self._skip_nonfinite = hyper["skip_nonfinite"]
+
+    def _choose_drivers(self):
+        """Give each array the serial or parallel kernel by the bytes its step moves, as the
+        threading layer allows (:func:`fastrms.runtime.parallel_mode`)."""
+        serial, parallel = self._drivers
+        check_serial, check_parallel = kernels.nonfinite_serial, kernels.nonfinite_parallel
+        big = [
+            kernels.step_bytes(s.flat.size, s.dtype.itemsize, len(s.names)) >= kernels.PARALLEL_MIN_BYTES
+            for s in self._slots
+        ]
+        mode = runtime.parallel_mode() if any(big) else "free"
+        if mode == "serialized":
+            parallel, check_parallel = runtime.serialized(parallel), runtime.serialized(check_parallel)
+        elif mode == "serial":
+            parallel, check_parallel = serial, check_serial
+        for slot, is_big in zip(self._slots, big):
+            slot.driver = parallel if is_big else serial
+            slot.nonfinite = check_parallel if is_big else check_serial
 
     # ------------------------------------------------------------------ properties
 
@@ -261,6 +319,11 @@ class RMSprop:
     def step_count(self):
         """Steps taken so far."""
         return self._step_count
+
+    @property
+    def skipped_steps(self):
+        """Steps refused by ``skip_nonfinite`` because a grad held a NaN or an infinity."""
+        return self._skipped_steps
 
     @property
     def current_learning_rate(self):
@@ -333,6 +396,11 @@ class RMSprop:
                 raise ValueError(f"grads must hold {len(slots)} arrays, one per param, got {len(grads)}")
             check = self._check_grad
             flat = [check(g, s, i) for i, (g, s) in enumerate(zip(grads, slots))]
+        if self._skip_nonfinite:
+            for g, s in zip(flat, slots):
+                if s.nonfinite(g):
+                    self._skipped_steps += 1
+                    return
         lr = self._lr if self._schedule is None else self._scheduled_lr(self._step_count)
         t = self._step_count + 1
         bc = 1.0 - self._beta ** t if self._bias_correction else 1.0
@@ -347,11 +415,16 @@ class RMSprop:
     def state_dict(self):
         """The optimizer's state as a flat dict of NumPy arrays (copies) and Python scalars.
 
-        Keys: ``format_version``, ``step_count``, ``num_params``, every hyperparameter
+        Keys: ``format_version``, ``step_count``, ``skipped_steps``, ``num_params``, every hyperparameter
         (``learning_rate`` only when it is a number, not a schedule) and ``"<name>.<i>"`` for
         each state array of param ``i``. :meth:`load_state_dict` continues bit-identically.
         """
-        d = {"format_version": FORMAT_VERSION, "step_count": self._step_count, "num_params": len(self._slots)}
+        d = {
+            "format_version": FORMAT_VERSION,
+            "step_count": self._step_count,
+            "skipped_steps": self._skipped_steps,
+            "num_params": len(self._slots),
+        }
         for key, value in self._hyper.items():
             if not callable(value):
                 d[key] = value
@@ -361,28 +434,38 @@ class RMSprop:
         return d
 
     def load_state_dict(self, state_dict):
-        """Restore a :meth:`state_dict` into this optimizer over the same params.
+        """Restore a :meth:`state_dict` into this optimizer over the same params and variant.
 
-        Hyperparameters are restored from the dict (a schedule of this optimizer's is kept
-        when the dict carries no ``learning_rate``). Everything is checked first: on any
+        The variant (centring, momentum on/off, Nesterov, lr placement, weight-decay mode,
+        maximize, bias correction, eps placement) must match. Numeric hyperparameters
+        (learning rate, beta, epsilon, momentum, weight decay, initial scale) and
+        ``skip_nonfinite`` are restored from the dict; a schedule of this optimizer's is kept
+        when the dict carries no ``learning_rate``. Everything is checked first: on any
         mismatch a TypeError/ValueError names it and nothing changes. The state arrays are
         then new arrays (as in PyTorch): re-read ``square_avg`` etc. after loading.
         """
         d = state_dict
         if not isinstance(d, dict):
             raise TypeError(f"state_dict must be a dict, got {type(d).__name__}")
-        required = ("format_version", "step_count", "num_params", *_FLOAT_OPTIONS, *_BOOL_OPTIONS)
+        required = ("format_version", "step_count", "skipped_steps", "num_params", *_FLOAT_OPTIONS, *_BOOL_OPTIONS)
         missing = [k for k in required if k not in d]
         if missing:
             raise ValueError(f"state_dict is missing {missing}")
         if d["format_version"] != FORMAT_VERSION:
             raise ValueError(f"state_dict format_version must be {FORMAT_VERSION}, got {d['format_version']!r}")
         step_count = count("state_dict['step_count']", d["step_count"], minimum=0)
+        skipped_steps = count("state_dict['skipped_steps']", d["skipped_steps"], minimum=0)
         if count("state_dict['num_params']", d["num_params"], minimum=0) != len(self._slots):
             raise ValueError(f"state_dict holds state for {d['num_params']} params, this optimizer has {len(self._slots)}")
         merged = {k: d[k] for k in (*_FLOAT_OPTIONS, *_BOOL_OPTIONS)}
         merged["learning_rate"] = d.get("learning_rate", self._hyper["learning_rate"])
         hyper = check_hyperparameters(merged)
+        differ = [k for k, v in _variant(hyper).items() if _variant(self._hyper)[k] != v]
+        if differ:
+            raise ValueError(
+                "state_dict is of another variant: "
+                + ", ".join(f"{k}={_variant(hyper)[k]} (this optimizer: {_variant(self._hyper)[k]})" for k in differ)
+            )
         expected = set(required) | ({"learning_rate"} & d.keys())
         names = state_names(hyper)
         for i, slot in enumerate(self._slots):
@@ -401,4 +484,62 @@ class RMSprop:
             raise ValueError(f"state_dict has entries this optimizer does not use: {unexpected}")
         slots = [_Slot(s.param, hyper, {n: d[f"{n}.{i}"] for n in names}) for i, s in enumerate(self._slots)]
         self._step_count = step_count
+        self._skipped_steps = skipped_steps
         self._install(slots, hyper)
+
+    # ------------------------------------------------------------------ checkpoints on disk
+
+    def save(self, path):
+        """Write :meth:`state_dict` to the ``.npz`` file ``path`` (the name is used as given),
+        atomically: written to a temporary file in the same folder, flushed to disk, then
+        renamed over ``path``, so a crash never leaves a torn file under that name. The params
+        are not saved: they are the caller's (as with ``torch.save(opt.state_dict())``)."""
+        path = os.fspath(path)
+        arrays = {key: np.asarray(value) for key, value in self.state_dict().items()}
+        arrays[_CHECKPOINT_KEY] = np.asarray(_CHECKPOINT_KIND)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        try:  # make the rename itself durable
+            dir_fd = os.open(folder, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
+
+    def load(self, path):
+        """Restore a checkpoint written by :meth:`save` into this optimizer (same params).
+
+        Never unpickles. A missing file raises FileNotFoundError; a file that is not such a
+        checkpoint (junk, truncated, pickled, object arrays) or whose shapes, dtypes or
+        variant do not fit raises ValueError; either way the optimizer is left as it was.
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        try:  # our own handle: np.load(path) leaks its file when the zip is truncated
+            with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+                if not isinstance(z, np.lib.npyio.NpzFile):
+                    raise ValueError("not an .npz archive")
+                d = {key: z[key] for key in z.files}
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+            raise ValueError(f"{path!r} is not a readable fastrms checkpoint: {exc}") from exc
+        if d.pop(_CHECKPOINT_KEY, None) != _CHECKPOINT_KIND:
+            raise ValueError(f"{path!r} is not a fastrms RMSprop checkpoint (no {_CHECKPOINT_KEY!r} marker)")
+        for key, value in d.items():
+            if value.ndim == 0 and value.dtype.kind in "biuf":
+                d[key] = value.item()
+        self.load_state_dict(d)

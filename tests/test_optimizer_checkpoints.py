@@ -1,0 +1,190 @@
+"""RMSprop.save / load, skip_nonfinite, memmap and odd arrays: state survives, nothing is torn."""
+
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+from conftest import assert_unchanged, problem, snapshot
+
+import fastrms
+from fastrms import schedules
+from fastrms.cases import MAIN
+
+
+@pytest.mark.parametrize("name", MAIN)
+def test_save_load_continues_bitwise_like_a_run_that_never_stopped(name, dtype, tmp_path):
+    sched = schedules.linear_warmup(schedules.cosine_decay(0.01, 30), 5)
+    p0, grads = problem(5000, dtype)
+    straight = fastrms.RMSprop(p0.copy(), sched, **MAIN[name])
+    first = fastrms.RMSprop(p0.copy(), sched, **MAIN[name])
+    for t in range(17):
+        straight.step(grads[t % 4])
+        first.step(grads[t % 4])
+    first.save(tmp_path / "ckpt.npz")
+    params_on_disk = first.params.copy()  # the params are the caller's to save
+    del first
+    resumed = fastrms.RMSprop(params_on_disk, sched, **MAIN[name])
+    resumed.load(tmp_path / "ckpt.npz")
+    for t in range(17, 50):
+        straight.step(grads[t % 4])
+        resumed.step(grads[t % 4])
+    np.testing.assert_array_equal(straight.params, resumed.params)
+    assert resumed.step_count == 50 and resumed.hyperparameters == straight.hyperparameters
+
+
+def test_the_checkpoint_is_a_plain_npz_without_pickles(tmp_path):
+    opt = fastrms.RMSprop([np.ones(3), np.ones((2, 2), np.float32)], 0.1, momentum=0.9)
+    opt.step([np.ones(3), np.ones((2, 2), np.float32)])
+    opt.save(tmp_path / "c.npz")
+    with np.load(tmp_path / "c.npz", allow_pickle=False) as z:
+        assert z["momentum_buffer.1"].dtype == np.float32 and z["momentum_buffer.1"].shape == (2, 2)
+        assert int(z["step_count"]) == 1 and str(z["fastrms_checkpoint"]) == "fastrms.RMSprop"
+        assert all(z[k].dtype != object for k in z.files)
+    assert os.listdir(tmp_path) == ["c.npz"]  # no temporary left behind
+
+
+def test_save_is_atomic_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "c.npz"
+    opt = fastrms.RMSprop(np.ones(4), 0.1)
+    opt.save(path)
+    before = path.read_bytes()
+    opt.step(np.ones(4))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated mid-write)")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(OSError, match="disk full"):
+        opt.save(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["c.npz"]
+
+
+def _write(path, kind):
+    if kind == "pickle":
+        path.write_bytes(pickle.dumps({"square_avg.0": np.ones(4)}))
+    elif kind == "object array":
+        np.savez(path, fastrms_checkpoint=np.asarray("fastrms.RMSprop"), x=np.array([{"a": 1}], dtype=object))
+    elif kind == "junk":
+        path.write_bytes(b"\x00\x01 this is not a checkpoint" * 10)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        opt = fastrms.RMSprop(np.ones(4000), 0.1)
+        opt.save(path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "other npz":
+        np.savez(path, weights=np.ones(4))
+    elif kind == "wrong shape":
+        fastrms.RMSprop(np.ones(5), 0.1, momentum=0.5).save(path)
+    elif kind == "wrong dtype":
+        fastrms.RMSprop(np.ones(4, np.float32), 0.1, momentum=0.5).save(path)
+    elif kind == "other variant":
+        fastrms.RMSprop(np.ones(4), 0.1, centered=True).save(path)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["pickle", "object array", "junk", "empty", "truncated", "other npz", "wrong shape", "wrong dtype", "other variant"],
+)
+def test_a_bad_checkpoint_is_refused_and_the_optimizer_left_as_it_was(kind, tmp_path):
+    path = tmp_path / "bad.npz"
+    _write(path, kind)
+    opt = fastrms.RMSprop(np.linspace(0, 1, 4), 0.2, momentum=0.5)
+    opt.step(np.full(4, 0.5))
+    before = snapshot(opt)
+    with pytest.raises(ValueError):
+        opt.load(path)
+    assert_unchanged(opt, before)
+
+
+def test_a_missing_checkpoint_raises_file_not_found(tmp_path):
+    opt = fastrms.RMSprop(np.ones(2))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        opt.load(tmp_path / "nope.npz")
+
+
+def test_truncated_checkpoints_are_really_truncated_zips(tmp_path):
+    path = tmp_path / "t.npz"
+    _write(path, "truncated")
+    with pytest.raises(zipfile.BadZipFile):
+        zipfile.ZipFile(path).testzip()
+
+
+# ---------------------------------------------------------------- skip_nonfinite
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("n", [7, 1_000_003])
+def test_skip_nonfinite_leaves_everything_bitwise_unchanged_and_counts(bad, n, dtype):
+    p0, grads = problem(n, dtype)
+    opt = fastrms.RMSprop([p0, np.ones(3, dtype)], schedules.step_decay(0.01, 0.5, 1), momentum=0.9,
+                          centered=True, skip_nonfinite=True)
+    opt.step([grads[0], np.ones(3, dtype)])
+    before = snapshot(opt)
+    g = grads[1].copy()
+    g[n // 2] = bad
+    opt.step([grads[2], np.array([1, bad, 1], dtype)])  # the bad value in the second array
+    opt.step([g, np.ones(3, dtype)])
+    assert opt.skipped_steps == 2 and opt.step_count == 1
+    after = snapshot(opt)
+    after["skipped_steps"] = before["skipped_steps"]
+    assert all(
+        (a.tobytes() == b.tobytes()) if isinstance(a, np.ndarray) else (a == b)
+        for key in before if key != "params" for a, b in [(before[key], after[key])]
+    )
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(before["params"], after["params"]))
+    assert opt.current_learning_rate == 0.005  # the schedule did not advance
+    opt.step([grads[3], np.ones(3, dtype)])
+    assert opt.step_count == 2 and opt.skipped_steps == 2
+
+
+def test_without_skip_nonfinite_a_nan_grad_is_applied():
+    opt = fastrms.RMSprop(np.ones(3), 0.1)
+    opt.step(np.array([1.0, np.nan, 1.0]))
+    assert np.isnan(opt.params[1]) and opt.skipped_steps == 0
+
+
+# ---------------------------------------------------------------- odd arrays
+
+
+def test_memmap_params_are_updated_in_place_on_disk(tmp_path):
+    path = tmp_path / "w.dat"
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(1000,))
+    mm[:] = 1.0
+    opt = fastrms.RMSprop(mm, 0.1)
+    for _ in range(3):
+        opt.step(np.full(1000, 0.5, np.float32))
+    mm.flush()
+    on_disk = np.fromfile(path, dtype=np.float32)
+    ref = fastrms.RMSprop(np.ones(1000, np.float32), 0.1)
+    for _ in range(3):
+        ref.step(np.full(1000, 0.5, np.float32))
+    np.testing.assert_array_equal(on_disk, ref.params)
+    assert opt.params is mm
+
+
+def test_readonly_memmap_is_refused(tmp_path):
+    path = tmp_path / "w.dat"
+    np.ones(10, np.float32).tofile(path)
+    with pytest.raises(ValueError, match="writeable"):
+        fastrms.RMSprop(np.memmap(path, dtype=np.float32, mode="r"))
+
+
+def test_byte_swapped_grads_are_refused_clearly():
+    opt = fastrms.RMSprop(np.ones(4))
+    swapped = np.ones(4).astype(np.dtype(np.float64).newbyteorder())
+    with pytest.raises(TypeError, match="dtype float64"):
+        opt.step(swapped)
+
+
+def test_zero_size_arrays_step_and_checkpoint(tmp_path):
+    opt = fastrms.RMSprop([np.ones(0), np.ones((3, 0), np.float32)], momentum=0.9, skip_nonfinite=True)
+    opt.step([np.ones(0), np.ones((3, 0), np.float32)])
+    opt.save(tmp_path / "z.npz")
+    other = fastrms.RMSprop([np.ones(0), np.ones((3, 0), np.float32)], momentum=0.9, skip_nonfinite=True)
+    other.load(tmp_path / "z.npz")
+    assert other.step_count == 1
