@@ -94,7 +94,11 @@ def _numpy_out(problem):
     geff, tmp = np.empty_like(p), np.empty_like(p)
     state = {"square_avg": v, "grad_avg": m, "momentum_buffer": b}
 
+    skip = h.get("skip_nonfinite", False)
+
     def step():
+        if skip and not np.isfinite(g).all():
+            return
         if wd and not decoupled:
             np.multiply(p, wd, out=geff)
             np.add(geff, g, out=geff)
@@ -146,7 +150,14 @@ def _numpy_out(problem):
 def torch_supports(options):
     """Whether ``torch.optim.RMSprop`` has this variant (no Nesterov, lr outside the
     buffer, coupled decay, eps outside the root, v from 0, no bias correction)."""
-    unsupported = ("nesterov", "lr_in_momentum", "decoupled_weight_decay", "eps_in_sqrt", "bias_correction")
+    unsupported = (
+        "nesterov",
+        "lr_in_momentum",
+        "decoupled_weight_decay",
+        "eps_in_sqrt",
+        "bias_correction",
+        "skip_nonfinite",
+    )
     return not any(options.get(k) for k in unsupported) and not options.get("initial_scale")
 
 

@@ -16,6 +16,15 @@ MAIN = {
     "weight_decay": dict(weight_decay=0.01),
 }
 
+#: Further variants ``fastrms bench --variants`` can time (not in the default sweep).
+EXTRA = {
+    "plain_skip_nonfinite": dict(skip_nonfinite=True),
+    "centered_momentum_skip_nonfinite": dict(centered=True, momentum=0.9, skip_nonfinite=True),
+}
+
+#: Everything the benchmarks know.
+ALL = {**MAIN, **EXTRA}
+
 
 def all_variants():
     """name -> options for every kernel variant (30), runtime options rotated through."""

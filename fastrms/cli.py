@@ -59,7 +59,7 @@ def main(argv=None):
     b.add_argument("--quick", action="store_true", help="a short sweep (float32, two variants, four sizes)")
     b.add_argument("--output", type=Path, default=Path("bench-results"), help="folder for bench.json/.md/.png")
     b.add_argument("--sizes", type=lambda s: int(float(s)), nargs="+", help="array sizes (e.g. 1e2 1e6)")
-    b.add_argument("--variants", nargs="+", help="variants from fastrms.cases.MAIN")
+    b.add_argument("--variants", nargs="+", help="variants from fastrms.cases.ALL (default: MAIN)")
     b.add_argument("--dtypes", nargs="+", choices=["float32", "float64"])
     b.add_argument("--rounds", type=int, help="interleaved rounds per case (median taken)")
     b.add_argument("--readme", type=Path, help="rewrite the benchmark block of this README")

@@ -85,9 +85,14 @@ def rmsprop_step(
 
 class RMSprop:
     """The optimizer's semantics in NumPy: same constructor and ``step`` as
-    :class:`fastrms.RMSprop`, no validation, params updated in place."""
+    :class:`fastrms.RMSprop`, no validation, params updated in place. With
+    ``skip_nonfinite``, a step whose grads hold a NaN or an infinity is counted in
+    ``skipped_steps`` and changes nothing else."""
 
-    def __init__(self, params, learning_rate=1e-3, beta=0.9, epsilon=1e-8, *, initial_scale=0.0, **options):
+    def __init__(
+        self, params, learning_rate=1e-3, beta=0.9, epsilon=1e-8, *, initial_scale=0.0, skip_nonfinite=False, **options
+    ):
+        self.skip_nonfinite, self.skipped_steps = skip_nonfinite, 0
         self.single = isinstance(params, np.ndarray)
         self.params = [params] if self.single else list(params)
         self.learning_rate, self.beta, self.epsilon = learning_rate, beta, epsilon
@@ -104,6 +109,9 @@ class RMSprop:
 
     def step(self, grads):
         grads = [grads] if self.single else list(grads)
+        if self.skip_nonfinite and not all(np.isfinite(g).all() for g in grads):
+            self.skipped_steps += 1
+            return
         lr = self.learning_rate
         lr = float(lr(self.step_count)) if callable(lr) else lr
         self.step_count += 1

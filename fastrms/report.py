@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from . import benchmark as B
-from .cases import MAIN
+from .cases import ALL, MAIN
 
 FULL_SIZES = (100, 1_000, 10_000, 100_000, 1_000_000, 3_000_000, 10_000_000, 30_000_000)
 QUICK_SIZES = (100, 10_000, 1_000_000, 10_000_000)
@@ -32,7 +32,7 @@ def sweep(variants, dtypes, sizes, rounds, target, progress=True):
         for variant, dtype, n in cases:
             if bar:
                 bar.update(f"{variant} {dtype} n={n:.0e}")
-            problem = B.Problem(n, dtype, MAIN[variant])
+            problem = B.Problem(n, dtype, ALL[variant])
             times = B.measure(problem, list(B.IMPLEMENTATIONS), rounds=rounds, target=target)
             rows.append(dict(variant=variant, dtype=dtype, n=n, bytes_per_step=problem.bytes_per_step, seconds=times))
             del problem
@@ -210,9 +210,9 @@ def run(args):
     dtypes = args.dtypes or (["float32"] if args.quick else ["float32", "float64"])
     rounds = args.rounds or (3 if args.quick else 7)
     target = 0.005 if args.quick else 0.03
-    unknown = sorted(set(variants) - set(MAIN))
+    unknown = sorted(set(variants) - set(ALL))
     if unknown:
-        raise SystemExit(f"fastrms bench: unknown variant(s) {unknown}; choose from {sorted(MAIN)}")
+        raise SystemExit(f"fastrms bench: unknown variant(s) {unknown}; choose from {sorted(ALL)}")
     rows = sweep(variants, dtypes, sizes, rounds, target, progress=not args.no_progress)
     machine = B.machine()
     machine["threading_layer"] = numba.threading_layer() if _parallel_ran() else "unused"

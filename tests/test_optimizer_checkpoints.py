@@ -188,3 +188,19 @@ def test_zero_size_arrays_step_and_checkpoint(tmp_path):
     other = fastrms.RMSprop([np.ones(0), np.ones((3, 0), np.float32)], momentum=0.9, skip_nonfinite=True)
     other.load(tmp_path / "z.npz")
     assert other.step_count == 1
+
+
+def test_skip_nonfinite_matches_the_reference_over_a_run_with_bad_steps(dtype):
+    from fastrms import reference
+
+    p0, grads = problem(1031, dtype)
+    bad = grads[1].copy()
+    bad[7] = np.inf
+    fast = fastrms.RMSprop(p0.copy(), 0.01, momentum=0.9, skip_nonfinite=True)
+    ref = reference.RMSprop(p0.copy(), 0.01, momentum=0.9, skip_nonfinite=True)
+    for t in range(30):
+        g = bad if t % 5 == 2 else grads[t % 4]
+        fast.step(g)
+        ref.step(g)
+    np.testing.assert_array_equal(fast.params, ref.params[0])
+    assert fast.skipped_steps == ref.skipped_steps == 6 and fast.step_count == ref.step_count == 24
