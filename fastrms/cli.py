@@ -9,7 +9,7 @@ from . import __version__
 def _demo(args):
     from . import demo
 
-    result = demo.run(args.iterations, args.learning_rate)
+    result = demo.run(args.iterations, args.learning_rate, args.fitted_learning_rate)
     theta, seed = result["theta_fastrms"].ravel(), result["theta_seed"].ravel()
     print(f"fastrms {__version__}: the seed article's linear regression (y = 2x + 1 + noise, 100 points)")
     print(f"  {result['num_iterations']} iterations, learning rate {result['learning_rate']} x0.95 every 500")
@@ -17,6 +17,12 @@ def _demo(args):
     print(f"  theta (seed's NumPy):  [{seed[0]:.12f}, {seed[1]:.12f}]  in {result['seconds_seed'] * 1e3:.1f} ms")
     print(f"  largest relative difference: {result['max_rel_diff']:.2e}")
     print(f"  mean squared error: {result['mse_init']:.4f} at the start, {result['mse_final']:.4f} at the end")
+    fitted = result["theta_fitted"].ravel()
+    print(
+        f"  RMSprop moves each parameter by about the learning rate per step, so the seed's settings stop short of"
+        f" theta = (1, 2);\n  at learning rate {result['fitted_learning_rate']:g}: [{fitted[0]:.6f}, {fitted[1]:.6f}],"
+        f" mean squared error {result['mse_fitted']:.4f}"
+    )
     if args.no_plot:
         return 0
     try:
@@ -52,6 +58,7 @@ def main(argv=None):
     p = sub.add_parser("demo", help="the seed article's linear-regression example, with its plot")
     p.add_argument("--iterations", type=int, default=1000, help="RMSprop iterations (default 1000, as the seed)")
     p.add_argument("--learning-rate", type=float, default=0.001, help="initial learning rate (default 0.001)")
+    p.add_argument("--fitted-learning-rate", type=float, default=0.01, help="the second, fitted run's rate (0.01)")
     p.add_argument("--output", type=Path, default=Path("fastrms-output"), help="folder for the plot")
     p.add_argument("--no-plot", action="store_true", help="print the numbers only")
     p.set_defaults(func=_demo)

@@ -14,6 +14,8 @@ def test_demo_prints_matching_thetas(capsys):
     result = demo.run()
     assert f"{result['theta_seed'].ravel()[0]:.12f}" in out
     assert "largest relative difference" in out
+    assert result["mse_fitted"] < 0.02 < result["mse_final"]  # the seed's settings stop short; 0.01 fits
+    assert f"{result['theta_fitted'].ravel()[1]:.6f}" in out
 
 
 def test_demo_writes_the_seeds_plot(tmp_path):
