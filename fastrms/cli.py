@@ -69,7 +69,7 @@ def main(argv=None):
     b.add_argument("--variants", nargs="+", help="variants from fastrms.cases.ALL (default: MAIN)")
     b.add_argument("--dtypes", nargs="+", choices=["float32", "float64"])
     b.add_argument("--rounds", type=int, help="interleaved rounds per case (median taken)")
-    b.add_argument("--readme", type=Path, help="rewrite the benchmark block of this README")
+    b.add_argument("--readme", type=Path, nargs="+", help="rewrite the benchmark block of these Markdown files")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_bench)
     i = sub.add_parser("info", help="threading layer, thread count, parallel mode and why; caching")

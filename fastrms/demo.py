@@ -92,7 +92,7 @@ def plot(result, path):
     ax.set_xlabel("X")
     ax.set_ylabel("y")
     ax.set_title("Linear Regression with RMSprop")
-    ax.legend()
+    ax.legend(loc="lower right")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -169,8 +169,10 @@ class RMSprop:
         (params, state, ``step_count`` and the schedule stay as they were) and is counted in
         ``skipped_steps``. Costs one extra read of the grads (see the README).
 
-    State arrays (same dtype as their param, allocated once) are named as PyTorch names them:
-    ``square_avg``, ``grad_avg`` (centered), ``momentum_buffer`` (momentum > 0).
+    Notes
+    -----
+    The state arrays, allocated once in each param's dtype, are named as PyTorch names them:
+    ``square_avg``, ``grad_avg`` (centered) and ``momentum_buffer`` (momentum > 0).
     """
 
     def __init__(

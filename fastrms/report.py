@@ -234,9 +234,9 @@ def run(args):
         print(f"wrote {plot(result, out / 'bench.png')}")
     except ImportError:
         print("no plot: matplotlib is not installed (pip install 'fastrms[bench]')", file=sys.stderr)
-    if args.readme:
-        update_readme(args.readme, markdown(result))
-        print(f"updated the benchmark table in {args.readme}")
+    for path in args.readme or ():
+        update_readme(path, markdown(result))
+        print(f"updated the benchmark table in {path}")
     return 0
 
 

@@ -10,10 +10,11 @@ from fastrms import cli, report
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    readme = out / "README.md"
-    readme.write_text(f"# x\n\nbefore\n{report.README_START}\nold table\n{report.README_END}\nafter\n")
+    readme, page = out / "README.md", out / "performance.md"
+    for path in (readme, page):
+        path.write_text(f"# x\n\nbefore\n{report.README_START}\nold table\n{report.README_END}\nafter\n")
     argv = ["bench", "--quick", "--sizes", "100", "2e3", "--variants", "plain", "--rounds", "1",
-            "--output", str(out), "--no-progress", "--readme", str(readme)]
+            "--output", str(out), "--no-progress", "--readme", str(readme), str(page)]
     assert cli.main(argv) == 0
     return out, readme
 
@@ -30,7 +31,8 @@ def test_bench_writes_json_markdown_and_plot(quick_run):
 
 
 def test_readme_block_is_replaced_and_the_rest_kept(quick_run):
-    _, readme = quick_run
+    out, readme = quick_run
+    assert readme.read_text() == (out / "performance.md").read_text()
     text = readme.read_text()
     assert "old table" not in text and "before" in text and "after" in text
     assert "| variant | dtype |" in text and "by `fastrms bench --quick" in text
