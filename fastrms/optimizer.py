@@ -97,7 +97,7 @@ class _Slot:
         "nonfinite",
     )
 
-    def __init__(self, param, hyper, source=None):
+    def __init__(self, param, hyper):
         self.param, self.shape, self.dtype = param, param.shape, param.dtype
         self.flat = param.reshape(-1)
         self.names = state_names(hyper)
@@ -106,9 +106,6 @@ class _Slot:
         self.square_avg = np.full(param.size, hyper["initial_scale"], dtype=param.dtype)
         for name in self.names[1:]:
             setattr(self, name, np.zeros_like(self.flat))
-        if source is not None:
-            for name in self.names:
-                np.copyto(getattr(self, name), source[name].reshape(-1))
         self.owned = tuple(a for a in (param, *(getattr(self, n) for n in self.names)) if a.size)
         self.driver = self.nonfinite = None
 
@@ -443,8 +440,8 @@ class RMSprop:
         (learning rate, beta, epsilon, momentum, weight decay, initial scale) and
         ``skip_nonfinite`` are restored from the dict; a schedule of this optimizer's is kept
         when the dict carries no ``learning_rate``. Everything is checked first: on any
-        mismatch a TypeError/ValueError names it and nothing changes. The state arrays are
-        then new arrays (as in PyTorch): re-read ``square_avg`` etc. after loading.
+        mismatch a TypeError/ValueError names it and nothing changes. The values are copied
+        into the state arrays already allocated, so views of them stay valid.
         """
         d = state_dict
         if not isinstance(d, dict):
@@ -484,10 +481,13 @@ class RMSprop:
         unexpected = sorted(set(d) - expected)
         if unexpected:
             raise ValueError(f"state_dict has entries this optimizer does not use: {unexpected}")
-        slots = [_Slot(s.param, hyper, {n: d[f"{n}.{i}"] for n in names}) for i, s in enumerate(self._slots)]
+        # Checked: now write, into the arrays already allocated (same variant, same names).
+        for i, slot in enumerate(self._slots):
+            for name in names:
+                np.copyto(getattr(slot, name), d[f"{name}.{i}"].reshape(-1))
         self._step_count = step_count
         self._skipped_steps = skipped_steps
-        self._install(slots, hyper)
+        self._install(self._slots, hyper)
 
     # ------------------------------------------------------------------ checkpoints on disk
 

@@ -451,3 +451,13 @@ def test_a_step_allocates_nothing(name):
     finally:
         tracemalloc.stop()
     assert peak < 16_384, f"{peak} bytes allocated during 10 steps"
+
+
+def test_load_state_dict_copies_into_the_existing_state_arrays():
+    src = fastrms.RMSprop(np.ones(4), 0.1, momentum=0.9)
+    src.step(np.full(4, 0.5))
+    dst = fastrms.RMSprop(src.params.copy(), 0.1, momentum=0.9)
+    view = dst.square_avg
+    dst.load_state_dict(src.state_dict())
+    assert dst.square_avg.base is view.base or np.shares_memory(dst.square_avg, view)
+    np.testing.assert_array_equal(view, src.square_avg)
