@@ -186,9 +186,7 @@ def _torch_foreach(problem):
         with torch.no_grad():
             opt.step()
 
-    holder = _Holder(p, {})
-    holder.torch_state = lambda: {k: v.numpy() for k, v in opt.state[param].items() if k != "step"}
-    return step, holder
+    return step, _Holder(p, {})
 
 
 def _make_traffic(has_grad_avg, has_momentum, parallel):
@@ -297,6 +295,11 @@ def measure(problem, names, rounds=7, target=0.02):
         made = setup(name, problem) if available(name) else None
         if made is not None:
             steps[name] = made[0]
+    return measure_calls(steps, rounds, target)
+
+
+def measure_calls(steps, rounds=7, target=0.02):
+    """Median seconds per call of each zero-argument callable in ``steps``, interleaved."""
     calls = {name: _calls_per_sample(step, target) for name, step in steps.items()}
     samples = {name: [] for name in steps}
     for _ in range(rounds):
@@ -307,6 +310,25 @@ def measure(problem, names, rounds=7, target=0.02):
                 step()
             samples[name].append((time.perf_counter() - t0) / k)
     return {name: float(np.median(s)) for name, s in samples.items()}
+
+
+def crossover(options, dtype, sizes=tuple(1 << k for k in range(10, 19)), rounds=7):
+    """Time a variant's serial and parallel drivers side by side over ``sizes``; returns rows
+    ``(n, bytes_per_step, serial_s, parallel_s)`` and the first size where parallel wins
+    (for choosing :data:`fastrms.kernels.PARALLEL_MIN_BYTES`)."""
+    rows, first = [], None
+    for n in sizes:
+        problem = Problem(n, dtype, options)
+        p, g = problem.fresh()
+        opt = RMSprop(p, **problem.hyper)
+        s = opt._slots[0]
+        args = (s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer, 1e-3, 0.9, 0.0, 1e-8, 0.0, 0.0, 1.0, 1.0)
+        serial, parallel = opt._drivers
+        times = measure_calls({"serial": lambda: serial(*args), "parallel": lambda: parallel(*args)}, rounds)
+        rows.append((n, problem.bytes_per_step, times["serial"], times["parallel"]))
+        if first is None and times["parallel"] < times["serial"]:
+            first = n
+    return rows, first
 
 
 def machine():

@@ -71,6 +71,7 @@ def main(argv=None):
     b.add_argument("--rounds", type=int, help="interleaved rounds per case (median taken)")
     b.add_argument("--readme", type=Path, nargs="+", help="rewrite the benchmark block of these Markdown files")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--threshold", action="store_true", help="time serial vs parallel drivers (the threshold)")
     b.set_defaults(func=_bench)
     i = sub.add_parser("info", help="threading layer, thread count, parallel mode and why; caching")
     i.set_defaults(func=_info)

@@ -39,8 +39,8 @@ from numba import njit, prange
 #: A step that moves at least this many bytes (param, grad and state read; param and state
 #: written) runs on the parallel driver; a smaller one on the serial driver, since a parallel
 #: launch costs several microseconds. Measured on 2 cores (``fastrms bench --threshold``):
-#: the parallel driver wins from about 0.5 MiB (centered + momentum, float64) to 1.3 MiB
-#: (plain, float32) of traffic.
+#: the parallel driver starts to win between about 0.5 MiB (centered + momentum, float64)
+#: and 1.3 MiB (plain, float32) of traffic.
 PARALLEL_MIN_BYTES = 3 << 18
 
 

@@ -201,10 +201,28 @@ def update_readme(path, block):
     path.write_text(f"{head}{README_START}\n{block}\n{README_END}{tail}")
 
 
+def run_threshold(args):
+    """``fastrms bench --threshold``: where the parallel driver starts to win."""
+    from . import kernels
+
+    variants = args.variants or ["plain", "centered_momentum"]
+    dtypes = args.dtypes or ["float32", "float64"]
+    print(f"PARALLEL_MIN_BYTES = {kernels.PARALLEL_MIN_BYTES} bytes moved per step")
+    for variant in variants:
+        for dtype in dtypes:
+            rows, first = B.crossover(ALL[variant], dtype, rounds=args.rounds or 7)
+            cells = "  ".join(f"{n}:{s * 1e6:.1f}/{p * 1e6:.1f}us" for n, _, s, p in rows)
+            won = "never" if first is None else f"n={first} ({next(b for n, b, _, _ in rows if n == first)} bytes)"
+            print(f"{variant} {dtype}: serial/parallel {cells}\n  parallel first faster at {won}")
+    return 0
+
+
 def run(args):
     """The ``fastrms bench`` command."""
     import numba
 
+    if args.threshold:
+        return run_threshold(args)
     sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
     variants = args.variants or (["plain", "centered_momentum"] if args.quick else list(MAIN))
     dtypes = args.dtypes or (["float32"] if args.quick else ["float32", "float64"])

@@ -67,3 +67,10 @@ def test_measure_returns_a_positive_median_for_each_available_implementation():
 def test_machine_names_cpu_and_versions():
     info = B.machine()
     assert {"cpu", "cores", "threads", "numpy", "numba", "python"} <= info.keys()
+
+
+def test_crossover_times_both_drivers_on_the_same_arrays():
+    rows, first = B.crossover({}, "float32", sizes=(1024, 4096), rounds=1)
+    assert [r[0] for r in rows] == [1024, 4096] and [r[1] for r in rows] == [20480, 81920]
+    assert all(s > 0 and p > 0 for _, _, s, p in rows)
+    assert first in (None, 1024, 4096)

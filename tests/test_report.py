@@ -56,3 +56,10 @@ def test_readme_without_markers_is_refused(tmp_path):
 def test_unknown_variant_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown variant"):
         cli.main(["bench", "--variants", "adam", "--output", str(tmp_path), "--no-progress"])
+
+
+def test_bench_threshold_reports_the_crossover(capsys):
+    argv = ["bench", "--threshold", "--variants", "plain", "--dtypes", "float32", "--rounds", "1"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "PARALLEL_MIN_BYTES = 786432" in out and "parallel first faster at" in out
