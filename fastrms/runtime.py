@@ -109,7 +109,17 @@ def layer():
     if active is None:
         from numba.np.ufunc import parallel
 
-        parallel._launch_threads()
+        try:
+            parallel._launch_threads()
+        except ValueError:  # "No threading layer could be loaded"
+            if _STATE["tbb_library"] is None:
+                raise
+            # We asked for TBB and Numba would not start it (e.g. a TBB too old for this Numba):
+            # undo our choice and let Numba pick as it would have; the guards cover the rest.
+            numba.config.THREADING_LAYER = "default"
+            _STATE["tbb_library"] = None
+            _STATE["reason"] = "TBB is installed but Numba could not start it: Numba's default order, with fastrms's guards"
+            parallel._launch_threads()
         active = numba.threading_layer()
     return active
 

@@ -208,3 +208,30 @@ def test_a_read_only_install_with_no_cache_location_compiles_in_memory(tmp_path)
     value, status = out.stdout.split(maxsplit=1)
     assert status.startswith("off: cannot cache")
     assert float(value) < 0
+
+
+def test_if_numba_cannot_start_tbb_the_default_layer_is_used_instead():
+    if "tbb" not in _layers():
+        pytest.skip("the tbb package is not installed here (it is in the dev extra)")
+    code = textwrap.dedent(
+        """
+        import numba.np.ufunc.parallel as parallel
+
+        def too_old():
+            raise ImportError("simulated: TBB too old for this Numba")
+
+        parallel._check_tbb_version_compatible = too_old
+        import numpy as np
+        import fastrms
+
+        opt = fastrms.RMSprop(np.zeros(1_000_000, np.float32))
+        opt.step(np.ones(1_000_000, np.float32))
+        i = fastrms.info()
+        print(i["threading_layer"], "|", i["reason"], "|", opt.params[0])
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    layer, reason, value = out.stdout.strip().split(" | ")
+    assert layer in ("omp", "workqueue") and "could not start" in reason and float(value) < 0
