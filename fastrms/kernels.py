@@ -1,9 +1,11 @@
 """The fused RMSprop kernels: Numba code and nothing else.
 
-Every kernel here reads ``param``, ``grad`` and the state arrays once and writes ``param``
-and the state once, element by element, in place: no temporaries and no second pass.
-This module imports nothing from the rest of the package, so user ``@njit`` code can call
-it directly.
+Each update driver reads ``param``, ``grad`` and the state arrays once and writes ``param``
+and the state once, element by element, in place: no temporaries and no second pass. Beside
+them: ``rmsprop_update`` (the plain step for user ``@njit`` code), ``nonfinite_*`` (the
+read-only grad check behind ``skip_nonfinite``) and ``step_bytes`` (the traffic rule behind
+the serial/parallel choice). This module imports nothing from the rest of the package, so
+user ``@njit`` code can call it directly.
 
 The per-element update (written once, in :func:`_make_driver`) is, for step ``t``::
 
