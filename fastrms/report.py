@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from . import benchmark as B
+from . import runtime
 from .cases import ALL, MAIN
 
 FULL_SIZES = (100, 1_000, 10_000, 100_000, 1_000_000, 3_000_000, 10_000_000, 30_000_000)
@@ -219,8 +220,6 @@ def run_threshold(args):
 
 def run(args):
     """The ``fastrms bench`` command."""
-    import numba
-
     if args.threshold:
         return run_threshold(args)
     sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
@@ -233,7 +232,7 @@ def run(args):
         raise SystemExit(f"fastrms bench: unknown variant(s) {unknown}; choose from {sorted(ALL)}")
     rows = sweep(variants, dtypes, sizes, rounds, target, progress=not args.no_progress)
     machine = B.machine()
-    machine["threading_layer"] = numba.threading_layer() if _parallel_ran() else "unused"
+    machine["threading_layer"] = runtime._launched_layer() or "unused"
     result = dict(
         version=__version__,
         date=time.strftime("%Y-%m-%d"),
@@ -256,16 +255,6 @@ def run(args):
         update_readme(path, markdown(result))
         print(f"updated the benchmark table in {path}")
     return 0
-
-
-def _parallel_ran():
-    import numba
-
-    try:
-        numba.threading_layer()
-        return True
-    except ValueError:
-        return False
 
 
 def from_json(path):
