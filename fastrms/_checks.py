@@ -38,7 +38,6 @@ def count(name, value, *, minimum=1):
     return value
 
 
-
 def flag(name, value):
     """``value`` as a bool; 0/1 and numpy bools are refused like any non-bool."""
     if not isinstance(value, (bool, np.bool_)):
@@ -52,9 +51,7 @@ def float_array(name, value, *, writeable):
         raise TypeError(f"{name} must be a numpy.ndarray of float32 or float64, got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
         kind = "byte-swapped " if value.dtype.byteorder not in "=|" and value.dtype.kind == "f" else ""
-        raise TypeError(
-            f"{name} must have dtype float32 or float64 (native byte order), got {kind}{value.dtype}"
-        )
+        raise TypeError(f"{name} must have dtype float32 or float64 (native byte order), got {kind}{value.dtype}")
     if not value.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray), got strides {value.strides}")
     if writeable and not value.flags.writeable:

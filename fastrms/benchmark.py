@@ -324,7 +324,8 @@ def crossover(options, dtype, sizes=tuple(1 << k for k in range(10, 19)), rounds
         s = opt._slots[0]
         args = (s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer, 1e-3, 0.9, 0.0, 1e-8, 0.0, 0.0, 1.0, 1.0)
         serial, parallel = opt._drivers
-        times = measure_calls({"serial": lambda: serial(*args), "parallel": lambda: parallel(*args)}, rounds)
+        steps = {"serial": lambda s=serial, a=args: s(*a), "parallel": lambda k=parallel, a=args: k(*a)}
+        times = measure_calls(steps, rounds)
         rows.append((n, problem.bytes_per_step, times["serial"], times["parallel"]))
         if first is None and times["parallel"] < times["serial"]:
             first = n

@@ -80,8 +80,12 @@ def plot(result, path):
     order = np.argsort(X[:, 0])
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     ax.scatter(X, y, color="blue", label="Data points")
-    ax.plot(X[order], X_b[order].dot(result["theta_fastrms"]), color="red",
-            label=f"Linear model (the seed's settings: learning rate {result['learning_rate']:g})")
+    ax.plot(
+        X[order],
+        X_b[order].dot(result["theta_fastrms"]),
+        color="red",
+        label=f"Linear model (the seed's settings: learning rate {result['learning_rate']:g})",
+    )
     ax.plot(
         X[order],
         X_b[order].dot(result["theta_fitted"]),

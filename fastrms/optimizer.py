@@ -112,7 +112,11 @@ class _Slot:
 
 def state_names(hyper):
     """The state arrays a variant keeps, in PyTorch's names."""
-    return ("square_avg",) + (("grad_avg",) if hyper["centered"] else ()) + (("momentum_buffer",) if hyper["momentum"] else ())
+    return (
+        ("square_avg",)
+        + (("grad_avg",) if hyper["centered"] else ())
+        + (("momentum_buffer",) if hyper["momentum"] else ())
+    )
 
 
 def _grad_name(index):
@@ -219,7 +223,9 @@ class RMSprop:
         spans = sorted((*_span(a), i) for i, a in enumerate(arrays) if a.size)
         for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
             if start < end:
-                raise ValueError(f"params[{min(i, j)}] and params[{max(i, j)}] share memory; each must be its own array")
+                raise ValueError(
+                    f"params[{min(i, j)}] and params[{max(i, j)}] share memory; each must be its own array"
+                )
         self._step_count = 0
         self._skipped_steps = 0
         self._last_lr = None
@@ -362,7 +368,9 @@ class RMSprop:
         if g.shape != slot.shape:
             raise ValueError(f"{_grad_name(index)} must have shape {slot.shape} like its param, got {g.shape}")
         if not g.flags.c_contiguous:
-            raise ValueError(f"{_grad_name(index)} must be C-contiguous (use np.ascontiguousarray), got strides {g.strides}")
+            raise ValueError(
+                f"{_grad_name(index)} must be C-contiguous (use np.ascontiguousarray), got strides {g.strides}"
+            )
         owned = self._owned
         if owned is not None:
             for a in owned:
@@ -377,7 +385,9 @@ class RMSprop:
                 return g.ravel()
         else:
             return g.ravel()
-        raise ValueError(f"{_grad_name(index)} shares memory with the params or the optimizer state; pass a separate array")
+        raise ValueError(
+            f"{_grad_name(index)} shares memory with the params or the optimizer state; pass a separate array"
+        )
 
     def step(self, grads):
         """Apply one update in place. ``grads`` has the structure of ``params``.
@@ -402,10 +412,12 @@ class RMSprop:
                     return
         lr = self._lr if self._schedule is None else self._scheduled_lr(self._step_count)
         t = self._step_count + 1
-        bc = 1.0 - self._beta ** t if self._bias_correction else 1.0
+        bc = 1.0 - self._beta**t if self._bias_correction else 1.0
         beta, eps_in, eps_out, wd, mu, sign = self._scalars
         for g, s in zip(flat, slots):
-            s.driver(s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer, lr, beta, eps_in, eps_out, wd, mu, sign, bc)
+            s.driver(
+                s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer, lr, beta, eps_in, eps_out, wd, mu, sign, bc
+            )
         self._step_count = t
         self._last_lr = lr
 
@@ -455,7 +467,9 @@ class RMSprop:
         step_count = count("state_dict['step_count']", d["step_count"], minimum=0)
         skipped_steps = count("state_dict['skipped_steps']", d["skipped_steps"], minimum=0)
         if count("state_dict['num_params']", d["num_params"], minimum=0) != len(self._slots):
-            raise ValueError(f"state_dict holds state for {d['num_params']} params, this optimizer has {len(self._slots)}")
+            raise ValueError(
+                f"state_dict holds state for {d['num_params']} params, this optimizer has {len(self._slots)}"
+            )
         merged = {k: d[k] for k in (*_FLOAT_OPTIONS, *_BOOL_OPTIONS)}
         merged["learning_rate"] = d.get("learning_rate", self._hyper["learning_rate"])
         hyper = check_hyperparameters(merged)
@@ -476,7 +490,8 @@ class RMSprop:
                     raise ValueError(f"state_dict[{key!r}] must be an ndarray, got {type(a).__name__}")
                 if a.dtype != slot.dtype or a.shape != slot.shape:
                     raise ValueError(
-                        f"state_dict[{key!r}] must be {slot.dtype} of shape {slot.shape}, got {a.dtype} of shape {a.shape}"
+                        f"state_dict[{key!r}] must be {slot.dtype} of shape {slot.shape},"
+                        f" got {a.dtype} of shape {a.shape}"
                     )
         unexpected = sorted(set(d) - expected)
         if unexpected:

@@ -14,9 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, runtime
 from . import benchmark as B
-from . import runtime
 from .cases import ALL, MAIN
 
 FULL_SIZES = (100, 1_000, 10_000, 100_000, 1_000_000, 3_000_000, 10_000_000, 30_000_000)
@@ -56,7 +55,10 @@ class _progress:
             self.rich = None
             return
         self.rich = Progress(
-            TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description:<32}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
             transient=True,
         )
         self.rich.start()
@@ -263,4 +265,3 @@ def from_json(path):
     for row in result["rows"]:
         row["n"] = int(row["n"])
     return result
-

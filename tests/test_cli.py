@@ -20,8 +20,9 @@ def test_demo_prints_matching_thetas(capsys):
 
 def test_demo_writes_the_seeds_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    out = subprocess.run([sys.executable, "-m", "fastrms", "demo", "--output", str(tmp_path)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "fastrms", "demo", "--output", str(tmp_path)], capture_output=True, text=True, check=True
+    )
     png = tmp_path / "linear_regression.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert str(png) in out.stdout

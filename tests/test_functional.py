@@ -40,8 +40,9 @@ def test_the_decay_is_applied_and_configurable():
 
 def test_options_reach_the_optimizer_and_float32_stays_float32():
     target = np.linspace(-1, 1, 5).astype(np.float32)
-    out = fastrms.rmsprop(np.zeros(5, np.float32), 300, lambda th: (th - target).astype(np.float64), 0.05,
-                          momentum=0.9, centered=True)
+    out = fastrms.rmsprop(
+        np.zeros(5, np.float32), 300, lambda th: (th - target).astype(np.float64), 0.05, momentum=0.9, centered=True
+    )
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, target, atol=0.05)
 

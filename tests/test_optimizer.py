@@ -34,7 +34,9 @@ def _key(opt):
     return h["centered"], wd, mom, h["nesterov"]
 
 
-@pytest.mark.parametrize("dtype_,options,states", [(np.float32, {}, 1), (np.float64, dict(centered=True, momentum=0.5), 3)])
+@pytest.mark.parametrize(
+    "dtype_,options,states", [(np.float32, {}, 1), (np.float64, dict(centered=True, momentum=0.5), 3)]
+)
 def test_the_driver_is_chosen_by_bytes_moved(dtype_, options, states):
     per_element = np.dtype(dtype_).itemsize * (3 + 2 * states)
     cut = -(-kernels.PARALLEL_MIN_BYTES // per_element)  # the first size at or above the threshold
@@ -422,7 +424,9 @@ def test_like_presets_and_aliases():
     assert (h["learning_rate"], h["beta"], h["epsilon"], h["momentum"]) == (0.5, 0.8, 1e-8, 0.1)
     assert not h["eps_in_sqrt"] and not h["lr_in_momentum"]
     keras = fastrms.RMSprop.like("keras", np.ones(3), rho=0.8).hyperparameters
-    assert keras["beta"] == 0.8 and keras["epsilon"] == 1e-7 and keras["eps_in_sqrt"] and keras["decoupled_weight_decay"]
+    assert (
+        keras["beta"] == 0.8 and keras["epsilon"] == 1e-7 and keras["eps_in_sqrt"] and keras["decoupled_weight_decay"]
+    )
     assert fastrms.RMSprop.like("tf1", np.ones(3)).hyperparameters["initial_scale"] == 1.0
     with pytest.raises(ValueError, match="name must be one of"):
         fastrms.RMSprop.like("adam", np.ones(3))

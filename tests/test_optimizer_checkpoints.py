@@ -88,7 +88,17 @@ def _write(path, kind):
 
 @pytest.mark.parametrize(
     "kind",
-    ["pickle", "object array", "junk", "empty", "truncated", "other npz", "wrong shape", "wrong dtype", "other variant"],
+    [
+        "pickle",
+        "object array",
+        "junk",
+        "empty",
+        "truncated",
+        "other npz",
+        "wrong shape",
+        "wrong dtype",
+        "other variant",
+    ],
 )
 def test_a_bad_checkpoint_is_refused_and_the_optimizer_left_as_it_was(kind, tmp_path):
     path = tmp_path / "bad.npz"
@@ -121,8 +131,9 @@ def test_truncated_checkpoints_are_really_truncated_zips(tmp_path):
 @pytest.mark.parametrize("n", [7, 1_000_003])
 def test_skip_nonfinite_leaves_everything_bitwise_unchanged_and_counts(bad, n, dtype):
     p0, grads = problem(n, dtype)
-    opt = fastrms.RMSprop([p0, np.ones(3, dtype)], schedules.step_decay(0.01, 0.5, 1), momentum=0.9,
-                          centered=True, skip_nonfinite=True)
+    opt = fastrms.RMSprop(
+        [p0, np.ones(3, dtype)], schedules.step_decay(0.01, 0.5, 1), momentum=0.9, centered=True, skip_nonfinite=True
+    )
     opt.step([grads[0], np.ones(3, dtype)])
     before = snapshot(opt)
     g = grads[1].copy()
@@ -134,7 +145,9 @@ def test_skip_nonfinite_leaves_everything_bitwise_unchanged_and_counts(bad, n, d
     after["skipped_steps"] = before["skipped_steps"]
     assert all(
         (a.tobytes() == b.tobytes()) if isinstance(a, np.ndarray) else (a == b)
-        for key in before if key != "params" for a, b in [(before[key], after[key])]
+        for key in before
+        if key != "params"
+        for a, b in [(before[key], after[key])]
     )
     assert all(a.tobytes() == b.tobytes() for a, b in zip(before["params"], after["params"]))
     assert opt.current_learning_rate == 0.005  # the schedule did not advance

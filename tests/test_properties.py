@@ -70,7 +70,16 @@ def test_serial_and_parallel_drivers_agree_bitwise(centered, wd, mom, nesterov, 
     arrays = [rng.standard_normal(n).astype(dtype) for _ in range(5)]
     arrays[2] = np.abs(arrays[2])
     a, b = [x.copy() for x in arrays], [x.copy() for x in arrays]
-    scalars = (rng.uniform(0, 0.1), rng.uniform(0, 0.999), 0.0, 1e-8, rng.uniform(0, 0.1), 0.9, -1.0, rng.uniform(0.1, 1))
+    scalars = (
+        rng.uniform(0, 0.1),
+        rng.uniform(0, 0.999),
+        0.0,
+        1e-8,
+        rng.uniform(0, 0.1),
+        0.9,
+        -1.0,
+        rng.uniform(0.1, 1),
+    )
     serial(*a, *scalars)
     parallel(*b, *scalars)
     for x, y in zip(a, b):
@@ -79,7 +88,9 @@ def test_serial_and_parallel_drivers_agree_bitwise(centered, wd, mom, nesterov, 
 
 BAD_OPTIONS = st.one_of(
     st.fixed_dictionaries({"learning_rate": st.one_of(st.floats(max_value=-1e-12), st.just(float("nan")))}),
-    st.fixed_dictionaries({"beta": st.one_of(st.floats(min_value=1.0), st.floats(max_value=-1e-12), st.just(float("inf")))}),
+    st.fixed_dictionaries(
+        {"beta": st.one_of(st.floats(min_value=1.0), st.floats(max_value=-1e-12), st.just(float("inf")))}
+    ),
     st.fixed_dictionaries({"epsilon": st.one_of(st.floats(max_value=0.0), st.just(float("nan")))}),
     st.fixed_dictionaries({"momentum": st.floats(max_value=-1e-12)}),
     st.fixed_dictionaries({"weight_decay": st.one_of(st.floats(max_value=-1e-12), st.just(float("inf")))}),

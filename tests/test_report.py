@@ -13,8 +13,23 @@ def quick_run(tmp_path_factory):
     readme, page = out / "README.md", out / "performance.md"
     for path in (readme, page):
         path.write_text(f"# x\n\nbefore\n{report.README_START}\nold table\n{report.README_END}\nafter\n")
-    argv = ["bench", "--quick", "--sizes", "100", "2e3", "--variants", "plain", "--rounds", "1",
-            "--output", str(out), "--no-progress", "--readme", str(readme), str(page)]
+    argv = [
+        "bench",
+        "--quick",
+        "--sizes",
+        "100",
+        "2e3",
+        "--variants",
+        "plain",
+        "--rounds",
+        "1",
+        "--output",
+        str(out),
+        "--no-progress",
+        "--readme",
+        str(readme),
+        str(page),
+    ]
     assert cli.main(argv) == 0
     return out, readme
 
