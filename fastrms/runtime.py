@@ -31,7 +31,13 @@ import numba
 
 _LOCK = threading.Lock()
 _OPTIMIZERS = weakref.WeakSet()
-_STATE = {"reason": "not set up", "tbb_library": None, "forked_after_omp": False, "user_choice": None}
+_STATE = {
+    "reason": "not set up",
+    "tbb_library": None,
+    "chose_tbb": False,
+    "forked_after_omp": False,
+    "user_choice": None,
+}
 
 
 def _find_libtbb():
@@ -54,7 +60,7 @@ def _find_libtbb():
 def _load_tbb():
     """Make Numba's TBB layer importable; returns the library path, or None if unavailable."""
     try:
-        from numba.np.ufunc import tbbpool  # noqa: F401  (already loadable)
+        from numba.np.ufunc import tbbpool
 
         return "found by the loader"
     except ImportError:
@@ -64,10 +70,15 @@ def _load_tbb():
         return None
     try:
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-        from numba.np.ufunc import tbbpool  # noqa: F401, F811
+        from numba.np.ufunc import tbbpool  # noqa: F401
     except (OSError, ImportError):
         return None
     return path
+
+
+#: Layer names (Numba's layers and its safety categories) that TBB can serve: when the user
+#: asks for one of these, fastrms makes the tbb package's library loadable, as it does by default.
+_TBB_CHOICES = ("tbb", "safe", "threadsafe", "forksafe")
 
 
 def setup():
@@ -79,6 +90,8 @@ def setup():
     )
     if user:
         _STATE["user_choice"] = user
+        if user.lower() in _TBB_CHOICES and _launched_layer() is None:
+            _STATE["tbb_library"] = _load_tbb()
         _STATE["reason"] = f"threading layer {user!r} chosen by the user (NUMBA_THREADING_LAYER); fastrms adapts to it"
     elif _launched_layer() is not None:
         _STATE["reason"] = "Numba's threads were already running when fastrms was imported"
@@ -87,6 +100,7 @@ def setup():
         if lib is not None:
             numba.config.THREADING_LAYER = "tbb"
             _STATE["tbb_library"] = lib
+            _STATE["chose_tbb"] = True
             _STATE["reason"] = "TBB is installed: thread- and fork-safe"
         else:
             _STATE["reason"] = (
@@ -94,6 +108,31 @@ def setup():
                 "fastrms serialises workqueue calls and uses serial kernels in children forked after omp ran"
             )
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _user_layer_error(user, cause):
+    """The error for a threading layer the user chose that Numba cannot start."""
+    name = user.lower()
+    if name in _TBB_CHOICES:
+        found = _STATE["tbb_library"]
+        tried = (
+            f"fastrms preloaded {found}, but Numba still could not start TBB (a TBB too old for numba "
+            f"{numba.__version__}?)"
+            if found
+            else f"fastrms looked for the tbb package's libtbb.so.12 (in {os.path.join(sys.prefix, 'lib')} "
+            "and the package's file list) and found none"
+        )
+        fix = "pip install 'tbb>=2021.6' into this environment, or unset NUMBA_THREADING_LAYER"
+    elif name == "omp":
+        tried = "Numba could not load its OpenMP layer (no OpenMP runtime, e.g. libgomp, on the loader's path)"
+        fix = "install an OpenMP runtime (Debian/Ubuntu: apt install libgomp1), or unset NUMBA_THREADING_LAYER"
+    else:
+        tried = "Numba could not load it"
+        fix = "choose tbb (pip install tbb), omp or workqueue, or unset NUMBA_THREADING_LAYER"
+    return RuntimeError(
+        f"the threading layer {user!r} chosen in NUMBA_THREADING_LAYER cannot start: {tried}. Fix: {fix}. "
+        f"(Numba said: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__})"
+    )
 
 
 def _launched_layer():
@@ -111,14 +150,19 @@ def layer():
 
         try:
             parallel._launch_threads()
-        except ValueError:  # "No threading layer could be loaded"
-            if _STATE["tbb_library"] is None:
+        except ValueError as exc:  # "No threading layer could be loaded"
+            if _STATE["user_choice"]:
+                raise _user_layer_error(_STATE["user_choice"], exc) from None
+            if not _STATE["chose_tbb"]:
                 raise
             # We asked for TBB and Numba would not start it (e.g. a TBB too old for this Numba):
             # undo our choice and let Numba pick as it would have; the guards cover the rest.
             numba.config.THREADING_LAYER = "default"
             _STATE["tbb_library"] = None
-            _STATE["reason"] = "TBB is installed but Numba could not start it: Numba's default order, with fastrms's guards"
+            _STATE["chose_tbb"] = False
+            _STATE["reason"] = (
+                "TBB is installed but Numba could not start it: Numba's default order, with fastrms's guards"
+            )
             parallel._launch_threads()
         active = numba.threading_layer()
     return active

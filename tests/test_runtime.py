@@ -120,7 +120,11 @@ def test_the_default_layer_is_tbb_when_tbb_is_installed():
 
 def test_a_users_layer_is_respected_and_reported():
     out = subprocess.run(
-        [sys.executable, "-c", "import fastrms; i = fastrms.info(); print(i['threading_layer'], i['user_threading_layer'])"],
+        [
+            sys.executable,
+            "-c",
+            "import fastrms; i = fastrms.info(); print(i['threading_layer'], i['user_threading_layer'])",
+        ],
         env=dict(os.environ, NUMBA_THREADING_LAYER="workqueue"),
         capture_output=True,
         text=True,
@@ -174,15 +178,22 @@ def test_info_reports_layer_threads_and_why(capsys):
     assert "threading_layer" in capsys.readouterr().out
 
 
-CACHE_SCRIPT = "import numpy as np, fastrms; o = fastrms.RMSprop(np.zeros(10)); o.step(np.ones(10)); print(o.params[0], fastrms.kernels.CACHE_STATUS)"
+CACHE_SCRIPT = (
+    "import numpy as np, fastrms; o = fastrms.RMSprop(np.zeros(10)); o.step(np.ones(10));"
+    " print(o.params[0], fastrms.kernels.CACHE_STATUS)"
+)
 
 
 def test_an_unwritable_numba_cache_dir_still_works_and_is_not_overridden(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(blocker / "cache"))
-    out = subprocess.run([sys.executable, "-c", CACHE_SCRIPT + "; import os; print(os.environ['NUMBA_CACHE_DIR'])"],
-                         env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CACHE_SCRIPT + "; import os; print(os.environ['NUMBA_CACHE_DIR'])"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.split("\n")
     assert float(lines[0].split()[0]) < 0  # the step ran: 0 - lr * 1 / (sqrt(0.1) + eps)
@@ -200,10 +211,15 @@ def test_a_read_only_install_with_no_cache_location_compiles_in_memory(tmp_path)
     blocker = tmp_path / "home"
     blocker.write_text("not a folder")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
-    env.update(HOME=str(blocker), XDG_CACHE_HOME=str(blocker / "cache"), PYTHONPATH=str(pkg.parent),
-               PYTHONDONTWRITEBYTECODE="1")
-    out = subprocess.run([sys.executable, "-c", CACHE_SCRIPT], env=env, capture_output=True, text=True,
-                         cwd=str(tmp_path))
+    env.update(
+        HOME=str(blocker),
+        XDG_CACHE_HOME=str(blocker / "cache"),
+        PYTHONPATH=str(pkg.parent),
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", CACHE_SCRIPT], env=env, capture_output=True, text=True, cwd=str(tmp_path)
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     value, status = out.stdout.split(maxsplit=1)
     assert status.startswith("off: cannot cache")
@@ -235,3 +251,31 @@ def test_if_numba_cannot_start_tbb_the_default_layer_is_used_instead():
     assert out.returncode == 0, out.stderr[-2000:]
     layer, reason, value = out.stdout.strip().split(" | ")
     assert layer in ("omp", "workqueue") and "could not start" in reason and float(value) < 0
+
+
+_UNSTARTABLE = """
+import sys
+sys.modules["numba.np.ufunc.tbbpool"] = None  # TBB's library cannot be loaded in this process
+import numpy as np
+import fastrms
+p = np.linspace(-1, 1, 1_000_000).astype(np.float32)
+before = p.tobytes()
+try:
+    opt = fastrms.RMSprop(p, 0.01)  # large: the parallel driver, so the layer must start
+    opt.step(np.ones_like(p))
+except RuntimeError as exc:
+    assert p.tobytes() == before
+    print(exc)
+else:
+    print("no error")
+"""
+
+
+def test_a_chosen_layer_that_cannot_start_says_which_what_was_tried_and_the_fix():
+    env = dict(os.environ, NUMBA_THREADING_LAYER="tbb")
+    out = subprocess.run([sys.executable, "-c", _UNSTARTABLE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    message = out.stdout.strip()
+    assert "'tbb'" in message and "NUMBA_THREADING_LAYER" in message
+    assert "pip install" in message and "conda" not in message
+    assert "libtbb" in message or "Numba still could not start TBB" in message
