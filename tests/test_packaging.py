@@ -1,0 +1,72 @@
+"""The project's own promises about set-up: the README's two commands are what CI runs, the
+test environment is pinned, the runtime lower bounds are the tested ones, and the package is
+typed."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pins(path):
+    return dict(
+        line.split("==", 1) for line in (ROOT / path).read_text().splitlines() if line and not line.startswith("#")
+    )
+
+
+def test_ci_runs_exactly_the_readmes_two_commands():
+    out = subprocess.run(
+        [sys.executable, ".ci/readme_commands.py", "README.md"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    main_job, tests = out.stdout.splitlines()
+    assert "python -m fastrms demo" in main_job and "-c requirements/ci.txt" in main_job
+    assert tests.endswith("python -m pytest") and "-c requirements/ci.txt" in tests
+    assert "ruff check" in tests and "ruff format --check" in tests
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python .ci/readme_commands.py README.md" in ci and "python3 -m venv" not in ci.replace('"$PYTHON"', "")
+    assert '-m venv "$work/venv"' in ci and "--system-site-packages" not in ci
+
+
+def test_a_readme_whose_setup_block_drifted_fails_the_command_reader(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("## Set-up\n\n```bash\npython -m pip install -e .\n```\n")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "readme_commands.py"), str(readme)], capture_output=True, text=True
+    )
+    assert out.returncode != 0 and out.stderr.count("\n") == 1 and "two commands" in out.stderr
+
+
+def test_every_dev_dependency_is_pinned():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {name.lower().replace("_", "-") for name in _pins("requirements/ci.txt")}
+    for requirement in project["optional-dependencies"]["dev"] + project["dependencies"]:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned in requirements/ci.txt"
+
+
+def test_the_runtime_lower_bounds_are_the_tested_minimum_versions():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    bounds = dict(
+        re.fullmatch(r"([a-z]+)>=([0-9.]+)", dep).groups()
+        for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    )
+    minimum = _pins("requirements/minimum.txt")
+    assert set(bounds) == set(minimum)
+    for name, low in bounds.items():
+        assert minimum[name].startswith(low), f"{name}: pyproject says >={low}, CI tests {minimum[name]}"
+
+
+def test_the_package_is_typed():
+    import inspect
+
+    import fastrms
+
+    assert (Path(fastrms.__file__).parent / "py.typed").exists()
+    for fn in (fastrms.RMSprop.__init__, fastrms.RMSprop.step, fastrms.rmsprop, fastrms.info):
+        hints = inspect.get_annotations(fn)
+        assert "return" in hints, f"{fn.__qualname__} has no return annotation"
