@@ -14,7 +14,11 @@ def number(name, value, *, low=None, low_open=False, high=None, high_open=False)
     """``value`` as a finite float within the given bounds."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        bits = int(value).bit_length()
+        raise ValueError(f"{name} must be finite, got an integer too large for a float ({bits} bits)") from None
     ok = math.isfinite(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
@@ -29,9 +33,10 @@ def number(name, value, *, low=None, low_open=False, high=None, high_open=False)
 
 
 def count(name, value, *, minimum=1):
-    """``value`` as an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) and not hasattr(value, "__index__"):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    """``value`` as an int >= ``minimum``: a Python or NumPy integer, nothing else (no bool,
+    no float however whole, no string, no 0-d array)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
@@ -46,14 +51,58 @@ def flag(name, value):
 
 
 def float_array(name, value, *, writeable):
-    """A native-endian, C-contiguous float32/float64 ndarray, or a clear error."""
+    """A plain ndarray view of ``value`` (native-endian, C-contiguous, aligned float32/float64)
+    whose ``reshape(-1)`` is a true 1-D view of exactly its own elements, or a clear error.
+
+    ndarray subclasses are viewed as plain ndarrays (same memory): ``np.matrix.reshape(-1)``
+    stays 2-D and would let a kernel run past the array. Masked arrays are refused: the
+    kernels cannot honour a mask.
+    """
     if not isinstance(value, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray of float32 or float64, got {type(value).__name__}")
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} must be a plain numpy.ndarray, got a masked array: its mask would be ignored "
+            "(pass .filled(...) or .data)"
+        )
+    if type(value) is not np.ndarray:
+        value = value.view(np.ndarray)
     if value.dtype not in FLOAT_DTYPES:
         kind = "byte-swapped " if value.dtype.byteorder not in "=|" and value.dtype.kind == "f" else ""
         raise TypeError(f"{name} must have dtype float32 or float64 (native byte order), got {kind}{value.dtype}")
     if not value.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray), got strides {value.strides}")
+    if not value.flags.aligned:
+        raise ValueError(f"{name} must be aligned to its dtype's size (np.require(x, requirements='A') copies)")
     if writeable and not value.flags.writeable:
         raise ValueError(f"{name} must be writeable: it is updated in place")
     return value
+
+
+def flat_view(a):
+    """``a`` (a plain C-contiguous ndarray) as a 1-D view of exactly its elements; asserts the
+    invariant the kernels rely on, whatever produced ``a``."""
+    flat = a.reshape(-1)
+    if type(flat) is not np.ndarray or flat.ndim != 1 or flat.size != a.size or flat.nbytes != a.nbytes:
+        raise TypeError(f"cannot view {type(a).__name__} of shape {a.shape} as a 1-D array of its own elements")
+    return flat
+
+
+def fits(name, value, dtypes, *, nonzero=False, below_one=False):
+    """Refuse ``value`` (a float already checked in float64) if rounding it to one of
+    ``dtypes`` makes it infinite, 0 when it must be > 0 (``nonzero``), or 1 when it must be
+    < 1 (``below_one``): the kernels compute in the arrays' dtype."""
+    for dtype in dtypes:
+        with np.errstate(over="ignore", under="ignore"):
+            x = dtype.type(value)
+        if not np.isfinite(x):
+            problem = "overflows to infinity"
+        elif nonzero and x == 0 and value != 0:
+            problem = "rounds to 0"
+        elif below_one and x >= 1:
+            problem = "rounds to 1"
+        else:
+            continue
+        raise ValueError(
+            f"{name}={value!r} {problem} in {dtype.name}, the params' dtype; choose a value {dtype.name} can hold"
+        )

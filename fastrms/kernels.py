@@ -110,6 +110,13 @@ def _make_driver(centered, wd_mode, mom_mode, nesterov, parallel):
         sign,
         bias_correction,
     ):
+        n = param.size
+        if grad.size != n or square_avg.size != n:
+            raise ValueError("driver: grad and square_avg must have the size of param")
+        if centered and grad_avg.size != n:
+            raise ValueError("driver: grad_avg must have the size of param (centered variant)")
+        if mom_mode != MOM_NONE and momentum_buffer.size != n:
+            raise ValueError("driver: momentum_buffer must have the size of param (momentum variant)")
         T = param.dtype.type
         zero = T(0.0)
         lr_ = T(lr)
@@ -123,7 +130,7 @@ def _make_driver(centered, wd_mode, mom_mode, nesterov, parallel):
         sign_ = T(sign)
         bc = T(bias_correction)
         correct = bc != T(1.0)  # loop-invariant: LLVM unswitches it, so no division when off
-        for i in prange(param.size):
+        for i in prange(n):
             p = param[i]
             g = sign_ * grad[i]
             if wd_mode == WD_COUPLED:
@@ -175,8 +182,9 @@ def drivers(centered=False, wd_mode=WD_NONE, mom_mode=MOM_NONE, nesterov=False):
     Both take ``(param, grad, square_avg, grad_avg, momentum_buffer, lr, beta, eps_in,
     eps_out, weight_decay, momentum, sign, bias_correction)`` with 1-D C-contiguous arrays of
     one float dtype (``grad_avg`` / ``momentum_buffer`` may be empty when the variant does not
-    use them), update in place and return whether they ran in parallel. They do no checking:
-    callers validate. Callable from Python and from ``@njit`` code.
+    use them), update in place and return whether they ran in parallel. They check only that
+    the arrays they use have ``param``'s size (so they can never run past one); everything
+    else is the caller's to validate. Callable from Python and from ``@njit`` code.
     """
     key = (bool(centered), int(wd_mode), int(mom_mode), bool(nesterov))
     if key[2] not in (MOM_NONE, MOM_OUTSIDE, MOM_INSIDE) or key[1] not in (

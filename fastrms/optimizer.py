@@ -19,65 +19,22 @@ Per element, at step ``t`` (1-based) with learning rate ``lr_t``::
 import bisect
 import math
 import os
-import tempfile
-import zipfile
-import zlib
+import threading
+from collections.abc import Callable, Sequence
 from numbers import Real
 
 import numpy as np
 
-from . import kernels, runtime
-from ._checks import count, flag, float_array, number
+from . import checkpoint, kernels, runtime
+from ._checks import flat_view, float_array
+from .options import check_hyperparameters, check_learning_rate_fit, state_names
 from .presets import preset_options
 
-FORMAT_VERSION = 1
-_CHECKPOINT_KEY, _CHECKPOINT_KIND = "fastrms_checkpoint", "fastrms.RMSprop"
-_BOOL_OPTIONS = (
-    "centered",
-    "nesterov",
-    "lr_in_momentum",
-    "decoupled_weight_decay",
-    "maximize",
-    "bias_correction",
-    "eps_in_sqrt",
-    "skip_nonfinite",
-)
-_FLOAT_OPTIONS = ("beta", "epsilon", "momentum", "weight_decay", "initial_scale")
+__all__ = ["RMSprop", "state_names"]
+
 #: Above this many owned arrays, grads are checked for overlap by address bisection (O(log n)
 #: per grad) instead of one ``np.may_share_memory`` per owned array.
 _LINEAR_OVERLAP_CHECK = 8
-
-
-def check_hyperparameters(h):
-    """Validate and normalise a dict of every constructor option; returns a new dict."""
-    out = {}
-    lr = h["learning_rate"]
-    out["learning_rate"] = lr if callable(lr) else number("learning_rate", lr, low=0.0)
-    out["beta"] = number("beta", h["beta"], low=0.0, high=1.0, high_open=True)
-    out["epsilon"] = number("epsilon", h["epsilon"], low=0.0, low_open=True)
-    out["momentum"] = number("momentum", h["momentum"], low=0.0)
-    out["weight_decay"] = number("weight_decay", h["weight_decay"], low=0.0)
-    out["initial_scale"] = number("initial_scale", h["initial_scale"], low=0.0)
-    for name in _BOOL_OPTIONS:
-        out[name] = flag(name, h[name])
-    if out["nesterov"] and out["momentum"] == 0.0:
-        raise ValueError("nesterov=True needs momentum > 0")
-    return out
-
-
-def _variant(hyper):
-    """The options that choose the update's formula (and so the state it keeps)."""
-    return {
-        "centered": hyper["centered"],
-        "momentum > 0": hyper["momentum"] > 0,
-        "nesterov": hyper["nesterov"],
-        "lr_in_momentum": hyper["lr_in_momentum"],
-        "weight_decay > 0": hyper["weight_decay"] > 0,
-        "decoupled_weight_decay": hyper["decoupled_weight_decay"],
-        "maximize": hyper["maximize"],
-        "bias_correction": hyper["bias_correction"],
-        "eps_in_sqrt": hyper["eps_in_sqrt"],
-    }
 
 
 class _Slot:
@@ -85,6 +42,7 @@ class _Slot:
 
     __slots__ = (
         "param",
+        "array",
         "shape",
         "dtype",
         "flat",
@@ -97,26 +55,18 @@ class _Slot:
         "nonfinite",
     )
 
-    def __init__(self, param, hyper):
-        self.param, self.shape, self.dtype = param, param.shape, param.dtype
-        self.flat = param.reshape(-1)
+    def __init__(self, param, array, hyper):
+        # param: the user's own object (returned by .params); array: a plain ndarray view of it
+        self.param, self.array, self.shape, self.dtype = param, array, array.shape, array.dtype
+        self.flat = flat_view(array)
         self.names = state_names(hyper)
         empty = self.flat[:0]
         self.grad_avg = self.momentum_buffer = empty
         self.square_avg = np.full(param.size, hyper["initial_scale"], dtype=param.dtype)
         for name in self.names[1:]:
             setattr(self, name, np.zeros_like(self.flat))
-        self.owned = tuple(a for a in (param, *(getattr(self, n) for n in self.names)) if a.size)
+        self.owned = tuple(a for a in (array, *(getattr(self, n) for n in self.names)) if a.size)
         self.driver = self.nonfinite = None
-
-
-def state_names(hyper):
-    """The state arrays a variant keeps, in PyTorch's names."""
-    return (
-        ("square_avg",)
-        + (("grad_avg",) if hyper["centered"] else ())
-        + (("momentum_buffer",) if hyper["momentum"] else ())
-    )
 
 
 def _grad_name(index):
@@ -178,58 +128,62 @@ class RMSprop:
 
     def __init__(
         self,
-        params,
-        learning_rate=1e-3,
-        beta=0.9,
-        epsilon=1e-8,
+        params: "np.ndarray | Sequence[np.ndarray]",
+        learning_rate: "float | Callable[[int], float]" = 1e-3,
+        beta: float = 0.9,
+        epsilon: float = 1e-8,
         *,
-        momentum=0.0,
-        centered=False,
-        nesterov=False,
-        lr_in_momentum=False,
-        weight_decay=0.0,
-        decoupled_weight_decay=False,
-        maximize=False,
-        bias_correction=False,
-        eps_in_sqrt=False,
-        initial_scale=0.0,
-        skip_nonfinite=False,
-    ):
-        hyper = check_hyperparameters(
-            dict(
-                learning_rate=learning_rate,
-                beta=beta,
-                epsilon=epsilon,
-                momentum=momentum,
-                centered=centered,
-                nesterov=nesterov,
-                lr_in_momentum=lr_in_momentum,
-                weight_decay=weight_decay,
-                decoupled_weight_decay=decoupled_weight_decay,
-                maximize=maximize,
-                bias_correction=bias_correction,
-                eps_in_sqrt=eps_in_sqrt,
-                initial_scale=initial_scale,
-                skip_nonfinite=skip_nonfinite,
-            )
+        momentum: float = 0.0,
+        centered: bool = False,
+        nesterov: bool = False,
+        lr_in_momentum: bool = False,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+        bias_correction: bool = False,
+        eps_in_sqrt: bool = False,
+        initial_scale: float = 0.0,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        options = dict(
+            learning_rate=learning_rate,
+            beta=beta,
+            epsilon=epsilon,
+            momentum=momentum,
+            centered=centered,
+            nesterov=nesterov,
+            lr_in_momentum=lr_in_momentum,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize,
+            bias_correction=bias_correction,
+            eps_in_sqrt=eps_in_sqrt,
+            initial_scale=initial_scale,
+            skip_nonfinite=skip_nonfinite,
         )
+        hyper = check_hyperparameters(options)
         self._single = isinstance(params, np.ndarray)
         if self._single:
+            given = [params]
             arrays = [float_array("params", params, writeable=True)]
         else:
             if isinstance(params, (str, bytes, dict)) or not hasattr(params, "__iter__"):
                 raise TypeError(f"params must be an ndarray or a sequence of ndarrays, got {type(params).__name__}")
-            arrays = [float_array(f"params[{i}]", p, writeable=True) for i, p in enumerate(params)]
+            given = list(params)
+            arrays = [float_array(f"params[{i}]", p, writeable=True) for i, p in enumerate(given)]
         spans = sorted((*_span(a), i) for i, a in enumerate(arrays) if a.size)
         for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
             if start < end:
                 raise ValueError(
                     f"params[{min(i, j)}] and params[{max(i, j)}] share memory; each must be its own array"
                 )
+        self._dtypes = tuple(dict.fromkeys(a.dtype for a in arrays))
+        hyper = check_hyperparameters(options, self._dtypes)  # every number must fit the params' dtypes
         self._step_count = 0
         self._skipped_steps = 0
         self._last_lr = None
-        self._install([_Slot(p, hyper) for p in arrays], hyper)
+        self._busy = threading.Lock()
+        self._install([_Slot(p, a, hyper) for p, a in zip(given, arrays)], hyper)
         runtime.register(self)
 
     @classmethod
@@ -353,23 +307,36 @@ class RMSprop:
             lr = lr.item()
         if isinstance(lr, bool) or not isinstance(lr, Real):
             raise TypeError(f"learning_rate schedule returned {type(lr).__name__} at count {count}; expected a float")
-        lr = float(lr)
+        try:
+            lr = float(lr)
+        except OverflowError:
+            lr = math.inf
         if not (lr >= 0.0 and math.isfinite(lr)):
             raise ValueError(f"learning_rate schedule returned {lr!r} at count {count}; expected a finite float >= 0")
+        check_learning_rate_fit(
+            f"learning_rate (the schedule's value at count {count})", lr, self._hyper["weight_decay"], self._dtypes
+        )
         return lr
 
     def _check_grad(self, g, slot, index):
-        """``g`` checked against its param, flattened (a view); the argument is named only
-        when an error is raised, to keep the per-step cost to a few attribute reads."""
-        if type(g) is not np.ndarray and not isinstance(g, np.ndarray):
-            raise TypeError(f"{_grad_name(index)} must be a numpy.ndarray, got {type(g).__name__}")
+        """``g`` checked against its param, flattened (a true 1-D view); the argument is named
+        only when an error is raised, to keep the per-step cost to a few attribute reads."""
+        if type(g) is not np.ndarray:
+            if not isinstance(g, np.ndarray):
+                raise TypeError(f"{_grad_name(index)} must be a numpy.ndarray, got {type(g).__name__}")
+            g = float_array(_grad_name(index), g, writeable=False)  # a subclass: viewed as a plain ndarray
         if g.dtype != slot.dtype:
             raise TypeError(f"{_grad_name(index)} must have dtype {slot.dtype} like its param, got {g.dtype}")
         if g.shape != slot.shape:
             raise ValueError(f"{_grad_name(index)} must have shape {slot.shape} like its param, got {g.shape}")
-        if not g.flags.c_contiguous:
+        flags = g.flags
+        if not flags.c_contiguous:
             raise ValueError(
                 f"{_grad_name(index)} must be C-contiguous (use np.ascontiguousarray), got strides {g.strides}"
+            )
+        if not flags.aligned:
+            raise ValueError(
+                f"{_grad_name(index)} must be aligned to its dtype's size (np.require(g, requirements='A'))"
             )
         owned = self._owned
         if owned is not None:
@@ -377,24 +344,37 @@ class RMSprop:
                 if np.may_share_memory(g, a):
                     break
             else:
-                return g.ravel()
+                return g.reshape(-1)
         elif g.size:
             start, end = _span(g)
             k = bisect.bisect_left(self._owned_starts, end) - 1
             if k < 0 or self._owned_ends[k] <= start:
-                return g.ravel()
+                return g.reshape(-1)
         else:
-            return g.ravel()
+            return g.reshape(-1)
         raise ValueError(
             f"{_grad_name(index)} shares memory with the params or the optimizer state; pass a separate array"
         )
 
-    def step(self, grads):
+    def step(self, grads: "np.ndarray | Sequence[np.ndarray]") -> None:
         """Apply one update in place. ``grads`` has the structure of ``params``.
 
-        Every check runs before anything is written: a rejected step leaves params and state
-        unchanged. Returns None.
+        Every check runs before anything is written: a rejected step leaves params, state,
+        ``step_count`` and the schedule unchanged. One optimizer is stepped by one thread at a
+        time: a second thread entering ``step`` while the first is inside gets a RuntimeError
+        (nothing written by it). Returns None.
         """
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                "RMSprop.step was entered by another thread while a step was running; one optimizer "
+                "is stepped by one thread at a time (give each thread its own, or hold a lock)"
+            )
+        try:
+            self._step(grads)
+        finally:
+            self._busy.release()
+
+    def _step(self, grads):
         slots = self._slots
         if self._single:
             flat = (self._check_grad(grads, slots[0], None),)
@@ -405,6 +385,11 @@ class RMSprop:
                 raise ValueError(f"grads must hold {len(slots)} arrays, one per param, got {len(grads)}")
             check = self._check_grad
             flat = [check(g, s, i) for i, (g, s) in enumerate(zip(grads, slots))]
+        for i, s in enumerate(slots):
+            if not s.param.flags.writeable:
+                raise ValueError(
+                    f"{'params' if self._single else f'params[{i}]'} was made read-only after construction"
+                )
         if self._skip_nonfinite:
             for g, s in zip(flat, slots):
                 if s.nonfinite(g):
@@ -423,7 +408,7 @@ class RMSprop:
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         """The optimizer's state as a flat dict of NumPy arrays (copies) and Python scalars.
 
         Keys: ``format_version``, ``step_count``, ``skipped_steps``, ``num_params``, every hyperparameter
@@ -431,7 +416,7 @@ class RMSprop:
         each state array of param ``i``. :meth:`load_state_dict` continues bit-identically.
         """
         d = {
-            "format_version": FORMAT_VERSION,
+            "format_version": checkpoint.FORMAT_VERSION,
             "step_count": self._step_count,
             "skipped_steps": self._skipped_steps,
             "num_params": len(self._slots),
@@ -444,119 +429,49 @@ class RMSprop:
                 d[f"{name}.{i}"] = getattr(slot, name).reshape(slot.shape).copy()
         return d
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict) -> None:
         """Restore a :meth:`state_dict` into this optimizer over the same params and variant.
 
         The variant (centring, momentum on/off, Nesterov, lr placement, weight-decay mode,
         maximize, bias correction, eps placement) must match. Numeric hyperparameters
         (learning rate, beta, epsilon, momentum, weight decay, initial scale) and
         ``skip_nonfinite`` are restored from the dict; a schedule of this optimizer's is kept
-        when the dict carries no ``learning_rate``. Everything is checked first: on any
-        mismatch a TypeError/ValueError names it and nothing changes. The values are copied
-        into the state arrays already allocated, so views of them stay valid.
+        when the dict carries no ``learning_rate``. Values are checked as well as shapes:
+        counts must be integers >= 0, state finite and ``square_avg >= 0``, hyperparameters
+        in range for the params' dtypes. On any mismatch a TypeError/ValueError names it and
+        nothing changes. The values are copied into the state arrays already allocated, so
+        views of them stay valid.
         """
-        d = state_dict
-        if not isinstance(d, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(d).__name__}")
-        required = ("format_version", "step_count", "skipped_steps", "num_params", *_FLOAT_OPTIONS, *_BOOL_OPTIONS)
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise ValueError(f"state_dict is missing {missing}")
-        if d["format_version"] != FORMAT_VERSION:
-            raise ValueError(f"state_dict format_version must be {FORMAT_VERSION}, got {d['format_version']!r}")
-        step_count = count("state_dict['step_count']", d["step_count"], minimum=0)
-        skipped_steps = count("state_dict['skipped_steps']", d["skipped_steps"], minimum=0)
-        if count("state_dict['num_params']", d["num_params"], minimum=0) != len(self._slots):
-            raise ValueError(
-                f"state_dict holds state for {d['num_params']} params, this optimizer has {len(self._slots)}"
-            )
-        merged = {k: d[k] for k in (*_FLOAT_OPTIONS, *_BOOL_OPTIONS)}
-        merged["learning_rate"] = d.get("learning_rate", self._hyper["learning_rate"])
-        hyper = check_hyperparameters(merged)
-        differ = [k for k, v in _variant(hyper).items() if _variant(self._hyper)[k] != v]
-        if differ:
-            raise ValueError(
-                "state_dict is of another variant: "
-                + ", ".join(f"{k}={_variant(hyper)[k]} (this optimizer: {_variant(self._hyper)[k]})" for k in differ)
-            )
-        expected = set(required) | ({"learning_rate"} & d.keys())
-        names = state_names(hyper)
-        for i, slot in enumerate(self._slots):
-            for name in names:
-                key = f"{name}.{i}"
-                expected.add(key)
-                a = d.get(key)
-                if not isinstance(a, np.ndarray):
-                    raise ValueError(f"state_dict[{key!r}] must be an ndarray, got {type(a).__name__}")
-                if a.dtype != slot.dtype or a.shape != slot.shape:
-                    raise ValueError(
-                        f"state_dict[{key!r}] must be {slot.dtype} of shape {slot.shape},"
-                        f" got {a.dtype} of shape {a.shape}"
-                    )
-        unexpected = sorted(set(d) - expected)
-        if unexpected:
-            raise ValueError(f"state_dict has entries this optimizer does not use: {unexpected}")
+        step_count, skipped, hyper, arrays = checkpoint.validate(state_dict, self._slots, self._hyper, self._dtypes)
         # Checked: now write, into the arrays already allocated (same variant, same names).
-        for i, slot in enumerate(self._slots):
-            for name in names:
-                np.copyto(getattr(slot, name), d[f"{name}.{i}"].reshape(-1))
+        for (i, name), a in arrays.items():
+            np.copyto(getattr(self._slots[i], name), a.reshape(-1))
         self._step_count = step_count
-        self._skipped_steps = skipped_steps
+        self._skipped_steps = skipped
         self._install(self._slots, hyper)
 
     # ------------------------------------------------------------------ checkpoints on disk
 
-    def save(self, path):
+    def save(self, path: "str | bytes | os.PathLike") -> None:
         """Write :meth:`state_dict` to the ``.npz`` file ``path`` (the name is used as given),
-        atomically: written to a temporary file in the same folder, flushed to disk, then
-        renamed over ``path``, so a crash never leaves a torn file under that name. The params
-        are not saved: they are the caller's (as with ``torch.save(opt.state_dict())``)."""
-        path = os.fspath(path)
-        arrays = {key: np.asarray(value) for key, value in self.state_dict().items()}
-        arrays[_CHECKPOINT_KEY] = np.asarray(_CHECKPOINT_KIND)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        try:  # make the rename itself durable
-            dir_fd = os.open(folder, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(dir_fd)
-        except OSError:
-            pass
-        finally:
-            os.close(dir_fd)
+        atomically: written to a temporary file ``.fastrms-<pid>-<random>.tmp`` in the same
+        folder, flushed to disk, then renamed over ``path``, so a crash never leaves a torn
+        file under that name. An existing file keeps its permission bits; anything but a
+        regular file at ``path`` (a folder, a FIFO, a device) is refused with ValueError. The
+        params are not saved: they are the caller's (as with ``torch.save(opt.state_dict())``).
+        See :mod:`fastrms.checkpoint`."""
+        checkpoint.write(path, self.state_dict())
 
-    def load(self, path):
+    def load(self, path: "str | bytes | os.PathLike") -> None:
         """Restore a checkpoint written by :meth:`save` into this optimizer (same params).
 
-        Never unpickles. A missing file raises FileNotFoundError; a file that is not such a
-        checkpoint (junk, truncated, pickled, object arrays) or whose shapes, dtypes or
-        variant do not fit raises ValueError; either way the optimizer is left as it was.
+        Never unpickles, and reads no member larger than this optimizer's own state. A
+        missing file raises FileNotFoundError; anything else wrong (junk, truncated, pickled,
+        encrypted, another file type, wrong shapes, dtypes, values or variant) raises
+        ValueError; either way the optimizer is left as it was.
         """
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-        try:  # our own handle: np.load(path) leaks its file when the zip is truncated
-            with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
-                if not isinstance(z, np.lib.npyio.NpzFile):
-                    raise ValueError("not an .npz archive")
-                d = {key: z[key] for key in z.files}
-        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
-            raise ValueError(f"{path!r} is not a readable fastrms checkpoint: {exc}") from exc
-        if d.pop(_CHECKPOINT_KEY, None) != _CHECKPOINT_KIND:
-            raise ValueError(f"{path!r} is not a fastrms RMSprop checkpoint (no {_CHECKPOINT_KEY!r} marker)")
-        for key, value in d.items():
-            if value.ndim == 0 and value.dtype.kind in "biuf":
-                d[key] = value.item()
-        self.load_state_dict(d)
+        d = checkpoint.read(path, self._slots)
+        try:
+            self.load_state_dict(d)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{os.fsdecode(os.fspath(path))!r} does not fit this optimizer: {exc}") from None

@@ -465,3 +465,165 @@ def test_load_state_dict_copies_into_the_existing_state_arrays():
     dst.load_state_dict(src.state_dict())
     assert dst.square_avg.base is view.base or np.shares_memory(dst.square_avg, view)
     np.testing.assert_array_equal(view, src.square_avg)
+
+
+# ------------------------------------------------------------------ hardening: arrays at the door
+
+
+def _matrix(a):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        return np.asmatrix(a)
+
+
+class _Sub(np.ndarray):
+    """An ndarray subclass whose reshape lies, as np.matrix's does (it stays 2-D)."""
+
+    def reshape(self, *shape, **kw):
+        return np.ndarray.reshape(self, self.shape)
+
+
+def test_a_matrix_param_is_updated_exactly_like_a_plain_array(dtype):
+    p0, grads = problem(12, dtype, shape=(3, 4))
+    m, plain = _matrix(p0.copy()), p0.copy()
+    fm, fp = fastrms.RMSprop(m, 0.01, momentum=0.9), fastrms.RMSprop(plain, 0.01, momentum=0.9)
+    for t in range(20):
+        fm.step(_matrix(grads[t % 4]))
+        fp.step(grads[t % 4])
+    assert fm.params is m and type(m) is np.matrix
+    np.testing.assert_array_equal(np.asarray(m), plain)
+
+
+def test_a_subclass_whose_reshape_lies_cannot_make_the_kernel_overrun(dtype):
+    guard = np.zeros(64, dtype)
+    p = guard[16:48].reshape(4, 8).view(_Sub)
+    fastrms.RMSprop(p, 0.1).step(np.ones((4, 8), dtype).view(_Sub))
+    assert np.all(guard[:16] == 0) and np.all(guard[48:] == 0) and np.all(guard[16:48] < 0)
+
+
+def test_masked_arrays_are_refused_rather_than_their_mask_ignored():
+    with pytest.raises(TypeError, match="params.*masked"):
+        fastrms.RMSprop(np.ma.array(np.ones(3), mask=[0, 1, 0]))
+    opt = fastrms.RMSprop([np.ones(3), np.ones(3)], 0.1)
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match=r"grads\[1\].*masked"):
+        opt.step([np.ones(3), np.ma.array(np.ones(3), mask=[0, 1, 0])])
+    assert_unchanged(opt, before)
+
+
+def test_unaligned_arrays_are_refused():
+    raw = bytearray(8 * 5 + 1)
+    unaligned = np.frombuffer(raw, dtype=np.float64, offset=1, count=5)
+    assert not unaligned.flags.aligned
+    with pytest.raises(ValueError, match="params must be aligned"):
+        fastrms.RMSprop(unaligned)
+    opt = fastrms.RMSprop(np.ones(5))
+    with pytest.raises(ValueError, match="grads must be aligned"):
+        opt.step(unaligned)
+
+
+def _bad_last_grads(dtype):
+    """Every kind of bad grad, to stand last in a multi-array step."""
+    good = np.ones((3, 4), dtype)
+    raw = bytearray(good.nbytes + 1)
+    return {
+        "matrix of another shape": (_matrix(np.ones((4, 3), dtype)), ValueError),
+        "masked": (np.ma.array(good), TypeError),
+        "other dtype": (good.astype(np.float16), TypeError),
+        "byte-swapped": (good.astype(good.dtype.newbyteorder()), TypeError),
+        "integer": (np.ones((3, 4), np.int64), TypeError),
+        "wrong shape": (np.ones(12, dtype), ValueError),
+        "strided": (np.ones((3, 8), dtype)[:, ::2], ValueError),
+        "fortran": (np.asfortranarray((np.ones((3, 4)) + np.arange(4)).astype(dtype)), ValueError),
+        "unaligned": (np.frombuffer(raw, dtype=dtype, offset=1).reshape(3, 4), ValueError),
+        "a list": ([[1.0] * 4] * 3, TypeError),
+        "None": (None, TypeError),
+        "the param itself": ("param", ValueError),
+        "a view of the state": ("state", ValueError),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_bad_last_grads(np.float64)))
+def test_a_bad_last_grad_of_any_kind_leaves_everything_bitwise_unchanged(kind, dtype):
+    params = [np.ones(5, dtype), np.full((2, 2), 2.0, dtype), np.ones((3, 4), dtype)]
+    opt = fastrms.RMSprop(params, 0.1, momentum=0.9, centered=True)
+    grads = [np.full(5, 0.5, dtype), np.full((2, 2), -0.5, dtype)]
+    opt.step([*grads, np.ones((3, 4), dtype)])
+    before = snapshot(opt)
+    bad, exc = _bad_last_grads(dtype)[kind]
+    if isinstance(bad, str):
+        bad = params[2] if bad == "param" else opt.square_avg[2]
+    with pytest.raises(exc):
+        opt.step([*grads, bad])
+    assert_unchanged(opt, before)
+    assert opt.step_count == 1
+
+
+def test_a_param_made_read_only_after_construction_is_not_written():
+    w = np.ones(4)
+    opt = fastrms.RMSprop(w, 0.1)
+    w.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        opt.step(np.ones(4))
+    assert np.all(w == 1) and opt.step_count == 0
+
+
+def test_two_threads_in_one_optimizer_get_a_clear_error_not_corruption():
+    import threading
+
+    p = np.zeros(10)
+    inside, release = threading.Event(), threading.Event()
+
+    def schedule(count):  # blocks, holding the first thread inside step
+        inside.set()
+        release.wait(10)
+        return 0.1
+
+    opt = fastrms.RMSprop(p, schedule)
+    first = threading.Thread(target=opt.step, args=(np.ones(10),))
+    first.start()
+    assert inside.wait(10)
+    with pytest.raises(RuntimeError, match="another thread"):
+        opt.step(np.ones(10))
+    release.set()
+    first.join(10)
+    assert opt.step_count == 1
+
+
+# ------------------------------------------------------------------ hardening: numbers that do not fit the dtype
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(epsilon=1e-46), "epsilon=1e-46 rounds to 0 in float32"),
+        (dict(learning_rate=1e39), "learning_rate=1e\\+39 overflows to infinity in float32"),
+        (dict(momentum=1e39), "momentum=1e\\+39 overflows"),
+        (dict(weight_decay=1e39), "weight_decay=1e\\+39 overflows"),
+        (dict(initial_scale=1e39), "initial_scale=1e\\+39 overflows"),
+        (dict(learning_rate=1e20, weight_decay=1e20), "learning_rate \\* weight_decay=1e\\+40 overflows"),
+        (dict(beta=1 - 1e-9), "beta=0.999999999 rounds to 1 in float32"),
+        (dict(learning_rate=10**400), "learning_rate must be finite, got an integer too large"),
+    ],
+)
+def test_hyperparameters_must_survive_rounding_to_the_params_dtype(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastrms.RMSprop(np.ones(3, np.float32), **kwargs)
+
+
+def test_the_same_values_are_fine_in_float64():
+    fastrms.RMSprop(np.ones(3), epsilon=1e-46, learning_rate=1e39, beta=1 - 1e-9).step(np.ones(3))
+
+
+def test_a_schedule_value_that_overflows_the_dtype_is_refused_before_any_write():
+    opt = fastrms.RMSprop(np.ones(3, np.float32), lambda count: 1e-3 if count < 2 else 1e39)
+    opt.step(np.ones(3, np.float32))
+    opt.step(np.ones(3, np.float32))
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="schedule's value at count 2.*float32"):
+        opt.step(np.ones(3, np.float32))
+    assert_unchanged(opt, before)
+    with pytest.raises(ValueError, match="finite"):
+        fastrms.RMSprop(np.ones(3), lambda count: 10**400).step(np.ones(3))
