@@ -36,7 +36,7 @@ def _problem(n, dtype, variant):
     return B.Problem(n, dtype, MAIN[variant])
 
 
-@pytest.mark.parametrize("impl,variant,dtype,n", _cases())
+@pytest.mark.parametrize("impl,variant,dtype,n", list(_cases()))
 def test_step(benchmark, impl, variant, dtype, n):
     problem = _problem(n, dtype, variant)
     step, holder = B.setup(impl, problem)

@@ -1,6 +1,12 @@
-"""The ``fastrms`` command line: ``fastrms demo`` (and ``python -m fastrms``)."""
+"""The ``fastrms`` command line: ``fastrms demo`` (and ``python -m fastrms``).
+
+Every user error (a bad argument, an output path that cannot be written, a README without the
+benchmark markers) is one line on stderr and exit code 2, found before any work is done.
+"""
 
 import argparse
+import math
+import os
 import sys
 
 from . import __version__
@@ -49,26 +55,110 @@ def _bench(args):
     return report.run(args)
 
 
+class UsageError(Exception):
+    """A user error: reported as one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line (no usage block) and exit code 2."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _count(minimum):
+    def parse(text):
+        try:
+            value = float(text) if any(c in text for c in ".eE") else int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value != int(value) if math.isfinite(value) else True:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+        if int(value) < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return int(value)
+
+    return parse
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _output_folder(path, option):
+    """Create the output folder now, so an unwritable path fails before any work."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{option} {str(path)!r} cannot be used as a folder: {exc.strerror or exc}") from None
+    if not path.is_dir():
+        raise UsageError(f"{option} {str(path)!r} is not a folder")
+
+
+def _check(args):
+    """Checks that need the file system, before any work."""
+    if args.command == "demo" and not args.no_plot:
+        _output_folder(args.output, "--output")
+    if args.command == "bench":
+        from .cases import ALL
+        from .report import README_END, README_START
+
+        unknown = sorted(set(args.variants or ()) - set(ALL))
+        if unknown:
+            raise UsageError(f"fastrms bench: unknown variant(s) {unknown}; choose from {sorted(ALL)}")
+        for path in args.readme or ():
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise UsageError(f"--readme {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+            if README_START not in text or README_END not in text:
+                raise UsageError(f"--readme {str(path)!r} has no {README_START} ... {README_END} block to replace")
+            if not os.access(path, os.W_OK):
+                raise UsageError(f"--readme {str(path)!r} is not writable")
+        if not args.threshold:
+            _output_folder(args.output, "--output")
+
+
 def main(argv=None):
+    """Run the command line; returns the exit code (2 for a user error, reported in one line)."""
+    try:
+        args = _parse(argv)
+        _check(args)
+        return args.func(args)
+    except UsageError as exc:
+        print(f"fastrms: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the disk filled while writing results
+        print(f"fastrms: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parse(argv):
     from pathlib import Path
 
-    parser = argparse.ArgumentParser(prog="fastrms", description="Fused in-place RMSprop with Numba.")
+    parser = _Parser(prog="fastrms", description="Fused in-place RMSprop with Numba.")
     parser.add_argument("--version", action="version", version=f"fastrms {__version__}")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("demo", help="the seed article's linear-regression example, with its plot")
-    p.add_argument("--iterations", type=int, default=1000, help="RMSprop iterations (default 1000, as the seed)")
-    p.add_argument("--learning-rate", type=float, default=0.001, help="initial learning rate (default 0.001)")
-    p.add_argument("--fitted-learning-rate", type=float, default=0.01, help="the second, fitted run's rate (0.01)")
+    p.add_argument("--iterations", type=_count(0), default=1000, help="RMSprop iterations (default 1000, the seed's)")
+    p.add_argument("--learning-rate", type=_positive_float, default=0.001, help="initial learning rate (0.001)")
+    p.add_argument("--fitted-learning-rate", type=_positive_float, default=0.01, help="the fitted run's rate (0.01)")
     p.add_argument("--output", type=Path, default=Path("fastrms-output"), help="folder for the plot")
     p.add_argument("--no-plot", action="store_true", help="print the numbers only")
     p.set_defaults(func=_demo)
     b = sub.add_parser("bench", help="time a step against the NumPy reference, NumPy out=, torch and the traffic limit")
     b.add_argument("--quick", action="store_true", help="a short sweep (float32, two variants, four sizes)")
     b.add_argument("--output", type=Path, default=Path("bench-results"), help="folder for bench.json/.md/.png")
-    b.add_argument("--sizes", type=lambda s: int(float(s)), nargs="+", help="array sizes (e.g. 1e2 1e6)")
+    b.add_argument("--sizes", type=_count(1), nargs="+", help="array sizes (e.g. 1e2 1e6)")
     b.add_argument("--variants", nargs="+", help="variants from fastrms.cases.ALL (default: MAIN)")
     b.add_argument("--dtypes", nargs="+", choices=["float32", "float64"])
-    b.add_argument("--rounds", type=int, help="interleaved rounds per case (median taken)")
+    b.add_argument("--rounds", type=_count(1), help="interleaved rounds per case (median taken)")
     b.add_argument("--readme", type=Path, nargs="+", help="rewrite the benchmark block of these Markdown files")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--threshold", action="store_true", help="time serial vs parallel drivers (the threshold)")
@@ -80,4 +170,4 @@ def main(argv=None):
         argv = ["demo", *argv]  # the demo is the default command
     args = parser.parse_args(argv)
     args.argv = argv[1:]
-    return args.func(args)
+    return args

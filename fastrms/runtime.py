@@ -204,7 +204,7 @@ def _after_fork_in_child():
             opt._choose_drivers()
 
 
-def info():
+def info() -> dict:
     """What fastrms runs on: threading layer, threads, the parallel mode and why; caching."""
     from . import kernels
 

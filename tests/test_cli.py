@@ -31,3 +31,47 @@ def test_demo_writes_the_seeds_plot(tmp_path):
 def test_no_subcommand_runs_the_demo(capsys):
     assert cli.main(["--no-plot"]) == 0
     assert "linear regression" in capsys.readouterr().out
+
+
+def _run(*argv, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fastrms", *argv], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    return f
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["demo", "--iterations", "-5"], "--iterations"),
+        (["demo", "--iterations", "2.5"], "--iterations"),
+        (["demo", "--learning-rate", "nan"], "--learning-rate"),
+        (["demo", "--learning-rate", "-1"], "--learning-rate"),
+        (["demo", "--fitted-learning-rate", "inf"], "--fitted-learning-rate"),
+        (["demo", "--output", "{file}/sub"], "--output"),
+        (["bench", "--sizes", "-5"], "--sizes"),
+        (["bench", "--sizes", "abc"], "--sizes"),
+        (["bench", "--rounds", "-1"], "--rounds"),
+        (["bench", "--rounds", "0"], "--rounds"),
+        (["bench", "--output", "{file}"], "--output"),
+        (["bench", "--readme", "{file}", "--quick"], "--readme"),
+        (["bench", "--readme", "{tmp}/missing.md"], "--readme"),
+        (["bench", "--variants", "adam"], "unknown variant"),
+        (["bench", "--dtypes", "float16"], "--dtypes"),
+        (["frobnicate"], "unrecognized"),
+    ],
+)
+def test_a_user_error_is_one_line_on_stderr_and_exit_2_before_any_work(argv, words, a_file, tmp_path):
+    argv = [a.format(file=a_file, tmp=tmp_path) for a in argv]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = _run(*argv, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("fastrms: error:") and words in out.stderr
+    assert out.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing was written
+    assert a_file.read_text() == "x"

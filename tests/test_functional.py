@@ -67,3 +67,25 @@ def test_lists_are_accepted_and_zero_iterations_copy():
 def test_bad_input(args, exc, match):
     with pytest.raises(exc, match=match):
         fastrms.rmsprop(*args)
+
+
+def test_errors_name_what_the_caller_passed():
+    with pytest.raises(TypeError, match="theta"):
+        fastrms.rmsprop(np.ma.array([1.0, 2.0]), 3, lambda th: th)
+    with pytest.raises(TypeError, match="theta"):
+        fastrms.rmsprop(np.array(["a"]), 3, lambda th: th)
+    with pytest.raises(ValueError, match=r"calculate_gradient\(theta\) at iteration 0 returned shape \(3,\)"):
+        fastrms.rmsprop(np.zeros(2), 3, lambda th: np.ones(3))
+    with pytest.raises(TypeError, match=r"calculate_gradient\(theta\) at iteration 0 must return a real array"):
+        fastrms.rmsprop(np.zeros(2), 3, lambda th: np.array(["x", "y"]))
+    with pytest.raises(TypeError, match="masked"):
+        fastrms.rmsprop(np.zeros(2), 3, lambda th: np.ma.array(th))
+
+
+def test_a_callback_that_returns_theta_itself_is_used_as_a_gradient():
+    got = fastrms.rmsprop(np.ones(2), 3, lambda th: th, decay_every=None)
+    want = np.ones(2)
+    v = np.zeros(2)
+    for _ in range(3):
+        want, v = reference.seed_step(want, v, want.copy(), 0.001, 0.9, 1e-8)
+    np.testing.assert_array_equal(got, want)

@@ -627,3 +627,21 @@ def test_a_schedule_value_that_overflows_the_dtype_is_refused_before_any_write()
     assert_unchanged(opt, before)
     with pytest.raises(ValueError, match="finite"):
         fastrms.RMSprop(np.ones(3), lambda count: 10**400).step(np.ones(3))
+
+
+@pytest.mark.parametrize("n", [7, BIG])
+def test_with_nan_grads_bit_for_bit_holds_everywhere_but_the_nans_sign(n, dtype):
+    """The README's promise: finite results are bitwise equal to the reference; where a NaN
+    enters, both give NaN in the same places (the NaN's sign bit may differ)."""
+    p0, grads = problem(n, dtype)
+    bad = grads[0].copy()
+    bad[::3] = np.nan
+    fast = fastrms.RMSprop(p0.copy(), 0.01, momentum=0.9, centered=True)
+    ref = reference.RMSprop(p0.copy(), 0.01, momentum=0.9, centered=True)
+    for g in (grads[1], bad, grads[2]):
+        fast.step(g)
+        ref.step(g)
+    got, want = fast.params, ref.params[0]
+    nan = np.isnan(want)
+    assert nan.any() and np.array_equal(np.isnan(got), nan)
+    assert got[~nan].tobytes() == want[~nan].tobytes()

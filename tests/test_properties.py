@@ -128,3 +128,154 @@ def test_bad_grads_always_raise_and_change_nothing(dtype, n, kind):
     with pytest.raises((TypeError, ValueError)):
         opt.step(bad)
     assert_unchanged(opt, before)
+
+
+# ------------------------------------------------------------------ adversarial: a clear error or a correct step
+
+
+class _Tagged(np.ndarray):
+    """A harmless ndarray subclass."""
+
+
+class _LyingReshape(np.ndarray):
+    """A subclass whose reshape keeps the shape, as np.matrix's keeps two dimensions."""
+
+    def reshape(self, *shape, **kw):
+        return np.ndarray.reshape(self, self.shape)
+
+
+def _as_kind(a, kind):
+    """``a`` (a plain C-contiguous array) turned into one of many array kinds."""
+    import warnings
+
+    if kind == "plain":
+        return a
+    if kind == "subclass":
+        return a.view(_Tagged)
+    if kind == "lying reshape":
+        return a.view(_LyingReshape)
+    if kind == "matrix":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PendingDeprecationWarning)
+            return np.asmatrix(a.reshape(1, -1) if a.ndim != 2 else a)
+    if kind == "masked":
+        return np.ma.array(a)
+    if kind == "fortran 2-D":
+        return np.asfortranarray(a.reshape(-1, 1) @ np.ones((1, 2), a.dtype))
+    if kind == "strided":
+        return np.repeat(a, 2)[::2]
+    if kind == "read-only":
+        b = a.copy()
+        b.flags.writeable = False
+        return b
+    if kind == "byte-swapped":
+        return a.astype(a.dtype.newbyteorder())
+    if kind == "float16":
+        return a.astype(np.float16)
+    if kind == "unaligned":
+        raw = np.zeros(a.nbytes + 1, np.uint8)
+        b = raw[1:].view(a.dtype).reshape(a.shape)
+        b[...] = a
+        return b
+    raise AssertionError(kind)
+
+
+KINDS = [
+    "plain",
+    "subclass",
+    "lying reshape",
+    "matrix",
+    "masked",
+    "fortran 2-D",
+    "strided",
+    "read-only",
+    "byte-swapped",
+    "float16",
+    "unaligned",
+]
+
+
+def _magnitude(draw):
+    return draw(st.sampled_from([0.0, 1e-50, 1e-46, 1e-40, 1e-20, 1e-8, 1e-3, 0.5, 0.999999999, 1e20, 1e39, 1e300]))
+
+
+@SETTINGS
+@given(st.data())
+def test_any_array_kind_and_any_magnitude_is_a_clear_error_or_a_correct_step(data):
+    """Arrays of every kind (subclasses, matrices, masked, strided, unaligned, ...) as param
+    and as grad, and hyperparameters of every magnitude against each dtype: the optimizer
+    either raises TypeError/ValueError before writing anything, or steps exactly as the
+    reference does on the same values, and never writes outside the param."""
+    draw = data.draw
+    dtype = np.dtype(draw(st.sampled_from([np.float32, np.float64])))
+    n = draw(st.integers(1, 40))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    guard = np.zeros(n + 32, dtype)
+    body = guard[16 : 16 + n]
+    body[...] = rng.standard_normal(n)
+    param = _as_kind(body, draw(st.sampled_from(KINDS)))
+    grad = _as_kind(rng.standard_normal(n).astype(dtype), draw(st.sampled_from(KINDS)))
+    options = dict(
+        learning_rate=_magnitude(draw),
+        epsilon=draw(st.sampled_from([1e-46, 1e-40, 1e-8, 1.0])),
+        beta=draw(st.sampled_from([0.0, 0.9, 0.999999999])),
+        momentum=draw(st.sampled_from([0.0, 0.9, 1e39])),
+        weight_decay=draw(st.sampled_from([0.0, 1e-2, 1e39])),
+        initial_scale=draw(st.sampled_from([0.0, 1.0, 1e39])),
+        centered=draw(st.booleans()),
+    )
+    start = body.copy()
+    start_param = np.array(np.asarray(param), order="C")  # its values, whatever kind it is
+    try:
+        opt = fastrms.RMSprop(param, **options)
+    except (TypeError, ValueError):
+        assert body.tobytes() == start.tobytes()
+        return
+    before = snapshot(opt)
+    try:
+        opt.step(grad)
+    except (TypeError, ValueError):
+        assert_unchanged(opt, before)
+        assert np.all(guard[:16] == 0) and np.all(guard[16 + n :] == 0)
+        return
+    # accepted: the values must be exactly the reference's on plain copies
+    ref_p = start_param.copy()
+    ref = reference.RMSprop(ref_p, **options)
+    ref.step(np.array(np.asarray(grad), order="C"))
+    np.testing.assert_array_equal(np.asarray(param).reshape(-1), ref_p.reshape(-1))
+    assert np.all(guard[:16] == 0) and np.all(guard[16 + n :] == 0)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_any_mutated_checkpoint_is_a_valueerror_or_a_faithful_load(data, tmp_path_factory):
+    """Random byte flips, truncations and member swaps of a real checkpoint: loading either
+    raises ValueError and changes nothing, or restores values the original file holds."""
+    draw = data.draw
+    path = tmp_path_factory.mktemp("ckpt") / "c.npz"
+    opt = fastrms.RMSprop([np.ones(5), np.ones((2, 3), np.float32)], 0.1, momentum=0.9, centered=True)
+    opt.step([np.full(5, 0.5), np.full((2, 3), -0.5, np.float32)])
+    opt.save(path)
+    raw = bytearray(path.read_bytes())
+    mutation = draw(st.sampled_from(["flip", "truncate", "zero run"]))
+    if mutation == "flip":
+        for _ in range(draw(st.integers(1, 8))):
+            i = draw(st.integers(0, len(raw) - 1))
+            raw[i] ^= 1 << draw(st.integers(0, 7))
+    elif mutation == "truncate":
+        raw = raw[: draw(st.integers(0, len(raw) - 1))]
+    else:
+        i = draw(st.integers(0, len(raw) - 1))
+        raw[i : i + draw(st.integers(1, 64))] = bytes(min(64, len(raw) - i))[: len(raw[i : i + 64])]
+    path.write_bytes(bytes(raw))
+    target = fastrms.RMSprop([np.ones(5), np.ones((2, 3), np.float32)], 0.1, momentum=0.9, centered=True)
+    before = snapshot(target)
+    try:
+        target.load(path)
+    except ValueError:
+        assert_unchanged(target, before)
+        return
+    state = target.state_dict()
+    for key, value in opt.state_dict().items():
+        if isinstance(value, np.ndarray):
+            assert state[key].shape == value.shape and np.isfinite(state[key]).all()
