@@ -10,10 +10,10 @@ from . import runtime
 runtime.setup()  # before any parallel kernel runs: choose a thread- and fork-safe layer
 
 from . import kernels, reference, schedules  # noqa: E402
-from .functional import rmsprop  # noqa: E402
 from .optimizer import RMSprop  # noqa: E402
 from .presets import PRESETS  # noqa: E402
 from .runtime import info  # noqa: E402
+from .seed import rmsprop  # noqa: E402
 
 __version__ = "0.1.0"
 

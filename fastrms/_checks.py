@@ -1,4 +1,4 @@
-"""Argument checks shared by the optimizer, the schedules and the functional API.
+"""Argument checks shared by the optimizer, the options, the schedules and the seed function.
 
 Each raises TypeError or ValueError naming the argument and what was expected."""
 
@@ -90,15 +90,17 @@ def flat_view(a):
 
 def fits(name, value, dtypes, *, nonzero=False, below_one=False):
     """Refuse ``value`` (a float already checked in float64) if rounding it to one of
-    ``dtypes`` makes it infinite, 0 when it must be > 0 (``nonzero``), or 1 when it must be
-    < 1 (``below_one``): the kernels compute in the arrays' dtype."""
+    ``dtypes`` makes it infinite, 0 or subnormal when it must be > 0 (``nonzero``), or 1
+    when it must be < 1 (``below_one``): the kernels compute in the arrays' dtype."""
     for dtype in dtypes:
         with np.errstate(over="ignore", under="ignore"):
             x = dtype.type(value)
         if not np.isfinite(x):
             problem = "overflows to infinity"
-        elif nonzero and x == 0 and value != 0:
-            problem = "rounds to 0"
+        elif nonzero and abs(x) < np.finfo(dtype).tiny and value != 0:
+            problem = (
+                "rounds to 0" if x == 0 else f"is subnormal (below {np.finfo(dtype).tiny:.3g}) and loses precision"
+            )
         elif below_one and x >= 1:
             problem = "rounds to 1"
         else:

@@ -25,7 +25,7 @@ import zipfile
 import numpy as np
 
 from ._checks import count
-from .options import ALL_STATE_NAMES, BOOL_OPTIONS, FLOAT_OPTIONS, check_hyperparameters, state_names, variant
+from .options import ALL_STATE_NAMES, BOOL_OPTIONS, FLOAT_OPTIONS, check_hyperparameters, formula, state_names
 
 FORMAT_VERSION = 1
 MARKER_KEY, MARKER = "fastrms_checkpoint", "fastrms.RMSprop"
@@ -61,7 +61,7 @@ def validate(d, slots, current_hyper, dtypes):
         hyper = check_hyperparameters(merged, dtypes)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"state_dict: {exc}") from None
-    mine, theirs = variant(current_hyper), variant(hyper)
+    mine, theirs = formula(current_hyper), formula(hyper)
     differ = [k for k in mine if mine[k] != theirs[k]]
     if differ:
         raise ValueError(

@@ -50,9 +50,21 @@ def _info(args):
 
 
 def _bench(args):
-    from . import report
+    from .bench import report
 
-    return report.run(args)
+    if args.threshold:
+        return report.run_threshold(args.variants, args.dtypes, args.rounds)
+    return report.run(
+        output=args.output,
+        command="fastrms bench " + " ".join(args.argv),
+        quick=args.quick,
+        sizes=args.sizes,
+        variants=args.variants,
+        dtypes=args.dtypes,
+        rounds=args.rounds,
+        readme=args.readme,
+        progress=not args.no_progress,
+    )
 
 
 class UsageError(Exception):
@@ -106,8 +118,8 @@ def _check(args):
     if args.command == "demo" and not args.no_plot:
         _output_folder(args.output, "--output")
     if args.command == "bench":
-        from .cases import ALL
-        from .report import README_END, README_START
+        from .bench.cases import ALL
+        from .bench.report import README_END, README_START
 
         unknown = sorted(set(args.variants or ()) - set(ALL))
         if unknown:
@@ -156,7 +168,7 @@ def _parse(argv):
     b.add_argument("--quick", action="store_true", help="a short sweep (float32, two variants, four sizes)")
     b.add_argument("--output", type=Path, default=Path("bench-results"), help="folder for bench.json/.md/.png")
     b.add_argument("--sizes", type=_count(1), nargs="+", help="array sizes (e.g. 1e2 1e6)")
-    b.add_argument("--variants", nargs="+", help="variants from fastrms.cases.ALL (default: MAIN)")
+    b.add_argument("--variants", nargs="+", help="variants from fastrms.bench.cases.ALL (default: MAIN)")
     b.add_argument("--dtypes", nargs="+", choices=["float32", "float64"])
     b.add_argument("--rounds", type=_count(1), help="interleaved rounds per case (median taken)")
     b.add_argument("--readme", type=Path, nargs="+", help="rewrite the benchmark block of these Markdown files")

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from . import reference
-from .functional import rmsprop
+from .seed import rmsprop
 
 
 def make_data(seed=0):

@@ -1,22 +1,12 @@
 """The RMSprop optimizer: validates, holds the state, and hands each array to a fused kernel.
 
-Per element, at step ``t`` (1-based) with learning rate ``lr_t``::
-
-    g <- -grad if maximize else grad
-    weight_decay, coupled (PyTorch):        g <- g + weight_decay * p
-    weight_decay, decoupled (Keras, AdamW): p <- p - lr_t * weight_decay * p
-    v <- beta * v + (1 - beta) * g^2                         v starts at initial_scale
-    centered:          m <- beta * m + (1 - beta) * g       m starts at 0
-    bias_correction:   v^ = v / (1 - beta^t), m^ = m / (1 - beta^t)   (else v^ = v, m^ = m)
-    s = max(v^ - m^^2, 0) if centered else v^
-    d = sqrt(s + epsilon) if eps_in_sqrt else sqrt(s) + epsilon
-    u = g / d
-    no momentum:                    p <- p - lr_t * u
-    momentum, lr outside (PyTorch): b <- momentum * b + u;        p <- p - lr_t * (u + momentum * b if nesterov else b)
-    momentum, lr_in_momentum:       b <- momentum * b + lr_t * u; p <- p - (lr_t * u + momentum * b if nesterov else b)
+The update each kernel applies is in ``docs/algorithm.md`` (and :mod:`fastrms.kernels.element`);
+the options are declared once, in :mod:`fastrms.options`; checkpoints are
+:mod:`fastrms.checkpoint`'s.
 """
 
 import bisect
+import inspect
 import math
 import os
 import threading
@@ -26,6 +16,7 @@ from numbers import Real
 import numpy as np
 
 from . import checkpoint, kernels, runtime
+from . import options as O
 from ._checks import flat_view, float_array
 from .options import check_hyperparameters, check_learning_rate_fit, state_names
 from .presets import preset_options
@@ -38,7 +29,8 @@ _LINEAR_OVERLAP_CHECK = 8
 
 
 class _Slot:
-    """One parameter array, its state (flat, allocated once) and the driver for its size."""
+    """One parameter array, its state (flat, allocated once) and whether its step is big
+    enough for the parallel shell."""
 
     __slots__ = (
         "param",
@@ -51,8 +43,7 @@ class _Slot:
         "momentum_buffer",
         "names",
         "owned",
-        "driver",
-        "nonfinite",
+        "big",
     )
 
     def __init__(self, param, array, hyper):
@@ -66,7 +57,7 @@ class _Slot:
         for name in self.names[1:]:
             setattr(self, name, np.zeros_like(self.flat))
         self.owned = tuple(a for a in (array, *(getattr(self, n) for n in self.names)) if a.size)
-        self.driver = self.nonfinite = None
+        self.big = kernels.step_bytes(array.size, array.itemsize, len(self.names)) >= kernels.PARALLEL_MIN_BYTES
 
 
 def _grad_name(index):
@@ -81,86 +72,40 @@ def _span(a):
 class RMSprop:
     """RMSprop over NumPy float arrays, each step one fused in-place Numba pass per array.
 
-    Parameters
-    ----------
-    params : ndarray or sequence of ndarray
-        float32 or float64, C-contiguous, writeable, any shape; updated in place. ``step``
-        then takes grads of the same structure: one array, or a sequence of as many.
-    learning_rate : float or callable
-        A number >= 0, or a schedule ``count -> lr`` (``count`` = steps already taken; see
-        :mod:`fastrms.schedules`).
-    beta : float
-        Decay of the squared-gradient average, in [0, 1) (PyTorch ``alpha``, Keras ``rho``,
-        TF1/optax ``decay``).
-    epsilon : float
-        > 0; added outside the root (PyTorch, the seed) or, with ``eps_in_sqrt``, inside it
-        (Keras, TF1, optax).
-    momentum : float
-        >= 0; 0 keeps no momentum buffer.
-    centered : bool
-        Divide by the root of the variance estimate ``v - m^2`` (clamped at 0).
-    nesterov : bool
-        Nesterov momentum; needs ``momentum > 0``.
-    lr_in_momentum : bool
-        Accumulate ``lr * u`` in the momentum buffer (Keras, TF1, optax) instead of ``u``
-        (PyTorch). Differs when the learning rate changes over time.
-    weight_decay : float
-        >= 0; L2 penalty added to the gradient, or, with ``decoupled_weight_decay``, the
-        parameter shrunk by ``lr * weight_decay`` before the update (Keras 3, AdamW style).
-    maximize : bool
-        Ascend instead of descend.
-    bias_correction : bool
-        Divide ``v`` and ``m`` by ``1 - beta^t`` (optax's option).
-    eps_in_sqrt : bool
-        ``sqrt(v + eps)`` instead of ``sqrt(v) + eps``.
-    initial_scale : float
-        Starting value of ``square_avg`` (TF1 uses 1.0).
-    skip_nonfinite : bool
-        Check the grads first: a step whose grads hold a NaN or an infinity changes nothing
-        (params, state, ``step_count`` and the schedule stay as they were) and is counted in
-        ``skipped_steps``. Costs one extra read of the grads (see the README).
+        Every option after ``epsilon`` is keyword-only; all are declared once, in
+        :data:`fastrms.options.OPTIONS`, from which the list below is written.
 
-    Notes
-    -----
-    The state arrays, allocated once in each param's dtype, are named as PyTorch names them:
-    ``square_avg``, ``grad_avg`` (centered) and ``momentum_buffer`` (momentum > 0).
+        Parameters
+        ----------
+        params : ndarray or sequence of ndarray
+            float32 or float64, C-contiguous, writeable, any shape; updated in place. ``step``
+            then takes grads of the same structure: one array, or a sequence of as many.
+        learning_rate : float or callable
+            A number >= 0, or a schedule ``count -> lr`` (``count`` = steps already taken; see
+            :mod:`fastrms.schedules`).
+        beta : float
+            Decay of the squared-gradient average, in [0, 1) (PyTorch ``alpha``, Keras ``rho``,
+            TF1/optax ``decay``).
+        epsilon : float
+            > 0; added outside the root (PyTorch, the seed) or, with ``eps_in_sqrt``, inside it
+            (Keras, TF1, optax).
+    OPTIONS_TABLE
+
+        Notes
+        -----
+        The state arrays, allocated once in each param's dtype, are named as PyTorch names them:
+        ``square_avg``, ``grad_avg`` (centered) and ``momentum_buffer`` (momentum > 0).
     """
 
     def __init__(
         self,
         params: "np.ndarray | Sequence[np.ndarray]",
-        learning_rate: "float | Callable[[int], float]" = 1e-3,
-        beta: float = 0.9,
-        epsilon: float = 1e-8,
-        *,
-        momentum: float = 0.0,
-        centered: bool = False,
-        nesterov: bool = False,
-        lr_in_momentum: bool = False,
-        weight_decay: float = 0.0,
-        decoupled_weight_decay: bool = False,
-        maximize: bool = False,
-        bias_correction: bool = False,
-        eps_in_sqrt: bool = False,
-        initial_scale: float = 0.0,
-        skip_nonfinite: bool = False,
+        learning_rate: "float | Callable[[int], float]" = O.DEFAULTS["learning_rate"],
+        beta: float = O.DEFAULTS["beta"],
+        epsilon: float = O.DEFAULTS["epsilon"],
+        **options: "float | bool",
     ) -> None:
-        options = dict(
-            learning_rate=learning_rate,
-            beta=beta,
-            epsilon=epsilon,
-            momentum=momentum,
-            centered=centered,
-            nesterov=nesterov,
-            lr_in_momentum=lr_in_momentum,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            maximize=maximize,
-            bias_correction=bias_correction,
-            eps_in_sqrt=eps_in_sqrt,
-            initial_scale=initial_scale,
-            skip_nonfinite=skip_nonfinite,
-        )
+        options = O.resolve({**options, "learning_rate": learning_rate, "beta": beta, "epsilon": epsilon})
         hyper = check_hyperparameters(options)
         self._single = isinstance(params, np.ndarray)
         if self._single:
@@ -184,7 +129,6 @@ class RMSprop:
         self._last_lr = None
         self._busy = threading.Lock()
         self._install([_Slot(p, a, hyper) for p, a in zip(given, arrays)], hyper)
-        runtime.register(self)
 
     @classmethod
     def like(cls, name, params, **overrides):
@@ -206,40 +150,25 @@ class RMSprop:
         lr = hyper["learning_rate"]
         self._schedule = lr if callable(lr) else None
         self._lr = None if callable(lr) else lr
-        if hyper["momentum"]:
-            mom_mode = kernels.MOM_INSIDE if hyper["lr_in_momentum"] else kernels.MOM_OUTSIDE
-        else:
-            mom_mode = kernels.MOM_NONE
-        if hyper["weight_decay"]:
-            wd_mode = kernels.WD_DECOUPLED if hyper["decoupled_weight_decay"] else kernels.WD_COUPLED
-        else:
-            wd_mode = kernels.WD_NONE
-        self._drivers = kernels.drivers(hyper["centered"], wd_mode, mom_mode, hyper["nesterov"])
-        self._choose_drivers()
-        eps = hyper["epsilon"]
-        eps_in, eps_out = (eps, 0.0) if hyper["eps_in_sqrt"] else (0.0, eps)
-        sign = -1.0 if hyper["maximize"] else 1.0
-        self._scalars = (hyper["beta"], eps_in, eps_out, hyper["weight_decay"], hyper["momentum"], sign)
-        self._beta, self._bias_correction = hyper["beta"], hyper["bias_correction"]
+        self._variant = O.variant_key(hyper)
+        self._bias_correction = hyper["bias_correction"]
+        self._scalars = O.scalars(hyper, math.nan, 1)  # NaN: never equal, so the first step builds them
         self._skip_nonfinite = hyper["skip_nonfinite"]
+        self._choose_kernels()  # starts the thread pool for big arrays: a layer that cannot start fails here
 
-    def _choose_drivers(self):
-        """Give each array the serial or parallel kernel by the bytes its step moves, as the
-        threading layer allows (:func:`fastrms.runtime.parallel_mode`)."""
-        serial, parallel = self._drivers
+    def _choose_kernels(self):
+        """Give each slot its (update, non-finite check) pair for this process's parallel mode;
+        done again only when :func:`fastrms.runtime.generation` changes (after a fork)."""
+        generation = runtime.generation()
+        serial, parallel = kernels.dense(self._variant, False), kernels.dense(self._variant, True)
         check_serial, check_parallel = kernels.nonfinite_serial, kernels.nonfinite_parallel
-        big = [
-            kernels.step_bytes(s.flat.size, s.dtype.itemsize, len(s.names)) >= kernels.PARALLEL_MIN_BYTES
-            for s in self._slots
-        ]
-        mode = runtime.parallel_mode() if any(big) else "free"
+        mode = runtime.parallel_mode() if any(s.big for s in self._slots) else "free"
         if mode == "serialized":
             parallel, check_parallel = runtime.serialized(parallel), runtime.serialized(check_parallel)
         elif mode == "serial":
             parallel, check_parallel = serial, check_serial
-        for slot, is_big in zip(self._slots, big):
-            slot.driver = parallel if is_big else serial
-            slot.nonfinite = check_parallel if is_big else check_serial
+        self._chosen = [(parallel, check_parallel) if s.big else (serial, check_serial) for s in self._slots]
+        self._generation = generation
 
     # ------------------------------------------------------------------ properties
 
@@ -268,6 +197,20 @@ class RMSprop:
     def momentum_buffer(self):
         """The momentum buffers ``b`` (momentum > 0 only, else None)."""
         return self._state_view("momentum_buffer")
+
+    @property
+    def variant(self) -> kernels.Variant:
+        """The compiled kernel variant the options select (:class:`fastrms.kernels.Variant`)."""
+        return self._variant
+
+    @property
+    def parallel(self) -> "list[bool]":
+        """For each param, whether its step runs on the parallel shell here (by the bytes it
+        moves, :data:`fastrms.kernels.PARALLEL_MIN_BYTES`, and the threading layer)."""
+        if self._generation != runtime.generation():
+            self._choose_kernels()
+        serial = kernels.dense(self._variant, False)
+        return [update is not serial for update, _ in self._chosen]
 
     @property
     def hyperparameters(self):
@@ -364,47 +307,48 @@ class RMSprop:
         time: a second thread entering ``step`` while the first is inside gets a RuntimeError
         (nothing written by it). Returns None.
         """
-        if not self._busy.acquire(blocking=False):
+        if not self._busy.acquire(False):  # non-blocking
             raise RuntimeError(
                 "RMSprop.step was entered by another thread while a step was running; one optimizer "
                 "is stepped by one thread at a time (give each thread its own, or hold a lock)"
             )
         try:
-            self._step(grads)
+            slots = self._slots
+            if self._single:
+                flat = (self._check_grad(grads, slots[0], None),)
+            else:
+                if not isinstance(grads, (list, tuple)):
+                    raise TypeError(f"grads must be a list or tuple of {len(slots)} arrays, got {type(grads).__name__}")
+                if len(grads) != len(slots):
+                    raise ValueError(f"grads must hold {len(slots)} arrays, one per param, got {len(grads)}")
+                check = self._check_grad
+                flat = [check(g, s, i) for i, (g, s) in enumerate(zip(grads, slots))]
+            for s in slots:
+                if not s.param.flags.writeable:
+                    raise self._read_only(s)
+            if self._generation != runtime.generation():
+                self._choose_kernels()
+            chosen = self._chosen
+            if self._skip_nonfinite:
+                for g, (_, nonfinite) in zip(flat, chosen):
+                    if nonfinite(g):
+                        self._skipped_steps += 1
+                        return
+            lr = self._lr if self._schedule is None else self._scheduled_lr(self._step_count)
+            t = self._step_count + 1
+            if self._bias_correction or lr != self._scalars[0]:  # else the last step's scalars hold
+                self._scalars = O.scalars(self._hyper, lr, t)
+            scalars = self._scalars
+            for g, s, (update, _) in zip(flat, slots, chosen):
+                update(s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer, *scalars)
+            self._step_count = t
+            self._last_lr = lr
         finally:
             self._busy.release()
 
-    def _step(self, grads):
-        slots = self._slots
-        if self._single:
-            flat = (self._check_grad(grads, slots[0], None),)
-        else:
-            if not isinstance(grads, (list, tuple)):
-                raise TypeError(f"grads must be a list or tuple of {len(slots)} arrays, got {type(grads).__name__}")
-            if len(grads) != len(slots):
-                raise ValueError(f"grads must hold {len(slots)} arrays, one per param, got {len(grads)}")
-            check = self._check_grad
-            flat = [check(g, s, i) for i, (g, s) in enumerate(zip(grads, slots))]
-        for i, s in enumerate(slots):
-            if not s.param.flags.writeable:
-                raise ValueError(
-                    f"{'params' if self._single else f'params[{i}]'} was made read-only after construction"
-                )
-        if self._skip_nonfinite:
-            for g, s in zip(flat, slots):
-                if s.nonfinite(g):
-                    self._skipped_steps += 1
-                    return
-        lr = self._lr if self._schedule is None else self._scheduled_lr(self._step_count)
-        t = self._step_count + 1
-        bc = 1.0 - self._beta**t if self._bias_correction else 1.0
-        beta, eps_in, eps_out, wd, mu, sign = self._scalars
-        for g, s in zip(flat, slots):
-            s.driver(
-                s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer, lr, beta, eps_in, eps_out, wd, mu, sign, bc
-            )
-        self._step_count = t
-        self._last_lr = lr
+    def _read_only(self, slot):
+        i = self._slots.index(slot)
+        return ValueError(f"{'params' if self._single else f'params[{i}]'} was made read-only after construction")
 
     # ------------------------------------------------------------------ state
 
@@ -475,3 +419,20 @@ class RMSprop:
             self.load_state_dict(d)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{os.fsdecode(os.fspath(path))!r} does not fit this optimizer: {exc}") from None
+
+
+def _signature():
+    """``RMSprop(params, learning_rate, beta, epsilon, *, <every other option>)``, from the
+    options table, for ``help()``, ``inspect`` and editors."""
+    P = inspect.Parameter
+    head = [P("self", P.POSITIONAL_OR_KEYWORD), P("params", P.POSITIONAL_OR_KEYWORD)]
+    first = ("learning_rate", "beta", "epsilon")
+    head += [P(n, P.POSITIONAL_OR_KEYWORD, default=O.DEFAULTS[n]) for n in first]
+    head += [P(n, P.KEYWORD_ONLY, default=O.DEFAULTS[n]) for n in O.NAMES if n not in first]
+    return inspect.Signature(head, return_annotation=None)
+
+
+RMSprop.__init__.__signature__ = _signature()
+RMSprop.__doc__ = RMSprop.__doc__.replace(
+    "OPTIONS_TABLE", O.describe(indent=4, skip=("learning_rate", "beta", "epsilon"))
+)

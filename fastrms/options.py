@@ -1,45 +1,164 @@
-"""The optimizer's options: names, checks, what they select, and their fit to the arrays' dtype.
+"""The optimizer's options, declared once: :data:`OPTIONS` is the table everything else
+derives from (validation, the kernel variant, the runtime scalars, the state kept, other
+libraries' spellings, the reference's and the optimizer's keyword options, the benchmark's
+enumeration of variants, checkpoint keys).
 
-Compile-time options choose a kernel variant (and so the state arrays kept): ``centered``,
-``momentum > 0`` with ``lr_in_momentum`` and ``nesterov``, ``weight_decay > 0`` with
-``decoupled_weight_decay``. Runtime options are scalars handed to the kernel: the learning
-rate, ``beta``, ``epsilon`` (placed by ``eps_in_sqrt``), ``weight_decay``, ``momentum``,
-``maximize`` (a sign) and ``bias_correction`` (a divisor ``1 - beta^t``). ``initial_scale``
-fills ``square_avg`` once; ``skip_nonfinite`` is checked in Python before the kernel runs.
+Each option has a role:
+
+- ``variant``: chooses the compiled kernel variant (and so the state arrays kept);
+- ``scalar``: a runtime scalar handed to the kernel at each step;
+- ``variant+scalar``: its value is a runtime scalar and ``> 0`` chooses the variant
+  (``momentum``, ``weight_decay``);
+- ``initial``: fills the state once (``initial_scale``);
+- ``host``: acted on in Python around the kernel (``skip_nonfinite``).
+
+Adding an option means a row here, its arithmetic in :mod:`fastrms.kernels.element` (and, if
+it selects a variant, in :func:`variant_key`), and its formula in :mod:`fastrms.reference`.
+The update every variant follows is in ``docs/algorithm.md``.
 """
+
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import kernels
 from ._checks import fits, flag, number
 
-BOOL_OPTIONS = (
-    "centered",
-    "nesterov",
-    "lr_in_momentum",
-    "decoupled_weight_decay",
-    "maximize",
-    "bias_correction",
-    "eps_in_sqrt",
-    "skip_nonfinite",
-)
-FLOAT_OPTIONS = ("beta", "epsilon", "momentum", "weight_decay", "initial_scale")
+#: The libraries whose spellings the table records (and that have presets).
+LIBRARIES = ("torch", "keras", "tf1", "optax")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its name, default, type and range, dtype rule, role, other spellings."""
+
+    name: str
+    default: object
+    kind: str  # "rate" (a number or a schedule), "float" or "bool"
+    role: str  # "variant", "scalar", "variant+scalar", "initial" or "host"
+    doc: str
+    low: "float | None" = None
+    low_open: bool = False
+    high: "float | None" = None
+    high_open: bool = False
+    fit: str = ""  # in the params' dtype: "finite", "nonzero" (and finite) or "below_one"
+    spellings: dict = field(default_factory=dict)  # library -> its name for this option
+
+    def check(self, value):
+        """``value`` validated and normalised (TypeError/ValueError naming the option)."""
+        if self.kind == "bool":
+            return flag(self.name, value)
+        if self.kind == "rate" and callable(value):
+            return value
+        return number(self.name, value, low=self.low, low_open=self.low_open, high=self.high, high_open=self.high_open)
+
+    @property
+    def selects_variant(self):
+        return self.role.startswith("variant")
+
+
+OPTIONS = (
+    Option(
+        "learning_rate", 1e-3, "rate", "scalar", "step size: a number >= 0, or a schedule ``count -> lr``",
+        low=0.0, fit="finite",
+        spellings=dict(torch="lr", keras="learning_rate", tf1="learning_rate", optax="learning_rate"),
+    ),
+    Option(
+        "beta", 0.9, "float", "scalar", "decay of the squared-gradient average ``v``, in [0, 1)",
+        low=0.0, high=1.0, high_open=True, fit="below_one",
+        spellings=dict(torch="alpha", keras="rho", tf1="decay", optax="decay"),
+    ),
+    Option(
+        "epsilon", 1e-8, "float", "scalar", "> 0, added to the root (or, with ``eps_in_sqrt``, under it)",
+        low=0.0, low_open=True, fit="nonzero",
+        spellings=dict(torch="eps", keras="epsilon", tf1="epsilon", optax="eps"),
+    ),
+    Option(
+        "momentum", 0.0, "float", "variant+scalar", "momentum >= 0; 0 keeps no momentum buffer",
+        low=0.0, fit="finite", spellings=dict(torch="momentum", keras="momentum", tf1="momentum", optax="momentum"),
+    ),
+    Option(
+        "centered", False, "bool", "variant", "divide by the root of the variance estimate ``v - m^2`` (clamped at 0)",
+        spellings=dict(torch="centered", keras="centered", tf1="centered", optax="centered"),
+    ),
+    Option(
+        "nesterov", False, "bool", "variant", "Nesterov momentum; needs momentum > 0",
+        spellings=dict(optax="nesterov"),
+    ),
+    Option(
+        "lr_in_momentum", False, "bool", "variant",
+        "accumulate ``lr * u`` in the momentum buffer (Keras, TF1, optax) instead of ``u`` (PyTorch)",
+    ),
+    Option(
+        "weight_decay", 0.0, "float", "variant+scalar", "weight decay >= 0 (L2 on the gradient, or decoupled)",
+        low=0.0, fit="finite", spellings=dict(torch="weight_decay", keras="weight_decay"),
+    ),
+    Option(
+        "decoupled_weight_decay", False, "bool", "variant",
+        "shrink the parameter by ``lr * weight_decay`` before the update (Keras 3, AdamW style)",
+    ),
+    Option("maximize", False, "bool", "scalar", "ascend instead of descend", spellings=dict(torch="maximize")),
+    Option(
+        "bias_correction", False, "bool", "scalar", "divide ``v`` and ``m`` by ``1 - beta^t``",
+        spellings=dict(optax="bias_correction"),
+    ),
+    Option(
+        "eps_in_sqrt", False, "bool", "scalar", "``sqrt(v + eps)`` instead of ``sqrt(v) + eps``",
+        spellings=dict(optax="eps_in_sqrt"),
+    ),
+    Option(
+        "initial_scale", 0.0, "float", "initial", "starting value of ``square_avg`` (TF1 uses 1.0)",
+        low=0.0, fit="finite", spellings=dict(optax="initial_scale"),
+    ),
+    Option(
+        "skip_nonfinite", False, "bool", "host",
+        "a step whose grads hold a NaN or an infinity changes nothing and is counted in ``skipped_steps``",
+    ),
+)  # fmt: skip
+
+BY_NAME = {o.name: o for o in OPTIONS}
+NAMES = tuple(BY_NAME)
+DEFAULTS = {o.name: o.default for o in OPTIONS}
+#: The options a checkpoint stores as numbers / flags (the learning rate only when it is one).
+FLOAT_OPTIONS = tuple(o.name for o in OPTIONS if o.kind == "float")
+BOOL_OPTIONS = tuple(o.name for o in OPTIONS if o.kind == "bool")
+#: Every state array any variant keeps, in PyTorch's names.
+ALL_STATE_NAMES = ("square_avg", "grad_avg", "momentum_buffer")
+
+
+def describe(indent=0, skip=()):
+    """The table as numpy-docstring parameter entries: name, type, default, meaning and other
+    libraries' spellings (the optimizer's docstring is built from it)."""
+    pad = " " * indent
+    lines = []
+    for o in OPTIONS:
+        if o.name in skip:
+            continue
+        kind = "float or callable" if o.kind == "rate" else o.kind
+        spelled = ", ".join(f"{lib} ``{n}``" for lib, n in o.spellings.items() if n != o.name)
+        lines.append(f"{pad}{o.name} : {kind}, default {o.default!r}")
+        lines.append(f"{pad}    Keyword-only. {o.doc[0].upper()}{o.doc[1:]}{f' ({spelled})' if spelled else ''}.")
+    return "\n".join(lines)
+
+
+def aliases(library):
+    """``{library's spelling: fastrms name}`` for the options ``library`` spells otherwise."""
+    return {o.spellings[library]: o.name for o in OPTIONS if o.spellings.get(library, o.name) != o.name}
+
+
+def resolve(given, who="RMSprop()"):
+    """Every option: ``given`` (a dict of some) over the defaults. An unknown name is a
+    TypeError, as Python gives for an unexpected keyword argument."""
+    unknown = [k for k in given if k not in BY_NAME]
+    if unknown:
+        raise TypeError(f"{who} got an unexpected keyword argument {unknown[0]!r}; options are {list(NAMES)}")
+    return {**DEFAULTS, **given}
 
 
 def check_hyperparameters(h, dtypes=()):
-    """Validate and normalise a dict of every constructor option; returns a new dict.
-
-    With ``dtypes`` (the params' dtypes), every number must also survive rounding to each of
-    them (see :func:`check_fit`)."""
-    out = {}
-    lr = h["learning_rate"]
-    out["learning_rate"] = lr if callable(lr) else number("learning_rate", lr, low=0.0)
-    out["beta"] = number("beta", h["beta"], low=0.0, high=1.0, high_open=True)
-    out["epsilon"] = number("epsilon", h["epsilon"], low=0.0, low_open=True)
-    out["momentum"] = number("momentum", h["momentum"], low=0.0)
-    out["weight_decay"] = number("weight_decay", h["weight_decay"], low=0.0)
-    out["initial_scale"] = number("initial_scale", h["initial_scale"], low=0.0)
-    for name in BOOL_OPTIONS:
-        out[name] = flag(name, h[name])
+    """Validate and normalise a dict of every option; returns a new dict. With ``dtypes``
+    (the params' dtypes), every number must also survive rounding to each (:func:`check_fit`)."""
+    out = {name: BY_NAME[name].check(h[name]) for name in NAMES}
     if out["nesterov"] and out["momentum"] == 0.0:
         raise ValueError("nesterov=True needs momentum > 0")
     check_fit(out, dtypes)
@@ -54,11 +173,10 @@ def check_fit(hyper, dtypes):
     dtypes = tuple(dict.fromkeys(np.dtype(d) for d in dtypes))
     if not dtypes:
         return
-    fits("beta", hyper["beta"], dtypes, below_one=True)
+    for o in OPTIONS:
+        if o.fit and not (o.kind == "rate" and callable(hyper[o.name])):
+            fits(o.name, hyper[o.name], dtypes, nonzero=o.fit == "nonzero", below_one=o.fit == "below_one")
     fits("1 - beta", 1.0 - hyper["beta"], dtypes, nonzero=True)
-    fits("epsilon", hyper["epsilon"], dtypes, nonzero=True)
-    for name in ("momentum", "weight_decay", "initial_scale"):
-        fits(name, hyper[name], dtypes)
     if not callable(hyper["learning_rate"]):
         check_learning_rate_fit("learning_rate", hyper["learning_rate"], hyper["weight_decay"], dtypes)
 
@@ -70,29 +188,62 @@ def check_learning_rate_fit(name, lr, weight_decay, dtypes):
         fits(f"{name} * weight_decay", lr * weight_decay, dtypes)
 
 
-def variant(hyper):
-    """The options that choose the update's formula (and so the state it keeps)."""
-    return {
-        "centered": hyper["centered"],
-        "momentum > 0": hyper["momentum"] > 0,
-        "nesterov": hyper["nesterov"],
-        "lr_in_momentum": hyper["lr_in_momentum"],
-        "weight_decay > 0": hyper["weight_decay"] > 0,
-        "decoupled_weight_decay": hyper["decoupled_weight_decay"],
-        "maximize": hyper["maximize"],
-        "bias_correction": hyper["bias_correction"],
-        "eps_in_sqrt": hyper["eps_in_sqrt"],
-    }
+def variant_key(hyper):
+    """The compiled kernel variant (:class:`fastrms.kernels.Variant`) the options select."""
+    if hyper["momentum"]:
+        mom = kernels.MOM_INSIDE if hyper["lr_in_momentum"] else kernels.MOM_OUTSIDE
+    else:
+        mom = kernels.MOM_NONE
+    if hyper["weight_decay"]:
+        wd = kernels.WD_DECOUPLED if hyper["decoupled_weight_decay"] else kernels.WD_COUPLED
+    else:
+        wd = kernels.WD_NONE
+    return kernels.variant(hyper["centered"], wd, mom, hyper["nesterov"] and bool(hyper["momentum"]))
+
+
+def options_for(key):
+    """The inverse of :func:`variant_key`: options (with ``momentum=0.9`` and
+    ``weight_decay=0.01`` where the variant needs them) that select variant ``key``."""
+    opts = {"centered": key.centered}
+    if key.mom_mode != kernels.MOM_NONE:
+        opts.update(momentum=0.9, lr_in_momentum=key.mom_mode == kernels.MOM_INSIDE, nesterov=key.nesterov)
+    if key.wd_mode != kernels.WD_NONE:
+        opts.update(weight_decay=0.01, decoupled_weight_decay=key.wd_mode == kernels.WD_DECOUPLED)
+    return opts
+
+
+def scalars(hyper, lr, t):
+    """The kernel's runtime scalars (:class:`fastrms.kernels.Scalars`) for step ``t`` (1-based)
+    at learning rate ``lr``."""
+    eps = hyper["epsilon"]
+    return kernels.Scalars(
+        lr,
+        hyper["beta"],
+        eps if hyper["eps_in_sqrt"] else 0.0,
+        0.0 if hyper["eps_in_sqrt"] else eps,
+        hyper["weight_decay"],
+        hyper["momentum"],
+        -1.0 if hyper["maximize"] else 1.0,
+        1.0 - hyper["beta"] ** t if hyper["bias_correction"] else 1.0,
+    )
+
+
+def formula(hyper):
+    """The options that decide the update's formula: what a checkpoint must agree on."""
+    out = {}
+    for o in OPTIONS:
+        if o.selects_variant and o.kind == "float":
+            out[f"{o.name} > 0"] = hyper[o.name] > 0
+        elif o.kind == "bool" and o.role in ("variant", "scalar"):
+            out[o.name] = hyper[o.name]
+    return out
 
 
 def state_names(hyper):
     """The state arrays a variant keeps, in PyTorch's names."""
+    key = variant_key({**DEFAULTS, **hyper})
     return (
         ("square_avg",)
-        + (("grad_avg",) if hyper["centered"] else ())
-        + (("momentum_buffer",) if hyper["momentum"] else ())
+        + (("grad_avg",) if key.uses_grad_avg else ())
+        + (("momentum_buffer",) if key.uses_momentum_buffer else ())
     )
-
-
-#: Every state array any variant keeps.
-ALL_STATE_NAMES = ("square_avg", "grad_avg", "momentum_buffer")

@@ -17,6 +17,8 @@ does, so rounding never gives NaN); PyTorch updates ``grad_avg`` with ``lerp`` a
 scales ``lr * g / d`` in another order, so results agree to rounding, not bit for bit.
 """
 
+from .options import LIBRARIES, aliases
+
 PRESETS = {
     "seed": dict(learning_rate=1e-3, beta=0.9, epsilon=1e-8),
     "torch": dict(learning_rate=1e-2, beta=0.99, epsilon=1e-8),
@@ -32,13 +34,9 @@ PRESETS = {
     "optax": dict(learning_rate=1e-3, beta=0.9, epsilon=1e-8, eps_in_sqrt=True, lr_in_momentum=True),
 }
 
-#: The other libraries' names for fastrms's options, for users porting code.
-ALIASES = {
-    "torch": {"lr": "learning_rate", "alpha": "beta", "eps": "epsilon"},
-    "keras": {"rho": "beta"},
-    "tf1": {"decay": "beta"},
-    "optax": {"decay": "beta", "eps": "epsilon"},
-}
+#: The other libraries' names for fastrms's options, for users porting code (from the
+#: options table, :data:`fastrms.options.OPTIONS`).
+ALIASES = {library: aliases(library) for library in PRESETS if library in LIBRARIES}
 
 
 def preset_options(name, overrides):

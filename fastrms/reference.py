@@ -2,12 +2,14 @@
 
 Nothing here is fast: every line allocates temporaries, as the seed article's code does.
 :func:`seed_rmsprop` and :func:`seed_step` are the seed's own code; :func:`rmsprop_step` and
-:class:`RMSprop` are every variant of the update exactly as ``DESIGN.md`` states it, with
+:class:`RMSprop` are every variant of the update exactly as ``docs/algorithm.md`` states it, with
 scalars rounded once to the array's dtype (``1 - beta`` and ``lr * wd`` formed in float64
 first), as the kernels do.
 """
 
 import numpy as np
+
+from .options import DEFAULTS, resolve
 
 
 def seed_step(theta, v, g_t, learning_rate, beta, epsilon):
@@ -29,27 +31,19 @@ def seed_rmsprop(theta, num_iterations, calculate_gradient, learning_rate=0.001,
     return theta
 
 
-def rmsprop_step(
-    param,
-    grad,
-    state,
-    t,
-    lr,
-    beta=0.9,
-    epsilon=1e-8,
-    *,
-    momentum=0.0,
-    centered=False,
-    nesterov=False,
-    lr_in_momentum=False,
-    weight_decay=0.0,
-    decoupled_weight_decay=False,
-    maximize=False,
-    bias_correction=False,
-    eps_in_sqrt=False,
-):
+def rmsprop_step(param, grad, state, t, lr, beta=DEFAULTS["beta"], epsilon=DEFAULTS["epsilon"], **options):
     """Step ``t`` (1-based) of any variant; returns the new param, updates ``state`` (a dict
-    with ``square_avg`` and, when used, ``grad_avg`` / ``momentum_buffer``)."""
+    with ``square_avg`` and, when used, ``grad_avg`` / ``momentum_buffer``). ``options`` are
+    :class:`fastrms.RMSprop`'s keyword options (:data:`fastrms.options.OPTIONS`); the formula
+    is ``docs/algorithm.md``'s."""
+    o = resolve({**options, "learning_rate": lr, "beta": beta, "epsilon": epsilon}, "rmsprop_step()")
+    momentum, centered, nesterov = o["momentum"], o["centered"], o["nesterov"]
+    lr_in_momentum, weight_decay, decoupled_weight_decay = (
+        o["lr_in_momentum"],
+        o["weight_decay"],
+        o["decoupled_weight_decay"],
+    )
+    maximize, bias_correction, eps_in_sqrt = o["maximize"], o["bias_correction"], o["eps_in_sqrt"]
     T = param.dtype.type
     lr_t, beta_t, omb = T(lr), T(beta), T(1.0 - beta)
     p = param.copy()
@@ -90,8 +84,17 @@ class RMSprop:
     ``skipped_steps`` and changes nothing else."""
 
     def __init__(
-        self, params, learning_rate=1e-3, beta=0.9, epsilon=1e-8, *, initial_scale=0.0, skip_nonfinite=False, **options
+        self,
+        params,
+        learning_rate=DEFAULTS["learning_rate"],
+        beta=DEFAULTS["beta"],
+        epsilon=DEFAULTS["epsilon"],
+        *,
+        initial_scale=DEFAULTS["initial_scale"],
+        skip_nonfinite=DEFAULTS["skip_nonfinite"],
+        **options,
     ):
+        resolve(options, "reference.RMSprop()")  # unknown names are refused here too
         self.skip_nonfinite, self.skipped_steps = skip_nonfinite, 0
         self.single = isinstance(params, np.ndarray)
         self.params = [params] if self.single else list(params)

@@ -25,12 +25,11 @@ import ctypes
 import os
 import sys
 import threading
-import weakref
 
 import numba
 
 _LOCK = threading.Lock()
-_OPTIMIZERS = weakref.WeakSet()
+_GENERATION = 0  # changes whenever parallel_mode() may answer differently (after a fork)
 _STATE = {
     "reason": "not set up",
     "tbb_library": None,
@@ -90,10 +89,10 @@ def setup():
     )
     if user:
         _STATE["user_choice"] = user
-        if user.lower() in _TBB_CHOICES and _launched_layer() is None:
+        if user.lower() in _TBB_CHOICES and active_layer() is None:
             _STATE["tbb_library"] = _load_tbb()
         _STATE["reason"] = f"threading layer {user!r} chosen by the user (NUMBA_THREADING_LAYER); fastrms adapts to it"
-    elif _launched_layer() is not None:
+    elif active_layer() is not None:
         _STATE["reason"] = "Numba's threads were already running when fastrms was imported"
     else:
         lib = _load_tbb()
@@ -135,7 +134,8 @@ def _user_layer_error(user, cause):
     )
 
 
-def _launched_layer():
+def active_layer():
+    """The threading layer Numba's thread pool runs on, or None before it has started."""
     try:
         return numba.threading_layer()
     except ValueError:
@@ -144,7 +144,7 @@ def _launched_layer():
 
 def layer():
     """The active threading layer, starting Numba's thread pool if it is not running yet."""
-    active = _launched_layer()
+    active = active_layer()
     if active is None:
         from numba.np.ufunc import parallel
 
@@ -190,18 +190,19 @@ def serialized(kernel):
     return call
 
 
-def register(optimizer):
-    """Track an optimizer so that a fork can move it to the serial kernels."""
-    _OPTIMIZERS.add(optimizer)
+def generation():
+    """A number that changes whenever :func:`parallel_mode` may answer differently (it does in
+    a child forked after its parent ran GNU OpenMP): callers cache their choice of kernels
+    and choose again when it changes. One global read."""
+    return _GENERATION
 
 
 def _after_fork_in_child():
-    global _LOCK
+    global _LOCK, _GENERATION
     _LOCK = threading.Lock()  # a lock held by another parent thread would never be released here
-    if _launched_layer() == "omp":
+    if active_layer() == "omp":
         _STATE["forked_after_omp"] = True
-        for opt in list(_OPTIMIZERS):
-            opt._choose_drivers()
+        _GENERATION += 1
 
 
 def info() -> dict:

@@ -9,10 +9,12 @@ import pytest
 from conftest import BIG, problem
 from numba import njit, prange
 
-from fastrms import kernels, reference
-from fastrms.cases import all_variants
+from fastrms import kernels, options, reference
+from fastrms.bench.cases import all_variants
 
-ARGS = (0.01, 0.9, 0.0, 1e-8, 0.01, 0.9, 1.0, 0.5)  # lr, beta, eps_in, eps_out, wd, mu, sign, bc
+ARGS = kernels.Scalars(
+    lr=0.01, beta=0.9, eps_in=0.0, eps_out=1e-8, weight_decay=0.01, momentum=0.9, sign=1.0, bias_correction=0.5
+)
 
 
 def _arrays(n, dtype, seed=0):
@@ -25,15 +27,33 @@ def _arrays(n, dtype, seed=0):
 def test_serial_and_parallel_drivers_are_bitwise_identical(key, n, dtype):
     serial, parallel = kernels.drivers(*key)
     a, b = _arrays(n, dtype), _arrays(n, dtype)
+    before = [x.copy() for x in a]
     for _ in range(3):
-        assert serial(*a, *ARGS) is False
-        assert parallel(*b, *ARGS) is True
+        serial(*a, *ARGS)
+        parallel(*b, *ARGS)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+    if n:  # the step happened: param, square_avg and the state the variant keeps changed
+        k = kernels.variant(*key)
+        for i, used in enumerate([True, False, True, k.uses_grad_avg, k.uses_momentum_buffer]):
+            assert (not np.array_equal(a[i], before[i])) == used, i
+
+
+def test_a_shell_refuses_arrays_it_could_run_past():
+    serial, parallel = kernels.drivers(True, 0, 1, False)
+    a = _arrays(10, np.float64)
+    for short in (1, 2, 3, 4):  # grad, square_avg, grad_avg, momentum_buffer
+        args = [x.copy() for x in a]
+        args[short] = args[short][:9]
+        for shell in (serial, parallel):
+            with pytest.raises(ValueError, match="size of param"):
+                shell(*args, *ARGS)
 
 
 def test_drivers_are_built_once_per_variant():
-    assert kernels.drivers(True, 1, 2, True) is kernels.drivers(True, 1, 2, True)
+    a, b = kernels.drivers(True, 1, 2, True), kernels.drivers(True, 1, 2, True)
+    assert a[0] is b[0] and a[1] is b[1] and a[0] is not a[1]
+    assert len(kernels.variants()) == len(set(kernels.variants())) == 30
     with pytest.raises(ValueError, match="nesterov"):
         kernels.drivers(nesterov=True)
     with pytest.raises(ValueError, match="unknown"):
@@ -156,10 +176,8 @@ def test_hot_loop_is_vectorised_on_the_width_llvm_chose(name, parallel, dtype):
     width = _chosen_width(np.dtype(dtype), parallel)
     if width is None:
         pytest.skip(f"LLVM does not vectorise even a minimal sqrt loop on this host ({platform.machine()})")
-    opts = all_variants()[name]
-    mom = (2 if opts.get("lr_in_momentum") else 1) if opts.get("momentum") else 0
-    wd = (2 if opts["decoupled_weight_decay"] else 1) if opts["weight_decay"] else 0
-    driver = kernels.drivers(opts["centered"], wd, mom, bool(opts.get("nesterov")))[parallel]
+    key = options.variant_key(options.resolve(all_variants()[name]))
+    driver = kernels.dense(key, parallel)
     fresh = njit(parallel=parallel, error_model="numpy", nogil=True)(driver.py_func)
     fresh(*_arrays(4, dtype), *ARGS)
     asm = "\n".join(fresh.inspect_asm().values())
@@ -188,12 +206,13 @@ def test_the_packed_patterns_tell_packed_from_scalar():
 _CACHE_SCRIPT = """
 import sys
 import numpy as np
-from fastrms import kernels, reference
+from fastrms import kernels, options, reference
 x = np.ones(64, np.float32)
 if sys.argv[1] == "others-first":
+    s = kernels.Scalars(0.1, 0.9, 0.0, 1e-8, 0.1, 0.9, 1.0, 1.0)
     for key in [(True, 1, 1, True), (True, 2, 2, False), (False, 1, 0, False)]:
         for driver in kernels.drivers(*key):
-            driver(x.copy(), x.copy(), x.copy(), x.copy(), x.copy(), 0.1, 0.9, 0.0, 1e-8, 0.1, 0.9, 1.0, 1.0)
+            driver(x.copy(), x.copy(), x.copy(), x.copy(), x.copy(), *s)
 p, g, v = np.linspace(-1, 1, 64).astype(np.float32), np.full(64, 0.5, np.float32), np.zeros(64, np.float32)
 ref = reference.rmsprop_step(p.copy(), g, {"square_avg": v.copy()}, 1, 0.01, 0.9, 1e-8)
 kernels.rmsprop_update(p, g, v, 0.01, 0.9, 1e-8)

@@ -10,7 +10,7 @@ from conftest import assert_unchanged, problem, snapshot
 
 import fastrms
 from fastrms import schedules
-from fastrms.cases import MAIN
+from fastrms.bench.cases import MAIN
 
 
 @pytest.mark.parametrize("name", MAIN)

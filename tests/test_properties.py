@@ -70,7 +70,7 @@ def test_serial_and_parallel_drivers_agree_bitwise(centered, wd, mom, nesterov, 
     arrays = [rng.standard_normal(n).astype(dtype) for _ in range(5)]
     arrays[2] = np.abs(arrays[2])
     a, b = [x.copy() for x in arrays], [x.copy() for x in arrays]
-    scalars = (
+    scalars = kernels.Scalars(
         rng.uniform(0, 0.1),
         rng.uniform(0, 0.999),
         0.0,
@@ -241,8 +241,11 @@ def test_any_array_kind_and_any_magnitude_is_a_clear_error_or_a_correct_step(dat
     # accepted: the values must be exactly the reference's on plain copies
     ref_p = start_param.copy()
     ref = reference.RMSprop(ref_p, **options)
-    ref.step(np.array(np.asarray(grad), order="C"))
-    np.testing.assert_array_equal(np.asarray(param).reshape(-1), ref_p.reshape(-1))
+    with np.errstate(all="ignore"):  # g / eps may overflow for some data: both must agree then too
+        ref.step(np.array(np.asarray(grad), order="C"))
+    got, want = np.asarray(param).reshape(-1), ref_p.reshape(-1)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan) and got[~nan].tobytes() == want[~nan].tobytes()
     assert np.all(guard[:16] == 0) and np.all(guard[16 + n :] == 0)
 
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from fastrms import reference
-from fastrms.cases import all_variants
+from fastrms.bench.cases import all_variants
 
 
 def scalar_step(p, g, st, t, lr, beta, eps, o):
-    """DESIGN.md's update for one float64 element, in plain Python."""
+    """docs/algorithm.md's update for one float64 element, in plain Python."""
     if o.get("maximize"):
         g = -g
     wd = o.get("weight_decay", 0.0)

@@ -1,12 +1,16 @@
 """``fastrms bench``: sweep sizes, print the table, write JSON, a plot and the README block.
 
-Every figure is a ratio measured in one process (see :mod:`fastrms.benchmark`):
+Every figure is a ratio measured in one process (see :mod:`fastrms.bench.peers` and :mod:`fastrms.bench.timing`):
 
 - ``us/step``: median microseconds of ``RMSprop.step`` (validation included);
 - ``GB/s``: bytes a fused step must move divided by that time;
-- ``% limit``: the same-traffic kernel's time over fastrms's (100 % = at the bandwidth limit);
-- ``x seed`` / ``x out=`` / ``x torch``: how many times faster than the seed's NumPy step,
-  NumPy with ``out=`` buffers, and ``torch.optim.RMSprop(foreach=True)``.
+- ``% traffic``: the same-traffic kernel's time over fastrms's (100 % = at the bandwidth limit);
+- ``% bespoke``: the bespoke loop's time over fastrms's (100 % = as fast as a loop hand-written
+  for that one variant, constants folded);
+- ``% limit``: the slower of those two kernels over fastrms's: the limit of an exact step;
+- ``x seed`` / ``x out=`` / ``x torch`` / ``x JAX``: how many times faster than the seed's
+  NumPy step, NumPy with ``out=`` buffers, ``torch.optim.RMSprop(foreach=True)`` and optax's
+  rmsprop under ``jax.jit`` with donated buffers.
 """
 
 import json
@@ -14,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__, runtime
-from . import benchmark as B
+from .. import __version__, runtime
+from . import peers, timing
 from .cases import ALL, MAIN
 
 FULL_SIZES = (100, 1_000, 10_000, 100_000, 1_000_000, 3_000_000, 10_000_000, 30_000_000)
@@ -32,8 +36,8 @@ def sweep(variants, dtypes, sizes, rounds, target, progress=True):
         for variant, dtype, n in cases:
             if bar:
                 bar.update(f"{variant} {dtype} n={n:.0e}")
-            problem = B.Problem(n, dtype, ALL[variant])
-            times = B.measure(problem, list(B.IMPLEMENTATIONS), rounds=rounds, target=target)
+            problem = peers.Problem(n, dtype, ALL[variant])
+            times = timing.measure(problem, list(peers.IMPLEMENTATIONS), rounds=rounds, target=target)
             rows.append(dict(variant=variant, dtype=dtype, n=n, bytes_per_step=problem.bytes_per_step, seconds=times))
             del problem
             if bar:
@@ -88,13 +92,17 @@ def summarize(row):
     def ratio(name):
         return s[name] / f if name in s else None
 
+    bounds = [s[k] for k in ("traffic", "bespoke") if k in s]
     return {
         "us_per_step": f * 1e6,
         "gb_per_s": row["bytes_per_step"] / f / 1e9,
-        "pct_of_limit": 100.0 * s["traffic"] / f if "traffic" in s else None,
+        "pct_of_traffic": 100.0 * s["traffic"] / f if "traffic" in s else None,
+        "pct_of_bespoke": 100.0 * s["bespoke"] / f if "bespoke" in s else None,
+        "pct_of_limit": 100.0 * max(bounds) / f if bounds else None,
         "x_seed": ratio("numpy_seed"),
         "x_out": ratio("numpy_out"),
         "x_torch": ratio("torch_foreach"),
+        "x_jax": ratio("jax_optax"),
     }
 
 
@@ -104,10 +112,13 @@ COLUMNS = [
     ("n", "n", "{:.0e}"),
     ("us/step", "us_per_step", "{:.1f}"),
     ("GB/s", "gb_per_s", "{:.1f}"),
+    ("% traffic", "pct_of_traffic", "{:.0f}%"),
+    ("% bespoke", "pct_of_bespoke", "{:.0f}%"),
     ("% limit", "pct_of_limit", "{:.0f}%"),
     ("x seed NumPy", "x_seed", "{:.1f}x"),
     ("x NumPy out=", "x_out", "{:.1f}x"),
     ("x torch foreach", "x_torch", "{:.1f}x"),
+    ("x JAX optax", "x_jax", "{:.1f}x"),
 ]
 
 
@@ -204,43 +215,54 @@ def update_readme(path, block):
     path.write_text(f"{head}{README_START}\n{block}\n{README_END}{tail}")
 
 
-def run_threshold(args):
-    """``fastrms bench --threshold``: where the parallel driver starts to win."""
-    from . import kernels
+def run_threshold(variants=None, dtypes=None, rounds=None):
+    """``fastrms bench --threshold``: where the parallel shell starts to win."""
+    from .. import kernels
 
-    variants = args.variants or ["plain", "centered_momentum"]
-    dtypes = args.dtypes or ["float32", "float64"]
+    variants = variants or ["plain", "centered_momentum"]
+    dtypes = dtypes or ["float32", "float64"]
     print(f"PARALLEL_MIN_BYTES = {kernels.PARALLEL_MIN_BYTES} bytes moved per step")
     for variant in variants:
         for dtype in dtypes:
-            rows, first = B.crossover(ALL[variant], dtype, rounds=7 if args.rounds is None else args.rounds)
+            rows, first = timing.crossover(ALL[variant], dtype, rounds=7 if rounds is None else rounds)
             cells = "  ".join(f"{n}:{s * 1e6:.1f}/{p * 1e6:.1f}us" for n, _, s, p in rows)
             won = "never" if first is None else f"n={first} ({next(b for n, b, _, _ in rows if n == first)} bytes)"
             print(f"{variant} {dtype}: serial/parallel {cells}\n  parallel first faster at {won}")
     return 0
 
 
-def run(args):
-    """The ``fastrms bench`` command."""
-    if args.threshold:
-        return run_threshold(args)
-    sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
-    variants = args.variants or (["plain", "centered_momentum"] if args.quick else list(MAIN))
-    dtypes = args.dtypes or (["float32"] if args.quick else ["float32", "float64"])
-    rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
-    target = 0.005 if args.quick else 0.03
-    rows = sweep(variants, dtypes, sizes, rounds, target, progress=not args.no_progress)
-    machine = B.machine()
-    machine["threading_layer"] = runtime._launched_layer() or "unused"
+def run(
+    *,
+    output,
+    command,
+    quick=False,
+    sizes=None,
+    variants=None,
+    dtypes=None,
+    rounds=None,
+    readme=(),
+    progress=True,
+):
+    """Sweep, print the table, and write ``bench.json``, ``bench.md`` and ``bench.png`` into
+    ``output`` (and the table into each ``readme``). ``command`` is how it was invoked, for
+    the footnote. Arguments are already checked (see :mod:`fastrms.cli`)."""
+    sizes = sizes or (QUICK_SIZES if quick else FULL_SIZES)
+    variants = variants or (["plain", "centered_momentum"] if quick else list(MAIN))
+    dtypes = dtypes or (["float32"] if quick else ["float32", "float64"])
+    rounds = rounds if rounds is not None else (3 if quick else 7)
+    target = 0.005 if quick else 0.03
+    rows = sweep(variants, dtypes, sizes, rounds, target, progress=progress)
+    machine = timing.machine()
+    machine["threading_layer"] = runtime.active_layer() or "unused"
     result = dict(
         version=__version__,
         date=time.strftime("%Y-%m-%d"),
-        command="fastrms bench " + " ".join(args.argv),
+        command=command,
         rounds=rounds,
         machine=machine,
         rows=rows,
     )
-    out = Path(args.output)
+    out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1))
     (out / "bench.md").write_text(markdown(result) + "\n")
@@ -250,7 +272,7 @@ def run(args):
         print(f"wrote {plot(result, out / 'bench.png')}")
     except ImportError:
         print("no plot: matplotlib is not installed (pip install 'fastrms[bench]')", file=sys.stderr)
-    for path in args.readme or ():
+    for path in readme or ():
         update_readme(path, markdown(result))
         print(f"updated the benchmark table in {path}")
     return 0

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from fastrms import cli, report
+from fastrms import cli
+from fastrms.bench import report
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,104 @@
+"""Timing: interleaved rounds, medians, and the machine a figure was measured on.
+
+Timings interleave the implementations round by round and take medians, so that a noisy
+shared machine shifts all of them alike and the ratios hold.
+"""
+
+import platform
+import time
+
+import numpy as np
+
+from .. import kernels
+from ..options import resolve, scalars, state_names, variant_key
+from .peers import Problem, available, setup
+
+
+def _calls_per_sample(step, target=0.02):
+    """How many calls make a sample of about ``target`` seconds (at least 1)."""
+    step()  # warm: compile or load from cache
+    calls = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            step()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= target / 4 or calls >= 1 << 20:
+            return max(1, int(calls * target / max(elapsed, 1e-9)))
+        calls *= 4
+
+
+def measure(problem, names, rounds=7, target=0.02):
+    """Median seconds per step of each implementation on ``problem``, interleaved round by round."""
+    steps = {}
+    for name in names:
+        made = setup(name, problem) if available(name) else None
+        if made is not None:
+            steps[name] = made[0]
+    return measure_calls(steps, rounds, target)
+
+
+def measure_calls(steps, rounds=7, target=0.02):
+    """Median seconds per call of each zero-argument callable in ``steps``, interleaved."""
+    calls = {name: _calls_per_sample(step, target) for name, step in steps.items()}
+    samples = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            k = calls[name]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                step()
+            samples[name].append((time.perf_counter() - t0) / k)
+    return {name: float(np.median(s)) for name, s in samples.items()}
+
+
+def crossover(options, dtype, sizes=tuple(1 << k for k in range(10, 19)), rounds=7):
+    """Time a variant's serial and parallel drivers side by side over ``sizes``; returns rows
+    ``(n, bytes_per_step, serial_s, parallel_s)`` and the first size where parallel wins
+    (for choosing :data:`fastrms.kernels.PARALLEL_MIN_BYTES`)."""
+    rows, first = [], None
+    hyper = resolve({**Problem(0, dtype).hyper, **options}, "crossover()")
+    key = variant_key(hyper)
+    names = state_names(hyper)
+    for n in sizes:
+        problem = Problem(n, dtype, options)
+        p, g = problem.fresh()
+        state = {
+            name: np.zeros_like(p) if name in names else p[:0] for name in ("square_avg", "grad_avg", "momentum_buffer")
+        }
+        args = (p, g, state["square_avg"], state["grad_avg"], state["momentum_buffer"], *scalars(hyper, 1e-3, 1))
+        serial, parallel = kernels.dense(key, False), kernels.dense(key, True)
+        steps = {"serial": lambda k=serial, a=args: k(*a), "parallel": lambda k=parallel, a=args: k(*a)}
+        times = measure_calls(steps, rounds)
+        rows.append((n, problem.bytes_per_step, times["serial"], times["parallel"]))
+        if first is None and times["parallel"] < times["serial"]:
+            first = n
+    return rows, first
+
+
+def machine():
+    """CPU, core count, threading layer and versions, for any published figure."""
+    import numba
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": numba.config.NUMBA_NUM_THREADS,
+        "threads": numba.get_num_threads(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info

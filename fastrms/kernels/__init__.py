@@ -1,0 +1,120 @@
+"""The fused RMSprop kernels: Numba code and nothing else (this package imports nothing from
+the rest of fastrms, so user ``@njit`` code can call it directly).
+
+- :mod:`.element`: the per-element update, written once, specialised per :class:`Variant`;
+- :mod:`.dense`: loop shells over whole flat arrays (in place), serial and parallel;
+- :mod:`.reduce`: read-only passes (the non-finite check behind ``skip_nonfinite``);
+- :func:`rmsprop_update`: the plain step, for user ``@njit`` code;
+- :func:`drivers`: the serial and parallel dense shells of a variant;
+- :func:`step_bytes` and :data:`PARALLEL_MIN_BYTES`: the traffic rule behind the
+  serial/parallel choice.
+
+Each shell reads ``param``, ``grad`` and the state arrays once and writes ``param`` and the
+state once, element by element: no temporaries and no second pass. Scalars arrive as a
+:class:`Scalars` of Python floats and are rounded once to the arrays' dtype, so float32
+arrays are updated in float32 arithmetic throughout.
+"""
+
+from . import _jit
+from ._jit import jit
+from .dense import dense
+from .element import (
+    MOM_INSIDE,
+    MOM_NONE,
+    MOM_OUTSIDE,
+    WD_COUPLED,
+    WD_DECOUPLED,
+    WD_NONE,
+    Scalars,
+    Variant,
+    element,
+    variant,
+    variants,
+)
+from .reduce import nonfinite_parallel, nonfinite_serial
+
+__all__ = [
+    "MOM_INSIDE",
+    "MOM_NONE",
+    "MOM_OUTSIDE",
+    "PARALLEL_MIN_BYTES",
+    "WD_COUPLED",
+    "WD_DECOUPLED",
+    "WD_NONE",
+    "Scalars",
+    "Variant",
+    "dense",
+    "drivers",
+    "element",
+    "nonfinite_parallel",
+    "nonfinite_serial",
+    "rmsprop_update",
+    "step_bytes",
+    "variant",
+    "variants",
+]
+
+#: A step that moves at least this many bytes (param, grad and state read; param and state
+#: written) runs on the parallel shell; a smaller one on the serial shell, since a parallel
+#: launch costs several microseconds. Measured on 2 cores (``fastrms bench --threshold``):
+#: the parallel shell starts to win between about 0.5 MiB (centered + momentum, float64)
+#: and 1.3 MiB (plain, float32) of traffic.
+PARALLEL_MIN_BYTES = 3 << 18
+
+
+def __getattr__(attr):
+    if attr == "CACHE_STATUS":  # "on", or why kernels are compiled in memory only
+        return _jit.CACHE_STATUS
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+@jit()
+def step_bytes(size, itemsize, state_arrays):
+    """Bytes one fused step moves: reads 2 + k arrays, writes 1 + k (k state arrays)."""
+    return size * itemsize * (3 + 2 * state_arrays)
+
+
+def drivers(centered=False, wd_mode=WD_NONE, mom_mode=MOM_NONE, nesterov=False):
+    """Return ``(serial, parallel)``, the two in-place dense shells of one variant.
+
+    Both take ``(param, grad, square_avg, grad_avg, momentum_buffer, *scalars)`` (see
+    :mod:`.dense`; ``scalars`` a :class:`Scalars`), update in place and return whether they
+    ran in parallel.
+    """
+    key = variant(centered, wd_mode, mom_mode, nesterov)
+    return dense(key, False), dense(key, True)
+
+
+_plain_serial, _plain_parallel = drivers()
+
+
+@jit()
+def rmsprop_update(param, grad, square_avg, learning_rate, beta, epsilon):
+    """The plain RMSprop step, in place, callable from Python or from ``@njit`` code::
+
+        v <- beta * v + (1 - beta) * g^2
+        p <- p - learning_rate * g / (sqrt(v) + epsilon)
+
+    ``param``, ``grad`` and ``square_avg`` are C-contiguous float32 or float64 arrays of one
+    dtype and size (any shape); float32 stays float32. Large arrays run in parallel. Returns
+    nothing. Example::
+
+        from numba import njit
+        from fastrms.kernels import rmsprop_update
+
+        @njit
+        def train(w, v, g, steps):
+            for _ in range(steps):
+                g[:] = 2.0 * w - 1.0          # the gradient of sum((w - 0.5)**2)
+                rmsprop_update(w, g, v, 0.01, 0.9, 1e-8)
+    """
+    n = param.size
+    if grad.size != n or square_avg.size != n:
+        raise ValueError("rmsprop_update: param, grad and square_avg must have one size")
+    p = param.reshape(n)
+    g = grad.reshape(n)
+    v = square_avg.reshape(n)
+    if step_bytes(n, param.itemsize, 1) >= PARALLEL_MIN_BYTES:
+        _plain_parallel(p, g, v, p[:0], p[:0], learning_rate, beta, 0.0, epsilon, 0.0, 0.0, 1.0, 1.0)
+    else:
+        _plain_serial(p, g, v, p[:0], p[:0], learning_rate, beta, 0.0, epsilon, 0.0, 0.0, 1.0, 1.0)

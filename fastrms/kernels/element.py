@@ -1,0 +1,172 @@
+"""The per-element RMSprop update, written once, one compiled specialisation per variant.
+
+For step ``t``, per element (``docs/algorithm.md`` is the contract)::
+
+    g <- sign * grad                              sign = -1 when maximizing
+    coupled weight decay:     g <- g + wd * p
+    decoupled weight decay:   p <- p - (lr * wd) * p
+    v <- beta * v + (1 - beta) * g^2
+    centered:                 m <- beta * m + (1 - beta) * g
+    v^ = v / bc,  m^ = m / bc                     bc = 1 - beta^t, or 1 without bias correction
+    s  = max(v^ - m^^2, 0) if centered else v^
+    d  = sqrt(s + eps_in) + eps_out               one of eps_in / eps_out is 0
+    u  = g / d
+    no momentum:              p <- p - lr * u
+    momentum, lr outside:     b <- mu * b + u;       p <- p - lr * (u + mu * b if nesterov else b)
+    momentum, lr inside:      b <- mu * b + lr * u;  p <- p - (lr * u + mu * b if nesterov else b)
+
+The options that change which arrays are touched (centring, the momentum mode, Nesterov,
+the weight-decay mode) are compile-time constants of each specialisation, so a variant pays
+only for what it uses. ``sign``, ``eps_in``/``eps_out`` and ``bc`` are runtime scalars: their
+neutral values (1, 0, 1) leave the arithmetic bit-exact, and ``bc == 1`` skips the division
+through a loop-invariant branch that LLVM hoists out of the loop.
+
+:func:`element` returns an ``inline="always"`` function ``(p, g, v, m, b, k) -> (p, v, m, b)``:
+loop shells (:mod:`.dense` and those to come) read the arrays, call it and write back what
+the variant keeps. ``k`` is :func:`constants`' tuple, already rounded to the arrays' dtype.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from ._jit import name
+
+#: Weight-decay modes (compile-time).
+WD_NONE, WD_COUPLED, WD_DECOUPLED = 0, 1, 2
+#: Momentum modes (compile-time): none, PyTorch's (lr outside the buffer), Keras/TF1/optax's
+#: (lr inside the buffer).
+MOM_NONE, MOM_OUTSIDE, MOM_INSIDE = 0, 1, 2
+
+
+class Variant(NamedTuple):
+    """The compile-time options of one kernel variant."""
+
+    centered: bool = False
+    wd_mode: int = WD_NONE
+    mom_mode: int = MOM_NONE
+    nesterov: bool = False
+
+    @property
+    def tag(self):
+        """A name of its own for the variant's compiled functions (``c1_w2_m1_n0``)."""
+        return f"c{self.centered:d}_w{self.wd_mode:d}_m{self.mom_mode:d}_n{self.nesterov:d}"
+
+    @property
+    def uses_grad_avg(self):
+        return self.centered
+
+    @property
+    def uses_momentum_buffer(self):
+        return self.mom_mode != MOM_NONE
+
+
+def variant(centered=False, wd_mode=WD_NONE, mom_mode=MOM_NONE, nesterov=False):
+    """A checked :class:`Variant`."""
+    key = Variant(bool(centered), int(wd_mode), int(mom_mode), bool(nesterov))
+    if key.mom_mode not in (MOM_NONE, MOM_OUTSIDE, MOM_INSIDE) or key.wd_mode not in (
+        WD_NONE,
+        WD_COUPLED,
+        WD_DECOUPLED,
+    ):
+        raise ValueError(f"unknown kernel variant {tuple(key)}")
+    if key.nesterov and key.mom_mode == MOM_NONE:
+        raise ValueError("nesterov needs a momentum mode")
+    return key
+
+
+def variants():
+    """Every valid :class:`Variant`, in a fixed order."""
+    return [
+        Variant(c, wd, mom, nest)
+        for c in (False, True)
+        for mom, nest in (
+            (MOM_NONE, False),
+            (MOM_OUTSIDE, False),
+            (MOM_OUTSIDE, True),
+            (MOM_INSIDE, False),
+            (MOM_INSIDE, True),
+        )
+        for wd in (WD_NONE, WD_COUPLED, WD_DECOUPLED)
+    ]
+
+
+class Scalars(NamedTuple):
+    """The runtime scalars of one step, as Python floats (float64); the kernels round each
+    once to the arrays' dtype (``1 - beta`` and ``lr * weight_decay`` are formed in float64
+    first). They travel together in Python and are passed unpacked (``shell(..., *scalars)``):
+    Numba dispatches eight floats in a fraction of the time it takes to type a tuple."""
+
+    lr: float
+    beta: float
+    eps_in: float
+    eps_out: float
+    weight_decay: float
+    momentum: float
+    sign: float
+    bias_correction: float
+
+
+@njit(inline="always")
+def constants(T, lr, beta, eps_in, eps_out, weight_decay, momentum, sign, bias_correction):
+    """The :class:`Scalars` as the element function uses them, each rounded once to dtype
+    ``T``: ``(lr, beta, 1 - beta, eps_in, eps_out, wd, lr * wd, mu, sign, bc, bc != 1, 0)``."""
+    bc = T(bias_correction)
+    return (
+        T(lr),
+        T(beta),
+        T(1.0 - beta),
+        T(eps_in),
+        T(eps_out),
+        T(weight_decay),
+        T(lr * weight_decay),
+        T(momentum),
+        T(sign),
+        bc,
+        bc != T(1.0),
+        T(0.0),
+    )
+
+
+_ELEMENTS = {}
+
+
+def element(key):
+    """The ``inline="always"`` per-element update of variant ``key`` (a :class:`Variant`)."""
+    fn = _ELEMENTS.get(key)
+    if fn is None:
+        fn = _ELEMENTS[key] = _make_element(*key)
+    return fn
+
+
+def _make_element(centered, wd_mode, mom_mode, nesterov):
+    def update(p, g, v, m, b, k):
+        lr, beta, one_minus_beta, eps_in, eps_out, wd, lr_wd, mu, sign, bc, correct, zero = k
+        g = sign * g
+        if wd_mode == WD_COUPLED:
+            g = g + wd * p
+        elif wd_mode == WD_DECOUPLED:
+            p = p - lr_wd * p
+        v = beta * v + one_minus_beta * (g * g)
+        if centered:
+            m = beta * m + one_minus_beta * g
+            mhat = m / bc if correct else m
+            s = (v / bc if correct else v) - mhat * mhat
+            s = zero if s < zero else s  # max(s, 0); NaN passes through, as np.maximum does
+        else:
+            s = v / bc if correct else v
+        u = g / (np.sqrt(s + eps_in) + eps_out)
+        if mom_mode == MOM_OUTSIDE:
+            b = mu * b + u
+            p = p - lr * (u + mu * b) if nesterov else p - lr * b
+        elif mom_mode == MOM_INSIDE:
+            step = lr * u
+            b = mu * b + step
+            p = p - (step + mu * b) if nesterov else p - b
+        else:
+            p = p - lr * u
+        return p, v, m, b
+
+    name(update, f"element_c{centered:d}_w{wd_mode:d}_m{mom_mode:d}_n{nesterov:d}")
+    return njit(inline="always")(update)

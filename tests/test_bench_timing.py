@@ -1,0 +1,22 @@
+"""fastrms.bench.timing: interleaved medians, the serial/parallel crossover, the machine."""
+
+import numpy as np
+
+from fastrms.bench import peers, timing
+
+
+def test_measure_returns_a_positive_median_for_each_available_implementation():
+    res = timing.measure(peers.Problem(1000, np.float32), ["fastrms", "numpy_seed", "traffic"], rounds=3, target=0.002)
+    assert set(res) == {"fastrms", "numpy_seed", "traffic"} and all(v > 0 for v in res.values())
+
+
+def test_machine_names_cpu_and_versions():
+    info = timing.machine()
+    assert {"cpu", "cores", "threads", "numpy", "numba", "python"} <= info.keys()
+
+
+def test_crossover_times_both_drivers_on_the_same_arrays():
+    rows, first = timing.crossover({}, "float32", sizes=(1024, 4096), rounds=1)
+    assert [r[0] for r in rows] == [1024, 4096] and [r[1] for r in rows] == [20480, 81920]
+    assert all(s > 0 and p > 0 for _, _, s, p in rows)
+    assert first == next((n for n, _, s, p in rows if p < s), None)

@@ -1,0 +1,69 @@
+"""fastrms.options: the one table of options, and what derives from it."""
+
+import inspect
+
+import numpy as np
+import pytest
+
+import fastrms
+from fastrms import kernels, options, reference
+from fastrms.presets import ALIASES
+
+
+def test_the_optimizers_signature_is_the_table():
+    params = inspect.signature(fastrms.RMSprop).parameters
+    assert list(params)[1:] == list(options.NAMES)
+    assert {n: p.default for n, p in params.items() if n != "params"} == options.DEFAULTS
+    assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in options.NAMES[3:])
+    doc = fastrms.RMSprop.__doc__
+    assert all(f"{n} : " in doc for n in options.NAMES) and "OPTIONS_TABLE" not in doc
+
+
+def test_the_references_keywords_are_the_table():
+    p, g = np.ones(3), np.ones(3)
+    for name in options.NAMES:
+        if name in ("learning_rate", "initial_scale", "skip_nonfinite"):
+            continue
+        reference.rmsprop_step(p, g, {"square_avg": np.zeros(3)}, 1, 0.1, **{name: options.DEFAULTS[name]})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'alpha'"):
+        reference.rmsprop_step(p, g, {"square_avg": np.zeros(3)}, 1, 0.1, alpha=0.9)
+
+
+def test_an_unknown_option_is_a_typeerror_naming_it():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'betas'"):
+        fastrms.RMSprop(np.ones(2), betas=(0.9, 0.99))
+
+
+def test_every_variant_round_trips_through_its_options():
+    keys = kernels.variants()
+    assert len(keys) == 30
+    for key in keys:
+        assert options.variant_key(options.resolve(options.options_for(key))) == key
+
+
+def test_state_names_follow_the_variant():
+    assert options.state_names({}) == ("square_avg",)
+    assert options.state_names({"centered": True, "momentum": 0.5}) == ("square_avg", "grad_avg", "momentum_buffer")
+    assert options.state_names({"momentum": 0.5, "nesterov": True}) == ("square_avg", "momentum_buffer")
+
+
+def test_aliases_come_from_the_spellings():
+    assert ALIASES["torch"] == {"lr": "learning_rate", "alpha": "beta", "eps": "epsilon"}
+    assert ALIASES["optax"] == {"decay": "beta", "eps": "epsilon"}
+    for library, table in ALIASES.items():
+        for spelling, name in table.items():
+            assert options.BY_NAME[name].spellings[library] == spelling
+
+
+def test_scalars_place_epsilon_sign_and_bias_correction():
+    h = options.resolve({"eps_in_sqrt": True, "maximize": True, "bias_correction": True, "beta": 0.5})
+    s = options.scalars(h, 0.1, 2)
+    assert (s.eps_in, s.eps_out, s.sign, s.bias_correction) == (1e-8, 0.0, -1.0, 0.75)
+    s = options.scalars(options.resolve({}), 0.1, 2)
+    assert (s.eps_in, s.eps_out, s.sign, s.bias_correction) == (0.0, 1e-8, 1.0, 1.0)
+
+
+def test_the_formula_options_are_what_a_checkpoint_must_agree_on():
+    f = options.formula(options.resolve({"momentum": 0.5}))
+    assert f["momentum > 0"] and not f["weight_decay > 0"] and "skip_nonfinite" not in f
+    assert "learning_rate" not in f and "beta" not in f and "maximize" in f
