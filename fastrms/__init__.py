@@ -1,6 +1,7 @@
 """fastrms: RMSprop as one fused, in-place Numba pass over flat float arrays.
 
 Public face: :class:`RMSprop` (the optimizer), :func:`rmsprop` (the seed article's function),
+:func:`pack` (many arrays in one buffer),
 :mod:`fastrms.schedules`, :mod:`fastrms.kernels` (callable from your own ``@njit`` code) and
 :mod:`fastrms.reference` (the pure-NumPy version, for comparison).
 """
@@ -10,6 +11,7 @@ from . import runtime
 runtime.setup()  # before any parallel kernel runs: choose a thread- and fork-safe layer
 
 from . import kernels, reference, schedules  # noqa: E402
+from .layout import pack  # noqa: E402
 from .optimizer import RMSprop  # noqa: E402
 from .presets import PRESETS  # noqa: E402
 from .runtime import info  # noqa: E402
@@ -17,4 +19,4 @@ from .seed import rmsprop  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["RMSprop", "rmsprop", "schedules", "kernels", "reference", "info", "PRESETS", "__version__"]
+__all__ = ["RMSprop", "rmsprop", "pack", "schedules", "kernels", "reference", "info", "PRESETS", "__version__"]

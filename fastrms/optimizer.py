@@ -17,47 +17,13 @@ import numpy as np
 
 from . import checkpoint, kernels, runtime
 from . import options as O
-from ._checks import flat_view, float_array
+from ._checks import float_array
+from .kernels import contiguous_address
+from .layout import Group, Slot, address, grad_span
 from .options import check_hyperparameters, check_learning_rate_fit, state_names
 from .presets import preset_options
 
 __all__ = ["RMSprop", "state_names"]
-
-#: Above this many owned arrays, grads are checked for overlap by address bisection (O(log n)
-#: per grad) instead of one ``np.may_share_memory`` per owned array.
-_LINEAR_OVERLAP_CHECK = 8
-
-
-class _Slot:
-    """One parameter array, its state (flat, allocated once) and whether its step is big
-    enough for the parallel shell."""
-
-    __slots__ = (
-        "param",
-        "array",
-        "shape",
-        "dtype",
-        "flat",
-        "square_avg",
-        "grad_avg",
-        "momentum_buffer",
-        "names",
-        "owned",
-        "big",
-    )
-
-    def __init__(self, param, array, hyper):
-        # param: the user's own object (returned by .params); array: a plain ndarray view of it
-        self.param, self.array, self.shape, self.dtype = param, array, array.shape, array.dtype
-        self.flat = flat_view(array)
-        self.names = state_names(hyper)
-        empty = self.flat[:0]
-        self.grad_avg = self.momentum_buffer = empty
-        self.square_avg = np.full(param.size, hyper["initial_scale"], dtype=param.dtype)
-        for name in self.names[1:]:
-            setattr(self, name, np.zeros_like(self.flat))
-        self.owned = tuple(a for a in (array, *(getattr(self, n) for n in self.names)) if a.size)
-        self.big = kernels.step_bytes(array.size, array.itemsize, len(self.names)) >= kernels.PARALLEL_MIN_BYTES
 
 
 def _grad_name(index):
@@ -65,7 +31,7 @@ def _grad_name(index):
 
 
 def _span(a):
-    start = a.__array_interface__["data"][0]
+    start = address(a)
     return start, start + a.nbytes
 
 
@@ -128,7 +94,8 @@ class RMSprop:
         self._skipped_steps = 0
         self._last_lr = None
         self._busy = threading.Lock()
-        self._install([_Slot(p, a, hyper) for p, a in zip(given, arrays)], hyper)
+        names = state_names(hyper)
+        self._install([Slot(p, a, names) for p, a in zip(given, arrays)], hyper)
 
     @classmethod
     def like(cls, name, params, **overrides):
@@ -138,36 +105,55 @@ class RMSprop:
         return cls(params, **preset_options(name, overrides))
 
     def _install(self, slots, hyper):
-        """Take new slots and hyperparameters (both already validated) and pick the kernels."""
+        """Take slots and hyperparameters (both validated), group the arrays by dtype (one
+        kernel call per group; state allocated per group) and pick the kernels."""
         self._slots = slots
+        self._hyper = hyper
+        self._variant = O.variant_key(hyper)
+        if not hasattr(self, "_groups"):
+            order = list(dict.fromkeys(s.dtype for s in slots))
+            members = [[i for i, s in enumerate(slots) if s.dtype == dtype] for dtype in order]
+            self._groups = [Group(m, [slots[i] for i in m], hyper, self._variant) for m in members]
         owned = sorted(_span(a) for s in slots for a in s.owned)
         self._owned_starts = [start for start, _ in owned]
         self._owned_ends = [end for _, end in owned]
-        # Few arrays: one np.may_share_memory each; many: bisect their sorted address ranges.
-        few = len(owned) <= _LINEAR_OVERLAP_CHECK
-        self._owned = tuple(a for s in slots for a in s.owned) if few else None
-        self._hyper = hyper
+        self._owned_starts_np = np.array(self._owned_starts, dtype=np.int64)
+        self._owned_ends_np = np.array(self._owned_ends, dtype=np.int64)
+        self._param_nbytes = np.array([s.flat.nbytes for s in slots], dtype=np.int64)
+        # params that all tile one buffer (fastrms.pack) may be stepped with one flat grad
+        only = self._groups[0] if len(self._groups) == 1 else None
+        self._packed = only if only is not None and only.kind == "flat" else None
         lr = hyper["learning_rate"]
         self._schedule = lr if callable(lr) else None
         self._lr = None if callable(lr) else lr
-        self._variant = O.variant_key(hyper)
         self._bias_correction = hyper["bias_correction"]
         self._scalars = O.scalars(hyper, math.nan, 1)  # NaN: never equal, so the first step builds them
         self._skip_nonfinite = hyper["skip_nonfinite"]
         self._choose_kernels()  # starts the thread pool for big arrays: a layer that cannot start fails here
 
     def _choose_kernels(self):
-        """Give each slot its (update, non-finite check) pair for this process's parallel mode;
-        done again only when :func:`fastrms.runtime.generation` changes (after a fork)."""
+        """Give each group its kernels for this process's parallel mode: ``{"dense": (update,
+        check), "segments": (update, check)}`` and whether they are the parallel ones; done
+        again only when :func:`fastrms.runtime.generation` changes (after a fork)."""
         generation = runtime.generation()
-        serial, parallel = kernels.dense(self._variant, False), kernels.dense(self._variant, True)
-        check_serial, check_parallel = kernels.nonfinite_serial, kernels.nonfinite_parallel
-        mode = runtime.parallel_mode() if any(s.big for s in self._slots) else "free"
-        if mode == "serialized":
-            parallel, check_parallel = runtime.serialized(parallel), runtime.serialized(check_parallel)
-        elif mode == "serial":
-            parallel, check_parallel = serial, check_serial
-        self._chosen = [(parallel, check_parallel) if s.big else (serial, check_serial) for s in self._slots]
+        mode = runtime.parallel_mode() if any(g.big for g in self._groups) else "free"
+        chosen = []
+        for group in self._groups:
+            parallel = group.big and mode != "serial"
+            pairs = {
+                "dense": (
+                    kernels.dense(self._variant, parallel),
+                    kernels.nonfinite_parallel if parallel else kernels.nonfinite_serial,
+                ),
+                "segments": (
+                    kernels.segments(self._variant, parallel),
+                    kernels.nonfinite_segments_parallel if parallel else kernels.nonfinite_segments_serial,
+                ),
+            }
+            if parallel and mode == "serialized":
+                pairs = {k: (runtime.serialized(u), runtime.serialized(c)) for k, (u, c) in pairs.items()}
+            chosen.append((pairs, parallel))
+        self._chosen = chosen
         self._generation = generation
 
     # ------------------------------------------------------------------ properties
@@ -205,12 +191,22 @@ class RMSprop:
 
     @property
     def parallel(self) -> "list[bool]":
-        """For each param, whether its step runs on the parallel shell here (by the bytes it
-        moves, :data:`fastrms.kernels.PARALLEL_MIN_BYTES`, and the threading layer)."""
+        """For each param, whether its step runs on a parallel shell here (by the bytes its
+        dtype group moves, :data:`fastrms.kernels.PARALLEL_MIN_BYTES`, and the threading layer)."""
         if self._generation != runtime.generation():
             self._choose_kernels()
-        serial = kernels.dense(self._variant, False)
-        return [update is not serial for update, _ in self._chosen]
+        out = [False] * len(self._slots)
+        for group, (_, parallel) in zip(self._groups, self._chosen):
+            for i in group.indices:
+                out[i] = parallel
+        return out
+
+    @property
+    def kernel_calls(self) -> "list[str]":
+        """How each dtype group of params is stepped, one kernel call each: ``"dense"`` (one
+        array), ``"segments"`` (many arrays, a chunk table) or ``"flat"`` (arrays that tile
+        one buffer, see :func:`fastrms.pack`)."""
+        return [g.kind for g in self._groups]
 
     @property
     def hyperparameters(self):
@@ -262,50 +258,77 @@ class RMSprop:
         return lr
 
     def _check_grad(self, g, slot, index):
-        """``g`` checked against its param, flattened (a true 1-D view); the argument is named
-        only when an error is raised, to keep the per-step cost to a few attribute reads."""
+        """``(g, address)``: ``g`` checked against its param (a plain C-contiguous, aligned
+        ndarray) and the address of its data. The argument is named only when an error is
+        raised, to keep the per-step cost to a few attribute reads and one Numba call."""
         if type(g) is not np.ndarray:
             if not isinstance(g, np.ndarray):
                 raise TypeError(f"{_grad_name(index)} must be a numpy.ndarray, got {type(g).__name__}")
             g = float_array(_grad_name(index), g, writeable=False)  # a subclass: viewed as a plain ndarray
-        if g.dtype != slot.dtype:
+        if g.dtype is not slot.dtype and g.dtype != slot.dtype:  # builtin dtypes are singletons
             raise TypeError(f"{_grad_name(index)} must have dtype {slot.dtype} like its param, got {g.dtype}")
         if g.shape != slot.shape:
             raise ValueError(f"{_grad_name(index)} must have shape {slot.shape} like its param, got {g.shape}")
-        flags = g.flags
-        if not flags.c_contiguous:
+        start = contiguous_address(g)
+        if start < 0:
             raise ValueError(
                 f"{_grad_name(index)} must be C-contiguous (use np.ascontiguousarray), got strides {g.strides}"
             )
-        if not flags.aligned:
+        if start % slot.dtype.itemsize:
             raise ValueError(
                 f"{_grad_name(index)} must be aligned to its dtype's size (np.require(g, requirements='A'))"
             )
-        owned = self._owned
-        if owned is not None:
-            for a in owned:
-                if np.may_share_memory(g, a):
-                    break
-            else:
-                return g.reshape(-1)
-        elif g.size:
-            start, end = _span(g)
-            k = bisect.bisect_left(self._owned_starts, end) - 1
-            if k < 0 or self._owned_ends[k] <= start:
-                return g.reshape(-1)
-        else:
-            return g.reshape(-1)
-        raise ValueError(
-            f"{_grad_name(index)} shares memory with the params or the optimizer state; pass a separate array"
+        return g, start
+
+    def _check_grads(self, grads, slots):
+        """:meth:`_check_grad` for each grad, with the common case (a plain ndarray of the
+        param's dtype and shape, C-contiguous and aligned) inlined: this loop is the whole
+        per-array cost of a many-array step in Python."""
+        out = []
+        append = out.append
+        for i, (g, s) in enumerate(zip(grads, slots)):
+            if type(g) is np.ndarray and g.dtype is s.dtype and g.shape == s.shape:
+                start = contiguous_address(g)
+                if start >= 0 and not start % s.dtype.itemsize:
+                    append((g, start))
+                    continue
+            append(self._check_grad(g, s, i))  # the slow path: it names what is wrong
+        return out
+
+    def _check_overlap(self, checked, slots):
+        """Refuse a grad that shares memory with a param or the state: one sorted search for
+        all of them (the owned spans are sorted and disjoint)."""
+        if not self._owned_starts:  # every array is empty: nothing to overlap
+            return
+        if len(checked) == 1:
+            (_, start), slot = checked[0], slots[0]
+            k = bisect.bisect_left(self._owned_starts, start + slot.flat.nbytes) - 1
+            hit = slot.flat.nbytes and k >= 0 and self._owned_ends[k] > start
+            if hit:
+                raise self._overlap(None if self._single or slot is not self._slots[0] else 0)
+            return
+        starts = np.fromiter((a for _, a in checked), dtype=np.int64, count=len(checked))
+        nbytes = self._param_nbytes
+        k = np.searchsorted(self._owned_starts_np, starts + nbytes) - 1
+        hit = (nbytes > 0) & (k >= 0) & (self._owned_ends_np[np.maximum(k, 0)] > starts)
+        if hit.any():
+            raise self._overlap(int(np.argmax(hit)))
+
+    def _overlap(self, i):
+        return ValueError(
+            f"{_grad_name(i)} shares memory with the params or the optimizer state; pass a separate array"
         )
 
     def step(self, grads: "np.ndarray | Sequence[np.ndarray]") -> None:
-        """Apply one update in place. ``grads`` has the structure of ``params``.
+        """Apply one update in place. ``grads`` has the structure of ``params``; for params
+        that tile one buffer (the views :func:`fastrms.pack` returns) it may also be one flat
+        grad array of that buffer's size: then the step is exactly one array's.
 
         Every check runs before anything is written: a rejected step leaves params, state,
-        ``step_count`` and the schedule unchanged. One optimizer is stepped by one thread at a
-        time: a second thread entering ``step`` while the first is inside gets a RuntimeError
-        (nothing written by it). Returns None.
+        ``step_count`` and the schedule unchanged. All arrays of one dtype are stepped by one
+        kernel call. One optimizer is stepped by one thread at a time: a second thread
+        entering ``step`` while the first is inside gets a RuntimeError (nothing written by
+        it). Returns None.
         """
         if not self._busy.acquire(False):  # non-blocking
             raise RuntimeError(
@@ -314,24 +337,36 @@ class RMSprop:
             )
         try:
             slots = self._slots
+            packed = self._packed
             if self._single:
-                flat = (self._check_grad(grads, slots[0], None),)
+                checked = (self._check_grad(grads, slots[0], None),)
+            elif packed is not None and isinstance(grads, np.ndarray):
+                checked = (self._check_grad(grads, packed.span, None),)  # one flat grad for packed params
+                slots = (packed.span,)
             else:
                 if not isinstance(grads, (list, tuple)):
-                    raise TypeError(f"grads must be a list or tuple of {len(slots)} arrays, got {type(grads).__name__}")
+                    raise TypeError(
+                        f"grads must be a list or tuple of {len(slots)} arrays"
+                        + (" (or one flat array, for params that tile one buffer)" if packed else "")
+                        + f", got {type(grads).__name__}"
+                    )
                 if len(grads) != len(slots):
                     raise ValueError(f"grads must hold {len(slots)} arrays, one per param, got {len(grads)}")
-                check = self._check_grad
-                flat = [check(g, s, i) for i, (g, s) in enumerate(zip(grads, slots))]
-            for s in slots:
+                checked = self._check_grads(grads, slots)
+            self._check_overlap(checked, slots)
+            for s in self._slots:
                 if not s.param.flags.writeable:
                     raise self._read_only(s)
             if self._generation != runtime.generation():
                 self._choose_kernels()
-            chosen = self._chosen
+            if slots is self._slots:
+                calls = [self._call(group, checked) for group in self._groups]
+            else:
+                span, g = packed.span, checked[0][0]
+                calls = [("dense", (span.flat, g, span.square_avg, span.grad_avg, span.momentum_buffer), (g,))]
             if self._skip_nonfinite:
-                for g, (_, nonfinite) in zip(flat, chosen):
-                    if nonfinite(g):
+                for (pairs, _), (shell, _, check_args) in zip(self._chosen, calls):
+                    if pairs[shell][1](*check_args):
                         self._skipped_steps += 1
                         return
             lr = self._lr if self._schedule is None else self._scheduled_lr(self._step_count)
@@ -339,12 +374,30 @@ class RMSprop:
             if self._bias_correction or lr != self._scalars[0]:  # else the last step's scalars hold
                 self._scalars = O.scalars(self._hyper, lr, t)
             scalars = self._scalars
-            for g, s, (update, _) in zip(flat, slots, chosen):
-                update(s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer, *scalars)
+            for (pairs, _), (shell, args, _) in zip(self._chosen, calls):
+                pairs[shell][0](*args, *scalars)
             self._step_count = t
             self._last_lr = lr
         finally:
             self._busy.release()
+
+    @staticmethod
+    def _call(group, checked):
+        """``(shell, arrays, check arrays)`` for one group: which shell steps it, with what."""
+        if group.kind == "dense":
+            s = group.slots[0]
+            g = checked[group.indices[0]][0].reshape(-1)
+            return "dense", (s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer), (g,)
+        addresses = [checked[i][1] for i in group.indices]
+        span = group.span
+        if span is not None and group.grads_tile(addresses):
+            g = grad_span(checked[group.indices[0]][0], addresses[0], span.flat.size)
+            if g is not None:
+                return "dense", (span.flat, g, span.square_avg, span.grad_avg, span.momentum_buffer), (g,)
+        ptrs = group.ptrs
+        ptrs[:, 1] = addresses
+        args = (group.witness, ptrs, group.sizes, group.chunks)
+        return "segments", args, args
 
     def _read_only(self, slot):
         i = self._slots.index(slot)

@@ -35,10 +35,12 @@ def test_the_driver_is_chosen_by_bytes_moved(dtype_, options, states):
     cut = -(-kernels.PARALLEL_MIN_BYTES // per_element)  # the first size at or above the threshold
     small = fastrms.RMSprop(np.zeros(cut - 1, dtype_), **options)
     big = fastrms.RMSprop(np.zeros(cut, dtype_), **options)
-    both = fastrms.RMSprop([np.zeros(cut - 1, dtype_), np.zeros(cut, dtype_)], **options)
-    assert small.parallel == [False]
-    assert big.parallel == [fastrms.info()["parallel_mode"] != "serial"]
-    assert both.parallel == small.parallel + big.parallel
+    halves = fastrms.RMSprop([np.zeros(cut // 2, dtype_), np.zeros(cut - cut // 2, dtype_)], **options)
+    short = fastrms.RMSprop([np.zeros(cut // 2, dtype_), np.zeros(cut - cut // 2 - 1, dtype_)], **options)
+    free = fastrms.info()["parallel_mode"] != "serial"
+    assert small.parallel == [False] and big.parallel == [free]
+    # arrays of one dtype are one kernel call: the bytes they move together decide
+    assert halves.parallel == [free, free] and short.parallel == [False, False]
 
 
 @pytest.mark.parametrize("name", MAIN)

@@ -2,7 +2,9 @@
 the rest of fastrms, so user ``@njit`` code can call it directly).
 
 - :mod:`.element`: the per-element update, written once, specialised per :class:`Variant`;
-- :mod:`.dense`: loop shells over whole flat arrays (in place), serial and parallel;
+- :mod:`.dense`: loop shells over whole flat arrays, in place and out of place, serial and
+  parallel;
+- :mod:`.segments`: the loop shell over a chunk table: many arrays of one dtype in one call;
 - :mod:`.reduce`: read-only passes (the non-finite check behind ``skip_nonfinite``);
 - :func:`rmsprop_update`: the plain step, for user ``@njit`` code;
 - :func:`drivers`: the serial and parallel dense shells of a variant;
@@ -15,9 +17,11 @@ state once, element by element: no temporaries and no second pass. Scalars arriv
 arrays are updated in float32 arithmetic throughout.
 """
 
+import numpy as np
+
 from . import _jit
 from ._jit import jit
-from .dense import dense
+from .dense import dense, dense_out
 from .element import (
     MOM_INSIDE,
     MOM_NONE,
@@ -32,8 +36,10 @@ from .element import (
     variants,
 )
 from .reduce import nonfinite_parallel, nonfinite_serial
+from .segments import CHUNK, chunk_table, nonfinite_segments_parallel, nonfinite_segments_serial, segments
 
 __all__ = [
+    "CHUNK",
     "MOM_INSIDE",
     "MOM_NONE",
     "MOM_OUTSIDE",
@@ -41,14 +47,21 @@ __all__ = [
     "WD_COUPLED",
     "WD_DECOUPLED",
     "WD_NONE",
+    "address",
+    "contiguous_address",
     "Scalars",
     "Variant",
     "dense",
+    "dense_out",
     "drivers",
     "element",
     "nonfinite_parallel",
     "nonfinite_serial",
     "rmsprop_update",
+    "chunk_table",
+    "nonfinite_segments_parallel",
+    "nonfinite_segments_serial",
+    "segments",
     "step_bytes",
     "variant",
     "variants",
@@ -66,6 +79,22 @@ def __getattr__(attr):
     if attr == "CACHE_STATUS":  # "on", or why kernels are compiled in memory only
         return _jit.CACHE_STATUS
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+@jit()
+def address(a):
+    """The address of ``a``'s first element (a Numba call: faster from Python than
+    ``a.__array_interface__``, which builds a dict)."""
+    return a.ctypes.data
+
+
+@jit()
+def contiguous_address(a):
+    """The address of ``a``'s first element if ``a`` is C-contiguous, else -1: one call that
+    answers both questions a step asks of each grad (alignment is ``address % itemsize``)."""
+    if a.flags.c_contiguous:
+        return np.intp(a.ctypes.data)
+    return np.intp(-1)  # (both branches intp: a bare -1 would unify with uintp to float64)
 
 
 @jit()

@@ -1,0 +1,122 @@
+"""The loop shell over a chunk table: many arrays of one dtype stepped in one call.
+
+A model is hundreds of arrays; a call per array costs a Python round trip each. This shell
+takes them all at once, as apex's ``multi_tensor_apply`` and torch's fused optimizers do:
+
+- ``ptrs``: int64 ``(arrays, 5)``, the data addresses of each array's param, grad,
+  ``square_avg``, ``grad_avg`` and ``momentum_buffer`` (0 where the variant keeps none);
+- ``sizes``: int64 ``(arrays,)``, each array's element count;
+- ``chunks``: int64 ``(chunks, 3)``, rows ``(array, start, stop)`` that cover every element
+  of every array exactly once, sized so the threads stay balanced (:func:`chunk_table`);
+- ``witness``: an empty array of the arrays' dtype (it fixes the compiled dtype).
+
+Each chunk runs the serial :mod:`.dense` shell over its slices: the same loop, and so the
+same bits, as stepping each array on its own. The caller guarantees that the addresses
+are live, C-contiguous arrays of ``witness``'s dtype and of the given sizes (the optimizer
+validates every grad before filling in its address); the shell cannot check raw addresses.
+"""
+
+import numpy as np
+from numba import carray, prange, types
+from numba.extending import intrinsic
+
+from ._jit import jit, name
+from .dense import dense
+
+#: Elements per chunk: big enough that a chunk's loop vectorises and amortises its set-up,
+#: small enough that two threads share a model of mixed sizes evenly.
+CHUNK = 1 << 15
+
+#: Columns of ``ptrs``.
+PARAM, GRAD, SQUARE_AVG, GRAD_AVG, MOMENTUM_BUFFER = range(5)
+
+
+@intrinsic
+def _pointer(typingctx, address, witness):
+    """``address`` (an int64) as a typed pointer to ``witness``'s dtype."""
+    if not isinstance(witness, types.Array) or not isinstance(address, types.Integer):
+        return None
+    sig = types.CPointer(witness.dtype)(address, witness)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+def chunk_table(sizes, chunk=CHUNK):
+    """Rows ``(array, start, stop)`` covering arrays of ``sizes`` in chunks of at most
+    ``chunk`` elements (empty arrays get no row)."""
+    rows = [(a, start, min(start + chunk, n)) for a, n in enumerate(sizes) for start in range(0, n, chunk)]
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)
+
+
+_SEGMENTS = {}
+
+
+def segments(key, parallel):
+    """The chunk-table shell of variant ``key``, serial or ``parallel=True``:
+    ``(witness, ptrs, sizes, chunks, *scalars)``."""
+    fn = _SEGMENTS.get((key, parallel))
+    if fn is None:
+        fn = _SEGMENTS[(key, parallel)] = _make_segments(key, parallel)
+    return fn
+
+
+def _make_segments(key, parallel):
+    # Each chunk is handed to the serial dense shell, as slices: the same loop (vectorised,
+    # the same bits) as one array's step, called once per chunk.
+    run = dense(key, False)
+    uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
+
+    def shell(witness, ptrs, sizes, chunks, lr, beta, eps_in, eps_out, wd, mu, sign, bc):
+        for c in prange(chunks.shape[0]):
+            a, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            n = sizes[a]
+            param = carray(_pointer(ptrs[a, PARAM], witness), (n,))
+            grad = carray(_pointer(ptrs[a, GRAD], witness), (n,))
+            square_avg = carray(_pointer(ptrs[a, SQUARE_AVG], witness), (n,))
+            grad_avg = carray(_pointer(ptrs[a, GRAD_AVG], witness), (n if uses_m else 0,))
+            momentum_buffer = carray(_pointer(ptrs[a, MOMENTUM_BUFFER], witness), (n if uses_b else 0,))
+            run(
+                param[start:stop],
+                grad[start:stop],
+                square_avg[start:stop],
+                grad_avg[start:stop] if uses_m else grad_avg,
+                momentum_buffer[start:stop] if uses_b else momentum_buffer,
+                lr,
+                beta,
+                eps_in,
+                eps_out,
+                wd,
+                mu,
+                sign,
+                bc,
+            )
+        return parallel
+
+    name(shell, f"segments_{key.tag}_{'parallel' if parallel else 'serial'}")
+    return jit(parallel)(shell)
+
+
+def _make_nonfinite_segments(parallel):
+    """Whether any grad in the table holds a NaN or an infinity (read-only)."""
+
+    def nonfinite(witness, ptrs, sizes, chunks):
+        zero = witness.dtype.type(0.0)
+        count = 0
+        for c in prange(chunks.shape[0]):
+            a, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            grad = carray(_pointer(ptrs[a, GRAD], witness), (sizes[a],))
+            for i in range(start, stop):
+                x = grad[i]
+                count += 1 if x - x != zero else 0
+        return count > 0
+
+    name(nonfinite, f"nonfinite_segments_{'parallel' if parallel else 'serial'}")
+    return jit(parallel)(nonfinite)
+
+
+#: ``nonfinite_segments_serial/parallel(witness, ptrs, sizes, chunks)``: True if a grad of
+#: the table holds a NaN or +-Inf.
+nonfinite_segments_serial, nonfinite_segments_parallel = _make_nonfinite_segments(False), _make_nonfinite_segments(True)
