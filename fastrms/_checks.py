@@ -8,6 +8,12 @@ from numbers import Real
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: dtype -> (the smallest float64 that rounds to infinity in dtype, the smallest normal value):
+#: float32's largest finite value plus half its last step rounds (to even) up to infinity.
+_LIMITS = {
+    np.dtype(np.float32): (float(np.finfo(np.float32).max) + 2.0 ** (127 - 24), float(np.finfo(np.float32).tiny)),
+    np.dtype(np.float64): (math.inf, float(np.finfo(np.float64).tiny)),
+}
 
 
 def number(name, value, *, low=None, low_open=False, high=None, high_open=False):
@@ -93,15 +99,14 @@ def fits(name, value, dtypes, *, nonzero=False, below_one=False):
     ``dtypes`` makes it infinite, 0 or subnormal when it must be > 0 (``nonzero``), or 1
     when it must be < 1 (``below_one``): the kernels compute in the arrays' dtype."""
     for dtype in dtypes:
-        with np.errstate(over="ignore", under="ignore"):
-            x = dtype.type(value)
-        if not np.isfinite(x):
+        largest, tiny = _LIMITS[dtype]
+        if not math.isfinite(value) or abs(value) >= largest:
             problem = "overflows to infinity"
-        elif nonzero and abs(x) < np.finfo(dtype).tiny and value != 0:
+        elif nonzero and abs(value) < tiny and value != 0:
             problem = (
-                "rounds to 0" if x == 0 else f"is subnormal (below {np.finfo(dtype).tiny:.3g}) and loses precision"
+                "rounds to 0" if dtype.type(value) == 0 else f"is subnormal (below {tiny:.3g}) and loses precision"
             )
-        elif below_one and x >= 1:
+        elif below_one and dtype.type(value) >= 1:
             problem = "rounds to 1"
         else:
             continue

@@ -135,13 +135,14 @@ def markdown(result):
     m = result["machine"]
     lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result["rows"])]
-    versions = ", ".join(f"{k} {m[k]}" for k in ("python", "numpy", "numba", "torch") if k in m)
+    versions = ", ".join(f"{k} {m[k]}" for k in ("python", "numpy", "numba", "torch", "jax", "optax") if k in m)
     lines += [
         "",
         f"Medians of {result['rounds']} interleaved rounds on {m['cpu']} ({m['cores']} cores, "
         f"{m['threads']} Numba threads, threading layer {m.get('threading_layer', '?')}); {versions}; "
         f"fastrms {result['version']}. Generated {result['date']} by `{result['command']}`. "
-        "`% limit` is the same-traffic kernel's time over fastrms's; `x ...` are speed-ups of "
+        "`% traffic` and `% bespoke` are the same-traffic kernel's and the bespoke loop's time over "
+        "fastrms's, `% limit` the slower of the two over fastrms's; `x ...` are speed-ups of "
         "`RMSprop.step` (validation included) over each peer.",
     ]
     return "\n".join(lines)

@@ -101,4 +101,9 @@ def machine():
         info["torch_threads"] = torch.get_num_threads()
     except ImportError:
         pass
+    for name in ("jax", "optax"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            pass
     return info

@@ -12,7 +12,7 @@ whether it ran in parallel. Callable from Python and from ``@njit`` code.
 from numba import prange
 
 from ._jit import jit, name
-from .element import constants, element
+from .element import apply, constants, element
 
 _DENSE = {}
 
@@ -26,7 +26,7 @@ def dense(key, parallel):
 
 
 def _make_dense(key, parallel):
-    update = element(key)
+    at = apply(key)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
 
     def shell(param, grad, square_avg, grad_avg, momentum_buffer, lr, beta, eps_in, eps_out, wd, mu, sign, bc):
@@ -38,18 +38,55 @@ def _make_dense(key, parallel):
         if uses_b and momentum_buffer.size != n:
             raise ValueError("dense: momentum_buffer must have the size of param (momentum variant)")
         k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, sign, bc)
-        zero = param.dtype.type(0.0)
+        for i in prange(n):
+            at(i, param, grad, square_avg, grad_avg, momentum_buffer, k)
+        return parallel
+
+    name(shell, f"dense_{key.tag}_{'parallel' if parallel else 'serial'}")
+    return jit(parallel)(shell)
+
+
+_DENSE_OUT = {}
+
+
+def dense_out(key, parallel):
+    """The out-of-place shell of variant ``key``: ``(param, grad, square_avg, grad_avg,
+    momentum_buffer, param_out, square_avg_out, grad_avg_out, momentum_buffer_out,
+    *scalars)`` reads the first five and writes the last four, element by element; an output
+    may be its input itself (each element is read before it is written), never a shifted
+    view of one. The same element function as :func:`dense`: the same bits."""
+    fn = _DENSE_OUT.get((key, parallel))
+    if fn is None:
+        fn = _DENSE_OUT[(key, parallel)] = _make_dense_out(key, parallel)
+    return fn
+
+
+def _make_dense_out(key, parallel):
+    update = element(key)
+    uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
+
+    def shell(param, grad, square_avg, grad_avg, momentum_buffer, param_out, square_avg_out, grad_avg_out,
+              momentum_buffer_out, lr, beta, eps_in, eps_out, wd, mu, sign, bc):  # fmt: skip
+        n = param.size
+        if grad.size != n or square_avg.size != n or param_out.size != n or square_avg_out.size != n:
+            raise ValueError("dense_out: every array must have the size of param")
+        if uses_m and (grad_avg.size != n or grad_avg_out.size != n):
+            raise ValueError("dense_out: grad_avg and grad_avg_out must have the size of param (centered variant)")
+        if uses_b and (momentum_buffer.size != n or momentum_buffer_out.size != n):
+            raise ValueError("dense_out: momentum buffers must have the size of param (momentum variant)")
+        k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, sign, bc)
+        zero = k[11]
         for i in prange(n):
             m = grad_avg[i] if uses_m else zero
             b = momentum_buffer[i] if uses_b else zero
             p, v, m, b = update(param[i], grad[i], square_avg[i], m, b, k)
-            param[i] = p
-            square_avg[i] = v
+            param_out[i] = p
+            square_avg_out[i] = v
             if uses_m:
-                grad_avg[i] = m
+                grad_avg_out[i] = m
             if uses_b:
-                momentum_buffer[i] = b
+                momentum_buffer_out[i] = b
         return parallel
 
-    name(shell, f"dense_{key.tag}_{'parallel' if parallel else 'serial'}")
+    name(shell, f"dense_out_{key.tag}_{'parallel' if parallel else 'serial'}")
     return jit(parallel)(shell)

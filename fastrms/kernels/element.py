@@ -130,6 +130,7 @@ def constants(T, lr, beta, eps_in, eps_out, weight_decay, momentum, sign, bias_c
 
 
 _ELEMENTS = {}
+_APPLY = {}
 
 
 def element(key):
@@ -170,3 +171,33 @@ def _make_element(centered, wd_mode, mom_mode, nesterov):
 
     name(update, f"element_c{centered:d}_w{wd_mode:d}_m{mom_mode:d}_n{nesterov:d}")
     return njit(inline="always")(update)
+
+
+def apply(key):
+    """The ``inline="always"`` step of element ``i`` in place, shared by every in-place loop
+    shell: ``apply(i, param, grad, square_avg, grad_avg, momentum_buffer, k)`` reads the arrays
+    variant ``key`` uses, calls :func:`element` and writes back what it keeps."""
+    fn = _APPLY.get(key)
+    if fn is None:
+        fn = _APPLY[key] = _make_apply(key)
+    return fn
+
+
+def _make_apply(key):
+    update = element(key)
+    uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
+
+    def at(i, param, grad, square_avg, grad_avg, momentum_buffer, k):
+        zero = k[11]
+        m = grad_avg[i] if uses_m else zero
+        b = momentum_buffer[i] if uses_b else zero
+        p, v, m, b = update(param[i], grad[i], square_avg[i], m, b, k)
+        param[i] = p
+        square_avg[i] = v
+        if uses_m:
+            grad_avg[i] = m
+        if uses_b:
+            momentum_buffer[i] = b
+
+    name(at, f"apply_{key.tag}")
+    return njit(inline="always")(at)
