@@ -10,7 +10,7 @@ from . import runtime
 
 runtime.setup()  # before any parallel kernel runs: choose a thread- and fork-safe layer
 
-from . import kernels, reference, schedules  # noqa: E402
+from . import functional, kernels, reference, schedules  # noqa: E402
 from .layout import pack  # noqa: E402
 from .optimizer import RMSprop  # noqa: E402
 from .presets import PRESETS  # noqa: E402
@@ -19,4 +19,15 @@ from .seed import rmsprop  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["RMSprop", "rmsprop", "pack", "schedules", "kernels", "reference", "info", "PRESETS", "__version__"]
+__all__ = [
+    "RMSprop",
+    "rmsprop",
+    "pack",
+    "functional",
+    "schedules",
+    "kernels",
+    "reference",
+    "info",
+    "PRESETS",
+    "__version__",
+]

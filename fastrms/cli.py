@@ -54,6 +54,8 @@ def _bench(args):
 
     if args.threshold:
         return report.run_threshold(args.variants, args.dtypes, args.rounds)
+    if args.many:
+        return report.run_many(args.dtypes, args.rounds)
     return report.run(
         output=args.output,
         command="fastrms bench " + " ".join(args.argv),
@@ -133,7 +135,7 @@ def _check(args):
                 raise UsageError(f"--readme {str(path)!r} has no {README_START} ... {README_END} block to replace")
             if not os.access(path, os.W_OK):
                 raise UsageError(f"--readme {str(path)!r} is not writable")
-        if not args.threshold:
+        if not (args.threshold or args.many):
             _output_folder(args.output, "--output")
 
 
@@ -174,6 +176,7 @@ def _parse(argv):
     b.add_argument("--readme", type=Path, nargs="+", help="rewrite the benchmark block of these Markdown files")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--threshold", action="store_true", help="time serial vs parallel drivers (the threshold)")
+    b.add_argument("--many", action="store_true", help="a whole model (200 or 1000 arrays) against one array")
     b.set_defaults(func=_bench)
     i = sub.add_parser("info", help="threading layer, thread count, parallel mode and why; caching")
     i.set_defaults(func=_info)

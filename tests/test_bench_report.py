@@ -79,3 +79,12 @@ def test_bench_threshold_reports_the_crossover(capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "PARALLEL_MIN_BYTES = 786432" in out and "parallel first faster at" in out
+
+
+def test_bench_many_prints_the_ratio_to_one_array(capsys, monkeypatch):
+    from fastrms.bench import timing
+
+    monkeypatch.setattr(timing, "many_arrays", lambda dtype, rounds: {"one array": 1e-4, "200 arrays": 3e-4})
+    assert cli.main(["bench", "--many", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "3.00x one array" in out and "1.00x one array" in out

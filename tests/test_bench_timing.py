@@ -20,3 +20,15 @@ def test_crossover_times_both_drivers_on_the_same_arrays():
     assert [r[0] for r in rows] == [1024, 4096] and [r[1] for r in rows] == [20480, 81920]
     assert all(s > 0 and p > 0 for _, _, s, p in rows)
     assert first == next((n for n, _, s, p in rows if p < s), None)
+
+
+def test_many_arrays_times_each_layout_against_one_array():
+    times = timing.many_arrays("float32", total=20_000, rounds=1, target=0.001)
+    assert set(times) == {
+        "one array",
+        "200 arrays, mixed sizes",
+        "200 arrays, mixed sizes, packed",
+        "1000 arrays, equal",
+        "1000 arrays, equal, packed",
+    }
+    assert all(t > 0 for t in times.values())

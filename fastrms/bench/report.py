@@ -232,6 +232,17 @@ def run_threshold(variants=None, dtypes=None, rounds=None):
     return 0
 
 
+def run_many(dtypes=None, rounds=None):
+    """``fastrms bench --many``: a whole model (many arrays) against one array of its size."""
+    for dtype in dtypes or ["float32"]:
+        times = timing.many_arrays(dtype, rounds=7 if rounds is None else rounds)
+        base = times["one array"]
+        print(f"{dtype}, 1e6 elements in all, RMSprop.step (plain), medians:")
+        for label, seconds in times.items():
+            print(f"  {label:34s} {seconds * 1e6:9.1f} us  {seconds / base:5.2f}x one array")
+    return 0
+
+
 def run(
     *,
     output,

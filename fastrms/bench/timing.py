@@ -10,8 +10,9 @@ import time
 import numpy as np
 
 from .. import kernels
+from ..optimizer import RMSprop
 from ..options import resolve, scalars, state_names, variant_key
-from .peers import Problem, available, setup
+from .peers import DEFAULT_HYPER, Problem, available, setup
 
 
 def _calls_per_sample(step, target=0.02):
@@ -107,3 +108,28 @@ def machine():
         except ImportError:
             pass
     return info
+
+
+def many_arrays(dtype="float32", total=1_000_000, rounds=7, target=0.03, seed=0):
+    """A whole model's step against one array of the same total size, in one process:
+    ``{case: seconds}`` for one array, 200 arrays of mixed sizes, 1000 equal arrays, and each
+    of those packed (:func:`fastrms.pack`) and stepped with one flat grad."""
+    from ..layout import pack
+
+    rng = np.random.default_rng(seed)
+    weights = rng.random(200) ** 3
+    mixed = np.maximum(1, (weights / weights.sum() * total).astype(np.int64))
+    mixed[0] += total - mixed.sum()
+    layouts = {"200 arrays, mixed sizes": [int(n) for n in mixed], "1000 arrays, equal": [total // 1000] * 1000}
+    p1, g1 = Problem(total, dtype).fresh()
+    one = RMSprop(p1, **DEFAULT_HYPER)
+    steps = {"one array": lambda: one.step(g1)}
+    for label, sizes in layouts.items():
+        params = [rng.standard_normal(n).astype(dtype) for n in sizes]
+        grads = [rng.standard_normal(n).astype(dtype) for n in sizes]
+        opt = RMSprop([p.copy() for p in params], **DEFAULT_HYPER)
+        steps[label] = lambda o=opt, g=grads: o.step(g)
+        packed = RMSprop(pack(params)[1], **DEFAULT_HYPER)
+        flat_grad = pack(grads)[0]
+        steps[f"{label}, packed"] = lambda o=packed, g=flat_grad: o.step(g)
+    return measure_calls(steps, rounds, target)
