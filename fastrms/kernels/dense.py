@@ -12,7 +12,7 @@ whether it ran in parallel. Callable from Python and from ``@njit`` code.
 from numba import prange
 
 from ._jit import jit, name
-from .element import apply, constants, element
+from .element import apply, constants
 
 _DENSE = {}
 
@@ -39,7 +39,7 @@ def _make_dense(key, parallel):
             raise ValueError("dense: momentum_buffer must have the size of param (momentum variant)")
         k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, sign, bc)
         for i in prange(n):
-            at(i, param, grad, square_avg, grad_avg, momentum_buffer, k)
+            at(i, param, grad, square_avg, grad_avg, momentum_buffer, param, square_avg, grad_avg, momentum_buffer, k)
         return parallel
 
     name(shell, f"dense_{key.tag}_{'parallel' if parallel else 'serial'}")
@@ -62,7 +62,7 @@ def dense_out(key, parallel):
 
 
 def _make_dense_out(key, parallel):
-    update = element(key)
+    at = apply(key)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
 
     def shell(param, grad, square_avg, grad_avg, momentum_buffer, param_out, square_avg_out, grad_avg_out,
@@ -75,17 +75,9 @@ def _make_dense_out(key, parallel):
         if uses_b and (momentum_buffer.size != n or momentum_buffer_out.size != n):
             raise ValueError("dense_out: momentum buffers must have the size of param (momentum variant)")
         k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, sign, bc)
-        zero = k[11]
         for i in prange(n):
-            m = grad_avg[i] if uses_m else zero
-            b = momentum_buffer[i] if uses_b else zero
-            p, v, m, b = update(param[i], grad[i], square_avg[i], m, b, k)
-            param_out[i] = p
-            square_avg_out[i] = v
-            if uses_m:
-                grad_avg_out[i] = m
-            if uses_b:
-                momentum_buffer_out[i] = b
+            at(i, param, grad, square_avg, grad_avg, momentum_buffer, param_out, square_avg_out, grad_avg_out,
+               momentum_buffer_out, k)  # fmt: skip
         return parallel
 
     name(shell, f"dense_out_{key.tag}_{'parallel' if parallel else 'serial'}")

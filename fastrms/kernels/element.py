@@ -174,9 +174,11 @@ def _make_element(centered, wd_mode, mom_mode, nesterov):
 
 
 def apply(key):
-    """The ``inline="always"`` step of element ``i`` in place, shared by every in-place loop
-    shell: ``apply(i, param, grad, square_avg, grad_avg, momentum_buffer, k)`` reads the arrays
-    variant ``key`` uses, calls :func:`element` and writes back what it keeps."""
+    """The ``inline="always"`` step of element ``i``, shared by every loop shell:
+    ``apply(i, param, grad, square_avg, grad_avg, momentum_buffer, param_out, square_avg_out,
+    grad_avg_out, momentum_buffer_out, k)`` reads the arrays variant ``key`` uses, calls
+    :func:`element` and writes what it keeps into the outputs (in place: the outputs are the
+    inputs)."""
     fn = _APPLY.get(key)
     if fn is None:
         fn = _APPLY[key] = _make_apply(key)
@@ -187,17 +189,18 @@ def _make_apply(key):
     update = element(key)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
 
-    def at(i, param, grad, square_avg, grad_avg, momentum_buffer, k):
+    def at(i, param, grad, square_avg, grad_avg, momentum_buffer, param_out, square_avg_out, grad_avg_out,
+           momentum_buffer_out, k):  # fmt: skip
         zero = k[11]
         m = grad_avg[i] if uses_m else zero
         b = momentum_buffer[i] if uses_b else zero
         p, v, m, b = update(param[i], grad[i], square_avg[i], m, b, k)
-        param[i] = p
-        square_avg[i] = v
+        param_out[i] = p
+        square_avg_out[i] = v
         if uses_m:
-            grad_avg[i] = m
+            grad_avg_out[i] = m
         if uses_b:
-            momentum_buffer[i] = b
+            momentum_buffer_out[i] = b
 
     name(at, f"apply_{key.tag}")
     return njit(inline="always")(at)

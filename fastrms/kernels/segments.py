@@ -22,6 +22,7 @@ from numba.extending import intrinsic
 
 from ._jit import jit, name
 from .dense import dense
+from .reduce import nonfinite_serial
 
 #: Elements per chunk: big enough that a chunk's loop vectorises and amortises its set-up,
 #: small enough that two threads share a model of mixed sizes evenly.
@@ -100,17 +101,15 @@ def _make_segments(key, parallel):
 
 
 def _make_nonfinite_segments(parallel):
-    """Whether any grad in the table holds a NaN or an infinity (read-only)."""
+    """Whether any grad in the table holds a NaN or an infinity (read-only): the dense check,
+    per chunk."""
 
     def nonfinite(witness, ptrs, sizes, chunks):
-        zero = witness.dtype.type(0.0)
         count = 0
         for c in prange(chunks.shape[0]):
             a, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
             grad = carray(_pointer(ptrs[a, GRAD], witness), (sizes[a],))
-            for i in range(start, stop):
-                x = grad[i]
-                count += 1 if x - x != zero else 0
+            count += 1 if nonfinite_serial(grad[start:stop]) else 0
         return count > 0
 
     name(nonfinite, f"nonfinite_segments_{'parallel' if parallel else 'serial'}")
