@@ -336,11 +336,12 @@ class RMSprop:
                 "is stepped by one thread at a time (give each thread its own, or hold a lock)"
             )
         try:
+            if self._single:
+                self._step_one(grads)
+                return
             slots = self._slots
             packed = self._packed
-            if self._single:
-                checked = (self._check_grad(grads, slots[0], None),)
-            elif packed is not None and isinstance(grads, np.ndarray):
+            if packed is not None and isinstance(grads, np.ndarray):
                 checked = (self._check_grad(grads, packed.span, None),)  # one flat grad for packed params
                 slots = (packed.span,)
             else:
@@ -369,17 +370,46 @@ class RMSprop:
                     if pairs[shell][1](*check_args):
                         self._skipped_steps += 1
                         return
-            lr = self._lr if self._schedule is None else self._scheduled_lr(self._step_count)
-            t = self._step_count + 1
-            if self._bias_correction or lr != self._scalars[0]:  # else the last step's scalars hold
-                self._scalars = O.scalars(self._hyper, lr, t)
-            scalars = self._scalars
+            scalars = self._next_scalars()
             for (pairs, _), (shell, args, _) in zip(self._chosen, calls):
                 pairs[shell][0](*args, *scalars)
-            self._step_count = t
-            self._last_lr = lr
+            self._advance()
         finally:
             self._busy.release()
+
+    def _step_one(self, grad):
+        """The step of an optimizer over one array: the same checks and kernel as a group's,
+        without the group bookkeeping (this is the whole cost of a small step)."""
+        s = self._slots[0]
+        g, start = self._check_grad(grad, s, None)
+        if self._owned_starts:
+            k = bisect.bisect_left(self._owned_starts, start + s.flat.nbytes) - 1
+            if k >= 0 and self._owned_ends[k] > start and s.flat.nbytes:
+                raise self._overlap(None)
+        if not s.param.flags.writeable:
+            raise self._read_only(s)
+        if self._generation != runtime.generation():
+            self._choose_kernels()
+        update, nonfinite = self._chosen[0][0]["dense"]
+        g = g.reshape(-1)
+        if self._skip_nonfinite and nonfinite(g):
+            self._skipped_steps += 1
+            return
+        update(s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer, *self._next_scalars())
+        self._advance()
+
+    def _next_scalars(self):
+        """The kernel scalars of the next step (rebuilt only when the learning rate changes or
+        bias correction is on); the learning rate is kept for :meth:`_advance`."""
+        lr = self._lr if self._schedule is None else self._scheduled_lr(self._step_count)
+        if self._bias_correction or lr != self._scalars[0]:  # else the last step's scalars hold
+            self._scalars = O.scalars(self._hyper, lr, self._step_count + 1)
+        self._pending_lr = lr
+        return self._scalars
+
+    def _advance(self):
+        self._step_count += 1
+        self._last_lr = self._pending_lr
 
     @staticmethod
     def _call(group, checked):
