@@ -11,6 +11,7 @@ import numpy as np
 from . import kernels, runtime
 from . import options as O
 from ._checks import count, float_array
+from .layout import address
 
 __all__ = ["init_state", "rmsprop_step"]
 
@@ -109,7 +110,7 @@ def rmsprop_step(
 
 def _same(a, b):
     """Whether ``a`` and ``b`` (equal-size 1-D views) are the same memory."""
-    return a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+    return address(a) == address(b)
 
 
 def _hyperparameters(learning_rate, options, dtype):
@@ -156,7 +157,7 @@ def _check_aliasing(param, grad, state, param_out, state_out, names):
     outputs = {"out[0]": (param_out, param), **{f"out[1][{n!r}]": (state_out[n], state[n]) for n in names}}
     for out_name, (o, own) in outputs.items():
         for in_name, a in inputs.items():
-            if a is own and o.__array_interface__["data"][0] == a.__array_interface__["data"][0]:
+            if a is own and address(o) == address(a):
                 continue  # the same memory as its own input: in place
             if np.may_share_memory(o, a):
                 raise ValueError(f"{out_name} shares memory with {in_name}; an output may only be its own input")

@@ -72,7 +72,6 @@ class RMSprop:
         **options: "float | bool",
     ) -> None:
         options = O.resolve({**options, "learning_rate": learning_rate, "beta": beta, "epsilon": epsilon})
-        hyper = check_hyperparameters(options)
         self._single = isinstance(params, np.ndarray)
         if self._single:
             given = [params]
@@ -89,7 +88,7 @@ class RMSprop:
                     f"params[{min(i, j)}] and params[{max(i, j)}] share memory; each must be its own array"
                 )
         self._dtypes = tuple(dict.fromkeys(a.dtype for a in arrays))
-        hyper = check_hyperparameters(options, self._dtypes)  # every number must fit the params' dtypes
+        hyper = check_hyperparameters(options, self._dtypes)  # in range, and fitting the params' dtypes
         self._step_count = 0
         self._skipped_steps = 0
         self._last_lr = None
