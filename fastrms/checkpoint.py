@@ -25,7 +25,15 @@ import zipfile
 import numpy as np
 
 from ._checks import count
-from .options import ALL_STATE_NAMES, BOOL_OPTIONS, FLOAT_OPTIONS, check_hyperparameters, formula, state_names
+from .options import (
+    ALL_STATE_NAMES,
+    BOOL_OPTIONS,
+    FLOAT_OPTIONS,
+    OPTIONAL_OPTIONS,
+    check_hyperparameters,
+    formula,
+    state_names,
+)
 
 FORMAT_VERSION = 1
 MARKER_KEY, MARKER = "fastrms_checkpoint", "fastrms.RMSprop"
@@ -56,6 +64,7 @@ def validate(d, slots, current_hyper, dtypes):
     if count("state_dict['num_params']", d["num_params"], minimum=0) != len(slots):
         raise ValueError(f"state_dict holds state for {d['num_params']} params, this optimizer has {len(slots)}")
     merged = {k: d[k] for k in (*FLOAT_OPTIONS, *BOOL_OPTIONS)}
+    merged.update({k: d.get(k) for k in OPTIONAL_OPTIONS})  # stored only when set: absent is None (off)
     merged["learning_rate"] = d.get("learning_rate", current_hyper["learning_rate"])
     try:
         hyper = check_hyperparameters(merged, dtypes)
@@ -68,7 +77,7 @@ def validate(d, slots, current_hyper, dtypes):
             "state_dict is of another variant: "
             + ", ".join(f"{k}={theirs[k]} (this optimizer: {mine[k]})" for k in differ)
         )
-    expected = set(REQUIRED_KEYS) | ({"learning_rate"} & d.keys())
+    expected = set(REQUIRED_KEYS) | ({"learning_rate", *OPTIONAL_OPTIONS} & d.keys())
     arrays = {}
     for i, slot in enumerate(slots):
         for name in state_names(hyper):
@@ -209,7 +218,7 @@ def read(path, slots):
 
 def _read_members(z, slots):
     expected = {key: ((), "iu") for key in COUNT_KEYS}
-    expected.update({key: ((), "fiu") for key in (*FLOAT_OPTIONS, "learning_rate")})
+    expected.update({key: ((), "fiu") for key in (*FLOAT_OPTIONS, *OPTIONAL_OPTIONS, "learning_rate")})
     expected.update({key: ((), "b") for key in BOOL_OPTIONS})
     expected[MARKER_KEY] = ((), "U")
     for i, slot in enumerate(slots):

@@ -3,12 +3,13 @@ of "functional"). It runs the same element function as :class:`fastrms.RMSprop`,
 match ``RMSprop.step`` and :mod:`fastrms.reference`; it is what ``fastrms.dask`` maps over
 blocks."""
 
+import math
 from collections.abc import Mapping
 from functools import lru_cache
 
 import numpy as np
 
-from . import kernels, runtime
+from . import clipping, kernels, runtime
 from . import options as O
 from ._checks import count, float_array
 from .layout import address
@@ -51,7 +52,9 @@ def rmsprop_step(
     arrays given (same shapes and dtypes; ``state_out`` a dict like ``state``): each may be
     its input itself, to go in place, but no output may overlap another output or another
     input. With ``skip_nonfinite=True`` a grad holding a NaN or an infinity returns the
-    inputs' values unchanged (copied into ``out`` when given).
+    inputs' values unchanged (copied into ``out`` when given). ``clip_global_norm`` clips by
+    this grad's own 2-norm (a model's global norm is the caller's to form: scale the grad,
+    or sum :func:`fastrms.kernels.sumsq_serial` over the arrays).
 
     Every argument is checked before anything is written; bad ones raise TypeError/ValueError
     naming them.
@@ -87,12 +90,19 @@ def rmsprop_step(
     key = O.variant_key(hyper)
     big = kernels.step_bytes(p.size, p.itemsize, len(names)) >= kernels.PARALLEL_MIN_BYTES
     parallel = big and runtime.parallel_mode() != "serial"
-    if hyper["skip_nonfinite"] and (kernels.nonfinite_parallel if parallel else kernels.nonfinite_serial)(g):
+    scalars = O.scalars(hyper, hyper["learning_rate"], t)
+    check = kernels.nonfinite_parallel if parallel else kernels.nonfinite_serial
+    nonfinite = hyper["skip_nonfinite"] and check(g)
+    max_norm = hyper["clip_global_norm"]
+    if max_norm is not None and not nonfinite:
+        total = (kernels.sumsq_parallel if parallel else kernels.sumsq_serial)(g)
+        norm = clipping.overflow_norm([g]) if math.isinf(total) and not check(g) else math.sqrt(total)
+        scalars = scalars._replace(grad_scale=scalars.grad_scale * clipping.coefficient(norm, max_norm))
+    if nonfinite:
         for src, dst in ((p, p_out), *((flat[n], flat_out[n]) for n in names)):
             if dst is not src:
                 np.copyto(dst, src)
         return param_out, state_out
-    scalars = O.scalars(hyper, hyper["learning_rate"], t)
     m, b = flat.get("grad_avg", empty), flat.get("momentum_buffer", empty)
     if out is not None and _same(p, p_out) and all(_same(flat[n], flat_out[n]) for n in names):
         # every output is its input: the in-place shell (same bits; LLVM cannot vectorise a

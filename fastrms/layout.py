@@ -115,6 +115,8 @@ class Group:
         self.witness = slots[0].flat[:0]
         self.sizes = np.array([s.flat.size for s in slots], dtype=np.int64)
         self.chunks = kernels.chunk_table(self.sizes)
+        #: each array's byte offset from the first: where its grad lies in a flat grad buffer
+        self.offsets = np.concatenate(([0], np.cumsum([s.flat.nbytes for s in slots])[:-1])).astype(np.int64)
         self.ptrs = np.zeros((len(slots), 5), dtype=np.int64)
         for a, s in enumerate(slots):
             self.ptrs[a, 0] = address(s.flat) if s.flat.size else 0

@@ -15,7 +15,7 @@ from numbers import Real
 
 import numpy as np
 
-from . import checkpoint, kernels, runtime
+from . import checkpoint, clipping, kernels, runtime
 from . import options as O
 from ._checks import float_array
 from .kernels import contiguous_address
@@ -128,11 +128,14 @@ class RMSprop:
         self._bias_correction = hyper["bias_correction"]
         self._scalars = O.scalars(hyper, math.nan, 1)  # NaN: never equal, so the first step builds them
         self._skip_nonfinite = hyper["skip_nonfinite"]
+        self._max_norm = hyper["clip_global_norm"]
+        if not hasattr(self, "_last_grad_norm"):
+            self._last_grad_norm = None
         self._choose_kernels()  # starts the thread pool for big arrays: a layer that cannot start fails here
 
     def _choose_kernels(self):
         """Give each group its kernels for this process's parallel mode: ``{"dense": (update,
-        check), "segments": (update, check)}`` and whether they are the parallel ones; done
+        nonfinite, sumsq), "segments": (...)}`` and whether they are the parallel ones; done
         again only when :func:`fastrms.runtime.generation` changes (after a fork)."""
         generation = runtime.generation()
         mode = runtime.parallel_mode() if any(g.big for g in self._groups) else "free"
@@ -143,14 +146,16 @@ class RMSprop:
                 "dense": (
                     kernels.dense(self._variant, parallel),
                     kernels.nonfinite_parallel if parallel else kernels.nonfinite_serial,
+                    kernels.sumsq_parallel if parallel else kernels.sumsq_serial,
                 ),
                 "segments": (
                     kernels.segments(self._variant, parallel),
                     kernels.nonfinite_segments_parallel if parallel else kernels.nonfinite_segments_serial,
+                    kernels.sumsq_segments_parallel if parallel else kernels.sumsq_segments_serial,
                 ),
             }
             if parallel and mode == "serialized":
-                pairs = {k: (runtime.serialized(u), runtime.serialized(c)) for k, (u, c) in pairs.items()}
+                pairs = {k: tuple(runtime.serialized(f) for f in fns) for k, fns in pairs.items()}
             chosen.append((pairs, parallel))
         self._chosen = chosen
         self._generation = generation
@@ -221,6 +226,13 @@ class RMSprop:
     def skipped_steps(self):
         """Steps refused by ``skip_nonfinite`` because a grad held a NaN or an infinity."""
         return self._skipped_steps
+
+    @property
+    def last_grad_norm(self) -> "float | None":
+        """With ``clip_global_norm``: the 2-norm over all grads of the last step, before
+        clipping (what ``torch.nn.utils.clip_grad_norm_`` returns; NaN or inf when a grad held
+        one, also for a step ``skip_nonfinite`` refused). None without it, or before a step."""
+        return self._last_grad_norm
 
     @property
     def current_learning_rate(self):
@@ -360,19 +372,17 @@ class RMSprop:
             if self._generation != runtime.generation():
                 self._choose_kernels()
             if slots is self._slots:
-                calls = [self._call(group, checked) for group in self._groups]
+                clipping = self._max_norm is not None
+                calls = [self._call(group, checked, clipping) for group in self._groups]
             else:
                 span, g = packed.span, checked[0][0]
-                calls = [("dense", (span.flat, g, span.square_avg, span.grad_avg, span.momentum_buffer), (g,))]
-            if self._skip_nonfinite:
-                for (pairs, _), (shell, _, check_args) in zip(self._chosen, calls):
-                    if pairs[shell][1](*check_args):
-                        self._skipped_steps += 1
-                        return
-            scalars = self._next_scalars()
-            for (pairs, _), (shell, args, _) in zip(self._chosen, calls):
-                pairs[shell][0](*args, *scalars)
-            self._advance()
+                arrays = (span.flat, g, span.square_avg, span.grad_avg, span.momentum_buffer)
+                table = None
+                if self._max_norm is not None:  # the norm is summed per array: the chunk table
+                    packed.ptrs[:, 1] = packed.offsets + checked[0][1]
+                    table = (packed.witness, packed.ptrs, packed.sizes, packed.chunks)
+                calls = [("dense", arrays, (g,), table)]
+            self._launch(calls, checked)
         finally:
             self._busy.release()
 
@@ -389,12 +399,48 @@ class RMSprop:
             raise self._read_only(s)
         if self._generation != runtime.generation():
             self._choose_kernels()
-        update, nonfinite = self._chosen[0][0]["dense"]
+        update, nonfinite, _ = self._chosen[0][0]["dense"]
         g = g.reshape(-1)
+        arrays = (s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer)
+        if self._max_norm is not None:
+            self._launch([("dense", arrays, (g,), (g,))], ((g, start),))
+            return
         if self._skip_nonfinite and nonfinite(g):
             self._skipped_steps += 1
             return
-        update(s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer, *self._next_scalars())
+        update(*arrays, *self._next_scalars())
+        self._advance()
+
+    def _launch(self, calls, checked):
+        """Run one step's kernels, checks first: ``calls`` holds, per group, ``(shell, arrays,
+        check arrays, norm arrays)``; ``checked`` the grads (for the rare overflow path)."""
+        chosen = self._chosen
+        coef = 1.0
+        if self._max_norm is not None:
+            total = 0.0  # the groups' sums of squares, added in order (reproducible)
+            for (pairs, _), (_, _, _, norm_args) in zip(chosen, calls):
+                total += pairs["dense" if len(norm_args) == 1 else "segments"][2](*norm_args)
+            norm = math.sqrt(total)
+            if not math.isfinite(total):  # a NaN or inf in the grads, or float64 squares overflowing
+                if any(pairs[shell][1](*check_args) for (pairs, _), (shell, _, check_args, _) in zip(chosen, calls)):
+                    self._last_grad_norm = norm
+                    if self._skip_nonfinite:  # the norm was the non-finite check: one pass
+                        self._skipped_steps += 1
+                        return
+                else:
+                    norm = clipping.overflow_norm([g for g, _ in checked])
+            self._last_grad_norm = norm
+            coef = clipping.coefficient(norm, self._max_norm)
+        elif self._skip_nonfinite:
+            for (pairs, _), (shell, _, check_args, _) in zip(chosen, calls):
+                if pairs[shell][1](*check_args):
+                    self._skipped_steps += 1
+                    return
+        scalars = self._next_scalars()
+        if coef != 1.0:  # fold the clipping coefficient into the kernel's grad scale
+            scalars = scalars._replace(grad_scale=scalars.grad_scale * coef)
+        for (pairs, _), (shell, args, _, _) in zip(chosen, calls):
+            pairs[shell][0](*args, *scalars)
         self._advance()
 
     def _next_scalars(self):
@@ -411,22 +457,26 @@ class RMSprop:
         self._last_lr = self._pending_lr
 
     @staticmethod
-    def _call(group, checked):
-        """``(shell, arrays, check arrays)`` for one group: which shell steps it, with what."""
+    def _call(group, checked, clipping):
+        """``(shell, arrays, check arrays, norm arrays)`` for one group: which shell steps it,
+        with what. The norm (``clipping``) is always summed per array (a chunk table for
+        several), so its bits do not depend on which shell steps the group."""
         if group.kind == "dense":
             s = group.slots[0]
             g = checked[group.indices[0]][0].reshape(-1)
-            return "dense", (s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer), (g,)
+            return "dense", (s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer), (g,), (g,)
         addresses = [checked[i][1] for i in group.indices]
+        table = (group.witness, group.ptrs, group.sizes, group.chunks)
         span = group.span
         if span is not None and group.grads_tile(addresses):
             g = grad_span(checked[group.indices[0]][0], addresses[0], span.flat.size)
             if g is not None:
-                return "dense", (span.flat, g, span.square_avg, span.grad_avg, span.momentum_buffer), (g,)
-        ptrs = group.ptrs
-        ptrs[:, 1] = addresses
-        args = (group.witness, ptrs, group.sizes, group.chunks)
-        return "segments", args, args
+                if clipping:
+                    group.ptrs[:, 1] = addresses
+                arrays = (span.flat, g, span.square_avg, span.grad_avg, span.momentum_buffer)
+                return "dense", arrays, (g,), table if clipping else None
+        group.ptrs[:, 1] = addresses
+        return "segments", table, table, table
 
     def _read_only(self, slot):
         i = self._slots.index(slot)
@@ -438,8 +488,9 @@ class RMSprop:
         """The optimizer's state as a flat dict of NumPy arrays (copies) and Python scalars.
 
         Keys: ``format_version``, ``step_count``, ``skipped_steps``, ``num_params``, every hyperparameter
-        (``learning_rate`` only when it is a number, not a schedule) and ``"<name>.<i>"`` for
-        each state array of param ``i``. :meth:`load_state_dict` continues bit-identically.
+        (``learning_rate`` only when it is a number, not a schedule; ``clip_global_norm`` and
+        ``clip_value`` only when set) and ``"<name>.<i>"`` for each state array of param ``i``.
+        :meth:`load_state_dict` continues bit-identically.
         """
         d = {
             "format_version": checkpoint.FORMAT_VERSION,
@@ -448,7 +499,7 @@ class RMSprop:
             "num_params": len(self._slots),
         }
         for key, value in self._hyper.items():
-            if not callable(value):
+            if value is not None and not callable(value):
                 d[key] = value
         for i, slot in enumerate(self._slots):
             for name in slot.names:
@@ -460,8 +511,8 @@ class RMSprop:
 
         The variant (centring, momentum on/off, Nesterov, lr placement, weight-decay mode,
         maximize, bias correction, eps placement) must match. Numeric hyperparameters
-        (learning rate, beta, epsilon, momentum, weight decay, initial scale) and
-        ``skip_nonfinite`` are restored from the dict; a schedule of this optimizer's is kept
+        (learning rate, beta, epsilon, momentum, weight decay, initial scale), the clipping
+        options (absent: off) and ``skip_nonfinite`` are restored from the dict; a schedule of this optimizer's is kept
         when the dict carries no ``learning_rate``. Values are checked as well as shapes:
         counts must be integers >= 0, state finite and ``square_avg >= 0``, hyperparameters
         in range for the params' dtypes. On any mismatch a TypeError/ValueError names it and

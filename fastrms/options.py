@@ -10,14 +10,20 @@ Each option has a role:
 - ``variant+scalar``: its value is a runtime scalar and ``> 0`` chooses the variant
   (``momentum``, ``weight_decay``);
 - ``initial``: fills the state once (``initial_scale``);
-- ``host``: acted on in Python around the kernel (``skip_nonfinite``).
+- ``host``: acted on in Python around the kernel (``skip_nonfinite``, and
+  ``clip_global_norm``, whose coefficient the step folds into the kernel's ``grad_scale``).
+
+Kinds: ``rate`` (a number or a schedule), ``float``, ``bool``, and ``optional``: a float, or
+None for off (the clipping options).
 
 Adding an option means a row here, its arithmetic in :mod:`fastrms.kernels.element` (and, if
 it selects a variant, in :func:`variant_key`), and its formula in :mod:`fastrms.reference`.
 The update every variant follows is in ``docs/algorithm.md``.
 """
 
+import math
 from dataclasses import dataclass, field
+from numbers import Real
 
 import numpy as np
 
@@ -34,7 +40,7 @@ class Option:
 
     name: str
     default: object
-    kind: str  # "rate" (a number or a schedule), "float" or "bool"
+    kind: str  # "rate" (a number or a schedule), "float", "bool" or "optional" (a float or None)
     role: str  # "variant", "scalar", "variant+scalar", "initial" or "host"
     doc: str
     low: "float | None" = None
@@ -50,6 +56,11 @@ class Option:
             return flag(self.name, value)
         if self.kind == "rate" and callable(value):
             return value
+        if self.kind == "optional":
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise TypeError(f"{self.name} must be a real number or None, got {type(value).__name__}")
         return number(self.name, value, low=self.low, low_open=self.low_open, high=self.high, high_open=self.high_open)
 
     @property
@@ -114,6 +125,19 @@ OPTIONS = (
         "skip_nonfinite", False, "bool", "host",
         "a step whose grads hold a NaN or an infinity changes nothing and is counted in ``skipped_steps``",
     ),
+    Option(
+        "clip_global_norm", None, "optional", "host",
+        "``max_norm`` > 0, or None: scale every grad, as the kernel reads it, by "
+        "``min(1, max_norm / (norm + 1e-6))``, ``norm`` the 2-norm over all grads "
+        "(``torch.nn.utils.clip_grad_norm_``'s formula)",
+        low=0.0, low_open=True,
+    ),
+    Option(
+        "clip_value", None, "optional", "scalar",
+        "``c`` > 0, or None: clamp every grad element to ``[-c, c]`` as the kernel reads it "
+        "(``torch.nn.utils.clip_grad_value_``); a NaN passes through",
+        low=0.0, low_open=True, fit="nonzero", spellings=dict(keras="clipvalue"),
+    ),
 )  # fmt: skip
 
 BY_NAME = {o.name: o for o in OPTIONS}
@@ -122,6 +146,8 @@ DEFAULTS = {o.name: o.default for o in OPTIONS}
 #: The options a checkpoint stores as numbers / flags (the learning rate only when it is one).
 FLOAT_OPTIONS = tuple(o.name for o in OPTIONS if o.kind == "float")
 BOOL_OPTIONS = tuple(o.name for o in OPTIONS if o.kind == "bool")
+#: The options that are off when None; a checkpoint stores them only when set.
+OPTIONAL_OPTIONS = tuple(o.name for o in OPTIONS if o.kind == "optional")
 #: Every state array any variant keeps, in PyTorch's names.
 ALL_STATE_NAMES = ("square_avg", "grad_avg", "momentum_buffer")
 
@@ -134,7 +160,7 @@ def describe(indent=0, skip=()):
     for o in OPTIONS:
         if o.name in skip:
             continue
-        kind = "float or callable" if o.kind == "rate" else o.kind
+        kind = {"rate": "float or callable", "optional": "float or None"}.get(o.kind, o.kind)
         spelled = ", ".join(f"{lib} ``{n}``" for lib, n in o.spellings.items() if n != o.name)
         lines.append(f"{pad}{o.name} : {kind}, default {o.default!r}")
         lines.append(f"{pad}    Keyword-only. {o.doc[0].upper()}{o.doc[1:]}{f' ({spelled})' if spelled else ''}.")
@@ -161,6 +187,11 @@ def check_hyperparameters(h, dtypes=()):
     out = {name: BY_NAME[name].check(h[name]) for name in NAMES}
     if out["nesterov"] and out["momentum"] == 0.0:
         raise ValueError("nesterov=True needs momentum > 0")
+    if out["clip_global_norm"] is not None and out["clip_value"] is not None:
+        raise ValueError(
+            "clip_global_norm and clip_value cannot both be set: the order of the two clips would be a guess; "
+            "choose one"
+        )
     check_fit(out, dtypes)
     return out
 
@@ -174,7 +205,7 @@ def check_fit(hyper, dtypes):
     if not dtypes:
         return
     for o in OPTIONS:
-        if o.fit and not (o.kind == "rate" and callable(hyper[o.name])):
+        if o.fit and hyper[o.name] is not None and not (o.kind == "rate" and callable(hyper[o.name])):
             fits(o.name, hyper[o.name], dtypes, nonzero=o.fit == "nonzero", below_one=o.fit == "below_one")
     fits("1 - beta", 1.0 - hyper["beta"], dtypes, nonzero=True)
     if not callable(hyper["learning_rate"]):
@@ -214,8 +245,10 @@ def options_for(key):
 
 def scalars(hyper, lr, t):
     """The kernel's runtime scalars (:class:`fastrms.kernels.Scalars`) for step ``t`` (1-based)
-    at learning rate ``lr``."""
+    at learning rate ``lr``; ``grad_scale`` is the sign alone (a global-norm coefficient is
+    folded in per step by the caller, ``scalars._replace(grad_scale=...)``)."""
     eps = hyper["epsilon"]
+    clip = hyper["clip_value"]
     return kernels.Scalars(
         lr,
         hyper["beta"],
@@ -225,6 +258,7 @@ def scalars(hyper, lr, t):
         hyper["momentum"],
         -1.0 if hyper["maximize"] else 1.0,
         1.0 - hyper["beta"] ** t if hyper["bias_correction"] else 1.0,
+        math.inf if clip is None else clip,
     )
 
 

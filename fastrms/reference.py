@@ -7,9 +7,15 @@ scalars rounded once to the array's dtype (``1 - beta`` and ``lr * wd`` formed i
 first), as the kernels do.
 """
 
+import math
+
 import numpy as np
 
 from .options import DEFAULTS, resolve
+
+#: The sum of squares' order (``docs/algorithm.md``, :mod:`fastrms.kernels.reduce`): blocks of
+#: 32768 elements from each array's start, 1024 float64 lanes per block.
+BLOCK, LANES = 1 << 15, 1024
 
 
 def seed_step(theta, v, g_t, learning_rate, beta, epsilon):
@@ -31,6 +37,50 @@ def seed_rmsprop(theta, num_iterations, calculate_gradient, learning_rate=0.001,
     return theta
 
 
+def global_norm(grads):
+    """The 2-norm over every element of ``grads``, summed in float64 in the kernels' fixed
+    order (so bit for bit what the optimizer computes): for each array, blocks of ``BLOCK``
+    elements; in a block, element ``j`` of each row of ``LANES`` goes to lane ``j`` in order,
+    then the lanes fold in halves; block sums are added in order from 0.0, per dtype (in the
+    order the dtypes first appear), and the dtypes' sums after. Finite float64 grads whose
+    squares overflow are scaled by their largest magnitude first."""
+    grads = [np.asarray(g) for g in grads]
+    total = 0.0
+    for dtype in dict.fromkeys(g.dtype for g in grads):
+        group = 0.0
+        for g in (g.reshape(-1) for g in grads if g.dtype == dtype):
+            for start in range(0, g.size, BLOCK):
+                x = g[start : start + BLOCK].astype(np.float64)
+                with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are results here
+                    rows = np.concatenate([x * x, np.zeros(-x.size % LANES)]).reshape(-1, LANES)
+                    lanes = np.cumsum(rows, axis=0)[-1]  # row after row: no reassociation
+                while lanes.size > 1:
+                    half = lanes.size // 2
+                    lanes = lanes[:half] + lanes[half:]
+                group += float(lanes[0])
+        total += group
+    if math.isinf(total) and all(np.isfinite(g).all() for g in grads):
+        scale = max(float(np.max(np.abs(g))) for g in grads if g.size)
+        return scale * math.sqrt(sum(float(np.sum(np.square(g / scale, dtype=np.float64))) for g in grads))
+    return math.sqrt(total)
+
+
+def clip_grads(grads, clip_global_norm=None, clip_value=None):
+    """``(clipped grads, norm)``: ``clip_value`` clamps each element to ``[-c, c]`` (a NaN
+    stays NaN); ``clip_global_norm`` multiplies every grad by ``min(1, max_norm / (norm +
+    1e-6))`` (``torch.nn.utils.clip_grad_norm_``; NaN when the norm is), the coefficient
+    rounded once to each grad's dtype. ``norm`` is :func:`global_norm` (None without it)."""
+    grads = [np.asarray(g) for g in grads]
+    if clip_value is not None:
+        grads = [np.clip(g, -g.dtype.type(clip_value), g.dtype.type(clip_value)) for g in grads]
+    if clip_global_norm is None:
+        return grads, None
+    norm = global_norm(grads)
+    coef = math.nan if math.isnan(norm) else min(1.0, clip_global_norm / (norm + 1e-6))
+    with np.errstate(invalid="ignore"):  # inf * 0 is NaN, as in torch
+        return [g * g.dtype.type(coef) for g in grads], norm
+
+
 def rmsprop_step(param, grad, state, t, lr, beta=DEFAULTS["beta"], epsilon=DEFAULTS["epsilon"], **options):
     """Step ``t`` (1-based) of any variant; returns the new param, updates ``state`` (a dict
     with ``square_avg`` and, when used, ``grad_avg`` / ``momentum_buffer``). ``options`` are
@@ -47,6 +97,7 @@ def rmsprop_step(param, grad, state, t, lr, beta=DEFAULTS["beta"], epsilon=DEFAU
     T = param.dtype.type
     lr_t, beta_t, omb = T(lr), T(beta), T(1.0 - beta)
     p = param.copy()
+    (grad,), _ = clip_grads([grad], o["clip_global_norm"], o["clip_value"])  # by this grad's own norm
     g = -grad if maximize else grad.copy()
     if weight_decay and not decoupled_weight_decay:
         g = g + T(weight_decay) * p
@@ -81,7 +132,8 @@ class RMSprop:
     """The optimizer's semantics in NumPy: same constructor and ``step`` as
     :class:`fastrms.RMSprop`, no validation, params updated in place. With
     ``skip_nonfinite``, a step whose grads hold a NaN or an infinity is counted in
-    ``skipped_steps`` and changes nothing else."""
+    ``skipped_steps`` and changes nothing else. ``clip_global_norm`` clips by the norm over
+    all grads (:func:`clip_grads`), kept in ``last_grad_norm``."""
 
     def __init__(
         self,
@@ -92,10 +144,12 @@ class RMSprop:
         *,
         initial_scale=DEFAULTS["initial_scale"],
         skip_nonfinite=DEFAULTS["skip_nonfinite"],
+        clip_global_norm=DEFAULTS["clip_global_norm"],
         **options,
     ):
         resolve(options, "reference.RMSprop()")  # unknown names are refused here too
         self.skip_nonfinite, self.skipped_steps = skip_nonfinite, 0
+        self.clip_global_norm, self.last_grad_norm = clip_global_norm, None
         self.single = isinstance(params, np.ndarray)
         self.params = [params] if self.single else list(params)
         self.learning_rate, self.beta, self.epsilon = learning_rate, beta, epsilon
@@ -112,6 +166,8 @@ class RMSprop:
 
     def step(self, grads):
         grads = [grads] if self.single else list(grads)
+        if self.clip_global_norm is not None:
+            grads, self.last_grad_norm = clip_grads(grads, self.clip_global_norm)
         if self.skip_nonfinite and not all(np.isfinite(g).all() for g in grads):
             self.skipped_steps += 1
             return

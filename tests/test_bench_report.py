@@ -88,3 +88,14 @@ def test_bench_many_prints_the_ratio_to_one_array(capsys, monkeypatch):
     assert cli.main(["bench", "--many", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "3.00x one array" in out and "1.00x one array" in out
+
+
+def test_bench_clipped_prints_each_case_against_the_unclipped_step(capsys, monkeypatch):
+    from fastrms.bench import timing
+
+    row = {"variant": "plain", "size": 10**7, "read pass": 1e-4, **{k: 1e-3 for k in timing.CLIP_CASES}}
+    row["clip_global_norm"] = 1.25e-3
+    monkeypatch.setattr(timing, "clipped", lambda dtype, **kw: [row])
+    assert cli.main(["bench", "--clipped", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "clip_global_norm 1.25x" in out and "clip_value 1.00x" in out and "read pass of g) 1.10x" in out

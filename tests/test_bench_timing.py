@@ -32,3 +32,10 @@ def test_many_arrays_times_each_layout_against_one_array():
         "1000 arrays, equal, packed",
     }
     assert all(t > 0 for t in times.values())
+
+
+def test_clipped_times_every_clip_case_and_the_read_pass():
+    rows = timing.clipped("float64", sizes=(5000,), variants=["plain"], rounds=1, target=0.001)
+    assert [(r["variant"], r["size"]) for r in rows] == [("plain", 5000)]
+    assert set(rows[0]) == {"variant", "size", "read pass", *timing.CLIP_CASES}
+    assert all(rows[0][k] > 0 for k in (*timing.CLIP_CASES, "read pass"))

@@ -13,7 +13,7 @@ from fastrms import kernels, options, reference
 from fastrms.bench.cases import all_variants
 
 ARGS = kernels.Scalars(
-    lr=0.01, beta=0.9, eps_in=0.0, eps_out=1e-8, weight_decay=0.01, momentum=0.9, sign=1.0, bias_correction=0.5
+    lr=0.01, beta=0.9, eps_in=0.0, eps_out=1e-8, weight_decay=0.01, momentum=0.9, grad_scale=1.0, bias_correction=0.5
 )
 
 
@@ -232,3 +232,77 @@ def test_cached_code_stays_right_whatever_compiles_first(tmp_path):
     for order in ("plain-only", "others-first", "others-first"):
         out = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, order], env=env, capture_output=True, text=True)
         assert out.returncode == 0 and out.stdout.strip() == "ok", (order, out.stdout, out.stderr[-2000:])
+
+
+# ------------------------------------------------------------------ the sum of squares
+
+
+def _table(arrays):
+    """The chunk-table arguments for ``arrays`` as grads (one dtype)."""
+    sizes = np.array([a.size for a in arrays], dtype=np.int64)
+    ptrs = np.zeros((len(arrays), 5), dtype=np.int64)
+    ptrs[:, 1] = [a.ctypes.data for a in arrays]
+    return arrays[0][:0], ptrs, sizes, kernels.chunk_table(sizes)
+
+
+@pytest.mark.parametrize("n", [0, 1, 1023, 1025, 3000, kernels.BLOCK, kernels.BLOCK + 1, BIG])
+def test_sum_of_squares_is_the_same_bits_from_every_driver_and_the_reference(n, dtype):
+    """Serial, parallel, and the chunk table (this array alone, or after another array)
+    give the bits of reference.global_norm's fixed order; the value is the exactly rounded
+    sum to within float64 rounding."""
+    import math
+
+    a = np.random.default_rng(n).standard_normal(n).astype(dtype) * 3
+    total = kernels.sumsq_serial(a)
+    assert kernels.sumsq_parallel(a) == total
+    assert kernels.sumsq_segments_serial(*_table([a])) == total
+    assert kernels.sumsq_segments_parallel(*_table([a])) == total
+    assert math.sqrt(total) == reference.global_norm([a])
+    squares = a.astype(np.float64) ** 2
+    exact = math.fsum(squares) if n <= 40_000 else float(np.sum(squares))
+    assert total == pytest.approx(exact, rel=1e-13, abs=0.0)
+    b = np.random.default_rng(n + 1).standard_normal(1000).astype(dtype)
+    assert math.sqrt(kernels.sumsq_segments_parallel(*_table([b, a]))) == reference.global_norm([b, a])
+
+
+def test_the_reference_states_the_kernels_order():
+    assert (reference.BLOCK, reference.LANES) == (kernels.BLOCK, kernels.LANES) and kernels.CHUNK == kernels.BLOCK
+
+
+def test_sum_of_squares_does_not_depend_on_the_thread_count():
+    import numba
+
+    a = np.random.default_rng(3).standard_normal(BIG).astype(np.float32)
+    arrays = [a[:400_000].copy(), a[400_000:].copy()]
+    before = numba.get_num_threads()
+    try:
+        got = set()
+        for threads in sorted({1, before}):
+            numba.set_num_threads(threads)
+            got.add((kernels.sumsq_parallel(a), kernels.sumsq_segments_parallel(*_table(arrays))))
+        assert len(got) == 1
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_sum_of_squares_carries_nan_and_infinity():
+    a = np.ones(70_000, np.float32)
+    a[40_000] = np.inf
+    assert kernels.sumsq_parallel(a) == np.inf
+    a[50_000] = np.nan
+    assert np.isnan(kernels.sumsq_serial(a)) and np.isnan(kernels.sumsq_segments_parallel(*_table([a])))
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+def test_sum_of_squares_is_vectorised_across_its_lanes(parallel, dtype):
+    """The lanes are float64: packed float64 adds on the width LLVM chose for float64 here."""
+    if _isa() is None:
+        pytest.skip(f"no packed-instruction patterns known for this ISA ({platform.machine()!r})")
+    width = _chosen_width(np.dtype(np.float64), parallel)
+    if width is None:
+        pytest.skip(f"LLVM does not vectorise even a minimal sqrt loop on this host ({platform.machine()})")
+    fn = kernels.sumsq_parallel if parallel else kernels.sumsq_serial
+    fresh = njit(parallel=parallel, error_model="numpy", nogil=True)(fn.py_func)
+    fresh(np.ones(4, dtype))
+    asm = "\n".join(fresh.inspect_asm().values())
+    assert width in _packed(asm, "add", np.float64), f"no packed float64 add on {width}"

@@ -58,9 +58,9 @@ def test_aliases_come_from_the_spellings():
 def test_scalars_place_epsilon_sign_and_bias_correction():
     h = options.resolve({"eps_in_sqrt": True, "maximize": True, "bias_correction": True, "beta": 0.5})
     s = options.scalars(h, 0.1, 2)
-    assert (s.eps_in, s.eps_out, s.sign, s.bias_correction) == (1e-8, 0.0, -1.0, 0.75)
+    assert (s.eps_in, s.eps_out, s.grad_scale, s.bias_correction) == (1e-8, 0.0, -1.0, 0.75)
     s = options.scalars(options.resolve({}), 0.1, 2)
-    assert (s.eps_in, s.eps_out, s.sign, s.bias_correction) == (0.0, 1e-8, 1.0, 1.0)
+    assert (s.eps_in, s.eps_out, s.grad_scale, s.bias_correction) == (0.0, 1e-8, 1.0, 1.0)
 
 
 def test_the_formula_options_are_what_a_checkpoint_must_agree_on():

@@ -243,6 +243,25 @@ def run_many(dtypes=None, rounds=None):
     return 0
 
 
+def run_clipped(dtypes=None, rounds=None, sizes=None, variants=None):
+    """``fastrms bench --clipped``: clipping's cost against the unclipped step."""
+    for dtype in dtypes or ["float32"]:
+        rows = timing.clipped(
+            dtype, sizes=sizes or (10_000_000, 1_000_000), variants=variants, rounds=7 if rounds is None else rounds
+        )
+        print(f"{dtype}, RMSprop.step, medians (x: against the unclipped step of the same variant and size):")
+        for row in rows:
+            base = row["unclipped"]
+            cases = [k for k in timing.CLIP_CASES if k != "unclipped"]
+            shown = "  ".join(f"{k} {row[k] / base:4.2f}x" for k in cases)
+            floor = (base + row["read pass"]) / base
+            print(
+                f"  {row['variant']:18s} n={row['size']:<9.0e} unclipped {base * 1e3:7.3f} ms  {shown}"
+                f"  | floor (step + one read pass of g) {floor:4.2f}x"
+            )
+    return 0
+
+
 def run(
     *,
     output,

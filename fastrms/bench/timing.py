@@ -133,3 +133,35 @@ def many_arrays(dtype="float32", total=1_000_000, rounds=7, target=0.03, seed=0)
         flat_grad = pack(grads)[0]
         steps[f"{label}, packed"] = lambda o=packed, g=flat_grad: o.step(g)
     return measure_calls(steps, rounds, target)
+
+
+#: ``fastrms bench --clipped``: the options timed against each base variant.
+CLIP_CASES = {
+    "unclipped": {},
+    "clip_global_norm": {"clip_global_norm": 1.0},
+    "clip_value": {"clip_value": 0.1},
+    "skip_nonfinite": {"skip_nonfinite": True},
+    "clip_global_norm + skip_nonfinite": {"clip_global_norm": 1.0, "skip_nonfinite": True},
+}
+
+
+def clipped(dtype="float32", sizes=(10_000_000, 1_000_000), variants=None, rounds=7, target=0.03):
+    """A clipped step against an unclipped one, in one process: rows ``{variant, size, case:
+    seconds}`` for each base variant (plain and centered + momentum unless given), and
+    ``"read pass"``: one parallel read of the grad with no arithmetic to speak of (the
+    non-finite check), the floor of what a norm pass can cost."""
+    from .cases import ALL
+
+    rows = []
+    for variant in variants or ("plain", "centered_momentum"):
+        for n in sizes:
+            p, g = Problem(n, dtype).fresh()
+            steps = {}
+            for case, clip in CLIP_CASES.items():
+                opt = RMSprop(p.copy(), **DEFAULT_HYPER, **ALL[variant], **clip)
+                steps[case] = lambda o=opt, g=g: o.step(g)
+            # the floor of one more read of g: a pass with no arithmetic to speak of
+            flat = g.reshape(-1)
+            steps["read pass"] = lambda flat=flat: kernels.nonfinite_parallel(flat)
+            rows.append({"variant": variant, "size": n, **measure_calls(steps, rounds, target)})
+    return rows

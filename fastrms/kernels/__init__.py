@@ -5,7 +5,8 @@ the rest of fastrms, so user ``@njit`` code can call it directly).
 - :mod:`.dense`: loop shells over whole flat arrays, in place and out of place, serial and
   parallel;
 - :mod:`.segments`: the loop shell over a chunk table: many arrays of one dtype in one call;
-- :mod:`.reduce`: read-only passes (the non-finite check behind ``skip_nonfinite``);
+- :mod:`.reduce`: read-only passes (the non-finite check behind ``skip_nonfinite``, the
+  reproducible sum of squares behind ``clip_global_norm``);
 - :func:`rmsprop_update`: the plain step, for user ``@njit`` code;
 - :func:`drivers`: the serial and parallel dense shells of a variant;
 - :func:`step_bytes` and :data:`PARALLEL_MIN_BYTES`: the traffic rule behind the
@@ -35,11 +36,21 @@ from .element import (
     variant,
     variants,
 )
-from .reduce import nonfinite_parallel, nonfinite_serial
-from .segments import CHUNK, chunk_table, nonfinite_segments_parallel, nonfinite_segments_serial, segments
+from .reduce import BLOCK, LANES, nonfinite_parallel, nonfinite_serial, sumsq_parallel, sumsq_serial
+from .segments import (
+    CHUNK,
+    chunk_table,
+    nonfinite_segments_parallel,
+    nonfinite_segments_serial,
+    segments,
+    sumsq_segments_parallel,
+    sumsq_segments_serial,
+)
 
 __all__ = [
+    "BLOCK",
     "CHUNK",
+    "LANES",
     "MOM_INSIDE",
     "MOM_NONE",
     "MOM_OUTSIDE",
@@ -63,6 +74,10 @@ __all__ = [
     "nonfinite_segments_serial",
     "segments",
     "step_bytes",
+    "sumsq_parallel",
+    "sumsq_segments_parallel",
+    "sumsq_segments_serial",
+    "sumsq_serial",
     "variant",
     "variants",
 ]
@@ -144,6 +159,6 @@ def rmsprop_update(param, grad, square_avg, learning_rate, beta, epsilon):
     g = grad.reshape(n)
     v = square_avg.reshape(n)
     if step_bytes(n, param.itemsize, 1) >= PARALLEL_MIN_BYTES:
-        _plain_parallel(p, g, v, p[:0], p[:0], learning_rate, beta, 0.0, epsilon, 0.0, 0.0, 1.0, 1.0)
+        _plain_parallel(p, g, v, p[:0], p[:0], learning_rate, beta, 0.0, epsilon, 0.0, 0.0, 1.0, 1.0, np.inf)
     else:
-        _plain_serial(p, g, v, p[:0], p[:0], learning_rate, beta, 0.0, epsilon, 0.0, 0.0, 1.0, 1.0)
+        _plain_serial(p, g, v, p[:0], p[:0], learning_rate, beta, 0.0, epsilon, 0.0, 0.0, 1.0, 1.0, np.inf)

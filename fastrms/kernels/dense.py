@@ -29,7 +29,8 @@ def _make_dense(key, parallel):
     at = apply(key)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
 
-    def shell(param, grad, square_avg, grad_avg, momentum_buffer, lr, beta, eps_in, eps_out, wd, mu, sign, bc):
+    def shell(param, grad, square_avg, grad_avg, momentum_buffer, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc,
+              clip):  # fmt: skip
         n = param.size
         if grad.size != n or square_avg.size != n:
             raise ValueError("dense: grad and square_avg must have the size of param")
@@ -37,7 +38,7 @@ def _make_dense(key, parallel):
             raise ValueError("dense: grad_avg must have the size of param (centered variant)")
         if uses_b and momentum_buffer.size != n:
             raise ValueError("dense: momentum_buffer must have the size of param (momentum variant)")
-        k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, sign, bc)
+        k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
         for i in prange(n):
             at(i, param, grad, square_avg, grad_avg, momentum_buffer, param, square_avg, grad_avg, momentum_buffer, k)
         return parallel
@@ -66,7 +67,7 @@ def _make_dense_out(key, parallel):
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
 
     def shell(param, grad, square_avg, grad_avg, momentum_buffer, param_out, square_avg_out, grad_avg_out,
-              momentum_buffer_out, lr, beta, eps_in, eps_out, wd, mu, sign, bc):  # fmt: skip
+              momentum_buffer_out, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):  # fmt: skip
         n = param.size
         if grad.size != n or square_avg.size != n or param_out.size != n or square_avg_out.size != n:
             raise ValueError("dense_out: every array must have the size of param")
@@ -74,7 +75,7 @@ def _make_dense_out(key, parallel):
             raise ValueError("dense_out: grad_avg and grad_avg_out must have the size of param (centered variant)")
         if uses_b and (momentum_buffer.size != n or momentum_buffer_out.size != n):
             raise ValueError("dense_out: momentum buffers must have the size of param (momentum variant)")
-        k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, sign, bc)
+        k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
         for i in prange(n):
             at(i, param, grad, square_avg, grad_avg, momentum_buffer, param_out, square_avg_out, grad_avg_out,
                momentum_buffer_out, k)  # fmt: skip

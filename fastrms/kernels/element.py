@@ -2,7 +2,9 @@
 
 For step ``t``, per element (``docs/algorithm.md`` is the contract)::
 
-    g <- sign * grad                              sign = -1 when maximizing
+    g <- grad_scale * clamp(grad, -clip, clip)    clip = inf unless clip_value is set;
+                                                  grad_scale = -1 maximizing, times the
+                                                  global-norm coefficient when clipping
     coupled weight decay:     g <- g + wd * p
     decoupled weight decay:   p <- p - (lr * wd) * p
     v <- beta * v + (1 - beta) * g^2
@@ -17,9 +19,10 @@ For step ``t``, per element (``docs/algorithm.md`` is the contract)::
 
 The options that change which arrays are touched (centring, the momentum mode, Nesterov,
 the weight-decay mode) are compile-time constants of each specialisation, so a variant pays
-only for what it uses. ``sign``, ``eps_in``/``eps_out`` and ``bc`` are runtime scalars: their
-neutral values (1, 0, 1) leave the arithmetic bit-exact, and ``bc == 1`` skips the division
-through a loop-invariant branch that LLVM hoists out of the loop.
+only for what it uses. ``grad_scale``, ``clip``, ``eps_in``/``eps_out`` and ``bc`` are runtime
+scalars: their neutral values (1, inf, 0, 1) leave the arithmetic bit-exact (the clamp is two
+compares, so a NaN passes through it, as ``np.clip`` lets it), and ``bc == 1`` skips the
+division through a loop-invariant branch that LLVM hoists out of the loop.
 
 :func:`element` returns an ``inline="always"`` function ``(p, g, v, m, b, k) -> (p, v, m, b)``:
 loop shells (:mod:`.dense` and those to come) read the arrays, call it and write back what
@@ -104,14 +107,16 @@ class Scalars(NamedTuple):
     eps_out: float
     weight_decay: float
     momentum: float
-    sign: float
+    grad_scale: float
     bias_correction: float
+    clip: float = float("inf")
 
 
 @njit(inline="always")
-def constants(T, lr, beta, eps_in, eps_out, weight_decay, momentum, sign, bias_correction):
+def constants(T, lr, beta, eps_in, eps_out, weight_decay, momentum, grad_scale, bias_correction, clip):
     """The :class:`Scalars` as the element function uses them, each rounded once to dtype
-    ``T``: ``(lr, beta, 1 - beta, eps_in, eps_out, wd, lr * wd, mu, sign, bc, bc != 1, 0)``."""
+    ``T``: ``(lr, beta, 1 - beta, eps_in, eps_out, wd, lr * wd, mu, grad_scale, bc, bc != 1, 0,
+    clip, -clip)``."""
     bc = T(bias_correction)
     return (
         T(lr),
@@ -122,10 +127,12 @@ def constants(T, lr, beta, eps_in, eps_out, weight_decay, momentum, sign, bias_c
         T(weight_decay),
         T(lr * weight_decay),
         T(momentum),
-        T(sign),
+        T(grad_scale),
         bc,
         bc != T(1.0),
         T(0.0),
+        T(clip),
+        T(-clip),
     )
 
 
@@ -143,8 +150,9 @@ def element(key):
 
 def _make_element(centered, wd_mode, mom_mode, nesterov):
     def update(p, g, v, m, b, k):
-        lr, beta, one_minus_beta, eps_in, eps_out, wd, lr_wd, mu, sign, bc, correct, zero = k
-        g = sign * g
+        lr, beta, one_minus_beta, eps_in, eps_out, wd, lr_wd, mu, grad_scale, bc, correct, zero, hi, lo = k
+        g = hi if g > hi else (lo if g < lo else g)  # clip_value (hi = inf: unchanged, NaN too)
+        g = grad_scale * g
         if wd_mode == WD_COUPLED:
             g = g + wd * p
         elif wd_mode == WD_DECOUPLED:

@@ -22,11 +22,12 @@ from numba.extending import intrinsic
 
 from ._jit import jit, name
 from .dense import dense
-from .reduce import nonfinite_serial
+from .reduce import BLOCK, block_sumsq, nonfinite_serial
 
 #: Elements per chunk: big enough that a chunk's loop vectorises and amortises its set-up,
-#: small enough that two threads share a model of mixed sizes evenly.
-CHUNK = 1 << 15
+#: small enough that two threads share a model of mixed sizes evenly. It is the sum of
+#: squares' block, so an array's norm has the same bits stepped alone or in a table.
+CHUNK = BLOCK
 
 #: Columns of ``ptrs``.
 PARAM, GRAD, SQUARE_AVG, GRAD_AVG, MOMENTUM_BUFFER = range(5)
@@ -70,7 +71,7 @@ def _make_segments(key, parallel):
     run = dense(key, False)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
 
-    def shell(witness, ptrs, sizes, chunks, lr, beta, eps_in, eps_out, wd, mu, sign, bc):
+    def shell(witness, ptrs, sizes, chunks, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):
         for c in prange(chunks.shape[0]):
             a, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
             n = sizes[a]
@@ -91,8 +92,9 @@ def _make_segments(key, parallel):
                 eps_out,
                 wd,
                 mu,
-                sign,
+                grad_scale,
                 bc,
+                clip,
             )
         return parallel
 
@@ -119,3 +121,28 @@ def _make_nonfinite_segments(parallel):
 #: ``nonfinite_segments_serial/parallel(witness, ptrs, sizes, chunks)``: True if a grad of
 #: the table holds a NaN or +-Inf.
 nonfinite_segments_serial, nonfinite_segments_parallel = _make_nonfinite_segments(False), _make_nonfinite_segments(True)
+
+
+def _make_sumsq_segments(parallel):
+    """The float64 sum of squares of every grad in the table (read-only): a partial sum per
+    chunk (:func:`.reduce.block_sumsq`), added in the table's order."""
+
+    def sumsq(witness, ptrs, sizes, chunks):
+        partial = np.empty(chunks.shape[0])
+        for c in prange(chunks.shape[0]):
+            a, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            grad = carray(_pointer(ptrs[a, GRAD], witness), (sizes[a],))
+            partial[c] = block_sumsq(grad[start:stop])
+        total = 0.0
+        for c in range(chunks.shape[0]):
+            total += partial[c]
+        return total
+
+    name(sumsq, f"sumsq_segments_{'parallel' if parallel else 'serial'}")
+    return jit(parallel)(sumsq)
+
+
+#: ``sumsq_segments_serial/parallel(witness, ptrs, sizes, chunks)``: the float64 sum of
+#: squares of the table's grads; the same bits as :func:`.reduce.sumsq_serial` summing each
+#: array's blocks in turn.
+sumsq_segments_serial, sumsq_segments_parallel = _make_sumsq_segments(False), _make_sumsq_segments(True)
