@@ -58,6 +58,8 @@ def _bench(args):
         return report.run_many(args.dtypes, args.rounds)
     if args.clipped:
         return report.run_clipped(args.dtypes, args.rounds, args.sizes, args.variants)
+    if args.torch:
+        return report.run_torch(args.rounds)
     return report.run(
         output=args.output,
         command="fastrms bench " + " ".join(args.argv),
@@ -137,7 +139,12 @@ def _check(args):
                 raise UsageError(f"--readme {str(path)!r} has no {README_START} ... {README_END} block to replace")
             if not os.access(path, os.W_OK):
                 raise UsageError(f"--readme {str(path)!r} is not writable")
-        if not (args.threshold or args.many or args.clipped):
+        if args.torch:
+            import importlib.util
+
+            if importlib.util.find_spec("torch") is None:
+                raise UsageError("fastrms bench --torch needs PyTorch: pip install 'fastrms[torch]'")
+        if not (args.threshold or args.many or args.clipped or args.torch):
             _output_folder(args.output, "--output")
 
 
@@ -180,6 +187,7 @@ def _parse(argv):
     b.add_argument("--threshold", action="store_true", help="time serial vs parallel drivers (the threshold)")
     b.add_argument("--many", action="store_true", help="a whole model (200 or 1000 arrays) against one array")
     b.add_argument("--clipped", action="store_true", help="clip_global_norm / clip_value against the unclipped step")
+    b.add_argument("--torch", action="store_true", help="fastrms.torch.RMSprop against torch.optim.RMSprop")
     b.set_defaults(func=_bench)
     i = sub.add_parser("info", help="threading layer, thread count, parallel mode and why; caching")
     i.set_defaults(func=_info)

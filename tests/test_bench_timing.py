@@ -1,6 +1,7 @@
 """fastrms.bench.timing: interleaved medians, the serial/parallel crossover, the machine."""
 
 import numpy as np
+import pytest
 
 from fastrms.bench import peers, timing
 
@@ -39,3 +40,12 @@ def test_clipped_times_every_clip_case_and_the_read_pass():
     assert [(r["variant"], r["size"]) for r in rows] == [("plain", 5000)]
     assert set(rows[0]) == {"variant", "size", "read pass", *timing.CLIP_CASES}
     assert all(rows[0][k] > 0 for k in (*timing.CLIP_CASES, "read pass"))
+
+
+def test_torch_steps_times_each_optimizer_and_a_training_step():
+    pytest.importorskip("torch", reason="torch is not installed (pip install 'fastrms[torch]')")
+    r = timing.torch_steps(layers=2, width=8, rounds=1, target=0.001)
+    assert r["tensors"] == 4 and r["params"] == 2 * (8 * 8 + 8)
+    assert set(r["train"]) == {"fastrms.torch.RMSprop", "torch.optim.RMSprop", "torch.optim.RMSprop(foreach=True)"}
+    assert set(r["step"]) == set(r["train"]) | {"fastrms.RMSprop, one flat array"}
+    assert all(t > 0 for t in [*r["step"].values(), *r["train"].values()])

@@ -243,6 +243,21 @@ def run_many(dtypes=None, rounds=None):
     return 0
 
 
+def run_torch(rounds=None):
+    """``fastrms bench --torch``: the fused torch optimizer against torch's, and the
+    optimizer's share of a training step."""
+    r = timing.torch_steps(rounds=7 if rounds is None else rounds)
+    ours = r["step"]["fastrms.torch.RMSprop"]
+    print(f"float32, {r['tensors']} tensors, {r['params']} params, optimizer step, medians:")
+    for name, seconds in r["step"].items():
+        print(f"  {name:36s} {seconds * 1e3:8.3f} ms  {seconds / ours:5.2f}x fastrms.torch")
+    print("whole training step (zero_grad, forward, backward, step), medians:")
+    for name, seconds in r["train"].items():
+        share = r["step"][name] / seconds
+        print(f"  {name:36s} {seconds * 1e3:8.3f} ms  optimizer {share:6.1%} of it")
+    return 0
+
+
 def run_clipped(dtypes=None, rounds=None, sizes=None, variants=None):
     """``fastrms bench --clipped``: clipping's cost against the unclipped step."""
     for dtype in dtypes or ["float32"]:

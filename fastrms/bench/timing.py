@@ -165,3 +165,50 @@ def clipped(dtype="float32", sizes=(10_000_000, 1_000_000), variants=None, round
             steps["read pass"] = lambda flat=flat: kernels.nonfinite_parallel(flat)
             rows.append({"variant": variant, "size": n, **measure_calls(steps, rounds, target)})
     return rows
+
+
+def torch_steps(layers=100, width=100, rounds=7, target=0.05, seed=0):
+    """``fastrms bench --torch``: the optimizer step on a model of ``2 * layers`` tensors
+    (``layers`` ``Linear(width, width)``), float32, for ``fastrms.torch.RMSprop``,
+    ``torch.optim.RMSprop`` (default and ``foreach=True``) and ``fastrms.RMSprop`` over one
+    flat array of the same size; and a whole training step (forward, backward, step) with
+    each. Returns ``{"params": n, "tensors": k, "step": {...}, "train": {...}}`` in seconds."""
+    import torch
+
+    from ..torch import RMSprop as FusedRMSprop
+
+    torch.manual_seed(seed)
+
+    def model():
+        return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+
+    makers = {
+        "fastrms.torch.RMSprop": lambda ps: FusedRMSprop(ps, lr=1e-3),
+        "torch.optim.RMSprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3),
+        "torch.optim.RMSprop(foreach=True)": lambda ps: torch.optim.RMSprop(ps, lr=1e-3, foreach=True),
+    }
+    x = torch.randn(64, width)
+    steps, train = {}, {}
+    for name, make in makers.items():
+        m = model()
+        for p in m.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        opt = make(m.parameters())
+        steps[name] = opt.step
+
+        def one(m=m, opt=opt):
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+
+        train[name] = one
+    n = sum(p.numel() for p in m.parameters())
+    p, g = Problem(n, "float32").fresh()
+    flat = RMSprop(p, 1e-3)
+    steps["fastrms.RMSprop, one flat array"] = lambda: flat.step(g)
+    return {
+        "params": n,
+        "tensors": 2 * layers,
+        "step": measure_calls(steps, rounds, target),
+        "train": measure_calls(train, rounds, target),
+    }

@@ -40,6 +40,7 @@ from .reduce import BLOCK, LANES, nonfinite_parallel, nonfinite_serial, sumsq_pa
 from .segments import (
     CHUNK,
     chunk_table,
+    increment_float32,
     nonfinite_segments_parallel,
     nonfinite_segments_serial,
     segments,
@@ -66,6 +67,7 @@ __all__ = [
     "dense_out",
     "drivers",
     "element",
+    "increment_float32",
     "nonfinite_parallel",
     "nonfinite_serial",
     "rmsprop_update",

@@ -146,3 +146,15 @@ def _make_sumsq_segments(parallel):
 #: squares of the table's grads; the same bits as :func:`.reduce.sumsq_serial` summing each
 #: array's blocks in turn.
 sumsq_segments_serial, sumsq_segments_parallel = _make_sumsq_segments(False), _make_sumsq_segments(True)
+
+
+def _increment_float32(addresses):
+    """``x += 1`` for the float32 scalar at each of ``addresses`` (torch's per-param ``step``
+    counters: one call instead of a torch op per param)."""
+    witness = np.empty(0, np.float32)
+    for i in range(addresses.size):
+        carray(_pointer(addresses[i], witness), (1,))[0] += np.float32(1.0)
+
+
+name(_increment_float32, "increment_float32")
+increment_float32 = jit()(_increment_float32)

@@ -1,0 +1,262 @@
+"""fastrms.torch.RMSprop against torch.optim.RMSprop: parity, state dicts both ways, checks,
+autograd, hooks, and ZeroRedundancyOptimizer on gloo (skipped, saying so, without torch)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'fastrms[torch]')")
+from fastrms.torch import RMSprop  # noqa: E402
+
+CASES = [
+    dict(),
+    dict(momentum=0.9),
+    dict(centered=True),
+    dict(weight_decay=0.01),
+    dict(maximize=True, alpha=0.9),
+    dict(momentum=0.5, centered=True, weight_decay=0.1, eps=1e-6),
+]
+
+
+def _model(dtype, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+    ).to(dtype)
+
+
+def _train(model, opt, steps, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(32, 8, generator=g, dtype=dtype)
+        y = torch.randn(32, 1, generator=g, dtype=dtype)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _assert_close(a, b, dtype):
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=rtol * 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(c) or "plain")
+def test_training_matches_torch(case, dtype):
+    ours, theirs = _model(dtype), _model(dtype)
+    opt_ours = RMSprop(ours.parameters(), lr=1e-3, **case)
+    opt_theirs = torch.optim.RMSprop(theirs.parameters(), lr=1e-3, **case)
+    _train(ours, opt_ours, 50, dtype)
+    _train(theirs, opt_theirs, 50, dtype)
+    _assert_close(ours, theirs, dtype)
+    assert not torch.equal(next(ours.parameters()), next(_model(dtype).parameters()))
+
+
+def test_param_groups_with_their_own_options_and_add_param_group():
+    def groups(model):
+        layers = [m for m in model if isinstance(m, torch.nn.Linear)]
+        return [
+            {"params": layers[0].parameters(), "momentum": 0.9},
+            {"params": layers[1].parameters(), "centered": True, "lr": 5e-3},
+        ], layers[2]
+
+    ours, theirs = _model(torch.float64), _model(torch.float64)
+    (g1, last1), (g2, last2) = groups(ours), groups(theirs)
+    opt_ours, opt_theirs = RMSprop(g1, lr=1e-3), torch.optim.RMSprop(g2, lr=1e-3)
+    opt_ours.add_param_group({"params": last1.parameters(), "weight_decay": 0.1, "maximize": True})
+    opt_theirs.add_param_group({"params": last2.parameters(), "weight_decay": 0.1, "maximize": True})
+    for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+        _train(model, opt, 30, torch.float64)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, 5, 0.5)  # changes every group's lr in place
+        for _ in range(10):
+            _train(model, opt, 1, torch.float64, seed=7)
+            scheduler.step()
+    _assert_close(ours, theirs, torch.float64)
+
+
+@pytest.mark.parametrize("direction", ["torch->fastrms", "fastrms->torch"])
+def test_state_dicts_are_interchangeable_mid_run(direction):
+    dtype = torch.float64
+    case = dict(lr=1e-3, momentum=0.9, centered=True)
+    first, second = (torch.optim.RMSprop, RMSprop) if direction == "torch->fastrms" else (RMSprop, torch.optim.RMSprop)
+    straight, switched = _model(dtype), _model(dtype)
+    opt = torch.optim.RMSprop(straight.parameters(), **case)
+    _train(straight, opt, 40, dtype)
+    a = first(switched.parameters(), **case)
+    _train(switched, a, 20, dtype)
+    sd = a.state_dict()
+    assert set(sd["state"][0]) == {"step", "square_avg", "momentum_buffer", "grad_avg"}
+    assert sd["state"][0]["step"].shape == () and sd["state"][0]["step"].item() == 20
+    assert set(sd["param_groups"][0]) == set(opt.state_dict()["param_groups"][0])
+    b = second(switched.parameters(), **case)
+    b.load_state_dict(sd)
+    _train(switched, b, 20, dtype, seed=2)
+    straight2 = _model(dtype)
+    o = torch.optim.RMSprop(straight2.parameters(), **case)
+    _train(straight2, o, 20, dtype)
+    _train(straight2, o, 20, dtype, seed=2)
+    _assert_close(switched, straight2, dtype)
+
+
+def test_params_without_grad_are_skipped_and_closure_and_hooks_work():
+    model = _model(torch.float32)
+    frozen = list(model.parameters())[0]
+    frozen.requires_grad_(False)
+    before = frozen.clone()
+    opt = RMSprop(model.parameters(), lr=1e-2)
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: seen.append("post"))
+    x = torch.randn(4, 8)
+
+    def closure():
+        opt.zero_grad(set_to_none=False)
+        loss = model(x).pow(2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and seen == ["pre", "post"]
+    assert torch.equal(frozen, before) and frozen not in opt.state
+    assert all(opt.state[p]["step"].item() == 1 for p in model.parameters() if p.requires_grad)
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_autograd_sees_the_stepped_values_and_a_stale_graph_is_refused():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = RMSprop([w], lr=0.1)
+    (w * w).sum().backward()
+    opt.step()
+    assert torch.all(w < 1)
+    w.grad = None
+    out = (w * w).sum()  # a graph built after the step uses the new values
+    out.backward()
+    torch.testing.assert_close(w.grad, 2 * w.detach())
+    stale = (w * w).sum()  # saved w before the next step...
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale.backward()  # ...as with torch.optim.RMSprop, the version counter says so
+
+
+def test_channels_last_params_are_stepped_in_their_layout():
+    conv_ours = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last).double()
+    conv_theirs = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last).double()
+    conv_theirs.load_state_dict(conv_ours.state_dict())
+    assert not conv_ours.weight.is_contiguous()
+    opt_ours, opt_theirs = RMSprop(conv_ours.parameters()), torch.optim.RMSprop(conv_theirs.parameters())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64).to(memory_format=torch.channels_last)
+    for conv, opt in ((conv_ours, opt_ours), (conv_theirs, opt_theirs)):
+        for _ in range(5):
+            opt.zero_grad()
+            conv(x).pow(2).mean().backward()
+            opt.step()
+    torch.testing.assert_close(conv_ours.weight, conv_theirs.weight, rtol=1e-10, atol=1e-12)
+
+
+def _snapshot(params):
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize(
+    "make, error",
+    [
+        (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], capturable=True), "capturable"),
+        (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], differentiable=True), "differentiable"),
+        (lambda: RMSprop([torch.nn.Parameter(torch.ones(2, dtype=torch.float16))]), "float16"),
+        (lambda: RMSprop([torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))]), "bfloat16"),
+        (lambda: RMSprop([torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))]), "complex"),
+        (lambda: RMSprop([torch.nn.Parameter(torch.ones(4, 4).t()[::2])]), "not dense"),
+        (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], lr=-1.0), "lr must be"),
+        (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], alpha=1.0), "alpha must be"),
+        (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], eps=0.0), "eps must be"),
+    ],
+)
+def test_bad_construction_is_refused_naming_the_cause(make, error):
+    with pytest.raises((TypeError, ValueError), match=error):
+        make()
+
+
+def test_a_bad_grad_is_refused_before_any_param_is_written():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(4, 4))
+    opt = RMSprop([a, b], lr=0.1)
+    a.grad = torch.ones(3)
+    b.grad = torch.ones(4, 4).to_sparse()
+    before = _snapshot([a, b])
+    with pytest.raises(ValueError, match=r"params'\]\[1\] has a sparse grad"):
+        opt.step()
+    b.grad = torch.ones(4, 4).t().contiguous().t()  # a transposed grad for a contiguous param
+    with pytest.raises(ValueError, match="laid out alike"):
+        opt.step()
+    for p, q in zip([a, b], before):
+        assert torch.equal(p, q)
+    # state may be created (zeros, step 0), as torch creates it before its own checks; never stepped
+    assert all(float(opt.state[p].get("step", 0)) == 0 and not opt.state[p].get("square_avg", torch.zeros(1)).any()
+               for p in (a, b))  # fmt: skip
+    b.grad = torch.ones(4, 4)
+    opt.step()
+    assert torch.all(a < 1) and opt.state[a]["step"].item() == 1
+
+
+def test_importing_fastrms_does_not_import_torch_and_a_missing_torch_is_one_clear_error():
+    code = "import sys, fastrms; assert 'torch' not in sys.modules; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    code = "import sys; sys.modules['torch'] = None\nimport fastrms.torch"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "ImportError: fastrms.torch needs PyTorch; install it with: pip install 'fastrms[torch]'" in out.stderr
+
+
+_ZERO = textwrap.dedent(
+    """
+    import os, sys
+    import torch, torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from fastrms.torch import RMSprop
+
+    rank, world, store, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(4)]).double()
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=RMSprop, lr=1e-3, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        x = torch.randn(8, 16, generator=g, dtype=torch.float64)
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    if rank == 0:
+        torch.save([p.detach() for p in model.parameters()], out)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_zero_redundancy_optimizer_on_gloo_matches_one_process(tmp_path):
+    """Two processes on 127.0.0.1 shard the optimizer state with ZeroRedundancyOptimizer
+    (optimizer_class=fastrms.torch.RMSprop); the params equal a single-process run's."""
+    script = tmp_path / "zero.py"
+    script.write_text(_ZERO)
+    # the rendezvous is a file; gloo's own connections stay on the loopback interface
+    env = {**os.environ, "NUMBA_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    out, store = tmp_path / "zero.pt", str(tmp_path / "store2")
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(r), "2", store, str(out)], env=env, stderr=subprocess.PIPE)
+        for r in range(2)
+    ]
+    errors = [p.communicate(timeout=300)[1].decode()[-2000:] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    single = tmp_path / "single.pt"
+    run = subprocess.run(
+        [sys.executable, str(script), "0", "1", str(tmp_path / "store1"), str(single)],
+        env=env, timeout=300, capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    sharded, alone = torch.load(out), torch.load(single)
+    for a, b in zip(sharded, alone):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
