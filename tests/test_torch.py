@@ -232,7 +232,9 @@ _ZERO = textwrap.dedent(
         opt.step()
     if rank == 0:
         torch.save([p.detach() for p in model.parameters()], out)
+    dist.barrier()  # both ranks done before either tears gloo down
     dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called ...")
     """
 )
 
