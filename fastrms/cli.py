@@ -59,7 +59,7 @@ def _bench(args):
     if args.clipped:
         return report.run_clipped(args.dtypes, args.rounds, args.sizes, args.variants)
     if args.torch:
-        return report.run_torch(args.rounds)
+        return report.run_torch(args.rounds, widths=(100, 300) if args.sizes is None else args.sizes)
     return report.run(
         output=args.output,
         command="fastrms bench " + " ".join(args.argv),
@@ -187,7 +187,9 @@ def _parse(argv):
     b.add_argument("--threshold", action="store_true", help="time serial vs parallel drivers (the threshold)")
     b.add_argument("--many", action="store_true", help="a whole model (200 or 1000 arrays) against one array")
     b.add_argument("--clipped", action="store_true", help="clip_global_norm / clip_value against the unclipped step")
-    b.add_argument("--torch", action="store_true", help="fastrms.torch.RMSprop against torch.optim.RMSprop")
+    b.add_argument(
+        "--torch", action="store_true", help="fastrms.torch.RMSprop against torch (--sizes: layer widths, 100 300)"
+    )
     b.set_defaults(func=_bench)
     i = sub.add_parser("info", help="threading layer, thread count, parallel mode and why; caching")
     i.set_defaults(func=_info)

@@ -34,6 +34,9 @@ except ImportError:  # pragma: no cover - exercised in a subprocess without torc
         "fastrms.torch needs PyTorch; install it with: pip install 'fastrms[torch]' (torch==2.13.0, the CPU build)"
     ) from None
 
+import functools
+import operator
+
 import numpy as np
 
 from . import kernels, runtime
@@ -42,6 +45,8 @@ from . import options as O
 __all__ = ["RMSprop"]
 
 _NUMPY = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+_GRAD = operator.attrgetter("grad")
+_DATA_PTR = torch.Tensor.data_ptr
 #: torch's names for the options it shares with fastrms (the rest are the same name).
 _TORCH_NAMES = {"learning_rate": "lr", "beta": "alpha", "epsilon": "eps"}
 
@@ -73,6 +78,15 @@ class RMSprop(torch.optim.Optimizer):
     Each ``step`` checks every grad first (sparse, non-CPU, float16/bfloat16/complex, a
     dtype, shape or layout unlike its param raise a TypeError/ValueError naming the param),
     then steps: a rejected step changes nothing.
+
+    ``flatten=True`` (keyword-only, fastrms's own) moves the params of each group and dtype
+    that require grad into one contiguous buffer (each ``p.data`` becomes a view of it, so a
+    channels-last param becomes contiguous), gives each a grad that is a view of one grad
+    buffer, and keeps the state in flat buffers too, as DeepSpeed's and apex's contiguous
+    gradients do. Backward then accumulates straight into the grad buffer, and a step is one
+    dense kernel call over it: one flat array's cost. ``zero_grad`` zeroes the grad buffer in
+    place whatever ``set_to_none`` says (a grad set to None would end that). If a grad is
+    replaced by another tensor anyway, the step notices and takes the per-tensor path.
     """
 
     def __init__(
@@ -88,7 +102,15 @@ class RMSprop(torch.optim.Optimizer):
         foreach: "bool | None" = None,
         maximize: bool = False,
         differentiable: bool = False,
+        *,
+        flatten: bool = False,
     ) -> None:
+        if not isinstance(flatten, bool):
+            raise TypeError(f"flatten must be True or False, got {type(flatten).__name__}")
+        self._flatten = flatten
+        self._buckets = []  # per param group: the flat buffers of its params, by dtype (flatten=True)
+        self._flat_slot = {}  # param -> (bucket, index), for the params that live in a bucket
+        self._loose = []  # per param group: (index, param) of the params in no bucket
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -114,6 +136,15 @@ class RMSprop(torch.optim.Optimizer):
         for j, p in enumerate(group["params"]):
             self._check_param(p, f"{where}['params'][{j}]")
         self._hyperparameters(group, where, tuple(dict.fromkeys(_NUMPY[p.dtype] for p in group["params"])))
+        buckets = {}
+        if self._flatten:
+            trained = [p for p in group["params"] if p.requires_grad and p not in self._flat_slot]
+            for dtype in dict.fromkeys(p.dtype for p in trained):
+                bucket = buckets[dtype] = _Bucket([p for p in trained if p.dtype == dtype])
+                for i, p in enumerate(bucket.params):
+                    self._flat_slot[p] = (bucket, i)
+        self._buckets.append(buckets)
+        self._loose.append([(j, p) for j, p in enumerate(group["params"]) if p not in self._flat_slot])
 
     # ------------------------------------------------------------------ checks
 
@@ -180,11 +211,14 @@ class RMSprop(torch.optim.Optimizer):
                 loss = closure()
         plans = [self._plan(i, group) for i, group in enumerate(self.param_groups)]  # every check first
         bumped, steps = [], []
-        for hyper, members in plans:
+        for hyper, members, flat in plans:
+            for bucket in flat:
+                bucket.step(hyper, self._parallel, bumped)
             for dtype, rows in members.items():
                 self._run(hyper, dtype, rows, bumped, steps)
         if steps:
             kernels.increment_float32(np.array(steps, dtype=np.int64))  # each param's float32 ``step`` += 1
+        if bumped:
             torch.autograd.graph.increment_version(bumped)
         return loss
 
@@ -195,7 +229,18 @@ class RMSprop(torch.optim.Optimizer):
         grad's dtype, shape and device equal to its param's, and the size is checked again."""
         members = {}
         names = None
-        for j, p in enumerate(group["params"]):
+        flat = []  # flatten=True: whole buckets whose params and grads are still the buffers' views
+        for bucket in self._buckets[gi].values():
+            if bucket.tiles():
+                hyper = self._hyperparameters(group, f"param_groups[{gi}]", (_NUMPY[bucket.dtype],))
+                bucket.prepare(hyper, self._layout)
+                flat.append(bucket)
+        if len(flat) == len(self._buckets[gi]):  # every bucket tiles: only the params outside them remain
+            candidates = self._loose[gi]
+        else:
+            skip = {id(p) for bucket in flat for p in bucket.params}
+            candidates = [(j, p) for j, p in enumerate(group["params"]) if id(p) not in skip]
+        for j, p in candidates:
             g = p.grad
             if g is None:
                 continue
@@ -217,8 +262,24 @@ class RMSprop(torch.optim.Optimizer):
                     f"the param {p.dtype} {tuple(p.shape)}"
                 )
             rows.append(((address, g.data_ptr(), *state_ptrs), numel, p, tensors, step))
-        dtypes = tuple(_NUMPY[d] for d in members)
-        return self._hyperparameters(group, f"param_groups[{gi}]", dtypes), members
+        dtypes = tuple(dict.fromkeys([*(_NUMPY[d] for d in members), *(_NUMPY[b.dtype] for b in flat)]))
+        return self._hyperparameters(group, f"param_groups[{gi}]", dtypes), members, flat
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def _parallel_choice(size, itemsize, state_arrays, generation):
+        big = kernels.step_bytes(size, itemsize, state_arrays) >= kernels.PARALLEL_MIN_BYTES
+        if not big:
+            return False
+        mode = runtime.parallel_mode()
+        return False if mode == "serial" else ("serialized" if mode == "serialized" else True)
+
+    @staticmethod
+    def _parallel(size, itemsize, hyper):
+        """The parallel mode's answer for a step of ``size`` elements: False, True, or
+        ``"serialized"`` (cached until :func:`fastrms.runtime.generation` changes)."""
+        states = 1 + bool(hyper["centered"]) + bool(hyper["momentum"])
+        return RMSprop._parallel_choice(size, itemsize, states, runtime.generation())
 
     def _check_pair(self, p, g, name):
         """The slow path: a sparse grad, or a param or grad that is not contiguous."""
@@ -240,12 +301,16 @@ class RMSprop(torch.optim.Optimizer):
         if cached is not None and cached[0] == names and cached[1] == address:
             return cached[2]
         state = self.state[p]
+        slot = self._flat_slot.get(p)
         if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] = torch.zeros((), dtype=torch.float32) if slot is None else slot[0].steps[slot[1]]
         tensors = []
         for name in names:
             if name not in state:
-                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if slot is None:
+                    state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                else:
+                    state[name] = slot[0].state_view(name, slot[1])
             t = state[name]
             if not isinstance(t, torch.Tensor) or t.dtype != p.dtype or t.shape != p.shape or t.device != p.device:
                 raise ValueError(f"the state {name!r} of a param of shape {tuple(p.shape)} is not a tensor like it")
@@ -263,14 +328,34 @@ class RMSprop(torch.optim.Optimizer):
         return layout
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's ``load_state_dict`` (a ``torch.optim.RMSprop`` state dict loads as is)."""
+        """torch's ``load_state_dict`` (a ``torch.optim.RMSprop`` state dict loads as is). With
+        ``flatten=True`` the loaded values are copied into the flat state buffers."""
         super().load_state_dict(state_dict)
         self._layouts.clear()
+        for p, (bucket, i) in self._flat_slot.items():
+            state = self.state.get(p)
+            if state:
+                bucket.adopt(i, state)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; the grads of flattened params (``flatten=True``) are zeroed
+        in place in their buffer, and a grad replaced since is made a view of it again."""
+        if not self._flat_slot:
+            return super().zero_grad(set_to_none)
+        for buckets in self._buckets:
+            for bucket in buckets.values():
+                bucket.zero_grads()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p not in self._flat_slot and p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.detach_().zero_()
 
     def _run(self, hyper, dtype, rows, bumped, steps):
         """One kernel call for the rows (:meth:`_plan`) of one group and dtype."""
         key = O.variant_key(hyper)
-        names = O.state_names(hyper)
         ptrs = np.array([row[0] for row in rows], dtype=np.int64)
         table = tuple(row[1] for row in rows)
         sizes = np.array(table, dtype=np.int64)
@@ -284,9 +369,108 @@ class RMSprop(torch.optim.Optimizer):
                 self._tables.clear()
             chunks = self._tables[table] = kernels.chunk_table(sizes)
         witness = np.empty(0, dtype=_NUMPY[dtype])
-        big = kernels.step_bytes(int(sizes.sum()), witness.itemsize, len(names)) >= kernels.PARALLEL_MIN_BYTES
-        mode = runtime.parallel_mode() if big else "free"
-        shell = kernels.segments(key, big and mode != "serial")
-        if big and mode == "serialized":
+        parallel = self._parallel(int(sizes.sum()), witness.itemsize, hyper)
+        shell = kernels.segments(key, bool(parallel))
+        if parallel == "serialized":
             shell = runtime.serialized(shell)
         shell(witness, ptrs, sizes, chunks, *O.scalars(hyper, hyper["learning_rate"], 1))
+
+
+class _Bucket:
+    """The params of one group and dtype in one flat buffer (``flatten=True``): each
+    ``p.data`` and ``p.grad`` a view of the param and grad buffers, the state flat buffers
+    whose views are the per-param state torch's ``state_dict`` holds, and the per-param
+    ``step`` counters views of one float32 vector."""
+
+    def __init__(self, params):
+        self.params = params
+        self.dtype = params[0].dtype
+        self.sizes = [p.numel() for p in params]
+        self.offsets = np.concatenate(([0], np.cumsum(self.sizes)[:-1])).astype(int).tolist()
+        n = sum(self.sizes)
+        self.param_flat = torch.empty(n, dtype=self.dtype)
+        self.grad_flat = torch.zeros(n, dtype=self.dtype)
+        self.grads = []
+        with torch.no_grad():
+            for p, o, k in zip(params, self.offsets, self.sizes):
+                view = self.param_flat[o : o + k].view(p.shape)
+                view.copy_(p)
+                p.data = view
+                grad = self.grad_flat[o : o + k].view(p.shape)
+                if p.grad is not None:
+                    grad.copy_(p.grad)
+                p.grad = grad
+                self.grads.append(grad)
+        self.addresses = [p.data_ptr() for p in params]
+        self.param_np, self.grad_np = self.param_flat.numpy(), self.grad_flat.numpy()
+        self.state, self.state_np = {}, {}
+        self.steps = torch.zeros(len(params), dtype=torch.float32)
+        self.steps_np = self.steps.numpy()
+        self.names = self.hyper = self.key = self.scalars = None
+
+    def tiles(self):
+        """Whether every param and grad is still the view this bucket made (two reads per
+        param: the grad object and the data address)."""
+        params = self.params
+        return all(map(operator.is_, map(_GRAD, params), self.grads)) and list(map(_DATA_PTR, params)) == self.addresses
+
+    def state_view(self, name, i):
+        """Param ``i``'s view of state buffer ``name`` (zeros, as torch starts it)."""
+        if name not in self.state:
+            self.state[name] = torch.zeros(self.param_flat.numel(), dtype=self.dtype)
+            self.state_np[name] = self.state[name].numpy()
+        o, k = self.offsets[i], self.sizes[i]
+        return self.state[name][o : o + k].view(self.params[i].shape)
+
+    def prepare(self, hyper, layout):
+        """Make sure every param's state exists as views of the buffers (once per set of
+        options; ``layout`` is the optimizer's, which creates and checks it)."""
+        if hyper is self.hyper:  # the optimizer caches each distinct set of options: one object
+            return
+        names = O.state_names(hyper)
+        if self.names != names:
+            for p in self.params:
+                layout(p, names, p.data_ptr())
+            self.names = names
+        self.hyper, self.key = hyper, O.variant_key(hyper)
+        self.scalars = O.scalars(hyper, hyper["learning_rate"], 1)
+
+    def adopt(self, i, state):
+        """After ``load_state_dict``: copy param ``i``'s loaded state into the buffers and
+        point the state at their views again."""
+        with torch.no_grad():
+            for name in ("square_avg", "grad_avg", "momentum_buffer"):
+                if name in state:
+                    view = self.state_view(name, i)
+                    view.copy_(state[name])
+                    state[name] = view
+            if "step" in state:
+                self.steps[i] = float(state["step"])
+                state["step"] = self.steps[i]
+        self.names = self.hyper = None
+
+    def zero_grads(self):
+        self.grad_flat.zero_()
+        for p, grad in zip(self.params, self.grads):
+            if p.grad is not grad:
+                p.grad = grad
+
+    def step(self, hyper, parallel_mode, bumped):
+        """One dense kernel call over the whole bucket (after :meth:`prepare`)."""
+        key = self.key
+        parallel = parallel_mode(self.param_np.size, self.param_np.itemsize, hyper)
+        empty = self.param_np[:0]
+        arrays = (
+            self.param_np,
+            self.grad_np,
+            self.state_np["square_avg"],
+            self.state_np.get("grad_avg", empty) if key.uses_grad_avg else empty,
+            self.state_np.get("momentum_buffer", empty) if key.uses_momentum_buffer else empty,
+        )
+        shell = kernels.dense(key, bool(parallel))
+        if parallel == "serialized":
+            shell = runtime.serialized(shell)
+        shell(*arrays, *self.scalars)
+        self.steps_np += np.float32(1.0)
+        bumped.append(self.param_flat)  # views share their base's version counter
+        bumped.extend(self.state[name] for name in self.names)

@@ -262,3 +262,59 @@ def test_zero_redundancy_optimizer_on_gloo_matches_one_process(tmp_path):
     sharded, alone = torch.load(out), torch.load(single)
     for a, b in zip(sharded, alone):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------ flatten=True
+
+
+def test_flatten_moves_params_grads_and_state_into_one_buffer_and_matches_torch():
+    dtype = torch.float64
+    ours, theirs = _model(dtype), _model(dtype)
+    frozen = list(ours.parameters())[0]
+    frozen.requires_grad_(False)
+    list(theirs.parameters())[0].requires_grad_(False)
+    kept = frozen.detach().clone()
+    opt_ours = RMSprop(ours.parameters(), lr=1e-3, momentum=0.9, centered=True, flatten=True)
+    opt_theirs = torch.optim.RMSprop(theirs.parameters(), lr=1e-3, momentum=0.9, centered=True)
+    trained = [p for p in ours.parameters() if p.requires_grad]
+    at = trained[0].data_ptr()
+    for p in trained:  # the params tile one buffer, back to back, and so do their grads
+        assert p.data_ptr() == at and p.is_contiguous()
+        at += p.numel() * p.element_size()
+    grads = [p.grad for p in trained]
+    _train(ours, opt_ours, 30, dtype)  # zero_grad() (set_to_none=True) keeps the grads as views
+    assert all(p.grad is g for p, g in zip(trained, grads))
+    _train(theirs, opt_theirs, 30, dtype)
+    _assert_close(ours, theirs, dtype)
+    assert torch.equal(frozen, kept) and frozen not in opt_ours.state
+    state = opt_ours.state[trained[1]]
+    assert state["step"].item() == 30 and state["square_avg"].shape == trained[1].shape
+
+
+def test_flatten_survives_a_replaced_grad_and_state_dicts_both_ways():
+    dtype = torch.float64
+    case = dict(lr=1e-3, momentum=0.5)
+    ours, theirs = _model(dtype), _model(dtype)
+    opt_ours = RMSprop(ours.parameters(), flatten=True, **case)
+    opt_theirs = torch.optim.RMSprop(theirs.parameters(), **case)
+    _train(ours, opt_ours, 10, dtype)
+    _train(theirs, opt_theirs, 10, dtype)
+    for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):  # a grad replaced by a new tensor: still right
+        opt.zero_grad()
+        model(torch.ones(2, 8, dtype=dtype)).sum().backward()
+        first = next(model.parameters())
+        first.grad = first.grad.clone() * 2
+        opt.step()
+    _assert_close(ours, theirs, dtype)
+    restart = RMSprop(ours.parameters(), flatten=True, **case)
+    restart.load_state_dict(opt_theirs.state_dict())  # torch -> flattened fastrms
+    back = torch.optim.RMSprop(theirs.parameters(), **case)
+    back.load_state_dict(opt_ours.state_dict())  # flattened fastrms -> torch
+    _train(ours, restart, 10, dtype, seed=3)
+    _train(theirs, back, 10, dtype, seed=3)
+    _assert_close(ours, theirs, dtype)
+
+
+def test_flatten_must_be_a_bool():
+    with pytest.raises(TypeError, match="flatten must be True or False"):
+        RMSprop([torch.nn.Parameter(torch.ones(2))], flatten=1)

@@ -243,10 +243,15 @@ def run_many(dtypes=None, rounds=None):
     return 0
 
 
-def run_torch(rounds=None):
+def run_torch(rounds=None, widths=(100,)):
     """``fastrms bench --torch``: the fused torch optimizer against torch's, and the
-    optimizer's share of a training step."""
-    r = timing.torch_steps(rounds=7 if rounds is None else rounds)
+    optimizer's share of a training step, for 100 layers of each width."""
+    for width in widths:
+        _run_torch(timing.torch_steps(width=width, rounds=7 if rounds is None else rounds))
+    return 0
+
+
+def _run_torch(r):
     ours = r["step"]["fastrms.torch.RMSprop"]
     print(f"float32, {r['tensors']} tensors, {r['params']} params, optimizer step, medians:")
     for name, seconds in r["step"].items():
@@ -255,7 +260,6 @@ def run_torch(rounds=None):
     for name, seconds in r["train"].items():
         share = r["step"][name] / seconds
         print(f"  {name:36s} {seconds * 1e3:8.3f} ms  optimizer {share:6.1%} of it")
-    return 0
 
 
 def run_clipped(dtypes=None, rounds=None, sizes=None, variants=None):

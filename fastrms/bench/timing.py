@@ -169,7 +169,8 @@ def clipped(dtype="float32", sizes=(10_000_000, 1_000_000), variants=None, round
 
 def torch_steps(layers=100, width=100, rounds=7, target=0.05, seed=0):
     """``fastrms bench --torch``: the optimizer step on a model of ``2 * layers`` tensors
-    (``layers`` ``Linear(width, width)``), float32, for ``fastrms.torch.RMSprop``,
+    (``layers`` ``Linear(width, width)``), float32, for ``fastrms.torch.RMSprop`` (and with
+    ``flatten=True``),
     ``torch.optim.RMSprop`` (default and ``foreach=True``) and ``fastrms.RMSprop`` over one
     flat array of the same size; and a whole training step (forward, backward, step) with
     each. Returns ``{"params": n, "tensors": k, "step": {...}, "train": {...}}`` in seconds."""
@@ -184,6 +185,7 @@ def torch_steps(layers=100, width=100, rounds=7, target=0.05, seed=0):
 
     makers = {
         "fastrms.torch.RMSprop": lambda ps: FusedRMSprop(ps, lr=1e-3),
+        "fastrms.torch.RMSprop(flatten=True)": lambda ps: FusedRMSprop(ps, lr=1e-3, flatten=True),
         "torch.optim.RMSprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3),
         "torch.optim.RMSprop(foreach=True)": lambda ps: torch.optim.RMSprop(ps, lr=1e-3, foreach=True),
     }
