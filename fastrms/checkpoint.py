@@ -92,6 +92,19 @@ def validate(d, slots, current_hyper, dtypes):
                 )
             _check_values(key, name, a)
             arrays[(i, name)] = a
+    if hyper["dense_rows"]:
+        for i, slot in enumerate(slots):
+            if len(slot.shape) != 2:
+                continue
+            key = f"row_step.{i}"
+            expected.add(key)
+            a = d.get(key)
+            if type(a) is not np.ndarray or a.dtype != np.int64 or a.shape != (slot.shape[0],):
+                got = f"{a.dtype} of shape {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+                raise ValueError(f"state_dict[{key!r}] must be int64 of shape ({slot.shape[0]},), got {got}")
+            if a.size and (a.min() < 0 or a.max() > step_count):
+                raise ValueError(f"state_dict[{key!r}] holds step numbers outside [0, step_count={step_count}]")
+            arrays[(i, "row_step")] = a
     unexpected = sorted(set(d) - expected, key=str)
     if unexpected:
         raise ValueError(f"state_dict has entries this optimizer does not use: {unexpected}")
@@ -224,6 +237,8 @@ def _read_members(z, slots):
     for i, slot in enumerate(slots):
         for name in ALL_STATE_NAMES:
             expected[f"{name}.{i}"] = (slot.shape, slot.dtype)
+        if len(slot.shape) == 2:
+            expected[f"row_step.{i}"] = ((slot.shape[0],), np.dtype(np.int64))
     d = {}
     for info in z.infolist():
         key = info.filename[:-4] if info.filename.endswith(".npy") else None

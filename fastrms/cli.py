@@ -58,6 +58,8 @@ def _bench(args):
         return report.run_many(args.dtypes, args.rounds)
     if args.clipped:
         return report.run_clipped(args.dtypes, args.rounds, args.sizes, args.variants)
+    if args.sparse:
+        return report.run_sparse(args.rounds)
     if args.torch:
         return report.run_torch(args.rounds, widths=(100, 300) if args.sizes is None else args.sizes)
     return report.run(
@@ -144,7 +146,7 @@ def _check(args):
 
             if importlib.util.find_spec("torch") is None:
                 raise UsageError("fastrms bench --torch needs PyTorch: pip install 'fastrms[torch]'")
-        if not (args.threshold or args.many or args.clipped or args.torch):
+        if not (args.threshold or args.many or args.clipped or args.torch or args.sparse):
             _output_folder(args.output, "--output")
 
 
@@ -187,6 +189,7 @@ def _parse(argv):
     b.add_argument("--threshold", action="store_true", help="time serial vs parallel drivers (the threshold)")
     b.add_argument("--many", action="store_true", help="a whole model (200 or 1000 arrays) against one array")
     b.add_argument("--clipped", action="store_true", help="clip_global_norm / clip_value against the unclipped step")
+    b.add_argument("--sparse", action="store_true", help="step_rows on a (1e6, 64) table against dense steps")
     b.add_argument(
         "--torch", action="store_true", help="fastrms.torch.RMSprop against torch (--sizes: layer widths, 100 300)"
     )

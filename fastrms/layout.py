@@ -24,7 +24,18 @@ class Slot:
     """One parameter array and its state (flat, allocated once, or views into its group's
     buffers when the group is ``flat``)."""
 
-    __slots__ = ("param", "array", "shape", "dtype", "flat", "square_avg", "grad_avg", "momentum_buffer", "names")
+    __slots__ = (
+        "param",
+        "array",
+        "shape",
+        "dtype",
+        "flat",
+        "square_avg",
+        "grad_avg",
+        "momentum_buffer",
+        "names",
+        "row_step",
+    )
 
     def __init__(self, param, array, names):
         # param: the user's own object (returned by .params); array: a plain ndarray view of it
@@ -32,6 +43,8 @@ class Slot:
         self.flat = flat_view(array)
         self.names = names
         self.square_avg = self.grad_avg = self.momentum_buffer = self.flat[:0]
+        #: ``dense_rows``: for a 2-D param, the step that last touched each row (else empty)
+        self.row_step = np.zeros(0, np.int64)
 
     @property
     def owned(self):

@@ -94,7 +94,12 @@ class RMSprop:
         self._last_lr = None
         self._busy = threading.Lock()
         names = state_names(hyper)
-        self._install([Slot(p, a, names) for p, a in zip(given, arrays)], hyper)
+        slots = [Slot(p, a, names) for p, a in zip(given, arrays)]
+        if hyper["dense_rows"]:
+            for slot in slots:
+                if len(slot.shape) == 2:
+                    slot.row_step = np.zeros(slot.shape[0], np.int64)
+        self._install(slots, hyper)
 
     @classmethod
     def like(cls, name, params, **overrides):
@@ -129,6 +134,7 @@ class RMSprop:
         self._scalars = O.scalars(hyper, math.nan, 1)  # NaN: never equal, so the first step builds them
         self._skip_nonfinite = hyper["skip_nonfinite"]
         self._max_norm = hyper["clip_global_norm"]
+        self._dense_rows = hyper["dense_rows"]
         if not hasattr(self, "_last_grad_norm"):
             self._last_grad_norm = None
         self._choose_kernels()  # starts the thread pool for big arrays: a layer that cannot start fails here
@@ -408,8 +414,13 @@ class RMSprop:
         if self._skip_nonfinite and nonfinite(g):
             self._skipped_steps += 1
             return
-        update(*arrays, *self._next_scalars())
+        scalars = self._next_scalars()
+        if self._dense_rows:
+            self._catch_up_rows(scalars)
+        update(*arrays, *scalars)
         self._advance()
+        if self._dense_rows:
+            s.row_step[...] = self._step_count
 
     def _launch(self, calls, checked):
         """Run one step's kernels, checks first: ``calls`` holds, per group, ``(shell, arrays,
@@ -439,9 +450,121 @@ class RMSprop:
         scalars = self._next_scalars()
         if coef != 1.0:  # fold the clipping coefficient into the kernel's grad scale
             scalars = scalars._replace(grad_scale=scalars.grad_scale * coef)
+        if self._dense_rows:
+            self._catch_up_rows(scalars)
         for (pairs, _), (shell, args, _, _) in zip(chosen, calls):
             pairs[shell][0](*args, *scalars)
         self._advance()
+        if self._dense_rows:
+            for slot in self._slots:
+                slot.row_step[...] = self._step_count  # a dense step touches every row
+
+    def step_rows(self, rows: np.ndarray, grad_rows: np.ndarray, param: "int | None" = None) -> None:
+        """Update only the named rows of a 2-D param (an embedding table) and of its state, in
+        one fused pass over those rows (parallel for big ones); every other row stays bitwise
+        unchanged. ``rows``: a 1-D int32/int64 array of row indices in ``[0, rows)`` (negative
+        indices are refused, not wrapped); ``grad_rows``: ``(len(rows), columns)`` in the
+        param's dtype. Duplicate indices are summed first (in the order given), as torch's
+        ``coalesce`` does. ``param``: which param, for an optimizer over several.
+
+        The step count and the schedule advance once per call. Lazy by default: a row's state
+        decays only when the row is touched (TensorFlow's sparse ops, torch's ``SparseAdam``);
+        bias correction uses the global step count. With ``dense_rows=True`` a row touched
+        again after k untouched steps first gets the closed form of those k zero-gradient
+        steps, so the run equals a dense one with zero grads elsewhere, up to rounding.
+        ``clip_value`` applies per element; ``clip_global_norm`` to the norm of the summed
+        rows. Every check runs before anything is written.
+        """
+        if not self._busy.acquire(False):
+            raise RuntimeError("RMSprop.step_rows was entered by another thread while a step was running")
+        try:
+            self._step_rows(rows, grad_rows, param)
+        finally:
+            self._busy.release()
+
+    def _step_rows(self, rows, grad_rows, param):
+        if param is None:
+            if len(self._slots) != 1:
+                raise TypeError(f"step_rows needs param= (0 to {len(self._slots) - 1}) for an optimizer over several")
+            param = 0
+        if isinstance(param, bool) or not isinstance(param, (int, np.integer)) or not 0 <= param < len(self._slots):
+            raise ValueError(f"param must be an index in [0, {len(self._slots)}), got {param!r}")
+        slot = self._slots[int(param)]
+        label = "params" if self._single else f"params[{int(param)}]"
+        if len(slot.shape) != 2:
+            raise ValueError(f"step_rows needs a 2-D param (a table of rows); {label} has shape {slot.shape}")
+        n, width = slot.shape
+        if not isinstance(rows, np.ndarray) or rows.dtype.kind not in "iu" or rows.ndim != 1:
+            kind = f"{rows.dtype} of shape {rows.shape}" if isinstance(rows, np.ndarray) else type(rows).__name__
+            raise TypeError(f"rows must be a 1-D numpy array of integers (int32 or int64), got {kind}")
+        grad_rows = float_array("grad_rows", grad_rows, writeable=False)
+        if grad_rows.dtype != slot.dtype or grad_rows.shape != (rows.size, width):
+            raise ValueError(
+                f"grad_rows must be {slot.dtype} of shape ({rows.size}, {width}), "
+                f"got {grad_rows.dtype} {grad_rows.shape}"
+            )
+        if grad_rows.size and any(np.may_share_memory(grad_rows, a) for s in self._slots for a in s.owned):
+            raise ValueError("grad_rows shares memory with the params or the optimizer state; pass a separate array")
+        if not slot.param.flags.writeable:
+            raise self._read_only(slot)
+        index = rows.astype(np.int64) if rows.dtype != np.int64 or not rows.flags.c_contiguous else rows
+        if self._generation != runtime.generation():
+            self._choose_kernels()
+        group_parallel = self._chosen[[i for i, grp in enumerate(self._groups) if slot in grp.slots][0]][1]
+        parallel = group_parallel and kernels.step_bytes(grad_rows.size, grad_rows.itemsize, len(slot.names)) >= (
+            kernels.PARALLEL_MIN_BYTES
+        )
+        coalesce = kernels.coalesce_parallel if parallel else kernels.coalesce_serial
+        if parallel and runtime.parallel_mode() == "serialized":
+            coalesce = runtime.serialized(coalesce)
+        unique, g, bad = coalesce(index, n, grad_rows.reshape(-1), width)
+        if bad >= 0:
+            raise ValueError(f"rows[{bad}] = {int(rows[bad])} is outside [0, {n}) (negative indices are not accepted)")
+        coef = 1.0
+        if self._max_norm is not None:
+            total = (kernels.sumsq_parallel if parallel else kernels.sumsq_serial)(g)
+            norm = math.sqrt(total)
+            if not math.isfinite(total) and not kernels.nonfinite_serial(g):
+                norm = clipping.overflow_norm([g])
+            self._last_grad_norm = norm
+            if self._skip_nonfinite and not math.isfinite(norm):
+                self._skipped_steps += 1
+                return
+            coef = clipping.coefficient(norm, self._max_norm)
+        elif self._skip_nonfinite and kernels.nonfinite_serial(g):
+            self._skipped_steps += 1
+            return
+        scalars = self._next_scalars()
+        if coef != 1.0:
+            scalars = scalars._replace(grad_scale=scalars.grad_scale * coef)
+        hyper, lr = self._hyper, self._pending_lr
+        decay = 1.0 - lr * hyper["weight_decay"] if hyper["decoupled_weight_decay"] else 1.0
+        drift_lr = lr if self._variant.mom_mode == kernels.MOM_OUTSIDE else 1.0
+        shell = kernels.rows(self._variant, parallel)
+        if parallel and runtime.parallel_mode() == "serialized":
+            shell = runtime.serialized(shell)
+        t = self._step_count + 1
+        shell(slot.flat, g, slot.square_avg, slot.grad_avg, slot.momentum_buffer, unique, width, slot.row_step, t,
+              self._dense_rows, True, decay, drift_lr, *scalars)  # fmt: skip
+        self._advance()
+
+    def _catch_up_rows(self, scalars):
+        """``dense_rows``, before a dense step: bring every row that missed steps up to date
+        (the closed form of its zero-gradient steps), so the dense step starts from the state
+        a dense run would have."""
+        t = self._step_count + 1
+        hyper, lr = self._hyper, scalars.lr
+        decay = 1.0 - lr * hyper["weight_decay"] if hyper["decoupled_weight_decay"] else 1.0
+        drift_lr = lr if self._variant.mom_mode == kernels.MOM_OUTSIDE else 1.0
+        for slot in self._slots:
+            if not slot.row_step.size:
+                continue
+            lagging = np.flatnonzero(slot.row_step < t - 1)
+            if lagging.size:
+                kernels.rows(self._variant, False)(
+                    slot.flat, slot.flat[:0], slot.square_avg, slot.grad_avg, slot.momentum_buffer, lagging,
+                    slot.shape[1], slot.row_step, t, True, False, decay, drift_lr, *scalars,
+                )  # fmt: skip
 
     def _next_scalars(self):
         """The kernel scalars of the next step (rebuilt only when the learning rate changes or
@@ -504,6 +627,8 @@ class RMSprop:
         for i, slot in enumerate(self._slots):
             for name in slot.names:
                 d[f"{name}.{i}"] = getattr(slot, name).reshape(slot.shape).copy()
+            if slot.row_step.size:  # dense_rows: the step that last touched each row
+                d[f"row_step.{i}"] = slot.row_step.copy()
         return d
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -126,6 +126,12 @@ OPTIONS = (
         "a step whose grads hold a NaN or an infinity changes nothing and is counted in ``skipped_steps``",
     ),
     Option(
+        "dense_rows", False, "bool", "host",
+        "``step_rows`` replays, when a row is touched again, the zero-gradient steps it missed (closed "
+        "form), so a sparse run equals a dense one up to rounding; off: lazy, a row's state decays only "
+        "when it is touched (TensorFlow's sparse ops, torch's SparseAdam)",
+    ),
+    Option(
         "clip_global_norm", None, "optional", "host",
         "``max_norm`` > 0, or None: scale every grad, as the kernel reads it, by "
         "``min(1, max_norm / (norm + 1e-6))``, ``norm`` the 2-norm over all grads "
@@ -187,6 +193,8 @@ def check_hyperparameters(h, dtypes=()):
     out = {name: BY_NAME[name].check(h[name]) for name in NAMES}
     if out["nesterov"] and out["momentum"] == 0.0:
         raise ValueError("nesterov=True needs momentum > 0")
+    if out["dense_rows"]:
+        check_dense_rows(out)
     if out["clip_global_norm"] is not None and out["clip_value"] is not None:
         raise ValueError(
             "clip_global_norm and clip_value cannot both be set: the order of the two clips would be a guess; "
@@ -194,6 +202,31 @@ def check_hyperparameters(h, dtypes=()):
         )
     check_fit(out, dtypes)
     return out
+
+
+def check_dense_rows(hyper):
+    """``dense_rows=True`` needs a closed form for the zero-gradient steps a row missed:
+    refuse coupled weight decay (the gradient ``wd * p`` is not zero) and a schedule where
+    the learning rate enters that form (momentum with the lr outside the buffer, decoupled
+    weight decay)."""
+    if hyper["weight_decay"] and not hyper["decoupled_weight_decay"]:
+        raise ValueError(
+            "dense_rows=True cannot be combined with coupled weight_decay: the skipped steps' gradient "
+            "weight_decay * p is not zero, so they have no closed form (use decoupled_weight_decay=True, "
+            "or the lazy mode)"
+        )
+    if callable(hyper["learning_rate"]):
+        if hyper["momentum"] and not hyper["lr_in_momentum"]:
+            raise ValueError(
+                "dense_rows=True with momentum (lr outside the buffer) needs a constant learning_rate: the "
+                "skipped steps' drift sums lr_s * momentum^s over a schedule (use lr_in_momentum=True, or the "
+                "lazy mode)"
+            )
+        if hyper["weight_decay"]:
+            raise ValueError(
+                "dense_rows=True with decoupled weight_decay needs a constant learning_rate: the skipped "
+                "steps shrink the param by prod(1 - lr_s * weight_decay) over a schedule"
+            )
 
 
 def check_fit(hyper, dtypes):
@@ -268,8 +301,8 @@ def formula(hyper):
     for o in OPTIONS:
         if o.selects_variant and o.kind == "float":
             out[f"{o.name} > 0"] = hyper[o.name] > 0
-        elif o.kind == "bool" and o.role in ("variant", "scalar"):
-            out[o.name] = hyper[o.name]
+        elif o.kind == "bool" and (o.role in ("variant", "scalar") or o.name == "dense_rows"):
+            out[o.name] = hyper[o.name]  # dense_rows: the state holds per-row step counters
     return out
 
 

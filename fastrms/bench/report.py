@@ -243,6 +243,20 @@ def run_many(dtypes=None, rounds=None):
     return 0
 
 
+def run_sparse(rounds=None):
+    """``fastrms bench --sparse``: step_rows on a (1e6, 64) float32 table against dense steps."""
+    times = timing.sparse_rows(rounds=7 if rounds is None else rounds)
+    print("float32 (1000000, 64) table, medians:")
+    for label, seconds in times.items():
+        print(f"  {label:44s} {seconds * 1e3:9.3f} ms")
+    t = list(times.values())
+    print(f"  step_rows / dense step over the same rows: {t[0] / t[3]:.2f}x (lazy), {t[1] / t[3]:.2f}x (dense_rows)")
+    print(f"  with duplicates / dense step over the distinct rows: {t[2] / t[4]:.2f}x")
+    print(f"  the whole-table dense step / step_rows: {t[5] / t[0]:.0f}x (lazy), {t[5] / t[1]:.0f}x (dense_rows)")
+    print(f"  step_rows / the traffic limit of its rows: {t[0] / t[6]:.2f}x (lazy), {t[1] / t[6]:.2f}x (dense_rows)")
+    return 0
+
+
 def run_torch(rounds=None, widths=(100,)):
     """``fastrms bench --torch``: the fused torch optimizer against torch's, and the
     optimizer's share of a training step, for 100 layers of each width."""

@@ -8,6 +8,7 @@ import platform
 import time
 
 import numpy as np
+from numba import njit, prange
 
 from .. import kernels
 from ..optimizer import RMSprop
@@ -214,3 +215,49 @@ def torch_steps(layers=100, width=100, rounds=7, target=0.05, seed=0):
         "step": measure_calls(steps, rounds, target),
         "train": measure_calls(train, rounds, target),
     }
+
+
+def sparse_rows(n=1_000_000, width=64, k=10_000, distinct=2_000, rounds=7, target=0.05, seed=0):
+    """``fastrms bench --sparse``: ``step_rows`` on a ``(n, width)`` float32 table against
+    dense steps, in one process: ``{case: seconds}`` for k random rows, k indices drawn from
+    ``distinct`` rows (duplicates summed), each in the lazy and the dense-equivalent mode,
+    a dense step over a ``(k, width)`` and a ``(distinct, width)`` array, and a dense step
+    over the whole table."""
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal((n, width)).astype(np.float32)
+    rows = rng.choice(n, k, replace=False)
+    dup_rows = rng.choice(rng.choice(n, distinct, replace=False), k, replace=True)
+    grad_rows = rng.standard_normal((k, width)).astype(np.float32)
+    lazy = RMSprop(table, 1e-3)
+    dense_mode = RMSprop(table.copy(), 1e-3, dense_rows=True)
+    small, small_grad = rng.standard_normal((k, width)).astype(np.float32), grad_rows.copy()
+    few, few_grad = small[:distinct].copy(), grad_rows[:distinct].copy()
+    small_opt, few_opt = RMSprop(small, 1e-3), RMSprop(few, 1e-3)
+    whole = RMSprop(table.copy(), 1e-3)
+    whole_grad = rng.standard_normal((n, width)).astype(np.float32)
+    flat_p, flat_v, flat_g = lazy.params.reshape(-1), lazy.square_avg.reshape(-1), grad_rows.reshape(-1)
+    rows64 = rows.astype(np.int64)
+    steps = {
+        f"step_rows, {k} distinct rows": lambda: lazy.step_rows(rows, grad_rows),
+        f"step_rows, {k} distinct rows, dense_rows": lambda: dense_mode.step_rows(rows, grad_rows),
+        f"step_rows, {k} rows from {distinct}": lambda: lazy.step_rows(dup_rows, grad_rows),
+        f"dense step, ({k}, {width})": lambda: small_opt.step(small_grad),
+        f"dense step, ({distinct}, {width})": lambda: few_opt.step(few_grad),
+        f"dense step, whole ({n}, {width}) table": lambda: whole.step(whole_grad),
+        f"traffic limit: the same {k} rows moved, no math": lambda: _row_traffic(flat_p, flat_v, flat_g, rows64, width),
+    }
+    return measure_calls(steps, rounds, target)
+
+
+@njit(parallel=True, nogil=True, error_model="numpy", cache=True)
+def _row_traffic(param, square_avg, grad_rows, rows, width):
+    """The bytes of a plain ``step_rows`` with no arithmetic to speak of: read p, g and v of
+    each named row, write p and v."""
+    zero = param.dtype.type(0.0)
+    for k in prange(rows.size):
+        a0 = rows[k] * width
+        p, v, g = param[a0 : a0 + width], square_avg[a0 : a0 + width], grad_rows[k * width : (k + 1) * width]
+        for j in range(width):
+            x = g[j] * zero
+            p[j] = p[j] + x
+            v[j] = v[j] + x

@@ -5,6 +5,7 @@ the rest of fastrms, so user ``@njit`` code can call it directly).
 - :mod:`.dense`: loop shells over whole flat arrays, in place and out of place, serial and
   parallel;
 - :mod:`.segments`: the loop shell over a chunk table: many arrays of one dtype in one call;
+- :mod:`.rows`: the loop shell over named rows of a table (sparse updates), and coalescing;
 - :mod:`.reduce`: read-only passes (the non-finite check behind ``skip_nonfinite``, the
   reproducible sum of squares behind ``clip_global_norm``);
 - :func:`rmsprop_update`: the plain step, for user ``@njit`` code;
@@ -37,6 +38,7 @@ from .element import (
     variants,
 )
 from .reduce import BLOCK, LANES, nonfinite_parallel, nonfinite_serial, sumsq_parallel, sumsq_serial
+from .rows import coalesce_parallel, coalesce_serial, rows
 from .segments import (
     CHUNK,
     chunk_table,
@@ -71,7 +73,10 @@ __all__ = [
     "nonfinite_parallel",
     "nonfinite_serial",
     "rmsprop_update",
+    "rows",
     "chunk_table",
+    "coalesce_parallel",
+    "coalesce_serial",
     "nonfinite_segments_parallel",
     "nonfinite_segments_serial",
     "segments",

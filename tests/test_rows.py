@@ -1,0 +1,250 @@
+"""Sparse rows: RMSprop.step_rows (lazy and dense-equivalent) and the row kernel."""
+
+import numpy as np
+import pytest
+from conftest import snapshot
+
+import fastrms
+from fastrms import kernels, options, reference, schedules
+
+VARIANTS = [
+    {},
+    {"momentum": 0.9},
+    {"momentum": 0.9, "lr_in_momentum": True, "nesterov": True},
+    {"centered": True, "momentum": 0.5, "nesterov": True},
+    {"weight_decay": 0.1, "decoupled_weight_decay": True, "momentum": 0.9},
+    {"bias_correction": True, "centered": True, "eps_in_sqrt": True},
+]
+
+
+def _batch(rng, n, k, width, dtype, pool=None):
+    rows = rng.choice(n if pool is None else pool, size=k, replace=True)
+    return rows, rng.standard_normal((k, width)).astype(dtype)
+
+
+def _lazy_reference(table, state, rows, grad_rows, t, lr, opts):
+    """The lazy rule in NumPy: duplicates summed, then the touched rows stepped with the
+    global step number t; every other row untouched."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    summed = np.zeros((unique.size, table.shape[1]), table.dtype)
+    for i, j in enumerate(inverse):  # in the order given, as the kernel adds them
+        summed[j] += grad_rows[i]
+    sub = {k: v[unique] for k, v in state.items()}
+    table[unique] = reference.rmsprop_step(table[unique], summed, sub, t, lr, **opts)
+    for k, v in sub.items():
+        state[k][unique] = v
+
+
+@pytest.mark.parametrize("opts", VARIANTS, ids=lambda o: ",".join(o) or "plain")
+def test_lazy_rows_match_the_numpy_lazy_rule_bit_for_bit(opts, dtype):
+    rng = np.random.default_rng(0)
+    n, width = 500, 6
+    t0 = rng.standard_normal((n, width)).astype(dtype)
+    opt = fastrms.RMSprop(t0.copy(), 0.01, **opts)
+    table = t0.copy()
+    state = {name: np.zeros_like(table) for name in options.state_names(opts)}
+    touched = np.zeros(n, bool)
+    for t in range(1, 41):
+        rows, grad_rows = _batch(rng, n, 25, width, dtype, pool=np.arange(0, n, 3))
+        opt.step_rows(rows.astype(np.int32 if t % 2 else np.int64), grad_rows)
+        _lazy_reference(table, state, rows, grad_rows, t, 0.01, opts)
+        touched[rows] = True
+    np.testing.assert_array_equal(opt.params, table)
+    for name, value in state.items():
+        np.testing.assert_array_equal(getattr(opt, name), value)
+    np.testing.assert_array_equal(opt.params[~touched], t0[~touched])  # untouched rows: the same bits
+    assert opt.step_count == 40
+
+
+@pytest.mark.parametrize("opts", VARIANTS + [{"weight_decay": 0.1, "decoupled_weight_decay": True}],
+                         ids=lambda o: ",".join(o) or "plain")  # fmt: skip
+def test_dense_rows_equal_a_dense_run_with_zero_rows(opts, dtype):
+    """Over 240 steps, rows revisited after gaps of up to ~200 steps: the sparse run equals
+    RMSprop.step on the dense grads (zero rows elsewhere) to rounding."""
+    rng = np.random.default_rng(1)
+    n, width = 400, 5
+    t0 = rng.standard_normal((n, width)).astype(dtype)
+    sparse = fastrms.RMSprop(t0.copy(), 0.01, dense_rows=True, **opts)
+    dense = fastrms.RMSprop(t0.copy(), 0.01, **opts)
+    for t in range(240):
+        pool = np.arange(0, 40) if t < 200 else np.arange(n)  # rows >= 40 wait ~200 steps
+        rows, grad_rows = _batch(rng, n, 12, width, dtype, pool=pool)
+        sparse.step_rows(rows, grad_rows)
+        g = np.zeros((n, width), dtype)
+        np.add.at(g, rows, grad_rows)
+        dense.step(g)
+    sparse.step_rows(np.arange(n), np.zeros((n, width), dtype))  # bring every row up to date
+    dense.step(np.zeros((n, width), dtype))
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    for name in ("params", *options.state_names(opts)):
+        a, b = getattr(sparse, name), getattr(dense, name)
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=name)
+    assert not np.allclose(sparse.params, t0)
+
+
+def test_dense_rows_with_a_schedule_where_a_closed_form_exists():
+    rng = np.random.default_rng(2)
+    lr = schedules.exponential_decay(0.01, 0.9, 20)
+    for opts in ({}, {"momentum": 0.9, "lr_in_momentum": True}):
+        t0 = rng.standard_normal((50, 3))
+        sparse, dense = fastrms.RMSprop(t0.copy(), lr, dense_rows=True, **opts), fastrms.RMSprop(t0.copy(), lr, **opts)
+        for _ in range(100):
+            rows, grad_rows = _batch(rng, 50, 4, 3, np.float64)
+            sparse.step_rows(rows, grad_rows)
+            g = np.zeros((50, 3))
+            np.add.at(g, rows, grad_rows)
+            dense.step(g)
+        sparse.step_rows(np.arange(50), np.zeros((50, 3)))
+        dense.step(np.zeros((50, 3)))
+        np.testing.assert_allclose(sparse.params, dense.params, rtol=1e-12)
+
+
+def test_dense_steps_and_row_steps_mix():
+    rng = np.random.default_rng(3)
+    t0 = rng.standard_normal((30, 4))
+    sparse, dense = (fastrms.RMSprop(t0.copy(), 0.01, momentum=0.9, dense_rows=True),
+                     fastrms.RMSprop(t0.copy(), 0.01, momentum=0.9))  # fmt: skip
+    for t in range(30):
+        rows, grad_rows = _batch(rng, 30, 3, 4, np.float64)
+        g = np.zeros((30, 4))
+        np.add.at(g, rows, grad_rows)
+        if t % 7 == 0:
+            sparse.step(g)
+        else:
+            sparse.step_rows(rows, grad_rows)
+        dense.step(g)
+    sparse.step_rows(np.arange(30), np.zeros((30, 4)))
+    dense.step(np.zeros((30, 4)))
+    np.testing.assert_allclose(sparse.params, dense.params, rtol=1e-12)
+
+
+def test_duplicates_are_summed_first():
+    rng = np.random.default_rng(4)
+    t0 = rng.standard_normal((20, 3)).astype(np.float32)
+    a, b = fastrms.RMSprop(t0.copy(), 0.1), fastrms.RMSprop(t0.copy(), 0.1)
+    rows = np.array([3, 7, 3, 3, 9])
+    grad_rows = rng.standard_normal((5, 3)).astype(np.float32)
+    a.step_rows(rows, grad_rows)
+    b.step_rows(np.array([3, 7, 9]), np.stack([grad_rows[0] + grad_rows[2] + grad_rows[3], grad_rows[1], grad_rows[4]]))
+    np.testing.assert_array_equal(a.params, b.params)
+    np.testing.assert_array_equal(a.square_avg, b.square_avg)
+
+
+def test_the_row_shell_is_the_same_bits_serial_and_parallel(dtype):
+    rng = np.random.default_rng(5)
+    n, width, k = 20_000, 64, 5000
+    key = options.variant_key(options.resolve({"momentum": 0.9, "centered": True}))
+    rows = rng.choice(n, k, replace=False).astype(np.int64)
+    g = rng.standard_normal(k * width).astype(dtype)
+    out = []
+    for parallel in (False, True):
+        arrays = [np.random.default_rng(6).standard_normal(n * width).astype(dtype) for _ in range(4)]
+        arrays[1] = np.abs(arrays[1])
+        last = np.zeros(n, np.int64)
+        s = options.scalars(options.resolve({"momentum": 0.9, "centered": True}), 0.01, 3)
+        ran = kernels.rows(key, parallel)(arrays[0], g, arrays[1], arrays[2], arrays[3], rows, width, last, 3, True,
+                                          True, 1.0, 0.01, *s)  # fmt: skip
+        assert ran == parallel
+        out.append((arrays, last))
+    for x, y in zip(out[0][0], out[1][0]):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(out[0][1], out[1][1])
+
+
+def test_checkpoints_carry_the_row_counters(tmp_path):
+    rng = np.random.default_rng(7)
+    t0 = rng.standard_normal((60, 4))
+    a = fastrms.RMSprop(t0.copy(), 0.01, momentum=0.9, dense_rows=True)
+    for _ in range(15):
+        a.step_rows(*_batch(rng, 60, 5, 4, np.float64))
+    d = a.state_dict()
+    assert d["row_step.0"].dtype == np.int64 and d["row_step.0"].max() == 15
+    a.save(tmp_path / "rows.npz")
+    b = fastrms.RMSprop(a.params.copy(), 0.01, momentum=0.9, dense_rows=True)
+    b.load(tmp_path / "rows.npz")
+    c = fastrms.RMSprop(a.params.copy(), 0.01, momentum=0.9, dense_rows=True)
+    c.load_state_dict(d)
+    rows, grad_rows = _batch(rng, 60, 60, 4, np.float64)
+    for opt in (a, b, c):
+        opt.step_rows(rows, grad_rows)
+    np.testing.assert_array_equal(a.params, b.params)
+    np.testing.assert_array_equal(a.params, c.params)
+    before = snapshot(c)
+    for bad in (d["row_step.0"] + 100, d["row_step.0"].astype(np.int32), d["row_step.0"][:-1]):
+        with pytest.raises(ValueError, match="row_step.0"):
+            c.load_state_dict({**d, "row_step.0": bad})
+    with pytest.raises(ValueError, match="dense_rows"):
+        fastrms.RMSprop(a.params.copy(), 0.01, momentum=0.9).load_state_dict(d)  # lazy optimizer: another formula
+    after = snapshot(c)
+    assert all(np.array_equal(before[k], after[k]) for k in before if k != "params")
+
+
+@pytest.mark.parametrize(
+    "opts, error",
+    [
+        ({"weight_decay": 0.1}, "dense_rows=True cannot be combined with coupled weight_decay"),
+        ({"momentum": 0.9, "learning_rate": schedules.cosine_decay(0.1, 100)}, "needs a constant learning_rate"),
+        ({"weight_decay": 0.1, "decoupled_weight_decay": True, "learning_rate": schedules.cosine_decay(0.1, 100)},
+         "decoupled weight_decay needs a constant learning_rate"),
+    ],
+)  # fmt: skip
+def test_dense_rows_refuses_what_has_no_closed_form(opts, error):
+    with pytest.raises(ValueError, match=error):
+        fastrms.RMSprop(np.ones((3, 2)), dense_rows=True, **opts)
+
+
+def test_bad_rows_and_grads_are_refused_with_nothing_written():
+    table = np.ones((10, 3), np.float32)
+    opt = fastrms.RMSprop(table, 0.1, dense_rows=True)
+    g = np.ones((2, 3), np.float32)
+    cases = [
+        ((np.array([1, 10]), g), ValueError, r"rows\[1\] = 10 is outside \[0, 10\)"),
+        ((np.array([-1, 2]), g), ValueError, "negative indices are not accepted"),
+        ((np.array([1.0, 2.0]), g), TypeError, "integers"),
+        ((np.array([True, False]), g), TypeError, "integers"),
+        ((np.array([[1, 2]]), g), TypeError, "1-D"),
+        (([1, 2], g), TypeError, "numpy array of integers"),
+        ((np.array([1, 2]), np.ones((2, 4), np.float32)), ValueError, r"grad_rows must be float32 of shape \(2, 3\)"),
+        ((np.array([1, 2]), np.ones((2, 3))), ValueError, "grad_rows must be float32"),
+        ((np.array([1, 2]), table[:2]), ValueError, "shares memory"),
+        ((np.array([1, 2]), opt.square_avg[4:6]), ValueError, "shares memory"),
+    ]
+    before = snapshot(opt)
+    for args, kind, error in cases:
+        with pytest.raises(kind, match=error):
+            opt.step_rows(*args)
+    after = snapshot(opt)
+    assert all(np.array_equal(before[k], after[k]) for k in before if k != "params")
+    np.testing.assert_array_equal(table, 1.0)
+    with pytest.raises(ValueError, match="needs a 2-D param"):
+        fastrms.RMSprop(np.ones(5)).step_rows(np.array([0]), np.ones((1, 1)))
+    two = fastrms.RMSprop([np.ones((4, 2)), np.ones((3, 2))])
+    with pytest.raises(TypeError, match="needs param="):
+        two.step_rows(np.array([0]), np.ones((1, 2)))
+    two.step_rows(np.array([2]), np.ones((1, 2)), param=1)
+    assert two.params[1][2, 0] < 1 and np.all(two.params[0] == 1) and np.all(two.params[1][[0, 1]] == 1)
+
+
+def test_skip_nonfinite_and_clipping_apply_to_the_rows():
+    opt = fastrms.RMSprop(np.ones((5, 2)), 0.1, skip_nonfinite=True)
+    opt.step_rows(np.array([1]), np.array([[np.nan, 1.0]]))
+    assert opt.skipped_steps == 1 and opt.step_count == 0 and np.all(opt.params == 1)
+    clipped = fastrms.RMSprop(np.ones((5, 2)), 0.1, clip_global_norm=1.0)
+    clipped.step_rows(np.array([1, 1]), np.array([[3.0, 0.0], [0.0, 4.0]]))  # summed: (3, 4), norm 5
+    assert clipped.last_grad_norm == 5.0
+
+
+def test_coalescing_is_the_same_bits_serial_and_parallel_and_sums_in_order():
+    rng = np.random.default_rng(8)
+    rows = rng.integers(0, 300, 20_000).astype(np.int64)
+    g = rng.standard_normal(20_000 * 8).astype(np.float32)
+    u1, s1, bad1 = kernels.coalesce_serial(rows, 300, g, 8)
+    u2, s2, bad2 = kernels.coalesce_parallel(rows, 300, g, 8)
+    assert bad1 == bad2 == -1 and np.array_equal(u1, u2) and np.array_equal(s1, s2)
+    assert sorted(u1.tolist()) == sorted(set(rows.tolist()))
+    expected = np.zeros((u1.size, 8), np.float32)
+    where = {r: i for i, r in enumerate(u1.tolist())}
+    for i, r in enumerate(rows.tolist()):  # in the order given, float32 additions
+        expected[where[r]] += g[i * 8 : (i + 1) * 8]
+    np.testing.assert_array_equal(s1.reshape(-1, 8), expected)
+    assert kernels.coalesce_serial(np.array([1, 5, 300, 2]), 300, g[:32], 8)[2] == 2
