@@ -60,3 +60,11 @@ def test_sparse_rows_times_each_case_against_dense_steps():
     times = timing.sparse_rows(n=2000, width=8, k=100, distinct=20, rounds=1, target=0.001)
     assert len(times) == 7 and all(t > 0 for t in times.values())
     assert "step_rows, 100 rows from 20" in times and "dense step, whole (2000, 8) table" in times
+
+
+def test_dask_step_times_the_fused_map_the_expressions_and_one_process():
+    pytest.importorskip("distributed", reason="dask is not installed (pip install 'fastrms[dask]')")
+    r = timing.dask_step(total=40_000, chunk=10_000, rounds=1)
+    assert r["tasks"] == 4
+    cases = ("fastrms.dask, fused map", "dask.array NumPy expressions", "fastrms.RMSprop, one process")
+    assert all(r[k] > 0 for k in cases)

@@ -44,8 +44,10 @@ def test_every_python_example_in_the_docs_runs(path, tmp_path):
     empty folder: a documented example can never again be left broken or incomplete."""
     blocks = _python_blocks(path)
     text = "\n\n".join(blocks)
-    if re.search(r"^import torch|^from fastrms.torch", text, re.M) and importlib.util.find_spec("torch") is None:
-        pytest.skip(f"{path.name}'s examples need torch, which is not installed here (pip install 'fastrms[torch]')")
+    for module, extra in (("torch", "torch"), ("dask", "dask")):
+        needed = re.search(rf"^import {module}|^from fastrms.{module}", text, re.M)
+        if needed and importlib.util.find_spec(module) is None:
+            pytest.skip(f"{path.name}'s examples need {module}, not installed here (pip install 'fastrms[{extra}]')")
     script = tmp_path / "examples.py"
     script.write_text(text, encoding="utf-8")
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)

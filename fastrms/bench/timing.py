@@ -261,3 +261,50 @@ def _row_traffic(param, square_avg, grad_rows, rows, width):
             x = g[j] * zero
             p[j] = p[j] + x
             v[j] = v[j] + x
+
+
+def dask_step(total=200_000_000, chunk=10_000_000, rounds=3, seed=0):
+    """``fastrms bench --dask``: on a LocalCluster of 2 single-threaded worker processes
+    (127.0.0.1), one plain float32 step over ``total`` elements in chunks of ``chunk``, from
+    persisted inputs to persisted outputs: ``fastrms.dask.RMSprop.step``, the same step
+    written as dask.array NumPy expressions, and ``fastrms.RMSprop`` in this process over the
+    same total. Returns ``{"tasks": per-step fused tasks, case: seconds}`` (medians)."""
+    import time
+
+    import dask.array as da
+    import distributed
+
+    from ..dask import RMSprop as DaskRMSprop
+
+    out = {}
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster, distributed.Client(cluster) as client:  # fmt: skip
+        p = da.random.default_rng(seed).standard_normal(total, chunks=chunk, dtype=np.float32).persist()
+        g = (p * np.float32(0.5) + np.float32(0.1)).persist()  # computed where p lives: no transfers
+        distributed.wait([p, g])
+        opt = DaskRMSprop(p, 1e-3)
+        opt.step(g)  # warm: each worker loads the compiled kernels
+        out["tasks"] = p.npartitions
+        v = da.zeros_like(p).persist()
+
+        def numpy_expressions():
+            nonlocal p, v
+            v2 = 0.9 * v + (1 - 0.9) * g**2
+            p2 = p - 1e-3 * g / (da.sqrt(v2) + 1e-8)
+            p, v = client.persist([p2, v2])
+            distributed.wait([p, v])
+
+        samples = {"fastrms.dask, fused map": [], "dask.array NumPy expressions": []}
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            opt.step(g)
+            samples["fastrms.dask, fused map"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            numpy_expressions()
+            samples["dask.array NumPy expressions"].append(time.perf_counter() - t0)
+        out.update({k: float(np.median(x)) for k, x in samples.items()})
+    pl, gl = Problem(total, "float32").fresh()
+    single = RMSprop(pl, 1e-3)
+    out["fastrms.RMSprop, one process"] = measure_calls({"s": lambda: single.step(gl)}, rounds, 0.5)["s"]
+    return out

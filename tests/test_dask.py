@@ -1,0 +1,207 @@
+"""fastrms.dask: the lazy step over dask arrays, the optimizer on a LocalCluster, Zarr
+checkpoints, and a worker killed mid-run (skipped, saying so, without dask)."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array", reason="dask is not installed (pip install 'fastrms[dask]')")
+import dask  # noqa: E402
+
+import fastrms  # noqa: E402
+from fastrms import schedules  # noqa: E402
+from fastrms.dask import RMSprop, rmsprop_step  # noqa: E402
+
+VARIANTS = [{}, {"momentum": 0.9, "centered": True}, {"weight_decay": 0.01, "maximize": True, "bias_correction": True}]
+
+
+def _data(shape=(600, 20), dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(shape).astype(dtype), [rng.standard_normal(shape).astype(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("opts", VARIANTS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("chunks", [(600, 20), (100, 20), (77, 6)], ids=str)
+def test_the_lazy_step_has_the_bits_of_fastrms_rmsprop_whatever_the_chunking(opts, chunks, dtype):
+    p0, grads = _data(dtype=dtype)
+    kept = p0.copy()
+    ref = fastrms.RMSprop(p0.copy(), 0.01, **opts)
+    param, state = da.from_array(p0, chunks=chunks), None
+    for t in range(1, 7):
+        g = grads[t % 3]
+        ref.step(g)
+        param, state = rmsprop_step(param, da.from_array(g, chunks=chunks), state, t, 0.01, **opts)
+        param, state = dask.persist(param, state, scheduler="sync")
+    np.testing.assert_array_equal(param.compute(), ref.params)
+    np.testing.assert_array_equal(state["square_avg"].compute(), ref.square_avg)
+    np.testing.assert_array_equal(p0, kept)  # input blocks are never written
+
+
+def test_the_step_is_one_task_per_chunk():
+    p0, grads = _data()
+    param = da.from_array(p0, chunks=(50, 10))
+    new_param, new_state = rmsprop_step(param, da.from_array(grads[0], chunks=(50, 10)), None, 1, 0.01, momentum=0.9)
+    layers = new_param.__dask_graph__().layers
+    step = [name for name in layers if name.startswith("fastrms-step-")]
+    assert len(step) == 1 and len(layers[step[0]]) == param.npartitions == 24
+    assert new_state["momentum_buffer"].chunks == param.chunks
+
+
+def test_bad_inputs_are_refused_clearly():
+    p0, grads = _data()
+    param = da.from_array(p0, chunks=(100, 20))
+    with pytest.raises(ValueError, match=r"grad must be chunked like param .* rechunk"):
+        rmsprop_step(param, da.from_array(grads[0], chunks=(50, 20)), None, 1, 0.01)
+    with pytest.raises(TypeError, match="grad must be a dask.array.Array"):
+        rmsprop_step(param, grads[0], None, 1, 0.01)
+    with pytest.raises(TypeError, match="learning_rate must be a number here"):
+        rmsprop_step(param, param, None, 1, schedules.constant(0.1))
+    with pytest.raises(ValueError, match="clip_global_norm is not supported over dask arrays"):
+        rmsprop_step(param, param, None, 1, 0.1, clip_global_norm=1.0)
+    with pytest.raises(ValueError, match="state must be a dict of exactly"):
+        rmsprop_step(param, param, {"square_avg": param}, 1, 0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="epsilon must be"):
+        RMSprop(param, epsilon=-1.0)
+
+
+def test_the_optimizer_matches_and_its_graph_does_not_grow():
+    p0, grads = _data(dtype=np.float32)
+    lr = schedules.exponential_decay(0.01, 0.9, 5)
+    ref = fastrms.RMSprop(p0.copy(), lr, momentum=0.9, skip_nonfinite=True)
+    opt = RMSprop(da.from_array(p0, chunks=(150, 20)), lr, momentum=0.9, skip_nonfinite=True)
+    sizes = []
+    for t in range(30):
+        g = grads[t % 3].copy()
+        if t == 4:
+            g[3, 3] = np.nan
+        ref.step(g)
+        opt.step(da.from_array(g, chunks=(150, 20)))
+        sizes.append(len(opt.params.__dask_graph__()))
+    assert opt.step_count == ref.step_count == 29 and opt.skipped_steps == 1
+    np.testing.assert_array_equal(opt.params.compute(), ref.params)
+    np.testing.assert_array_equal(opt.state["momentum_buffer"].compute(), ref.momentum_buffer)
+    assert set(sizes) == {4}  # one computed block per chunk: no lineage left behind
+
+
+@pytest.fixture(scope="module")
+def client():
+    distributed = pytest.importorskip("distributed", reason="distributed is not installed")
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    )
+    with distributed.Client(cluster) as c:
+        yield c
+    cluster.close()
+
+
+def _run(opt, grads, steps, start=0):
+    chunks = opt.params.chunks
+    for t in range(start, start + steps):
+        opt.step(da.from_array(grads[t % 3], chunks=chunks))
+
+
+def test_on_a_local_cluster_with_zarr_checkpoints(client, tmp_path):
+    p0, grads = _data()
+    ref = fastrms.RMSprop(p0.copy(), 0.01, centered=True, momentum=0.5)
+    opt = RMSprop(da.from_array(p0, chunks=(100, 20)), 0.01, centered=True, momentum=0.5)
+    for t in range(6):
+        ref.step(grads[t % 3])
+    _run(opt, grads, 6)
+    opt.save(tmp_path / "ckpt")
+    saved_params = opt.params.compute()
+    _run(opt, grads, 4, start=6)
+    opt.save(tmp_path / "ckpt")  # a second save replaces the first generation
+    assert len([e for e in os.listdir(tmp_path / "ckpt") if e.startswith("gen-")]) == 1
+    for t in range(6, 10):
+        ref.step(grads[t % 3])
+    np.testing.assert_array_equal(opt.params.compute(), ref.params)
+    resumed = RMSprop(da.from_array(opt.params.compute(), chunks=(100, 20)), 0.01, centered=True, momentum=0.5)
+    resumed.load(tmp_path / "ckpt")
+    assert resumed.step_count == 10
+    _run(resumed, grads, 3, start=10)
+    _run(opt, grads, 3, start=10)
+    np.testing.assert_array_equal(resumed.params.compute(), opt.params.compute())
+    assert not np.array_equal(saved_params, opt.params.compute())
+
+
+def test_hostile_or_mismatched_checkpoints_are_refused_with_nothing_changed(client, tmp_path):
+    p0, grads = _data()
+    opt = RMSprop(da.from_array(p0, chunks=(100, 20)), 0.01, momentum=0.9)
+    _run(opt, grads, 2)
+    opt.save(tmp_path / "good")
+    before = (opt.step_count, opt.params.compute(), opt.state["momentum_buffer"].compute())
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "escape").mkdir()
+    (tmp_path / "escape" / "CURRENT").write_text("../good")
+    other = RMSprop(da.from_array(p0[:300], chunks=(100, 20)), 0.01, momentum=0.9)
+    other.save(tmp_path / "small")
+    plain = RMSprop(da.from_array(p0, chunks=(100, 20)), 0.01)
+    plain.save(tmp_path / "plain")
+    cases = [
+        (tmp_path / "empty", "no readable CURRENT"),
+        (tmp_path / "escape", "not a generation of this folder"),
+        (tmp_path / "small", "shapes or dtypes differ"),
+        (tmp_path / "plain", "another variant"),
+    ]
+    for path, error in cases:
+        with pytest.raises(ValueError, match=error):
+            opt.load(path)
+    with pytest.raises(FileNotFoundError):
+        opt.load(tmp_path / "missing")
+    after = (opt.step_count, opt.params.compute(), opt.state["momentum_buffer"].compute())
+    assert before[0] == after[0]
+    np.testing.assert_array_equal(before[1], after[1])
+    np.testing.assert_array_equal(before[2], after[2])
+
+
+def test_a_worker_killed_mid_run_fails_clearly_and_resumes_bit_identical(client, tmp_path):
+    """Kill one of the two worker processes mid-run. The optimizer drops each step's lineage
+    (so the scheduler does not grow), so Dask cannot recompute the lost chunks: the next
+    step raises LostStateError (a RuntimeError) saying to resume, and the run resumed from
+    the last Zarr checkpoint (with the params saved beside it) ends at the undisturbed bits."""
+    from fastrms.dask import LostStateError
+
+    p0, grads = _data(shape=(4000, 20))
+    ref = fastrms.RMSprop(p0.copy(), 0.01, momentum=0.9)
+    for t in range(12):
+        ref.step(grads[t % 3])
+    opt = RMSprop(da.from_array(p0, chunks=(500, 20)), 0.01, momentum=0.9)
+    _run(opt, grads, 5)
+    opt.save(tmp_path / "ckpt")
+    params_at_5 = opt.params.compute()
+    _run(opt, grads, 2, start=5)
+    pids = client.run(os.getpid)
+    os.kill(next(iter(pids.values())), signal.SIGKILL)
+    with pytest.raises(LostStateError, match="resume from your last checkpoint"):
+        _run(opt, grads, 5, start=7)
+    client.wait_for_workers(2, timeout=60)
+    resumed = RMSprop(da.from_array(params_at_5, chunks=(500, 20)), 0.01, momentum=0.9)
+    resumed.load(tmp_path / "ckpt")
+    _run(resumed, grads, 7, start=5)
+    np.testing.assert_array_equal(resumed.params.compute(), ref.params)
+
+
+def test_the_schedulers_task_count_stays_flat_over_many_steps(client):
+    p0, grads = _data()
+    opt = RMSprop(da.from_array(p0, chunks=(100, 20)), 0.01, momentum=0.9)
+    g = da.from_array(grads[0], chunks=(100, 20)).persist()
+    counts = []
+    for i in range(60):
+        opt.step(g)
+        if i in (9, 59):
+            counts.append(client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)))
+    assert counts[1] <= counts[0] + 20, counts  # without the re-keying it grows by ~25 tasks a step
+
+
+def test_importing_fastrms_does_not_import_dask_and_a_missing_dask_is_one_clear_error():
+    code = "import sys, fastrms; assert 'dask' not in sys.modules; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    code = "import sys; sys.modules['dask'] = None\nimport fastrms.dask"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "ImportError: fastrms.dask needs Dask; install it with: pip install 'fastrms[dask]'" in out.stderr
