@@ -537,9 +537,7 @@ class RMSprop:
         scalars = self._next_scalars()
         if coef != 1.0:
             scalars = scalars._replace(grad_scale=scalars.grad_scale * coef)
-        hyper, lr = self._hyper, self._pending_lr
-        decay = 1.0 - lr * hyper["weight_decay"] if hyper["decoupled_weight_decay"] else 1.0
-        drift_lr = lr if self._variant.mom_mode == kernels.MOM_OUTSIDE else 1.0
+        decay, drift_lr = self._catch_up_constants(self._pending_lr)
         shell = kernels.rows(self._variant, parallel)
         if parallel and runtime.parallel_mode() == "serialized":
             shell = runtime.serialized(shell)
@@ -548,14 +546,18 @@ class RMSprop:
               self._dense_rows, True, decay, drift_lr, *scalars)  # fmt: skip
         self._advance()
 
+    def _catch_up_constants(self, lr):
+        """The row kernel's ``(decay, drift_lr)`` at learning rate ``lr`` (see
+        :mod:`fastrms.kernels.rows`)."""
+        decay = 1.0 - lr * self._hyper["weight_decay"] if self._hyper["decoupled_weight_decay"] else 1.0
+        return decay, lr if self._variant.mom_mode == kernels.MOM_OUTSIDE else 1.0
+
     def _catch_up_rows(self, scalars):
         """``dense_rows``, before a dense step: bring every row that missed steps up to date
         (the closed form of its zero-gradient steps), so the dense step starts from the state
         a dense run would have."""
         t = self._step_count + 1
-        hyper, lr = self._hyper, scalars.lr
-        decay = 1.0 - lr * hyper["weight_decay"] if hyper["decoupled_weight_decay"] else 1.0
-        drift_lr = lr if self._variant.mom_mode == kernels.MOM_OUTSIDE else 1.0
+        decay, drift_lr = self._catch_up_constants(scalars.lr)
         for slot in self._slots:
             if not slot.row_step.size:
                 continue
