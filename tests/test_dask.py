@@ -194,7 +194,9 @@ def test_the_schedulers_task_count_stays_flat_over_many_steps(client):
         opt.step(g)
         if i in (9, 59):
             counts.append(client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)))
-    assert counts[1] <= counts[0] + 20, counts  # without the re-keying it grows by ~25 tasks a step
+    # released tasks linger a little and the count wobbles (42 -> 66 seen); without the
+    # re-keying it grows by ~25 tasks every step: ~1250 over these 50 steps
+    assert counts[1] <= counts[0] + 150, counts
 
 
 def test_importing_fastrms_does_not_import_dask_and_a_missing_dask_is_one_clear_error():
