@@ -21,10 +21,14 @@ except ImportError:  # pragma: no cover - exercised in a subprocess without dask
         "fastrms.dask needs Dask; install it with: pip install 'fastrms[dask]' (dask[array], distributed, zarr)"
     ) from None
 
+import contextlib
 import os
 import secrets
 import shutil
+import sys
+import threading
 
+import numba
 import numpy as np
 
 from . import functional
@@ -39,20 +43,134 @@ FORMAT_VERSION = 1
 POINTER = "CURRENT"
 
 
-def _block_step(param, grad, *state_and_args):
-    """One chunk: the fused out-of-place step into one stacked array ``(1 + k, *block)``
-    (param, then the state in ``names`` order), so the whole update is one task."""
-    *state, names, t, lr, beta, epsilon, options = state_and_args
-    # blocks may be views (a slice of a bigger array), broadcasts (zeros_like) or, sent
-    # between workers, unaligned buffers: the kernel reads aligned C-contiguous memory, so
-    # those are copied; computed blocks pass as they are
+def _output(shape, dtype):
+    """An uninitialised ``shape``/``dtype`` array for a task's result, in an idle buffer of this
+    process when one of the size is free, else a new one.
+
+    A chunk step writes about as many bytes as it reads; into fresh memory each page also
+    faults and is zeroed by the kernel, which more than doubled the step (1e7 float32: 12 ms
+    against 5.3 ms into reused memory, one thread). The buffers returned are views of owner
+    arrays kept here; an owner is idle when nothing but this list refers to it, that is when
+    Dask has released every result and view made from it, so a buffer still held anywhere
+    (a worker's data, a transfer, a user's array) is never handed out again. Idle buffers
+    are kept up to the bytes in use (a step needs the previous generation's), the rest freed.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    with _BUFFERS_LOCK:
+        # sys.getrefcount == 2: the list's slot and the call's own argument
+        idle = [i for i in range(len(_BUFFERS)) if sys.getrefcount(_BUFFERS[i]) == 2]
+        pick = next((i for i in idle if _BUFFERS[i].nbytes == nbytes), None)
+        if pick is None:
+            _BUFFERS.append(np.empty(max(nbytes, 1), np.uint8))
+            pick = len(_BUFFERS) - 1
+        else:
+            idle.remove(pick)
+        spare = sum(_BUFFERS[i].nbytes for i in idle)
+        busy = sum(b.nbytes for b in _BUFFERS) - spare
+        for i in sorted(idle, key=lambda i: (_BUFFERS[i].nbytes == nbytes, -i)):
+            if spare <= busy:
+                break
+            spare -= _BUFFERS[i].nbytes
+            _BUFFERS[i] = None
+        buffer = _BUFFERS[pick]
+        _BUFFERS[:] = [b for b in _BUFFERS if b is not None]
+    return buffer[:nbytes].view(dtype).reshape(shape)
+
+
+_BUFFERS = []
+_BUFFERS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _task_threads():
+    """Run a task's kernel on at most ``OMP_NUM_THREADS`` Numba threads when that is set.
+    Dask's nanny sets it to 1 in its workers: a worker's parallelism is its task threads, and
+    a parallel kernel in every one of them would oversubscribe the cores."""
+    try:
+        cap = int(os.environ.get("OMP_NUM_THREADS", "0"))
+    except ValueError:
+        cap = 0
+    before = numba.get_num_threads()
+    if 0 < cap < before:
+        numba.set_num_threads(cap)  # this thread's own setting (Numba's docs)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+def _kernel_step(param, grad, state, names, out, t, lr, beta, epsilon, options):
+    """The fused out-of-place step of one block into the stacked ``out`` (param, then state
+    in ``names`` order). Blocks may be views (a slice of a bigger array), broadcasts
+    (zeros_like) or, sent between workers, unaligned buffers: the kernel reads aligned
+    C-contiguous memory, so those are copied; computed blocks pass as they are."""
     param, grad = np.require(param, requirements="CA"), np.require(grad, requirements="CA")
-    state = [np.require(a, requirements="CA") for a in state]
-    out = np.empty((1 + len(names), *param.shape), param.dtype)
-    functional.rmsprop_step(
-        param, grad, dict(zip(names, state)), t, lr, beta, epsilon,
-        out=(out[0], {name: out[1 + i] for i, name in enumerate(names)}), **options,
-    )  # fmt: skip
+    state = {name: np.require(a, requirements="CA") for name, a in zip(names, state)}
+    with _task_threads():
+        functional.rmsprop_step(
+            param, grad, state, t, lr, beta, epsilon,
+            out=(out[0], {name: out[1 + i] for i, name in enumerate(names)}), **options,
+        )  # fmt: skip
+    return out
+
+
+def _block_step(param, grad, *state_and_args):
+    """One chunk of :func:`rmsprop_step`: the fused step into one stacked array ``(1 + k,
+    *block)`` so the whole update is one task."""
+    *state, names, t, lr, beta, epsilon, options = state_and_args
+    out = _output((1 + len(names), *param.shape), param.dtype)
+    return _kernel_step(param, grad, state, names, out, t, lr, beta, epsilon, options)
+
+
+def _generation_step(stacked, grad, names, t, lr, beta, epsilon, options):
+    """One chunk of :class:`RMSprop`'s generation ``(1 + k, *block)`` (param, then state) and
+    its grad block -> the next generation's chunk."""
+    out = _output(stacked.shape, stacked.dtype)
+    return _kernel_step(stacked[0], grad, list(stacked[1:]), names, out, t, lr, beta, epsilon, options)
+
+
+class _Key:
+    """A key passed to a task as a plain value, so the scheduler does not make it a dependency."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key):
+        self.key = key
+
+    def __reduce__(self):
+        return _Key, (self.key,)
+
+
+class _Missing(KeyError):
+    """A chunk the scheduler placed on this worker is not in its memory (Dask's memory manager
+    dropped this replica since): the client redoes that chunk with dependencies."""
+
+
+def _pulled_step(stacked, grad, names, t, lr, beta, epsilon, options):
+    """:func:`_generation_step` on a worker holding both the generation's chunk and the
+    grad's, read from its memory by key: the new chunk does not depend on the old one, so
+    no lineage builds up across steps."""
+    from distributed import get_worker
+
+    data = get_worker().data
+    try:
+        block, grad = data[stacked.key], data[grad.key]
+    except KeyError as exc:
+        raise _Missing(*exc.args) from None
+    return _generation_step(block, grad, names, t, lr, beta, epsilon, options)
+
+
+def _row(stacked, i):
+    """Row ``i`` of a stacked block, a view (dask's own getitem copies a slice under half its
+    array)."""
+    return stacked[i]
+
+
+def _stack(param, *state):
+    out = _output((1 + len(state), *param.shape), param.dtype)
+    for i, a in enumerate((param, *state)):
+        out[i] = a
     return out
 
 
@@ -127,7 +245,24 @@ def rmsprop_step(
         new_axis=0, chunks=((1 + len(names),), *param.chunks), dtype=param.dtype,
         name=f"fastrms-step-{dask.base.tokenize(param, grad, *arrays, names, t, hyper)}",
     )  # fmt: skip
-    return stacked[0], {name: stacked[1 + i] for i, name in enumerate(names)}
+    new_param, *new_state = _unstack(stacked)
+    return new_param, dict(zip(names, new_state))
+
+
+def _unstack(stacked):
+    """The arrays stacked along axis 0 of ``stacked``, each chunk a view of the stacked chunk."""
+    return [
+        da.map_blocks(
+            _row,
+            stacked,
+            i,
+            drop_axis=0,
+            chunks=stacked.chunks[1:],
+            dtype=stacked.dtype,
+            name=f"fastrms-row{i}-{stacked.name}",
+        )  # fmt: skip
+        for i in range(stacked.shape[0])
+    ]
 
 
 def _client():
@@ -152,10 +287,11 @@ class LostStateError(RuntimeError):
     recomputed from): resume from the last checkpoint."""
 
 
-def _wait(client, futures, watch):
+def _wait(client, futures, watch, errors=True):
     """Wait for ``futures``; every second, check that every chunk of ``watch`` (the data the
     work reads) still has a worker holding it, and raise LostStateError if one has none
-    (a restricted re-run could otherwise wait forever for a dead worker)."""
+    (a restricted re-run could otherwise wait forever for a dead worker). With ``errors``,
+    a failed future raises its error."""
     from distributed import futures_of, wait
 
     watched = futures_of(watch)
@@ -168,35 +304,53 @@ def _wait(client, futures, watch):
             lost = [k for k, holders in who.items() if not holders]
             if lost:
                 raise LostStateError(f"{len(lost)} chunk(s) of the optimizer's data were lost with a worker") from None
-    for f in futures:
+    for f in futures if errors else ():
         if f.status != "finished":
             f.result()
 
 
+def _rekey(client, futures, ids, name):
+    """Computed ``futures`` under the keys ``(f"{name}-{i}", *index)`` for each ``(i, *index)``
+    of ``ids``, by tasks without dependencies that run where the data already is: the
+    scheduler can then forget the lineage (the price: a chunk lost with its worker cannot be
+    recomputed; the next step raises and the run resumes from a checkpoint)."""
+    who = client.who_has(futures)
+    return {
+        at: client.submit(
+            _take,
+            f.key,
+            key=(f"{name}-{at[0]}", *at[1:]),
+            workers=list(who[f.key]),
+            allow_other_workers=False,
+            pure=False,
+        )  # fmt: skip
+        for f, at in zip(futures, ids)
+    }
+
+
+def _array(graph, like):
+    """A dask array of the futures ``graph`` (key -> future), named and chunked like ``like``."""
+    return da.Array(graph, next(iter(graph))[0], like.chunks, dtype=like.dtype)
+
+
 def _detach(client, arrays, watch):
     """Wait for the persisted ``arrays`` (errors of dead workers surface here), then re-key
-    every chunk with a task that has no dependencies and runs where the data already is:
-    the scheduler can then forget the lineage, so its task count stays flat across steps
-    (without this it grows by every step's tasks). The price: a chunk lost with its worker
-    cannot be recomputed; the next step raises and the run resumes from a checkpoint."""
+    every chunk (:func:`_rekey`) so the scheduler's task count stays flat."""
     from distributed import futures_of
 
     futures = futures_of(arrays)
     _wait(client, futures, watch)
-    who = client.who_has(futures)
-    out = []
-    for a in arrays:
-        name = f"fastrms-state-{secrets.token_hex(8)}"
-        graph = {}
-        for key in dask.core.flatten(a.__dask_keys__()):
-            new = (name, *key[1:])
-            graph[new] = client.submit(
-                _take, key, key=new, workers=list(who[key]), allow_other_workers=False, pure=False
-            )
-        out.append((graph, name, a))
-    new = [f for graph, _, _ in out for f in graph.values()]
-    _wait(client, new, arrays)
-    return [da.Array(graph, name, a.chunks, dtype=a.dtype) for graph, name, a in out]
+    name, done = f"fastrms-gen-{secrets.token_hex(8)}", []
+    for i, a in enumerate(arrays):
+        keys = list(dask.core.flatten(a.__dask_keys__()))
+        by_key = {f.key: f for f in futures_of(a)}
+        done.append(_rekey(client, [by_key[k] for k in keys], [(i, *k[1:]) for k in keys], name))
+    _wait(client, [f for graph in done for f in graph.values()], arrays)
+    return [_array({f.key: f for f in graph.values()}, a) for graph, a in zip(done, arrays)]
+
+
+def _indices(ndim):
+    return tuple(range(1, ndim + 1))
 
 
 class RMSprop:
@@ -204,15 +358,22 @@ class RMSprop:
 
     ``RMSprop(params, learning_rate, beta, epsilon, **options)`` takes a dask array or a
     sequence of them and :class:`fastrms.RMSprop`'s options, presets (:meth:`like`) and
-    validation (``clip_global_norm`` excepted). ``step(grads)`` evaluates the schedule on
-    the client, builds the next generation with :func:`rmsprop_step`, persists it (on the
-    active ``distributed.Client`` if there is one) and waits for it, so each step's graph is
-    one task per chunk on top of already-computed data. On a cluster the persisted chunks are
-    re-keyed without their lineage (:func:`_detach`), so the scheduler's task count stays flat
-    over any number of steps; a worker that dies takes its chunks with it, and the next
-    step raises a RuntimeError telling you to resume from the last checkpoint.
-    With ``skip_nonfinite`` a step whose grads hold a NaN or an infinity (one reduction over
-    the grads, computed first) changes nothing.
+    validation (``clip_global_norm`` excepted). Each param and its state are held as one
+    persisted *generation*: a dask array ``(1 + k, *param.shape)`` chunked like the param
+    (param, then the state), so a step is one task per chunk; :attr:`params` and
+    :attr:`state` are views of it (each chunk a view of the generation's, no copy).
+
+    ``step(grads)`` evaluates the schedule on the client and runs the fused step of every
+    chunk. On a ``distributed`` cluster each chunk's task runs on the worker holding the
+    chunk and reads it (and the grad's chunk, when the same worker holds it) from the
+    worker's memory by key, so the new generation does not depend on the old one: the
+    scheduler's task count stays flat over any number of steps, and its result lands in a
+    buffer of an earlier, released generation (no fresh pages). A grad chunk held elsewhere
+    is sent to the task by the scheduler and that result re-keyed without its lineage. A
+    worker that dies takes its chunks with it: the next step raises :class:`LostStateError`
+    telling you to resume from the last checkpoint. With ``skip_nonfinite`` a step whose
+    grads hold a NaN or an infinity (one reduction over the grads, computed first) changes
+    nothing.
     """
 
     def __init__(self, params, learning_rate=O.DEFAULTS["learning_rate"], beta=O.DEFAULTS["beta"],
@@ -230,8 +391,8 @@ class RMSprop:
         self._step_count = 0
         self._skipped_steps = 0
         kernel = {k: self._hyper[k] for k in O.NAMES if k != "learning_rate"}
-        states = [init_state(p, **kernel) for p in arrays]
-        self._params, self._states = self._persist(arrays, states)
+        self._gens = []
+        self._gens = self._settle([self._stacked(p, init_state(p, **kernel)) for p in arrays])
 
     @classmethod
     def like(cls, name, params, **overrides):
@@ -242,13 +403,17 @@ class RMSprop:
 
     @property
     def params(self):
-        """The current params: persisted dask arrays, in the structure given."""
-        return self._params[0] if self._single else list(self._params)
+        """The current params: dask arrays (views of the persisted generation), in the
+        structure given."""
+        params = [_unstack(g)[0] for g in self._gens]
+        return params[0] if self._single else params
 
     @property
     def state(self):
-        """The state of each param: dicts of persisted dask arrays (PyTorch's names)."""
-        return self._states[0] if self._single else list(self._states)
+        """The state of each param: dicts of dask arrays (views of the persisted generation),
+        PyTorch's names."""
+        states = [dict(zip(self._names, _unstack(g)[1:])) for g in self._gens]
+        return states[0] if self._single else states
 
     @property
     def step_count(self):
@@ -262,56 +427,45 @@ class RMSprop:
     def hyperparameters(self):
         return dict(self._hyper)
 
-    # ------------------------------------------------------------------ the step
+    # ------------------------------------------------------------------ generations
 
-    def _check_alive(self):
-        """On a cluster: every chunk of the params and state still has a worker holding it."""
+    def _stacked(self, param, state):
+        """The lazy generation of ``param`` and its ``state`` dict."""
+        idx = _indices(param.ndim)
+        arrays = [param, *(state[name] for name in self._names)]
+        return da.blockwise(
+            _stack, (0, *idx), *(x for a in arrays for x in (a, idx)),
+            new_axes={0: len(arrays)}, dtype=param.dtype,
+            name=f"fastrms-stack-{dask.base.tokenize(*arrays)}",
+        )  # fmt: skip
+
+    def _settle(self, gens):
+        """Persist new generations built from outside data (the initial params and state, a
+        checkpoint) and wait for them, re-keyed without lineage on a cluster."""
         client = _client()
         if client is None:
-            return
-        from distributed import futures_of
-
-        arrays = [*self._params, *(s[n] for s in self._states for n in s)]
-        who = client.who_has(futures_of(arrays))
-        if any(not holders for holders in who.values()):
+            return list(dask.persist(*gens))
+        try:
+            return _detach(client, client.persist(gens, optimize_graph=False), self._gens)
+        except Exception as exc:
             raise LostStateError(
-                "chunks of the params or state were lost with a worker (each step drops their lineage so the "
-                "scheduler does not grow): resume from your last checkpoint (RMSprop.load)"
-            )
+                f"the optimizer's data could not be computed on the cluster ({type(exc).__name__}: {exc}); "
+                "resume from your last checkpoint (RMSprop.load)"
+            ) from exc
 
-    def _persist(self, params, states):
-        """Persist params and state together (on the active client, if any) and wait, so a
-        failure surfaces here and the next step starts from computed data."""
-        flat = [*params, *(s[name] for s in states for name in sorted(s))]
-        client = _client()
-        if client is not None:
-            watch = [*getattr(self, "_params", []), *(s[n] for s in getattr(self, "_states", []) for n in s)]
-            try:
-                done = _detach(client, client.persist(flat, optimize_graph=False), watch)
-            except Exception as exc:
-                raise LostStateError(
-                    f"the step failed on the cluster ({type(exc).__name__}: {exc}); params and state of this step "
-                    "may be lost: resume from your last checkpoint (RMSprop.load)"
-                ) from exc
-        else:
-            done = dask.persist(*flat)
-        done = list(done)
-        out_params = done[: len(params)]
-        out_states, at = [], len(params)
-        for s in states:
-            names = sorted(s)
-            out_states.append(dict(zip(names, done[at : at + len(names)])))
-            at += len(names)
-        return out_params, out_states
+    # ------------------------------------------------------------------ the step
 
     def step(self, grads):
         """One step: ``grads`` (dask arrays chunked like the params, in their structure)."""
         grads = [grads] if self._single else list(grads)
-        if len(grads) != len(self._params):
-            raise ValueError(f"grads must hold {len(self._params)} arrays, one per param, got {len(grads)}")
-        for i, (g, p) in enumerate(zip(grads, self._params)):
+        if len(grads) != len(self._gens):
+            raise ValueError(f"grads must hold {len(self._gens)} arrays, one per param, got {len(grads)}")
+        params = [_unstack(gen)[0] for gen in self._gens]
+        for i, (g, p) in enumerate(zip(grads, params)):
             _check_array("grads" if self._single else f"grads[{i}]", g, p)
-        self._check_alive()
+        client = _client()
+        if client is not None:
+            grads = self._computed(client, grads)
         if self._hyper["skip_nonfinite"]:
             finite = dask.compute(*(da.isfinite(g).all() for g in grads))
             if not all(finite):
@@ -324,17 +478,102 @@ class RMSprop:
                 "learning_rate (the schedule's value)",
                 O.BY_NAME["learning_rate"].check(float(lr)),
                 self._hyper["weight_decay"],
-                tuple(p.dtype for p in self._params),
+                tuple(p.dtype for p in params),
             )
         t = self._step_count + 1
         options = {k: self._hyper[k] for k in O.NAMES if k not in ("learning_rate", "beta", "epsilon")}
         options["skip_nonfinite"] = False  # checked globally above
-        new = [
-            rmsprop_step(p, g, s, t, float(lr), self._hyper["beta"], self._hyper["epsilon"], **options)
-            for p, g, s in zip(self._params, grads, self._states)
-        ]
-        self._params, self._states = self._persist([p for p, _ in new], [s for _, s in new])
+        args = dict(names=self._names, t=t, lr=float(lr), beta=self._hyper["beta"],
+                    epsilon=self._hyper["epsilon"], options=options)  # fmt: skip
+        if client is None:
+            new = []
+            for gen, g in zip(self._gens, grads):
+                idx = _indices(g.ndim)
+                new.append(da.blockwise(_generation_step, (0, *idx), gen, (0, *idx), g, idx, dtype=gen.dtype, **args))
+            self._gens = list(dask.persist(*new))
+        else:
+            self._gens = self._cluster_step(client, grads, args)
         self._step_count = t
+
+    def _computed(self, client, grads):
+        """``grads`` persisted on the cluster (as given when they already are) and computed."""
+        from distributed import futures_of
+
+        out = []
+        for g in grads:
+            keys = set(dask.core.flatten(g.__dask_keys__()))
+            if {f.key for f in futures_of(g)} != keys:
+                g = client.persist(g)
+            out.append(g)
+        _wait(client, futures_of(out), self._gens)
+        return out
+
+    def _cluster_step(self, client, grads, args):
+        """Every chunk's step on the worker holding it (see the class docstring); one
+        ``client.map`` per worker, one wait."""
+        from distributed import futures_of
+
+        def chunks(a):
+            by_key = {f.key: f for f in futures_of(a)}
+            return [by_key[k] for k in dask.core.flatten(a.__dask_keys__())]
+
+        gens, grad_chunks = [chunks(g) for g in self._gens], [chunks(g) for g in grads]
+        who = client.who_has([f for fs in (*gens, *grad_chunks) for f in fs])
+        lost = sum(not who[f.key] for fs in gens for f in fs)
+        if lost:
+            raise LostStateError(
+                f"{lost} chunk(s) of the params or state were lost with a worker (each step drops their lineage so "
+                "the scheduler does not grow): resume from your last checkpoint (RMSprop.load)"
+            )
+        name = f"fastrms-gen-{secrets.token_hex(8)}"
+        by_worker, redo = {}, []  # worker -> [(chunk id, chunk key, grad key, chunk, grad)]; [(id, chunk, grad)]
+        for i, (gen, grad) in enumerate(zip(gens, grad_chunks)):
+            for f, g in zip(gen, grad):
+                both = [w for w in who[f.key] if w in set(who[g.key])]
+                if both:
+                    by_worker.setdefault(both[0], []).append(((i, *f.key[1:]), _Key(f.key), _Key(g.key), f, g))
+                else:
+                    redo.append(((i, *f.key[1:]), f, g))
+        pulled = []
+        for worker, tasks in by_worker.items():
+            ids, stacked, grad, _, _ = zip(*tasks)
+            fs = client.map(_pulled_step, stacked, grad, key=[(f"{name}-{i}", *at) for i, *at in ids],
+                            workers=[worker], allow_other_workers=False, pure=False, **args)  # fmt: skip
+            pulled += zip(fs, tasks)
+        watch = [*self._gens, *grads]
+        try:
+            _wait(client, [f for f, _ in pulled], watch, errors=False)
+            done, missing = {}, False
+            for f, (at, _, _, chunk, grad) in pulled:
+                if f.status == "finished":
+                    done[at] = f
+                elif isinstance(f.exception(), _Missing):
+                    redo.append((at, chunk, grad))
+                    missing = True
+                else:
+                    f.result()
+            if redo:
+                # the grad's chunk is elsewhere (or a replica the scheduler named was dropped):
+                # the scheduler brings the data together; the results are re-keyed without
+                # that dependency, and if a failed task holds its key, the whole generation
+                # takes a new name
+                ids, chunks, grads_ = zip(*redo)
+                moved = client.map(_generation_step, chunks, grads_, key=[(f"moved-{name}-{i}", *at) for i, *at in ids],
+                                   pure=False, **args)  # fmt: skip
+                _wait(client, moved, watch)
+                done.update(zip(ids, moved))
+                final = f"fastrms-gen-{secrets.token_hex(8)}" if missing else name
+                again = [(at, f) for at, f in done.items() if f.key != (f"{final}-{at[0]}", *at[1:])]
+                done.update(_rekey(client, [f for _, f in again], [at for at, _ in again], final))
+                _wait(client, list(done.values()), watch)
+        except LostStateError:
+            raise
+        except Exception as exc:
+            raise LostStateError(
+                f"the step failed on the cluster ({type(exc).__name__}: {exc}); params and state of this step may "
+                "be lost: resume from your last checkpoint (RMSprop.load)"
+            ) from exc
+        return [_array({f.key: f for at, f in done.items() if at[0] == i}, gen) for i, gen in enumerate(self._gens)]
 
     # ------------------------------------------------------------------ checkpoints (Zarr)
 
@@ -356,13 +595,14 @@ class RMSprop:
             format_version=FORMAT_VERSION,
             step_count=self._step_count,
             skipped_steps=self._skipped_steps,
-            num_params=len(self._params),
+            num_params=len(self._gens),
             hyperparameters=hyper,
-            shapes=[list(p.shape) for p in self._params],
-            dtypes=[str(p.dtype) for p in self._params],
+            shapes=[list(g.shape[1:]) for g in self._gens],
+            dtypes=[str(p.dtype) for p in self._gens],
         )
         stores = []
-        for i, s in enumerate(self._states):
+        for i, gen in enumerate(self._gens):
+            s = dict(zip(self._names, _unstack(gen)[1:]))
             for name in self._names:
                 stores.append(da.to_zarr(s[name], folder, component=f"{name}.{i}", compute=False))
         dask.compute(*stores)
@@ -401,7 +641,8 @@ class RMSprop:
             raise ValueError(f"{folder!r} is not a readable Zarr group: {type(exc).__name__}: {exc}") from None
         step_count, skipped, hyper = self._check_attrs(attrs)
         states = []
-        for i, p in enumerate(self._params):
+        for i, gen in enumerate(self._gens):
+            p = _unstack(gen)[0]
             state = {}
             for name in self._names:
                 key = f"{name}.{i}"
@@ -417,19 +658,20 @@ class RMSprop:
         checks += [(s["square_avg"] >= 0).all() for s in states]
         if not all(dask.compute(*checks)):
             raise ValueError(f"checkpoint {folder!r} holds NaN, infinite or negative square_avg values")
-        self._params, self._states = self._persist(self._params, states)
+        params = [_unstack(gen)[0] for gen in self._gens]
+        self._gens = self._settle([self._stacked(p, s) for p, s in zip(params, states)])
         self._step_count, self._skipped_steps = step_count, skipped
         self._hyper = hyper
 
     def _check_attrs(self, attrs):
         if attrs.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"checkpoint format_version must be {FORMAT_VERSION}, got {attrs.get('format_version')!r}")
-        if attrs.get("num_params") != len(self._params):
+        if attrs.get("num_params") != len(self._gens):
             raise ValueError(
-                f"checkpoint holds {attrs.get('num_params')!r} params, this optimizer has {len(self._params)}"
+                f"checkpoint holds {attrs.get('num_params')!r} params, this optimizer has {len(self._gens)}"
             )
-        if attrs.get("shapes") != [list(p.shape) for p in self._params] or attrs.get("dtypes") != [
-            str(p.dtype) for p in self._params
+        if attrs.get("shapes") != [list(g.shape[1:]) for g in self._gens] or attrs.get("dtypes") != [
+            str(p.dtype) for p in self._gens
         ]:
             raise ValueError("checkpoint shapes or dtypes differ from this optimizer's params")
         try:
@@ -439,7 +681,7 @@ class RMSprop:
             if not isinstance(saved, dict):
                 raise ValueError("checkpoint has no hyperparameters")
             merged = {**self._hyper, **{k: v for k, v in saved.items() if k in O.NAMES}}
-            hyper = O.check_hyperparameters(merged, tuple(p.dtype for p in self._params))
+            hyper = O.check_hyperparameters(merged, tuple(p.dtype for p in self._gens))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"checkpoint: {exc}") from None
         mine, theirs = O.formula(self._hyper), O.formula(hyper)

@@ -84,7 +84,7 @@ def test_the_optimizer_matches_and_its_graph_does_not_grow():
     assert opt.step_count == ref.step_count == 29 and opt.skipped_steps == 1
     np.testing.assert_array_equal(opt.params.compute(), ref.params)
     np.testing.assert_array_equal(opt.state["momentum_buffer"].compute(), ref.momentum_buffer)
-    assert set(sizes) == {4}  # one computed block per chunk: no lineage left behind
+    assert set(sizes) == {2 * 4}  # per chunk: the computed generation block and its view; no lineage
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +197,78 @@ def test_the_schedulers_task_count_stays_flat_over_many_steps(client):
     # released tasks linger a little and the count wobbles (42 -> 66 seen); without the
     # re-keying it grows by ~25 tasks every step: ~1250 over these 50 steps
     assert counts[1] <= counts[0] + 150, counts
+
+
+def test_grads_held_by_the_other_worker_or_computed_from_the_params_step_right_and_stay_flat(client):
+    """A chunk whose grad lives on another worker than the generation's chunk goes the
+    dependency path (the scheduler moves the grad; the result is re-keyed); grads computed
+    lazily from ``opt.params`` depend on the old generation, yet no lineage piles up."""
+    p0, grads = _data()
+    workers = sorted(client.scheduler_info()["workers"])
+    ref = fastrms.RMSprop(p0.copy(), 0.01, momentum=0.9)
+    opt = RMSprop(da.from_array(p0, chunks=(100, 20)), 0.01, momentum=0.9)
+    for t in range(4):
+        g = client.persist(da.from_array(grads[t % 3], chunks=(100, 20)), workers=[workers[t % 2]])
+        ref.step(grads[t % 3])
+        opt.step(g)
+    np.testing.assert_array_equal(opt.params.compute(), ref.params)
+    counts = []
+    for i in range(40):
+        ref.step(ref.params * 0.5 - 0.1)
+        opt.step(opt.params * 0.5 - 0.1)  # lazy: depends on the generation being replaced
+        if i in (4, 39):
+            counts.append(client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)))
+    np.testing.assert_array_equal(opt.params.compute(), ref.params)
+    np.testing.assert_array_equal(opt.state["momentum_buffer"].compute(), ref.momentum_buffer)
+    assert counts[1] <= counts[0] + 150, counts  # ~60 tasks a step would pile up without re-keying
+
+
+def test_a_chunk_missing_from_its_worker_is_flagged_for_the_dependency_path(client):
+    from fastrms.dask import _Key, _Missing, _pulled_step
+
+    f = client.submit(_pulled_step, _Key(("no-such-chunk", 0)), _Key(("no-such-grad", 0)), ["square_avg"], 1,
+                      0.01, 0.9, 1e-8, {}, pure=False)  # fmt: skip
+    with pytest.raises(_Missing):
+        f.result()
+
+
+def test_task_outputs_reuse_only_buffers_nothing_refers_to():
+    from fastrms import dask as fd
+
+    fd._BUFFERS.clear()
+    a = fd._output((3, 1000), np.float32)
+    first = id(a.base)
+    view = a[1]
+    del a
+    b = fd._output((3, 1000), np.float32)
+    assert id(b.base) != first  # a view of the first is still alive
+    del view
+    c = fd._output((3, 1000), np.float32)
+    assert id(c.base) == first and c.shape == (3, 1000) and c.dtype == np.float32 and c.flags.c_contiguous
+    del b, c
+    d = fd._output((1, 1000), np.float32)  # no idle one of its size: a new one; idle bytes beyond busy freed
+    assert [x.nbytes for x in fd._BUFFERS] == [4000]
+    kept = id(d.base)
+    del d
+    e = fd._output((1, 1000), np.float32)
+    assert id(e.base) == kept
+    del e
+    fd._BUFFERS.clear()
+
+
+def test_a_task_runs_its_kernel_on_at_most_omp_num_threads(monkeypatch):
+    import numba
+
+    from fastrms import dask as fd
+
+    before = numba.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with fd._task_threads():
+        assert numba.get_num_threads() == 1
+    assert numba.get_num_threads() == before
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    with fd._task_threads():
+        assert numba.get_num_threads() == before
 
 
 def test_importing_fastrms_does_not_import_dask_and_a_missing_dask_is_one_clear_error():

@@ -263,20 +263,30 @@ def _row_traffic(param, square_avg, grad_rows, rows, width):
             v[j] = v[j] + x
 
 
-def dask_step(total=200_000_000, chunk=10_000_000, rounds=3, seed=0):
+def dask_step(total=200_000_000, chunk=10_000_000, rounds=7, seed=0):
     """``fastrms bench --dask``: on a LocalCluster of 2 single-threaded worker processes
     (127.0.0.1), one plain float32 step over ``total`` elements in chunks of ``chunk``, from
     persisted inputs to persisted outputs: ``fastrms.dask.RMSprop.step``, the same step
-    written as dask.array NumPy expressions, and ``fastrms.RMSprop`` in this process over the
-    same total. Returns ``{"tasks": per-step fused tasks, case: seconds}`` (medians)."""
+    written as dask.array NumPy expressions, and in this process over the same total
+    ``fastrms.RMSprop.step`` (in place) and the out-of-place fused step into reused arrays
+    (what the tasks run, all cores). Rounds interleaved, after 3 warm-up steps (the tasks'
+    output buffers are recycled from the generation before last). Returns medians in
+    seconds and ``tasks`` (per step) and ``kernel`` (the median task's compute time, from
+    the scheduler's task stream)."""
     import time
 
     import dask.array as da
     import distributed
 
     from ..dask import RMSprop as DaskRMSprop
+    from ..functional import rmsprop_step
 
+    fused, expressions = "fastrms.dask, fused map", "dask.array NumPy expressions"
+    inplace, outofplace = "fastrms.RMSprop, one process", "out-of-place fused step, one process"
     out = {}
+    pl, gl = Problem(total, "float32").fresh()
+    single = RMSprop(pl.copy(), 1e-3)
+    state, new_p, new_state = {"square_avg": np.zeros_like(pl)}, np.empty_like(pl), {"square_avg": np.empty_like(pl)}
     with distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
     ) as cluster, distributed.Client(cluster) as client:  # fmt: skip
@@ -284,7 +294,8 @@ def dask_step(total=200_000_000, chunk=10_000_000, rounds=3, seed=0):
         g = (p * np.float32(0.5) + np.float32(0.1)).persist()  # computed where p lives: no transfers
         distributed.wait([p, g])
         opt = DaskRMSprop(p, 1e-3)
-        opt.step(g)  # warm: each worker loads the compiled kernels
+        for _ in range(3):
+            opt.step(g)
         out["tasks"] = p.npartitions
         v = da.zeros_like(p).persist()
 
@@ -295,16 +306,26 @@ def dask_step(total=200_000_000, chunk=10_000_000, rounds=3, seed=0):
             p, v = client.persist([p2, v2])
             distributed.wait([p, v])
 
-        samples = {"fastrms.dask, fused map": [], "dask.array NumPy expressions": []}
+        cases = {
+            fused: lambda: opt.step(g),
+            inplace: lambda: single.step(gl),
+            outofplace: lambda: rmsprop_step(pl, gl, state, 1, 1e-3, out=(new_p, new_state)),
+        }
+        samples = {k: [] for k in (*cases, expressions)}
+        for _ in range(rounds):
+            for name, call in cases.items():
+                t0 = time.perf_counter()
+                call()
+                samples[name].append(time.perf_counter() - t0)
+        # on their own: the workers free the replaced arrays after each of these steps
+        # returns, which would land in the time of whatever ran next
         for _ in range(rounds):
             t0 = time.perf_counter()
-            opt.step(g)
-            samples["fastrms.dask, fused map"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
             numpy_expressions()
-            samples["dask.array NumPy expressions"].append(time.perf_counter() - t0)
+            samples[expressions].append(time.perf_counter() - t0)
+        with distributed.get_task_stream(client) as stream:
+            opt.step(g)
+        spans = [s["stop"] - s["start"] for t in stream.data for s in t["startstops"] if s["action"] == "compute"]
+        out["kernel"] = float(np.median(spans))
         out.update({k: float(np.median(x)) for k, x in samples.items()})
-    pl, gl = Problem(total, "float32").fresh()
-    single = RMSprop(pl, 1e-3)
-    out["fastrms.RMSprop, one process"] = measure_calls({"s": lambda: single.step(gl)}, rounds, 0.5)["s"]
     return out
