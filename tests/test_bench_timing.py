@@ -58,7 +58,7 @@ def test_torch_steps_times_each_optimizer_and_a_training_step():
 
 def test_sparse_rows_times_each_case_against_dense_steps():
     times = timing.sparse_rows(n=2000, width=8, k=100, distinct=20, rounds=1, target=0.001)
-    assert len(times) == 7 and all(t > 0 for t in times.values())
+    assert len(times) == 8 and all(t > 0 for t in times.values())
     assert "step_rows, 100 rows from 20" in times and "dense step, whole (2000, 8) table" in times
 
 

@@ -221,8 +221,9 @@ def sparse_rows(n=1_000_000, width=64, k=10_000, distinct=2_000, rounds=7, targe
     """``fastrms bench --sparse``: ``step_rows`` on a ``(n, width)`` float32 table against
     dense steps, in one process: ``{case: seconds}`` for k random rows, k indices drawn from
     ``distinct`` rows (duplicates summed), each in the lazy and the dense-equivalent mode,
-    a dense step over a ``(k, width)`` and a ``(distinct, width)`` array, and a dense step
-    over the whole table."""
+    a dense step over a ``(k, width)`` and a ``(distinct, width)`` array, a dense step over
+    the whole table, and the traffic limits (the same memory moved with no arithmetic) of
+    the distinct rows and of the duplicates."""
     rng = np.random.default_rng(seed)
     table = rng.standard_normal((n, width)).astype(np.float32)
     rows = rng.choice(n, k, replace=False)
@@ -237,6 +238,11 @@ def sparse_rows(n=1_000_000, width=64, k=10_000, distinct=2_000, rounds=7, targe
     whole_grad = rng.standard_normal((n, width)).astype(np.float32)
     flat_p, flat_v, flat_g = lazy.params.reshape(-1), lazy.square_avg.reshape(-1), grad_rows.reshape(-1)
     rows64 = rows.astype(np.int64)
+    # the duplicates grouped by distinct row, positions in the order given (setup, untimed)
+    distinct_rows, counts = np.unique(dup_rows, return_counts=True)
+    groups = np.argsort(np.searchsorted(distinct_rows, dup_rows), kind="stable").astype(np.int64)
+    start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    scratch = np.empty(distinct_rows.size * width, np.float32)
     steps = {
         f"step_rows, {k} distinct rows": lambda: lazy.step_rows(rows, grad_rows),
         f"step_rows, {k} distinct rows, dense_rows": lambda: dense_mode.step_rows(rows, grad_rows),
@@ -245,6 +251,9 @@ def sparse_rows(n=1_000_000, width=64, k=10_000, distinct=2_000, rounds=7, targe
         f"dense step, ({distinct}, {width})": lambda: few_opt.step(few_grad),
         f"dense step, whole ({n}, {width}) table": lambda: whole.step(whole_grad),
         f"traffic limit: the same {k} rows moved, no math": lambda: _row_traffic(flat_p, flat_v, flat_g, rows64, width),
+        f"traffic limit: {k} rows summed into {distinct}, no math": lambda: _summed_row_traffic(
+            flat_p, flat_v, flat_g, distinct_rows.astype(np.int64), start, groups, scratch, width
+        ),
     }
     return measure_calls(steps, rounds, target)
 
@@ -259,6 +268,27 @@ def _row_traffic(param, square_avg, grad_rows, rows, width):
         p, v, g = param[a0 : a0 + width], square_avg[a0 : a0 + width], grad_rows[k * width : (k + 1) * width]
         for j in range(width):
             x = g[j] * zero
+            p[j] = p[j] + x
+            v[j] = v[j] + x
+
+
+@njit(parallel=True, nogil=True, error_model="numpy", cache=True)
+def _summed_row_traffic(param, square_avg, grad_rows, rows, start, order, scratch, width):
+    """The bytes of ``step_rows`` with duplicates, no arithmetic to speak of: read every grad
+    row (grouped by distinct row, ``order[start[s]:start[s+1]]``) into a sum, then read and
+    write p and v of each distinct row once."""
+    zero = param.dtype.type(0.0)
+    for s in prange(rows.size):
+        a0 = rows[s] * width
+        p, v, acc = param[a0 : a0 + width], square_avg[a0 : a0 + width], scratch[s * width : (s + 1) * width]
+        for j in range(width):
+            acc[j] = 0
+        for m in range(start[s], start[s + 1]):
+            g = grad_rows[order[m] * width : (order[m] + 1) * width]
+            for j in range(width):
+                acc[j] += g[j]
+        for j in range(width):
+            x = acc[j] * zero
             p[j] = p[j] + x
             v[j] = v[j] + x
 
