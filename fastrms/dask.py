@@ -36,7 +36,7 @@ from . import options as O
 from ._checks import count
 from .presets import preset_options
 
-__all__ = ["LostStateError", "RMSprop", "init_state", "rmsprop_step"]
+__all__ = ["LostStateError", "RMSprop", "init_state", "release_buffers", "rmsprop_step"]
 
 FORMAT_VERSION = 1
 #: The small file in a checkpoint folder that names the current generation.
@@ -80,6 +80,17 @@ def _output(shape, dtype):
 
 _BUFFERS = []
 _BUFFERS_LOCK = threading.Lock()
+
+
+def release_buffers():
+    """Free this process's idle task-output buffers (see :func:`_output`); returns the bytes
+    freed. After an optimizer is gone its workers keep up to two generations of them until
+    the next task asks for one: ``client.run(fastrms.dask.release_buffers)`` frees them now."""
+    with _BUFFERS_LOCK:
+        idle = [i for i in range(len(_BUFFERS)) if sys.getrefcount(_BUFFERS[i]) == 2]
+        freed = sum(_BUFFERS[i].nbytes for i in idle)
+        _BUFFERS[:] = [b for i, b in enumerate(_BUFFERS) if i not in set(idle)]
+    return freed
 
 
 @contextlib.contextmanager
