@@ -58,8 +58,7 @@ def _output(shape, dtype):
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     with _BUFFERS_LOCK:
-        # sys.getrefcount == 2: the list's slot and the call's own argument
-        idle = [i for i in range(len(_BUFFERS)) if sys.getrefcount(_BUFFERS[i]) == 2]
+        idle = _idle()
         pick = next((i for i in idle if _BUFFERS[i].nbytes == nbytes), None)
         if pick is None:
             _BUFFERS.append(np.empty(max(nbytes, 1), np.uint8))
@@ -82,12 +81,18 @@ _BUFFERS = []
 _BUFFERS_LOCK = threading.Lock()
 
 
+def _idle():
+    """Positions of the buffers nothing but :data:`_BUFFERS` refers to (under the lock).
+    ``sys.getrefcount == 2``: the list's slot and the call's own argument."""
+    return [i for i in range(len(_BUFFERS)) if sys.getrefcount(_BUFFERS[i]) == 2]
+
+
 def release_buffers():
     """Free this process's idle task-output buffers (see :func:`_output`); returns the bytes
     freed. After an optimizer is gone its workers keep up to two generations of them until
     the next task asks for one: ``client.run(fastrms.dask.release_buffers)`` frees them now."""
     with _BUFFERS_LOCK:
-        idle = [i for i in range(len(_BUFFERS)) if sys.getrefcount(_BUFFERS[i]) == 2]
+        idle = _idle()
         freed = sum(_BUFFERS[i].nbytes for i in idle)
         _BUFFERS[:] = [b for i, b in enumerate(_BUFFERS) if i not in set(idle)]
     return freed
