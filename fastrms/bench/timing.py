@@ -299,8 +299,8 @@ def dask_step(total=200_000_000, chunk=10_000_000, rounds=7, seed=0):
     persisted inputs to persisted outputs: ``fastrms.dask.RMSprop.step``, the same step
     written as dask.array NumPy expressions, and in this process over the same total
     ``fastrms.RMSprop.step`` (in place) and the out-of-place fused step into reused arrays
-    (what the tasks run, all cores). Rounds interleaved, after 3 warm-up steps (the tasks'
-    output buffers are recycled from the generation before last). Returns medians in
+    (what the tasks run, all cores). Rounds interleaved, after 8 warm-up steps (the tasks'
+    output buffers are recycled from earlier generations). Returns medians in
     seconds and ``tasks`` (per step) and ``kernel`` (the median task's compute time, from
     the scheduler's task stream)."""
     import time
@@ -324,7 +324,7 @@ def dask_step(total=200_000_000, chunk=10_000_000, rounds=7, seed=0):
         g = (p * np.float32(0.5) + np.float32(0.1)).persist()  # computed where p lives: no transfers
         distributed.wait([p, g])
         opt = DaskRMSprop(p, 1e-3)
-        for _ in range(3):
+        for _ in range(8):  # until every worker holds the output buffers it recycles
             opt.step(g)
         out["tasks"] = p.npartitions
         v = da.zeros_like(p).persist()
