@@ -27,6 +27,7 @@ import secrets
 import shutil
 import sys
 import threading
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -267,18 +268,27 @@ def rmsprop_step(
 
 def _unstack(stacked):
     """The arrays stacked along axis 0 of ``stacked``, each chunk a view of the stacked chunk."""
-    return [
-        da.map_blocks(
-            _row,
-            stacked,
-            i,
-            drop_axis=0,
-            chunks=stacked.chunks[1:],
-            dtype=stacked.dtype,
-            name=f"fastrms-row{i}-{stacked.name}",
-        )  # fmt: skip
-        for i in range(stacked.shape[0])
-    ]
+    return [_layer(stacked, i) for i in range(stacked.shape[0])]
+
+
+def _layer(stacked, i):
+    """Array ``i`` stacked along axis 0 of ``stacked``, each chunk a view of the stacked chunk."""
+    return da.map_blocks(
+        _row, stacked, i, drop_axis=0, chunks=stacked.chunks[1:], dtype=stacked.dtype,
+        name=f"fastrms-row{i}-{stacked.name}",
+    )  # fmt: skip
+
+
+class _Shape(NamedTuple):
+    """What :func:`_check_array` compares against: a generation's param without building it."""
+
+    dtype: np.dtype
+    shape: tuple
+    chunks: tuple
+
+    @classmethod
+    def of(cls, stacked):
+        return cls(stacked.dtype, stacked.shape[1:], stacked.chunks[1:])
 
 
 def _client():
@@ -421,7 +431,7 @@ class RMSprop:
     def params(self):
         """The current params: dask arrays (views of the persisted generation), in the
         structure given."""
-        params = [_unstack(g)[0] for g in self._gens]
+        params = [_layer(g, 0) for g in self._gens]
         return params[0] if self._single else params
 
     @property
@@ -476,9 +486,8 @@ class RMSprop:
         grads = [grads] if self._single else list(grads)
         if len(grads) != len(self._gens):
             raise ValueError(f"grads must hold {len(self._gens)} arrays, one per param, got {len(grads)}")
-        params = [_unstack(gen)[0] for gen in self._gens]
-        for i, (g, p) in enumerate(zip(grads, params)):
-            _check_array("grads" if self._single else f"grads[{i}]", g, p)
+        for i, (g, gen) in enumerate(zip(grads, self._gens)):
+            _check_array("grads" if self._single else f"grads[{i}]", g, _Shape.of(gen))
         client = _client()
         if client is not None:
             grads = self._computed(client, grads)
@@ -494,7 +503,7 @@ class RMSprop:
                 "learning_rate (the schedule's value)",
                 O.BY_NAME["learning_rate"].check(float(lr)),
                 self._hyper["weight_decay"],
-                tuple(p.dtype for p in params),
+                tuple(gen.dtype for gen in self._gens),
             )
         t = self._step_count + 1
         options = {k: self._hyper[k] for k in O.NAMES if k not in ("learning_rate", "beta", "epsilon")}
@@ -658,7 +667,7 @@ class RMSprop:
         step_count, skipped, hyper = self._check_attrs(attrs)
         states = []
         for i, gen in enumerate(self._gens):
-            p = _unstack(gen)[0]
+            p = _Shape.of(gen)
             state = {}
             for name in self._names:
                 key = f"{name}.{i}"
@@ -674,7 +683,7 @@ class RMSprop:
         checks += [(s["square_avg"] >= 0).all() for s in states]
         if not all(dask.compute(*checks)):
             raise ValueError(f"checkpoint {folder!r} holds NaN, infinite or negative square_avg values")
-        params = [_unstack(gen)[0] for gen in self._gens]
+        params = [_layer(gen, 0) for gen in self._gens]
         self._gens = self._settle([self._stacked(p, s) for p, s in zip(params, states)])
         self._step_count, self._skipped_steps = step_count, skipped
         self._hyper = hyper
