@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -70,3 +73,15 @@ def assert_unchanged(opt, before):
             assert value.tobytes() == after[key].tobytes(), key
         else:
             assert value == after[key], key
+
+
+def assert_optional_import(module, dependency, message):
+    """In fresh interpreters: ``import fastrms`` leaves ``dependency`` unimported, and
+    importing ``module`` without it is one ImportError carrying ``message``."""
+    code = f"import sys, fastrms; assert {dependency!r} not in sys.modules; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    code = f"import sys; sys.modules[{dependency!r}] = None\nimport {module}"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert f"ImportError: {message}" in out.stderr

@@ -3,14 +3,13 @@ checkpoints, and a worker killed mid-run (skipped, saying so, without dask)."""
 
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 da = pytest.importorskip("dask.array", reason="dask is not installed (pip install 'fastrms[dask]')")
 import dask  # noqa: E402
+from conftest import assert_optional_import  # noqa: E402
 
 import fastrms  # noqa: E402
 from fastrms import schedules  # noqa: E402
@@ -273,10 +272,5 @@ def test_a_task_runs_its_kernel_on_at_most_omp_num_threads(monkeypatch):
 
 
 def test_importing_fastrms_does_not_import_dask_and_a_missing_dask_is_one_clear_error():
-    code = "import sys, fastrms; assert 'dask' not in sys.modules; print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
-    code = "import sys; sys.modules['dask'] = None\nimport fastrms.dask"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0
-    assert "ImportError: fastrms.dask needs Dask; install it with: pip install 'fastrms[dask]'" in out.stderr
+    message = "fastrms.dask needs Dask; install it with: pip install 'fastrms[dask]'"
+    assert_optional_import("fastrms.dask", "dask", message)

@@ -9,6 +9,8 @@ import textwrap
 import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'fastrms[torch]')")
+from conftest import assert_optional_import  # noqa: E402
+
 from fastrms.torch import RMSprop  # noqa: E402
 
 CASES = [
@@ -203,13 +205,8 @@ def test_a_bad_grad_is_refused_before_any_param_is_written():
 
 
 def test_importing_fastrms_does_not_import_torch_and_a_missing_torch_is_one_clear_error():
-    code = "import sys, fastrms; assert 'torch' not in sys.modules; print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
-    code = "import sys; sys.modules['torch'] = None\nimport fastrms.torch"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0
-    assert "ImportError: fastrms.torch needs PyTorch; install it with: pip install 'fastrms[torch]'" in out.stderr
+    message = "fastrms.torch needs PyTorch; install it with: pip install 'fastrms[torch]'"
+    assert_optional_import("fastrms.torch", "torch", message)
 
 
 _ZERO = textwrap.dedent(
