@@ -306,3 +306,33 @@ def test_sum_of_squares_is_vectorised_across_its_lanes(parallel, dtype):
     fresh(np.ones(4, dtype))
     asm = "\n".join(fresh.inspect_asm().values())
     assert width in _packed(asm, "add", np.float64), f"no packed float64 add on {width}"
+
+
+@njit
+def _prefetched_sum(a, start, width):
+    kernels.prefetch_rows(a, start, width)
+    return a.sum()
+
+
+@pytest.mark.parametrize("dtype_", [np.float32, np.float64, np.int64])
+def test_prefetch_is_a_write_hint_that_changes_nothing(dtype_):
+    """The hint reaches LLVM as a write prefetch (rw=1, every cache level, data), and the
+    array and the result are untouched."""
+    a = np.arange(1000).astype(dtype_)
+    before = a.copy()
+    assert _prefetched_sum(a, 37, 300) == before.sum()
+    np.testing.assert_array_equal(a, before)
+    ir = _prefetched_sum.inspect_llvm(_prefetched_sum.signatures[-1])
+    calls = re.findall(r"call void @llvm\.prefetch[.\w]*\((.*)\)", ir)
+    assert calls and all(c.endswith("i32 1, i32 3, i32 1") for c in calls), calls
+
+
+def test_prefetch_refuses_what_is_not_an_array():
+    from numba.core.errors import TypingError
+
+    @njit
+    def bad(x):
+        kernels.prefetch_write(x, 0)
+
+    with pytest.raises(TypingError):
+        bad(1.0)

@@ -1,5 +1,7 @@
 """Sparse rows: RMSprop.step_rows (lazy and dense-equivalent) and the row kernel."""
 
+import re
+
 import numpy as np
 import pytest
 from conftest import snapshot
@@ -248,3 +250,20 @@ def test_coalescing_is_the_same_bits_serial_and_parallel_and_sums_in_order():
         expected[where[r]] += g[i * 8 : (i + 1) * 8]
     np.testing.assert_array_equal(s1.reshape(-1, 8), expected)
     assert kernels.coalesce_serial(np.array([1, 5, 300, 2]), 300, g[:32], 8)[2] == 2
+
+
+def test_the_row_shell_prefetches_the_rows_ahead():
+    """Random rows of a big table are bound by memory latency: the shell (recompiled from its
+    source, cached code cannot be inspected) asks for the rows ahead with write prefetches,
+    for every variant, and steps them to the same bits as without (the tests above)."""
+    from numba import njit
+
+    for opts in VARIANTS[:1] + VARIANTS[3:4]:
+        key = options.variant_key(options.resolve(opts))
+        fresh = njit(parallel=True, error_model="numpy", nogil=True)(kernels.rows(key, True).py_func)
+        x = np.ones(4 * 8, np.float32)
+        s = options.scalars(options.resolve(opts), 0.01, 1)
+        fresh(x, x[:8].copy(), x.copy(), x.copy(), x.copy(), np.array([1]), 8, np.zeros(4, np.int64), 1, True, True,
+              1.0, 0.01, *s)  # fmt: skip
+        ir = "\n".join(fresh.inspect_llvm().values())
+        assert re.search(r"call void @llvm\.prefetch[.\w]*\(.*i32 1, i32 3, i32 1\)", ir), opts

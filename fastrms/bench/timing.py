@@ -11,6 +11,8 @@ import numpy as np
 from numba import njit, prange
 
 from .. import kernels
+from ..kernels.prefetch import prefetch_rows
+from ..kernels.rows import AHEAD
 from ..optimizer import RMSprop
 from ..options import resolve, scalars, state_names, variant_key
 from .peers import DEFAULT_HYPER, Problem, available, setup
@@ -261,9 +263,12 @@ def sparse_rows(n=1_000_000, width=64, k=10_000, distinct=2_000, rounds=7, targe
 @njit(parallel=True, nogil=True, error_model="numpy", cache=True)
 def _row_traffic(param, square_avg, grad_rows, rows, width):
     """The bytes of a plain ``step_rows`` with no arithmetic to speak of: read p, g and v of
-    each named row, write p and v."""
+    each named row, write p and v (prefetched as the row shell does)."""
     zero = param.dtype.type(0.0)
     for k in prange(rows.size):
+        if k + AHEAD < rows.size:
+            prefetch_rows(param, rows[k + AHEAD] * width, width)
+            prefetch_rows(square_avg, rows[k + AHEAD] * width, width)
         a0 = rows[k] * width
         p, v, g = param[a0 : a0 + width], square_avg[a0 : a0 + width], grad_rows[k * width : (k + 1) * width]
         for j in range(width):
@@ -276,9 +281,12 @@ def _row_traffic(param, square_avg, grad_rows, rows, width):
 def _summed_row_traffic(param, square_avg, grad_rows, rows, start, order, scratch, width):
     """The bytes of ``step_rows`` with duplicates, no arithmetic to speak of: read every grad
     row (grouped by distinct row, ``order[start[s]:start[s+1]]``) into a sum, then read and
-    write p and v of each distinct row once."""
+    write p and v of each distinct row once (prefetched as the row shell does)."""
     zero = param.dtype.type(0.0)
     for s in prange(rows.size):
+        if s + AHEAD < rows.size:
+            prefetch_rows(param, rows[s + AHEAD] * width, width)
+            prefetch_rows(square_avg, rows[s + AHEAD] * width, width)
         a0 = rows[s] * width
         p, v, acc = param[a0 : a0 + width], square_avg[a0 : a0 + width], scratch[s * width : (s + 1) * width]
         for j in range(width):

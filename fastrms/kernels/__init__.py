@@ -6,6 +6,7 @@ the rest of fastrms, so user ``@njit`` code can call it directly).
   parallel;
 - :mod:`.segments`: the loop shell over a chunk table: many arrays of one dtype in one call;
 - :mod:`.rows`: the loop shell over named rows of a table (sparse updates), and coalescing;
+- :mod:`.prefetch`: the software prefetch of the row shell (rows named by an index array);
 - :mod:`.reduce`: read-only passes (the non-finite check behind ``skip_nonfinite``, the
   reproducible sum of squares behind ``clip_global_norm``);
 - :func:`rmsprop_update`: the plain step, for user ``@njit`` code;
@@ -37,6 +38,7 @@ from .element import (
     variant,
     variants,
 )
+from .prefetch import prefetch_rows, prefetch_write
 from .reduce import BLOCK, LANES, nonfinite_parallel, nonfinite_serial, sumsq_parallel, sumsq_serial
 from .rows import coalesce_parallel, coalesce_serial, rows
 from .segments import (
@@ -72,6 +74,8 @@ __all__ = [
     "increment_float32",
     "nonfinite_parallel",
     "nonfinite_serial",
+    "prefetch_rows",
+    "prefetch_write",
     "rmsprop_update",
     "rows",
     "chunk_table",

@@ -6,7 +6,9 @@ width, last, t, catch_up, update, decay, drift_lr, *scalars)``: ``param`` and th
 (C-order) views of ``(n, width)`` tables, ``grad_rows`` the flat ``(len(rows), width)`` grads,
 ``rows`` distinct row indices in ``[0, n)``. Each named row is stepped by the element
 function over its slices (the same arithmetic, the same bits, as a dense step over those
-elements); rows are spread over the threads. Every other row is untouched.
+elements); rows are spread over the threads, and each thread prefetches the rows
+:data:`AHEAD` iterations on (random rows of a big table are bound by memory latency, which
+the hardware prefetchers cannot hide: :mod:`.prefetch`). Every other row is untouched.
 
 With ``catch_up`` (the dense-equivalent mode), ``last[r]`` is the step that last touched row
 ``r``; a row last touched ``k >= 1`` steps before ``t - 1`` first gets the closed form of the
@@ -27,6 +29,11 @@ from numba import prange
 
 from ._jit import jit, name
 from .element import MOM_NONE, apply, constants
+from .prefetch import prefetch_rows, prefetch_write
+
+#: How many rows ahead the row shell prefetches (4 to 16 measured alike on 2 cores, 64-wide
+#: float32 rows of a 256 MB table: ``fastrms bench --sparse``).
+AHEAD = 8
 
 _ROWS = {}
 
@@ -53,6 +60,16 @@ def _make_rows(key, parallel):
             raise ValueError("rows: the state this variant keeps must have the size of param")
         kc = constants(T, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
         for k in prange(rows.size):
+            if k + AHEAD < rows.size:  # the row a few iterations on: its misses overlap this row's work
+                ahead = rows[k + AHEAD]
+                prefetch_rows(param, ahead * width, width)
+                prefetch_rows(square_avg, ahead * width, width)
+                if uses_m:
+                    prefetch_rows(grad_avg, ahead * width, width)
+                if uses_b:
+                    prefetch_rows(momentum_buffer, ahead * width, width)
+                if catch_up:
+                    prefetch_write(last, ahead)
             r = rows[k]
             a0, a1 = r * width, (r + 1) * width
             if catch_up:
