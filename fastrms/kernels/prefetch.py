@@ -30,8 +30,11 @@ def prefetch_write(typingctx, array, index):
         index = context.cast(builder, args[1], sig.args[1], types.intp)
         byte_ptr = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
+        # the intrinsic's name spells its pointer type: p0i8 while llvmlite writes typed
+        # pointers (i8*), p0 once it writes opaque ones (ptr)
+        spelled = "llvm.prefetch.p0" if str(byte_ptr) == "ptr" else "llvm.prefetch.p0i8"
         fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]), "llvm.prefetch.p0i8"
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]), spelled
         )
         address = builder.bitcast(builder.gep(data, [index]), byte_ptr)
         # rw = 1 (write), locality = 3 (keep in every level), cache type = 1 (data)
