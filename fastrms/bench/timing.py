@@ -260,45 +260,44 @@ def sparse_rows(n=1_000_000, width=64, k=10_000, distinct=2_000, rounds=7, targe
     return measure_calls(steps, rounds, target)
 
 
+@njit(inline="always")
+def _touch_row(param, square_avg, rows, k, width, src):
+    """Read and write p and v of row ``rows[k]``, adding ``src * 0`` (no arithmetic to speak
+    of), with the row ``AHEAD`` on prefetched as the row shell does."""
+    if k + AHEAD < rows.size:
+        prefetch_rows(param, rows[k + AHEAD] * width, width)
+        prefetch_rows(square_avg, rows[k + AHEAD] * width, width)
+    a0 = rows[k] * width
+    p, v = param[a0 : a0 + width], square_avg[a0 : a0 + width]
+    zero = param.dtype.type(0.0)
+    for j in range(width):
+        x = src[j] * zero
+        p[j] = p[j] + x
+        v[j] = v[j] + x
+
+
 @njit(parallel=True, nogil=True, error_model="numpy", cache=True)
 def _row_traffic(param, square_avg, grad_rows, rows, width):
     """The bytes of a plain ``step_rows`` with no arithmetic to speak of: read p, g and v of
-    each named row, write p and v (prefetched as the row shell does)."""
-    zero = param.dtype.type(0.0)
+    each named row, write p and v."""
     for k in prange(rows.size):
-        if k + AHEAD < rows.size:
-            prefetch_rows(param, rows[k + AHEAD] * width, width)
-            prefetch_rows(square_avg, rows[k + AHEAD] * width, width)
-        a0 = rows[k] * width
-        p, v, g = param[a0 : a0 + width], square_avg[a0 : a0 + width], grad_rows[k * width : (k + 1) * width]
-        for j in range(width):
-            x = g[j] * zero
-            p[j] = p[j] + x
-            v[j] = v[j] + x
+        _touch_row(param, square_avg, rows, k, width, grad_rows[k * width : (k + 1) * width])
 
 
 @njit(parallel=True, nogil=True, error_model="numpy", cache=True)
 def _summed_row_traffic(param, square_avg, grad_rows, rows, start, order, scratch, width):
     """The bytes of ``step_rows`` with duplicates, no arithmetic to speak of: read every grad
     row (grouped by distinct row, ``order[start[s]:start[s+1]]``) into a sum, then read and
-    write p and v of each distinct row once (prefetched as the row shell does)."""
-    zero = param.dtype.type(0.0)
+    write p and v of each distinct row once."""
     for s in prange(rows.size):
-        if s + AHEAD < rows.size:
-            prefetch_rows(param, rows[s + AHEAD] * width, width)
-            prefetch_rows(square_avg, rows[s + AHEAD] * width, width)
-        a0 = rows[s] * width
-        p, v, acc = param[a0 : a0 + width], square_avg[a0 : a0 + width], scratch[s * width : (s + 1) * width]
+        acc = scratch[s * width : (s + 1) * width]
         for j in range(width):
             acc[j] = 0
         for m in range(start[s], start[s + 1]):
             g = grad_rows[order[m] * width : (order[m] + 1) * width]
             for j in range(width):
                 acc[j] += g[j]
-        for j in range(width):
-            x = acc[j] * zero
-            p[j] = p[j] + x
-            v[j] = v[j] + x
+        _touch_row(param, square_avg, rows, s, width, acc)
 
 
 def dask_step(total=200_000_000, chunk=10_000_000, rounds=7, seed=0):
