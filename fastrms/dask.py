@@ -178,9 +178,11 @@ def _pulled_step(stacked, grad, names, t, lr, beta, epsilon, options):
     return _generation_step(block, grad, names, t, lr, beta, epsilon, options)
 
 
-def _row(stacked, i):
-    """Row ``i`` of a stacked block, a view (dask's own getitem copies a slice under half its
-    array)."""
+def _row(blocks, i):
+    """Row ``i`` of a stacked block (given as the one-block list of ``blockwise`` without
+    concatenation), a view: dask's own getitem copies a slice under half its array, and
+    ``map_blocks`` dropping the stacked axis would concatenate, a copy too."""
+    (stacked,) = blocks
     return stacked[i]
 
 
@@ -273,8 +275,9 @@ def _unstack(stacked):
 
 def _layer(stacked, i):
     """Array ``i`` stacked along axis 0 of ``stacked``, each chunk a view of the stacked chunk."""
-    return da.map_blocks(
-        _row, stacked, i, drop_axis=0, chunks=stacked.chunks[1:], dtype=stacked.dtype,
+    idx = _indices(stacked.ndim - 1)
+    return da.blockwise(
+        _row, idx, stacked, (0, *idx), i, None, concatenate=False, dtype=stacked.dtype,
         name=f"fastrms-row{i}-{stacked.name}",
     )  # fmt: skip
 

@@ -50,6 +50,19 @@ def test_the_step_is_one_task_per_chunk():
     assert new_state["momentum_buffer"].chunks == param.chunks
 
 
+def test_params_and_state_are_views_of_the_generation_not_copies():
+    from fastrms.dask import _layer
+
+    blocks = [np.arange(24.0).reshape(2, 3, 4) + 24 * i for i in range(2)]
+    stacked = da.Array({("s", 0, i, 0): b for i, b in enumerate(blocks)}, "s", ((2,), (3, 3), (4,)), dtype=float)
+    layer = _layer(stacked, 1)
+    graph = dict(layer.__dask_graph__())
+    for key in dask.core.flatten(layer.__dask_keys__()):
+        chunk = dask.get(graph, key)
+        np.testing.assert_array_equal(chunk, blocks[key[1]][1])
+        assert np.shares_memory(chunk, blocks[key[1]])
+
+
 def test_bad_inputs_are_refused_clearly():
     p0, grads = _data()
     param = da.from_array(p0, chunks=(100, 20))
