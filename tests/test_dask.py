@@ -78,6 +78,8 @@ def test_bad_inputs_are_refused_clearly():
         rmsprop_step(param, param, {"square_avg": param}, 1, 0.1, momentum=0.9)
     with pytest.raises(ValueError, match="epsilon must be"):
         RMSprop(param, epsilon=-1.0)
+    with pytest.raises(TypeError, match="donate must be True or False, got 1"):
+        RMSprop(param, donate=1)
 
 
 def test_the_optimizer_matches_and_its_graph_does_not_grow():
@@ -233,6 +235,124 @@ def test_grads_held_by_the_other_worker_or_computed_from_the_params_step_right_a
     np.testing.assert_array_equal(opt.params.compute(), ref.params)
     np.testing.assert_array_equal(opt.state["momentum_buffer"].compute(), ref.momentum_buffer)
     assert counts[1] <= counts[0] + 150, counts  # ~60 tasks a step would pile up without re-keying
+
+
+def _addresses(client, arrays):
+    """``key -> (worker, address)`` of each chunk of the persisted ``arrays``, read on the
+    workers (addresses are per process)."""
+    from distributed import futures_of
+
+    def read(keys, dask_worker=None):
+        return {k: dask_worker.data[k].__array_interface__["data"][0] for k in keys if k in dask_worker.data}
+
+    out = {}
+    for worker, found in client.run(read, [f.key for f in futures_of(arrays)]).items():
+        out.update({k: (worker, a) for k, a in found.items()})
+    return out
+
+
+def test_donating_steps_write_over_the_old_generation_with_the_same_bits(client):
+    """With ``donate=True`` a chunk's step writes the new generation over the old chunk (the
+    same memory on the worker) and gives the bits of fastrms.RMSprop; without it, never. The
+    grads are computed on the workers from the params, the usual loop."""
+    p0, _ = _data()
+    ref = fastrms.RMSprop(p0.copy(), 0.01, momentum=0.9, centered=True)
+    opts = {d: RMSprop(da.from_array(p0, chunks=(100, 20)), 0.01, momentum=0.9, centered=True, donate=d)
+            for d in (False, True)}  # fmt: skip
+    reused = {False: 0, True: 0}
+    for t in range(6):
+        ref.step(ref.params * 0.5 - 0.1)
+        for donate, opt in opts.items():
+            before = set(_addresses(client, opt._gens).values())
+            opt.step((opt.params * 0.5 - 0.1).persist())
+            if t >= 1:  # the first step may still move chunks to meet their grads
+                reused[donate] += len(before & set(_addresses(client, opt._gens).values()))
+    for opt in opts.values():
+        np.testing.assert_array_equal(opt.params.compute(), ref.params)
+        np.testing.assert_array_equal(opt.state["grad_avg"].compute(), ref.grad_avg)
+        np.testing.assert_array_equal(opt.state["momentum_buffer"].compute(), ref.momentum_buffer)
+    assert reused[False] == 0
+    assert reused[True] >= 5 * 6 // 2, reused  # 6 chunks a step: most of them in place
+
+
+def test_a_donating_step_leaves_a_chunk_others_still_see_alone(client):
+    """Views of three of the six chunks persisted on the workers keep those chunks out of
+    place: they keep the old values; the other three are written over; the step is right."""
+    from distributed import wait
+
+    p0, _ = _data()
+    ref = fastrms.RMSprop(p0.copy(), 0.01)
+    opt = RMSprop(da.from_array(p0, chunks=(100, 20)), 0.01, donate=True)
+    for _ in range(2):
+        ref.step(ref.params * 0.5 - 0.1)
+        opt.step((opt.params * 0.5 - 0.1).persist())
+    kept = opt.params.blocks[:3].persist()  # views of the first three chunks, held on the workers
+    wait(kept)
+    old = ref.params.copy()
+    before = _addresses(client, opt._gens)
+    ref.step(ref.params * 0.5 - 0.1)
+    opt.step((opt.params * 0.5 - 0.1).persist())
+    np.testing.assert_array_equal(kept.compute(), old[:300])
+    np.testing.assert_array_equal(opt.params.compute(), ref.params)
+    after = _addresses(client, opt._gens)
+    reused = {k[2] for k, a in after.items() if a in set(before.values())}  # (name, 0, row block, 0)
+    assert reused <= {3, 4, 5} and reused, reused
+
+
+def test_a_failed_donating_step_leaves_the_optimizer_refusing_to_go_on(client, monkeypatch, tmp_path):
+    """The old generation may be half overwritten: step, params, state, save and load all
+    raise LostStateError saying to resume in a new optimizer."""
+    from fastrms import dask as fd
+
+    p0, grads = _data()
+    opt = RMSprop(da.from_array(p0, chunks=(100, 20)), 0.01, donate=True)
+    opt.save(tmp_path / "ckpt")
+    calls = []
+
+    def failing_wait(client, futures, watch, errors=True):
+        calls.append(1)
+        if len(calls) == 2:  # the grads' wait passes; the step's own fails
+            raise OSError("connection lost")
+
+    monkeypatch.setattr(fd, "_wait", failing_wait)
+    with pytest.raises(fd.LostStateError, match="OSError: connection lost"):
+        opt.step(da.from_array(grads[0], chunks=(100, 20)))
+    monkeypatch.undo()
+    uses = [lambda: opt.step(da.from_array(grads[0], chunks=(100, 20))), lambda: opt.params, lambda: opt.state,
+            lambda: opt.save(tmp_path / "other"), lambda: opt.load(tmp_path / "ckpt")]  # fmt: skip
+    for use in uses:
+        with pytest.raises(fd.LostStateError, match="a donating step failed .* in a new RMSprop"):
+            use()
+
+
+def test_only_a_chunk_nothing_else_can_see_is_written_over():
+    """The checks behind ``donate`` on a worker, with a stand-in for the worker's state."""
+    from types import SimpleNamespace
+
+    from fastrms import dask as fd
+
+    def holder(data, key, grad, waiting=()):
+        worker = SimpleNamespace(state=SimpleNamespace(tasks={key: SimpleNamespace(dependents=list(waiting))}))
+        block = data[key]
+        refs = fd._refs(block)
+        return fd._sole_holder(worker, key, block, grad, refs)
+
+    grad = np.zeros(100, np.float32)
+    data = {"chunk": fd._output((2, 100), np.float32)}
+    assert holder(data, "chunk", grad)
+    view = data["chunk"][0]  # a view held anywhere in the process
+    assert not holder(data, "chunk", grad)
+    del view
+    data["alias"] = data["chunk"]  # another key names it (a transfer holds it likewise)
+    assert not holder(data, "chunk", grad)
+    del data["alias"]
+    assert holder(data, "chunk", grad)
+    assert not holder(data, "chunk", grad, waiting=[SimpleNamespace(state="ready")])
+    assert holder(data, "chunk", grad, waiting=[SimpleNamespace(state="memory")])
+    assert not holder(data, "chunk", data["chunk"][1])  # the grad is the chunk's own memory
+    assert not holder({"own": np.zeros((2, 100), np.float32)}, "own", grad)  # not a pool buffer
+    data["chunk"].flags.writeable = False
+    assert not holder(data, "chunk", grad)
 
 
 def test_a_chunk_missing_from_its_worker_is_flagged_for_the_dependency_path(client):
