@@ -66,5 +66,7 @@ def test_dask_step_times_the_fused_map_the_expressions_and_one_process():
     pytest.importorskip("distributed", reason="dask is not installed (pip install 'fastrms[dask]')")
     r = timing.dask_step(total=40_000, chunk=10_000, rounds=1)
     assert r["tasks"] == 4
-    cases = ("fastrms.dask, fused map", "dask.array NumPy expressions", "fastrms.RMSprop, one process")
-    assert all(r[k] > 0 for k in (*cases, "out-of-place fused step, one process", "kernel"))
+    cases = ("fastrms.dask, fused map", "fastrms.dask, fused map, donate=True", "dask.array NumPy expressions",
+             "fastrms.RMSprop, one process")  # fmt: skip
+    assert all(r[k] > 0 for k in (*cases, "out-of-place fused step, one process"))
+    assert all(r[f"kernel, {k}"] > 0 and 0 < r[f"busy, {k}"] <= 1 for k in cases[:2])

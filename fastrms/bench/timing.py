@@ -300,16 +300,23 @@ def _summed_row_traffic(param, square_avg, grad_rows, rows, start, order, scratc
         _touch_row(param, square_avg, rows, s, width, acc)
 
 
+def _startstops(stream):
+    """Every start/stop record of a ``distributed.get_task_stream`` trace."""
+    return [s for task in stream.data for s in task["startstops"]]
+
+
 def dask_step(total=200_000_000, chunk=10_000_000, rounds=7, seed=0):
     """``fastrms bench --dask``: on a LocalCluster of 2 single-threaded worker processes
     (127.0.0.1), one plain float32 step over ``total`` elements in chunks of ``chunk``, from
-    persisted inputs to persisted outputs: ``fastrms.dask.RMSprop.step``, the same step
+    persisted inputs to persisted outputs: ``fastrms.dask.RMSprop.step`` (out of place, and
+    with ``donate=True``: the new generation written over the old), the same step
     written as dask.array NumPy expressions, and in this process over the same total
     ``fastrms.RMSprop.step`` (in place) and the out-of-place fused step into reused arrays
     (what the tasks run, all cores). Rounds interleaved, after 8 warm-up steps (the tasks'
     output buffers are recycled from earlier generations). Returns medians in
-    seconds and ``tasks`` (per step) and ``kernel`` (the median task's compute time, from
-    the scheduler's task stream)."""
+    seconds, ``tasks`` (per step), and for each fused case, from the scheduler's task stream
+    over three more steps, ``kernel, <case>`` (the median task's compute time) and ``busy,
+    <case>`` (the share of a step's time the two workers spend computing)."""
     import time
 
     import dask.array as da
@@ -319,6 +326,7 @@ def dask_step(total=200_000_000, chunk=10_000_000, rounds=7, seed=0):
     from ..functional import rmsprop_step
 
     fused, expressions = "fastrms.dask, fused map", "dask.array NumPy expressions"
+    donated = "fastrms.dask, fused map, donate=True"
     inplace, outofplace = "fastrms.RMSprop, one process", "out-of-place fused step, one process"
     out = {}
     pl, gl = Problem(total, "float32").fresh()
@@ -330,9 +338,10 @@ def dask_step(total=200_000_000, chunk=10_000_000, rounds=7, seed=0):
         p = da.random.default_rng(seed).standard_normal(total, chunks=chunk, dtype=np.float32).persist()
         g = (p * np.float32(0.5) + np.float32(0.1)).persist()  # computed where p lives: no transfers
         distributed.wait([p, g])
-        opt = DaskRMSprop(p, 1e-3)
+        opt, donating = DaskRMSprop(p, 1e-3), DaskRMSprop(p, 1e-3, donate=True)
         for _ in range(8):  # until every worker holds the output buffers it recycles
             opt.step(g)
+            donating.step(g)
         out["tasks"] = p.npartitions
         v = da.zeros_like(p).persist()
 
@@ -345,6 +354,7 @@ def dask_step(total=200_000_000, chunk=10_000_000, rounds=7, seed=0):
 
         cases = {
             fused: lambda: opt.step(g),
+            donated: lambda: donating.step(g),
             inplace: lambda: single.step(gl),
             outofplace: lambda: rmsprop_step(pl, gl, state, 1, 1e-3, out=(new_p, new_state)),
         }
@@ -360,9 +370,17 @@ def dask_step(total=200_000_000, chunk=10_000_000, rounds=7, seed=0):
             t0 = time.perf_counter()
             numpy_expressions()
             samples[expressions].append(time.perf_counter() - t0)
-        with distributed.get_task_stream(client) as stream:
-            opt.step(g)
-        spans = [s["stop"] - s["start"] for t in stream.data for s in t["startstops"] if s["action"] == "compute"]
-        out["kernel"] = float(np.median(spans))
+        for label, o in ((fused, opt), (donated, donating)):
+            kernels, busy = [], []
+            for _ in range(3):
+                with distributed.get_task_stream(client) as stream:
+                    t0 = time.perf_counter()
+                    o.step(g)
+                    wall = time.perf_counter() - t0
+                spans = [s["stop"] - s["start"] for s in _startstops(stream) if s["action"] == "compute"]
+                kernels += spans
+                busy.append(sum(spans) / (2 * wall))
+            out[f"kernel, {label}"] = float(np.median(kernels))
+            out[f"busy, {label}"] = float(np.median(busy))
         out.update({k: float(np.median(x)) for k, x in samples.items()})
     return out
