@@ -250,6 +250,7 @@ def test_coalescing_is_the_same_bits_serial_and_parallel_and_sums_in_order():
         expected[where[r]] += g[i * 8 : (i + 1) * 8]
     np.testing.assert_array_equal(s1.reshape(-1, 8), expected)
     assert kernels.coalesce_serial(np.array([1, 5, 300, 2]), 300, g[:32], 8)[2] == 2
+    assert kernels.coalesce_parallel(np.array([1, 5, -1, 300]), 300, g[:32], 8)[2] == 2  # the first bad one
 
 
 def test_the_row_shell_prefetches_the_rows_ahead():

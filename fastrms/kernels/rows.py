@@ -113,48 +113,48 @@ def _make_coalesce(parallel):
     def coalesce(rows, n, grad_rows, width):
         """``(unique rows, summed grads, bad)``: duplicates of ``rows`` merged, each row's grads
         added in the order given (the same bits serial or parallel), through an open-addressing
-        hash of the indices and a counting sort (no array the size of the table); ``bad`` is
-        the position of the first row outside ``[0, n)``, else -1."""
+        hash of the indices that chains each row's positions in order (no array the size of
+        the table, no sort); ``bad`` is the position of the first row outside ``[0, n)``,
+        else -1 (then nothing else is returned)."""
         k = rows.size
-        for i in range(k):
-            if rows[i] < 0 or rows[i] >= n:
-                return rows[:0], grad_rows[:0], i
         cap = 16
         while cap < 2 * k:
             cap *= 2
         table = np.full(cap, -1, np.int64)
         unique = np.empty(k, np.int64)
-        slot = np.empty(k, np.int64)
+        first = np.empty(k, np.int64)  # per unique row: its first position, and its last so far
+        last = np.empty(k, np.int64)
+        after = np.empty(k, np.int64)  # per position: the next position of the same row, or -1
         u = 0
         for i in range(k):
             r = np.int64(rows[i])
+            if r < 0 or r >= n:
+                return rows[:0], grad_rows[:0], i
             h = (r * np.int64(-7046029254386353131)) & (cap - 1)  # a multiplicative (Fibonacci) hash
             while table[h] != -1 and unique[table[h]] != r:
                 h = (h + 1) & (cap - 1)
+            after[i] = -1
             if table[h] == -1:
                 table[h] = u
                 unique[u] = r
+                first[u] = i
+                last[u] = i
                 u += 1
-            slot[i] = table[h]
+            else:
+                s = table[h]
+                after[last[s]] = i
+                last[s] = i
         if u == k:
             return unique, grad_rows, -1
-        start = np.zeros(u + 1, np.int64)  # a counting sort of the positions by unique row
-        for i in range(k):
-            start[slot[i] + 1] += 1
-        for s in range(u):
-            start[s + 1] += start[s]
-        fill = start[:u].copy()
-        order = np.empty(k, np.int64)
-        for i in range(k):
-            order[fill[slot[i]]] = i
-            fill[slot[i]] += 1
         summed = np.zeros(u * width, grad_rows.dtype)
         for s in prange(u):
             out = summed[s * width : (s + 1) * width]
-            for m in range(start[s], start[s + 1]):
-                g = grad_rows[order[m] * width : (order[m] + 1) * width]
+            m = first[s]
+            while m != -1:
+                g = grad_rows[m * width : (m + 1) * width]
                 for j in range(width):
                     out[j] += g[j]
+                m = after[m]
         return unique[:u], summed, -1
 
     name(coalesce, f"coalesce_rows_{'parallel' if parallel else 'serial'}")
