@@ -141,10 +141,11 @@ def _block_step(param, grad, *state_and_args):
     return _kernel_step(param, grad, state, names, out, t, lr, beta, epsilon, options)
 
 
-def _generation_step(stacked, grad, names, t, lr, beta, epsilon, options):
+def _generation_step(stacked, grad, names, t, lr, beta, epsilon, options, out=None):
     """One chunk of :class:`RMSprop`'s generation ``(1 + k, *block)`` (param, then state) and
-    its grad block -> the next generation's chunk."""
-    out = _output(stacked.shape, stacked.dtype)
+    its grad block -> the next generation's chunk, in ``out`` (``stacked`` itself to step in
+    place) or else a pool buffer."""
+    out = _output(stacked.shape, stacked.dtype) if out is None else out
     return _kernel_step(stacked[0], grad, list(stacked[1:]), names, out, t, lr, beta, epsilon, options)
 
 
@@ -177,11 +178,11 @@ def _pulled_step(stacked, grad, names, t, lr, beta, epsilon, options, donate=Fal
         block, grad = worker.data[stacked.key], worker.data[grad.key]
     except KeyError as exc:
         raise _Missing(*exc.args) from None
+    out = None
     if donate:
         refs = _refs(block)  # on its own line: as an argument of the call below, the stack would hold block too
-        if _sole_holder(worker, stacked.key, block, grad, refs):
-            return _kernel_step(block[0], grad, list(block[1:]), names, block, t, lr, beta, epsilon, options)
-    return _generation_step(block, grad, names, t, lr, beta, epsilon, options)
+        out = block if _sole_holder(worker, stacked.key, block, grad, refs) else None
+    return _generation_step(block, grad, names, t, lr, beta, epsilon, options, out)
 
 
 def _refs(block):

@@ -371,16 +371,16 @@ def dask_step(total=200_000_000, chunk=10_000_000, rounds=7, seed=0):
             numpy_expressions()
             samples[expressions].append(time.perf_counter() - t0)
         for label, o in ((fused, opt), (donated, donating)):
-            kernels, busy = [], []
+            computing, busy = [], []
             for _ in range(3):
                 with distributed.get_task_stream(client) as stream:
                     t0 = time.perf_counter()
                     o.step(g)
                     wall = time.perf_counter() - t0
                 spans = [s["stop"] - s["start"] for s in _startstops(stream) if s["action"] == "compute"]
-                kernels += spans
+                computing += spans
                 busy.append(sum(spans) / (2 * wall))
-            out[f"kernel, {label}"] = float(np.median(kernels))
+            out[f"kernel, {label}"] = float(np.median(computing))
             out[f"busy, {label}"] = float(np.median(busy))
         out.update({k: float(np.median(x)) for k, x in samples.items()})
     return out
