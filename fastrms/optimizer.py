@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from numbers import Real
 
 import numpy as np
+from numba import get_num_threads
 
 from . import checkpoint, clipping, kernels, runtime
 from . import options as O
@@ -514,12 +515,24 @@ class RMSprop:
         parallel = group_parallel and kernels.step_bytes(grad_rows.size, grad_rows.itemsize, len(slot.names)) >= (
             kernels.PARALLEL_MIN_BYTES
         )
-        coalesce = kernels.coalesce_parallel if parallel else kernels.coalesce_serial
-        if parallel and runtime.parallel_mode() == "serialized":
-            coalesce = runtime.serialized(coalesce)
-        unique, g, bad = coalesce(index, n, grad_rows.reshape(-1), width)
+        t, flat_grads = self._step_count + 1, grad_rows.reshape(-1)
+        if self._max_norm is None and not self._skip_nonfinite:  # one call: merge, check, step
+            scalars = self._next_scalars()
+            shell = kernels.merged_rows(self._variant, parallel)
+            if parallel and runtime.parallel_mode() == "serialized":
+                shell = runtime.serialized(shell)
+            parts = get_num_threads() if parallel else 1  # one hash partition of the rows per thread
+            bad = shell(slot.flat, flat_grads, slot.square_avg, slot.grad_avg, slot.momentum_buffer, index, n, width,
+                        parts, slot.row_step, t, self._dense_rows, *self._catch_up_constants(self._pending_lr),
+                        *scalars)  # fmt: skip
+            if bad >= 0:
+                raise self._bad_row(rows, bad, n)
+            self._advance()
+            return
+        # the global norm and the non-finite check need the summed rows before any is stepped
+        unique, g, bad = kernels.coalesce(index, n, flat_grads, width)
         if bad >= 0:
-            raise ValueError(f"rows[{bad}] = {int(rows[bad])} is outside [0, {n}) (negative indices are not accepted)")
+            raise self._bad_row(rows, bad, n)
         coef = 1.0
         if self._max_norm is not None:
             total = (kernels.sumsq_parallel if parallel else kernels.sumsq_serial)(g)
@@ -537,14 +550,16 @@ class RMSprop:
         scalars = self._next_scalars()
         if coef != 1.0:
             scalars = scalars._replace(grad_scale=scalars.grad_scale * coef)
-        decay, drift_lr = self._catch_up_constants(self._pending_lr)
         shell = kernels.rows(self._variant, parallel)
         if parallel and runtime.parallel_mode() == "serialized":
             shell = runtime.serialized(shell)
-        t = self._step_count + 1
         shell(slot.flat, g, slot.square_avg, slot.grad_avg, slot.momentum_buffer, unique, width, slot.row_step, t,
-              self._dense_rows, True, decay, drift_lr, *scalars)  # fmt: skip
+              self._dense_rows, True, *self._catch_up_constants(self._pending_lr), *scalars)  # fmt: skip
         self._advance()
+
+    @staticmethod
+    def _bad_row(rows, bad, n):
+        return ValueError(f"rows[{bad}] = {int(rows[bad])} is outside [0, {n}) (negative indices are not accepted)")
 
     def _catch_up_constants(self, lr):
         """The row kernel's ``(decay, drift_lr)`` at learning rate ``lr`` (see

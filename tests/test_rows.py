@@ -236,35 +236,86 @@ def test_skip_nonfinite_and_clipping_apply_to_the_rows():
     assert clipped.last_grad_norm == 5.0
 
 
-def test_coalescing_is_the_same_bits_serial_and_parallel_and_sums_in_order():
+def test_coalescing_sums_each_row_in_the_order_given():
     rng = np.random.default_rng(8)
     rows = rng.integers(0, 300, 20_000).astype(np.int64)
     g = rng.standard_normal(20_000 * 8).astype(np.float32)
-    u1, s1, bad1 = kernels.coalesce_serial(rows, 300, g, 8)
-    u2, s2, bad2 = kernels.coalesce_parallel(rows, 300, g, 8)
-    assert bad1 == bad2 == -1 and np.array_equal(u1, u2) and np.array_equal(s1, s2)
-    assert sorted(u1.tolist()) == sorted(set(rows.tolist()))
-    expected = np.zeros((u1.size, 8), np.float32)
-    where = {r: i for i, r in enumerate(u1.tolist())}
+    unique, summed, bad = kernels.coalesce(rows, 300, g, 8)
+    assert bad == -1 and sorted(unique.tolist()) == sorted(set(rows.tolist()))
+    expected = np.zeros((unique.size, 8), np.float32)
+    where = {r: i for i, r in enumerate(unique.tolist())}
     for i, r in enumerate(rows.tolist()):  # in the order given, float32 additions
         expected[where[r]] += g[i * 8 : (i + 1) * 8]
-    np.testing.assert_array_equal(s1.reshape(-1, 8), expected)
-    assert kernels.coalesce_serial(np.array([1, 5, 300, 2]), 300, g[:32], 8)[2] == 2
-    assert kernels.coalesce_parallel(np.array([1, 5, -1, 300]), 300, g[:32], 8)[2] == 2  # the first bad one
+    np.testing.assert_array_equal(summed.reshape(-1, 8), expected)
+    distinct = rng.permutation(300)[:50]
+    u, same, _ = kernels.coalesce(distinct, 300, g[:400], 8)
+    assert np.array_equal(u, distinct) and np.array_equal(same, g[:400])  # no duplicates: the grads as given
+    assert kernels.coalesce(np.array([1, 5, 300, 2]), 300, g[:32], 8)[2] == 2
+    assert kernels.coalesce(np.array([1, 5, -1, 300]), 300, g[:32], 8)[2] == 2  # the first bad one
 
 
-def test_the_row_shell_prefetches_the_rows_ahead():
-    """Random rows of a big table are bound by memory latency: the shell (recompiled from its
-    source, cached code cannot be inspected) asks for the rows ahead with write prefetches,
-    for every variant, and steps them to the same bits as without (the tests above)."""
+@pytest.mark.parametrize("opts", VARIANTS, ids=lambda o: ",".join(o) or "plain")
+def test_merged_rows_are_the_same_bits_in_any_number_of_parts_and_as_coalescing_first(opts):
+    """The merged shell splits the rows into parts (one per thread) by a hash: however many
+    parts, serial or parallel, each row's grads are added in the order given and the result
+    has the bits of merging first (coalesce) and then stepping the distinct rows."""
+    rng = np.random.default_rng(9)
+    n, width, k = 500, 7, 3000
+    rows = np.concatenate([rng.integers(0, n, k - 40), rng.choice(n, 40, replace=False)]).astype(np.int64)
+    g = rng.standard_normal(k * width)
+    key = options.variant_key(options.resolve(opts))
+    s = options.scalars(options.resolve(opts), 0.01, 4)
+    start = [rng.random(n * width) for _ in range(4)]
+    last = rng.integers(0, 3, n).astype(np.int64)
+
+    def run(step):
+        arrays, seen = [a.copy() for a in start], last.copy()
+        step(*arrays, seen)
+        return arrays + [seen]
+
+    def merged(parallel, parts):
+        def step(p, v, m, b, seen):
+            shell = kernels.merged_rows(key, parallel)
+            assert shell(p, g, v, m, b, rows, n, width, parts, seen, 4, True, 1.0, 0.01, *s) == -1
+
+        return step
+
+    def coalesced(p, v, m, b, seen):
+        unique, summed, _ = kernels.coalesce(rows, n, g, width)
+        kernels.rows(key, False)(p, summed, v, m, b, unique, width, seen, 4, True, True, 1.0, 0.01, *s)
+
+    expected = run(coalesced)
+    assert not np.array_equal(expected[0], start[0])
+    for parallel, parts in ((False, 1), (False, 3), (True, 1), (True, 2), (True, 5)):
+        for a, b in zip(expected, run(merged(parallel, parts))):
+            assert np.array_equal(a, b), (parallel, parts)
+
+
+def test_merged_rows_refuse_a_bad_row_before_writing_anything():
+    key = options.variant_key(options.resolve({}))
+    s = options.scalars(options.resolve({}), 0.01, 1)
+    for parallel in (False, True):
+        table, v = np.ones(40), np.zeros(40)
+        rows = np.array([3, 1, 3, 10, -2])
+        bad = kernels.merged_rows(key, parallel)(table, np.ones(5 * 4), v, v[:0], v[:0], rows, 10, 4, 2, rows[:0], 1,
+                                                 False, 1.0, 0.01, *s)  # fmt: skip
+        assert bad == 3 and np.all(table == 1) and np.all(v == 0)
+
+
+def test_the_row_shells_prefetch_the_rows_ahead():
+    """Random rows of a big table are bound by memory latency: both shells (recompiled from
+    their source, cached code cannot be inspected) ask for the rows ahead with write
+    prefetches, for every variant, and step them to the same bits as without (the tests
+    above)."""
     from numba import njit
 
     for opts in VARIANTS[:1] + VARIANTS[3:4]:
         key = options.variant_key(options.resolve(opts))
-        fresh = njit(parallel=True, error_model="numpy", nogil=True)(kernels.rows(key, True).py_func)
-        x = np.ones(4 * 8, np.float32)
         s = options.scalars(options.resolve(opts), 0.01, 1)
-        fresh(x, x[:8].copy(), x.copy(), x.copy(), x.copy(), np.array([1]), 8, np.zeros(4, np.int64), 1, True, True,
-              1.0, 0.01, *s)  # fmt: skip
-        ir = "\n".join(fresh.inspect_llvm().values())
-        assert re.search(r"call void @llvm\.prefetch[.\w]*\(.*i32 1, i32 3, i32 1\)", ir), opts
+        x = np.ones(4 * 8, np.float32)
+        for shell, rows in ((kernels.rows, (np.array([1]), 8)), (kernels.merged_rows, (np.array([1]), 4, 8, 2))):
+            fresh = njit(parallel=True, error_model="numpy", nogil=True)(shell(key, True).py_func)
+            head = (x, x[:8].copy(), x.copy(), x.copy(), x.copy(), *rows, np.zeros(4, np.int64), 1, True)
+            fresh(*head, *((True,) if shell is kernels.rows else ()), 1.0, 0.01, *s)
+            ir = "\n".join(fresh.inspect_llvm().values())
+            assert re.search(r"call void @llvm\.prefetch[.\w]*\(.*i32 1, i32 3, i32 1\)", ir), (shell, opts)

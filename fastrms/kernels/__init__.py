@@ -5,7 +5,7 @@ the rest of fastrms, so user ``@njit`` code can call it directly).
 - :mod:`.dense`: loop shells over whole flat arrays, in place and out of place, serial and
   parallel;
 - :mod:`.segments`: the loop shell over a chunk table: many arrays of one dtype in one call;
-- :mod:`.rows`: the loop shell over named rows of a table (sparse updates), and coalescing;
+- :mod:`.rows`: the loop shells over named rows of a table (sparse updates), and coalescing;
 - :mod:`.prefetch`: the software prefetch of the row shell (rows named by an index array);
 - :mod:`.reduce`: read-only passes (the non-finite check behind ``skip_nonfinite``, the
   reproducible sum of squares behind ``clip_global_norm``);
@@ -40,7 +40,7 @@ from .element import (
 )
 from .prefetch import prefetch_rows, prefetch_write
 from .reduce import BLOCK, LANES, nonfinite_parallel, nonfinite_serial, sumsq_parallel, sumsq_serial
-from .rows import coalesce_parallel, coalesce_serial, rows
+from .rows import coalesce, merged_rows, rows
 from .segments import (
     CHUNK,
     chunk_table,
@@ -77,10 +77,10 @@ __all__ = [
     "prefetch_rows",
     "prefetch_write",
     "rmsprop_update",
+    "merged_rows",
     "rows",
     "chunk_table",
-    "coalesce_parallel",
-    "coalesce_serial",
+    "coalesce",
     "nonfinite_segments_parallel",
     "nonfinite_segments_serial",
     "segments",

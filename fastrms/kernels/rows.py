@@ -1,14 +1,30 @@
-"""The loop shell over named rows of a 2-D table (sparse updates of embedding tables), and the
-coalescing of duplicate row indices.
+"""The loop shells over named rows of a 2-D table (sparse updates of embedding tables), and
+the merging of duplicate row indices.
 
-``rows(key, parallel)`` is ``(param, grad_rows, square_avg, grad_avg, momentum_buffer, rows,
-width, last, t, catch_up, update, decay, drift_lr, *scalars)``: ``param`` and the state are the flat
-(C-order) views of ``(n, width)`` tables, ``grad_rows`` the flat ``(len(rows), width)`` grads,
-``rows`` distinct row indices in ``[0, n)``. Each named row is stepped by the element
-function over its slices (the same arithmetic, the same bits, as a dense step over those
-elements); rows are spread over the threads, and each thread prefetches the rows
-:data:`AHEAD` iterations on (random rows of a big table are bound by memory latency, which
-the hardware prefetchers cannot hide: :mod:`.prefetch`). Every other row is untouched.
+Both shells step each named row by the element function over its slices (the same
+arithmetic, the same bits, as a dense step over those elements) and leave every other row
+untouched; each prefetches the table rows :data:`AHEAD` iterations on (random rows of a big
+table are bound by memory latency, which the hardware prefetchers cannot hide:
+:mod:`.prefetch`). ``param`` and the state are the flat (C-order) views of ``(n, width)``
+tables, ``last``, ``t``, ``catch_up``, ``decay`` and ``drift_lr`` drive the catch-up below:
+
+- ``rows(key, parallel)``: ``(param, grad_rows, square_avg, grad_avg, momentum_buffer, rows,
+  width, ...)`` with ``rows`` distinct indices in ``[0, n)`` and ``grad_rows`` the flat
+  ``(len(rows), width)`` grads; rows are spread over the threads. With ``update`` False only
+  the catch-up below runs (before a dense step over the whole table, which then steps every
+  row itself).
+- ``merged_rows(key, parallel)``: ``(param, grad_rows, square_avg, grad_avg,
+  momentum_buffer, rows, n, width, parts, last, t, catch_up, decay, drift_lr, *scalars)``,
+  with ``rows`` as the user gave them: duplicates allowed, any values. It returns the
+  position of the first row outside ``[0, n)`` (then nothing is written), else -1. The rows
+  are split into ``parts`` by a hash of the index (one part per thread: ``parts`` is the
+  number of threads, or 1 serial), so each distinct row belongs to one part; each part
+  groups its positions through an open-addressing hash (no array the size of the table, no
+  sort), adds the grads of each row named more than once, from zero in the order given, and
+  steps its rows: one parallel region, and the same bits whatever ``parts`` is.
+- ``coalesce(rows, n, grad_rows, width) -> (unique, grads, bad)``: the same grouping in one
+  thread, for the options that need the summed grads before any row is stepped (the global
+  norm, the non-finite check).
 
 With ``catch_up`` (the dense-equivalent mode), ``last[r]`` is the step that last touched row
 ``r``; a row last touched ``k >= 1`` steps before ``t - 1`` first gets the closed form of the
@@ -19,147 +35,247 @@ With ``catch_up`` (the dense-equivalent mode), ``last[r]`` is the step that last
     c = drift_lr * mu * (a^k - mu^k) / (a - mu)   (k mu^k when a == mu), times mu with Nesterov
                                                   drift_lr = lr (lr outside the buffer), else 1
 
-and ``last[r] = t``. With ``update`` False only that catch-up runs (before a dense step over
-the whole table, which then steps every row itself). The caller guarantees a constant learning rate where ``c`` or ``a``
+and ``last[r] = t``. The caller guarantees a constant learning rate where ``c`` or ``a``
 holds it, and refuses coupled weight decay (g = wd * p is not zero: no closed form).
 """
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from ._jit import jit, name
 from .element import MOM_NONE, apply, constants
 from .prefetch import prefetch_rows, prefetch_write
 
-#: How many rows ahead the row shell prefetches (4 to 16 measured alike on 2 cores, 64-wide
+#: How many rows ahead the row shells prefetch (4 to 16 measured alike on 2 cores, 64-wide
 #: float32 rows of a 256 MB table: ``fastrms bench --sparse``).
 AHEAD = 8
+
+#: The multiplicative (Fibonacci) hash placing a row in a thread's table, and an unrelated
+#: odd multiplier choosing the thread (the table's top bits would leave half of it empty).
+_PLACE, _SPLIT = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xD6E8FEB86659FD93)
 
 _ROWS = {}
 
 
+@njit(inline="always")
+def first_bad(rows, n):
+    """The position of the first of ``rows`` outside ``[0, n)``, else -1."""
+    for i in range(rows.size):
+        if rows[i] < 0 or rows[i] >= n:
+            return i
+    return -1
+
+
+@njit(inline="always")
+def group(rows, part, parts):
+    """Thread ``part`` of ``parts``'s share of ``rows`` (the rows whose hash falls to it):
+    ``(unique, first, count, where, mine, u, c)``: its ``u`` distinct rows in order of first
+    appearance, each one's first position and count; its ``c`` positions in order
+    (``mine``) and the index of each one's row in ``unique`` (``where``)."""
+    k = rows.size
+    mine = np.empty(k, np.int64)
+    c = 0
+    for i in range(k):  # no branch: the split is a coin toss per row
+        mine[c] = i
+        c += (((np.uint64(rows[i]) * _SPLIT) >> np.uint64(32)) * np.uint64(parts)) >> np.uint64(32) == np.uint64(part)
+    cap, bits = 16, 4
+    while cap < 2 * c:
+        cap, bits = 2 * cap, bits + 1
+    table = np.full(cap, -1, np.int64)
+    unique, first = np.empty(c, np.int64), np.empty(c, np.int64)
+    count, where = np.zeros(c, np.int64), np.empty(c, np.int64)
+    u = 0
+    for q in range(c):
+        i = mine[q]
+        r = np.int64(rows[i])
+        h = np.int64((np.uint64(r) * _PLACE) >> np.uint64(64 - bits))
+        while table[h] != -1 and unique[table[h]] != r:
+            h = (h + 1) & (cap - 1)
+        s = table[h]
+        if s == -1:
+            s = table[h] = u
+            unique[u], first[u] = r, i
+            u += 1
+        count[s] += 1
+        where[q] = s
+    return unique, first, count, where, mine, u, c
+
+
+@njit(inline="always")
+def add_duplicates(grad_rows, width, count, where, mine, u, c):
+    """``(slot, summed)`` for a :func:`group` result: ``summed[slot[s]]`` is the sum of the
+    grads of row ``s`` if it was named more than once (from zero, in the order given), and
+    ``slot[s] = -1`` for a row named once (its grad is used as given). Overwrites ``where``
+    and ``mine``."""
+    slot = np.empty(u, np.int64)
+    d = 0
+    for s in range(u):
+        slot[s] = d if count[s] > 1 else -1
+        d += count[s] > 1
+    summed = np.zeros(d * width, grad_rows.dtype)
+    m = 0
+    for q in range(c):  # the positions to add, compacted first: the adding loop has no branch
+        s = slot[where[q]]
+        if s >= 0:
+            where[m], mine[m] = s * width, mine[q] * width
+            m += 1
+    for q in range(m):
+        out, g = summed[where[q] : where[q] + width], grad_rows[mine[q] : mine[q] + width]
+        for j in range(width):
+            out[j] += g[j]
+    return slot, summed
+
+
+def _make_coalesce():
+    def coalesce(rows, n, grad_rows, width):
+        """``(unique rows, grads, bad)``: duplicates of ``rows`` merged (:func:`group`,
+        :func:`add_duplicates`), one grad row per unique row; ``bad`` is the position of the
+        first row outside ``[0, n)``, else -1 (then nothing else is returned)."""
+        bad = first_bad(rows, n)
+        if bad >= 0:
+            return rows[:0].astype(np.int64), grad_rows[:0], bad
+        unique, first, count, where, mine, u, c = group(rows, 0, 1)
+        if u == c:
+            return unique, grad_rows, -1
+        slot, summed = add_duplicates(grad_rows, width, count, where, mine, u, c)
+        grads = np.empty(u * width, grad_rows.dtype)
+        for s in range(u):
+            a = slot[s] * width if slot[s] >= 0 else first[s] * width
+            src = summed if slot[s] >= 0 else grad_rows
+            grads[s * width : (s + 1) * width] = src[a : a + width]
+        return unique[:u], grads, -1
+
+    name(coalesce, "coalesce_rows")
+    return jit()(coalesce)
+
+
+#: ``coalesce(rows, n, grad_rows_flat, width) -> (unique_rows, grads_flat, bad)``.
+coalesce = _make_coalesce()
+
+
 def rows(key, parallel):
-    """The row shell of variant ``key``, serial or ``parallel=True``."""
-    fn = _ROWS.get((key, parallel))
+    """The shell over distinct rows of variant ``key``, serial or ``parallel=True``."""
+    return _shell("rows", key, parallel)
+
+
+def merged_rows(key, parallel):
+    """The shell over rows as given (duplicates merged, bounds checked) of variant ``key``,
+    serial or ``parallel=True``."""
+    return _shell("merged_rows", key, parallel)
+
+
+def _shell(kind, key, parallel):
+    fn = _ROWS.get((kind, key, parallel))
     if fn is None:
-        fn = _ROWS[(key, parallel)] = _make_rows(key, parallel)
+        make = _make_rows if kind == "rows" else _make_merged_rows
+        fn = _ROWS[(kind, key, parallel)] = make(key, parallel)
     return fn
 
 
-def _make_rows(key, parallel):
+def _make_row_step(key):
+    """The ``inline="always"`` step of one row ``r`` (its catch-up, then its update from
+    ``g``), and the prefetch of a row: the body both shells run."""
     at = apply(key)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
     momentum, nesterov = key.mom_mode != MOM_NONE, key.nesterov
+
+    def fetch(param, square_avg, grad_avg, momentum_buffer, last, r, width, catch_up):
+        prefetch_rows(param, r * width, width)
+        prefetch_rows(square_avg, r * width, width)
+        if uses_m:
+            prefetch_rows(grad_avg, r * width, width)
+        if uses_b:
+            prefetch_rows(momentum_buffer, r * width, width)
+        if catch_up:
+            prefetch_write(last, r)
+
+    def step(param, g, square_avg, grad_avg, momentum_buffer, r, width, last, t, catch_up, update, decay, drift_lr,
+             beta, mu, kc):  # fmt: skip
+        T = param.dtype.type
+        a0, a1 = r * width, (r + 1) * width
+        if catch_up:
+            skipped = t - 1 - last[r]
+            if skipped > 0:
+                bk = T(beta**skipped)
+                for j in range(a0, a1):
+                    square_avg[j] = bk * square_avg[j]
+                if uses_m:
+                    for j in range(a0, a1):
+                        grad_avg[j] = bk * grad_avg[j]
+                ak = decay**skipped
+                if momentum:
+                    muk = mu**skipped
+                    s = skipped * muk if decay == mu else mu * (ak - muk) / (decay - mu)
+                    c = T(drift_lr * s * (mu if nesterov else 1.0))
+                    akt, mukt = T(ak), T(muk)
+                    for j in range(a0, a1):
+                        b = momentum_buffer[j]
+                        param[j] = akt * param[j] - c * b
+                        momentum_buffer[j] = mukt * b
+                elif decay != 1.0:
+                    akt = T(ak)
+                    for j in range(a0, a1):
+                        param[j] = akt * param[j]
+            last[r] = t
+        if update:
+            p, v = param[a0:a1], square_avg[a0:a1]
+            m = grad_avg[a0:a1] if uses_m else grad_avg
+            b = momentum_buffer[a0:a1] if uses_b else momentum_buffer
+            for j in range(width):  # the element function every shell calls: the same bits
+                at(j, p, g, v, m, b, p, v, m, b, kc)
+
+    name(fetch, f"fetch_row_{key.tag}")
+    name(step, f"step_row_{key.tag}")
+    return njit(inline="always")(fetch), njit(inline="always")(step)
+
+
+def _make_rows(key, parallel):
+    fetch, step = _make_row_step(key)
+    uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
 
     def shell(param, grad_rows, square_avg, grad_avg, momentum_buffer, rows, width, last, t, catch_up, update, decay,
               drift_lr, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):  # fmt: skip
         if (update and grad_rows.size != rows.size * width) or param.size != square_avg.size:
             raise ValueError("rows: grad_rows must hold width elements per row, state the size of param")
-        T = param.dtype.type
         if (uses_m and grad_avg.size != param.size) or (uses_b and momentum_buffer.size != param.size):
             raise ValueError("rows: the state this variant keeps must have the size of param")
-        kc = constants(T, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
+        kc = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
         for k in prange(rows.size):
             if k + AHEAD < rows.size:  # the row a few iterations on: its misses overlap this row's work
-                ahead = rows[k + AHEAD]
-                prefetch_rows(param, ahead * width, width)
-                prefetch_rows(square_avg, ahead * width, width)
-                if uses_m:
-                    prefetch_rows(grad_avg, ahead * width, width)
-                if uses_b:
-                    prefetch_rows(momentum_buffer, ahead * width, width)
-                if catch_up:
-                    prefetch_write(last, ahead)
-            r = rows[k]
-            a0, a1 = r * width, (r + 1) * width
-            if catch_up:
-                skipped = t - 1 - last[r]
-                if skipped > 0:
-                    bk = T(beta**skipped)
-                    for j in range(a0, a1):
-                        square_avg[j] = bk * square_avg[j]
-                    if uses_m:
-                        for j in range(a0, a1):
-                            grad_avg[j] = bk * grad_avg[j]
-                    ak = decay**skipped
-                    if momentum:
-                        muk = mu**skipped
-                        s = skipped * muk if decay == mu else mu * (ak - muk) / (decay - mu)
-                        c = T(drift_lr * s * (mu if nesterov else 1.0))
-                        akt, mukt = T(ak), T(muk)
-                        for j in range(a0, a1):
-                            b = momentum_buffer[j]
-                            param[j] = akt * param[j] - c * b
-                            momentum_buffer[j] = mukt * b
-                    elif decay != 1.0:
-                        akt = T(ak)
-                        for j in range(a0, a1):
-                            param[j] = akt * param[j]
-                last[r] = t
-            if not update:
-                continue
-            p, g, v = param[a0:a1], grad_rows[k * width : (k + 1) * width], square_avg[a0:a1]
-            m = grad_avg[a0:a1] if uses_m else grad_avg
-            b = momentum_buffer[a0:a1] if uses_b else momentum_buffer
-            for j in range(width):  # the element function every shell calls: the same bits
-                at(j, p, g, v, m, b, p, v, m, b, kc)
+                fetch(param, square_avg, grad_avg, momentum_buffer, last, rows[k + AHEAD], width, catch_up)
+            step(param, grad_rows[k * width : (k + 1) * width], square_avg, grad_avg, momentum_buffer, rows[k], width,
+                 last, t, catch_up, update, decay, drift_lr, beta, mu, kc)  # fmt: skip
         return parallel
 
     name(shell, f"rows_{key.tag}_{'parallel' if parallel else 'serial'}")
     return jit(parallel)(shell)
 
 
-def _make_coalesce(parallel):
-    def coalesce(rows, n, grad_rows, width):
-        """``(unique rows, summed grads, bad)``: duplicates of ``rows`` merged, each row's grads
-        added in the order given (the same bits serial or parallel), through an open-addressing
-        hash of the indices that chains each row's positions in order (no array the size of
-        the table, no sort); ``bad`` is the position of the first row outside ``[0, n)``,
-        else -1 (then nothing else is returned)."""
-        k = rows.size
-        cap = 16
-        while cap < 2 * k:
-            cap *= 2
-        table = np.full(cap, -1, np.int64)
-        unique = np.empty(k, np.int64)
-        first = np.empty(k, np.int64)  # per unique row: its first position, and its last so far
-        last = np.empty(k, np.int64)
-        after = np.empty(k, np.int64)  # per position: the next position of the same row, or -1
-        u = 0
-        for i in range(k):
-            r = np.int64(rows[i])
-            if r < 0 or r >= n:
-                return rows[:0], grad_rows[:0], i
-            h = (r * np.int64(-7046029254386353131)) & (cap - 1)  # a multiplicative (Fibonacci) hash
-            while table[h] != -1 and unique[table[h]] != r:
-                h = (h + 1) & (cap - 1)
-            after[i] = -1
-            if table[h] == -1:
-                table[h] = u
-                unique[u] = r
-                first[u] = i
-                last[u] = i
-                u += 1
-            else:
-                s = table[h]
-                after[last[s]] = i
-                last[s] = i
-        if u == k:
-            return unique, grad_rows, -1
-        summed = np.zeros(u * width, grad_rows.dtype)
-        for s in prange(u):
-            out = summed[s * width : (s + 1) * width]
-            m = first[s]
-            while m != -1:
-                g = grad_rows[m * width : (m + 1) * width]
-                for j in range(width):
-                    out[j] += g[j]
-                m = after[m]
-        return unique[:u], summed, -1
+def _make_merged_rows(key, parallel):
+    fetch, step = _make_row_step(key)
+    uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
 
-    name(coalesce, f"coalesce_rows_{'parallel' if parallel else 'serial'}")
-    return jit(parallel)(coalesce)
+    def shell(param, grad_rows, square_avg, grad_avg, momentum_buffer, rows, n, width, parts, last, t, catch_up,
+              decay, drift_lr, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):  # fmt: skip
+        if grad_rows.size != rows.size * width or param.size != square_avg.size:
+            raise ValueError("merged_rows: grad_rows must hold width elements per row, state the size of param")
+        if (uses_m and grad_avg.size != param.size) or (uses_b and momentum_buffer.size != param.size):
+            raise ValueError("merged_rows: the state this variant keeps must have the size of param")
+        bad = first_bad(rows, n)
+        if bad >= 0:
+            return bad
+        kc = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
+        for part in prange(parts):
+            unique, first, count, where, mine, u, c = group(rows, part, parts)
+            slot, summed = add_duplicates(grad_rows, width, count, where, mine, u, c)
+            for s in range(u):
+                if s + AHEAD < u:
+                    fetch(param, square_avg, grad_avg, momentum_buffer, last, unique[s + AHEAD], width, catch_up)
+                a = slot[s] * width if slot[s] >= 0 else first[s] * width
+                g = summed[a : a + width] if slot[s] >= 0 else grad_rows[a : a + width]
+                step(param, g, square_avg, grad_avg, momentum_buffer, unique[s], width, last, t, catch_up, True, decay,
+                     drift_lr, beta, mu, kc)  # fmt: skip
+        return -1
 
-
-#: ``coalesce_serial/parallel(rows, n, grad_rows_flat, width) -> (unique_rows, grads_flat, bad)``.
-coalesce_serial, coalesce_parallel = _make_coalesce(False), _make_coalesce(True)
+    name(shell, f"merged_rows_{key.tag}_{'parallel' if parallel else 'serial'}")
+    return jit(parallel)(shell)
