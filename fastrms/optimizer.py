@@ -518,9 +518,7 @@ class RMSprop:
         t, flat_grads = self._step_count + 1, grad_rows.reshape(-1)
         if self._max_norm is None and not self._skip_nonfinite:  # one call: merge, check, step
             scalars = self._next_scalars()
-            shell = kernels.merged_rows(self._variant, parallel)
-            if parallel and runtime.parallel_mode() == "serialized":
-                shell = runtime.serialized(shell)
+            shell = self._row_kernel(kernels.merged_rows, parallel)
             parts = get_num_threads() if parallel else 1  # one hash partition of the rows per thread
             bad = shell(slot.flat, flat_grads, slot.square_avg, slot.grad_avg, slot.momentum_buffer, index, n, width,
                         parts, slot.row_step, t, self._dense_rows, *self._catch_up_constants(self._pending_lr),
@@ -550,12 +548,16 @@ class RMSprop:
         scalars = self._next_scalars()
         if coef != 1.0:
             scalars = scalars._replace(grad_scale=scalars.grad_scale * coef)
-        shell = kernels.rows(self._variant, parallel)
-        if parallel and runtime.parallel_mode() == "serialized":
-            shell = runtime.serialized(shell)
+        shell = self._row_kernel(kernels.rows, parallel)
         shell(slot.flat, g, slot.square_avg, slot.grad_avg, slot.momentum_buffer, unique, width, slot.row_step, t,
               self._dense_rows, True, *self._catch_up_constants(self._pending_lr), *scalars)  # fmt: skip
         self._advance()
+
+    def _row_kernel(self, make, parallel):
+        """``make(variant, parallel)``, behind the process-wide lock when parallel kernels must
+        not overlap (``runtime.parallel_mode() == "serialized"``)."""
+        shell = make(self._variant, parallel)
+        return runtime.serialized(shell) if parallel and runtime.parallel_mode() == "serialized" else shell
 
     @staticmethod
     def _bad_row(rows, bad, n):
