@@ -67,17 +67,25 @@ def first_bad(rows, n):
 
 
 @njit(inline="always")
+def _falls_to(r, part, parts):
+    """Whether row ``r`` falls to thread ``part`` of ``parts`` (1 or 0)."""
+    return (((np.uint64(r) * _SPLIT) >> np.uint64(32)) * np.uint64(parts)) >> np.uint64(32) == np.uint64(part)
+
+
+@njit(inline="always")
 def group(rows, part, parts):
     """Thread ``part`` of ``parts``'s share of ``rows`` (the rows whose hash falls to it):
     ``(unique, first, count, where, mine, u, c)``: its ``u`` distinct rows in order of first
     appearance, each one's first position and count; its ``c`` positions in order
     (``mine``) and the index of each one's row in ``unique`` (``where``)."""
-    k = rows.size
-    mine = np.empty(k, np.int64)
     c = 0
-    for i in range(k):  # no branch: the split is a coin toss per row
-        mine[c] = i
-        c += (((np.uint64(rows[i]) * _SPLIT) >> np.uint64(32)) * np.uint64(parts)) >> np.uint64(32) == np.uint64(part)
+    for i in range(rows.size):  # counted first: each thread's scratch is the size of its share
+        c += _falls_to(rows[i], part, parts)
+    mine = np.empty(c + 1, np.int64)
+    m = 0
+    for i in range(rows.size):  # no branch: the split is a coin toss per row
+        mine[m] = i
+        m += _falls_to(rows[i], part, parts)
     cap, bits = 16, 4
     while cap < 2 * c:
         cap, bits = 2 * cap, bits + 1
