@@ -302,6 +302,29 @@ def test_merged_rows_refuse_a_bad_row_before_writing_anything():
         assert bad == 3 and np.all(table == 1) and np.all(v == 0)
 
 
+def test_the_row_shells_refuse_arrays_they_could_run_past():
+    opts = {"centered": True, "momentum": 0.9}
+    key, s = options.variant_key(options.resolve(opts)), options.scalars(options.resolve(opts), 0.01, 1)
+    rows, last = np.array([0, 2]), np.zeros(3, np.int64)
+    for parallel in (False, True):
+        rows_shell, merged_shell = kernels.rows(key, parallel), kernels.merged_rows(key, parallel)
+        shells = (
+            lambda a, shell=rows_shell: shell(*a, rows, 4, last, 1, False, True, 1.0, 0.01, *s),
+            lambda a, shell=merged_shell: shell(*a, rows, 3, 4, 2, last, 1, False, 1.0, 0.01, *s),
+        )
+        for call in shells:
+            for short in (1, 2, 3, 4):  # grad_rows, square_avg, grad_avg, momentum_buffer one element short
+                arrays = [np.ones(12), np.ones(8), np.zeros(12), np.zeros(12), np.zeros(12)]
+                arrays[short] = arrays[short][:-1]
+                before = [a.copy() for a in arrays]
+                with pytest.raises(ValueError, match="width elements per row" if short == 1 else "size of param"):
+                    call(arrays)
+                assert all(np.array_equal(a, b) for a, b in zip(arrays, before))
+            arrays = [np.ones(12), np.ones(8), np.zeros(12), np.zeros(12), np.zeros(12)]
+            call(arrays)  # the right sizes: rows 0 and 2 stepped, row 1 not
+            assert not np.array_equal(arrays[0][:4], 1) and np.array_equal(arrays[0][4:8], np.ones(4))
+
+
 def test_the_row_shells_prefetch_the_rows_ahead():
     """Random rows of a big table are bound by memory latency: both shells (recompiled from
     their source, cached code cannot be inspected) ask for the rows ahead with write

@@ -134,6 +134,25 @@ def add_duplicates(grad_rows, width, count, where, mine, u, c):
     return slot, summed
 
 
+@njit(inline="always")
+def grads_of(s, slot, first, summed, grad_rows, width):
+    """The grad row of unique row ``s``: its sum if it was named more than once, else its
+    grad as given (:func:`add_duplicates`)."""
+    a = (slot[s] if slot[s] >= 0 else first[s]) * width
+    return summed[a : a + width] if slot[s] >= 0 else grad_rows[a : a + width]
+
+
+@njit(inline="always")
+def check_state(param, square_avg, grad_avg, momentum_buffer, uses_m, uses_b):
+    """A clear error, not a stray write, when the state is not the size of ``param``."""
+    if (
+        square_avg.size != param.size
+        or (uses_m and grad_avg.size != param.size)
+        or (uses_b and momentum_buffer.size != param.size)
+    ):
+        raise ValueError("rows: the state this variant keeps must have the size of param")
+
+
 def _make_coalesce():
     def coalesce(rows, n, grad_rows, width):
         """``(unique rows, grads, bad)``: duplicates of ``rows`` merged (:func:`group`,
@@ -148,9 +167,7 @@ def _make_coalesce():
         slot, summed = add_duplicates(grad_rows, width, count, where, mine, u, c)
         grads = np.empty(u * width, grad_rows.dtype)
         for s in range(u):
-            a = slot[s] * width if slot[s] >= 0 else first[s] * width
-            src = summed if slot[s] >= 0 else grad_rows
-            grads[s * width : (s + 1) * width] = src[a : a + width]
+            grads[s * width : (s + 1) * width] = grads_of(s, slot, first, summed, grad_rows, width)
         return unique[:u], grads, -1
 
     name(coalesce, "coalesce_rows")
@@ -243,10 +260,9 @@ def _make_rows(key, parallel):
 
     def shell(param, grad_rows, square_avg, grad_avg, momentum_buffer, rows, width, last, t, catch_up, update, decay,
               drift_lr, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):  # fmt: skip
-        if (update and grad_rows.size != rows.size * width) or param.size != square_avg.size:
-            raise ValueError("rows: grad_rows must hold width elements per row, state the size of param")
-        if (uses_m and grad_avg.size != param.size) or (uses_b and momentum_buffer.size != param.size):
-            raise ValueError("rows: the state this variant keeps must have the size of param")
+        if update and grad_rows.size != rows.size * width:
+            raise ValueError("rows: grad_rows must hold width elements per row")
+        check_state(param, square_avg, grad_avg, momentum_buffer, uses_m, uses_b)
         kc = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
         for k in prange(rows.size):
             if k + AHEAD < rows.size:  # the row a few iterations on: its misses overlap this row's work
@@ -265,10 +281,9 @@ def _make_merged_rows(key, parallel):
 
     def shell(param, grad_rows, square_avg, grad_avg, momentum_buffer, rows, n, width, parts, last, t, catch_up,
               decay, drift_lr, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):  # fmt: skip
-        if grad_rows.size != rows.size * width or param.size != square_avg.size:
-            raise ValueError("merged_rows: grad_rows must hold width elements per row, state the size of param")
-        if (uses_m and grad_avg.size != param.size) or (uses_b and momentum_buffer.size != param.size):
-            raise ValueError("merged_rows: the state this variant keeps must have the size of param")
+        if grad_rows.size != rows.size * width:
+            raise ValueError("merged_rows: grad_rows must hold width elements per row")
+        check_state(param, square_avg, grad_avg, momentum_buffer, uses_m, uses_b)
         bad = first_bad(rows, n)
         if bad >= 0:
             return bad
@@ -279,8 +294,7 @@ def _make_merged_rows(key, parallel):
             for s in range(u):
                 if s + AHEAD < u:
                     fetch(param, square_avg, grad_avg, momentum_buffer, last, unique[s + AHEAD], width, catch_up)
-                a = slot[s] * width if slot[s] >= 0 else first[s] * width
-                g = summed[a : a + width] if slot[s] >= 0 else grad_rows[a : a + width]
+                g = grads_of(s, slot, first, summed, grad_rows, width)
                 step(param, g, square_avg, grad_avg, momentum_buffer, unique[s], width, last, t, catch_up, True, decay,
                      drift_lr, beta, mu, kc)  # fmt: skip
         return -1
