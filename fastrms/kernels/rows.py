@@ -78,14 +78,18 @@ def group(rows, part, parts):
     ``(unique, first, count, where, mine, u, c)``: its ``u`` distinct rows in order of first
     appearance, each one's first position and count; its ``c`` positions in order
     (``mine``) and the index of each one's row in ``unique`` (``where``)."""
-    c = 0
-    for i in range(rows.size):  # counted first: each thread's scratch is the size of its share
-        c += _falls_to(rows[i], part, parts)
-    mine = np.empty(c + 1, np.int64)
-    m = 0
-    for i in range(rows.size):  # no branch: the split is a coin toss per row
-        mine[m] = i
-        m += _falls_to(rows[i], part, parts)
+    if parts == 1:  # every position is this thread's: no hash to take
+        c = rows.size
+        mine = np.arange(c)
+    else:
+        c = 0
+        for i in range(rows.size):  # counted first: each thread's scratch is the size of its share
+            c += _falls_to(rows[i], part, parts)
+        mine = np.empty(c + 1, np.int64)
+        m = 0
+        for i in range(rows.size):  # no branch: the split is a coin toss per row
+            mine[m] = i
+            m += _falls_to(rows[i], part, parts)
     cap, bits = 16, 4
     while cap < 2 * c:
         cap, bits = 2 * cap, bits + 1
