@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from fastrms import RMSprop
 from fastrms.bench import peers, timing
 
 
@@ -58,8 +59,21 @@ def test_torch_steps_times_each_optimizer_and_a_training_step():
 
 def test_sparse_rows_times_each_case_against_dense_steps():
     times = timing.sparse_rows(n=2000, width=8, k=100, distinct=20, rounds=1, target=0.001)
-    assert len(times) == 8 and all(t > 0 for t in times.values())
+    assert len(times) == 10 and all(t > 0 for t in times.values())
     assert "step_rows, 100 rows from 20" in times and "dense step, whole (2000, 8) table" in times
+    assert "NumPy, 100 rows from 20" in times
+
+
+def test_the_numpy_row_step_the_bench_times_is_step_rows_bit_for_bit():
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((300, 8)).astype(np.float32)
+    opt, mine, state = RMSprop(table.copy(), 1e-3), table.copy(), {"square_avg": np.zeros_like(table)}
+    for t in (1, 2, 3):
+        rows, grads = rng.integers(0, 300, 500), rng.standard_normal((500, 8)).astype(np.float32)
+        opt.step_rows(rows, grads)
+        timing.numpy_step_rows(mine, state, rows, grads, t, 1e-3)
+    np.testing.assert_array_equal(opt.params, mine)
+    np.testing.assert_array_equal(opt.square_avg, state["square_avg"])
 
 
 def test_dask_step_times_the_fused_map_the_expressions_and_one_process():

@@ -10,7 +10,7 @@ import time
 import numpy as np
 from numba import njit, prange
 
-from .. import kernels
+from .. import kernels, reference
 from ..kernels.prefetch import prefetch_rows
 from ..kernels.rows import AHEAD
 from ..optimizer import RMSprop
@@ -224,8 +224,9 @@ def sparse_rows(n=1_000_000, width=64, k=10_000, distinct=2_000, rounds=7, targe
     dense steps, in one process: ``{case: seconds}`` for k random rows, k indices drawn from
     ``distinct`` rows (duplicates summed), each in the lazy and the dense-equivalent mode,
     a dense step over a ``(k, width)`` and a ``(distinct, width)`` array, a dense step over
-    the whole table, and the traffic limits (the same memory moved with no arithmetic) of
-    the distinct rows and of the duplicates."""
+    the whole table, the traffic limits (the same memory moved with no arithmetic) of
+    the distinct rows and of the duplicates, and the lazy rule in NumPy
+    (:func:`numpy_step_rows`) on both batches."""
     rng = np.random.default_rng(seed)
     table = rng.standard_normal((n, width)).astype(np.float32)
     rows = rng.choice(n, k, replace=False)
@@ -237,6 +238,7 @@ def sparse_rows(n=1_000_000, width=64, k=10_000, distinct=2_000, rounds=7, targe
     few, few_grad = small[:distinct].copy(), grad_rows[:distinct].copy()
     small_opt, few_opt = RMSprop(small, 1e-3), RMSprop(few, 1e-3)
     whole = RMSprop(table.copy(), 1e-3)
+    numpy_opt = table.copy(), {"square_avg": np.zeros_like(table)}  # the NumPy rule's table and state
     whole_grad = rng.standard_normal((n, width)).astype(np.float32)
     flat_p, flat_v, flat_g = lazy.params.reshape(-1), lazy.square_avg.reshape(-1), grad_rows.reshape(-1)
     rows64 = rows.astype(np.int64)
@@ -256,8 +258,23 @@ def sparse_rows(n=1_000_000, width=64, k=10_000, distinct=2_000, rounds=7, targe
         f"traffic limit: {k} rows summed into {distinct}, no math": lambda: _summed_row_traffic(
             flat_p, flat_v, flat_g, distinct_rows.astype(np.int64), start, groups, scratch, width
         ),
+        f"NumPy, {k} distinct rows": lambda: numpy_step_rows(*numpy_opt, rows, grad_rows, 1, 1e-3),
+        f"NumPy, {k} rows from {distinct}": lambda: numpy_step_rows(*numpy_opt, dup_rows, grad_rows, 1, 1e-3),
     }
     return measure_calls(steps, rounds, target)
+
+
+def numpy_step_rows(table, state, rows, grad_rows, t, lr):
+    """The lazy ``step_rows`` in NumPy, the plain variant: duplicates summed in the order given
+    (``np.unique``, ``np.add.at``), then :func:`fastrms.reference.rmsprop_step` on the
+    gathered rows, written back."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    summed = np.zeros((unique.size, table.shape[1]), table.dtype)
+    np.add.at(summed, inverse, grad_rows)
+    sub = {name: a[unique] for name, a in state.items()}
+    table[unique] = reference.rmsprop_step(table[unique], summed, sub, t, lr)
+    for name, a in sub.items():
+        state[name][unique] = a
 
 
 @njit(inline="always")
