@@ -119,6 +119,7 @@ class RMSprop:
             order = list(dict.fromkeys(s.dtype for s in slots))
             members = [[i for i, s in enumerate(slots) if s.dtype == dtype] for dtype in order]
             self._groups = [Group(m, [slots[i] for i in m], hyper, self._variant) for m in members]
+            self._group_of = [next(g for g, m in enumerate(members) if i in m) for i in range(len(slots))]
         owned = sorted(_span(a) for s in slots for a in s.owned)
         self._owned_starts = [start for start, _ in owned]
         self._owned_ends = [end for _, end in owned]
@@ -165,6 +166,7 @@ class RMSprop:
                 pairs = {k: tuple(runtime.serialized(f) for f in fns) for k, fns in pairs.items()}
             chosen.append((pairs, parallel))
         self._chosen = chosen
+        self._row_kernels = {}  # step_rows's, by (kind, parallel): chosen again with the rest
         self._generation = generation
 
     # ------------------------------------------------------------------ properties
@@ -320,9 +322,7 @@ class RMSprop:
             return
         if len(checked) == 1:
             (_, start), slot = checked[0], slots[0]
-            k = bisect.bisect_left(self._owned_starts, start + slot.flat.nbytes) - 1
-            hit = slot.flat.nbytes and k >= 0 and self._owned_ends[k] > start
-            if hit:
+            if self._overlaps(start, slot.flat.nbytes):
                 raise self._overlap(None if self._single or slot is not self._slots[0] else 0)
             return
         starts = np.fromiter((a for _, a in checked), dtype=np.int64, count=len(checked))
@@ -331,6 +331,12 @@ class RMSprop:
         hit = (nbytes > 0) & (k >= 0) & (self._owned_ends_np[np.maximum(k, 0)] > starts)
         if hit.any():
             raise self._overlap(int(np.argmax(hit)))
+
+    def _overlaps(self, start, nbytes):
+        """Whether the ``nbytes`` from address ``start`` share memory with a param or the state
+        (the owned spans are sorted and disjoint: one search)."""
+        k = bisect.bisect_left(self._owned_starts, start + nbytes) - 1
+        return bool(nbytes) and k >= 0 and self._owned_ends[k] > start
 
     def _overlap(self, i):
         return ValueError(
@@ -398,10 +404,8 @@ class RMSprop:
         without the group bookkeeping (this is the whole cost of a small step)."""
         s = self._slots[0]
         g, start = self._check_grad(grad, s, None)
-        if self._owned_starts:
-            k = bisect.bisect_left(self._owned_starts, start + s.flat.nbytes) - 1
-            if k >= 0 and self._owned_ends[k] > start and s.flat.nbytes:
-                raise self._overlap(None)
+        if self._overlaps(start, s.flat.nbytes):
+            raise self._overlap(None)
         if not s.param.flags.writeable:
             raise self._read_only(s)
         if self._generation != runtime.generation():
@@ -491,8 +495,8 @@ class RMSprop:
         if isinstance(param, bool) or not isinstance(param, (int, np.integer)) or not 0 <= param < len(self._slots):
             raise ValueError(f"param must be an index in [0, {len(self._slots)}), got {param!r}")
         slot = self._slots[int(param)]
-        label = "params" if self._single else f"params[{int(param)}]"
         if len(slot.shape) != 2:
+            label = "params" if self._single else f"params[{int(param)}]"
             raise ValueError(f"step_rows needs a 2-D param (a table of rows); {label} has shape {slot.shape}")
         n, width = slot.shape
         if not isinstance(rows, np.ndarray) or rows.dtype.kind not in "iu" or rows.ndim != 1:
@@ -504,16 +508,16 @@ class RMSprop:
                 f"grad_rows must be {slot.dtype} of shape ({rows.size}, {width}), "
                 f"got {grad_rows.dtype} {grad_rows.shape}"
             )
-        if grad_rows.size and any(np.may_share_memory(grad_rows, a) for s in self._slots for a in s.owned):
+        if self._overlaps(contiguous_address(grad_rows), grad_rows.nbytes):  # C-contiguous: float_array
             raise ValueError("grad_rows shares memory with the params or the optimizer state; pass a separate array")
         if not slot.param.flags.writeable:
             raise self._read_only(slot)
         index = rows.astype(np.int64) if rows.dtype != np.int64 or not rows.flags.c_contiguous else rows
         if self._generation != runtime.generation():
             self._choose_kernels()
-        group_parallel = self._chosen[[i for i, grp in enumerate(self._groups) if slot in grp.slots][0]][1]
-        parallel = group_parallel and kernels.step_bytes(grad_rows.size, grad_rows.itemsize, len(slot.names)) >= (
-            kernels.PARALLEL_MIN_BYTES
+        parallel = (
+            self._chosen[self._group_of[int(param)]][1]
+            and kernels.step_bytes(grad_rows.size, grad_rows.itemsize, len(slot.names)) >= kernels.PARALLEL_MIN_BYTES
         )
         t, flat_grads = self._step_count + 1, grad_rows.reshape(-1)
         if self._max_norm is None and not self._skip_nonfinite:  # one call: merge, check, step
@@ -555,9 +559,15 @@ class RMSprop:
 
     def _row_kernel(self, make, parallel):
         """``make(variant, parallel)``, behind the process-wide lock when parallel kernels must
-        not overlap (``runtime.parallel_mode() == "serialized"``)."""
-        shell = make(self._variant, parallel)
-        return runtime.serialized(shell) if parallel and runtime.parallel_mode() == "serialized" else shell
+        not overlap (``runtime.parallel_mode() == "serialized"``); kept until
+        :meth:`_choose_kernels` runs again."""
+        shell = self._row_kernels.get((make, parallel))
+        if shell is None:
+            shell = make(self._variant, parallel)
+            if parallel and runtime.parallel_mode() == "serialized":
+                shell = runtime.serialized(shell)
+            self._row_kernels[(make, parallel)] = shell
+        return shell
 
     @staticmethod
     def _bad_row(rows, bad, n):
