@@ -12,7 +12,7 @@ from numba import njit, prange
 
 from .. import kernels, reference
 from ..kernels.prefetch import prefetch_rows
-from ..kernels.rows import AHEAD
+from ..kernels.rows import AHEAD, BLOCK
 from ..optimizer import RMSprop
 from ..options import resolve, scalars, state_names, variant_key
 from .peers import DEFAULT_HYPER, Problem, available, setup
@@ -278,27 +278,28 @@ def numpy_step_rows(table, state, rows, grad_rows, t, lr):
 
 
 @njit(inline="always")
-def _touch_row(param, square_avg, rows, k, width, src):
-    """Read and write p and v of row ``rows[k]``, adding ``src * 0`` (no arithmetic to speak
-    of), with the row ``AHEAD`` on prefetched as the row shell does."""
-    if k + AHEAD < rows.size:
-        prefetch_rows(param, rows[k + AHEAD] * width, width)
-        prefetch_rows(square_avg, rows[k + AHEAD] * width, width)
-    a0 = rows[k] * width
-    p, v = param[a0 : a0 + width], square_avg[a0 : a0 + width]
-    zero = param.dtype.type(0.0)
-    for j in range(width):
-        x = src[j] * zero
-        p[j] = p[j] + x
-        v[j] = v[j] + x
+def _touch_rows(param, square_avg, rows, lo, hi, width, src):
+    """Read and write p and v of rows ``rows[lo:hi]``, adding ``src[s * width : (s + 1) *
+    width] * 0`` (no arithmetic to speak of), with the row ``AHEAD`` on prefetched and whole
+    arrays indexed with unsigned indices, as the row shells do (:mod:`fastrms.kernels.rows`)."""
+    zero, w = param.dtype.type(0.0), np.uint64(width)
+    for s in range(lo, hi):
+        if s + AHEAD < hi:
+            prefetch_rows(param, rows[s + AHEAD] * width, width)
+            prefetch_rows(square_avg, rows[s + AHEAD] * width, width)
+        a0, g0 = np.uint64(rows[s]) * w, np.uint64(s) * w
+        for j in range(w):
+            x = src[g0 + j] * zero
+            param[a0 + j] = param[a0 + j] + x
+            square_avg[a0 + j] = square_avg[a0 + j] + x
 
 
 @njit(parallel=True, nogil=True, error_model="numpy", cache=True)
 def _row_traffic(param, square_avg, grad_rows, rows, width):
     """The bytes of a plain ``step_rows`` with no arithmetic to speak of: read p, g and v of
-    each named row, write p and v."""
-    for k in prange(rows.size):
-        _touch_row(param, square_avg, rows, k, width, grad_rows[k * width : (k + 1) * width])
+    each named row, write p and v (in blocks of rows, as the ``rows`` shell)."""
+    for block in prange((rows.size + BLOCK - 1) // BLOCK):
+        _touch_rows(param, square_avg, rows, block * BLOCK, min((block + 1) * BLOCK, rows.size), width, grad_rows)
 
 
 @njit(parallel=True, nogil=True, error_model="numpy", cache=True)
@@ -306,15 +307,18 @@ def _summed_row_traffic(param, square_avg, grad_rows, rows, start, order, scratc
     """The bytes of ``step_rows`` with duplicates, no arithmetic to speak of: read every grad
     row (grouped by distinct row, ``order[start[s]:start[s+1]]``) into a sum, then read and
     write p and v of each distinct row once."""
-    for s in prange(rows.size):
-        acc = scratch[s * width : (s + 1) * width]
-        for j in range(width):
-            acc[j] = 0
-        for m in range(start[s], start[s + 1]):
-            g = grad_rows[order[m] * width : (order[m] + 1) * width]
-            for j in range(width):
-                acc[j] += g[j]
-        _touch_row(param, square_avg, rows, s, width, acc)
+    w = np.uint64(width)
+    for block in prange((rows.size + BLOCK - 1) // BLOCK):
+        lo, hi = block * BLOCK, min((block + 1) * BLOCK, rows.size)
+        for s in range(lo, hi):
+            a = np.uint64(s) * w
+            for j in range(w):
+                scratch[a + j] = 0
+            for m in range(start[s], start[s + 1]):
+                g = np.uint64(order[m]) * w
+                for j in range(w):
+                    scratch[a + j] += grad_rows[g + j]
+        _touch_rows(param, square_avg, rows, lo, hi, width, scratch)
 
 
 def _startstops(stream):

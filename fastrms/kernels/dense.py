@@ -40,7 +40,8 @@ def _make_dense(key, parallel):
             raise ValueError("dense: momentum_buffer must have the size of param (momentum variant)")
         k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
         for i in prange(n):
-            at(i, param, grad, square_avg, grad_avg, momentum_buffer, param, square_avg, grad_avg, momentum_buffer, k)
+            at(i, i, param, grad, square_avg, grad_avg, momentum_buffer, param, square_avg, grad_avg, momentum_buffer,
+               k)  # fmt: skip
         return parallel
 
     name(shell, f"dense_{key.tag}_{'parallel' if parallel else 'serial'}")
@@ -77,7 +78,7 @@ def _make_dense_out(key, parallel):
             raise ValueError("dense_out: momentum buffers must have the size of param (momentum variant)")
         k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
         for i in prange(n):
-            at(i, param, grad, square_avg, grad_avg, momentum_buffer, param_out, square_avg_out, grad_avg_out,
+            at(i, i, param, grad, square_avg, grad_avg, momentum_buffer, param_out, square_avg_out, grad_avg_out,
                momentum_buffer_out, k)  # fmt: skip
         return parallel
 

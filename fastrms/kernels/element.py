@@ -183,10 +183,11 @@ def _make_element(centered, wd_mode, mom_mode, nesterov):
 
 def apply(key):
     """The ``inline="always"`` step of element ``i``, shared by every loop shell:
-    ``apply(i, param, grad, square_avg, grad_avg, momentum_buffer, param_out, square_avg_out,
-    grad_avg_out, momentum_buffer_out, k)`` reads the arrays variant ``key`` uses, calls
-    :func:`element` and writes what it keeps into the outputs (in place: the outputs are the
-    inputs)."""
+    ``apply(i, gi, param, grad, square_avg, grad_avg, momentum_buffer, param_out,
+    square_avg_out, grad_avg_out, momentum_buffer_out, k)`` reads element ``i`` of the arrays
+    variant ``key`` uses and ``grad[gi]`` (``gi`` is ``i`` but in the row shells, whose grads
+    are laid out by position, not by row), calls :func:`element` and writes what it keeps
+    into element ``i`` of the outputs (in place: the outputs are the inputs)."""
     fn = _APPLY.get(key)
     if fn is None:
         fn = _APPLY[key] = _make_apply(key)
@@ -197,12 +198,12 @@ def _make_apply(key):
     update = element(key)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
 
-    def at(i, param, grad, square_avg, grad_avg, momentum_buffer, param_out, square_avg_out, grad_avg_out,
+    def at(i, gi, param, grad, square_avg, grad_avg, momentum_buffer, param_out, square_avg_out, grad_avg_out,
            momentum_buffer_out, k):  # fmt: skip
         zero = k[11]
         m = grad_avg[i] if uses_m else zero
         b = momentum_buffer[i] if uses_b else zero
-        p, v, m, b = update(param[i], grad[i], square_avg[i], m, b, k)
+        p, v, m, b = update(param[i], grad[gi], square_avg[i], m, b, k)
         param_out[i] = p
         square_avg_out[i] = v
         if uses_m:

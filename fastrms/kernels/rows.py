@@ -1,9 +1,9 @@
 """The loop shells over named rows of a 2-D table (sparse updates of embedding tables), and
 the merging of duplicate row indices.
 
-Both shells step each named row by the element function over its slices (the same
-arithmetic, the same bits, as a dense step over those elements) and leave every other row
-untouched; each prefetches the table rows :data:`AHEAD` iterations on (random rows of a big
+Both shells step each named row by the element function over its elements (the same
+arithmetic, the same bits, as a dense step over them) and leave every other row untouched,
+in one loop over rows (:func:`_make_row_run`); each prefetches the table rows :data:`AHEAD` iterations on (random rows of a big
 table are bound by memory latency, which the hardware prefetchers cannot hide:
 :mod:`.prefetch`). ``param`` and the state are the flat (C-order) views of ``(n, width)``
 tables, ``last``, ``t``, ``catch_up``, ``decay`` and ``drift_lr`` drive the catch-up below:
@@ -131,10 +131,11 @@ def add_duplicates(grad_rows, width, count, where, mine, u, c):
         if s >= 0:
             where[m], mine[m] = s * width, mine[q] * width
             m += 1
-    for q in range(m):
-        out, g = summed[where[q] : where[q] + width], grad_rows[mine[q] : mine[q] + width]
-        for j in range(width):
-            out[j] += g[j]
+    w = np.uint64(width)
+    for q in range(m):  # unsigned indices, no slices: as in the row loop (:func:`_make_row_run`)
+        out, g = np.uint64(where[q]), np.uint64(mine[q])
+        for j in range(w):
+            summed[out + j] += grad_rows[g + j]
     return slot, summed
 
 
@@ -201,65 +202,83 @@ def _shell(kind, key, parallel):
     return fn
 
 
-def _make_row_step(key):
-    """The ``inline="always"`` step of one row ``r`` (its catch-up, then its update from
-    ``g``), and the prefetch of a row: the body both shells run."""
+def _make_row_run(key):
+    """The ``inline="always"`` loop over rows ``lo..hi`` both shells run: each row's catch-up,
+    then its update from its grads (``grad_rows[s]`` if ``slot`` is empty, else
+    :func:`grads_of` ``s``), with the row :data:`AHEAD` on prefetched.
+
+    Written for Numba's reference counting: one call per run of rows, not per row (each
+    array an inlined function takes is a new reference), and whole arrays indexed with
+    unsigned indices, not sliced per row (Numba could not drop the refcounts of slices in a
+    loop this branchy; a signed index is wrapped if negative, which stops LLVM vectorising).
+    Both cost the serial shell 2-3x its time (``fastrms bench --sparse``)."""
     at = apply(key)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
     momentum, nesterov = key.mom_mode != MOM_NONE, key.nesterov
 
-    def fetch(param, square_avg, grad_avg, momentum_buffer, last, r, width, catch_up):
-        prefetch_rows(param, r * width, width)
-        prefetch_rows(square_avg, r * width, width)
-        if uses_m:
-            prefetch_rows(grad_avg, r * width, width)
-        if uses_b:
-            prefetch_rows(momentum_buffer, r * width, width)
-        if catch_up:
-            prefetch_write(last, r)
-
-    def step(param, g, square_avg, grad_avg, momentum_buffer, r, width, last, t, catch_up, update, decay, drift_lr,
-             beta, mu, kc):  # fmt: skip
+    def run(param, grad_rows, summed, slot, first, square_avg, grad_avg, momentum_buffer, rows, lo, hi, width, last,
+            t, catch_up, update, decay, drift_lr, beta, mu, kc):  # fmt: skip
         T = param.dtype.type
-        a0, a1 = r * width, (r + 1) * width
-        if catch_up:
-            skipped = t - 1 - last[r]
-            if skipped > 0:
-                bk = T(beta**skipped)
-                for j in range(a0, a1):
-                    square_avg[j] = bk * square_avg[j]
+        w = np.uint64(width)
+        for s in range(lo, hi):
+            if s + AHEAD < hi:  # the row a few iterations on: its misses overlap this row's work
+                ahead = rows[s + AHEAD] * width
+                prefetch_rows(param, ahead, width)
+                prefetch_rows(square_avg, ahead, width)
                 if uses_m:
-                    for j in range(a0, a1):
-                        grad_avg[j] = bk * grad_avg[j]
-                ak = decay**skipped
-                if momentum:
-                    muk = mu**skipped
-                    s = skipped * muk if decay == mu else mu * (ak - muk) / (decay - mu)
-                    c = T(drift_lr * s * (mu if nesterov else 1.0))
-                    akt, mukt = T(ak), T(muk)
-                    for j in range(a0, a1):
-                        b = momentum_buffer[j]
-                        param[j] = akt * param[j] - c * b
-                        momentum_buffer[j] = mukt * b
-                elif decay != 1.0:
-                    akt = T(ak)
-                    for j in range(a0, a1):
-                        param[j] = akt * param[j]
-            last[r] = t
-        if update:
-            p, v = param[a0:a1], square_avg[a0:a1]
-            m = grad_avg[a0:a1] if uses_m else grad_avg
-            b = momentum_buffer[a0:a1] if uses_b else momentum_buffer
-            for j in range(width):  # the element function every shell calls: the same bits
-                at(j, p, g, v, m, b, p, v, m, b, kc)
+                    prefetch_rows(grad_avg, ahead, width)
+                if uses_b:
+                    prefetch_rows(momentum_buffer, ahead, width)
+                if catch_up:
+                    prefetch_write(last, rows[s + AHEAD])
+            r = rows[s]
+            a0 = np.uint64(r) * w
+            if catch_up:
+                skipped = t - 1 - last[r]
+                if skipped > 0:
+                    bk = T(beta**skipped)
+                    for j in range(w):
+                        square_avg[a0 + j] = bk * square_avg[a0 + j]
+                    if uses_m:
+                        for j in range(w):
+                            grad_avg[a0 + j] = bk * grad_avg[a0 + j]
+                    ak = decay**skipped
+                    if momentum:
+                        muk = mu**skipped
+                        c = skipped * muk if decay == mu else mu * (ak - muk) / (decay - mu)
+                        c = T(drift_lr * c * (mu if nesterov else 1.0))
+                        akt, mukt = T(ak), T(muk)
+                        for j in range(w):
+                            b = momentum_buffer[a0 + j]
+                            param[a0 + j] = akt * param[a0 + j] - c * b
+                            momentum_buffer[a0 + j] = mukt * b
+                    elif decay != 1.0:
+                        akt = T(ak)
+                        for j in range(w):
+                            param[a0 + j] = akt * param[a0 + j]
+                last[r] = t
+            if update:  # the element function every shell calls: the same bits
+                if slot.size and slot[s] >= 0:  # a row named more than once: its sum
+                    g0 = np.uint64(slot[s]) * w
+                    for j in range(w):
+                        at(a0 + j, g0 + j, param, summed, square_avg, grad_avg, momentum_buffer, param, square_avg,
+                           grad_avg, momentum_buffer, kc)  # fmt: skip
+                else:
+                    g0 = np.uint64(first[s] if slot.size else s) * w
+                    for j in range(w):
+                        at(a0 + j, g0 + j, param, grad_rows, square_avg, grad_avg, momentum_buffer, param, square_avg,
+                           grad_avg, momentum_buffer, kc)  # fmt: skip
 
-    name(fetch, f"fetch_row_{key.tag}")
-    name(step, f"step_row_{key.tag}")
-    return njit(inline="always")(fetch), njit(inline="always")(step)
+    name(run, f"run_rows_{key.tag}")
+    return njit(inline="always")(run)
+
+
+#: Rows a thread of the ``rows`` shell takes at a time (one :func:`_make_row_run` call).
+BLOCK = 256
 
 
 def _make_rows(key, parallel):
-    fetch, step = _make_row_step(key)
+    run = _make_row_run(key)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
 
     def shell(param, grad_rows, square_avg, grad_avg, momentum_buffer, rows, width, last, t, catch_up, update, decay,
@@ -267,12 +286,15 @@ def _make_rows(key, parallel):
         if update and grad_rows.size != rows.size * width:
             raise ValueError("rows: grad_rows must hold width elements per row")
         check_state(param, square_avg, grad_avg, momentum_buffer, uses_m, uses_b)
+        n = param.size // width if width else 0
+        if first_bad(rows, n) >= 0 or (catch_up and last.size != n):  # whole arrays indexed: no slice clamps
+            raise ValueError("rows: every row must be in [0, n) and last the size of n (catch_up)")
         kc = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
-        for k in prange(rows.size):
-            if k + AHEAD < rows.size:  # the row a few iterations on: its misses overlap this row's work
-                fetch(param, square_avg, grad_avg, momentum_buffer, last, rows[k + AHEAD], width, catch_up)
-            step(param, grad_rows[k * width : (k + 1) * width], square_avg, grad_avg, momentum_buffer, rows[k], width,
-                 last, t, catch_up, update, decay, drift_lr, beta, mu, kc)  # fmt: skip
+        none = rows[:0]
+        for block in prange((rows.size + BLOCK - 1) // BLOCK):
+            lo, hi = block * BLOCK, min((block + 1) * BLOCK, rows.size)
+            run(param, grad_rows, grad_rows, none, none, square_avg, grad_avg, momentum_buffer, rows, lo, hi, width,
+                last, t, catch_up, update, decay, drift_lr, beta, mu, kc)  # fmt: skip
         return parallel
 
     name(shell, f"rows_{key.tag}_{'parallel' if parallel else 'serial'}")
@@ -280,13 +302,13 @@ def _make_rows(key, parallel):
 
 
 def _make_merged_rows(key, parallel):
-    fetch, step = _make_row_step(key)
+    run = _make_row_run(key)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
 
     def shell(param, grad_rows, square_avg, grad_avg, momentum_buffer, rows, n, width, parts, last, t, catch_up,
               decay, drift_lr, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):  # fmt: skip
-        if grad_rows.size != rows.size * width:
-            raise ValueError("merged_rows: grad_rows must hold width elements per row")
+        if grad_rows.size != rows.size * width or param.size != n * width or (catch_up and last.size != n):
+            raise ValueError("merged_rows: grad_rows must hold width elements per row, param n rows, last n (catch_up)")
         check_state(param, square_avg, grad_avg, momentum_buffer, uses_m, uses_b)
         bad = first_bad(rows, n)
         if bad >= 0:
@@ -295,12 +317,8 @@ def _make_merged_rows(key, parallel):
         for part in prange(parts):
             unique, first, count, where, mine, u, c = group(rows, part, parts)
             slot, summed = add_duplicates(grad_rows, width, count, where, mine, u, c)
-            for s in range(u):
-                if s + AHEAD < u:
-                    fetch(param, square_avg, grad_avg, momentum_buffer, last, unique[s + AHEAD], width, catch_up)
-                g = grads_of(s, slot, first, summed, grad_rows, width)
-                step(param, g, square_avg, grad_avg, momentum_buffer, unique[s], width, last, t, catch_up, True, decay,
-                     drift_lr, beta, mu, kc)  # fmt: skip
+            run(param, grad_rows, summed, slot, first, square_avg, grad_avg, momentum_buffer, unique, 0, u, width,
+                last, t, catch_up, True, decay, drift_lr, beta, mu, kc)  # fmt: skip
         return -1
 
     name(shell, f"merged_rows_{key.tag}_{'parallel' if parallel else 'serial'}")
