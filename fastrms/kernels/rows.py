@@ -3,10 +3,11 @@ the merging of duplicate row indices.
 
 Both shells step each named row by the element function over its elements (the same
 arithmetic, the same bits, as a dense step over them) and leave every other row untouched,
-in one loop over rows (:func:`_make_row_run`); each prefetches the table rows :data:`AHEAD` iterations on (random rows of a big
-table are bound by memory latency, which the hardware prefetchers cannot hide:
-:mod:`.prefetch`). ``param`` and the state are the flat (C-order) views of ``(n, width)``
-tables, ``last``, ``t``, ``catch_up``, ``decay`` and ``drift_lr`` drive the catch-up below:
+in one loop over rows (:func:`_make_row_run`); each prefetches the table rows
+:data:`AHEAD` iterations on (random rows of a big table are bound by memory latency, which
+the hardware prefetchers cannot hide: :mod:`.prefetch`). ``param`` and the state are the
+flat (C-order) views of ``(n, width)`` tables, ``last``, ``t``, ``catch_up``, ``decay`` and
+``drift_lr`` drive the catch-up below:
 
 - ``rows(key, parallel)``: ``(param, grad_rows, square_avg, grad_avg, momentum_buffer, rows,
   width, ...)`` with ``rows`` distinct indices in ``[0, n)`` and ``grad_rows`` the flat
