@@ -58,8 +58,9 @@ def test_torch_steps_times_each_optimizer_and_a_training_step():
 
 
 def test_sparse_rows_times_each_case_against_dense_steps():
-    times = timing.sparse_rows(n=2000, width=8, k=100, distinct=20, rounds=1, target=0.001)
-    assert len(times) == 10 and all(t > 0 for t in times.values())
+    times = timing.sparse_rows(n=2000, width=8, k=100, distinct=20, batch=10, rounds=1, target=0.001)
+    assert len(times) == 12 and all(t > 0 for t in times.values())
+    assert "step_rows, 10 distinct rows" in times and "dense step, (10, 8)" in times
     assert "step_rows, 100 rows from 20" in times and "dense step, whole (2000, 8) table" in times
     assert "NumPy, 100 rows from 20" in times
 

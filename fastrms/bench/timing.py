@@ -219,14 +219,16 @@ def torch_steps(layers=100, width=100, rounds=7, target=0.05, seed=0):
     }
 
 
-def sparse_rows(n=1_000_000, width=64, k=10_000, distinct=2_000, rounds=7, target=0.05, seed=0):
+def sparse_rows(n=1_000_000, width=64, k=10_000, distinct=2_000, batch=512, rounds=7, target=0.05, seed=0):
     """``fastrms bench --sparse``: ``step_rows`` on a ``(n, width)`` float32 table against
     dense steps, in one process: ``{case: seconds}`` for k random rows, k indices drawn from
     ``distinct`` rows (duplicates summed), each in the lazy and the dense-equivalent mode,
     a dense step over a ``(k, width)`` and a ``(distinct, width)`` array, a dense step over
     the whole table, the traffic limits (the same memory moved with no arithmetic) of
-    the distinct rows and of the duplicates, and the lazy rule in NumPy
-    (:func:`numpy_step_rows`) on both batches."""
+    the distinct rows and of the duplicates, the lazy rule in NumPy
+    (:func:`numpy_step_rows`) on both batches, and a small batch of ``batch`` random rows
+    (one thread: under :data:`fastrms.kernels.PARALLEL_MIN_BYTES`) against a dense step
+    over a ``(batch, width)`` array."""
     rng = np.random.default_rng(seed)
     table = rng.standard_normal((n, width)).astype(np.float32)
     rows = rng.choice(n, k, replace=False)
@@ -236,7 +238,9 @@ def sparse_rows(n=1_000_000, width=64, k=10_000, distinct=2_000, rounds=7, targe
     dense_mode = RMSprop(table.copy(), 1e-3, dense_rows=True)
     small, small_grad = rng.standard_normal((k, width)).astype(np.float32), grad_rows.copy()
     few, few_grad = small[:distinct].copy(), grad_rows[:distinct].copy()
-    small_opt, few_opt = RMSprop(small, 1e-3), RMSprop(few, 1e-3)
+    little, little_grad = small[:batch].copy(), grad_rows[:batch].copy()
+    batch_rows, batch_grad = rows[:batch].copy(), grad_rows[:batch].copy()
+    small_opt, few_opt, little_opt = RMSprop(small, 1e-3), RMSprop(few, 1e-3), RMSprop(little, 1e-3)
     whole = RMSprop(table.copy(), 1e-3)
     numpy_opt = table.copy(), {"square_avg": np.zeros_like(table)}  # the NumPy rule's table and state
     whole_grad = rng.standard_normal((n, width)).astype(np.float32)
@@ -260,6 +264,8 @@ def sparse_rows(n=1_000_000, width=64, k=10_000, distinct=2_000, rounds=7, targe
         ),
         f"NumPy, {k} distinct rows": lambda: numpy_step_rows(*numpy_opt, rows, grad_rows, 1, 1e-3),
         f"NumPy, {k} rows from {distinct}": lambda: numpy_step_rows(*numpy_opt, dup_rows, grad_rows, 1, 1e-3),
+        f"step_rows, {batch} distinct rows": lambda: lazy.step_rows(batch_rows, batch_grad),
+        f"dense step, ({batch}, {width})": lambda: little_opt.step(little_grad),
     }
     return measure_calls(steps, rounds, target)
 
