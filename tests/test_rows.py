@@ -323,6 +323,17 @@ def test_the_row_shells_refuse_arrays_they_could_run_past():
             arrays = [np.ones(12), np.ones(8), np.zeros(12), np.zeros(12), np.zeros(12)]
             call(arrays)  # the right sizes: rows 0 and 2 stepped, row 1 not
             assert not np.array_equal(arrays[0][:4], 1) and np.array_equal(arrays[0][4:8], np.ones(4))
+        # the shells index whole arrays: a row past the table, or a short last, is refused
+        arrays = [np.ones(12), np.ones(8), np.zeros(12), np.zeros(12), np.zeros(12)]
+        before = [a.copy() for a in arrays]
+        with pytest.raises(ValueError, match=r"in \[0, n\)"):
+            rows_shell(*arrays, np.array([0, 3]), 4, last, 1, False, True, 1.0, 0.01, *s)
+        for shell, args in ((rows_shell, (rows, 4)), (merged_shell, (rows, 3, 4, 2))):
+            with pytest.raises(ValueError, match="last"):
+                shell(*arrays, *args, last[:2], 2, True, *((True,) if shell is rows_shell else ()), 1.0, 0.01, *s)
+        with pytest.raises(ValueError, match="param n rows"):
+            merged_shell(*arrays, rows, 4, 4, 2, last, 1, False, 1.0, 0.01, *s)
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, before)) and not last.any()
 
 
 def test_the_row_shells_prefetch_the_rows_ahead():

@@ -287,8 +287,8 @@ def _make_rows(key, parallel):
         if update and grad_rows.size != rows.size * width:
             raise ValueError("rows: grad_rows must hold width elements per row")
         check_state(param, square_avg, grad_avg, momentum_buffer, uses_m, uses_b)
-        n = param.size // width if width else 0
-        if first_bad(rows, n) >= 0 or (catch_up and last.size != n):  # whole arrays indexed: no slice clamps
+        n = param.size // width if width else last.size  # whole arrays are indexed: no slice clamps
+        if (width or catch_up) and (first_bad(rows, n) >= 0 or (catch_up and last.size != n)):
             raise ValueError("rows: every row must be in [0, n) and last the size of n (catch_up)")
         kc = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
         none = rows[:0]
