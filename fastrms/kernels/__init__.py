@@ -18,6 +18,12 @@ Each shell reads ``param``, ``grad`` and the state arrays once and writes ``para
 state once, element by element: no temporaries and no second pass. Scalars arrive as a
 :class:`Scalars` of Python floats and are rounded once to the arrays' dtype, so float32
 arrays are updated in float32 arithmetic throughout.
+
+A shell's hot loop slices nothing and calls no inlined function taking arrays but the
+element function and the prefetch hints: Numba counts a reference for each, and cannot
+always drop the counts in a branchy loop (the row shells paid 12 calls a row, 2-3x their
+one-thread time, until :mod:`.rows` indexed whole arrays). Such indices are unsigned where
+LLVM must vectorise: a signed one is wrapped if negative, which it cannot vectorise.
 """
 
 import numpy as np
