@@ -119,7 +119,10 @@ class RMSprop:
             order = list(dict.fromkeys(s.dtype for s in slots))
             members = [[i for i, s in enumerate(slots) if s.dtype == dtype] for dtype in order]
             self._groups = [Group(m, [slots[i] for i in m], hyper, self._variant) for m in members]
-            self._group_of = [next(g for g, m in enumerate(members) if i in m) for i in range(len(slots))]
+            self._group_of = [0] * len(slots)  # each array's group (one pass: a model may have 1e4 arrays)
+            for g, m in enumerate(members):
+                for i in m:
+                    self._group_of[i] = g
         owned = sorted(_span(a) for s in slots for a in s.owned)
         self._owned_starts = [start for start, _ in owned]
         self._owned_ends = [end for _, end in owned]
