@@ -11,13 +11,12 @@ from . import runtime
 runtime.setup()  # before any parallel kernel runs: choose a thread- and fork-safe layer
 
 from . import functional, kernels, reference, schedules  # noqa: E402
+from ._version import __version__  # noqa: E402
 from .layout import pack  # noqa: E402
 from .optimizer import RMSprop  # noqa: E402
 from .presets import PRESETS  # noqa: E402
 from .runtime import info  # noqa: E402
 from .seed import rmsprop  # noqa: E402
-
-__version__ = "0.1.0"
 
 __all__ = [
     "RMSprop",

@@ -3,6 +3,7 @@ test environment is pinned, the runtime lower bounds are the tested ones, and th
 typed."""
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,9 @@ def test_ci_runs_exactly_the_readmes_two_commands():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "python .ci/readme_commands.py README.md" in ci and "python3 -m venv" not in ci.replace('"$PYTHON"', "")
     assert '-m venv "$work/venv"' in ci and "--system-site-packages" not in ci
+    # and the installed wheel is tested too, from a tree without the source package
+    wheel_stage = ci.split("venv-wheel")[1].split("venv-min")[0]
+    assert "pip wheel" in ci and "--exclude=./fastrms" in ci and "install -e" not in wheel_stage
 
 
 def test_a_readme_whose_setup_block_drifted_fails_the_command_reader(tmp_path):
@@ -70,3 +74,52 @@ def test_the_package_is_typed():
     for fn in (fastrms.RMSprop.__init__, fastrms.RMSprop.step, fastrms.rmsprop, fastrms.info):
         hints = inspect.get_annotations(fn)
         assert "return" in hints, f"{fn.__qualname__} has no return annotation"
+
+
+def _build(tmp_path, kind):
+    """Build a wheel or an sdist of a copy of the repository with the project's own backend."""
+    if not (ROOT / "fastrms").is_dir():
+        pytest.skip("no source tree beside the tests: this run tests an installed wheel (.ci/run)")
+    src = tmp_path / "repo"
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build", "dist", "*.nbi", "*.nbc", ".venv"),
+    )
+    out = tmp_path / "out"
+    code = f"from setuptools import build_meta as b; print(b.build_{kind}({str(out)!r}))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=src, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / done.stdout.strip().splitlines()[-1]
+
+
+def _package_files():
+    pkg = ROOT / "fastrms"
+    return {f"fastrms/{p.relative_to(pkg).as_posix()}" for p in pkg.rglob("*.py") if "__pycache__" not in p.parts} | {
+        "fastrms/py.typed"
+    }
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_every_module_of_the_source_tree(tmp_path):
+    """A wheel from a hand-kept package list had no fastrms/kernels or fastrms/bench: an
+    installed fastrms could not import."""
+    import zipfile
+
+    pytest.importorskip("setuptools", reason="the build backend (setuptools) is not installed here")
+    wheel = _build(tmp_path, "wheel")
+    names = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("fastrms/")}
+    assert names == _package_files()
+    assert any(n.endswith("entry_points.txt") for n in zipfile.ZipFile(wheel).namelist())
+
+
+@pytest.mark.slow
+def test_the_sdist_holds_every_module(tmp_path):
+    import tarfile
+
+    pytest.importorskip("setuptools", reason="the build backend (setuptools) is not installed here")
+    sdist = _build(tmp_path, "sdist")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    assert _package_files() <= names
+    assert {"pyproject.toml", "README.md"} <= names
