@@ -267,7 +267,7 @@ def _make_traffic(has_grad_avg, has_momentum, parallel):
     traffic.__name__ = traffic.__qualname__ = (
         f"traffic_m{has_grad_avg:d}_b{has_momentum:d}_{'parallel' if parallel else 'serial'}"
     )
-    return njit(parallel=parallel, error_model="numpy", cache=True, nogil=True)(traffic)
+    return kernels.jit(parallel)(traffic)  # the kernels' options and cache
 
 
 _TRAFFIC = {}

@@ -300,7 +300,7 @@ def _touch_rows(param, square_avg, rows, lo, hi, width, src):
             square_avg[a0 + j] = square_avg[a0 + j] + x
 
 
-@njit(parallel=True, nogil=True, error_model="numpy", cache=True)
+@kernels.jit(parallel=True)  # the kernels' options and their cache (keyed on this file too)
 def _row_traffic(param, square_avg, grad_rows, rows, width):
     """The bytes of a plain ``step_rows`` with no arithmetic to speak of: read p, g and v of
     each named row, write p and v (in blocks of rows, as the ``rows`` shell)."""
@@ -308,7 +308,7 @@ def _row_traffic(param, square_avg, grad_rows, rows, width):
         _touch_rows(param, square_avg, rows, block * BLOCK, min((block + 1) * BLOCK, rows.size), width, grad_rows)
 
 
-@njit(parallel=True, nogil=True, error_model="numpy", cache=True)
+@kernels.jit(parallel=True)
 def _summed_row_traffic(param, square_avg, grad_rows, rows, start, order, scratch, width):
     """The bytes of ``step_rows`` with duplicates, no arithmetic to speak of: read every grad
     row (grouped by distinct row, ``order[start[s]:start[s+1]]``) into a sum, then read and

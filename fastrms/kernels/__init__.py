@@ -12,7 +12,9 @@ the rest of fastrms, so user ``@njit`` code can call it directly).
 - :func:`rmsprop_update`: the plain step, for user ``@njit`` code;
 - :func:`drivers`: the serial and parallel dense shells of a variant;
 - :func:`step_bytes` and :data:`PARALLEL_MIN_BYTES`: the traffic rule behind the
-  serial/parallel choice.
+  serial/parallel choice;
+- :func:`jit`, :func:`cache_stats` and :data:`SOURCE_HASH`: the decorator of every kernel and
+  its on-disk cache (:mod:`._jit`: a cache that hits in every new process and is never stale).
 
 Each shell reads ``param``, ``grad`` and the state arrays once and writes ``param`` and the
 state once, element by element: no temporaries and no second pass. Scalars arrive as a
@@ -29,7 +31,7 @@ LLVM must vectorise: a signed one is wrapped if negative, which it cannot vector
 import numpy as np
 
 from . import _jit
-from ._jit import jit
+from ._jit import SOURCE_HASH, cache_stats, jit
 from .dense import dense, dense_out
 from .element import (
     MOM_INSIDE,
@@ -71,13 +73,16 @@ __all__ = [
     "WD_NONE",
     "address",
     "contiguous_address",
+    "SOURCE_HASH",
     "Scalars",
+    "cache_stats",
     "Variant",
     "dense",
     "dense_out",
     "drivers",
     "element",
     "increment_float32",
+    "jit",
     "nonfinite_parallel",
     "nonfinite_serial",
     "prefetch_rows",

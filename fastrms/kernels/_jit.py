@@ -1,6 +1,36 @@
-"""One decorator for every kernel: Numba's options, and the on-disk cache where Numba can."""
+"""One decorator for every kernel: Numba's options, and an on-disk cache that hits in every
+new process and is never stale.
 
+Numba's own cache keys a function on its own source file and, for a closure, on the pickled
+cells: a cell holding another dispatcher pickles differently in each process, so every loop
+shell built as a closure (each variant's dense, segment and row shells) missed in every new
+process and added a file to the cache each time; and a function whose file did not change
+kept its machine code after a change to the element function it inlines. :class:`KernelCache`
+is Numba's :class:`~numba.core.caching.FunctionCache` with two things replaced:
+
+- the **stamp** that decides whether an index is fresh: a hash of every module of this package
+  (all of them are compiled into every shell), of the function's own file, of fastrms's
+  ``_version.py`` and of the Numba and llvmlite versions (:data:`SOURCE_HASH`); a change to any
+  of them, whatever the file's size or mtime, makes every entry stale;
+- the **key** within an index: the signature, Numba's target description (CPU name and
+  features) and the closure's cells described by value, a dispatcher by its module, name and
+  line (its code is in the stamp), so the same variant has the same key in every process.
+
+The cache stays bounded: when an index is written, the data files it no longer names, and
+the indexes (with their data) of the same source file that carry another stamp, are removed.
+"""
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+import llvmlite
+import numba
 from numba import njit
+from numba.core.caching import FunctionCache, IndexDataCacheFile
+from numba.core.dispatcher import Dispatcher
+from numba.core.serialize import dumps
 
 #: Numba options of every kernel: NumPy's division semantics (no ZeroDivisionError branch in
 #: the loop), the GIL released, no fastmath (its no-NaN/no-Inf flags break the non-finite
@@ -14,22 +44,154 @@ JIT_OPTIONS = dict(error_model="numpy", nogil=True)
 #: read-only install with no writable home), the kernels are compiled in memory instead.
 CACHE_STATUS = "on"
 
+_HERE = Path(__file__).resolve().parent
+
+
+def _source_hash():
+    h = hashlib.sha256()
+    for path in sorted(_HERE.glob("*.py")) + [_HERE.parent / "_version.py"]:
+        h.update(path.name.encode() + b"\0")
+        try:
+            h.update(path.read_bytes())
+        except OSError:  # no _version.py beside a vendored copy of the kernels
+            h.update(b"-")
+    h.update(f"\0numba {numba.__version__}\0llvmlite {llvmlite.__version__}".encode())
+    return h.hexdigest()
+
+
+#: What every kernel is compiled from: this package's modules, fastrms's version file, Numba's
+#: and llvmlite's versions (hashed at import).
+SOURCE_HASH = _source_hash()
+
+_FILE_HASHES = {}
+
+#: Every dispatcher made by :func:`jit`, in order (for :func:`cache_stats`).
+DISPATCHERS = []
+
+
+def _stamp(py_file):
+    """The freshness stamp of a function defined in ``py_file``."""
+    path = os.path.realpath(py_file)
+    if Path(path).parent == _HERE:
+        return SOURCE_HASH
+    own = _FILE_HASHES.get(path)
+    if own is None:
+        try:
+            own = _FILE_HASHES[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        except OSError:
+            own = "-"
+    return hashlib.sha256(f"{SOURCE_HASH}\0{own}".encode()).hexdigest()
+
+
+def _cell_key(value):
+    """A description of one closure cell that is the same in every process."""
+    if isinstance(value, Dispatcher):
+        fn = value.py_func
+        return ("dispatcher", fn.__module__, fn.__qualname__, fn.__code__.co_firstlineno)
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return (type(value).__name__, repr(value))
+    if isinstance(value, tuple):
+        return (type(value).__name__, tuple(_cell_key(v) for v in value))
+    return ("pickled", hashlib.sha256(dumps(value)).hexdigest())  # correct, if not stable
+
+
+class _BoundedIndex(IndexDataCacheFile):
+    """Numba's index and data files, pruned whenever the index is written."""
+
+    def __init__(self, cache_path, filename_base, source_stamp, module_prefix):
+        super().__init__(cache_path=cache_path, filename_base=filename_base, source_stamp=source_stamp)
+        self._prefix = module_prefix
+        self._base = filename_base
+
+    def _save_index(self, overloads):
+        super()._save_index(overloads)
+        keep = set(overloads.values())
+        try:
+            names = os.listdir(self._cache_path)
+        except OSError:
+            return
+        for entry in names:
+            if entry.startswith(self._base + ".") and entry.endswith(".nbc") and entry not in keep:
+                _remove(os.path.join(self._cache_path, entry))
+            elif entry.startswith(self._prefix) and entry.endswith(".nbi") and entry != self._index_name:
+                self._prune_other(entry)
+
+    def _prune_other(self, index_name):
+        """Remove another function's index of this source file, and its data, if it is stale."""
+        path = os.path.join(self._cache_path, index_name)
+        try:
+            with open(path, "rb") as f:
+                version = pickle.load(f)
+                stamp, _ = pickle.loads(f.read())
+        except Exception:  # unreadable: leave it to Numba, which ignores what it cannot read
+            return
+        if version == self._version and stamp == self._source_stamp:
+            return
+        base = index_name[: -len(".nbi")]
+        _remove(path)
+        for entry in os.listdir(self._cache_path):
+            if entry.startswith(base + ".") and entry.endswith(".nbc"):
+                _remove(os.path.join(self._cache_path, entry))
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except OSError:  # another process removed it first, or it is not ours to remove
+        pass
+
+
+class KernelCache(FunctionCache):
+    """Numba's function cache with fastrms's stamp and key (see the module docstring)."""
+
+    def __init__(self, py_func):
+        super().__init__(py_func)
+        modname = os.path.splitext(os.path.basename(py_func.__code__.co_filename))[0]
+        self._cache_file = _BoundedIndex(
+            self._cache_path, self._impl.filename_base, _stamp(py_func.__code__.co_filename), modname + "."
+        )
+
+    def _index_key(self, sig, codegen):
+        fn = self._py_func
+        cells = tuple(_cell_key(c.cell_contents) for c in fn.__closure__ or ())
+        code = hashlib.sha256(fn.__code__.co_code + repr(cells).encode()).hexdigest()
+        return (sig, codegen.magic_tuple(), code)
+
 
 def jit(parallel=False):
-    """``njit`` with :data:`JIT_OPTIONS`, cached on disk where Numba can."""
+    """``njit`` with :data:`JIT_OPTIONS`, cached on disk (:class:`KernelCache`) where Numba can."""
 
     def wrap(fn):
         global CACHE_STATUS
+        dispatcher = njit(parallel=parallel, **JIT_OPTIONS)(fn)
         if CACHE_STATUS == "on":
             try:
-                return njit(parallel=parallel, cache=True, **JIT_OPTIONS)(fn)
+                dispatcher._cache = KernelCache(dispatcher.py_func)
             except RuntimeError as exc:  # Numba found no writable cache location
                 if "cannot cache" not in str(exc):
                     raise
                 CACHE_STATUS = f"off: {exc}"
-        return njit(parallel=parallel, **JIT_OPTIONS)(fn)
+        DISPATCHERS.append(dispatcher)
+        return dispatcher
 
     return wrap
+
+
+def cache_stats():
+    """What the kernels' disk cache did in this process: ``{"hits", "misses", "folder",
+    "compiled"}``, ``compiled`` naming each function that missed (it was compiled here)."""
+    hits = misses = 0
+    compiled, folder = [], None
+    for d in DISPATCHERS:
+        stats = d.stats
+        hits += sum(stats.cache_hits.values())
+        missed = sum(stats.cache_misses.values())
+        misses += missed
+        if missed:
+            compiled.append(d.py_func.__qualname__)
+        if folder is None and isinstance(d._cache, KernelCache):
+            folder = d._cache.cache_path
+    return {"hits": hits, "misses": misses, "folder": folder, "compiled": compiled}
 
 
 def name(fn, text):

@@ -1,0 +1,212 @@
+"""fastrms.kernels._jit: the kernels' disk cache hits in every new process, follows every change
+to the source it compiles, and stays bounded. Each test runs fresh Python processes."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastrms
+from fastrms import kernels, reference
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+#: One of every kind of entry, each variant kind once: dense serial and parallel, a chunk
+#: table, the pure step, rows (lazy, merged and dense-equivalent), clipped with skip, user
+#: code's rmsprop_update, and fastrms.torch when torch is there. Prints the cache statistics.
+ENTRIES = """
+import json, sys
+import numpy as np
+import fastrms
+from fastrms import kernels
+
+for opts in ({}, {"momentum": 0.9, "centered": True}, {"weight_decay": 0.1, "momentum": 0.9, "nesterov": True}):
+    for n in (1000, 1 << 18):
+        w = np.zeros(n, np.float32)
+        fastrms.RMSprop(w, 1e-3, **opts).step(np.ones_like(w))
+    ws = [np.zeros(300) for _ in range(5)]
+    fastrms.RMSprop(ws, 1e-3, **opts).step([np.ones_like(x) for x in ws])
+    fastrms.functional.rmsprop_step(np.zeros(10), np.ones(10), None, 1, 1e-3, **opts)
+    t = np.zeros((100, 8), np.float32)
+    fastrms.RMSprop(t, 1e-3, **opts).step_rows(np.array([1, 5, 5]), np.ones((3, 8), np.float32))
+    clipped = fastrms.RMSprop(t, 1e-3, clip_global_norm=1.0, skip_nonfinite=True, **opts)
+    clipped.step(np.ones_like(t))
+    clipped.step_rows(np.array([1, 5, 5]), np.ones((3, 8), np.float32))
+    if "weight_decay" not in opts:
+        exact = fastrms.RMSprop(t, 1e-3, dense_rows=True, **opts)
+        exact.step_rows(np.array([1, 5]), np.ones((2, 8), np.float32))
+        exact.step_rows(np.array([3]), np.ones((1, 8), np.float32))
+kernels.rmsprop_update(np.zeros(16), np.ones(16), np.zeros(16), 0.1, 0.9, 1e-8)
+if "torch" in sys.argv:
+    import torch
+    import fastrms.torch as ft
+
+    m = torch.nn.Linear(4, 3)
+    for flatten in (False, True):
+        o = ft.RMSprop(m.parameters(), lr=0.01, momentum=0.9, flatten=flatten)
+        m(torch.ones(2, 4)).sum().backward()
+        o.step()
+print(json.dumps(kernels.cache_stats()))
+"""
+
+
+def _run(script, *args, env=None, cwd=None):
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _cache_files(folder):
+    return sorted(p.name for p in Path(folder).rglob("*") if p.suffix in (".nbi", ".nbc"))
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_every_kernel_from_the_disk_cache():
+    """Numba's own key pickles a closure's cells, and a cell holding a dispatcher pickles
+    differently in each process: every loop shell missed in every new process. (The
+    environment's cache location is used, so what this test session compiled is reused.)"""
+    args = ("torch",) if HAS_TORCH else ()
+    _run(ENTRIES, *args)  # warm up: compiles or loads
+    second = _run(ENTRIES, *args)
+    assert second["misses"] == 0 and second["compiled"] == [], second
+    assert second["hits"] >= 20, second  # the entries really went through cached kernels
+
+
+def _copy_package(tmp_path):
+    root = tmp_path / "src"
+    shutil.copytree(Path(fastrms.__file__).parent, root / "fastrms", ignore=shutil.ignore_patterns("__pycache__"))
+    # No .pyc files: CPython itself trusts a .pyc whose source kept its size and mtime, which
+    # would hide what this tests (Numba's cache) behind a stale module.
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(root), PYTHONDONTWRITEBYTECODE="1")
+    return root / "fastrms", env
+
+
+#: The plain step through every public entry, from w = 0 and g = 1: the moved params, in order.
+PUBLIC_ENTRIES = """
+import json
+import numpy as np
+import fastrms
+from fastrms import kernels
+
+assert fastrms.__file__.startswith(%r), fastrms.__file__
+out = []
+w = np.zeros(8, np.float32); fastrms.RMSprop(w, 1e-3).step(np.ones_like(w)); out.append(float(w[0]))
+w = np.zeros(8); kernels.rmsprop_update(w, np.ones(8), np.zeros(8), 1e-3, 0.9, 1e-8); out.append(float(w[0]))
+for shell in kernels.drivers():
+    w = np.zeros(8)
+    shell(w, np.ones(8), np.zeros(8), w[:0], w[:0], *kernels.Scalars(1e-3, 0.9, 0.0, 1e-8, 0.0, 0.0, 1.0, 1.0))
+    out.append(float(w[0]))
+t = np.zeros((4, 2)); fastrms.RMSprop(t, 1e-3).step_rows(np.array([1, 1]), np.ones((2, 2)) / 2); out.append(t[1, 0])
+stats = kernels.cache_stats()
+print(json.dumps({"moved": out, "misses": stats["misses"], "hits": stats["hits"]}))
+"""
+
+
+@pytest.mark.slow
+def test_a_changed_element_function_is_compiled_again_whatever_the_files_size_and_mtime(tmp_path):
+    """Numba keys a cached function on its own file's stamp; the shells inline the element
+    function from another file, so a change there kept the old formula after an upgrade."""
+    pkg, env = _copy_package(tmp_path)
+    script = PUBLIC_ENTRIES % str(pkg)
+    element = pkg / "kernels" / "element.py"
+    original = element.read_text()
+    plain = "            p = p - lr * u\n"
+    assert original.count(plain) == 1
+
+    expected = float(reference.rmsprop_step(np.zeros(1), np.ones(1), {"square_avg": np.zeros(1)}, 1, 1e-3)[0])
+    warm = _run(script, env=env, cwd=tmp_path)
+    assert warm["moved"] == pytest.approx([expected] * 5, rel=1e-6)
+    assert _run(script, env=env, cwd=tmp_path)["misses"] == 0  # the cache works before the change
+    files = _cache_files(tmp_path / "cache")
+
+    stat = element.stat()
+    for text, sign in ((plain.replace("-", "+"), -1), (plain, 1)):  # each of the same size, mtime kept
+        element.write_text(original.replace(plain, text))
+        os.utime(element, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert element.stat().st_size == stat.st_size and element.stat().st_mtime_ns == stat.st_mtime_ns
+        changed = _run(script, env=env, cwd=tmp_path)
+        assert changed["moved"] == pytest.approx([sign * expected] * 5, rel=1e-6), text
+        assert changed["misses"] > 0
+    # the stale entries were replaced, not piled up
+    assert _cache_files(tmp_path / "cache") == files
+
+
+@pytest.mark.slow
+def test_repeated_processes_do_not_grow_the_cache(tmp_path):
+    """One key per function and signature in every process: the file count stays put. (A
+    per-process key, the old failure, added a file at the second process already.)"""
+    pkg, env = _copy_package(tmp_path)
+    script = PUBLIC_ENTRIES % str(pkg)
+    _run(script, env=env, cwd=tmp_path)
+    files = _cache_files(tmp_path / "cache")
+    assert files
+    for _ in range(3):
+        assert _run(script, env=env, cwd=tmp_path)["misses"] == 0
+        assert _cache_files(tmp_path / "cache") == files
+
+
+def test_stale_index_files_of_the_same_module_are_pruned(tmp_path):
+    """An index whose stamp is not the current one (another fastrms, another Numba) goes with
+    its data when an index of the same source file is written."""
+    from fastrms.kernels import _jit
+
+    cache = _jit._BoundedIndex(str(tmp_path), "dense.f-1.py311", "stamp-now", "dense.")
+    stale = _jit._BoundedIndex(str(tmp_path), "dense.g-9.py311", "stamp-before", "dense.")
+    fresh = _jit._BoundedIndex(str(tmp_path), "dense.h-5.py311", "stamp-now", "dense.")
+    other = _jit._BoundedIndex(str(tmp_path), "rows.k-1.py311", "stamp-before", "rows.")
+    for index in (stale, fresh, other):
+        index.save("key", b"data")
+    (tmp_path / "dense.f-1.py311.7.nbc").write_bytes(b"orphan")  # named by no index
+    cache.save("key", b"data")
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [
+            "dense.f-1.py311.nbi",
+            "dense.f-1.py311.1.nbc",
+            "dense.h-5.py311.nbi",
+            "dense.h-5.py311.1.nbc",
+            "rows.k-1.py311.nbi",  # another source file's: not this index's to judge
+            "rows.k-1.py311.1.nbc",
+        ]
+    )
+    assert cache.load("key") == b"data" and fresh.load("key") == b"data"
+
+
+def test_the_key_describes_closure_cells_by_value():
+    """The same variant has the same key in every process: a dispatcher cell is named, not
+    pickled (its pickle holds a per-process id)."""
+    from fastrms.kernels import _jit
+
+    at = kernels.element(kernels.variant())
+    assert _jit._cell_key(at) == (
+        "dispatcher",
+        at.py_func.__module__,
+        at.py_func.__qualname__,
+        at.py_func.__code__.co_firstlineno,
+    )
+    assert _jit._cell_key(True) != _jit._cell_key(1) and _jit._cell_key((1, 2.0)) == (
+        "tuple",
+        (("int", "1"), ("float", "2.0")),
+    )
+    shell = kernels.dense(kernels.variant(), False)
+    assert isinstance(shell._cache, _jit.KernelCache) or kernels.CACHE_STATUS != "on"
+
+
+def test_cache_stats_and_info_report_the_cache():
+    w = np.zeros(4, np.float32)
+    fastrms.RMSprop(w, 1e-3).step(np.ones_like(w))
+    stats = kernels.cache_stats()
+    assert stats["hits"] + stats["misses"] >= 1
+    info = fastrms.info()
+    for key in ("fastrms", "numpy", "numba", "python", "cache_folder", "cache_hits", "cache_misses"):
+        assert key in info
+    assert info["fastrms"] == fastrms.__version__ and info["numpy"] == np.__version__
+    if kernels.CACHE_STATUS == "on":
+        assert info["cache_folder"] and os.path.isdir(info["cache_folder"])
