@@ -206,10 +206,23 @@ def _after_fork_in_child():
 
 
 def info() -> dict:
-    """What fastrms runs on: threading layer, threads, the parallel mode and why; caching."""
-    from . import kernels
+    """What fastrms runs on: threading layer, threads, the parallel mode and why; the kernels'
+    disk cache (its folder and what its lookups in this process did); the versions."""
+    import platform
 
+    import llvmlite
+    import numpy
+
+    from . import kernels
+    from ._version import __version__
+
+    stats = kernels.cache_stats()
     return {
+        "fastrms": __version__,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "numba": numba.__version__,
+        "llvmlite": llvmlite.__version__,
         "threading_layer": layer(),
         "parallel_mode": parallel_mode(),
         "reason": _STATE["reason"],
@@ -219,5 +232,9 @@ def info() -> dict:
         "NUMBA_NUM_THREADS": numba.config.NUMBA_NUM_THREADS,
         "parallel_min_bytes": kernels.PARALLEL_MIN_BYTES,
         "cache": kernels.CACHE_STATUS,
-        "numba": numba.__version__,
+        "cache_folder": stats["folder"],
+        "cache_hits": stats["hits"],
+        "cache_misses": stats["misses"],
+        "compiled_here": stats["compiled"],
+        "source_hash": kernels.SOURCE_HASH[:16],
     }
