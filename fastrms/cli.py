@@ -72,6 +72,8 @@ def _bench(args):
         return report.run_sparse(args.rounds)
     if args.dask:
         return report.run_dask(args.rounds, args.sizes[0] if args.sizes else None)
+    if args.cold:
+        return report.run_cold(args.rounds)
     if args.torch:
         return report.run_torch(args.rounds, widths=(100, 300) if args.sizes is None else args.sizes)
     return report.run(
@@ -159,7 +161,7 @@ def _check(args):
             raise UsageError("fastrms bench --torch needs PyTorch: pip install 'fastrms[torch]'")
         if args.dask and (importlib.util.find_spec("dask") is None or importlib.util.find_spec("distributed") is None):
             raise UsageError("fastrms bench --dask needs Dask: pip install 'fastrms[dask]'")
-        if not (args.threshold or args.many or args.clipped or args.torch or args.sparse or args.dask):
+        if not (args.threshold or args.many or args.clipped or args.torch or args.sparse or args.dask or args.cold):
             _output_folder(args.output, "--output")
 
 
@@ -204,6 +206,7 @@ def _parse(argv):
     b.add_argument("--clipped", action="store_true", help="clip_global_norm / clip_value against the unclipped step")
     b.add_argument("--sparse", action="store_true", help="step_rows on a (1e6, 64) table against dense steps")
     b.add_argument("--dask", action="store_true", help="the step over dask arrays on a LocalCluster (--sizes: total)")
+    b.add_argument("--cold", action="store_true", help="import and first steps in fresh processes (warm disk cache)")
     b.add_argument(
         "--torch", action="store_true", help="fastrms.torch.RMSprop against torch (--sizes: layer widths, 100 300)"
     )

@@ -290,6 +290,15 @@ def run_sparse(rounds=None):
     return 0
 
 
+def run_cold(rounds=None):
+    """``fastrms bench --cold``: import and first steps in fresh processes, against Numba's
+    own start-up; the first-ever compile of each shell."""
+    from . import cold
+
+    cold.report(cold.measure(rounds=5 if rounds is None else rounds))
+    return 0
+
+
 def run_torch(rounds=None, widths=(100,)):
     """``fastrms bench --torch``: the fused torch optimizer against torch's, and the
     optimizer's share of a training step, for 100 layers of each width."""
