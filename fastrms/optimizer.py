@@ -515,7 +515,9 @@ class RMSprop:
             raise ValueError("grad_rows shares memory with the params or the optimizer state; pass a separate array")
         if not slot.param.flags.writeable:
             raise self._read_only(slot)
-        index = rows.astype(np.int64) if rows.dtype != np.int64 or not rows.flags.c_contiguous else rows
+        # A private copy: the indices checked are the ones used, even if the caller's buffer is
+        # refilled by another thread during the call or aliases the table being written.
+        index = np.array(rows, dtype=np.int64)
         if self._generation != runtime.generation():
             self._choose_kernels()
         parallel = (
@@ -531,13 +533,13 @@ class RMSprop:
                         parts, slot.row_step, t, self._dense_rows, *self._catch_up_constants(self._pending_lr),
                         *scalars)  # fmt: skip
             if bad >= 0:
-                raise self._bad_row(rows, bad, n)
+                raise self._bad_row(index, bad, n)
             self._advance()
             return
         # the global norm and the non-finite check need the summed rows before any is stepped
         unique, g, bad = kernels.coalesce(index, n, flat_grads, width)
         if bad >= 0:
-            raise self._bad_row(rows, bad, n)
+            raise self._bad_row(index, bad, n)
         coef = 1.0
         if self._max_norm is not None:
             total = (kernels.sumsq_parallel if parallel else kernels.sumsq_serial)(g)

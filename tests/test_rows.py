@@ -353,3 +353,58 @@ def test_the_row_shells_prefetch_the_rows_ahead():
             fresh(*head, *((True,) if shell is kernels.rows else ()), 1.0, 0.01, *s)
             ir = "\n".join(fresh.inspect_llvm().values())
             assert re.search(r"call void @llvm\.prefetch[.\w]*\(.*i32 1, i32 3, i32 1\)", ir), (shell, opts)
+
+
+RACING_ROWS = """
+import sys, threading
+import numpy as np
+import fastrms
+
+n, width, k = 4096, 64, 4096  # a parallel step: k rows of 64 float64
+rng = np.random.default_rng(0)
+table = np.ones((n, width))
+raw = table.view(np.int64)
+rows = raw.reshape(-1)[:k]  # the index buffer is the table's first k // width rows themselves
+rows[:] = rng.integers(0, k // width, size=k)  # ... and names only those rows: each write changes an index
+expected_rows = rows.copy()
+grads = rng.standard_normal((k, width))
+opt = fastrms.RMSprop(table, 1e-2)
+assert opt.parallel == [True] or "serial" in sys.argv[1:]
+ref = table.copy(); ref_opt = fastrms.RMSprop(ref, 1e-2)
+ref_opt.step_rows(expected_rows, grads)
+opt.step_rows(rows, grads)  # the indices checked must be the indices used
+assert np.array_equal(table, ref), "the step used indices other than the ones it was given"
+
+# a loader thread refilling the batch buffer while the optimizer steps from it
+buf = rng.integers(0, n, size=k)
+stop = threading.Event()
+def refill():
+    r = np.random.default_rng(1)
+    while not stop.is_set():
+        buf[:] = r.integers(-n, 2 * n, size=k)  # out-of-range values too
+t = threading.Thread(target=refill); t.start()
+refused = 0
+try:
+    for _ in range(200):
+        try:
+            opt.step_rows(buf, grads)
+        except ValueError as exc:
+            assert "outside" in str(exc)
+            refused += 1
+finally:
+    stop.set(); t.join()
+assert np.isfinite(table).all()
+print("ok", refused)
+"""
+
+
+@pytest.mark.slow
+def test_step_rows_uses_the_indices_it_checked(tmp_path):
+    """Rows that alias the table, or a buffer another thread refills during the call: the
+    kernel once read the indices again after the bounds check (threads indexed out of bounds:
+    SIGSEGV, or a glibc abort). Run in a subprocess: a crash is a failed test, not a dead run."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", RACING_ROWS], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), (out.returncode, out.stderr[-2000:])
