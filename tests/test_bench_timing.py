@@ -43,16 +43,20 @@ def test_clipped_times_every_clip_case_and_the_read_pass():
     assert all(rows[0][k] > 0 for k in (*timing.CLIP_CASES, "read pass"))
 
 
+@pytest.mark.slow
 def test_torch_steps_times_each_optimizer_and_a_training_step():
     pytest.importorskip("torch", reason="torch is not installed (pip install 'fastrms[torch]')")
     r = timing.torch_steps(layers=2, width=8, rounds=1, target=0.001)
     assert r["tensors"] == 4 and r["params"] == 2 * (8 * 8 + 8)
+    compiled = "torch.compile(torch.optim.RMSprop.step)"
     assert set(r["train"]) == {
         "fastrms.torch.RMSprop",
         "fastrms.torch.RMSprop(flatten=True)",
         "torch.optim.RMSprop",
         "torch.optim.RMSprop(foreach=True)",
+        compiled,
     }
+    assert set(r["compile"]) == {compiled} and r["compile"][compiled] > 0
     assert set(r["step"]) == set(r["train"]) | {"fastrms.RMSprop, one flat array"}
     assert all(t > 0 for t in [*r["step"].values(), *r["train"].values()])
 

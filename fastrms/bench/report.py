@@ -312,6 +312,8 @@ def _run_torch(r):
     print(f"float32, {r['tensors']} tensors, {r['params']} params, optimizer step, medians:")
     for name, seconds in r["step"].items():
         print(f"  {name:36s} {seconds * 1e3:8.3f} ms  {seconds / ours:5.2f}x fastrms.torch")
+    for name, seconds in r.get("compile", {}).items():
+        print(f"  {name}: compiling took {seconds:.1f} s (its first call), the price of each new process")
     print("whole training step (zero_grad, forward, backward, step), medians:")
     for name, seconds in r["train"].items():
         share = r["step"][name] / seconds

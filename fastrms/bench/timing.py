@@ -170,13 +170,14 @@ def clipped(dtype="float32", sizes=(10_000_000, 1_000_000), variants=None, round
     return rows
 
 
-def torch_steps(layers=100, width=100, rounds=7, target=0.05, seed=0):
+def torch_steps(layers=100, width=100, rounds=7, target=0.05, seed=0, compiled=True):
     """``fastrms bench --torch``: the optimizer step on a model of ``2 * layers`` tensors
     (``layers`` ``Linear(width, width)``), float32, for ``fastrms.torch.RMSprop`` (and with
-    ``flatten=True``),
-    ``torch.optim.RMSprop`` (default and ``foreach=True``) and ``fastrms.RMSprop`` over one
-    flat array of the same size; and a whole training step (forward, backward, step) with
-    each. Returns ``{"params": n, "tensors": k, "step": {...}, "train": {...}}`` in seconds."""
+    ``flatten=True``), ``torch.optim.RMSprop`` (default, ``foreach=True`` and, with
+    ``compiled``, its step under ``torch.compile``, which fuses it into one C++ loop) and
+    ``fastrms.RMSprop`` over one flat array of the same size; and a whole training step
+    (forward, backward, step) with each. Returns ``{"params": n, "tensors": k, "step": {...},
+    "train": {...}, "compile": {name: seconds of the first call}}``."""
     import torch
 
     from ..torch import RMSprop as FusedRMSprop
@@ -192,19 +193,27 @@ def torch_steps(layers=100, width=100, rounds=7, target=0.05, seed=0):
         "torch.optim.RMSprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3),
         "torch.optim.RMSprop(foreach=True)": lambda ps: torch.optim.RMSprop(ps, lr=1e-3, foreach=True),
     }
+    compiled_name = "torch.compile(torch.optim.RMSprop.step)"
+    if compiled:
+        makers[compiled_name] = lambda ps: torch.optim.RMSprop(ps, lr=1e-3)
     x = torch.randn(64, width)
-    steps, train = {}, {}
+    steps, train, compile_seconds = {}, {}, {}
     for name, make in makers.items():
         m = model()
         for p in m.parameters():
             p.grad = torch.randn_like(p) * 1e-3
         opt = make(m.parameters())
         steps[name] = opt.step
+        if name == compiled_name:
+            steps[name] = torch.compile(opt.step)
+            t0 = time.perf_counter()
+            steps[name]()  # the compile, torch's real cost, timed on its own
+            compile_seconds[name] = time.perf_counter() - t0
 
-        def one(m=m, opt=opt):
+        def one(m=m, opt=opt, step=steps[name]):
             opt.zero_grad()
             m(x).pow(2).mean().backward()
-            opt.step()
+            step()
 
         train[name] = one
     n = sum(p.numel() for p in m.parameters())
@@ -216,6 +225,7 @@ def torch_steps(layers=100, width=100, rounds=7, target=0.05, seed=0):
         "tensors": 2 * layers,
         "step": measure_calls(steps, rounds, target),
         "train": measure_calls(train, rounds, target),
+        "compile": compile_seconds,
     }
 
 
