@@ -52,7 +52,7 @@ from .rows import coalesce, merged_rows, rows
 from .segments import (
     CHUNK,
     chunk_table,
-    increment_float32,
+    increment,
     nonfinite_segments_parallel,
     nonfinite_segments_serial,
     segments,
@@ -81,7 +81,7 @@ __all__ = [
     "dense_out",
     "drivers",
     "element",
-    "increment_float32",
+    "increment",
     "jit",
     "nonfinite_parallel",
     "nonfinite_serial",

@@ -148,13 +148,13 @@ def _make_sumsq_segments(parallel):
 sumsq_segments_serial, sumsq_segments_parallel = _make_sumsq_segments(False), _make_sumsq_segments(True)
 
 
-def _increment_float32(addresses):
-    """``x += 1`` for the float32 scalar at each of ``addresses`` (torch's per-param ``step``
-    counters: one call instead of a torch op per param)."""
-    witness = np.empty(0, np.float32)
+def _increment(addresses, witness):
+    """``x += 1`` for the scalar of ``witness``'s dtype at each of ``addresses`` (torch's
+    per-param ``step`` counters: one call instead of a torch op per param)."""
+    one = witness.dtype.type(1.0)
     for i in range(addresses.size):
-        carray(_pointer(addresses[i], witness), (1,))[0] += np.float32(1.0)
+        carray(_pointer(addresses[i], witness), (1,))[0] += one
 
 
-name(_increment_float32, "increment_float32")
-increment_float32 = jit()(_increment_float32)
+name(_increment, "increment_scalars")
+increment = jit()(_increment)

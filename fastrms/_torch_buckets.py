@@ -1,0 +1,178 @@
+"""The flat buffers of ``fastrms.torch.RMSprop(flatten=True)``: one bucket per param group and
+dtype holds its params, grads and state back to back (a private module of
+:mod:`fastrms.torch`; it imports torch)."""
+
+import operator
+
+import numpy as np
+import torch
+from torch.optim.optimizer import _get_scalar_dtype
+
+from . import kernels, runtime
+from . import options as O
+
+_GRAD = operator.attrgetter("grad")
+_DATA_PTR = torch.Tensor.data_ptr
+_NUMEL = torch.Tensor.numel
+STATE_NAMES = ("square_avg", "grad_avg", "momentum_buffer")
+
+
+class Bucket:
+    """The params of one group and dtype in one flat buffer: each ``p.data`` and ``p.grad`` a
+    view of the param and grad buffers, the state flat buffers whose views are the per-param
+    state torch's ``state_dict`` holds, and the per-param ``step`` counters views of one
+    vector (of torch's scalar dtype).
+
+    A param *has a grad* as torch means it: backward reached it since the last
+    ``zero_grad(set_to_none=True)`` (a post-accumulate-grad hook marks it), or it had a grad
+    when it was bucketed, or the last ``zero_grad`` kept the grads (``set_to_none=False``).
+    Only those params move and get state; its grad view stays in place either way (reading as
+    zeros where torch would give None), so backward keeps accumulating into the buffer."""
+
+    def __init__(self, params):
+        self.params = params
+        self.dtype = params[0].dtype
+        self.sizes = [p.numel() for p in params]
+        self.offsets = np.concatenate(([0], np.cumsum(self.sizes)[:-1])).astype(int).tolist()
+        n = sum(self.sizes)
+        self.param_flat = torch.empty(n, dtype=self.dtype)
+        self.grad_flat = torch.zeros(n, dtype=self.dtype)
+        self.grads = []
+        self.active = np.zeros(len(params), dtype=bool)
+        with torch.no_grad():
+            for i, (p, o, k) in enumerate(zip(params, self.offsets, self.sizes)):
+                view = self.param_flat[o : o + k].view(p.shape)
+                view.copy_(p)
+                p.data = view
+                grad = self.grad_flat[o : o + k].view(p.shape)
+                if p.grad is not None:
+                    grad.copy_(p.grad)
+                    self.active[i] = True
+                p.grad = grad
+                self.grads.append(grad)
+                p.register_post_accumulate_grad_hook(self._marker(i))
+        self.addresses = [p.data_ptr() for p in params]
+        self.param_np, self.grad_np = self.param_flat.numpy(), self.grad_flat.numpy()
+        self.state, self.state_np = {}, {}
+        self.steps = torch.zeros(len(params), dtype=_get_scalar_dtype())
+        self.steps_np = self.steps.numpy()
+        self.has_state = np.zeros(len(params), dtype=bool)
+        self.names = self.hyper = self.key = self.scalars = None
+        self._subset = (None, None)  # (active mask bytes, the chunk table over those params)
+
+    def _marker(self, i):
+        active = self.active
+
+        def mark(_param):
+            active[i] = True
+
+        return mark
+
+    def tiles(self):
+        """Whether every param and grad is still the view this bucket made: the grad object,
+        the data address and the size (three reads per param)."""
+        params = self.params
+        return (
+            all(map(operator.is_, map(_GRAD, params), self.grads))
+            and list(map(_DATA_PTR, params)) == self.addresses
+            and list(map(_NUMEL, params)) == self.sizes
+        )
+
+    def state_view(self, name, i):
+        """Param ``i``'s view of state buffer ``name`` (zeros, as torch starts it)."""
+        if name not in self.state:
+            self.state[name] = torch.zeros(self.param_flat.numel(), dtype=self.dtype)
+            self.state_np[name] = self.state[name].numpy()
+        o, k = self.offsets[i], self.sizes[i]
+        return self.state[name][o : o + k].view(self.params[i].shape)
+
+    def prepare(self, hyper, layout):
+        """Make sure every param that has a grad has its state, as views of the buffers
+        (``layout`` is the optimizer's, which creates and checks it)."""
+        names = O.state_names(hyper)
+        fresh = self.active & ~self.has_state
+        if self.names != names:
+            fresh = self.active.copy()
+            self.names = names
+        for i in np.flatnonzero(fresh):
+            layout(self.params[i], names, self.params[i].data_ptr())
+            self.has_state[i] = True
+        if hyper is not self.hyper:  # the optimizer caches each distinct set of options: one object
+            self.hyper, self.key = hyper, O.variant_key(hyper)
+            self.scalars = O.scalars(hyper, hyper["learning_rate"], 1)
+
+    def adopt(self, i, state):
+        """After ``load_state_dict``: copy param ``i``'s loaded state into the buffers and
+        point the state at their views again."""
+        with torch.no_grad():
+            for name in STATE_NAMES:
+                if name in state:
+                    view = self.state_view(name, i)
+                    view.copy_(state[name])
+                    state[name] = view
+            if "step" in state:
+                self.steps[i] = float(state["step"])
+                state["step"] = self.steps[i]
+        self.has_state[i] = bool(state)
+        self.names = self.hyper = None
+
+    def zero_grads(self, set_to_none):
+        """Zero the grad buffer in place; with ``set_to_none`` no param has a grad until
+        backward reaches it again."""
+        self.grad_flat.zero_()
+        for p, grad in zip(self.params, self.grads):
+            if p.grad is not grad:
+                p.grad = grad
+        self.active[:] = not set_to_none
+
+    def step(self, hyper, parallel_mode, bumped):
+        """One kernel call over the params that have a grad (after :meth:`prepare`): a dense
+        call over the whole buffer when all have one, else a chunk table over those."""
+        active = self.active
+        if not active.any():
+            return
+        key = self.key
+        itemsize = self.param_np.itemsize
+        if active.all():
+            n = self.param_np.size
+        else:
+            n = int(np.dot(active, self.sizes))
+        parallel = parallel_mode(n, itemsize, hyper)
+        if active.all():
+            empty = self.param_np[:0]
+            arrays = (
+                self.param_np,
+                self.grad_np,
+                self.state_np["square_avg"],
+                self.state_np.get("grad_avg", empty) if key.uses_grad_avg else empty,
+                self.state_np.get("momentum_buffer", empty) if key.uses_momentum_buffer else empty,
+            )
+            shell = kernels.dense(key, bool(parallel))
+            call = (*arrays, *self.scalars)
+            self.steps_np += self.steps_np.dtype.type(1.0)
+        else:
+            ptrs, sizes, chunks = self._table(active)
+            shell = kernels.segments(key, bool(parallel))
+            call = (self.param_np[:0], ptrs, sizes, chunks, *self.scalars)
+            self.steps_np[active] += self.steps_np.dtype.type(1.0)
+        if parallel == "serialized":
+            shell = runtime.serialized(shell)
+        shell(*call)
+        bumped.append(self.param_flat)  # views share their base's version counter
+        bumped.extend(self.state[name] for name in self.names)
+
+    def _table(self, active):
+        """The pointer table (``kernels.segments``) over the params that have a grad."""
+        bases = [self.param_flat.data_ptr(), self.grad_flat.data_ptr()] + [
+            self.state[name].data_ptr() if name in self.state else 0 for name in STATE_NAMES
+        ]
+        mask = (active.tobytes(), tuple(bases))
+        if self._subset[0] == mask:
+            return self._subset[1]
+        itemsize = self.param_np.itemsize
+        rows = [[b + self.offsets[i] * itemsize if b else 0 for b in bases] for i in np.flatnonzero(active)]
+        ptrs = np.array(rows, dtype=np.int64)
+        sizes = np.array([self.sizes[i] for i in np.flatnonzero(active)], dtype=np.int64)
+        table = (ptrs, sizes, kernels.chunk_table(sizes))
+        self._subset = (mask, table)
+        return table
