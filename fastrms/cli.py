@@ -151,6 +151,10 @@ def _check(args):
                 text = path.read_text(encoding="utf-8")
             except OSError as exc:
                 raise UsageError(f"--readme {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+            except UnicodeDecodeError as exc:
+                raise UsageError(
+                    f"--readme {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+                ) from None
             if README_START not in text or README_END not in text:
                 raise UsageError(f"--readme {str(path)!r} has no {README_START} ... {README_END} block to replace")
             if not os.access(path, os.W_OK):
@@ -161,8 +165,57 @@ def _check(args):
             raise UsageError("fastrms bench --torch needs PyTorch: pip install 'fastrms[torch]'")
         if args.dask and (importlib.util.find_spec("dask") is None or importlib.util.find_spec("distributed") is None):
             raise UsageError("fastrms bench --dask needs Dask: pip install 'fastrms[dask]'")
+        _check_memory(args)
         if not (args.threshold or args.many or args.clipped or args.torch or args.sparse or args.dask or args.cold):
             _output_folder(args.output, "--output")
+
+
+#: Rough bytes a bench case holds per element of its size: the float64 draws, the arrays of
+#: each implementation compared (param, grad and state, NumPy's temporaries, torch's copies).
+_BYTES_PER_ELEMENT = {"bench": 8 * 16, "torch": 4 * 24, "dask": 4 * 12}
+
+
+def _available_memory():
+    """Bytes of memory available now (MemAvailable), or the physical size, or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(args):
+    """Refuse, before any work, a bench size whose arrays cannot fit in memory."""
+    if not args.sizes:
+        return
+    largest = max(args.sizes)
+    if args.torch:  # --sizes are layer widths: 100 Linear(w, w) layers
+        elements, kind, what = 100 * (largest * largest + largest), "torch", f"100 layers of width {largest}"
+    elif args.dask:
+        elements, kind, what = largest, "dask", f"{largest} elements"
+    else:
+        elements, kind, what = largest, "bench", f"{largest} elements"
+    need = elements * _BYTES_PER_ELEMENT[kind]
+    have = _available_memory()
+    if have is not None and need > have:
+        raise UsageError(
+            f"--sizes {largest}: a case of {what} needs about {_human(need)} of memory, "
+            f"this machine has {_human(have)} available"
+        )
+
+
+def _human(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
 
 
 def main(argv=None):

@@ -62,11 +62,18 @@ def a_file(tmp_path):
         (["bench", "--readme", "{tmp}/missing.md"], "--readme"),
         (["bench", "--variants", "adam"], "unknown variant"),
         (["bench", "--dtypes", "float16"], "--dtypes"),
+        (["bench", "--readme", "{latin1}"], "not UTF-8"),
+        (["bench", "--sizes", "1e15"], "needs about"),
+        (["bench", "--sizes", "1e15", "--clipped"], "needs about"),
+        (["bench", "--sizes", "1e15", "--dask"], "needs about"),
+        (["bench", "--torch", "--sizes", "1000000"], "100 layers of width 1000000 needs about"),
         (["frobnicate"], "unrecognized"),
     ],
 )
 def test_a_user_error_is_one_line_on_stderr_and_exit_2_before_any_work(argv, words, a_file, tmp_path):
-    argv = [a.format(file=a_file, tmp=tmp_path) for a in argv]
+    latin1 = a_file.parent / "latin1.md"
+    latin1.write_bytes("caf\xe9 <!-- bench:start --> <!-- bench:end -->".encode("latin-1"))
+    argv = [a.format(file=a_file, tmp=tmp_path, latin1=latin1) for a in argv]
     before = sorted(p.name for p in tmp_path.iterdir())
     out = _run(*argv, cwd=tmp_path)
     assert out.returncode == 2, out.stderr
