@@ -38,14 +38,22 @@ def number(name, value, *, low=None, low_open=False, high=None, high_open=False)
     return value
 
 
-def count(name, value, *, minimum=1):
-    """``value`` as an int >= ``minimum``: a Python or NumPy integer, nothing else (no bool,
-    no float however whole, no string, no 0-d array)."""
+#: The largest step count fastrms accepts: the largest integer a float64 holds exactly (the
+#: bias correction computes ``beta ** t`` in float64, the row counters are int64).
+STEP_MAX = 2**53
+
+
+def count(name, value, *, minimum=1, maximum=None):
+    """``value`` as an int in ``[minimum, maximum]``: a Python or NumPy integer, nothing else
+    (no bool, no float however whole, no string, no 0-d array)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        shown = value if value < 10**30 else f"an integer of {len(str(value))} digits"
+        raise ValueError(f"{name} must be an integer <= {maximum}, got {shown}")
     return value
 
 

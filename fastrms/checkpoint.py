@@ -24,7 +24,7 @@ import zipfile
 
 import numpy as np
 
-from ._checks import count
+from ._checks import STEP_MAX, count
 from .options import (
     ALL_STATE_NAMES,
     BOOL_OPTIONS,
@@ -59,8 +59,8 @@ def validate(d, slots, current_hyper, dtypes):
         raise ValueError(f"state_dict is missing {missing}")
     if count("state_dict['format_version']", d["format_version"], minimum=0) != FORMAT_VERSION:
         raise ValueError(f"state_dict format_version must be {FORMAT_VERSION}, got {d['format_version']!r}")
-    step_count = count("state_dict['step_count']", d["step_count"], minimum=0)
-    skipped_steps = count("state_dict['skipped_steps']", d["skipped_steps"], minimum=0)
+    step_count = count("state_dict['step_count']", d["step_count"], minimum=0, maximum=STEP_MAX)
+    skipped_steps = count("state_dict['skipped_steps']", d["skipped_steps"], minimum=0, maximum=STEP_MAX)
     if count("state_dict['num_params']", d["num_params"], minimum=0) != len(slots):
         raise ValueError(f"state_dict holds state for {d['num_params']} params, this optimizer has {len(slots)}")
     merged = {k: d[k] for k in (*FLOAT_OPTIONS, *BOOL_OPTIONS)}

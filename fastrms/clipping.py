@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-__all__ = ["coefficient", "overflow_norm"]
+__all__ = ["coefficient", "overflow"]
 
 #: Added to the norm before dividing, as torch does (optax's ``clip_by_global_norm`` adds nothing).
 NORM_EPS = 1e-6
@@ -28,10 +28,16 @@ def coefficient(norm, max_norm):
     return coef if coef < 1.0 else 1.0
 
 
-def overflow_norm(grads):
-    """The 2-norm of ``grads`` (finite float arrays) when their float64 sum of squares
-    overflows, as float64 grads beyond about 1e154 make it: each scaled by the largest
-    magnitude first. Rare, so NumPy."""
+def overflow(grads, max_norm):
+    """``(norm, coef)`` for finite ``grads`` whose float64 sum of squares overflowed (float64
+    grads beyond about 1e154 make it): the squares summed again, each grad scaled by the
+    largest magnitude first. ``norm`` is infinite only when the norm itself is beyond
+    float64's range (about 1.8e308); ``coef`` is ``min(1, max_norm / norm)`` from the scaled
+    sum either way, finite and > 0 (the formula's 1e-6 is far below the norm's rounding
+    there). Rare, so NumPy."""
     scale = max((float(np.max(np.abs(g))) for g in grads if g.size), default=0.0)
-    total = sum(float(np.sum(np.square(g / scale, dtype=np.float64))) for g in grads if g.size)
-    return scale * math.sqrt(total)
+    scaled = math.sqrt(sum(float(np.sum(np.square(g / scale, dtype=np.float64))) for g in grads if g.size))
+    norm = scale * scaled
+    if math.isfinite(norm):
+        return norm, coefficient(norm, max_norm)
+    return norm, min(1.0, (max_norm / scale) / scaled)

@@ -35,7 +35,7 @@ import numpy as np
 
 from . import functional
 from . import options as O
-from ._checks import count
+from ._checks import STEP_MAX, count
 from .presets import preset_options
 
 __all__ = ["LostStateError", "RMSprop", "init_state", "release_buffers", "rmsprop_step"]
@@ -244,6 +244,10 @@ def _check_array(label, a, like=None):
         raise TypeError(f"{label} must be a dask.array.Array, got {type(a).__name__}")
     if a.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"{label} must have dtype float32 or float64, got {a.dtype}")
+    if any(np.isnan(c) for dim in a.chunks for c in dim):
+        raise ValueError(
+            f"{label} has chunks of unknown size (shape {a.shape}); call {label}.compute_chunk_sizes() first"
+        )
     if like is not None:
         if a.dtype != like.dtype or a.shape != like.shape:
             raise ValueError(f"{label} must be {like.dtype} of shape {like.shape} like param, got {a.dtype} {a.shape}")
@@ -294,7 +298,7 @@ def rmsprop_step(
     """
     _check_array("param", param)
     _check_array("grad", grad, param)
-    t = count("t", t, minimum=1)
+    t = count("t", t, minimum=1, maximum=STEP_MAX)
     hyper = _hyperparameters(learning_rate, beta, epsilon, options, param.dtype)
     names = O.state_names(hyper)
     if state is None:
@@ -482,6 +486,8 @@ class RMSprop:
         if hyper["clip_global_norm"] is not None:
             _hyperparameters(0.0, beta, epsilon, {"clip_global_norm": hyper["clip_global_norm"]}, np.float64)
         self._hyper = O.check_hyperparameters(hyper, tuple(dict.fromkeys(a.dtype for a in arrays)))
+        if self._hyper["dense_rows"]:
+            raise ValueError("dense_rows=True is an option of step_rows, which fastrms.dask.RMSprop does not have")
         self._names = O.state_names(self._hyper)
         self._step_count = 0
         self._skipped_steps = 0
@@ -583,13 +589,7 @@ class RMSprop:
                 return
         lr = self._hyper["learning_rate"]
         if callable(lr):
-            lr = lr(self._step_count)
-            O.check_learning_rate_fit(
-                "learning_rate (the schedule's value)",
-                O.BY_NAME["learning_rate"].check(float(lr)),
-                self._hyper["weight_decay"],
-                tuple(gen.dtype for gen in self._gens),
-            )
+            lr = O.scheduled_lr(lr, self._step_count, self._hyper["weight_decay"], tuple(g.dtype for g in self._gens))
         t = self._step_count + 1
         options = {k: self._hyper[k] for k in O.NAMES if k not in ("learning_rate", "beta", "epsilon")}
         options["skip_nonfinite"] = False  # checked globally above
@@ -792,8 +792,8 @@ class RMSprop:
         ]:
             raise ValueError("checkpoint shapes or dtypes differ from this optimizer's params")
         try:
-            step_count = count("step_count", attrs.get("step_count"), minimum=0)
-            skipped = count("skipped_steps", attrs.get("skipped_steps"), minimum=0)
+            step_count = count("step_count", attrs.get("step_count"), minimum=0, maximum=STEP_MAX)
+            skipped = count("skipped_steps", attrs.get("skipped_steps"), minimum=0, maximum=STEP_MAX)
             saved = attrs.get("hyperparameters")
             if not isinstance(saved, dict):
                 raise ValueError("checkpoint has no hyperparameters")

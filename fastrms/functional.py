@@ -11,7 +11,7 @@ import numpy as np
 
 from . import clipping, kernels, runtime
 from . import options as O
-from ._checks import count, float_array
+from ._checks import STEP_MAX, count, float_array
 from .layout import address
 
 __all__ = ["init_state", "rmsprop_step"]
@@ -63,7 +63,7 @@ def rmsprop_step(
     grad = float_array("grad", grad, writeable=False)
     if grad.dtype != param.dtype or grad.shape != param.shape:
         raise ValueError(f"grad must be {param.dtype} of shape {param.shape} like param, got {grad.dtype} {grad.shape}")
-    t = count("t", t, minimum=1)
+    t = count("t", t, minimum=1, maximum=STEP_MAX)
     if callable(learning_rate):
         raise TypeError("learning_rate must be a number here; evaluate the schedule at t - 1 and pass its value")
     hyper = _hyperparameters(learning_rate, {**options, "beta": beta, "epsilon": epsilon}, param.dtype)
@@ -96,8 +96,11 @@ def rmsprop_step(
     max_norm = hyper["clip_global_norm"]
     if max_norm is not None and not nonfinite:
         total = (kernels.sumsq_parallel if parallel else kernels.sumsq_serial)(g)
-        norm = clipping.overflow_norm([g]) if math.isinf(total) and not check(g) else math.sqrt(total)
-        scalars = scalars._replace(grad_scale=scalars.grad_scale * clipping.coefficient(norm, max_norm))
+        if math.isinf(total) and not check(g):
+            coef = clipping.overflow([g], max_norm)[1]
+        else:
+            coef = clipping.coefficient(math.sqrt(total), max_norm)
+        scalars = scalars._replace(grad_scale=scalars.grad_scale * coef)
     if nonfinite:
         for src, dst in ((p, p_out), *((flat[n], flat_out[n]) for n in names)):
             if dst is not src:

@@ -11,7 +11,6 @@ import math
 import os
 import threading
 from collections.abc import Callable, Sequence
-from numbers import Real
 
 import numpy as np
 from numba import get_num_threads
@@ -21,7 +20,7 @@ from . import options as O
 from ._checks import float_array
 from .kernels import contiguous_address
 from .layout import Group, Slot, address, grad_span
-from .options import check_hyperparameters, check_learning_rate_fit, state_names
+from .options import check_hyperparameters, state_names
 from .presets import preset_options
 
 __all__ = ["RMSprop", "state_names"]
@@ -264,21 +263,7 @@ class RMSprop:
     # ------------------------------------------------------------------ the step
 
     def _scheduled_lr(self, count):
-        lr = self._schedule(count)
-        if isinstance(lr, np.ndarray) and lr.ndim == 0:
-            lr = lr.item()
-        if isinstance(lr, bool) or not isinstance(lr, Real):
-            raise TypeError(f"learning_rate schedule returned {type(lr).__name__} at count {count}; expected a float")
-        try:
-            lr = float(lr)
-        except OverflowError:
-            lr = math.inf
-        if not (lr >= 0.0 and math.isfinite(lr)):
-            raise ValueError(f"learning_rate schedule returned {lr!r} at count {count}; expected a finite float >= 0")
-        check_learning_rate_fit(
-            f"learning_rate (the schedule's value at count {count})", lr, self._hyper["weight_decay"], self._dtypes
-        )
-        return lr
+        return O.scheduled_lr(self._schedule, count, self._hyper["weight_decay"], self._dtypes)
 
     def _check_grad(self, g, slot, index):
         """``(g, address)``: ``g`` checked against its param (a plain C-contiguous, aligned
@@ -439,7 +424,7 @@ class RMSprop:
             total = 0.0  # the groups' sums of squares, added in order (reproducible)
             for (pairs, _), (_, _, _, norm_args) in zip(chosen, calls):
                 total += pairs["dense" if len(norm_args) == 1 else "segments"][2](*norm_args)
-            norm = math.sqrt(total)
+            norm, coef = math.sqrt(total), None
             if not math.isfinite(total):  # a NaN or inf in the grads, or float64 squares overflowing
                 if any(pairs[shell][1](*check_args) for (pairs, _), (shell, _, check_args, _) in zip(chosen, calls)):
                     self._last_grad_norm = norm
@@ -447,9 +432,9 @@ class RMSprop:
                         self._skipped_steps += 1
                         return
                 else:
-                    norm = clipping.overflow_norm([g for g, _ in checked])
+                    norm, coef = clipping.overflow([g for g, _ in checked], self._max_norm)
             self._last_grad_norm = norm
-            coef = clipping.coefficient(norm, self._max_norm)
+            coef = clipping.coefficient(norm, self._max_norm) if coef is None else coef
         elif self._skip_nonfinite:
             for (pairs, _), (shell, _, check_args, _) in zip(chosen, calls):
                 if pairs[shell][1](*check_args):
@@ -543,14 +528,17 @@ class RMSprop:
         coef = 1.0
         if self._max_norm is not None:
             total = (kernels.sumsq_parallel if parallel else kernels.sumsq_serial)(g)
-            norm = math.sqrt(total)
-            if not math.isfinite(total) and not kernels.nonfinite_serial(g):
-                norm = clipping.overflow_norm([g])
+            norm, coef = math.sqrt(total), None
+            if not math.isfinite(total):  # the rule of step(): skip only grads that are not finite
+                if kernels.nonfinite_serial(g):
+                    self._last_grad_norm = norm
+                    if self._skip_nonfinite:
+                        self._skipped_steps += 1
+                        return
+                else:
+                    norm, coef = clipping.overflow([g], self._max_norm)
             self._last_grad_norm = norm
-            if self._skip_nonfinite and not math.isfinite(norm):
-                self._skipped_steps += 1
-                return
-            coef = clipping.coefficient(norm, self._max_norm)
+            coef = clipping.coefficient(norm, self._max_norm) if coef is None else coef
         elif self._skip_nonfinite and kernels.nonfinite_serial(g):
             self._skipped_steps += 1
             return

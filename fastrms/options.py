@@ -245,6 +245,31 @@ def check_fit(hyper, dtypes):
         check_learning_rate_fit("learning_rate", hyper["learning_rate"], hyper["weight_decay"], dtypes)
 
 
+def scheduled_lr(schedule, count, weight_decay, dtypes):
+    """The learning rate a schedule gives at ``count`` (steps already taken), checked as a
+    learning rate is: a real number (a 0-d array is taken), finite, >= 0, that survives
+    rounding to each dtype. A schedule that raises OverflowError, returns a bool, a string or
+    anything else is a ValueError/TypeError naming the count. Every front end calls this."""
+    try:
+        lr = schedule(count)
+    except OverflowError as exc:
+        raise ValueError(
+            f"learning_rate schedule overflowed at count {count} ({exc}); expected a finite float"
+        ) from None
+    if isinstance(lr, np.ndarray) and lr.ndim == 0:
+        lr = lr.item()
+    if isinstance(lr, (bool, np.bool_)) or not isinstance(lr, Real):
+        raise TypeError(f"learning_rate schedule returned {type(lr).__name__} at count {count}; expected a float")
+    try:
+        lr = float(lr)
+    except OverflowError:
+        lr = math.inf
+    if not (lr >= 0.0 and math.isfinite(lr)):
+        raise ValueError(f"learning_rate schedule returned {lr!r} at count {count}; expected a finite float >= 0")
+    check_learning_rate_fit(f"learning_rate (the schedule's value at count {count})", lr, weight_decay, dtypes)
+    return lr
+
+
 def check_learning_rate_fit(name, lr, weight_decay, dtypes):
     """``lr`` (and ``lr * weight_decay``) must be finite in every dtype of ``dtypes``."""
     fits(name, lr, dtypes)

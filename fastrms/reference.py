@@ -69,7 +69,9 @@ def clip_grads(grads, clip_global_norm=None, clip_value=None):
     """``(clipped grads, norm)``: ``clip_value`` clamps each element to ``[-c, c]`` (a NaN
     stays NaN); ``clip_global_norm`` multiplies every grad by ``min(1, max_norm / (norm +
     1e-6))`` (``torch.nn.utils.clip_grad_norm_``; NaN when the norm is), the coefficient
-    rounded once to each grad's dtype. ``norm`` is :func:`global_norm` (None without it)."""
+    rounded once to each grad's dtype. ``norm`` is :func:`global_norm` (None without it); for
+    finite grads whose norm is beyond float64's range it is inf, and ``max_norm / norm`` is
+    taken from the grads scaled by their largest magnitude (finite, > 0)."""
     grads = [np.asarray(g) for g in grads]
     if clip_value is not None:
         grads = [np.clip(g, -g.dtype.type(clip_value), g.dtype.type(clip_value)) for g in grads]
@@ -77,6 +79,9 @@ def clip_grads(grads, clip_global_norm=None, clip_value=None):
         return grads, None
     norm = global_norm(grads)
     coef = math.nan if math.isnan(norm) else min(1.0, clip_global_norm / (norm + 1e-6))
+    if math.isinf(norm) and all(np.isfinite(g).all() for g in grads):  # the norm is beyond float64:
+        scale = max(float(np.max(np.abs(g))) for g in grads if g.size)  # max_norm / norm, from scaled grads
+        coef = min(1.0, (clip_global_norm / scale) / math.sqrt(sum(float(np.sum(np.square(g / scale))) for g in grads)))
     with np.errstate(invalid="ignore"):  # inf * 0 is NaN, as in torch
         return [g * g.dtype.type(coef) for g in grads], norm
 
