@@ -26,8 +26,10 @@ import functools
 import os
 import secrets
 import shutil
+import stat
 import sys
 import threading
+import zlib
 from typing import NamedTuple
 
 import numba
@@ -361,6 +363,18 @@ def _take(key):
     return get_worker().data[key]
 
 
+def _block_crc32(block):
+    out = np.empty((1,) * block.ndim, np.int64)
+    out.flat[0] = zlib.crc32(np.ascontiguousarray(block).tobytes())
+    return out
+
+
+def _checksums(a):
+    """The CRC-32 of each chunk of ``a`` (its bytes in C order), as a dask array with one
+    element per chunk."""
+    return da.map_blocks(_block_crc32, a, chunks=tuple((1,) * len(c) for c in a.chunks), dtype=np.int64)
+
+
 class LostStateError(RuntimeError):
     """Chunks of the params or state were lost with a worker (they have no lineage to be
     recomputed from): resume from the last checkpoint."""
@@ -507,6 +521,7 @@ class RMSprop:
         """The current params: dask arrays (views of the persisted generation), in the
         structure given."""
         self._usable()
+        self._present()
         params = [_layer(g, 0) for g in self._gens]
         return params[0] if self._single else params
 
@@ -515,6 +530,7 @@ class RMSprop:
         """The state of each param: dicts of dask arrays (views of the persisted generation),
         PyTorch's names."""
         self._usable()
+        self._present()
         states = [dict(zip(self._names, _unstack(g)[1:])) for g in self._gens]
         return states[0] if self._single else states
 
@@ -535,6 +551,23 @@ class RMSprop:
         """Whether steps write the new generation over the old one where they can (see the
         class docstring)."""
         return self._donate
+
+    def _present(self):
+        """Raise LostStateError when a chunk of the params or state has no worker holding it
+        (they have no lineage: anything computed from them would wait forever)."""
+        client = _client()
+        if client is None:
+            return
+        from distributed import futures_of
+
+        futures = futures_of(self._gens)
+        if futures:
+            lost = sum(not holders for holders in client.who_has(futures).values())
+            if lost:
+                raise LostStateError(
+                    f"{lost} chunk(s) of the params or state were lost with a worker: resume from your last "
+                    "checkpoint (RMSprop.load)"
+                )
 
     def _usable(self):
         if self._broken is not None:
@@ -716,12 +749,25 @@ class RMSprop:
             shapes=[list(g.shape[1:]) for g in self._gens],
             dtypes=[str(p.dtype) for p in self._gens],
         )
-        stores = []
+        stores, sums, keys = [], [], []
         for i, gen in enumerate(self._gens):
             s = dict(zip(self._names, _unstack(gen)[1:]))
             for name in self._names:
-                stores.append(da.to_zarr(s[name], folder, component=f"{name}.{i}", compute=False))
-        dask.compute(*stores)
+                # NaN as the fill value: every chunk is written (no chunk equals it), and a chunk
+                # file gone missing reads as NaN, which load refuses
+                stores.append(da.to_zarr(s[name], folder, component=f"{name}.{i}", compute=False, fill_value=np.nan))
+                sums.append(_checksums(s[name]))
+                keys.append((f"{name}.{i}", s[name].chunks))
+        try:
+            done = self._compute([*stores, *sums])
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # the previous checkpoint stays the current one
+            raise
+        manifest = {
+            key: {"chunks": [list(c) for c in chunks], "crc32": np.asarray(crc).ravel().tolist()}
+            for (key, chunks), crc in zip(keys, done[len(stores) :])
+        }
+        group.attrs.update(manifest=manifest)  # written last: a checkpoint with it is whole
         tmp = os.path.join(root, f".{POINTER}-{secrets.token_hex(4)}.tmp")
         with open(tmp, "w") as f:
             f.write(generation)
@@ -743,21 +789,30 @@ class RMSprop:
         root = os.fspath(path)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"checkpoint folder {root!r} does not exist")
+        pointer = os.path.join(root, POINTER)
         try:
-            with open(os.path.join(root, POINTER)) as f:
-                generation = f.read(256).strip()
+            if not stat.S_ISREG(os.stat(pointer).st_mode):  # a FIFO would block the read forever
+                raise ValueError(f"{pointer!r} is not a regular file: not a fastrms.dask checkpoint")
+            with open(pointer, "rb") as f:
+                generation = f.read(256).decode("utf-8", "replace").strip()
         except OSError:
             raise ValueError(f"{root!r} has no readable {POINTER} pointer: not a fastrms.dask checkpoint") from None
         if not generation.startswith("gen-") or os.sep in generation or generation in (".", ".."):
             raise ValueError(f"{root!r}: {POINTER} names {generation!r}, not a generation of this folder")
         folder = os.path.join(root, generation)
+        real_root = os.path.realpath(root)
+        if os.path.islink(folder) or os.path.dirname(os.path.realpath(folder)) != real_root:
+            raise ValueError(f"{folder!r} is a link: a checkpoint's generation must be a folder inside it")
         try:
             group = zarr.open_group(folder, mode="r")
             attrs = dict(group.attrs)
         except Exception as exc:
             raise ValueError(f"{folder!r} is not a readable Zarr group: {type(exc).__name__}: {exc}") from None
         step_count, skipped, hyper = self._check_attrs(attrs)
-        states = []
+        manifest = attrs.get("manifest")
+        if not isinstance(manifest, dict):
+            raise ValueError(f"checkpoint {folder!r} has no manifest of its chunks: written by another fastrms?")
+        states, sums = [], []
         for i, gen in enumerate(self._gens):
             p = _Shape.of(gen)
             state = {}
@@ -769,16 +824,46 @@ class RMSprop:
                     raise ValueError(f"checkpoint {folder!r} has no usable array {key!r}: {exc}") from None
                 if a.shape != p.shape or a.dtype != p.dtype:
                     raise ValueError(f"checkpoint array {key!r} is {a.dtype} {a.shape}, the param {p.dtype} {p.shape}")
+                entry = manifest.get(key)
+                if not isinstance(entry, dict) or entry.get("chunks") != [list(c) for c in a.chunks]:
+                    raise ValueError(f"checkpoint array {key!r} is not chunked as its manifest says")
+                sums.append((key, entry.get("crc32"), _checksums(a)))
                 state[name] = a.rechunk(p.chunks)
             states.append(state)
         checks = [da.isfinite(s[n]).all() for s in states for n in self._names]
         checks += [(s["square_avg"] >= 0).all() for s in states]
-        if not all(dask.compute(*checks)):
-            raise ValueError(f"checkpoint {folder!r} holds NaN, infinite or negative square_avg values")
+        try:
+            results = self._compute([*checks, *(crc for _, _, crc in sums)])
+        except LostStateError:
+            raise
+        except Exception as exc:  # a truncated or junk chunk: the codec's own error
+            raise ValueError(
+                f"checkpoint {folder!r} has a chunk that cannot be read: {type(exc).__name__}: {exc}"
+            ) from None
+        for (key, expected, _), crc in zip(sums, results[len(checks) :]):
+            if np.asarray(crc).ravel().tolist() != expected:
+                raise ValueError(
+                    f"checkpoint array {key!r} does not hold what was saved (a chunk differs from the manifest)"
+                )
+        if not all(results[: len(checks)]):
+            raise ValueError(
+                f"checkpoint {folder!r} holds NaN, infinite or negative square_avg values (a missing chunk?)"
+            )
         params = [_layer(gen, 0) for gen in self._gens]
         self._gens = self._settle([self._stacked(p, s) for p, s in zip(params, states)])
         self._step_count, self._skipped_steps = step_count, skipped
         self._hyper = hyper
+
+    def _compute(self, arrays):
+        """``dask.compute(*arrays)``; on a ``distributed`` cluster, watching that no chunk of
+        the optimizer's data is lost meanwhile (LostStateError within about a second, not a
+        wait forever for a dead worker)."""
+        client = _client()
+        if client is None:
+            return dask.compute(*arrays)
+        futures = client.compute(list(arrays))
+        _wait(client, futures, self._gens)
+        return client.gather(futures)
 
     def _check_attrs(self, attrs):
         if attrs.get("format_version") != FORMAT_VERSION:

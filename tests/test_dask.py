@@ -407,3 +407,97 @@ def test_a_task_runs_its_kernel_on_at_most_omp_num_threads(monkeypatch):
 def test_importing_fastrms_does_not_import_dask_and_a_missing_dask_is_one_clear_error():
     message = "fastrms.dask needs Dask; install it with: pip install 'fastrms[dask]'"
     assert_optional_import("fastrms.dask", "dask", message)
+
+
+def _chunk_files(folder, component):
+    return sorted(p for p in (folder / component).rglob("*") if p.is_file() and p.name not in ("zarr.json", ".zarray"))
+
+
+def _generation(path):
+    return path / (path / "CURRENT").read_text().strip()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "junk", "zeros of the same size"])
+def test_a_checkpoint_with_a_damaged_chunk_is_refused_with_nothing_changed(tmp_path, damage):
+    """Zarr reads a missing chunk as its fill value, and a junk one as a codec error: load
+    checks each chunk against the manifest save wrote (and NaN fills a missing one)."""
+    p0, grads = _data()
+    opt = RMSprop(da.from_array(p0, chunks=(100, 20)), 0.01, momentum=0.9)
+    _run(opt, grads, 2)
+    opt.save(tmp_path / "ckpt")
+    files = _chunk_files(_generation(tmp_path / "ckpt"), "square_avg.0")
+    assert len(files) == 6  # every chunk was written
+    victim = files[3]
+    data = victim.read_bytes()
+    if damage == "deleted":
+        victim.unlink()
+    elif damage == "truncated":
+        victim.write_bytes(data[: len(data) // 2])
+    elif damage == "junk":
+        victim.write_bytes(os.urandom(len(data)))
+    else:
+        victim.write_bytes(bytes(len(data)))
+    fresh = RMSprop(da.from_array(p0, chunks=(100, 20)), 0.01, momentum=0.9)
+    before = fresh.state["square_avg"].compute()
+    with pytest.raises(ValueError, match="checkpoint"):
+        fresh.load(tmp_path / "ckpt")
+    assert fresh.step_count == 0
+    np.testing.assert_array_equal(fresh.state["square_avg"].compute(), before)
+
+
+def test_a_pointer_that_is_a_fifo_or_a_generation_linked_outside_is_refused(tmp_path):
+    p0, grads = _data()
+    opt = RMSprop(da.from_array(p0, chunks=(100, 20)), 0.01)
+    _run(opt, grads, 1)
+    opt.save(tmp_path / "outside")
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "CURRENT")
+    with pytest.raises(ValueError, match="not a regular file"):  # not a read that blocks forever
+        opt.load(fifo)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "gen-000000001-abcd").symlink_to(_generation(tmp_path / "outside"))
+    (linked / "CURRENT").write_text("gen-000000001-abcd")
+    with pytest.raises(ValueError, match="is a link"):
+        opt.load(linked)
+    opt.load(tmp_path / "outside")  # the real one still loads
+
+
+def test_arrays_of_unknown_chunk_sizes_are_refused_at_construction():
+    x = da.from_array(np.arange(10.0), chunks=5)
+    unknown = x[x > 3]
+    with pytest.raises(ValueError, match="compute_chunk_sizes"):
+        RMSprop(unknown, 0.01)
+    opt = RMSprop(da.zeros(6, chunks=3), 0.01)
+    with pytest.raises(ValueError, match="compute_chunk_sizes"):
+        opt.step(unknown)
+
+
+def test_after_a_worker_dies_save_and_params_raise_within_seconds_and_the_last_checkpoint_stays(client, tmp_path):
+    import time
+
+    from fastrms.dask import LostStateError
+
+    p0, grads = _data(shape=(4000, 20))
+    opt = RMSprop(da.from_array(p0, chunks=(500, 20)), 0.01, momentum=0.9)
+    _run(opt, grads, 3)
+    opt.save(tmp_path / "ckpt")
+    params_at_3 = opt.params.compute()
+    _run(opt, grads, 1, start=3)
+    pids = client.run(os.getpid)
+    os.kill(next(iter(pids.values())), signal.SIGKILL)
+    time.sleep(1.0)  # let the scheduler notice
+    start = time.monotonic()
+    with pytest.raises(LostStateError):
+        opt.save(tmp_path / "ckpt")
+    with pytest.raises(LostStateError):
+        opt.params.compute()
+    assert time.monotonic() - start < 30
+    client.wait_for_workers(2, timeout=60)
+    resumed = RMSprop(da.from_array(params_at_3, chunks=(500, 20)), 0.01, momentum=0.9)
+    resumed.load(tmp_path / "ckpt")
+    assert resumed.step_count == 3
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("gen-")) == [
+        _generation(tmp_path / "ckpt").name
+    ]
