@@ -1,5 +1,9 @@
+"""``python -m fastrms``: the command line (:mod:`fastrms.cli`). Importing this module runs
+nothing."""
+
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,9 +28,22 @@ def test_demo_writes_the_seeds_plot(tmp_path):
     assert str(png) in out.stdout
 
 
-def test_no_subcommand_runs_the_demo(capsys):
+def test_a_bare_fastrms_prints_the_help_and_demo_options_alone_run_the_demo(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main([])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: fastrms" in out and "demo" in out and "bench" in out and "info" in out
     assert cli.main(["--no-plot"]) == 0
     assert "linear regression" in capsys.readouterr().out
+
+
+def test_importing_fastrms_main_runs_nothing(tmp_path):
+    """The docs build imports every module: ``fastrms.__main__`` once ran the CLI on import."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import fastrms.__main__"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.returncode == 0 and out.stdout == "" and out.stderr == "" and not list(tmp_path.iterdir())
 
 
 def _run(*argv, cwd=None):
@@ -67,7 +80,7 @@ def a_file(tmp_path):
         (["bench", "--sizes", "1e15", "--clipped"], "needs about"),
         (["bench", "--sizes", "1e15", "--dask"], "needs about"),
         (["bench", "--torch", "--sizes", "1000000"], "100 layers of width 1000000 needs about"),
-        (["frobnicate"], "unrecognized"),
+        (["frobnicate"], "invalid choice"),
     ],
 )
 def test_a_user_error_is_one_line_on_stderr_and_exit_2_before_any_work(argv, words, a_file, tmp_path):
