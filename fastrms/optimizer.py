@@ -455,8 +455,8 @@ class RMSprop:
     def step_rows(self, rows: np.ndarray, grad_rows: np.ndarray, param: "int | None" = None) -> None:
         """Update only the named rows of a 2-D param (an embedding table) and of its state, in
         one fused pass over those rows (parallel for big ones); every other row stays bitwise
-        unchanged. ``rows``: a 1-D int32/int64 array of row indices in ``[0, rows)`` (negative
-        indices are refused, not wrapped); ``grad_rows``: ``(len(rows), columns)`` in the
+        unchanged. ``rows``: a 1-D integer array (or a list of ints) of row indices in
+        ``[0, rows)`` (negative indices are refused, not wrapped); ``grad_rows``: ``(len(rows), columns)`` in the
         param's dtype. Duplicate indices are summed first (in the order given), as torch's
         ``coalesce`` does. ``param``: which param, for an optimizer over several.
 
@@ -487,6 +487,11 @@ class RMSprop:
             label = "params" if self._single else f"params[{int(param)}]"
             raise ValueError(f"step_rows needs a 2-D param (a table of rows); {label} has shape {slot.shape}")
         n, width = slot.shape
+        if isinstance(rows, (list, tuple, range)):  # a sequence of ints, as NumPy would take it
+            given = rows
+            rows = np.asarray(rows) if len(rows) else np.zeros(0, np.int64)
+            if rows.dtype.kind not in "iu" or any(isinstance(r, (bool, np.bool_)) for r in given):
+                raise TypeError(f"rows must be integers, got a {type(given).__name__} of {rows.dtype}")
         if not isinstance(rows, np.ndarray) or rows.dtype.kind not in "iu" or rows.ndim != 1:
             kind = f"{rows.dtype} of shape {rows.shape}" if isinstance(rows, np.ndarray) else type(rows).__name__
             raise TypeError(f"rows must be a 1-D numpy array of integers (int32 or int64), got {kind}")
@@ -564,7 +569,9 @@ class RMSprop:
 
     @staticmethod
     def _bad_row(rows, bad, n):
-        return ValueError(f"rows[{bad}] = {int(rows[bad])} is outside [0, {n}) (negative indices are not accepted)")
+        value = int(rows[bad])
+        why = " (negative indices are not accepted)" if value < 0 else f" (the table has {n} rows)"
+        return ValueError(f"rows[{bad}] = {value} is outside [0, {n}){why}")
 
     def _catch_up_constants(self, lr):
         """The row kernel's ``(decay, drift_lr)`` at learning rate ``lr`` (see

@@ -21,6 +21,7 @@ it selects a variant, in :func:`variant_key`), and its formula in :mod:`fastrms.
 The update every variant follows is in ``docs/algorithm.md``.
 """
 
+import difflib
 import math
 from dataclasses import dataclass, field
 from numbers import Real
@@ -178,12 +179,21 @@ def aliases(library):
     return {o.spellings[library]: o.name for o in OPTIONS if o.spellings.get(library, o.name) != o.name}
 
 
+#: Other libraries' names of fastrms's options, for the hint of an unknown keyword.
+_FOREIGN = {"lr": "learning_rate", "alpha": "beta", "rho": "beta", "decay": "beta", "eps": "epsilon"}
+
+
 def resolve(given, who="RMSprop()"):
     """Every option: ``given`` (a dict of some) over the defaults. An unknown name is a
     TypeError, as Python gives for an unexpected keyword argument."""
     unknown = [k for k in given if k not in BY_NAME]
     if unknown:
-        raise TypeError(f"{who} got an unexpected keyword argument {unknown[0]!r}; options are {list(NAMES)}")
+        name = unknown[0]
+        hint = _FOREIGN.get(name) or next(iter(difflib.get_close_matches(name, NAMES, n=1)), None)
+        said = f" Did you mean {hint!r}?" if hint else ""
+        if name in _FOREIGN:
+            said += f" For another library's names and defaults: RMSprop.like('torch', params, {name}=...)."
+        raise TypeError(f"{who} got an unexpected keyword argument {name!r}.{said} Options are {list(NAMES)}")
     return {**DEFAULTS, **given}
 
 

@@ -29,9 +29,13 @@ def test_the_references_keywords_are_the_table():
         reference.rmsprop_step(p, g, {"square_avg": np.zeros(3)}, 1, 0.1, alpha=0.9)
 
 
-def test_an_unknown_option_is_a_typeerror_naming_it():
+def test_an_unknown_option_is_a_typeerror_naming_it_and_what_was_meant():
     with pytest.raises(TypeError, match="unexpected keyword argument 'betas'"):
         fastrms.RMSprop(np.ones(2), betas=(0.9, 0.99))
+    with pytest.raises(TypeError, match=r"'lr'\. Did you mean 'learning_rate'\? .*RMSprop\.like\('torch'"):
+        fastrms.RMSprop(np.ones(2), lr=0.01)
+    with pytest.raises(TypeError, match="'momentun'. Did you mean 'momentum'"):
+        fastrms.RMSprop(np.ones(2), 1e-3, momentun=0.9)
 
 
 def test_every_variant_round_trips_through_its_options():
