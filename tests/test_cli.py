@@ -16,6 +16,10 @@ def test_demo_prints_matching_thetas(capsys):
     assert "largest relative difference" in out
     assert result["mse_fitted"] < 0.02 < result["mse_final"]  # the seed's settings stop short; 0.01 fits
     assert f"{result['theta_fitted'].ravel()[1]:.6f}" in out
+    assert "the first call took" in out and "us a step" in out  # the first call timed apart from the steady state
+    loss, fitted = result["loss"], result["loss_fitted"]
+    assert len(loss) == len(fitted) == 1000 and loss[0] == fitted[0] == result["mse_init"]
+    assert fitted[-1] < 0.011 < 2.8 < loss[-1] < loss[0]  # the loss panel's two curves
 
 
 def test_demo_writes_the_seeds_plot(tmp_path):
