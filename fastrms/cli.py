@@ -71,6 +71,8 @@ def _info(args):
 def _bench(args):
     from .bench import report
 
+    if args.compare:
+        return report.compare(*args.compare)
     if args.threshold:
         return report.run_threshold(args.variants, args.dtypes, args.rounds)
     if args.many:
@@ -149,6 +151,9 @@ def _check(args):
     if args.command == "demo" and not args.no_plot:
         _output_folder(args.output, "--output")
     if args.command == "bench":
+        import importlib
+        import importlib.util
+
         from .bench.cases import ALL
         from .bench.report import README_END, README_START
 
@@ -168,14 +173,29 @@ def _check(args):
                 raise UsageError(f"--readme {str(path)!r} has no {README_START} ... {README_END} block to replace")
             if not os.access(path, os.W_OK):
                 raise UsageError(f"--readme {str(path)!r} is not writable")
-        import importlib.util
-
         if args.torch and importlib.util.find_spec("torch") is None:
             raise UsageError("fastrms bench --torch needs PyTorch: pip install 'fastrms[torch]'")
         if args.dask and (importlib.util.find_spec("dask") is None or importlib.util.find_spec("distributed") is None):
             raise UsageError("fastrms bench --dask needs Dask: pip install 'fastrms[dask]'")
         _check_memory(args)
-        if not (args.threshold or args.many or args.clipped or args.torch or args.sparse or args.dask or args.cold):
+        for path in args.compare or ():
+            try:
+                report_module = importlib.import_module("fastrms.bench.report")
+                report_module.from_json(path)["rows"][0]["seconds"]["fastrms"]
+            except OSError as exc:
+                raise UsageError(f"--compare {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                raise UsageError(f"--compare {str(path)!r} is not a bench.json written by fastrms bench") from None
+        if not (
+            args.compare
+            or args.threshold
+            or args.many
+            or args.clipped
+            or args.torch
+            or args.sparse
+            or args.dask
+            or args.cold
+        ):
             _output_folder(args.output, "--output")
 
 
@@ -268,6 +288,9 @@ def _parse(argv):
     b.add_argument("--clipped", action="store_true", help="clip_global_norm / clip_value against the unclipped step")
     b.add_argument("--sparse", action="store_true", help="step_rows on a (1e6, 64) table against dense steps")
     b.add_argument("--dask", action="store_true", help="the step over dask arrays on a LocalCluster (--sizes: total)")
+    b.add_argument(
+        "--compare", nargs=2, type=Path, metavar=("OLD", "NEW"), help="compare two saved bench.json runs, cell by cell"
+    )
     b.add_argument("--cold", action="store_true", help="import and first steps in fresh processes (warm disk cache)")
     b.add_argument(
         "--torch", action="store_true", help="fastrms.torch.RMSprop against torch (--sizes: layer widths, 100 300)"

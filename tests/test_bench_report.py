@@ -99,3 +99,32 @@ def test_bench_clipped_prints_each_case_against_the_unclipped_step(capsys, monke
     assert cli.main(["bench", "--clipped", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "clip_global_norm 1.25x" in out and "clip_value 1.00x" in out and "read pass of g) 1.10x" in out
+
+
+def test_each_cell_reports_its_spread_and_a_noisy_cell_is_flagged():
+    calm = dict(n=10, bytes_per_step=200, seconds=dict(fastrms=1e-6), samples=dict(fastrms=[1e-6] * 4 + [1.1e-6]))
+    noisy = dict(calm, samples=dict(fastrms=[0.5e-6, 0.8e-6, 1e-6, 1.5e-6, 8e-6]))
+    a, b = report.summarize(calm), report.summarize(noisy)
+    assert a["min_us"] == pytest.approx(1.0) and a["iqr_pct"] == pytest.approx(0.0) and not a["unstable"]
+    assert b["min_us"] == pytest.approx(0.5) and b["iqr_pct"] == pytest.approx(70.0) and b["unstable"]
+    row = {**noisy, "variant": "plain", "dtype": "float32"}
+    cells = dict(zip([h for h, _, _ in report.COLUMNS], report.table_rows([row])[0]))
+    assert cells["IQR"] == "70% !" and cells["min"] == "0.5" and cells["x seed NumPy"] == "-"
+
+
+def test_two_saved_runs_are_compared_cell_by_cell(quick_run, tmp_path, capsys):
+    out, _ = quick_run
+    result = json.loads((out / "bench.json").read_text())
+    for row in result["rows"]:
+        row["seconds"]["fastrms"] *= 3
+        row["samples"]["fastrms"] = [row["seconds"]["fastrms"]] * 3
+    slower = tmp_path / "slower.json"
+    slower.write_text(json.dumps(result))
+    capsys.readouterr()
+    assert cli.main(["bench", "--compare", str(out / "bench.json"), str(slower)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("slower") == 2 and "3.00x" in text
+    junk = tmp_path / "junk.json"
+    junk.write_text("[1, 2]")
+    assert cli.main(["bench", "--compare", str(junk), str(slower)]) == 2
+    assert "is not a bench.json" in capsys.readouterr().err

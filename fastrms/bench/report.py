@@ -37,8 +37,18 @@ def sweep(variants, dtypes, sizes, rounds, target, progress=True):
             if bar:
                 bar.update(f"{variant} {dtype} n={n:.0e}")
             problem = peers.Problem(n, dtype, ALL[variant])
-            times = timing.measure(problem, list(peers.IMPLEMENTATIONS), rounds=rounds, target=target)
-            rows.append(dict(variant=variant, dtype=dtype, n=n, bytes_per_step=problem.bytes_per_step, seconds=times))
+            samples = {}
+            times = timing.measure(problem, list(peers.IMPLEMENTATIONS), rounds=rounds, target=target, samples=samples)
+            rows.append(
+                dict(
+                    variant=variant,
+                    dtype=dtype,
+                    n=n,
+                    bytes_per_step=problem.bytes_per_step,
+                    seconds=times,
+                    samples=samples,
+                )  # fmt: skip
+            )
             del problem
             if bar:
                 bar.advance()
@@ -93,8 +103,13 @@ def summarize(row):
         return s[name] / f if name in s else None
 
     bounds = [s[k] for k in ("traffic", "bespoke") if k in s]
+    own = row.get("samples", {}).get("fastrms")
+    low, _, iqr = timing.spread(own) if own else (f, f, 0.0)
     return {
         "us_per_step": f * 1e6,
+        "min_us": low * 1e6,
+        "iqr_pct": 100.0 * iqr / f,
+        "unstable": iqr > UNSTABLE * f,
         "gb_per_s": row["bytes_per_step"] / f / 1e9,
         "pct_of_traffic": 100.0 * s["traffic"] / f if "traffic" in s else None,
         "pct_of_bespoke": 100.0 * s["bespoke"] / f if "bespoke" in s else None,
@@ -106,11 +121,16 @@ def summarize(row):
     }
 
 
+#: A cell whose fastrms samples have an IQR above this share of their median is flagged (!).
+UNSTABLE = 0.2
+
 COLUMNS = [
     ("variant", "variant", "{}"),
     ("dtype", "dtype", "{}"),
     ("n", "n", "{:.0e}"),
     ("us/step", "us_per_step", "{:.1f}"),
+    ("min", "min_us", "{:.1f}"),
+    ("IQR", "iqr_pct", "{:.0f}%"),
     ("GB/s", "gb_per_s", "{:.1f}"),
     ("% traffic", "pct_of_traffic", "{:.0f}%"),
     ("% bespoke", "pct_of_bespoke", "{:.0f}%"),
@@ -126,26 +146,37 @@ def table_rows(rows):
     out = []
     for row in rows:
         fig = {**row, **summarize(row)}
-        out.append([("-" if fig[key] is None else fmt.format(fig[key])) for _, key, fmt in COLUMNS])
+        cells = [("-" if fig[key] is None else fmt.format(fig[key])) for _, key, fmt in COLUMNS]
+        if fig["unstable"]:
+            cells[[k for _, k, _ in COLUMNS].index("iqr_pct")] += " !"
+        out.append(cells)
     return out
 
 
 def markdown(result):
     """The README block: the table and a footnote naming machine, versions and command."""
-    m = result["machine"]
     lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result["rows"])]
+    return "\n".join([*lines, "", footnote(result)])
+
+
+def footnote(result):
+    """What the table's figures are, and where and how they were measured."""
+    m = result["machine"]
     versions = ", ".join(f"{k} {m[k]}" for k in ("python", "numpy", "numba", "torch", "jax", "optax") if k in m)
-    lines += [
-        "",
-        f"Medians of {result['rounds']} interleaved rounds on {m['cpu']} ({m['cores']} cores, "
-        f"{m['threads']} Numba threads, threading layer {m.get('threading_layer', '?')}); {versions}; "
-        f"fastrms {result['version']}. Generated {result['date']} by `{result['command']}`. "
-        "`% traffic` and `% bespoke` are the same-traffic kernel's and the bespoke loop's time over "
-        "fastrms's, `% limit` the slower of the two over fastrms's; `x ...` are speed-ups of "
-        "`RMSprop.step` (validation included) over each peer.",
-    ]
-    return "\n".join(lines)
+    return "".join(
+        [
+            f"Medians of {result['rounds']} interleaved rounds on {m['cpu']} ({m['cores']} cores, "
+            f"{m['threads']} Numba threads, threading layer {m.get('threading_layer', '?')}); {versions}; "
+            f"fastrms {result['version']}. Generated {result['date']} by `{result['command']}`. "
+            "`us/step` is fastrms's median, `min` its fastest round, `IQR` the spread of its rounds "
+            f"(the interquartile range over the median; `!` marks a cell above {UNSTABLE:.0%}: a noisy run, "
+            "measure it again). `% traffic` and `% bespoke` are the same-traffic kernel's and the bespoke loop's "
+            "time over fastrms's, `% limit` the slower of the two over fastrms's; `x ...` are speed-ups of "
+            "`RMSprop.step` (validation included) over each peer; `-` marks a peer not installed here "
+            "(or a dtype it does not run).",
+        ]
+    )
 
 
 def print_table(result, file=sys.stdout):
@@ -160,7 +191,9 @@ def print_table(result, file=sys.stdout):
         table.add_column(header, justify="right")
     for r in table_rows(result["rows"]):
         table.add_row(*r)
-    Console(file=file, width=max(130, Console(file=file).width)).print(table)
+    console = Console(file=file, width=max(130, Console(file=file).width))
+    console.print(table)
+    console.print(footnote(result), soft_wrap=True, highlight=False, markup=False)
 
 
 def plot(result, path):
@@ -383,6 +416,33 @@ def run(
     for path in readme or ():
         update_readme(path, markdown(result))
         print(f"updated the benchmark table in {path}")
+    return 0
+
+
+def compare(old_path, new_path, file=None):
+    """``fastrms bench --compare OLD.json NEW.json``: fastrms's median per cell in two saved
+    runs, their ratio, and whether the change is larger than the two runs' spreads."""
+    file = sys.stdout if file is None else file
+    old, new = from_json(old_path), from_json(new_path)
+    before = {(r["variant"], r["dtype"], r["n"]): r for r in old["rows"]}
+    print(f"fastrms's step, {old_path} ({old['date']}) -> {new_path} ({new['date']}), medians:", file=file)
+    shared = 0
+    for row in new["rows"]:
+        key = (row["variant"], row["dtype"], row["n"])
+        if key not in before:
+            continue
+        shared += 1
+        a, b = summarize(before[key]), summarize(row)
+        change = b["us_per_step"] / a["us_per_step"]
+        noise = (a["iqr_pct"] + b["iqr_pct"]) / 100.0
+        verdict = "within the runs' spread" if abs(change - 1.0) <= noise else ("slower" if change > 1 else "faster")
+        print(
+            f"  {key[0]:24s} {key[1]:8s} n={key[2]:<9.0e} {a['us_per_step']:10.1f} -> {b['us_per_step']:10.1f} us"
+            f"  {change:5.2f}x  ({verdict})",
+            file=file,
+        )
+    if not shared:
+        raise ValueError(f"{old_path} and {new_path} share no (variant, dtype, size) cell")
     return 0
 
 

@@ -32,18 +32,26 @@ def _calls_per_sample(step, target=0.02):
         calls *= 4
 
 
-def measure(problem, names, rounds=7, target=0.02):
-    """Median seconds per step of each implementation on ``problem``, interleaved round by round."""
+def measure(problem, names, rounds=7, target=0.02, samples=None):
+    """Median seconds per step of each implementation on ``problem``, interleaved round by
+    round (every round's seconds per step go into ``samples``, when given)."""
     steps = {}
     for name in names:
         made = setup(name, problem) if available(name) else None
         if made is not None:
             steps[name] = made[0]
-    return measure_calls(steps, rounds, target)
+    return measure_calls(steps, rounds, target, samples)
 
 
-def measure_calls(steps, rounds=7, target=0.02):
-    """Median seconds per call of each zero-argument callable in ``steps``, interleaved."""
+def spread(values):
+    """``(min, median, IQR)`` of a list of seconds (NumPy's linear quartiles)."""
+    q1, med, q3 = np.percentile(values, [25, 50, 75])
+    return float(np.min(values)), float(med), float(q3 - q1)
+
+
+def measure_calls(steps, rounds=7, target=0.02, samples_out=None):
+    """Median seconds per call of each zero-argument callable in ``steps``, interleaved
+    (every round's seconds per call go into ``samples_out``, when given)."""
     calls = {name: _calls_per_sample(step, target) for name, step in steps.items()}
     samples = {name: [] for name in steps}
     for _ in range(rounds):
@@ -53,6 +61,8 @@ def measure_calls(steps, rounds=7, target=0.02):
             for _ in range(k):
                 step()
             samples[name].append((time.perf_counter() - t0) / k)
+    if samples_out is not None:
+        samples_out.update(samples)
     return {name: float(np.median(s)) for name, s in samples.items()}
 
 
