@@ -123,7 +123,7 @@ def test_two_saved_runs_are_compared_cell_by_cell(quick_run, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["bench", "--compare", str(out / "bench.json"), str(slower)]) == 0
     text = capsys.readouterr().out
-    assert text.count("slower") == 2 and "3.00x" in text
+    assert text.count("(slower)") == 2 and "3.00x" in text
     junk = tmp_path / "junk.json"
     junk.write_text("[1, 2]")
     assert cli.main(["bench", "--compare", str(junk), str(slower)]) == 2

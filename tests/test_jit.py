@@ -210,3 +210,42 @@ def test_cache_stats_and_info_report_the_cache():
     assert info["fastrms"] == fastrms.__version__ and info["numpy"] == np.__version__
     if kernels.CACHE_STATUS == "on":
         assert info["cache_folder"] and os.path.isdir(info["cache_folder"])
+
+
+#: Step 1 compiles a parallel shell; step 2 loads it and compiles rmsprop_update (a serial
+#: caller of it); step 3 loads rmsprop_update and compiles a user's @njit caller of it, with
+#: nothing else having started Numba's threads.
+CALLERS = """
+import sys
+import numpy as np
+from numba import njit
+from fastrms import kernels
+
+step = sys.argv[1]
+w = np.zeros(8)
+if step == "1":
+    scalars = kernels.Scalars(1e-3, 0.9, 0.0, 1e-8, 0.0, 0.0, 1.0, 1.0)
+    kernels.drivers()[1](w, np.ones(8), np.zeros(8), w[:0], w[:0], *scalars)
+elif step == "2":
+    kernels.rmsprop_update(w, np.ones(8), np.zeros(8), 1e-3, 0.9, 1e-8)
+else:
+    @njit
+    def train(w, v, g):
+        for _ in range(3):
+            kernels.rmsprop_update(w, g, v, 1e-3, 0.9, 1e-8)
+
+    train(w, np.zeros(8), np.ones(8))
+print("ok", w[0])
+"""
+
+
+@pytest.mark.slow
+def test_a_caller_compiled_against_a_cached_parallel_kernel_still_starts_numbas_threads(tmp_path):
+    """Numba re-runs a cached parallel function's reload hooks (they start its threads), but a
+    library it loads from the cache forgets them, so a caller compiled against it was cached
+    without them: the next process aborted linking it ("LLVM ERROR: Symbol not found:
+    allocate_sched"). The cache hands the hooks on to the loaded library."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    for step in ("1", "2", "3"):
+        out = subprocess.run([sys.executable, "-c", CALLERS, step], env=env, capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.startswith("ok"), (step, out.returncode, out.stderr[-2000:])

@@ -18,6 +18,8 @@ is Numba's :class:`~numba.core.caching.FunctionCache` with two things replaced:
 
 The cache stays bounded: when an index is written, the data files it no longer names, and
 the indexes (with their data) of the same source file that carry another stamp, are removed.
+A loaded entry hands its reload hooks on to its library (:meth:`KernelCache.load_overload`),
+so callers compiled against a cached parallel kernel, ours or a user's, start Numba's threads.
 """
 
 import hashlib
@@ -150,6 +152,16 @@ class KernelCache(FunctionCache):
         self._cache_file = _BoundedIndex(
             self._cache_path, self._impl.filename_base, _stamp(py_func.__code__.co_filename), modname + "."
         )
+
+    def load_overload(self, sig, target_context):
+        """Numba's load, then the loaded library keeps the entry's reload hooks (a parallel
+        kernel's starts Numba's threads): Numba re-runs them but leaves the library without
+        them, so a caller compiled against it in this process would be cached without them and
+        abort when linked in the next ("LLVM ERROR: Symbol not found: allocate_sched")."""
+        cres = super().load_overload(sig, target_context)
+        if cres is not None and cres.reload_init:
+            cres.library._reload_init.update(cres.reload_init)
+        return cres
 
     def _index_key(self, sig, codegen):
         fn = self._py_func
