@@ -172,6 +172,19 @@ def test_hostile_or_mismatched_checkpoints_are_refused_with_nothing_changed(clie
     np.testing.assert_array_equal(before[2], after[2])
 
 
+def _save_then_kill_a_worker(client, tmp_path, p0, grads, before, after):
+    """``before`` steps, a checkpoint in ``tmp_path / "ckpt"``, ``after`` more steps, then one of
+    the two worker processes killed: ``(the optimizer, the params saved with the checkpoint)``."""
+    opt = RMSprop(da.from_array(p0, chunks=(500, 20)), 0.01, momentum=0.9)
+    _run(opt, grads, before)
+    opt.save(tmp_path / "ckpt")
+    saved = opt.params.compute()
+    _run(opt, grads, after, start=before)
+    pids = client.run(os.getpid)
+    os.kill(next(iter(pids.values())), signal.SIGKILL)
+    return opt, saved
+
+
 def test_a_worker_killed_mid_run_fails_clearly_and_resumes_bit_identical(client, tmp_path):
     """Kill one of the two worker processes mid-run. The optimizer drops each step's lineage
     (so the scheduler does not grow), so Dask cannot recompute the lost chunks: the next
@@ -183,13 +196,7 @@ def test_a_worker_killed_mid_run_fails_clearly_and_resumes_bit_identical(client,
     ref = fastrms.RMSprop(p0.copy(), 0.01, momentum=0.9)
     for t in range(12):
         ref.step(grads[t % 3])
-    opt = RMSprop(da.from_array(p0, chunks=(500, 20)), 0.01, momentum=0.9)
-    _run(opt, grads, 5)
-    opt.save(tmp_path / "ckpt")
-    params_at_5 = opt.params.compute()
-    _run(opt, grads, 2, start=5)
-    pids = client.run(os.getpid)
-    os.kill(next(iter(pids.values())), signal.SIGKILL)
+    opt, params_at_5 = _save_then_kill_a_worker(client, tmp_path, p0, grads, 5, 2)
     with pytest.raises(LostStateError, match="resume from your last checkpoint"):
         _run(opt, grads, 5, start=7)
     client.wait_for_workers(2, timeout=60)
@@ -480,13 +487,7 @@ def test_after_a_worker_dies_save_and_params_raise_within_seconds_and_the_last_c
     from fastrms.dask import LostStateError
 
     p0, grads = _data(shape=(4000, 20))
-    opt = RMSprop(da.from_array(p0, chunks=(500, 20)), 0.01, momentum=0.9)
-    _run(opt, grads, 3)
-    opt.save(tmp_path / "ckpt")
-    params_at_3 = opt.params.compute()
-    _run(opt, grads, 1, start=3)
-    pids = client.run(os.getpid)
-    os.kill(next(iter(pids.values())), signal.SIGKILL)
+    opt, params_at_3 = _save_then_kill_a_worker(client, tmp_path, p0, grads, 3, 1)
     time.sleep(1.0)  # let the scheduler notice
     start = time.monotonic()
     with pytest.raises(LostStateError):
