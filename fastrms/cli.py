@@ -173,11 +173,11 @@ def _check(args):
                 raise UsageError(f"--readme {str(path)!r} has no {README_START} ... {README_END} block to replace")
             if not os.access(path, os.W_OK):
                 raise UsageError(f"--readme {str(path)!r} is not writable")
+        _check_memory(args)  # arithmetic only: the same answer whether torch or dask are installed
         if args.torch and importlib.util.find_spec("torch") is None:
             raise UsageError("fastrms bench --torch needs PyTorch: pip install 'fastrms[torch]'")
         if args.dask and (importlib.util.find_spec("dask") is None or importlib.util.find_spec("distributed") is None):
             raise UsageError("fastrms bench --dask needs Dask: pip install 'fastrms[dask]'")
-        _check_memory(args)
         for path in args.compare or ():
             try:
                 report_module = importlib.import_module("fastrms.bench.report")
