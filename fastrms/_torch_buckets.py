@@ -132,13 +132,10 @@ class Bucket:
         if not active.any():
             return
         key = self.key
-        itemsize = self.param_np.itemsize
-        if active.all():
-            n = self.param_np.size
-        else:
-            n = int(np.dot(active, self.sizes))
-        parallel = parallel_mode(n, itemsize, hyper)
-        if active.all():
+        everyone = bool(active.all())
+        n = self.param_np.size if everyone else int(np.dot(active, self.sizes))
+        parallel = parallel_mode(n, self.param_np.itemsize, hyper)
+        if everyone:
             empty = self.param_np[:0]
             arrays = (
                 self.param_np,

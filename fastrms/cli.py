@@ -151,11 +151,10 @@ def _check(args):
     if args.command == "demo" and not args.no_plot:
         _output_folder(args.output, "--output")
     if args.command == "bench":
-        import importlib
         import importlib.util
 
         from .bench.cases import ALL
-        from .bench.report import README_END, README_START
+        from .bench.report import README_END, README_START, from_json
 
         unknown = sorted(set(args.variants or ()) - set(ALL))
         if unknown:
@@ -180,8 +179,7 @@ def _check(args):
             raise UsageError("fastrms bench --dask needs Dask: pip install 'fastrms[dask]'")
         for path in args.compare or ():
             try:
-                report_module = importlib.import_module("fastrms.bench.report")
-                report_module.from_json(path)["rows"][0]["seconds"]["fastrms"]
+                from_json(path)["rows"][0]["seconds"]["fastrms"]
             except OSError as exc:
                 raise UsageError(f"--compare {str(path)!r} cannot be read: {exc.strerror or exc}") from None
             except (ValueError, KeyError, IndexError, TypeError, AttributeError):
