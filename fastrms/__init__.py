@@ -1,9 +1,9 @@
 """fastrms: RMSprop as one fused, in-place Numba pass over flat float arrays.
 
-Public face: :class:`RMSprop` (the optimizer), :func:`rmsprop` (the seed article's function),
-:func:`pack` (many arrays in one buffer),
-:mod:`fastrms.schedules`, :mod:`fastrms.kernels` (callable from your own ``@njit`` code) and
-:mod:`fastrms.reference` (the pure-NumPy version, for comparison).
+Public face: `RMSprop` (the optimizer), `rmsprop` (the seed article's function),
+`pack` (many arrays in one buffer),
+`fastrms.schedules`, `fastrms.kernels` (callable from your own `@njit` code) and
+`fastrms.reference` (the pure-NumPy version, for comparison).
 """
 
 from . import runtime

@@ -1,4 +1,4 @@
-"""``python -m fastrms``: the command line (:mod:`fastrms.cli`). Importing this module runs
+"""`python -m fastrms`: the command line (`fastrms.cli`). Importing this module runs
 nothing."""
 
 import sys

@@ -17,7 +17,7 @@ _LIMITS = {
 
 
 def number(name, value, *, low=None, low_open=False, high=None, high_open=False):
-    """``value`` as a finite float within the given bounds."""
+    """`value` as a finite float within the given bounds."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     try:
@@ -39,12 +39,12 @@ def number(name, value, *, low=None, low_open=False, high=None, high_open=False)
 
 
 #: The largest step count fastrms accepts: the largest integer a float64 holds exactly (the
-#: bias correction computes ``beta ** t`` in float64, the row counters are int64).
+#: bias correction computes `beta ** t` in float64, the row counters are int64).
 STEP_MAX = 2**53
 
 
 def count(name, value, *, minimum=1, maximum=None):
-    """``value`` as an int in ``[minimum, maximum]``: a Python or NumPy integer, nothing else
+    """`value` as an int in `[minimum, maximum]`: a Python or NumPy integer, nothing else
     (no bool, no float however whole, no string, no 0-d array)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
@@ -58,17 +58,17 @@ def count(name, value, *, minimum=1, maximum=None):
 
 
 def flag(name, value):
-    """``value`` as a bool; 0/1 and numpy bools are refused like any non-bool."""
+    """`value` as a bool; 0/1 and numpy bools are refused like any non-bool."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
 
 
 def float_array(name, value, *, writeable):
-    """A plain ndarray view of ``value`` (native-endian, C-contiguous, aligned float32/float64)
-    whose ``reshape(-1)`` is a true 1-D view of exactly its own elements, or a clear error.
+    """A plain ndarray view of `value` (native-endian, C-contiguous, aligned float32/float64)
+    whose `reshape(-1)` is a true 1-D view of exactly its own elements, or a clear error.
 
-    ndarray subclasses are viewed as plain ndarrays (same memory): ``np.matrix.reshape(-1)``
+    ndarray subclasses are viewed as plain ndarrays (same memory): `np.matrix.reshape(-1)`
     stays 2-D and would let a kernel run past the array. Masked arrays are refused: the
     kernels cannot honour a mask.
     """
@@ -94,8 +94,8 @@ def float_array(name, value, *, writeable):
 
 
 def flat_view(a):
-    """``a`` (a plain C-contiguous ndarray) as a 1-D view of exactly its elements; asserts the
-    invariant the kernels rely on, whatever produced ``a``."""
+    """`a` (a plain C-contiguous ndarray) as a 1-D view of exactly its elements; asserts the
+    invariant the kernels rely on, whatever produced `a`."""
     flat = a.reshape(-1)
     if type(flat) is not np.ndarray or flat.ndim != 1 or flat.size != a.size or flat.nbytes != a.nbytes:
         raise TypeError(f"cannot view {type(a).__name__} of shape {a.shape} as a 1-D array of its own elements")
@@ -103,9 +103,9 @@ def flat_view(a):
 
 
 def fits(name, value, dtypes, *, nonzero=False, below_one=False):
-    """Refuse ``value`` (a float already checked in float64) if rounding it to one of
-    ``dtypes`` makes it infinite, 0 or subnormal when it must be > 0 (``nonzero``), or 1
-    when it must be < 1 (``below_one``): the kernels compute in the arrays' dtype."""
+    """Refuse `value` (a float already checked in float64) if rounding it to one of
+    `dtypes` makes it infinite, 0 or subnormal when it must be > 0 (`nonzero`), or 1
+    when it must be < 1 (`below_one`): the kernels compute in the arrays' dtype."""
     for dtype in dtypes:
         largest, tiny = _LIMITS[dtype]
         if not math.isfinite(value) or abs(value) >= largest:

@@ -1,6 +1,6 @@
-"""The flat buffers of ``fastrms.torch.RMSprop(flatten=True)``: one bucket per param group and
+"""The flat buffers of `fastrms.torch.RMSprop(flatten=True)`: one bucket per param group and
 dtype holds its params, grads and state back to back (a private module of
-:mod:`fastrms.torch`; it imports torch)."""
+`fastrms.torch`; it imports torch)."""
 
 import operator
 
@@ -18,14 +18,14 @@ STATE_NAMES = ("square_avg", "grad_avg", "momentum_buffer")
 
 
 class Bucket:
-    """The params of one group and dtype in one flat buffer: each ``p.data`` and ``p.grad`` a
+    """The params of one group and dtype in one flat buffer: each `p.data` and `p.grad` a
     view of the param and grad buffers, the state flat buffers whose views are the per-param
-    state torch's ``state_dict`` holds, and the per-param ``step`` counters views of one
+    state torch's `state_dict` holds, and the per-param `step` counters views of one
     vector (of torch's scalar dtype).
 
     A param *has a grad* as torch means it: backward reached it since the last
-    ``zero_grad(set_to_none=True)`` (a post-accumulate-grad hook marks it), or it had a grad
-    when it was bucketed, or the last ``zero_grad`` kept the grads (``set_to_none=False``).
+    `zero_grad(set_to_none=True)` (a post-accumulate-grad hook marks it), or it had a grad
+    when it was bucketed, or the last `zero_grad` kept the grads (`set_to_none=False`).
     Only those params move and get state; its grad view stays in place either way (reading as
     zeros where torch would give None), so backward keeps accumulating into the buffer."""
 
@@ -79,7 +79,7 @@ class Bucket:
         )
 
     def state_view(self, name, i):
-        """Param ``i``'s view of state buffer ``name`` (zeros, as torch starts it)."""
+        """Param `i`'s view of state buffer `name` (zeros, as torch starts it)."""
         if name not in self.state:
             self.state[name] = torch.zeros(self.param_flat.numel(), dtype=self.dtype)
             self.state_np[name] = self.state[name].numpy()
@@ -88,7 +88,7 @@ class Bucket:
 
     def prepare(self, hyper, layout):
         """Make sure every param that has a grad has its state, as views of the buffers
-        (``layout`` is the optimizer's, which creates and checks it)."""
+        (`layout` is the optimizer's, which creates and checks it)."""
         names = O.state_names(hyper)
         fresh = self.active & ~self.has_state
         if self.names != names:
@@ -102,7 +102,7 @@ class Bucket:
             self.scalars = O.scalars(hyper, hyper["learning_rate"], 1)
 
     def adopt(self, i, state):
-        """After ``load_state_dict``: copy param ``i``'s loaded state into the buffers and
+        """After `load_state_dict`: copy param `i`'s loaded state into the buffers and
         point the state at their views again."""
         with torch.no_grad():
             for name in STATE_NAMES:
@@ -117,7 +117,7 @@ class Bucket:
         self.names = self.hyper = None
 
     def zero_grads(self, set_to_none):
-        """Zero the grad buffer in place; with ``set_to_none`` no param has a grad until
+        """Zero the grad buffer in place; with `set_to_none` no param has a grad until
         backward reaches it again."""
         self.grad_flat.zero_()
         for p, grad in zip(self.params, self.grads):
@@ -126,7 +126,7 @@ class Bucket:
         self.active[:] = not set_to_none
 
     def step(self, hyper, parallel_mode, bumped):
-        """One kernel call over the params that have a grad (after :meth:`prepare`): a dense
+        """One kernel call over the params that have a grad (after `prepare`): a dense
         call over the whole buffer when all have one, else a chunk table over those."""
         active = self.active
         if not active.any():
@@ -159,7 +159,7 @@ class Bucket:
         bumped.extend(self.state[name] for name in self.names)
 
     def _table(self, active):
-        """The pointer table (``kernels.segments``) over the params that have a grad."""
+        """The pointer table (`kernels.segments`) over the params that have a grad."""
         bases = [self.param_flat.data_ptr(), self.grad_flat.data_ptr()] + [
             self.state[name].data_ptr() if name in self.state else 0 for name in STATE_NAMES
         ]

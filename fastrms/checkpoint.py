@@ -1,18 +1,18 @@
-"""Optimizer state on disk and in dicts: validation, and ``.npz`` files written atomically and
+"""Optimizer state on disk and in dicts: validation, and `.npz` files written atomically and
 read with bounds.
 
-A checkpoint is a plain ``.npz`` (a zip of ``.npy`` members, no pickles): the state arrays
-(``"<name>.<i>"``), the step counts, the hyperparameters, a format version and a marker.
+A checkpoint is a plain `.npz` (a zip of `.npy` members, no pickles): the state arrays
+(`"<name>.<i>"`), the step counts, the hyperparameters, a format version and a marker.
 Reading it never unpickles and never allocates more than the optimizer it is loaded into
 holds: every member's declared shape and dtype are checked against what that optimizer
-expects before anything is decompressed. Whatever is wrong with a file, :func:`read` raises
-``ValueError`` (``FileNotFoundError`` when there is no file) and changes nothing.
+expects before anything is decompressed. Whatever is wrong with a file, `read` raises
+`ValueError` (`FileNotFoundError` when there is no file) and changes nothing.
 
-Saving writes a temporary file in the target's folder, named ``.fastrms-<pid>-<random>.tmp``
+Saving writes a temporary file in the target's folder, named `.fastrms-<pid>-<random>.tmp`
 so that it is recognisable, flushes it to disk and renames it over the target, so a crash
 never leaves a torn file under the target's name. The temporary file of a process that died
 mid-save is removed by the next save into that folder (or by hand: any
-``.fastrms-*.tmp`` whose process is gone).
+`.fastrms-*.tmp` whose process is gone).
 """
 
 import math
@@ -48,9 +48,9 @@ _HEADER_ROOM = 4096
 
 
 def validate(d, slots, current_hyper, dtypes):
-    """Check a state dict against an optimizer's ``slots`` (each with ``shape`` and
-    ``dtype``) and hyperparameters; returns ``(step_count, skipped_steps, hyper, arrays)``
-    with ``arrays[(i, name)]`` the value for slot ``i``. Raises TypeError/ValueError naming
+    """Check a state dict against an optimizer's `slots` (each with `shape` and
+    `dtype`) and hyperparameters; returns `(step_count, skipped_steps, hyper, arrays)`
+    with `arrays[(i, name)]` the value for slot `i`. Raises TypeError/ValueError naming
     the entry; never writes."""
     if not isinstance(d, dict):
         raise TypeError(f"state_dict must be a dict, got {type(d).__name__}")
@@ -112,7 +112,7 @@ def validate(d, slots, current_hyper, dtypes):
 
 
 def _check_values(key, name, a):
-    """State a real run can produce: finite everywhere, and ``square_avg >= 0``."""
+    """State a real run can produce: finite everywhere, and `square_avg >= 0`."""
     if not np.isfinite(a).all():
         raise ValueError(f"state_dict[{key!r}] holds NaN or infinite values; no run of RMSprop produces them")
     if name == "square_avg" and (a < 0).any():
@@ -123,9 +123,9 @@ def _check_values(key, name, a):
 
 
 def write(path, state_dict):
-    """Write ``state_dict`` (arrays and Python scalars) to the ``.npz`` file ``path``
-    atomically. ``path`` may be str, bytes or os.PathLike; an existing file keeps its
-    permission bits; anything but a regular file at ``path`` is refused (ValueError)."""
+    """Write `state_dict` (arrays and Python scalars) to the `.npz` file `path`
+    atomically. `path` may be str, bytes or os.PathLike; an existing file keeps its
+    permission bits; anything but a regular file at `path` is refused (ValueError)."""
     path = _target(path)
     folder = os.path.dirname(path) or "."
     if not os.path.isdir(folder):
@@ -155,7 +155,7 @@ def write(path, state_dict):
 
 
 def _target(path):
-    """The file a save writes: ``path`` decoded, through a symlink, never a non-file."""
+    """The file a save writes: `path` decoded, through a symlink, never a non-file."""
     try:
         path = os.fsdecode(os.fspath(path))
     except TypeError:
@@ -210,7 +210,7 @@ def _fsync_folder(folder):
 
 
 def read(path, slots):
-    """The state dict stored in ``path``, for an optimizer over ``slots``; ValueError for
+    """The state dict stored in `path`, for an optimizer over `slots`; ValueError for
     anything that is not such a checkpoint, FileNotFoundError when there is no file."""
     try:
         path = os.fsdecode(os.fspath(path))

@@ -1,5 +1,5 @@
-"""The ``fastrms`` command line: ``fastrms demo``, ``bench``, ``info`` (and ``python -m
-fastrms``); a bare ``fastrms`` prints the help.
+"""The `fastrms` command line: `fastrms demo`, `bench`, `info` (and `python -m
+fastrms`); a bare `fastrms` prints the help.
 
 Every user error (a bad argument, an output path that cannot be written, a README without the
 benchmark markers) is one line on stderr and exit code 2, found before any work is done.
@@ -299,11 +299,11 @@ def _parse(argv):
     )
     i.set_defaults(func=_info)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:  # a bare ``fastrms``: what it can do
+    if not argv:  # a bare `fastrms`: what it can do
         parser.print_help()
         raise SystemExit(0)
     if argv[0] not in sub.choices and argv[0] not in ("-h", "--help", "--version") and argv[0].startswith("-"):
-        argv = ["demo", *argv]  # options without a command are the demo's (``fastrms --no-plot``)
+        argv = ["demo", *argv]  # options without a command are the demo's (`fastrms --no-plot`)
     args = parser.parse_args(argv)
     args.argv = argv[1:]
     return args

@@ -1,15 +1,15 @@
 """The fused RMSprop step over Dask arrays: one task per chunk, each running the out-of-place
-kernel (:func:`fastrms.functional.rmsprop_step`) on its block, for params and state that
-live on a ``distributed`` cluster. ``docs/algorithm.md`` is the update; the bits are those of
-:class:`fastrms.RMSprop` on the same data, whatever the chunking.
+kernel (`fastrms.functional.rmsprop_step`) on its block, for params and state that
+live on a `distributed` cluster. `docs/algorithm.md` is the update; the bits are those of
+`fastrms.RMSprop` on the same data, whatever the chunking.
 
-- :func:`rmsprop_step`: the lazy pure step, ``(param, grad, state, t, lr, ...) -> (new_param,
-  new_state)``; nothing is computed until you ask.
-- :class:`RMSprop`: the optimizer-shaped wrapper: params and state held as persisted dask
-  arrays, ``step(grads)`` builds the next generation, persists it and waits for it (errors
-  surface there); ``save``/``load`` write and read the state as a Zarr store.
+- `rmsprop_step`: the lazy pure step, `(param, grad, state, t, lr, ...) -> (new_param,
+  new_state)`; nothing is computed until you ask.
+- `RMSprop`: the optimizer-shaped wrapper: params and state held as persisted dask
+  arrays, `step(grads)` builds the next generation, persists it and waits for it (errors
+  surface there); `save`/`load` write and read the state as a Zarr store.
 
-Importing ``fastrms`` never imports dask; importing ``fastrms.dask`` without it raises one
+Importing `fastrms` never imports dask; importing `fastrms.dask` without it raises one
 ImportError saying what to install.
 """
 
@@ -30,7 +30,7 @@ import stat
 import sys
 import threading
 import zlib
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numba
 import numpy as np
@@ -40,6 +40,11 @@ from . import options as O
 from ._checks import STEP_MAX, count
 from .presets import preset_options
 
+if TYPE_CHECKING:  # the static types of **options (generated from the options table)
+    from typing_extensions import Unpack
+
+    from ._typing import Options
+
 __all__ = ["LostStateError", "RMSprop", "init_state", "release_buffers", "rmsprop_step"]
 
 FORMAT_VERSION = 1
@@ -48,7 +53,7 @@ POINTER = "CURRENT"
 
 
 def _output(shape, dtype):
-    """An uninitialised ``shape``/``dtype`` array for a task's result, in an idle buffer of this
+    """An uninitialised `shape`/`dtype` array for a task's result, in an idle buffer of this
     process when one of the size is free, else a new one.
 
     A chunk step writes about as many bytes as it reads; into fresh memory each page also
@@ -81,20 +86,20 @@ def _output(shape, dtype):
     return buffer[:nbytes].view(dtype).reshape(shape)
 
 
-_BUFFERS = []
+_BUFFERS: list = []
 _BUFFERS_LOCK = threading.Lock()
 
 
 def _idle():
-    """Positions of the buffers nothing but :data:`_BUFFERS` refers to (under the lock).
-    ``sys.getrefcount == 2``: the list's slot and the call's own argument."""
+    """Positions of the buffers nothing but `_BUFFERS` refers to (under the lock).
+    `sys.getrefcount == 2`: the list's slot and the call's own argument."""
     return [i for i in range(len(_BUFFERS)) if sys.getrefcount(_BUFFERS[i]) == 2]
 
 
 def release_buffers():
-    """Free this process's idle task-output buffers (see :func:`_output`); returns the bytes
+    """Free this process's idle task-output buffers (see `_output`); returns the bytes
     freed. After an optimizer is gone its workers keep up to two generations of them until
-    the next task asks for one: ``client.run(fastrms.dask.release_buffers)`` frees them now."""
+    the next task asks for one: `client.run(fastrms.dask.release_buffers)` frees them now."""
     with _BUFFERS_LOCK:
         idle = _idle()
         freed = sum(_BUFFERS[i].nbytes for i in idle)
@@ -104,7 +109,7 @@ def release_buffers():
 
 @contextlib.contextmanager
 def _task_threads():
-    """Run a task's kernel on at most ``OMP_NUM_THREADS`` Numba threads when that is set.
+    """Run a task's kernel on at most `OMP_NUM_THREADS` Numba threads when that is set.
     Dask's nanny sets it to 1 in its workers: a worker's parallelism is its task threads, and
     a parallel kernel in every one of them would oversubscribe the cores."""
     try:
@@ -121,8 +126,8 @@ def _task_threads():
 
 
 def _kernel_step(param, grad, state, names, out, t, lr, beta, epsilon, options):
-    """The fused out-of-place step of one block into the stacked ``out`` (param, then state
-    in ``names`` order). Blocks may be views (a slice of a bigger array), broadcasts
+    """The fused out-of-place step of one block into the stacked `out` (param, then state
+    in `names` order). Blocks may be views (a slice of a bigger array), broadcasts
     (zeros_like) or, sent between workers, unaligned buffers: the kernel reads aligned
     C-contiguous memory, so those are copied; computed blocks pass as they are."""
     param, grad = np.require(param, requirements="CA"), np.require(grad, requirements="CA")
@@ -136,16 +141,16 @@ def _kernel_step(param, grad, state, names, out, t, lr, beta, epsilon, options):
 
 
 def _block_step(param, grad, *state_and_args):
-    """One chunk of :func:`rmsprop_step`: the fused step into one stacked array ``(1 + k,
-    *block)`` so the whole update is one task."""
+    """One chunk of `rmsprop_step`: the fused step into one stacked array `(1 + k,
+    *block)` so the whole update is one task."""
     *state, names, t, lr, beta, epsilon, options = state_and_args
     out = _output((1 + len(names), *param.shape), param.dtype)
     return _kernel_step(param, grad, state, names, out, t, lr, beta, epsilon, options)
 
 
 def _generation_step(stacked, grad, names, t, lr, beta, epsilon, options, out=None):
-    """One chunk of :class:`RMSprop`'s generation ``(1 + k, *block)`` (param, then state) and
-    its grad block -> the next generation's chunk, in ``out`` (``stacked`` itself to step in
+    """One chunk of `RMSprop`'s generation `(1 + k, *block)` (param, then state) and
+    its grad block -> the next generation's chunk, in `out` (`stacked` itself to step in
     place) or else a pool buffer."""
     out = _output(stacked.shape, stacked.dtype) if out is None else out
     return _kernel_step(stacked[0], grad, list(stacked[1:]), names, out, t, lr, beta, epsilon, options)
@@ -169,10 +174,10 @@ class _Missing(KeyError):
 
 
 def _pulled_step(stacked, grad, names, t, lr, beta, epsilon, options, donate=False):
-    """:func:`_generation_step` on a worker holding both the generation's chunk and the
+    """`_generation_step` on a worker holding both the generation's chunk and the
     grad's, read from its memory by key: the new chunk does not depend on the old one, so
-    no lineage builds up across steps. With ``donate``, the next generation is written over
-    the old chunk when nothing but the worker's memory can see it (:func:`_sole_holder`)."""
+    no lineage builds up across steps. With `donate`, the next generation is written over
+    the old chunk when nothing but the worker's memory can see it (`_sole_holder`)."""
     from distributed import get_worker
 
     worker = get_worker()
@@ -188,14 +193,14 @@ def _pulled_step(stacked, grad, names, t, lr, beta, epsilon, options, donate=Fal
 
 
 def _refs(block):
-    """References to ``block`` and to the buffer it is a view of, as counted from the
-    caller's frame (its local ``block`` included)."""
+    """References to `block` and to the buffer it is a view of, as counted from the
+    caller's frame (its local `block` included)."""
     return sys.getrefcount(block), sys.getrefcount(block.base)
 
 
 @functools.cache
 def _sole_refs():
-    """:func:`_refs` of a chunk that only a dict (the worker's memory) and the caller's local
+    """`_refs` of a chunk that only a dict (the worker's memory) and the caller's local
     refer to, a view of a buffer only a list (the pool) and the chunk refer to: measured here
     once, in the same shape of call, rather than assumed (the counts differ between Python
     versions)."""
@@ -210,9 +215,9 @@ _SETTLED = frozenset({"memory", "released", "forgotten", "error"})
 
 
 def _sole_holder(worker, key, block, grad, refs):
-    """Whether the generation's chunk ``block`` (held under ``key``; ``refs`` its
-    :func:`_refs` from the caller) may be written over by the step: it is a buffer of this
-    process's pool (:func:`_output`), C-contiguous and writeable, not the grad's memory;
+    """Whether the generation's chunk `block` (held under `key`; `refs` its
+    `_refs` from the caller) may be written over by the step: it is a buffer of this
+    process's pool (`_output`), C-contiguous and writeable, not the grad's memory;
     nothing but the worker's memory refers to it or to its buffer (no view of it is held,
     no transfer is sending it, no other key names it); and no task of this worker still
     waits to read it."""
@@ -227,9 +232,9 @@ def _sole_holder(worker, key, block, grad, refs):
 
 
 def _row(blocks, i):
-    """Row ``i`` of a stacked block (given as the one-block list of ``blockwise`` without
+    """Row `i` of a stacked block (given as the one-block list of `blockwise` without
     concatenation), a view: dask's own getitem copies a slice under half its array, and
-    ``map_blocks`` dropping the stacked axis would concatenate, a copy too."""
+    `map_blocks` dropping the stacked axis would concatenate, a copy too."""
     (stacked,) = blocks
     return stacked[i]
 
@@ -273,7 +278,7 @@ def _hyperparameters(learning_rate, beta, epsilon, options, dtype):
 
 
 def init_state(param, **options):
-    """The variant's initial state for the dask array ``param`` (chunked like it)."""
+    """The variant's initial state for the dask array `param` (chunked like it)."""
     _check_array("param", param)
     hyper = O.resolve(options, "init_state()")
     state = {name: da.zeros_like(param) for name in O.state_names(hyper)}
@@ -284,19 +289,20 @@ def init_state(param, **options):
 
 
 def rmsprop_step(
-    param, grad, state, t, learning_rate, beta=O.DEFAULTS["beta"], epsilon=O.DEFAULTS["epsilon"], **options
-):
-    """Step ``t`` (1-based) of RMSprop over dask arrays, lazily: returns ``(new_param,
-    new_state)``, dask arrays chunked like ``param``. ``state`` is a dict of dask arrays named
-    as in :func:`fastrms.functional.rmsprop_step` (``square_avg``, ``grad_avg``,
-    ``momentum_buffer`` as the variant keeps them), or None for the initial state.
+    param, grad, state, t, learning_rate, beta=O.DEFAULTS["beta"], epsilon=O.DEFAULTS["epsilon"],
+    **options: "Unpack[Options]",
+):  # fmt: skip
+    """Step `t` (1-based) of RMSprop over dask arrays, lazily: returns `(new_param,
+    new_state)`, dask arrays chunked like `param`. `state` is a dict of dask arrays named
+    as in `fastrms.functional.rmsprop_step` (`square_avg`, `grad_avg`,
+    `momentum_buffer` as the variant keeps them), or None for the initial state.
 
-    The graph is one task per chunk (a ``map_blocks`` over param, grad and state), each
+    The graph is one task per chunk (a `map_blocks` over param, grad and state), each
     running the fused out-of-place kernel on its block; input blocks are never written.
-    ``learning_rate`` is a number (evaluate a schedule on the client). Grads and state must be
-    chunked like ``param`` (a clear error says so otherwise). ``clip_global_norm`` is refused
-    (it needs every chunk before the step); ``skip_nonfinite`` acts per block here (use
-    :class:`RMSprop` for a global skip).
+    `learning_rate` is a number (evaluate a schedule on the client). Grads and state must be
+    chunked like `param` (a clear error says so otherwise). `clip_global_norm` is refused
+    (it needs every chunk before the step); `skip_nonfinite` acts per block here (use
+    `RMSprop` for a global skip).
     """
     _check_array("param", param)
     _check_array("grad", grad, param)
@@ -321,12 +327,12 @@ def rmsprop_step(
 
 
 def _unstack(stacked):
-    """The arrays stacked along axis 0 of ``stacked``, each chunk a view of the stacked chunk."""
+    """The arrays stacked along axis 0 of `stacked`, each chunk a view of the stacked chunk."""
     return [_layer(stacked, i) for i in range(stacked.shape[0])]
 
 
 def _layer(stacked, i):
-    """Array ``i`` stacked along axis 0 of ``stacked``, each chunk a view of the stacked chunk."""
+    """Array `i` stacked along axis 0 of `stacked`, each chunk a view of the stacked chunk."""
     idx = _indices(stacked.ndim - 1)
     return da.blockwise(
         _row, idx, stacked, (0, *idx), i, None, concatenate=False, dtype=stacked.dtype,
@@ -335,7 +341,7 @@ def _layer(stacked, i):
 
 
 class _Shape(NamedTuple):
-    """What :func:`_check_array` compares against: a generation's param without building it."""
+    """What `_check_array` compares against: a generation's param without building it."""
 
     dtype: np.dtype
     shape: tuple
@@ -347,7 +353,7 @@ class _Shape(NamedTuple):
 
 
 def _client():
-    """The active ``distributed.Client``, or None (then dask's local schedulers run)."""
+    """The active `distributed.Client`, or None (then dask's local schedulers run)."""
     try:
         from distributed import default_client
 
@@ -357,7 +363,7 @@ def _client():
 
 
 def _take(key):
-    """On the worker holding ``key``: its data, under the new task's own key (no copy)."""
+    """On the worker holding `key`: its data, under the new task's own key (no copy)."""
     from distributed import get_worker
 
     return get_worker().data[key]
@@ -370,7 +376,7 @@ def _block_crc32(block):
 
 
 def _checksums(a):
-    """The CRC-32 of each chunk of ``a`` (its bytes in C order), as a dask array with one
+    """The CRC-32 of each chunk of `a` (its bytes in C order), as a dask array with one
     element per chunk."""
     return da.map_blocks(_block_crc32, a, chunks=tuple((1,) * len(c) for c in a.chunks), dtype=np.int64)
 
@@ -381,9 +387,9 @@ class LostStateError(RuntimeError):
 
 
 def _wait(client, futures, watch, errors=True):
-    """Wait for ``futures``; every second, check that every chunk of ``watch`` (the data the
+    """Wait for `futures`; every second, check that every chunk of `watch` (the data the
     work reads) still has a worker holding it, and raise LostStateError if one has none
-    (a restricted re-run could otherwise wait forever for a dead worker). With ``errors``,
+    (a restricted re-run could otherwise wait forever for a dead worker). With `errors`,
     a failed future raises its error."""
     from distributed import futures_of, wait
 
@@ -403,8 +409,8 @@ def _wait(client, futures, watch, errors=True):
 
 
 def _rekey(client, futures, ids, name):
-    """Computed ``futures`` under the keys ``(f"{name}-{i}", *index)`` for each ``(i, *index)``
-    of ``ids``, by tasks without dependencies that run where the data already is: the
+    """Computed `futures` under the keys `(f"{name}-{i}", *index)` for each `(i, *index)`
+    of `ids`, by tasks without dependencies that run where the data already is: the
     scheduler can then forget the lineage (the price: a chunk lost with its worker cannot be
     recomputed; the next step raises and the run resumes from a checkpoint)."""
     who = client.who_has(futures)
@@ -422,13 +428,13 @@ def _rekey(client, futures, ids, name):
 
 
 def _array(graph, like):
-    """A dask array of the futures ``graph`` (key -> future), named and chunked like ``like``."""
+    """A dask array of the futures `graph` (key -> future), named and chunked like `like`."""
     return da.Array(graph, next(iter(graph))[0], like.chunks, dtype=like.dtype)
 
 
 def _detach(client, arrays, watch):
-    """Wait for the persisted ``arrays`` (errors of dead workers surface here), then re-key
-    every chunk (:func:`_rekey`) so the scheduler's task count stays flat."""
+    """Wait for the persisted `arrays` (errors of dead workers surface here), then re-key
+    every chunk (`_rekey`) so the scheduler's task count stays flat."""
     from distributed import futures_of
 
     futures = futures_of(arrays)
@@ -449,44 +455,44 @@ def _indices(ndim):
 class RMSprop:
     """RMSprop over dask arrays on a cluster: params and state held as persisted dask arrays.
 
-    ``RMSprop(params, learning_rate, beta, epsilon, **options)`` takes a dask array or a
-    sequence of them and :class:`fastrms.RMSprop`'s options, presets (:meth:`like`) and
-    validation (``clip_global_norm`` excepted). Each param and its state are held as one
-    persisted *generation*: a dask array ``(1 + k, *param.shape)`` chunked like the param
-    (param, then the state), so a step is one task per chunk; :attr:`params` and
-    :attr:`state` are views of it (each chunk a view of the generation's, no copy).
+    `RMSprop(params, learning_rate, beta, epsilon, **options)` takes a dask array or a
+    sequence of them and `fastrms.RMSprop`'s options, presets (`like`) and
+    validation (`clip_global_norm` excepted). Each param and its state are held as one
+    persisted *generation*: a dask array `(1 + k, *param.shape)` chunked like the param
+    (param, then the state), so a step is one task per chunk; `params` and
+    `state` are views of it (each chunk a view of the generation's, no copy).
 
-    ``step(grads)`` evaluates the schedule on the client and runs the fused step of every
-    chunk. On a ``distributed`` cluster each chunk's task runs on the worker holding the
+    `step(grads)` evaluates the schedule on the client and runs the fused step of every
+    chunk. On a `distributed` cluster each chunk's task runs on the worker holding the
     chunk and reads it (and the grad's chunk, when the same worker holds it) from the
     worker's memory by key, so the new generation does not depend on the old one: the
     scheduler's task count stays flat over any number of steps, and its result lands in a
     buffer of an earlier, released generation (no fresh pages). A grad chunk held elsewhere
     is sent to the task by the scheduler and that result re-keyed without its lineage. A
-    worker that dies takes its chunks with it: the next step raises :class:`LostStateError`
-    telling you to resume from the last checkpoint. With ``skip_nonfinite`` a step whose
+    worker that dies takes its chunks with it: the next step raises `LostStateError`
+    telling you to resume from the last checkpoint. With `skip_nonfinite` a step whose
     grads hold a NaN or an infinity (one reduction over the grads, computed first) changes
     nothing.
 
-    ``donate=True`` (JAX's buffer donation, for the optimizer's own arrays): on a
-    ``distributed`` cluster each chunk's step writes the new generation over the old one
+    `donate=True` (JAX's buffer donation, for the optimizer's own arrays): on a
+    `distributed` cluster each chunk's step writes the new generation over the old one
     instead of into other memory, when nothing but the worker's memory can see the old chunk
     (no view of it held on the worker, no transfer sending it, no task there still to read
     it; otherwise that chunk goes out of place). The step then moves 5 streams of memory
     instead of 7 and needs no memory for a second generation: the same bits, faster, in
-    half the memory (``client.run(fastrms.dask.release_buffers)`` frees buffers left idle
+    half the memory (`client.run(fastrms.dask.release_buffers)` frees buffers left idle
     by earlier out-of-place steps). The price is Dask's immutability for the optimizer's
-    arrays: dask arrays taken from :attr:`params` / :attr:`state` (or computed lazily from
+    arrays: dask arrays taken from `params` / `state` (or computed lazily from
     them) before a step and computed after it read the new values, so persist a copy of
-    what you keep (``(opt.params + 0).persist()``) and let what you compute from them finish
+    what you keep (`(opt.params + 0).persist()`) and let what you compute from them finish
     before the next step. If a donating step fails on the cluster, the old generation may be
-    half overwritten: the optimizer then refuses any further use (:meth:`load` included: its
-    params are part of that generation) with :class:`LostStateError`; resume in a new one.
-    Without a ``distributed`` client (Dask's local schedulers) the step stays out of place.
+    half overwritten: the optimizer then refuses any further use (`load` included: its
+    params are part of that generation) with `LostStateError`; resume in a new one.
+    Without a `distributed` client (Dask's local schedulers) the step stays out of place.
     """
 
     def __init__(self, params, learning_rate=O.DEFAULTS["learning_rate"], beta=O.DEFAULTS["beta"],
-                 epsilon=O.DEFAULTS["epsilon"], *, donate=False, **options):  # fmt: skip
+                 epsilon=O.DEFAULTS["epsilon"], *, donate=False, **options: "Unpack[Options]"):  # fmt: skip
         if not isinstance(donate, bool):
             raise TypeError(f"donate must be True or False, got {donate!r}")
         self._donate = donate
@@ -511,7 +517,7 @@ class RMSprop:
 
     @classmethod
     def like(cls, name, params, *, donate=False, **overrides):
-        """An optimizer with library ``name``'s defaults and formula (see :mod:`fastrms.presets`)."""
+        """An optimizer with library `name`'s defaults and formula (see `fastrms.presets`)."""
         return cls(params, donate=donate, **preset_options(name, overrides))
 
     # ------------------------------------------------------------------ properties
@@ -579,7 +585,7 @@ class RMSprop:
     # ------------------------------------------------------------------ generations
 
     def _stacked(self, param, state):
-        """The lazy generation of ``param`` and its ``state`` dict."""
+        """The lazy generation of `param` and its `state` dict."""
         idx = _indices(param.ndim)
         arrays = [param, *(state[name] for name in self._names)]
         return da.blockwise(
@@ -605,7 +611,7 @@ class RMSprop:
     # ------------------------------------------------------------------ the step
 
     def step(self, grads):
-        """One step: ``grads`` (dask arrays chunked like the params, in their structure)."""
+        """One step: `grads` (dask arrays chunked like the params, in their structure)."""
         self._usable()
         grads = [grads] if self._single else list(grads)
         if len(grads) != len(self._gens):
@@ -639,7 +645,7 @@ class RMSprop:
         self._step_count = t
 
     def _computed(self, client, grads):
-        """``grads`` persisted on the cluster (as given when they already are) and computed."""
+        """`grads` persisted on the cluster (as given when they already are) and computed."""
         from distributed import futures_of
 
         out = []
@@ -653,7 +659,7 @@ class RMSprop:
 
     def _cluster_step(self, client, grads, args):
         """Every chunk's step on the worker holding it (see the class docstring); one
-        ``client.map`` per worker, one wait."""
+        `client.map` per worker, one wait."""
         from distributed import futures_of
 
         def chunks(a):
@@ -727,8 +733,8 @@ class RMSprop:
 
     def save(self, path):
         """Write the state (not the params), step counts, hyperparameters and a format version
-        as a Zarr store in a new folder under ``path``, written in parallel by the workers
-        (chunked like the arrays), then point ``path/CURRENT`` at it with an atomic rename: a
+        as a Zarr store in a new folder under `path`, written in parallel by the workers
+        (chunked like the arrays), then point `path/CURRENT` at it with an atomic rename: a
         crash mid-save leaves the previous checkpoint loadable. Older generations are removed
         after the switch."""
         import zarr
@@ -779,9 +785,9 @@ class RMSprop:
                 shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
     def load(self, path):
-        """Restore a checkpoint written by :meth:`save` into this optimizer (same params,
+        """Restore a checkpoint written by `save` into this optimizer (same params,
         same variant). Anything wrong (no pointer, a pointer outside the folder, missing or
-        mismatched arrays, non-finite or negative ``square_avg`` values, another variant)
+        mismatched arrays, non-finite or negative `square_avg` values, another variant)
         raises ValueError and changes nothing; a missing folder raises FileNotFoundError."""
         import zarr
 
@@ -855,7 +861,7 @@ class RMSprop:
         self._hyper = hyper
 
     def _compute(self, arrays):
-        """``dask.compute(*arrays)``; on a ``distributed`` cluster, watching that no chunk of
+        """`dask.compute(*arrays)`; on a `distributed` cluster, watching that no chunk of
         the optimizer's data is lost meanwhile (LostStateError within about a second, not a
         wait forever for a dead worker)."""
         client = _client()

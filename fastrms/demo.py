@@ -1,4 +1,4 @@
-"""The seed article's linear-regression example, run through fastrms (``fastrms demo``)."""
+"""The seed article's linear-regression example, run through fastrms (`fastrms demo`)."""
 
 import time
 from pathlib import Path
@@ -29,10 +29,10 @@ def run(num_iterations=1000, learning_rate=0.001, fitted_learning_rate=0.01):
     """Fit the seed's example with fastrms and with the seed's own NumPy code.
 
     Returns a dict with both thetas, their largest relative difference, the mean squared
-    error before each step of both runs (``loss``, ``loss_fitted``), the first call's time
+    error before each step of both runs (`loss`, `loss_fitted`), the first call's time
     (the kernel loaded from the disk cache, or compiled) and the steady-state time per
-    step of fastrms and of the seed's NumPy step; and ``theta_fitted``, the same run at
-    ``fitted_learning_rate``: RMSprop moves each parameter by about the learning rate per
+    step of fastrms and of the seed's NumPy step; and `theta_fitted`, the same run at
+    `fitted_learning_rate`: RMSprop moves each parameter by about the learning rate per
     step, so the seed's 1000 steps of 0.001 stop far from theta = (1, 2), while 0.01
     reaches the noise floor.
     """
@@ -90,7 +90,7 @@ def run(num_iterations=1000, learning_rate=0.001, fitted_learning_rate=0.01):
 def plot(result, path):
     """The seed's figure (the data points and the fitted lines, the legend below the axes so
     it covers no data) beside the mean squared error per step of both runs, saved to
-    ``path`` (PNG)."""
+    `path` (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")

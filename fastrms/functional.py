@@ -1,11 +1,12 @@
 """The pure RMSprop step: new arrays out, inputs never written (optax's and torch.func's sense
-of "functional"). It runs the same element function as :class:`fastrms.RMSprop`, so its bits
-match ``RMSprop.step`` and :mod:`fastrms.reference`; it is what ``fastrms.dask`` maps over
+of "functional"). It runs the same element function as `fastrms.RMSprop`, so its bits
+match `RMSprop.step` and `fastrms.reference`; it is what `fastrms.dask` maps over
 blocks."""
 
 import math
 from collections.abc import Mapping
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,13 +15,18 @@ from . import options as O
 from ._checks import STEP_MAX, count, float_array
 from .layout import address
 
+if TYPE_CHECKING:  # the static types of **options (generated from the options table)
+    from typing_extensions import Unpack
+
+    from ._typing import Options
+
 __all__ = ["init_state", "rmsprop_step"]
 
 
 def init_state(param, **options):
-    """The variant's initial state for ``param``: ``square_avg`` filled with
-    ``initial_scale``, ``grad_avg`` / ``momentum_buffer`` zeros where the variant keeps them
-    (PyTorch's names), each shaped and typed like ``param``."""
+    """The variant's initial state for `param`: `square_avg` filled with
+    `initial_scale`, `grad_avg` / `momentum_buffer` zeros where the variant keeps them
+    (PyTorch's names), each shaped and typed like `param`."""
     param = float_array("param", param, writeable=False)
     hyper = O.resolve(options, "init_state()")
     state = {name: np.zeros(param.shape, param.dtype) for name in O.state_names(hyper)}
@@ -38,23 +44,23 @@ def rmsprop_step(
     epsilon: float = O.DEFAULTS["epsilon"],
     *,
     out: "tuple[np.ndarray, dict] | None" = None,
-    **options: "float | bool",
+    **options: "Unpack[Options]",
 ) -> "tuple[np.ndarray, dict]":
-    """Step ``t`` (1-based) of RMSprop, out of place: returns ``(new_param, new_state)``.
+    """Step `t` (1-based) of RMSprop, out of place: returns `(new_param, new_state)`.
 
-    ``state`` is a dict of the arrays PyTorch names (``square_avg``, and ``grad_avg`` /
-    ``momentum_buffer`` when the variant keeps them), or None for the initial state
-    (:func:`init_state`). ``options`` are :class:`fastrms.RMSprop`'s keyword options
-    (:data:`fastrms.options.OPTIONS`); ``learning_rate`` is a number here (evaluate a schedule
-    at ``t - 1`` yourself). The update is ``docs/algorithm.md``'s.
+    `state` is a dict of the arrays PyTorch names (`square_avg`, and `grad_avg` /
+    `momentum_buffer` when the variant keeps them), or None for the initial state
+    (`init_state`). `options` are `fastrms.RMSprop`'s keyword options
+    (`fastrms.options.OPTIONS`); `learning_rate` is a number here (evaluate a schedule
+    at `t - 1` yourself). The update is `docs/algorithm.md`'s.
 
-    Inputs are never written. With ``out=(param_out, state_out)`` the results go into the
-    arrays given (same shapes and dtypes; ``state_out`` a dict like ``state``): each may be
+    Inputs are never written. With `out=(param_out, state_out)` the results go into the
+    arrays given (same shapes and dtypes; `state_out` a dict like `state`): each may be
     its input itself, to go in place, but no output may overlap another output or another
-    input. With ``skip_nonfinite=True`` a grad holding a NaN or an infinity returns the
-    inputs' values unchanged (copied into ``out`` when given). ``clip_global_norm`` clips by
+    input. With `skip_nonfinite=True` a grad holding a NaN or an infinity returns the
+    inputs' values unchanged (copied into `out` when given). `clip_global_norm` clips by
     this grad's own 2-norm (a model's global norm is the caller's to form: scale the grad,
-    or sum :func:`fastrms.kernels.sumsq_serial` over the arrays).
+    or sum `fastrms.kernels.sumsq_serial` over the arrays).
 
     Every argument is checked before anything is written; bad ones raise TypeError/ValueError
     naming them.
@@ -110,7 +116,8 @@ def rmsprop_step(
     if out is not None and _same(p, p_out) and all(_same(flat[n], flat_out[n]) for n in names):
         # every output is its input: the in-place shell (same bits; LLVM cannot vectorise a
         # loop whose outputs alias its inputs, so the out-of-place one would run scalar)
-        shell, arrays = kernels.dense(key, parallel), (p_out, g, flat_out["square_avg"], m, b)
+        shell = kernels.dense(key, parallel)
+        arrays: tuple = (p_out, g, flat_out["square_avg"], m, b)
     else:
         shell = kernels.dense_out(key, parallel)
         m_out, b_out = flat_out.get("grad_avg", empty), flat_out.get("momentum_buffer", empty)
@@ -122,7 +129,7 @@ def rmsprop_step(
 
 
 def _same(a, b):
-    """Whether ``a`` and ``b`` (equal-size 1-D views) are the same memory."""
+    """Whether `a` and `b` (equal-size 1-D views) are the same memory."""
     return address(a) == address(b)
 
 
@@ -150,7 +157,7 @@ def _checked(key, dtype):
 
 
 def _state(label, state, names, param, *, writeable):
-    """``state`` checked: a mapping holding exactly ``names``, each like ``param``."""
+    """`state` checked: a mapping holding exactly `names`, each like `param`."""
     if not isinstance(state, Mapping):
         raise TypeError(f"{label} must be a dict of arrays named {list(names)}, got {type(state).__name__}")
     if set(state) != set(names):

@@ -1,11 +1,11 @@
-"""How an optimizer's arrays are laid out for the kernels, and :func:`pack`.
+"""How an optimizer's arrays are laid out for the kernels, and `pack`.
 
-Each param gets a :class:`Slot`: the user's array, a plain 1-D view of it, and its state,
-allocated once. Params of one dtype form a :class:`Group` that one kernel call steps:
+Each param gets a `Slot`: the user's array, a plain 1-D view of it, and its state,
+allocated once. Params of one dtype form a `Group` that one kernel call steps:
 
-- ``dense``: a single array, the in-place dense shell;
-- ``segments``: several arrays, the chunk-table shell (:mod:`fastrms.kernels.segments`);
-- ``flat``: several arrays that tile one buffer back to back (as :func:`pack` makes them);
+- `dense`: a single array, the in-place dense shell;
+- `segments`: several arrays, the chunk-table shell (`fastrms.kernels.segments`);
+- `flat`: several arrays that tile one buffer back to back (as `pack` makes them);
   their state is allocated as one buffer too, so a step whose grads tile one buffer in the
   same layout is one dense call over the whole span: exactly one array's cost.
 """
@@ -22,7 +22,7 @@ _STATE = ("square_avg", "grad_avg", "momentum_buffer")
 
 class Slot:
     """One parameter array and its state (flat, allocated once, or views into its group's
-    buffers when the group is ``flat``)."""
+    buffers when the group is `flat`)."""
 
     __slots__ = (
         "param",
@@ -43,7 +43,7 @@ class Slot:
         self.flat = flat_view(array)
         self.names = names
         self.square_avg = self.grad_avg = self.momentum_buffer = self.flat[:0]
-        #: ``dense_rows``: for a 2-D param, the step that last touched each row (else empty)
+        #: `dense_rows`: for a 2-D param, the step that last touched each row (else empty)
         self.row_step = np.zeros(0, np.int64)
 
     @property
@@ -53,12 +53,12 @@ class Slot:
 
 
 def address(a):
-    """The address of ``a``'s first element."""
+    """The address of `a`'s first element."""
     return a.__array_interface__["data"][0]
 
 
 def _root(a):
-    """The ndarray that owns ``a``'s memory (``a`` itself when it owns it)."""
+    """The ndarray that owns `a`'s memory (`a` itself when it owns it)."""
     root = a
     while isinstance(root.base, np.ndarray):
         root = root.base
@@ -66,8 +66,8 @@ def _root(a):
 
 
 def grad_span(first, start, size):
-    """A 1-D view of ``size`` elements from address ``start`` (where ``first`` begins), taken
-    from the ndarray that owns ``first``'s memory, or None when that array does not hold the
+    """A 1-D view of `size` elements from address `start` (where `first` begins), taken
+    from the ndarray that owns `first`'s memory, or None when that array does not hold the
     whole span (grads that only happen to be adjacent in memory)."""
     root = _root(first)
     if root is first or root.dtype != first.dtype or not root.flags.c_contiguous or not root.size:
@@ -79,7 +79,7 @@ def grad_span(first, start, size):
 
 
 def _tile_root(arrays, dtype):
-    """The 1-D span of one buffer that ``arrays`` tile back to back, in order, or None."""
+    """The 1-D span of one buffer that `arrays` tile back to back, in order, or None."""
     if len(arrays) < 2 or any(a.size == 0 for a in arrays):
         return None
     root = _root(arrays[0])
@@ -138,7 +138,7 @@ class Group:
                 self.ptrs[a, col] = address(arr) if arr.size else 0
 
     def grads_tile(self, addresses):
-        """Whether grads at ``addresses`` lie back to back in the params' layout."""
+        """Whether grads at `addresses` lie back to back in the params' layout."""
         start = addresses[0]
         at = start
         for s, addr in zip(self.slots, addresses):
@@ -149,11 +149,11 @@ class Group:
 
 
 def pack(arrays):
-    """Copy ``arrays`` (float32 or float64, all of one dtype, any shapes) into one contiguous
-    1-D buffer; returns ``(flat, views)``, ``views`` shaped like the inputs and sharing
-    ``flat``'s memory. An :class:`fastrms.RMSprop` over the views keeps its state in one
+    """Copy `arrays` (float32 or float64, all of one dtype, any shapes) into one contiguous
+    1-D buffer; returns `(flat, views)`, `views` shaped like the inputs and sharing
+    `flat`'s memory. An `fastrms.RMSprop` over the views keeps its state in one
     buffer too, and a step whose grads also tile one buffer in the same layout (say the views
-    of another ``pack``) is one kernel call over ``flat``: one array's cost, whatever the
+    of another `pack`) is one kernel call over `flat`: one array's cost, whatever the
     number of arrays."""
     if isinstance(arrays, np.ndarray) or not hasattr(arrays, "__iter__"):
         raise TypeError(f"arrays must be a sequence of numpy arrays, got {type(arrays).__name__}")

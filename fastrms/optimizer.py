@@ -1,8 +1,8 @@
 """The RMSprop optimizer: validates, holds the state, and hands each array to a fused kernel.
 
-The update each kernel applies is in ``docs/algorithm.md`` (and :mod:`fastrms.kernels.element`);
-the options are declared once, in :mod:`fastrms.options`; checkpoints are
-:mod:`fastrms.checkpoint`'s.
+The update each kernel applies is in `docs/algorithm.md` (and `fastrms.kernels.element`);
+the options are declared once, in `fastrms.options`; checkpoints are
+`fastrms.checkpoint`'s.
 """
 
 import bisect
@@ -11,6 +11,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numba import get_num_threads
@@ -22,6 +23,11 @@ from .kernels import contiguous_address
 from .layout import Group, Slot, address, grad_span
 from .options import check_hyperparameters, state_names
 from .presets import preset_options
+
+if TYPE_CHECKING:  # the static types of **options (generated from the options table)
+    from typing_extensions import Unpack
+
+    from ._typing import Options
 
 __all__ = ["RMSprop", "state_names"]
 
@@ -38,29 +44,79 @@ def _span(a):
 class RMSprop:
     """RMSprop over NumPy float arrays, each step one fused in-place Numba pass per array.
 
-        Every option after ``epsilon`` is keyword-only; all are declared once, in
-        :data:`fastrms.options.OPTIONS`, from which the list below is written.
+    Per element, at step `t` with grad `g` (the plain variant; `docs/algorithm.md` gives
+    every option's term):
 
-        Parameters
-        ----------
-        params : ndarray or sequence of ndarray
-            float32 or float64, C-contiguous, writeable, any shape; updated in place. ``step``
-            then takes grads of the same structure: one array, or a sequence of as many.
-        learning_rate : float or callable
-            A number >= 0, or a schedule ``count -> lr`` (``count`` = steps already taken; see
-            :mod:`fastrms.schedules`).
-        beta : float
-            Decay of the squared-gradient average, in [0, 1) (PyTorch ``alpha``, Keras ``rho``,
-            TF1/optax ``decay``).
-        epsilon : float
-            > 0; added outside the root (PyTorch, the seed) or, with ``eps_in_sqrt``, inside it
-            (Keras, TF1, optax).
-    OPTIONS_TABLE
+        v <- beta * v + (1 - beta) * g^2
+        param <- param - lr * g / (sqrt(v) + epsilon)
 
-        Notes
-        -----
-        The state arrays, allocated once in each param's dtype, are named as PyTorch names them:
-        ``square_avg``, ``grad_avg`` (centered) and ``momentum_buffer`` (momentum > 0).
+    Every option after `epsilon` is keyword-only; all are declared once, in
+    `fastrms.options.OPTIONS`, from which the list below is written.
+
+    Parameters
+    ----------
+    params : ndarray or sequence of ndarray
+        float32 or float64, C-contiguous, writeable, any shape; updated in place. `step`
+        then takes grads of the same structure: one array, or a sequence of as many.
+    learning_rate : float or callable, default 0.001
+        A number >= 0, or a schedule `count -> lr` (`count` = steps already taken; see
+        `fastrms.schedules`).
+    beta : float, default 0.9
+        Decay of the squared-gradient average, in [0, 1) (PyTorch `alpha`, Keras `rho`,
+        TF1/optax `decay`).
+    epsilon : float, default 1e-08
+        > 0; added outside the root (PyTorch, the seed) or, with `eps_in_sqrt`, inside it
+        (Keras, TF1, optax).
+    momentum : float, default 0.0
+        Keyword-only. Momentum >= 0; 0 keeps no momentum buffer.
+    centered : bool, default False
+        Keyword-only. Divide by the root of the variance estimate `v - m^2` (clamped at 0).
+    nesterov : bool, default False
+        Keyword-only. Nesterov momentum; needs momentum > 0.
+    lr_in_momentum : bool, default False
+        Keyword-only. Accumulate `lr * u` in the momentum buffer (Keras, TF1, optax) instead of `u`
+        (PyTorch).
+    weight_decay : float, default 0.0
+        Keyword-only. Weight decay >= 0 (L2 on the gradient, or decoupled).
+    decoupled_weight_decay : bool, default False
+        Keyword-only. Shrink the parameter by `lr * weight_decay` before the update (Keras 3, AdamW
+        style).
+    maximize : bool, default False
+        Keyword-only. Ascend instead of descend.
+    bias_correction : bool, default False
+        Keyword-only. Divide `v` and `m` by `1 - beta^t`.
+    eps_in_sqrt : bool, default False
+        Keyword-only. `sqrt(v + eps)` instead of `sqrt(v) + eps`.
+    initial_scale : float, default 0.0
+        Keyword-only. Starting value of `square_avg` (TF1 uses 1.0).
+    skip_nonfinite : bool, default False
+        Keyword-only. A step whose grads hold a NaN or an infinity changes nothing and is counted in
+        `skipped_steps`.
+    dense_rows : bool, default False
+        Keyword-only. `step_rows` replays, when a row is touched again, the zero-gradient steps it
+        missed (closed form), so a sparse run equals a dense one up to rounding; off: lazy, a row's
+        state decays only when it is touched (TensorFlow's sparse ops, torch's SparseAdam).
+    clip_global_norm : float or None, default None
+        Keyword-only. `max_norm` > 0, or None: scale every grad, as the kernel reads it, by `min(1,
+        max_norm / (norm + 1e-6))`, `norm` the 2-norm over all grads
+        (`torch.nn.utils.clip_grad_norm_`'s formula).
+    clip_value : float or None, default None
+        Keyword-only. `c` > 0, or None: clamp every grad element to `[-c, c]` as the kernel reads it
+        (`torch.nn.utils.clip_grad_value_`); a NaN passes through (keras `clipvalue`).
+
+    Notes
+    -----
+    The state arrays, allocated once in each param's dtype, are named as PyTorch names them:
+    `square_avg`, `grad_avg` (centered) and `momentum_buffer` (momentum > 0).
+
+    Examples
+    --------
+    >>> import numpy as np, fastrms
+    >>> w = np.ones(3, np.float32)
+    >>> opt = fastrms.RMSprop(w, learning_rate=0.01, momentum=0.9)
+    >>> opt.step(np.full(3, 0.5, np.float32))
+    >>> w  # the first step moves each element by lr / sqrt(1 - beta)
+    array([0.96837723, 0.96837723, 0.96837723], dtype=float32)
     """
 
     def __init__(
@@ -69,7 +125,7 @@ class RMSprop:
         learning_rate: "float | Callable[[int], float]" = O.DEFAULTS["learning_rate"],
         beta: float = O.DEFAULTS["beta"],
         epsilon: float = O.DEFAULTS["epsilon"],
-        **options: "float | bool",
+        **options: "Unpack[Options]",
     ) -> None:
         options = O.resolve({**options, "learning_rate": learning_rate, "beta": beta, "epsilon": epsilon})
         self._single = isinstance(params, np.ndarray)
@@ -102,10 +158,10 @@ class RMSprop:
         self._install(slots, hyper)
 
     @classmethod
-    def like(cls, name, params, **overrides):
-        """An optimizer with library ``name``'s defaults and formula ("seed", "torch",
-        "keras", "tf1", "optax"); ``overrides`` may use that library's spellings (``lr``,
-        ``alpha``, ``rho``, ``eps``, ``decay``). See :mod:`fastrms.presets`."""
+    def like(cls, name: str, params: Any, **overrides: Any) -> "RMSprop":
+        """An optimizer with library `name`'s defaults and formula ("seed", "torch",
+        "keras", "tf1", "optax"); `overrides` may use that library's spellings (`lr`,
+        `alpha`, `rho`, `eps`, `decay`). See `fastrms.presets`."""
         return cls(params, **preset_options(name, overrides))
 
     def _install(self, slots, hyper):
@@ -144,9 +200,9 @@ class RMSprop:
         self._choose_kernels()  # starts the thread pool for big arrays: a layer that cannot start fails here
 
     def _choose_kernels(self):
-        """Give each group its kernels for this process's parallel mode: ``{"dense": (update,
-        nonfinite, sumsq), "segments": (...)}`` and whether they are the parallel ones; done
-        again only when :func:`fastrms.runtime.generation` changes (after a fork)."""
+        """Give each group its kernels for this process's parallel mode: `{"dense": (update,
+        nonfinite, sumsq), "segments": (...)}` and whether they are the parallel ones; done
+        again only when `fastrms.runtime.generation` changes (after a fork)."""
         generation = runtime.generation()
         mode = runtime.parallel_mode() if any(g.big for g in self._groups) else "free"
         chosen = []
@@ -174,7 +230,7 @@ class RMSprop:
     # ------------------------------------------------------------------ properties
 
     @property
-    def params(self):
+    def params(self) -> "np.ndarray | list[np.ndarray]":
         """The parameter arrays (the user's own objects), in the structure given."""
         return self._slots[0].param if self._single else [s.param for s in self._slots]
 
@@ -185,29 +241,29 @@ class RMSprop:
         return arrays[0] if self._single else arrays
 
     @property
-    def square_avg(self):
-        """The squared-gradient averages ``v``, shaped like the params."""
+    def square_avg(self) -> "np.ndarray | list[np.ndarray]":
+        """The squared-gradient averages `v`, shaped like the params."""
         return self._state_view("square_avg")
 
     @property
-    def grad_avg(self):
-        """The gradient averages ``m`` (centered only, else None)."""
+    def grad_avg(self) -> "np.ndarray | list[np.ndarray] | None":
+        """The gradient averages `m` (centered only, else None)."""
         return self._state_view("grad_avg")
 
     @property
-    def momentum_buffer(self):
-        """The momentum buffers ``b`` (momentum > 0 only, else None)."""
+    def momentum_buffer(self) -> "np.ndarray | list[np.ndarray] | None":
+        """The momentum buffers `b` (momentum > 0 only, else None)."""
         return self._state_view("momentum_buffer")
 
     @property
     def variant(self) -> kernels.Variant:
-        """The compiled kernel variant the options select (:class:`fastrms.kernels.Variant`)."""
+        """The compiled kernel variant the options select (`fastrms.kernels.Variant`)."""
         return self._variant
 
     @property
     def parallel(self) -> "list[bool]":
         """For each param, whether its step runs on a parallel shell here (by the bytes its
-        dtype group moves, :data:`fastrms.kernels.PARALLEL_MIN_BYTES`, and the threading layer)."""
+        dtype group moves, `fastrms.kernels.PARALLEL_MIN_BYTES`, and the threading layer)."""
         if self._generation != runtime.generation():
             self._choose_kernels()
         out = [False] * len(self._slots)
@@ -218,40 +274,40 @@ class RMSprop:
 
     @property
     def kernel_calls(self) -> "list[str]":
-        """How each dtype group of params is stepped, one kernel call each: ``"dense"`` (one
-        array), ``"segments"`` (many arrays, a chunk table) or ``"flat"`` (arrays that tile
-        one buffer, see :func:`fastrms.pack`)."""
+        """How each dtype group of params is stepped, one kernel call each: `"dense"` (one
+        array), `"segments"` (many arrays, a chunk table) or `"flat"` (arrays that tile
+        one buffer, see `fastrms.pack`)."""
         return [g.kind for g in self._groups]
 
     @property
-    def hyperparameters(self):
-        """A copy of the options in force (``learning_rate`` may be a schedule)."""
+    def hyperparameters(self) -> "dict[str, Any]":
+        """A copy of the options in force (`learning_rate` may be a schedule)."""
         return dict(self._hyper)
 
     @property
-    def step_count(self):
+    def step_count(self) -> int:
         """Steps taken so far."""
         return self._step_count
 
     @property
-    def skipped_steps(self):
-        """Steps refused by ``skip_nonfinite`` because a grad held a NaN or an infinity."""
+    def skipped_steps(self) -> int:
+        """Steps refused by `skip_nonfinite` because a grad held a NaN or an infinity."""
         return self._skipped_steps
 
     @property
     def last_grad_norm(self) -> "float | None":
-        """With ``clip_global_norm``: the 2-norm over all grads of the last step, before
-        clipping (what ``torch.nn.utils.clip_grad_norm_`` returns; NaN or inf when a grad held
-        one, also for a step ``skip_nonfinite`` refused). None without it, or before a step."""
+        """With `clip_global_norm`: the 2-norm over all grads of the last step, before
+        clipping (what `torch.nn.utils.clip_grad_norm_` returns; NaN or inf when a grad held
+        one, also for a step `skip_nonfinite` refused). None without it, or before a step."""
         return self._last_grad_norm
 
     @property
-    def current_learning_rate(self):
+    def current_learning_rate(self) -> float:
         """The learning rate the next step will use."""
         return self._lr if self._schedule is None else self._scheduled_lr(self._step_count)
 
     @property
-    def last_learning_rate(self):
+    def last_learning_rate(self) -> "float | None":
         """The learning rate the last step used (None before the first step)."""
         return self._last_lr
 
@@ -266,7 +322,7 @@ class RMSprop:
         return O.scheduled_lr(self._schedule, count, self._hyper["weight_decay"], self._dtypes)
 
     def _check_grad(self, g, slot, index):
-        """``(g, address)``: ``g`` checked against its param (a plain C-contiguous, aligned
+        """`(g, address)`: `g` checked against its param (a plain C-contiguous, aligned
         ndarray) and the address of its data. The argument is named only when an error is
         raised, to keep the per-step cost to a few attribute reads and one Numba call."""
         if type(g) is not np.ndarray:
@@ -289,7 +345,7 @@ class RMSprop:
         return g, start
 
     def _check_grads(self, grads, slots):
-        """:meth:`_check_grad` for each grad, with the common case (a plain ndarray of the
+        """`_check_grad` for each grad, with the common case (a plain ndarray of the
         param's dtype and shape, C-contiguous and aligned) inlined: this loop is the whole
         per-array cost of a many-array step in Python."""
         out = []
@@ -321,7 +377,7 @@ class RMSprop:
             raise self._overlap(int(np.argmax(hit)))
 
     def _overlaps(self, start, nbytes):
-        """Whether the ``nbytes`` from address ``start`` share memory with a param or the state
+        """Whether the `nbytes` from address `start` share memory with a param or the state
         (the owned spans are sorted and disjoint: one search)."""
         k = bisect.bisect_left(self._owned_starts, start + nbytes) - 1
         return bool(nbytes) and k >= 0 and self._owned_ends[k] > start
@@ -332,14 +388,14 @@ class RMSprop:
         )
 
     def step(self, grads: "np.ndarray | Sequence[np.ndarray]") -> None:
-        """Apply one update in place. ``grads`` has the structure of ``params``; for params
-        that tile one buffer (the views :func:`fastrms.pack` returns) it may also be one flat
+        """Apply one update in place. `grads` has the structure of `params`; for params
+        that tile one buffer (the views `fastrms.pack` returns) it may also be one flat
         grad array of that buffer's size: then the step is exactly one array's.
 
         Every check runs before anything is written: a rejected step leaves params, state,
-        ``step_count`` and the schedule unchanged. All arrays of one dtype are stepped by one
+        `step_count` and the schedule unchanged. All arrays of one dtype are stepped by one
         kernel call. One optimizer is stepped by one thread at a time: a second thread
-        entering ``step`` while the first is inside gets a RuntimeError (nothing written by
+        entering `step` while the first is inside gets a RuntimeError (nothing written by
         it). Returns None.
         """
         if not self._busy.acquire(False):  # non-blocking
@@ -416,8 +472,8 @@ class RMSprop:
             s.row_step[...] = self._step_count
 
     def _launch(self, calls, checked):
-        """Run one step's kernels, checks first: ``calls`` holds, per group, ``(shell, arrays,
-        check arrays, norm arrays)``; ``checked`` the grads (for the rare overflow path)."""
+        """Run one step's kernels, checks first: `calls` holds, per group, `(shell, arrays,
+        check arrays, norm arrays)`; `checked` the grads (for the rare overflow path)."""
         chosen = self._chosen
         coef = 1.0
         if self._max_norm is not None:
@@ -455,17 +511,17 @@ class RMSprop:
     def step_rows(self, rows: np.ndarray, grad_rows: np.ndarray, param: "int | None" = None) -> None:
         """Update only the named rows of a 2-D param (an embedding table) and of its state, in
         one fused pass over those rows (parallel for big ones); every other row stays bitwise
-        unchanged. ``rows``: a 1-D integer array (or a list of ints) of row indices in
-        ``[0, rows)`` (negative indices are refused, not wrapped); ``grad_rows``: ``(len(rows), columns)`` in the
+        unchanged. `rows`: a 1-D integer array (or a list of ints) of row indices in
+        `[0, rows)` (negative indices are refused, not wrapped); `grad_rows`: `(len(rows), columns)` in the
         param's dtype. Duplicate indices are summed first (in the order given), as torch's
-        ``coalesce`` does. ``param``: which param, for an optimizer over several.
+        `coalesce` does. `param`: which param, for an optimizer over several.
 
         The step count and the schedule advance once per call. Lazy by default: a row's state
-        decays only when the row is touched (TensorFlow's sparse ops, torch's ``SparseAdam``);
-        bias correction uses the global step count. With ``dense_rows=True`` a row touched
+        decays only when the row is touched (TensorFlow's sparse ops, torch's `SparseAdam`);
+        bias correction uses the global step count. With `dense_rows=True` a row touched
         again after k untouched steps first gets the closed form of those k zero-gradient
         steps, so the run equals a dense one with zero grads elsewhere, up to rounding.
-        ``clip_value`` applies per element; ``clip_global_norm`` to the norm of the summed
+        `clip_value` applies per element; `clip_global_norm` to the norm of the summed
         rows. Every check runs before anything is written.
         """
         if not self._busy.acquire(False):
@@ -556,9 +612,9 @@ class RMSprop:
         self._advance()
 
     def _row_kernel(self, make, parallel):
-        """``make(variant, parallel)``, behind the process-wide lock when parallel kernels must
-        not overlap (``runtime.parallel_mode() == "serialized"``); kept until
-        :meth:`_choose_kernels` runs again."""
+        """`make(variant, parallel)`, behind the process-wide lock when parallel kernels must
+        not overlap (`runtime.parallel_mode() == "serialized"`); kept until
+        `_choose_kernels` runs again."""
         shell = self._row_kernels.get((make, parallel))
         if shell is None:
             shell = make(self._variant, parallel)
@@ -574,13 +630,13 @@ class RMSprop:
         return ValueError(f"rows[{bad}] = {value} is outside [0, {n}){why}")
 
     def _catch_up_constants(self, lr):
-        """The row kernel's ``(decay, drift_lr)`` at learning rate ``lr`` (see
-        :mod:`fastrms.kernels.rows`)."""
+        """The row kernel's `(decay, drift_lr)` at learning rate `lr` (see
+        `fastrms.kernels.rows`)."""
         decay = 1.0 - lr * self._hyper["weight_decay"] if self._hyper["decoupled_weight_decay"] else 1.0
         return decay, lr if self._variant.mom_mode == kernels.MOM_OUTSIDE else 1.0
 
     def _catch_up_rows(self, scalars):
-        """``dense_rows``, before a dense step: bring every row that missed steps up to date
+        """`dense_rows`, before a dense step: bring every row that missed steps up to date
         (the closed form of its zero-gradient steps), so the dense step starts from the state
         a dense run would have."""
         t = self._step_count + 1
@@ -597,7 +653,7 @@ class RMSprop:
 
     def _next_scalars(self):
         """The kernel scalars of the next step (rebuilt only when the learning rate changes or
-        bias correction is on); the learning rate is kept for :meth:`_advance`."""
+        bias correction is on); the learning rate is kept for `_advance`."""
         lr = self._lr if self._schedule is None else self._scheduled_lr(self._step_count)
         if self._bias_correction or lr != self._scalars[0]:  # else the last step's scalars hold
             self._scalars = O.scalars(self._hyper, lr, self._step_count + 1)
@@ -610,8 +666,8 @@ class RMSprop:
 
     @staticmethod
     def _call(group, checked, clipping):
-        """``(shell, arrays, check arrays, norm arrays)`` for one group: which shell steps it,
-        with what. The norm (``clipping``) is always summed per array (a chunk table for
+        """`(shell, arrays, check arrays, norm arrays)` for one group: which shell steps it,
+        with what. The norm (`clipping`) is always summed per array (a chunk table for
         several), so its bits do not depend on which shell steps the group."""
         if group.kind == "dense":
             s = group.slots[0]
@@ -639,10 +695,10 @@ class RMSprop:
     def state_dict(self) -> dict:
         """The optimizer's state as a flat dict of NumPy arrays (copies) and Python scalars.
 
-        Keys: ``format_version``, ``step_count``, ``skipped_steps``, ``num_params``, every hyperparameter
-        (``learning_rate`` only when it is a number, not a schedule; ``clip_global_norm`` and
-        ``clip_value`` only when set) and ``"<name>.<i>"`` for each state array of param ``i``.
-        :meth:`load_state_dict` continues bit-identically.
+        Keys: `format_version`, `step_count`, `skipped_steps`, `num_params`, every hyperparameter
+        (`learning_rate` only when it is a number, not a schedule; `clip_global_norm` and
+        `clip_value` only when set) and `"<name>.<i>"` for each state array of param `i`.
+        `load_state_dict` continues bit-identically.
         """
         d = {
             "format_version": checkpoint.FORMAT_VERSION,
@@ -661,14 +717,14 @@ class RMSprop:
         return d
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a :meth:`state_dict` into this optimizer over the same params and variant.
+        """Restore a `state_dict` into this optimizer over the same params and variant.
 
         The variant (centring, momentum on/off, Nesterov, lr placement, weight-decay mode,
         maximize, bias correction, eps placement) must match. Numeric hyperparameters
         (learning rate, beta, epsilon, momentum, weight decay, initial scale), the clipping
-        options (absent: off) and ``skip_nonfinite`` are restored from the dict; a schedule of this optimizer's is kept
-        when the dict carries no ``learning_rate``. Values are checked as well as shapes:
-        counts must be integers >= 0, state finite and ``square_avg >= 0``, hyperparameters
+        options (absent: off) and `skip_nonfinite` are restored from the dict; a schedule of this optimizer's is kept
+        when the dict carries no `learning_rate`. Values are checked as well as shapes:
+        counts must be integers >= 0, state finite and `square_avg >= 0`, hyperparameters
         in range for the params' dtypes. On any mismatch a TypeError/ValueError names it and
         nothing changes. The values are copied into the state arrays already allocated, so
         views of them stay valid.
@@ -684,17 +740,17 @@ class RMSprop:
     # ------------------------------------------------------------------ checkpoints on disk
 
     def save(self, path: "str | bytes | os.PathLike") -> None:
-        """Write :meth:`state_dict` to the ``.npz`` file ``path`` (the name is used as given),
-        atomically: written to a temporary file ``.fastrms-<pid>-<random>.tmp`` in the same
-        folder, flushed to disk, then renamed over ``path``, so a crash never leaves a torn
+        """Write `state_dict` to the `.npz` file `path` (the name is used as given),
+        atomically: written to a temporary file `.fastrms-<pid>-<random>.tmp` in the same
+        folder, flushed to disk, then renamed over `path`, so a crash never leaves a torn
         file under that name. An existing file keeps its permission bits; anything but a
-        regular file at ``path`` (a folder, a FIFO, a device) is refused with ValueError. The
-        params are not saved: they are the caller's (as with ``torch.save(opt.state_dict())``).
-        See :mod:`fastrms.checkpoint`."""
+        regular file at `path` (a folder, a FIFO, a device) is refused with ValueError. The
+        params are not saved: they are the caller's (as with `torch.save(opt.state_dict())`).
+        See `fastrms.checkpoint`."""
         checkpoint.write(path, self.state_dict())
 
     def load(self, path: "str | bytes | os.PathLike") -> None:
-        """Restore a checkpoint written by :meth:`save` into this optimizer (same params).
+        """Restore a checkpoint written by `save` into this optimizer (same params).
 
         Never unpickles, and reads no member larger than this optimizer's own state. A
         missing file raises FileNotFoundError; anything else wrong (junk, truncated, pickled,
@@ -709,8 +765,8 @@ class RMSprop:
 
 
 def _signature():
-    """``RMSprop(params, learning_rate, beta, epsilon, *, <every other option>)``, from the
-    options table, for ``help()``, ``inspect`` and editors."""
+    """`RMSprop(params, learning_rate, beta, epsilon, *, <every other option>)`, from the
+    options table, for `help()`, `inspect` and editors."""
     P = inspect.Parameter
     head = [P("self", P.POSITIONAL_OR_KEYWORD), P("params", P.POSITIONAL_OR_KEYWORD)]
     first = ("learning_rate", "beta", "epsilon")
@@ -719,7 +775,4 @@ def _signature():
     return inspect.Signature(head, return_annotation=None)
 
 
-RMSprop.__init__.__signature__ = _signature()
-RMSprop.__doc__ = RMSprop.__doc__.replace(
-    "OPTIONS_TABLE", O.describe(indent=4, skip=("learning_rate", "beta", "epsilon"))
-)
+RMSprop.__init__.__signature__ = _signature()  # type: ignore[attr-defined]  # for help() and inspect

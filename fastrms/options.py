@@ -1,30 +1,32 @@
-"""The optimizer's options, declared once: :data:`OPTIONS` is the table everything else
+"""The optimizer's options, declared once: `OPTIONS` is the table everything else
 derives from (validation, the kernel variant, the runtime scalars, the state kept, other
 libraries' spellings, the reference's and the optimizer's keyword options, the benchmark's
 enumeration of variants, checkpoint keys).
 
 Each option has a role:
 
-- ``variant``: chooses the compiled kernel variant (and so the state arrays kept);
-- ``scalar``: a runtime scalar handed to the kernel at each step;
-- ``variant+scalar``: its value is a runtime scalar and ``> 0`` chooses the variant
-  (``momentum``, ``weight_decay``);
-- ``initial``: fills the state once (``initial_scale``);
-- ``host``: acted on in Python around the kernel (``skip_nonfinite``, and
-  ``clip_global_norm``, whose coefficient the step folds into the kernel's ``grad_scale``).
+- `variant`: chooses the compiled kernel variant (and so the state arrays kept);
+- `scalar`: a runtime scalar handed to the kernel at each step;
+- `variant+scalar`: its value is a runtime scalar and `> 0` chooses the variant
+  (`momentum`, `weight_decay`);
+- `initial`: fills the state once (`initial_scale`);
+- `host`: acted on in Python around the kernel (`skip_nonfinite`, and
+  `clip_global_norm`, whose coefficient the step folds into the kernel's `grad_scale`).
 
-Kinds: ``rate`` (a number or a schedule), ``float``, ``bool``, and ``optional``: a float, or
+Kinds: `rate` (a number or a schedule), `float`, `bool`, and `optional`: a float, or
 None for off (the clipping options).
 
-Adding an option means a row here, its arithmetic in :mod:`fastrms.kernels.element` (and, if
-it selects a variant, in :func:`variant_key`), and its formula in :mod:`fastrms.reference`.
-The update every variant follows is in ``docs/algorithm.md``.
+Adding an option means a row here, its arithmetic in `fastrms.kernels.element` (and, if
+it selects a variant, in `variant_key`), and its formula in `fastrms.reference`.
+The update every variant follows is in `docs/algorithm.md`.
 """
 
 import difflib
 import math
+import textwrap
 from dataclasses import dataclass, field
 from numbers import Real
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +54,7 @@ class Option:
     spellings: dict = field(default_factory=dict)  # library -> its name for this option
 
     def check(self, value):
-        """``value`` validated and normalised (TypeError/ValueError naming the option)."""
+        """`value` validated and normalised (TypeError/ValueError naming the option)."""
         if self.kind == "bool":
             return flag(self.name, value)
         if self.kind == "rate" and callable(value):
@@ -71,17 +73,17 @@ class Option:
 
 OPTIONS = (
     Option(
-        "learning_rate", 1e-3, "rate", "scalar", "step size: a number >= 0, or a schedule ``count -> lr``",
+        "learning_rate", 1e-3, "rate", "scalar", "step size: a number >= 0, or a schedule `count -> lr`",
         low=0.0, fit="finite",
         spellings=dict(torch="lr", keras="learning_rate", tf1="learning_rate", optax="learning_rate"),
     ),
     Option(
-        "beta", 0.9, "float", "scalar", "decay of the squared-gradient average ``v``, in [0, 1)",
+        "beta", 0.9, "float", "scalar", "decay of the squared-gradient average `v`, in [0, 1)",
         low=0.0, high=1.0, high_open=True, fit="below_one",
         spellings=dict(torch="alpha", keras="rho", tf1="decay", optax="decay"),
     ),
     Option(
-        "epsilon", 1e-8, "float", "scalar", "> 0, added to the root (or, with ``eps_in_sqrt``, under it)",
+        "epsilon", 1e-8, "float", "scalar", "> 0, added to the root (or, with `eps_in_sqrt`, under it)",
         low=0.0, low_open=True, fit="nonzero",
         spellings=dict(torch="eps", keras="epsilon", tf1="epsilon", optax="eps"),
     ),
@@ -90,7 +92,7 @@ OPTIONS = (
         low=0.0, fit="finite", spellings=dict(torch="momentum", keras="momentum", tf1="momentum", optax="momentum"),
     ),
     Option(
-        "centered", False, "bool", "variant", "divide by the root of the variance estimate ``v - m^2`` (clamped at 0)",
+        "centered", False, "bool", "variant", "divide by the root of the variance estimate `v - m^2` (clamped at 0)",
         spellings=dict(torch="centered", keras="centered", tf1="centered", optax="centered"),
     ),
     Option(
@@ -99,7 +101,7 @@ OPTIONS = (
     ),
     Option(
         "lr_in_momentum", False, "bool", "variant",
-        "accumulate ``lr * u`` in the momentum buffer (Keras, TF1, optax) instead of ``u`` (PyTorch)",
+        "accumulate `lr * u` in the momentum buffer (Keras, TF1, optax) instead of `u` (PyTorch)",
     ),
     Option(
         "weight_decay", 0.0, "float", "variant+scalar", "weight decay >= 0 (L2 on the gradient, or decoupled)",
@@ -107,75 +109,105 @@ OPTIONS = (
     ),
     Option(
         "decoupled_weight_decay", False, "bool", "variant",
-        "shrink the parameter by ``lr * weight_decay`` before the update (Keras 3, AdamW style)",
+        "shrink the parameter by `lr * weight_decay` before the update (Keras 3, AdamW style)",
     ),
     Option("maximize", False, "bool", "scalar", "ascend instead of descend", spellings=dict(torch="maximize")),
     Option(
-        "bias_correction", False, "bool", "scalar", "divide ``v`` and ``m`` by ``1 - beta^t``",
+        "bias_correction", False, "bool", "scalar", "divide `v` and `m` by `1 - beta^t`",
         spellings=dict(optax="bias_correction"),
     ),
     Option(
-        "eps_in_sqrt", False, "bool", "scalar", "``sqrt(v + eps)`` instead of ``sqrt(v) + eps``",
+        "eps_in_sqrt", False, "bool", "scalar", "`sqrt(v + eps)` instead of `sqrt(v) + eps`",
         spellings=dict(optax="eps_in_sqrt"),
     ),
     Option(
-        "initial_scale", 0.0, "float", "initial", "starting value of ``square_avg`` (TF1 uses 1.0)",
+        "initial_scale", 0.0, "float", "initial", "starting value of `square_avg` (TF1 uses 1.0)",
         low=0.0, fit="finite", spellings=dict(optax="initial_scale"),
     ),
     Option(
         "skip_nonfinite", False, "bool", "host",
-        "a step whose grads hold a NaN or an infinity changes nothing and is counted in ``skipped_steps``",
+        "a step whose grads hold a NaN or an infinity changes nothing and is counted in `skipped_steps`",
     ),
     Option(
         "dense_rows", False, "bool", "host",
-        "``step_rows`` replays, when a row is touched again, the zero-gradient steps it missed (closed "
+        "`step_rows` replays, when a row is touched again, the zero-gradient steps it missed (closed "
         "form), so a sparse run equals a dense one up to rounding; off: lazy, a row's state decays only "
         "when it is touched (TensorFlow's sparse ops, torch's SparseAdam)",
     ),
     Option(
         "clip_global_norm", None, "optional", "host",
-        "``max_norm`` > 0, or None: scale every grad, as the kernel reads it, by "
-        "``min(1, max_norm / (norm + 1e-6))``, ``norm`` the 2-norm over all grads "
-        "(``torch.nn.utils.clip_grad_norm_``'s formula)",
+        "`max_norm` > 0, or None: scale every grad, as the kernel reads it, by "
+        "`min(1, max_norm / (norm + 1e-6))`, `norm` the 2-norm over all grads "
+        "(`torch.nn.utils.clip_grad_norm_`'s formula)",
         low=0.0, low_open=True,
     ),
     Option(
         "clip_value", None, "optional", "scalar",
-        "``c`` > 0, or None: clamp every grad element to ``[-c, c]`` as the kernel reads it "
-        "(``torch.nn.utils.clip_grad_value_``); a NaN passes through",
+        "`c` > 0, or None: clamp every grad element to `[-c, c]` as the kernel reads it "
+        "(`torch.nn.utils.clip_grad_value_`); a NaN passes through",
         low=0.0, low_open=True, fit="nonzero", spellings=dict(keras="clipvalue"),
     ),
 )  # fmt: skip
 
 BY_NAME = {o.name: o for o in OPTIONS}
 NAMES = tuple(BY_NAME)
-DEFAULTS = {o.name: o.default for o in OPTIONS}
+DEFAULTS: "dict[str, Any]" = {o.name: o.default for o in OPTIONS}
 #: The options a checkpoint stores as numbers / flags (the learning rate only when it is one).
 FLOAT_OPTIONS = tuple(o.name for o in OPTIONS if o.kind == "float")
 BOOL_OPTIONS = tuple(o.name for o in OPTIONS if o.kind == "bool")
 #: The options that are off when None; a checkpoint stores them only when set.
 OPTIONAL_OPTIONS = tuple(o.name for o in OPTIONS if o.kind == "optional")
+#: The options every front end takes by position before the keyword-only ones.
+POSITIONAL = ("learning_rate", "beta", "epsilon")
 #: Every state array any variant keeps, in PyTorch's names.
 ALL_STATE_NAMES = ("square_avg", "grad_avg", "momentum_buffer")
 
 
-def describe(indent=0, skip=()):
-    """The table as numpy-docstring parameter entries: name, type, default, meaning and other
-    libraries' spellings (the optimizer's docstring is built from it)."""
+def describe(indent=4, skip=POSITIONAL):
+    """The table as numpy-docstring parameter entries (name, type, default, meaning, other
+    libraries' spellings), as `fastrms.RMSprop`'s docstring lists them (a test checks it)."""
     pad = " " * indent
     lines = []
     for o in OPTIONS:
         if o.name in skip:
             continue
         kind = {"rate": "float or callable", "optional": "float or None"}.get(o.kind, o.kind)
-        spelled = ", ".join(f"{lib} ``{n}``" for lib, n in o.spellings.items() if n != o.name)
+        spelled = ", ".join(f"{lib} `{n}`" for lib, n in o.spellings.items() if n != o.name)
+        text = f"Keyword-only. {o.doc[0].upper()}{o.doc[1:]}{f' ({spelled})' if spelled else ''}."
         lines.append(f"{pad}{o.name} : {kind}, default {o.default!r}")
-        lines.append(f"{pad}    Keyword-only. {o.doc[0].upper()}{o.doc[1:]}{f' ({spelled})' if spelled else ''}.")
+        lines.append(textwrap.fill(text, 100, initial_indent=pad + "    ", subsequent_indent=pad + "    "))
     return "\n".join(lines)
 
 
+#: The static type of each kind, for `typing_source`.
+_TYPES = {"float": "float", "bool": "bool", "optional": "float | None"}
+
+
+def typing_source():
+    """The text of `fastrms/_typing.py`: the keyword-only options as a `TypedDict`, so
+    that static checkers know every name and type of `**options` (`tests/test_typing.py`
+    checks the file against this table; regenerate it with
+    `python -c "import fastrms.options as o; print(o.typing_source(), end='')" > fastrms/_typing.py`)."""
+    fields = []
+    for o in OPTIONS:
+        if o.name not in POSITIONAL:
+            doc = f"{o.doc[0].upper()}{o.doc[1:]}; default `{o.default!r}`."
+            text = textwrap.fill(f'"""{doc}"""', 116, initial_indent="    ", subsequent_indent="    ")
+            fields.append(f"    {o.name}: {_TYPES[o.kind]}\n{text}")
+    fields = "\n".join(fields)
+    return (
+        '"""The keyword-only options\' static types, generated from `fastrms.options.OPTIONS`\n'
+        "(do not edit: `fastrms.options.typing_source()` writes this file, and a test checks it).\n"
+        '"""\n\n'
+        "from typing import TypedDict\n\n\n"
+        "class Options(TypedDict, total=False):\n"
+        '    """What `**options` of `RMSprop` and the other front ends may hold."""\n\n'
+        f"{fields}\n"
+    )
+
+
 def aliases(library):
-    """``{library's spelling: fastrms name}`` for the options ``library`` spells otherwise."""
+    """`{library's spelling: fastrms name}` for the options `library` spells otherwise."""
     return {o.spellings[library]: o.name for o in OPTIONS if o.spellings.get(library, o.name) != o.name}
 
 
@@ -184,7 +216,7 @@ _FOREIGN = {"lr": "learning_rate", "alpha": "beta", "rho": "beta", "decay": "bet
 
 
 def resolve(given, who="RMSprop()"):
-    """Every option: ``given`` (a dict of some) over the defaults. An unknown name is a
+    """Every option: `given` (a dict of some) over the defaults. An unknown name is a
     TypeError, as Python gives for an unexpected keyword argument."""
     unknown = [k for k in given if k not in BY_NAME]
     if unknown:
@@ -198,8 +230,8 @@ def resolve(given, who="RMSprop()"):
 
 
 def check_hyperparameters(h, dtypes=()):
-    """Validate and normalise a dict of every option; returns a new dict. With ``dtypes``
-    (the params' dtypes), every number must also survive rounding to each (:func:`check_fit`)."""
+    """Validate and normalise a dict of every option; returns a new dict. With `dtypes`
+    (the params' dtypes), every number must also survive rounding to each (`check_fit`)."""
     out = {name: BY_NAME[name].check(h[name]) for name in NAMES}
     if out["nesterov"] and out["momentum"] == 0.0:
         raise ValueError("nesterov=True needs momentum > 0")
@@ -215,8 +247,8 @@ def check_hyperparameters(h, dtypes=()):
 
 
 def check_dense_rows(hyper):
-    """``dense_rows=True`` needs a closed form for the zero-gradient steps a row missed:
-    refuse coupled weight decay (the gradient ``wd * p`` is not zero) and a schedule where
+    """`dense_rows=True` needs a closed form for the zero-gradient steps a row missed:
+    refuse coupled weight decay (the gradient `wd * p` is not zero) and a schedule where
     the learning rate enters that form (momentum with the lr outside the buffer, decoupled
     weight decay)."""
     if hyper["weight_decay"] and not hyper["decoupled_weight_decay"]:
@@ -241,9 +273,9 @@ def check_dense_rows(hyper):
 
 def check_fit(hyper, dtypes):
     """Refuse options that the kernels, which round every scalar once to the arrays' dtype,
-    would turn into 0, 1 or infinity: e.g. ``epsilon=1e-46`` is 0 in float32 (0/0 on a zero
-    grad) and ``learning_rate=1e39`` is infinite there. Products the kernel forms
-    (``1 - beta``, ``learning_rate * weight_decay``) are checked too."""
+    would turn into 0, 1 or infinity: e.g. `epsilon=1e-46` is 0 in float32 (0/0 on a zero
+    grad) and `learning_rate=1e39` is infinite there. Products the kernel forms
+    (`1 - beta`, `learning_rate * weight_decay`) are checked too."""
     dtypes = tuple(dict.fromkeys(np.dtype(d) for d in dtypes))
     if not dtypes:
         return
@@ -256,7 +288,7 @@ def check_fit(hyper, dtypes):
 
 
 def scheduled_lr(schedule, count, weight_decay, dtypes):
-    """The learning rate a schedule gives at ``count`` (steps already taken), checked as a
+    """The learning rate a schedule gives at `count` (steps already taken), checked as a
     learning rate is: a real number (a 0-d array is taken), finite, >= 0, that survives
     rounding to each dtype. A schedule that raises OverflowError, returns a bool, a string or
     anything else is a ValueError/TypeError naming the count. Every front end calls this."""
@@ -281,14 +313,14 @@ def scheduled_lr(schedule, count, weight_decay, dtypes):
 
 
 def check_learning_rate_fit(name, lr, weight_decay, dtypes):
-    """``lr`` (and ``lr * weight_decay``) must be finite in every dtype of ``dtypes``."""
+    """`lr` (and `lr * weight_decay`) must be finite in every dtype of `dtypes`."""
     fits(name, lr, dtypes)
     if weight_decay:
         fits(f"{name} * weight_decay", lr * weight_decay, dtypes)
 
 
 def variant_key(hyper):
-    """The compiled kernel variant (:class:`fastrms.kernels.Variant`) the options select."""
+    """The compiled kernel variant (`fastrms.kernels.Variant`) the options select."""
     if hyper["momentum"]:
         mom = kernels.MOM_INSIDE if hyper["lr_in_momentum"] else kernels.MOM_OUTSIDE
     else:
@@ -301,8 +333,8 @@ def variant_key(hyper):
 
 
 def options_for(key):
-    """The inverse of :func:`variant_key`: options (with ``momentum=0.9`` and
-    ``weight_decay=0.01`` where the variant needs them) that select variant ``key``."""
+    """The inverse of `variant_key`: options (with `momentum=0.9` and
+    `weight_decay=0.01` where the variant needs them) that select variant `key`."""
     opts = {"centered": key.centered}
     if key.mom_mode != kernels.MOM_NONE:
         opts.update(momentum=0.9, lr_in_momentum=key.mom_mode == kernels.MOM_INSIDE, nesterov=key.nesterov)
@@ -312,9 +344,9 @@ def options_for(key):
 
 
 def scalars(hyper, lr, t):
-    """The kernel's runtime scalars (:class:`fastrms.kernels.Scalars`) for step ``t`` (1-based)
-    at learning rate ``lr``; ``grad_scale`` is the sign alone (a global-norm coefficient is
-    folded in per step by the caller, ``scalars._replace(grad_scale=...)``)."""
+    """The kernel's runtime scalars (`fastrms.kernels.Scalars`) for step `t` (1-based)
+    at learning rate `lr`; `grad_scale` is the sign alone (a global-norm coefficient is
+    folded in per step by the caller, `scalars._replace(grad_scale=...)`)."""
     eps = hyper["epsilon"]
     clip = hyper["clip_value"]
     return kernels.Scalars(

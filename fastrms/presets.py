@@ -4,17 +4,17 @@
 preset     lr      beta                   eps    eps placement initial v  momentum lr  weight decay
 =========  ======  =====================  =====  ============  =========  ===========  ============
 seed       1e-3    0.9                    1e-8   outside       0          outside      coupled
-torch      1e-2    0.99 (``alpha``)       1e-8   outside       0          outside      coupled
-keras      1e-3    0.9 (``rho``)          1e-7   inside        0          inside       decoupled
-tf1        1e-3    0.9 (``decay``)        1e-10  inside        1.0        inside       (none)
-optax      1e-3    0.9 (``decay``)        1e-8   inside        0          inside       (none)
+torch      1e-2    0.99 (`alpha`)       1e-8   outside       0          outside      coupled
+keras      1e-3    0.9 (`rho`)          1e-7   inside        0          inside       decoupled
+tf1        1e-3    0.9 (`decay`)        1e-10  inside        1.0        inside       (none)
+optax      1e-3    0.9 (`decay`)        1e-8   inside        0          inside       (none)
 =========  ======  =====================  =====  ============  =========  ===========  ============
 
-``RMSprop.like(name, params, **overrides)`` starts from a preset and applies the overrides,
-which use fastrms's names (``learning_rate``, ``beta``, ``epsilon``, ...). Known differences
-that remain: PyTorch and Keras do not clamp ``v - m^2`` at 0 in the centred variant (fastrms
-does, so rounding never gives NaN); PyTorch updates ``grad_avg`` with ``lerp`` and Keras
-scales ``lr * g / d`` in another order, so results agree to rounding, not bit for bit.
+`RMSprop.like(name, params, **overrides)` starts from a preset and applies the overrides,
+which use fastrms's names (`learning_rate`, `beta`, `epsilon`, ...). Known differences
+that remain: PyTorch and Keras do not clamp `v - m^2` at 0 in the centred variant (fastrms
+does, so rounding never gives NaN); PyTorch updates `grad_avg` with `lerp` and Keras
+scales `lr * g / d` in another order, so results agree to rounding, not bit for bit.
 """
 
 from .options import LIBRARIES, aliases
@@ -35,14 +35,14 @@ PRESETS = {
 }
 
 #: The other libraries' names for fastrms's options, for users porting code (from the
-#: options table, :data:`fastrms.options.OPTIONS`).
+#: options table, `fastrms.options.OPTIONS`).
 ALIASES = {library: aliases(library) for library in PRESETS if library in LIBRARIES}
 
 
 def preset_options(name, overrides):
-    """The constructor options of preset ``name`` with ``overrides`` applied.
+    """The constructor options of preset `name` with `overrides` applied.
 
-    The preset's own spellings of options (``alpha``, ``rho``, ``eps``, ``lr``, ``decay``)
+    The preset's own spellings of options (`alpha`, `rho`, `eps`, `lr`, `decay`)
     are accepted and translated; giving an option under both names is an error.
     """
     if not isinstance(name, str) or name not in PRESETS:

@@ -1,9 +1,9 @@
 """Pure-NumPy RMSprop, written straight from the formulas, for tests and benchmarks.
 
 Nothing here is fast: every line allocates temporaries, as the seed article's code does.
-:func:`seed_rmsprop` and :func:`seed_step` are the seed's own code; :func:`rmsprop_step` and
-:class:`RMSprop` are every variant of the update exactly as ``docs/algorithm.md`` states it, with
-scalars rounded once to the array's dtype (``1 - beta`` and ``lr * wd`` formed in float64
+`seed_rmsprop` and `seed_step` are the seed's own code; `rmsprop_step` and
+`RMSprop` are every variant of the update exactly as `docs/algorithm.md` states it, with
+scalars rounded once to the array's dtype (`1 - beta` and `lr * wd` formed in float64
 first), as the kernels do.
 """
 
@@ -13,20 +13,20 @@ import numpy as np
 
 from .options import DEFAULTS, resolve
 
-#: The sum of squares' order (``docs/algorithm.md``, :mod:`fastrms.kernels.reduce`): blocks of
+#: The sum of squares' order (`docs/algorithm.md`, `fastrms.kernels.reduce`): blocks of
 #: 32768 elements from each array's start, 1024 float64 lanes per block.
 BLOCK, LANES = 1 << 15, 1024
 
 
 def seed_step(theta, v, g_t, learning_rate, beta, epsilon):
-    """One step of the seed article's loop body; returns the new ``(theta, v)``."""
+    """One step of the seed article's loop body; returns the new `(theta, v)`."""
     v = beta * v + (1 - beta) * np.power(g_t, 2)
     theta = theta - (learning_rate / (np.sqrt(v) + epsilon)) * g_t
     return theta, v
 
 
 def seed_rmsprop(theta, num_iterations, calculate_gradient, learning_rate=0.001, beta=0.9, epsilon=1e-8):
-    """The seed article's integrated ``rmsprop()``, line for line (decay x0.95 every 500)."""
+    """The seed article's integrated `rmsprop()`, line for line (decay x0.95 every 500)."""
     v = np.zeros_like(theta)
     for t in range(1, num_iterations + 1):
         g_t = calculate_gradient(theta)
@@ -38,9 +38,9 @@ def seed_rmsprop(theta, num_iterations, calculate_gradient, learning_rate=0.001,
 
 
 def global_norm(grads):
-    """The 2-norm over every element of ``grads``, summed in float64 in the kernels' fixed
-    order (so bit for bit what the optimizer computes): for each array, blocks of ``BLOCK``
-    elements; in a block, element ``j`` of each row of ``LANES`` goes to lane ``j`` in order,
+    """The 2-norm over every element of `grads`, summed in float64 in the kernels' fixed
+    order (so bit for bit what the optimizer computes): for each array, blocks of `BLOCK`
+    elements; in a block, element `j` of each row of `LANES` goes to lane `j` in order,
     then the lanes fold in halves; block sums are added in order from 0.0, per dtype (in the
     order the dtypes first appear), and the dtypes' sums after. Finite float64 grads whose
     squares overflow are scaled by their largest magnitude first."""
@@ -66,11 +66,11 @@ def global_norm(grads):
 
 
 def clip_grads(grads, clip_global_norm=None, clip_value=None):
-    """``(clipped grads, norm)``: ``clip_value`` clamps each element to ``[-c, c]`` (a NaN
-    stays NaN); ``clip_global_norm`` multiplies every grad by ``min(1, max_norm / (norm +
-    1e-6))`` (``torch.nn.utils.clip_grad_norm_``; NaN when the norm is), the coefficient
-    rounded once to each grad's dtype. ``norm`` is :func:`global_norm` (None without it); for
-    finite grads whose norm is beyond float64's range it is inf, and ``max_norm / norm`` is
+    """`(clipped grads, norm)`: `clip_value` clamps each element to `[-c, c]` (a NaN
+    stays NaN); `clip_global_norm` multiplies every grad by `min(1, max_norm / (norm +
+    1e-6))` (`torch.nn.utils.clip_grad_norm_`; NaN when the norm is), the coefficient
+    rounded once to each grad's dtype. `norm` is `global_norm` (None without it); for
+    finite grads whose norm is beyond float64's range it is inf, and `max_norm / norm` is
     taken from the grads scaled by their largest magnitude (finite, > 0)."""
     grads = [np.asarray(g) for g in grads]
     if clip_value is not None:
@@ -87,10 +87,10 @@ def clip_grads(grads, clip_global_norm=None, clip_value=None):
 
 
 def rmsprop_step(param, grad, state, t, lr, beta=DEFAULTS["beta"], epsilon=DEFAULTS["epsilon"], **options):
-    """Step ``t`` (1-based) of any variant; returns the new param, updates ``state`` (a dict
-    with ``square_avg`` and, when used, ``grad_avg`` / ``momentum_buffer``). ``options`` are
-    :class:`fastrms.RMSprop`'s keyword options (:data:`fastrms.options.OPTIONS`); the formula
-    is ``docs/algorithm.md``'s."""
+    """Step `t` (1-based) of any variant; returns the new param, updates `state` (a dict
+    with `square_avg` and, when used, `grad_avg` / `momentum_buffer`). `options` are
+    `fastrms.RMSprop`'s keyword options (`fastrms.options.OPTIONS`); the formula
+    is `docs/algorithm.md`'s."""
     o = resolve({**options, "learning_rate": lr, "beta": beta, "epsilon": epsilon}, "rmsprop_step()")
     momentum, centered, nesterov = o["momentum"], o["centered"], o["nesterov"]
     lr_in_momentum, weight_decay, decoupled_weight_decay = (
@@ -134,11 +134,11 @@ def rmsprop_step(param, grad, state, t, lr, beta=DEFAULTS["beta"], epsilon=DEFAU
 
 
 class RMSprop:
-    """The optimizer's semantics in NumPy: same constructor and ``step`` as
-    :class:`fastrms.RMSprop`, no validation, params updated in place. With
-    ``skip_nonfinite``, a step whose grads hold a NaN or an infinity is counted in
-    ``skipped_steps`` and changes nothing else. ``clip_global_norm`` clips by the norm over
-    all grads (:func:`clip_grads`), kept in ``last_grad_norm``."""
+    """The optimizer's semantics in NumPy: same constructor and `step` as
+    `fastrms.RMSprop`, no validation, params updated in place. With
+    `skip_nonfinite`, a step whose grads hold a NaN or an infinity is counted in
+    `skipped_steps` and changes nothing else. `clip_global_norm` clips by the norm over
+    all grads (`clip_grads`), kept in `last_grad_norm`."""
 
     def __init__(
         self,

@@ -12,13 +12,13 @@ workqueue  no            yes; two Python threads in parallel code at once abort
                          the whole process
 =========  ============  ==========================================================
 
-At import (:func:`setup`), unless the user chose a layer (``NUMBA_THREADING_LAYER`` or
-``numba.config.THREADING_LAYER``), fastrms makes TBB loadable when the ``tbb`` package is
-installed (its ``libtbb.so.12`` lands in the environment's ``lib/``, where the loader does not
+At import (`setup`), unless the user chose a layer (`NUMBA_THREADING_LAYER` or
+`numba.config.THREADING_LAYER`), fastrms makes TBB loadable when the `tbb` package is
+installed (its `libtbb.so.12` lands in the environment's `lib/`, where the loader does not
 look) and asks Numba for it. Whatever layer ends up active, the optimizer adapts
-(:func:`parallel_mode`): under ``workqueue`` it serialises its parallel kernel calls with a
+(`parallel_mode`): under `workqueue` it serialises its parallel kernel calls with a
 lock; in a child forked after the parent ran GNU OpenMP, it uses the serial kernels. Nothing
-aborts. :func:`info` reports the layer, the thread count and why.
+aborts. `info` reports the layer, the thread count and why.
 """
 
 import ctypes
@@ -40,7 +40,7 @@ _STATE = {
 
 
 def _find_libtbb():
-    """Path of the ``tbb`` package's libtbb.so.12, or None."""
+    """Path of the `tbb` package's libtbb.so.12, or None."""
     candidates = [os.path.join(sys.prefix, "lib", "libtbb.so.12")]
     try:
         from importlib.metadata import PackageNotFoundError, files
@@ -171,8 +171,8 @@ def layer():
 def parallel_mode():
     """How the optimizer may call its parallel kernels here:
 
-    ``"free"`` (tbb, omp), ``"serialized"`` (workqueue: one call at a time, under a lock) or
-    ``"serial"`` (a child forked after its parent ran GNU OpenMP: serial kernels only).
+    `"free"` (tbb, omp), `"serialized"` (workqueue: one call at a time, under a lock) or
+    `"serial"` (a child forked after its parent ran GNU OpenMP: serial kernels only).
     """
     if _STATE["forked_after_omp"]:
         return "serial"
@@ -180,7 +180,7 @@ def parallel_mode():
 
 
 def serialized(kernel):
-    """``kernel`` wrapped so that only one thread runs it (or any other wrapped kernel) at once."""
+    """`kernel` wrapped so that only one thread runs it (or any other wrapped kernel) at once."""
 
     def call(*args):
         with _LOCK:
@@ -191,7 +191,7 @@ def serialized(kernel):
 
 
 def generation():
-    """A number that changes whenever :func:`parallel_mode` may answer differently (it does in
+    """A number that changes whenever `parallel_mode` may answer differently (it does in
     a child forked after its parent ran GNU OpenMP): callers cache their choice of kernels
     and choose again when it changes. One global read."""
     return _GENERATION
@@ -229,7 +229,7 @@ def info() -> dict:
         "user_threading_layer": _STATE["user_choice"],
         "tbb_library": _STATE["tbb_library"],
         "num_threads": numba.get_num_threads(),
-        "NUMBA_NUM_THREADS": numba.config.NUMBA_NUM_THREADS,
+        "NUMBA_NUM_THREADS": numba.config.NUMBA_NUM_THREADS,  # type: ignore[attr-defined]  # set at import, unseen by mypy
         "parallel_min_bytes": kernels.PARALLEL_MIN_BYTES,
         "cache": kernels.CACHE_STATUS,
         "cache_folder": stats["folder"],

@@ -1,15 +1,15 @@
-"""Learning-rate schedules: callables ``count -> learning rate``.
+"""Learning-rate schedules: callables `count -> learning rate`.
 
-``count`` is the number of steps already taken (0 for the first step), as in optax. Every
-schedule is a small immutable object with a readable ``repr``; they compose: a schedule can
-be the ``then`` of :func:`linear_warmup`, or a piece of :func:`join_schedules`, and any
-callable ``int -> float`` can stand in for one.
+`count` is the number of steps already taken (0 for the first step), as in optax. Every
+schedule is a small immutable object with a readable `repr`; they compose: a schedule can
+be the `then` of `linear_warmup`, or a piece of `join_schedules`, and any
+callable `int -> float` can stand in for one.
 
-The seed article's decay is :func:`step_decay`: multiply by ``factor`` every ``every`` steps::
+The seed article's decay is `step_decay`: multiply by `factor` every `every` steps:
 
     lr(count) = init * factor ** (count // every)
 
-so ``step_decay(0.001, 0.95, 500)`` gives 0.001 for steps 1..500 and 0.00095 for 501..1000.
+so `step_decay(0.001, 0.95, 500)` gives 0.001 for steps 1..500 and 0.00095 for 501..1000.
 """
 
 import math
@@ -36,7 +36,7 @@ def _schedule(name, value):
 
 @dataclass(frozen=True)
 class constant:
-    """``lr(count) = value``."""
+    """`lr(count) = value`."""
 
     value: float
 
@@ -49,7 +49,7 @@ class constant:
 
 @dataclass(frozen=True)
 class step_decay:
-    """The seed's decay: ``lr(count) = init * factor ** (count // every)``."""
+    """The seed's decay: `lr(count) = init * factor ** (count // every)`."""
 
     init: float
     factor: float = 0.95
@@ -66,15 +66,15 @@ class step_decay:
 
 @dataclass(frozen=True)
 class exponential_decay:
-    """``lr(count) = init * rate ** (count / transition_steps)`` (optax's
-    ``exponential_decay``); with ``staircase`` the exponent is floored. ``end`` bounds the
-    value from below when decaying (from above when ``rate > 1``)."""
+    """`lr(count) = init * rate ** (count / transition_steps)` (optax's
+    `exponential_decay`); with `staircase` the exponent is floored. `end` bounds the
+    value from below when decaying (from above when `rate > 1`)."""
 
     init: float
     rate: float
     transition_steps: int = 1
     staircase: bool = False
-    end: float = None
+    end: "float | None" = None
 
     def __post_init__(self):
         object.__setattr__(self, "init", _number("init", self.init, low=0.0))
@@ -97,9 +97,9 @@ class exponential_decay:
 
 @dataclass(frozen=True)
 class cosine_decay:
-    """``lr(count) = init * ((1 - alpha) * (1 + cos(pi * min(count, decay_steps) /
-    decay_steps)) / 2 + alpha)`` (optax's ``cosine_decay_schedule``): from ``init`` down to
-    ``alpha * init`` over ``decay_steps``, then flat."""
+    """`lr(count) = init * ((1 - alpha) * (1 + cos(pi * min(count, decay_steps) /
+    decay_steps)) / 2 + alpha)` (optax's `cosine_decay_schedule`): from `init` down to
+    `alpha * init` over `decay_steps`, then flat."""
 
     init: float
     decay_steps: int
@@ -117,8 +117,8 @@ class cosine_decay:
 
 @dataclass(frozen=True)
 class linear_warmup:
-    """Linear from ``start`` to ``then(0)`` over ``warmup_steps`` steps, then ``then``
-    shifted to begin where the warm-up ends: ``then`` is a number or a schedule."""
+    """Linear from `start` to `then(0)` over `warmup_steps` steps, then `then`
+    shifted to begin where the warm-up ends: `then` is a number or a schedule."""
 
     then: object
     warmup_steps: int
@@ -138,8 +138,8 @@ class linear_warmup:
 
 @dataclass(frozen=True)
 class join_schedules:
-    """Piecewise: ``schedules[i]`` from ``boundaries[i-1]`` on, each restarted at its own
-    count 0 (optax's ``join_schedules``). ``len(boundaries) == len(schedules) - 1``."""
+    """Piecewise: `schedules[i]` from `boundaries[i-1]` on, each restarted at its own
+    count 0 (optax's `join_schedules`). `len(boundaries) == len(schedules) - 1`."""
 
     schedules: tuple
     boundaries: tuple

@@ -1,13 +1,18 @@
-"""The seed article's integrated ``rmsprop()`` function, running the fused kernel."""
+"""The seed article's integrated `rmsprop()` function, running the fused kernel."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ._checks import count
 from .optimizer import RMSprop
 from .schedules import constant, step_decay
+
+if TYPE_CHECKING:  # the static types of **options (generated from the options table)
+    from typing_extensions import Unpack
+
+    from ._typing import Options
 
 
 def rmsprop(
@@ -20,24 +25,24 @@ def rmsprop(
     *,
     decay_every: "int | None" = 500,
     decay_factor: float = 0.95,
-    **options: Any,
+    **options: "Unpack[Options]",
 ) -> np.ndarray:
-    """Run ``num_iterations`` RMSprop steps from ``theta`` and return the final parameters.
+    """Run `num_iterations` RMSprop steps from `theta` and return the final parameters.
 
     The seed article's function and defaults: each iteration computes
-    ``g = calculate_gradient(theta)``, then::
+    `g = calculate_gradient(theta)`, then:
 
         v <- beta * v + (1 - beta) * g^2
         theta <- theta - lr / (sqrt(v) + epsilon) * g
 
-    and the learning rate is multiplied by ``decay_factor`` after every ``decay_every``
-    iterations (the seed's x0.95 every 500; ``decay_every=None`` keeps it constant). A
-    schedule (callable ``count -> lr``) may be passed as ``learning_rate`` instead.
+    and the learning rate is multiplied by `decay_factor` after every `decay_every`
+    iterations (the seed's x0.95 every 500; `decay_every=None` keeps it constant). A
+    schedule (callable `count -> lr`) may be passed as `learning_rate` instead.
 
-    ``theta`` (an array or anything ``np.asarray`` turns into a float32/float64 array) is
+    `theta` (an array or anything `np.asarray` turns into a float32/float64 array) is
     copied: the caller's array is never modified. A gradient of another float dtype is cast
-    to ``theta``'s. ``options`` are :class:`fastrms.RMSprop`'s keyword options (``momentum``,
-    ``centered``, ...).
+    to `theta`'s. `options` are `fastrms.RMSprop`'s keyword options (`momentum`,
+    `centered`, ...).
     """
     if isinstance(theta, np.ma.MaskedArray):
         raise TypeError("theta must be a plain array, got a masked array: its mask would be ignored")
@@ -67,7 +72,7 @@ def rmsprop(
 
 
 def _gradient(value, theta, iteration):
-    """``calculate_gradient``'s return value as an array shaped and typed like ``theta``."""
+    """`calculate_gradient`'s return value as an array shaped and typed like `theta`."""
     where = f"calculate_gradient(theta) at iteration {iteration}"
     if isinstance(value, np.ma.MaskedArray):
         raise TypeError(f"{where} returned a masked array; its mask would be ignored")

@@ -1,9 +1,9 @@
-"""``fastrms.torch.RMSprop``: a drop-in ``torch.optim.RMSprop`` whose step is one fused kernel call
+"""`fastrms.torch.RMSprop`: a drop-in `torch.optim.RMSprop` whose step is one fused kernel call
 per param group and dtype.
 
-It is a ``torch.optim.Optimizer`` with ``torch.optim.RMSprop``'s signature, defaults, state
-layout and formula (``docs/algorithm.md`` with ``beta = alpha``, epsilon outside the root,
-coupled weight decay, the learning rate outside the momentum buffer)::
+It is a `torch.optim.Optimizer` with `torch.optim.RMSprop`'s signature, defaults, state
+layout and formula (`docs/algorithm.md` with `beta = alpha`, epsilon outside the root,
+coupled weight decay, the learning rate outside the momentum buffer):
 
     g <- -grad if maximize else grad;   g <- g + weight_decay * p
     v <- alpha * v + (1 - alpha) * g^2
@@ -14,16 +14,16 @@ coupled weight decay, the learning rate outside the momentum buffer)::
 Params, grads and state are CPU tensors of float32 or float64; the kernel reads and writes
 their memory in place (no copies), so tensors must be dense: contiguous, or dense in another
 memory format (channels-last) with the grad laid out like its param. Params without a grad
-are skipped, as torch skips them. ``state_dict()`` is torch's, key for key, and loads into
-``torch.optim.RMSprop`` (and the reverse).
+are skipped, as torch skips them. `state_dict()` is torch's, key for key, and loads into
+`torch.optim.RMSprop` (and the reverse).
 
 The kernel writes through raw pointers, which torch's autograd cannot see, so after each step
 the version counters of the params and state are bumped explicitly
-(``torch.autograd.graph.increment_version``): a graph that saved a param before the step and
+(`torch.autograd.graph.increment_version`): a graph that saved a param before the step and
 runs backward after it raises torch's usual "modified by an inplace operation" error, as it
-would with ``torch.optim.RMSprop``.
+would with `torch.optim.RMSprop`.
 
-Importing ``fastrms`` never imports torch; importing ``fastrms.torch`` without torch raises
+Importing `fastrms` never imports torch; importing `fastrms.torch` without torch raises
 one ImportError saying what to install.
 """
 
@@ -57,12 +57,12 @@ _TORCH_PHRASES = {
     "weight_decay": "Invalid weight_decay value: {}",
     "alpha": "Invalid alpha value: {}",
 }
-#: torch.optim.RMSprop's ``__setstate__`` defaults: what an older state dict's groups lack.
+#: torch.optim.RMSprop's `__setstate__` defaults: what an older state dict's groups lack.
 _GROUP_DEFAULTS = dict(momentum=0, centered=False, foreach=None, maximize=False, differentiable=False, capturable=False)
 
 
 def _dense(t):
-    """Whether ``t``'s elements fill ``numel`` consecutive slots of memory (contiguous, or a
+    """Whether `t`'s elements fill `numel` consecutive slots of memory (contiguous, or a
     permutation of a contiguous layout such as channels-last), with no overlap."""
     if t.is_contiguous():
         return True
@@ -77,7 +77,7 @@ def _dense(t):
 
 
 def _first_overlap(starts, ends):
-    """``(i, j)``, two of the byte spans ``[starts[k], ends[k])`` that overlap, or None."""
+    """`(i, j)`, two of the byte spans `[starts[k], ends[k])` that overlap, or None."""
     order = np.argsort(starts, kind="stable")
     s, e = starts[order], ends[order]
     reach = np.maximum.accumulate(e)
@@ -90,8 +90,8 @@ def _first_overlap(starts, ends):
 
 
 def _holds(keys, tensors):
-    """A check that a state dict still holds ``tensors`` under ``keys`` (two to four: the
-    state a variant keeps and ``step``), written out: a step runs it once per param."""
+    """A check that a state dict still holds `tensors` under `keys` (two to four: the
+    state a variant keeps and `step`), written out: a step runs it once per param."""
     if len(keys) == 2:
         (k0, k1), (t0, t1) = keys, tensors
         return lambda d: d.get(k0) is t0 and d.get(k1) is t1
@@ -103,27 +103,27 @@ def _holds(keys, tensors):
 
 
 class RMSprop(torch.optim.Optimizer):
-    """``torch.optim.RMSprop``, fused: one Numba kernel call per param group and dtype.
+    """`torch.optim.RMSprop`, fused: one Numba kernel call per param group and dtype.
 
-    Parameters are torch's: ``lr`` (float or a 1-element tensor), ``alpha``, ``eps``,
-    ``weight_decay``, ``momentum``, ``centered``, ``maximize``, each per param group.
-    ``capturable=True`` and ``differentiable=True`` are refused (CUDA graphs and a
-    differentiable step are not what a fused CPU kernel does); ``foreach`` is accepted and
+    Parameters are torch's: `lr` (float or a 1-element tensor), `alpha`, `eps`,
+    `weight_decay`, `momentum`, `centered`, `maximize`, each per param group.
+    `capturable=True` and `differentiable=True` are refused (CUDA graphs and a
+    differentiable step are not what a fused CPU kernel does); `foreach` is accepted and
     ignored: the step is fused anyway.
 
-    Each ``step`` checks every param and grad first (CPU, dtype, shape, layout, memory shared
+    Each `step` checks every param and grad first (CPU, dtype, shape, layout, memory shared
     with another param or state), then steps: a rejected step changes nothing. A param listed
     twice in a group is stepped twice, as torch steps it (torch warns); distinct params that
     share memory are refused.
 
-    ``flatten=True`` (keyword-only, fastrms's own) moves the params of each group and dtype
-    that require grad into one contiguous buffer (each ``p.data`` becomes a view of it, so a
+    `flatten=True` (keyword-only, fastrms's own) moves the params of each group and dtype
+    that require grad into one contiguous buffer (each `p.data` becomes a view of it, so a
     channels-last param becomes contiguous), gives each a grad that is a view of one grad
     buffer, and keeps the state in flat buffers too, as DeepSpeed's and apex's contiguous
     gradients do. Backward then accumulates straight into the grad buffer, and a step is one
     dense kernel call over it: one flat array's cost. A param has a grad when backward
-    reached it since ``zero_grad`` (as in torch, the others neither move nor get state), but
-    ``zero_grad(set_to_none=True)`` zeroes its grad view in place instead of setting it to
+    reached it since `zero_grad` (as in torch, the others neither move nor get state), but
+    `zero_grad(set_to_none=True)` zeroes its grad view in place instead of setting it to
     None, so that backward keeps writing into the buffer. If a grad is replaced by another
     tensor, the step notices and takes the per-tensor path.
     """
@@ -147,10 +147,10 @@ class RMSprop(torch.optim.Optimizer):
         if not isinstance(flatten, bool):
             raise TypeError(f"flatten must be True or False, got {type(flatten).__name__}")
         self._flatten = flatten
-        self._buckets = []  # per param group: the flat buffers of its params, by dtype (flatten=True)
-        self._flat_slot = {}  # param -> (bucket, index), for the params that live in a bucket
-        self._loose = []  # per param group: (index, param) of the params in no bucket
-        self._repeats = []  # per param group: whether a param is listed twice
+        self._buckets: list = []  # per param group: the flat buffers of its params, by dtype (flatten=True)
+        self._flat_slot: dict = {}  # param -> (bucket, index), for the params that live in a bucket
+        self._loose: list = []  # per param group: (index, param) of the params in no bucket
+        self._repeats: list = []  # per param group: whether a param is listed twice
         self._caches()
         defaults = dict(
             lr=lr,
@@ -176,7 +176,7 @@ class RMSprop(torch.optim.Optimizer):
         return super().__repr__().replace("RMSprop (", f"fastrms.torch.RMSprop (flatten={self._flatten};", 1)
 
     def add_param_group(self, param_group: dict) -> None:
-        """torch's ``add_param_group``, with the group's options and params checked here."""
+        """torch's `add_param_group`, with the group's options and params checked here."""
         super().add_param_group(param_group)
         try:
             self._adopt_group(len(self.param_groups) - 1)
@@ -219,8 +219,8 @@ class RMSprop(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        """torch's, with torch.optim.RMSprop's defaults for older groups and ``step`` values;
-        after unpickling or ``copy.deepcopy``, the flat buffers are built anew."""
+        """torch's, with torch.optim.RMSprop's defaults for older groups and `step` values;
+        after unpickling or `copy.deepcopy`, the flat buffers are built anew."""
         ours = state.pop("fastrms", None)
         super().__setstate__(state)
         for group in self.param_groups:
@@ -248,10 +248,10 @@ class RMSprop(torch.optim.Optimizer):
             self._repeats.append(len(set(group["params"])) != len(group["params"]))
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's ``load_state_dict`` (a ``torch.optim.RMSprop`` state dict loads as is; so do
+        """torch's `load_state_dict` (a `torch.optim.RMSprop` state dict loads as is; so do
         older ones, as torch loads them). Every state tensor must have its param's number of
         elements, or nothing is loaded; the given dict is never written to, now or by later
-        steps (its tensors are copied). With ``flatten=True`` the values go into the flat
+        steps (its tensors are copied). With `flatten=True` the values go into the flat
         state buffers."""
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         saved = state_dict.get("state") if isinstance(state_dict, dict) else None
@@ -284,8 +284,8 @@ class RMSprop(torch.optim.Optimizer):
                 bucket.adopt(i, state)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """torch's ``zero_grad``; the grads of flattened params (``flatten=True``) are zeroed
-        in place in their buffer (``set_to_none=True`` then means the param has no grad until
+        """torch's `zero_grad`; the grads of flattened params (`flatten=True`) are zeroed
+        in place in their buffer (`set_to_none=True` then means the param has no grad until
         backward reaches it), and a grad replaced since is made a view of it again."""
         if not self._flat_slot:
             return super().zero_grad(set_to_none)
@@ -380,7 +380,7 @@ class RMSprop(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One fused step over every param that has a grad; returns ``closure()``'s loss (the
+        """One fused step over every param that has a grad; returns `closure()`'s loss (the
         closure is called with grad enabled, as torch does) or None."""
         loss = None
         if closure is not None:
@@ -394,7 +394,7 @@ class RMSprop(torch.optim.Optimizer):
             for members in rounds:
                 for dtype, (rows, ptrs, sizes) in members.items():
                     self._run(hyper, dtype, rows, ptrs, sizes, bumped, steps)
-        for dtype, addresses in steps.items():  # each param's ``step`` += 1, one call per dtype
+        for dtype, addresses in steps.items():  # each param's `step` += 1, one call per dtype
             kernels.increment(np.array(addresses, dtype=np.int64), np.empty(0, dtype))
         if bumped:
             torch.autograd.graph.increment_version(bumped)
@@ -402,7 +402,7 @@ class RMSprop(torch.optim.Optimizer):
 
     def _plan(self, gi, group):
         """The group's checked options, the rounds of its params that have a grad (per dtype,
-        rows ``(pointers, size, param, tensors to bump, step tensor)``; a param listed twice
+        rows `(pointers, size, param, tensors to bump, step tensor)`; a param listed twice
         goes again in a later round) and its buckets that still tile. The common case (dense
         CPU grad and param, both contiguous) costs a few C calls per param."""
         where = f"param_groups[{gi}]"
@@ -522,8 +522,8 @@ class RMSprop(torch.optim.Optimizer):
 
     @staticmethod
     def _parallel(size, itemsize, hyper):
-        """The parallel mode's answer for a step of ``size`` elements: False, True, or
-        ``"serialized"`` (cached until :func:`fastrms.runtime.generation` changes)."""
+        """The parallel mode's answer for a step of `size` elements: False, True, or
+        `"serialized"` (cached until `fastrms.runtime.generation` changes)."""
         states = 1 + bool(hyper["centered"]) + bool(hyper["momentum"])
         return RMSprop._parallel_choice(size, itemsize, states, runtime.generation())
 
@@ -539,10 +539,10 @@ class RMSprop(torch.optim.Optimizer):
             )
 
     def _layout(self, p, names, address, name="a param", state=None):
-        """The cached layout of ``p`` (see :meth:`_plan`), made anew: its state created as
+        """The cached layout of `p` (see `_plan`), made anew: its state created as
         torch creates it (a buffer the options need and the state lacks, after momentum or
         centering is switched on mid-run, starts at zero) and checked to be laid out like
-        ``p``. The entry holds the state tensors, so they live as long as it is used."""
+        `p`. The entry holds the state tensors, so they live as long as it is used."""
         state = self.state[p] if state is None else state
         if p.is_inference():
             raise RuntimeError(
@@ -597,7 +597,7 @@ class RMSprop(torch.optim.Optimizer):
         return entry
 
     def _run(self, hyper, dtype, rows, ptrs, table, bumped, steps):
-        """One kernel call for the rows (:meth:`_plan`) of one group, dtype and round."""
+        """One kernel call for the rows (`_plan`) of one group, dtype and round."""
         key = O.variant_key(hyper)
         sizes = np.array(table, dtype=np.int64)
         for _, _, p, tensors, (step_dtype, step_address) in rows:

@@ -1,9 +1,9 @@
-"""One table of variants, shared by the correctness tests, the benchmarks and ``fastrms bench``.
+"""One table of variants, shared by the correctness tests, the benchmarks and `fastrms bench`.
 
-``MAIN`` holds the variants the benchmarks time; ``all_variants()`` enumerates every
+`MAIN` holds the variants the benchmarks time; `all_variants()` enumerates every
 compiled kernel variant (centring x momentum placement x Nesterov x weight-decay mode), each
-paired with a setting of the runtime options (``maximize``, ``bias_correction``,
-``eps_in_sqrt``, ``initial_scale``) so that each of those options is exercised both ways.
+paired with a setting of the runtime options (`maximize`, `bias_correction`,
+`eps_in_sqrt`, `initial_scale`) so that each of those options is exercised both ways.
 """
 
 from .. import kernels
@@ -17,7 +17,7 @@ MAIN = {
     "weight_decay": dict(weight_decay=0.01),
 }
 
-#: Further variants ``fastrms bench --variants`` can time (not in the default sweep).
+#: Further variants `fastrms bench --variants` can time (not in the default sweep).
 EXTRA = {
     "plain_skip_nonfinite": dict(skip_nonfinite=True),
     "centered_momentum_skip_nonfinite": dict(centered=True, momentum=0.9, skip_nonfinite=True),
@@ -29,8 +29,8 @@ ALL = {**MAIN, **EXTRA}
 
 def all_variants():
     """name -> options for every compiled kernel variant (30), the runtime options (each
-    boolean ``scalar`` option of the table, and ``initial_scale``) rotated through so that
-    each is exercised both ways. Built from :func:`fastrms.kernels.variants` and the options
+    boolean `scalar` option of the table, and `initial_scale`) rotated through so that
+    each is exercised both ways. Built from `fastrms.kernels.variants` and the options
     table, so a new variant or option shows up here by itself."""
     runtime_flags = [o.name for o in OPTIONS if o.kind == "bool" and o.role == "scalar"]
     out = {}

@@ -1,12 +1,12 @@
 """Cold starts, in fresh processes: what a new Python process pays before its first step.
 
-Every case runs in its own ``python -c`` process, ``rounds`` times (medians reported), with
-a cache folder of its own (``NUMBA_CACHE_DIR``) warmed once first, so that the runs measure
+Every case runs in its own `python -c` process, `rounds` times (medians reported), with
+a cache folder of its own (`NUMBA_CACHE_DIR`) warmed once first, so that the runs measure
 loading from the disk cache; the first-ever compiles are timed in processes with an empty
 cache folder. The baselines come from the same run:
 
-- ``import numba, numpy``: the wall time of a process that only imports them;
-- *Numba's floor*: that import plus the first call of a one-line ``@njit(cache=True)``
+- `import numba, numpy`: the wall time of a process that only imports them;
+- *Numba's floor*: that import plus the first call of a one-line `@njit(cache=True)`
   function loaded from the cache. Numba loads its typing and lowering registries on the
   first call of any compiled function, cached or not; no Numba package starts below it.
 """
@@ -21,7 +21,7 @@ import tempfile
 _CLOCK = "import time; _t0 = time.perf_counter()\n"
 _REPORT = "\nimport json; print(json.dumps({'inside': time.perf_counter() - _t0, **globals().get('_parts', {})}))\n"
 
-#: name -> script; each script may leave ``_parts`` (seconds of a phase, measured inside).
+#: name -> script; each script may leave `_parts` (seconds of a phase, measured inside).
 CASES = {
     "import numba, numpy": "import numba, numpy",
     "Numba's floor: import + one cached @njit call": (
@@ -89,7 +89,7 @@ def _run(script, env):
 
 
 def _timed(script, env):
-    """``(wall seconds of the whole process, what it measured inside)``."""
+    """`(wall seconds of the whole process, what it measured inside)`."""
     import time
 
     start = time.perf_counter()
@@ -136,7 +136,7 @@ def measure(rounds=5, torch=None, shells=True):
 
 
 def report(r, file=sys.stdout):
-    """Print :func:`measure`'s result with the ratios the cold-start targets use."""
+    """Print `measure`'s result with the ratios the cold-start targets use."""
     from .. import __version__
 
     cases = r["cases"]

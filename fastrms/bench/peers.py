@@ -1,24 +1,24 @@
-"""The comparison table behind the benchmarks, ``fastrms bench`` and their correctness tests.
+"""The comparison table behind the benchmarks, `fastrms bench` and their correctness tests.
 
-Each implementation in :data:`IMPLEMENTATIONS` turns a :class:`Problem` (params, a gradient,
-a variant's options) into a zero-argument ``step`` callable that performs one optimizer step
+Each implementation in `IMPLEMENTATIONS` turns a `Problem` (params, a gradient,
+a variant's options) into a zero-argument `step` callable that performs one optimizer step
 in place:
 
-- ``fastrms``: :class:`fastrms.RMSprop`'s ``step``, validation included;
-- ``numpy_seed``: :mod:`fastrms.reference`, the seed article's NumPy with its temporaries;
-- ``numpy_out``: NumPy with preallocated ``out=`` buffers, what a careful user writes;
-- ``torch_foreach``: ``torch.optim.RMSprop(foreach=True)`` on the same memory (when torch is
+- `fastrms`: `fastrms.RMSprop`'s `step`, validation included;
+- `numpy_seed`: `fastrms.reference`, the seed article's NumPy with its temporaries;
+- `numpy_out`: NumPy with preallocated `out=` buffers, what a careful user writes;
+- `torch_foreach`: `torch.optim.RMSprop(foreach=True)` on the same memory (when torch is
   installed and the variant exists in torch);
-- ``jax_optax``: ``optax.rmsprop`` under ``jax.jit`` with donated buffers (when JAX and
+- `jax_optax`: `optax.rmsprop` under `jax.jit` with donated buffers (when JAX and
   optax are installed and optax has the variant);
-- ``traffic``: the same-traffic kernel, which reads and writes exactly the arrays the
+- `traffic`: the same-traffic kernel, which reads and writes exactly the arrays the
   variant's step reads and writes and does no arithmetic: the memory-bandwidth limit;
-- ``bespoke``: the variant's own formula as the shortest Numba loop, with its options and
+- `bespoke`: the variant's own formula as the shortest Numba loop, with its options and
   hyperparameters folded in as constants: what a user could hand-write for that one
   variant, and the floor when the arrays sit in cache (where the square root and the
   division, not memory, bound the step).
 
-The **limit** of a step is the slower of ``traffic`` and ``bespoke``.
+The **limit** of a step is the slower of `traffic` and `bespoke`.
 """
 
 from dataclasses import dataclass, field
@@ -36,7 +36,7 @@ DEFAULT_HYPER = {k: DEFAULTS[k] for k in ("learning_rate", "beta", "epsilon")}
 
 @dataclass
 class Problem:
-    """Arrays and options for one benchmark case; ``fresh()`` gives independent copies."""
+    """Arrays and options for one benchmark case; `fresh()` gives independent copies."""
 
     n: int
     dtype: np.dtype
@@ -157,12 +157,12 @@ def _numpy_out(problem):
     return step, _Holder(p, state)
 
 
-#: The library each optional peer imitates, for :func:`supports`.
+#: The library each optional peer imitates, for `supports`.
 LIBRARY = {"torch_foreach": "torch", "jax_optax": "optax"}
 
 
 def has_variant(name, options):
-    """Whether implementation ``name`` has the variant ``options`` (it may still decline a
+    """Whether implementation `name` has the variant `options` (it may still decline a
     dtype: JAX runs float64 only with x64 enabled)."""
     if name not in LIBRARY:
         return True
@@ -172,7 +172,7 @@ def has_variant(name, options):
 
 
 def supports(library, options):
-    """Whether ``library`` has this variant: every option set away from its default has a
+    """Whether `library` has this variant: every option set away from its default has a
     spelling in that library (from the options table)."""
     return all(BY_NAME[k].spellings.get(library) or v == DEFAULTS[k] for k, v in options.items())
 
@@ -196,7 +196,7 @@ def _torch_foreach(problem):
 
 
 def _jax_optax(problem):
-    """``optax.rmsprop`` jitted with the params and state donated: XLA may update in place."""
+    """`optax.rmsprop` jitted with the params and state donated: XLA may update in place."""
     import jax
     import optax
 
@@ -243,7 +243,7 @@ def _jax_optax(problem):
 
 def _make_traffic(has_grad_avg, has_momentum, parallel):
     """Loads every array the variant reads and stores every array it writes, with no
-    arithmetic: values rotate between the arrays, and one ``max`` keeps every load live so
+    arithmetic: values rotate between the arrays, and one `max` keeps every load live so
     the compiler cannot drop one."""
 
     def traffic(param, grad, square_avg, grad_avg, momentum_buffer):
@@ -270,7 +270,7 @@ def _make_traffic(has_grad_avg, has_momentum, parallel):
     return kernels.jit(parallel)(traffic)  # the kernels' options and cache
 
 
-_TRAFFIC = {}
+_TRAFFIC: dict = {}
 
 
 def _traffic(problem):
@@ -360,14 +360,14 @@ def _bespoke_weight_decay(lr, beta, eps, wd, parallel):
 
 
 #: The formulas that have a bespoke loop: the options they fold in (beyond lr, beta, eps),
-#: and the factory. ``skip_nonfinite`` adds the read-only check, as fastrms does.
-_BESPOKE = (
+#: and the factory. `skip_nonfinite` adds the read-only check, as fastrms does.
+_BESPOKE: tuple = (
     ({}, _bespoke_plain, ()),
     ({"centered": True, "momentum": 0.9}, _bespoke_centered_momentum, ("momentum",)),
     ({"momentum": 0.9, "nesterov": True, "lr_in_momentum": True}, _bespoke_nesterov, ("momentum",)),
     ({"weight_decay": 0.01}, _bespoke_weight_decay, ("weight_decay",)),
 )
-_BESPOKE_BUILT = {}
+_BESPOKE_BUILT: dict = {}
 
 
 def _bespoke(problem):
@@ -401,7 +401,7 @@ def _bespoke(problem):
 
 
 class _Holder:
-    """What a step acts on, for correctness checks: ``params`` and ``state`` like the optimizers."""
+    """What a step acts on, for correctness checks: `params` and `state` like the optimizers."""
 
     def __init__(self, param, state):
         self.params = param
@@ -424,12 +424,12 @@ _NEEDS = {"torch_foreach": ("torch",), "jax_optax": ("jax", "optax")}
 
 
 def available(name):
-    """Whether implementation ``name`` can run here (torch, JAX and optax may be absent)."""
+    """Whether implementation `name` can run here (torch, JAX and optax may be absent)."""
     import importlib.util
 
     return name in IMPLEMENTATIONS and all(importlib.util.find_spec(m) is not None for m in _NEEDS.get(name, ()))
 
 
 def setup(name, problem):
-    """``(step, holder)`` for implementation ``name`` on ``problem``, or None if it lacks the variant."""
+    """`(step, holder)` for implementation `name` on `problem`, or None if it lacks the variant."""
     return IMPLEMENTATIONS[name](problem)

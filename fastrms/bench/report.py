@@ -1,16 +1,16 @@
-"""``fastrms bench``: sweep sizes, print the table, write JSON, a plot and the README block.
+"""`fastrms bench`: sweep sizes, print the table, write JSON, a plot and the README block.
 
-Every figure is a ratio measured in one process (see :mod:`fastrms.bench.peers` and :mod:`fastrms.bench.timing`):
+Every figure is a ratio measured in one process (see `fastrms.bench.peers` and `fastrms.bench.timing`):
 
-- ``us/step``: median microseconds of ``RMSprop.step`` (validation included);
-- ``GB/s``: bytes a fused step must move divided by that time;
-- ``% traffic``: the same-traffic kernel's time over fastrms's (100 % = at the bandwidth limit);
-- ``% bespoke``: the bespoke loop's time over fastrms's (100 % = as fast as a loop hand-written
+- `us/step`: median microseconds of `RMSprop.step` (validation included);
+- `GB/s`: bytes a fused step must move divided by that time;
+- `% traffic`: the same-traffic kernel's time over fastrms's (100 % = at the bandwidth limit);
+- `% bespoke`: the bespoke loop's time over fastrms's (100 % = as fast as a loop hand-written
   for that one variant, constants folded);
-- ``% limit``: the slower of those two kernels over fastrms's: the limit of an exact step;
-- ``x seed`` / ``x out=`` / ``x torch`` / ``x JAX``: how many times faster than the seed's
-  NumPy step, NumPy with ``out=`` buffers, ``torch.optim.RMSprop(foreach=True)`` and optax's
-  rmsprop under ``jax.jit`` with donated buffers.
+- `% limit`: the slower of those two kernels over fastrms's: the limit of an exact step;
+- `x seed` / `x out=` / `x torch` / `x JAX`: how many times faster than the seed's
+  NumPy step, NumPy with `out=` buffers, `torch.optim.RMSprop(foreach=True)` and optax's
+  rmsprop under `jax.jit` with donated buffers.
 """
 
 import json
@@ -239,7 +239,7 @@ def plot(result, path):
 
 
 def update_readme(path, block):
-    """Replace the text between the bench markers of ``path`` with ``block``."""
+    """Replace the text between the bench markers of `path` with `block`."""
     path = Path(path)
     text = path.read_text()
     if README_START not in text or README_END not in text:
@@ -250,7 +250,7 @@ def update_readme(path, block):
 
 
 def run_threshold(variants=None, dtypes=None, rounds=None):
-    """``fastrms bench --threshold``: where the parallel shell starts to win."""
+    """`fastrms bench --threshold`: where the parallel shell starts to win."""
     from .. import kernels
 
     variants = variants or ["plain", "centered_momentum"]
@@ -266,7 +266,7 @@ def run_threshold(variants=None, dtypes=None, rounds=None):
 
 
 def run_many(dtypes=None, rounds=None):
-    """``fastrms bench --many``: a whole model (many arrays) against one array of its size."""
+    """`fastrms bench --many`: a whole model (many arrays) against one array of its size."""
     for dtype in dtypes or ["float32"]:
         times = timing.many_arrays(dtype, rounds=7 if rounds is None else rounds)
         base = times["one array"]
@@ -277,7 +277,7 @@ def run_many(dtypes=None, rounds=None):
 
 
 def run_dask(rounds=None, total=None):
-    """``fastrms bench --dask``: the fused step over dask arrays on a LocalCluster."""
+    """`fastrms bench --dask`: the fused step over dask arrays on a LocalCluster."""
     n = int(total or 200_000_000)
     chunk = min(10_000_000, n)
     r = timing.dask_step(total=n, chunk=chunk, rounds=7 if rounds is None else rounds)
@@ -303,7 +303,7 @@ def run_dask(rounds=None, total=None):
 
 
 def run_sparse(rounds=None):
-    """``fastrms bench --sparse``: step_rows on a (1e6, 64) float32 table against dense steps."""
+    """`fastrms bench --sparse`: step_rows on a (1e6, 64) float32 table against dense steps."""
     times = timing.sparse_rows(rounds=7 if rounds is None else rounds)
     print("float32 (1000000, 64) table, medians:")
     for label, seconds in times.items():
@@ -324,7 +324,7 @@ def run_sparse(rounds=None):
 
 
 def run_cold(rounds=None):
-    """``fastrms bench --cold``: import and first steps in fresh processes, against Numba's
+    """`fastrms bench --cold`: import and first steps in fresh processes, against Numba's
     own start-up; the first-ever compile of each shell."""
     from . import cold
 
@@ -333,7 +333,7 @@ def run_cold(rounds=None):
 
 
 def run_torch(rounds=None, widths=(100,)):
-    """``fastrms bench --torch``: the fused torch optimizer against torch's, and the
+    """`fastrms bench --torch`: the fused torch optimizer against torch's, and the
     optimizer's share of a training step, for 100 layers of each width."""
     for width in widths:
         _run_torch(timing.torch_steps(width=width, rounds=7 if rounds is None else rounds))
@@ -354,7 +354,7 @@ def _run_torch(r):
 
 
 def run_clipped(dtypes=None, rounds=None, sizes=None, variants=None):
-    """``fastrms bench --clipped``: clipping's cost against the unclipped step."""
+    """`fastrms bench --clipped`: clipping's cost against the unclipped step."""
     for dtype in dtypes or ["float32"]:
         rows = timing.clipped(
             dtype, sizes=sizes or (10_000_000, 1_000_000), variants=variants, rounds=7 if rounds is None else rounds
@@ -384,9 +384,9 @@ def run(
     readme=(),
     progress=True,
 ):
-    """Sweep, print the table, and write ``bench.json``, ``bench.md`` and ``bench.png`` into
-    ``output`` (and the table into each ``readme``). ``command`` is how it was invoked, for
-    the footnote. Arguments are already checked (see :mod:`fastrms.cli`)."""
+    """Sweep, print the table, and write `bench.json`, `bench.md` and `bench.png` into
+    `output` (and the table into each `readme`). `command` is how it was invoked, for
+    the footnote. Arguments are already checked (see `fastrms.cli`)."""
     sizes = sizes or (QUICK_SIZES if quick else FULL_SIZES)
     variants = variants or (["plain", "centered_momentum"] if quick else list(MAIN))
     dtypes = dtypes or (["float32"] if quick else ["float32", "float64"])
@@ -420,7 +420,7 @@ def run(
 
 
 def compare(old_path, new_path, file=None):
-    """``fastrms bench --compare OLD.json NEW.json``: fastrms's median per cell in two saved
+    """`fastrms bench --compare OLD.json NEW.json`: fastrms's median per cell in two saved
     runs, their ratio, and whether the change is larger than the two runs' spreads."""
     file = sys.stdout if file is None else file
     old, new = from_json(old_path), from_json(new_path)
@@ -447,7 +447,7 @@ def compare(old_path, new_path, file=None):
 
 
 def from_json(path):
-    """Reload a result written by ``fastrms bench`` (for re-rendering)."""
+    """Reload a result written by `fastrms bench` (for re-rendering)."""
     result = json.loads(Path(path).read_text())
     for row in result["rows"]:
         row["n"] = int(row["n"])

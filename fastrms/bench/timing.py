@@ -19,7 +19,7 @@ from .peers import DEFAULT_HYPER, Problem, available, setup
 
 
 def _calls_per_sample(step, target=0.02):
-    """How many calls make a sample of about ``target`` seconds (at least 1)."""
+    """How many calls make a sample of about `target` seconds (at least 1)."""
     step()  # warm: compile or load from cache
     calls = 1
     while True:
@@ -33,8 +33,8 @@ def _calls_per_sample(step, target=0.02):
 
 
 def measure(problem, names, rounds=7, target=0.02, samples=None):
-    """Median seconds per step of each implementation on ``problem``, interleaved round by
-    round (every round's seconds per step go into ``samples``, when given)."""
+    """Median seconds per step of each implementation on `problem`, interleaved round by
+    round (every round's seconds per step go into `samples`, when given)."""
     steps = {}
     for name in names:
         made = setup(name, problem) if available(name) else None
@@ -44,14 +44,14 @@ def measure(problem, names, rounds=7, target=0.02, samples=None):
 
 
 def spread(values):
-    """``(min, median, IQR)`` of a list of seconds (NumPy's linear quartiles)."""
+    """`(min, median, IQR)` of a list of seconds (NumPy's linear quartiles)."""
     q1, med, q3 = np.percentile(values, [25, 50, 75])
     return float(np.min(values)), float(med), float(q3 - q1)
 
 
 def measure_calls(steps, rounds=7, target=0.02, samples_out=None):
-    """Median seconds per call of each zero-argument callable in ``steps``, interleaved
-    (every round's seconds per call go into ``samples_out``, when given)."""
+    """Median seconds per call of each zero-argument callable in `steps`, interleaved
+    (every round's seconds per call go into `samples_out`, when given)."""
     calls = {name: _calls_per_sample(step, target) for name, step in steps.items()}
     samples = {name: [] for name in steps}
     for _ in range(rounds):
@@ -66,10 +66,13 @@ def measure_calls(steps, rounds=7, target=0.02, samples_out=None):
     return {name: float(np.median(s)) for name, s in samples.items()}
 
 
-def crossover(options, dtype, sizes=tuple(1 << k for k in range(10, 19)), rounds=7):
-    """Time a variant's serial and parallel drivers side by side over ``sizes``; returns rows
-    ``(n, bytes_per_step, serial_s, parallel_s)`` and the first size where parallel wins
-    (for choosing :data:`fastrms.kernels.PARALLEL_MIN_BYTES`)."""
+_CROSSOVER_SIZES = tuple(2**e for e in range(10, 19))
+
+
+def crossover(options, dtype, sizes=_CROSSOVER_SIZES, rounds=7):
+    """Time a variant's serial and parallel drivers side by side over `sizes`; returns rows
+    `(n, bytes_per_step, serial_s, parallel_s)` and the first size where parallel wins
+    (for choosing `fastrms.kernels.PARALLEL_MIN_BYTES`)."""
     rows, first = [], None
     hyper = resolve({**Problem(0, dtype).hyper, **options}, "crossover()")
     key = variant_key(hyper)
@@ -125,8 +128,8 @@ def machine():
 
 def many_arrays(dtype="float32", total=1_000_000, rounds=7, target=0.03, seed=0):
     """A whole model's step against one array of the same total size, in one process:
-    ``{case: seconds}`` for one array, 200 arrays of mixed sizes, 1000 equal arrays, and each
-    of those packed (:func:`fastrms.pack`) and stepped with one flat grad."""
+    `{case: seconds}` for one array, 200 arrays of mixed sizes, 1000 equal arrays, and each
+    of those packed (`fastrms.pack`) and stepped with one flat grad."""
     from ..layout import pack
 
     rng = np.random.default_rng(seed)
@@ -148,7 +151,7 @@ def many_arrays(dtype="float32", total=1_000_000, rounds=7, target=0.03, seed=0)
     return measure_calls(steps, rounds, target)
 
 
-#: ``fastrms bench --clipped``: the options timed against each base variant.
+#: `fastrms bench --clipped`: the options timed against each base variant.
 CLIP_CASES = {
     "unclipped": {},
     "clip_global_norm": {"clip_global_norm": 1.0},
@@ -159,9 +162,9 @@ CLIP_CASES = {
 
 
 def clipped(dtype="float32", sizes=(10_000_000, 1_000_000), variants=None, rounds=7, target=0.03):
-    """A clipped step against an unclipped one, in one process: rows ``{variant, size, case:
-    seconds}`` for each base variant (plain and centered + momentum unless given), and
-    ``"read pass"``: one parallel read of the grad with no arithmetic to speak of (the
+    """A clipped step against an unclipped one, in one process: rows `{variant, size, case:
+    seconds}` for each base variant (plain and centered + momentum unless given), and
+    `"read pass"`: one parallel read of the grad with no arithmetic to speak of (the
     non-finite check), the floor of what a norm pass can cost."""
     from .cases import ALL
 
@@ -181,13 +184,13 @@ def clipped(dtype="float32", sizes=(10_000_000, 1_000_000), variants=None, round
 
 
 def torch_steps(layers=100, width=100, rounds=7, target=0.05, seed=0, compiled=True):
-    """``fastrms bench --torch``: the optimizer step on a model of ``2 * layers`` tensors
-    (``layers`` ``Linear(width, width)``), float32, for ``fastrms.torch.RMSprop`` (and with
-    ``flatten=True``), ``torch.optim.RMSprop`` (default, ``foreach=True`` and, with
-    ``compiled``, its step under ``torch.compile``, which fuses it into one C++ loop) and
-    ``fastrms.RMSprop`` over one flat array of the same size; and a whole training step
-    (forward, backward, step) with each. Returns ``{"params": n, "tensors": k, "step": {...},
-    "train": {...}, "compile": {name: seconds of the first call}}``."""
+    """`fastrms bench --torch`: the optimizer step on a model of `2 * layers` tensors
+    (`layers` `Linear(width, width)`), float32, for `fastrms.torch.RMSprop` (and with
+    `flatten=True`), `torch.optim.RMSprop` (default, `foreach=True` and, with
+    `compiled`, its step under `torch.compile`, which fuses it into one C++ loop) and
+    `fastrms.RMSprop` over one flat array of the same size; and a whole training step
+    (forward, backward, step) with each. Returns `{"params": n, "tensors": k, "step": {...},
+    "train": {...}, "compile": {name: seconds of the first call}}`."""
     import torch
 
     from ..torch import RMSprop as FusedRMSprop
@@ -240,15 +243,15 @@ def torch_steps(layers=100, width=100, rounds=7, target=0.05, seed=0, compiled=T
 
 
 def sparse_rows(n=1_000_000, width=64, k=10_000, distinct=2_000, batch=512, rounds=7, target=0.05, seed=0):
-    """``fastrms bench --sparse``: ``step_rows`` on a ``(n, width)`` float32 table against
-    dense steps, in one process: ``{case: seconds}`` for k random rows, k indices drawn from
-    ``distinct`` rows (duplicates summed), each in the lazy and the dense-equivalent mode,
-    a dense step over a ``(k, width)`` and a ``(distinct, width)`` array, a dense step over
+    """`fastrms bench --sparse`: `step_rows` on a `(n, width)` float32 table against
+    dense steps, in one process: `{case: seconds}` for k random rows, k indices drawn from
+    `distinct` rows (duplicates summed), each in the lazy and the dense-equivalent mode,
+    a dense step over a `(k, width)` and a `(distinct, width)` array, a dense step over
     the whole table, the traffic limits (the same memory moved with no arithmetic) of
     the distinct rows and of the duplicates, the lazy rule in NumPy
-    (:func:`numpy_step_rows`) on both batches, and a small batch of ``batch`` random rows
-    (one thread: under :data:`fastrms.kernels.PARALLEL_MIN_BYTES`) against a dense step
-    over a ``(batch, width)`` array."""
+    (`numpy_step_rows`) on both batches, and a small batch of `batch` random rows
+    (one thread: under `fastrms.kernels.PARALLEL_MIN_BYTES`) against a dense step
+    over a `(batch, width)` array."""
     rng = np.random.default_rng(seed)
     table = rng.standard_normal((n, width)).astype(np.float32)
     rows = rng.choice(n, k, replace=False)
@@ -291,8 +294,8 @@ def sparse_rows(n=1_000_000, width=64, k=10_000, distinct=2_000, batch=512, roun
 
 
 def numpy_step_rows(table, state, rows, grad_rows, t, lr):
-    """The lazy ``step_rows`` in NumPy, the plain variant: duplicates summed in the order given
-    (``np.unique``, ``np.add.at``), then :func:`fastrms.reference.rmsprop_step` on the
+    """The lazy `step_rows` in NumPy, the plain variant: duplicates summed in the order given
+    (`np.unique`, `np.add.at`), then `fastrms.reference.rmsprop_step` on the
     gathered rows, written back."""
     unique, inverse = np.unique(rows, return_inverse=True)
     summed = np.zeros((unique.size, table.shape[1]), table.dtype)
@@ -305,9 +308,9 @@ def numpy_step_rows(table, state, rows, grad_rows, t, lr):
 
 @njit(inline="always")
 def _touch_rows(param, square_avg, rows, lo, hi, width, src):
-    """Read and write p and v of rows ``rows[lo:hi]``, adding ``src[s * width : (s + 1) *
-    width] * 0`` (no arithmetic to speak of), with the row ``AHEAD`` on prefetched and whole
-    arrays indexed with unsigned indices, as the row shells do (:mod:`fastrms.kernels.rows`)."""
+    """Read and write p and v of rows `rows[lo:hi]`, adding `src[s * width : (s + 1) *
+    width] * 0` (no arithmetic to speak of), with the row `AHEAD` on prefetched and whole
+    arrays indexed with unsigned indices, as the row shells do (`fastrms.kernels.rows`)."""
     zero, w = param.dtype.type(0.0), np.uint64(width)
     for s in range(lo, hi):
         if s + AHEAD < hi:
@@ -322,16 +325,16 @@ def _touch_rows(param, square_avg, rows, lo, hi, width, src):
 
 @kernels.jit(parallel=True)  # the kernels' options and their cache (keyed on this file too)
 def _row_traffic(param, square_avg, grad_rows, rows, width):
-    """The bytes of a plain ``step_rows`` with no arithmetic to speak of: read p, g and v of
-    each named row, write p and v (in blocks of rows, as the ``rows`` shell)."""
+    """The bytes of a plain `step_rows` with no arithmetic to speak of: read p, g and v of
+    each named row, write p and v (in blocks of rows, as the `rows` shell)."""
     for block in prange((rows.size + BLOCK - 1) // BLOCK):
         _touch_rows(param, square_avg, rows, block * BLOCK, min((block + 1) * BLOCK, rows.size), width, grad_rows)
 
 
 @kernels.jit(parallel=True)
 def _summed_row_traffic(param, square_avg, grad_rows, rows, start, order, scratch, width):
-    """The bytes of ``step_rows`` with duplicates, no arithmetic to speak of: read every grad
-    row (grouped by distinct row, ``order[start[s]:start[s+1]]``) into a sum, then read and
+    """The bytes of `step_rows` with duplicates, no arithmetic to speak of: read every grad
+    row (grouped by distinct row, `order[start[s]:start[s+1]]`) into a sum, then read and
     write p and v of each distinct row once."""
     w = np.uint64(width)
     for block in prange((rows.size + BLOCK - 1) // BLOCK):
@@ -348,22 +351,22 @@ def _summed_row_traffic(param, square_avg, grad_rows, rows, start, order, scratc
 
 
 def _startstops(stream):
-    """Every start/stop record of a ``distributed.get_task_stream`` trace."""
+    """Every start/stop record of a `distributed.get_task_stream` trace."""
     return [s for task in stream.data for s in task["startstops"]]
 
 
 def dask_step(total=200_000_000, chunk=10_000_000, rounds=7, seed=0):
-    """``fastrms bench --dask``: on a LocalCluster of 2 single-threaded worker processes
-    (127.0.0.1), one plain float32 step over ``total`` elements in chunks of ``chunk``, from
-    persisted inputs to persisted outputs: ``fastrms.dask.RMSprop.step`` (out of place, and
-    with ``donate=True``: the new generation written over the old), the same step
+    """`fastrms bench --dask`: on a LocalCluster of 2 single-threaded worker processes
+    (127.0.0.1), one plain float32 step over `total` elements in chunks of `chunk`, from
+    persisted inputs to persisted outputs: `fastrms.dask.RMSprop.step` (out of place, and
+    with `donate=True`: the new generation written over the old), the same step
     written as dask.array NumPy expressions, and in this process over the same total
-    ``fastrms.RMSprop.step`` (in place) and the out-of-place fused step into reused arrays
+    `fastrms.RMSprop.step` (in place) and the out-of-place fused step into reused arrays
     (what the tasks run, all cores). Rounds interleaved, after 8 warm-up steps (the tasks'
     output buffers are recycled from earlier generations). Returns medians in
-    seconds, ``tasks`` (per step), and for each fused case, from the scheduler's task stream
-    over three more steps, ``kernel, <case>`` (the median task's compute time) and ``busy,
-    <case>`` (the share of a step's time the two workers spend computing)."""
+    seconds, `tasks` (per step), and for each fused case, from the scheduler's task stream
+    over three more steps, `kernel, <case>` (the median task's compute time) and `busy,
+    <case>` (the share of a step's time the two workers spend computing)."""
     import time
 
     import dask.array as da

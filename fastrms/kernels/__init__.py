@@ -1,30 +1,30 @@
 """The fused RMSprop kernels: Numba code and nothing else (this package imports nothing from
-the rest of fastrms, so user ``@njit`` code can call it directly).
+the rest of fastrms, so user `@njit` code can call it directly).
 
-- :mod:`.element`: the per-element update, written once, specialised per :class:`Variant`;
-- :mod:`.dense`: loop shells over whole flat arrays, in place and out of place, serial and
+- `.element`: the per-element update, written once, specialised per `Variant`;
+- `.dense`: loop shells over whole flat arrays, in place and out of place, serial and
   parallel;
-- :mod:`.segments`: the loop shell over a chunk table: many arrays of one dtype in one call;
-- :mod:`.rows`: the loop shells over named rows of a table (sparse updates), and coalescing;
-- :mod:`.prefetch`: the software prefetch of the row shell (rows named by an index array);
-- :mod:`.reduce`: read-only passes (the non-finite check behind ``skip_nonfinite``, the
-  reproducible sum of squares behind ``clip_global_norm``);
-- :func:`rmsprop_update`: the plain step, for user ``@njit`` code;
-- :func:`drivers`: the serial and parallel dense shells of a variant;
-- :func:`step_bytes` and :data:`PARALLEL_MIN_BYTES`: the traffic rule behind the
+- `.segments`: the loop shell over a chunk table: many arrays of one dtype in one call;
+- `.rows`: the loop shells over named rows of a table (sparse updates), and coalescing;
+- `.prefetch`: the software prefetch of the row shell (rows named by an index array);
+- `.reduce`: read-only passes (the non-finite check behind `skip_nonfinite`, the
+  reproducible sum of squares behind `clip_global_norm`);
+- `rmsprop_update`: the plain step, for user `@njit` code;
+- `drivers`: the serial and parallel dense shells of a variant;
+- `step_bytes` and `PARALLEL_MIN_BYTES`: the traffic rule behind the
   serial/parallel choice;
-- :func:`jit`, :func:`cache_stats` and :data:`SOURCE_HASH`: the decorator of every kernel and
-  its on-disk cache (:mod:`._jit`: a cache that hits in every new process and is never stale).
+- `jit`, `cache_stats` and `SOURCE_HASH`: the decorator of every kernel and
+  its on-disk cache (`._jit`: a cache that hits in every new process and is never stale).
 
-Each shell reads ``param``, ``grad`` and the state arrays once and writes ``param`` and the
+Each shell reads `param`, `grad` and the state arrays once and writes `param` and the
 state once, element by element: no temporaries and no second pass. Scalars arrive as a
-:class:`Scalars` of Python floats and are rounded once to the arrays' dtype, so float32
+`Scalars` of Python floats and are rounded once to the arrays' dtype, so float32
 arrays are updated in float32 arithmetic throughout.
 
 A shell's hot loop slices nothing and calls no inlined function taking arrays but the
 element function and the prefetch hints: Numba counts a reference for each, and cannot
 always drop the counts in a branchy loop (the row shells paid 12 calls a row, 2-3x their
-one-thread time, until :mod:`.rows` indexed whole arrays). Such indices are unsigned where
+one-thread time, until `.rows` indexed whole arrays). Such indices are unsigned where
 LLVM must vectorise: a signed one is wrapped if negative, which it cannot vectorise.
 """
 
@@ -106,7 +106,7 @@ __all__ = [
 
 #: A step that moves at least this many bytes (param, grad and state read; param and state
 #: written) runs on the parallel shell; a smaller one on the serial shell, since a parallel
-#: launch costs several microseconds. Measured on 2 cores (``fastrms bench --threshold``):
+#: launch costs several microseconds. Measured on 2 cores (`fastrms bench --threshold`):
 #: the parallel shell starts to win between about 0.5 MiB (centered + momentum, float64)
 #: and 1.3 MiB (plain, float32) of traffic.
 PARALLEL_MIN_BYTES = 3 << 18
@@ -120,15 +120,15 @@ def __getattr__(attr):
 
 @jit()
 def address(a):
-    """The address of ``a``'s first element (a Numba call: faster from Python than
-    ``a.__array_interface__``, which builds a dict)."""
+    """The address of `a`'s first element (a Numba call: faster from Python than
+    `a.__array_interface__`, which builds a dict)."""
     return a.ctypes.data
 
 
 @jit()
 def contiguous_address(a):
-    """The address of ``a``'s first element if ``a`` is C-contiguous, else -1: one call that
-    answers both questions a step asks of each grad (alignment is ``address % itemsize``)."""
+    """The address of `a`'s first element if `a` is C-contiguous, else -1: one call that
+    answers both questions a step asks of each grad (alignment is `address % itemsize`)."""
     if a.flags.c_contiguous:
         return np.intp(a.ctypes.data)
     return np.intp(-1)  # (both branches intp: a bare -1 would unify with uintp to float64)
@@ -141,10 +141,10 @@ def step_bytes(size, itemsize, state_arrays):
 
 
 def drivers(centered=False, wd_mode=WD_NONE, mom_mode=MOM_NONE, nesterov=False):
-    """Return ``(serial, parallel)``, the two in-place dense shells of one variant.
+    """Return `(serial, parallel)`, the two in-place dense shells of one variant.
 
-    Both take ``(param, grad, square_avg, grad_avg, momentum_buffer, *scalars)`` (see
-    :mod:`.dense`; ``scalars`` a :class:`Scalars`), update in place and return whether they
+    Both take `(param, grad, square_avg, grad_avg, momentum_buffer, *scalars)` (see
+    `.dense`; `scalars` a `Scalars`), update in place and return whether they
     ran in parallel.
     """
     key = variant(centered, wd_mode, mom_mode, nesterov)
@@ -156,14 +156,14 @@ _plain_serial, _plain_parallel = drivers()
 
 @jit()
 def rmsprop_update(param, grad, square_avg, learning_rate, beta, epsilon):
-    """The plain RMSprop step, in place, callable from Python or from ``@njit`` code::
+    """The plain RMSprop step, in place, callable from Python or from `@njit` code:
 
         v <- beta * v + (1 - beta) * g^2
         p <- p - learning_rate * g / (sqrt(v) + epsilon)
 
-    ``param``, ``grad`` and ``square_avg`` are C-contiguous float32 or float64 arrays of one
+    `param`, `grad` and `square_avg` are C-contiguous float32 or float64 arrays of one
     dtype and size (any shape); float32 stays float32. Large arrays run in parallel. Returns
-    nothing. Example::
+    nothing. Example:
 
         from numba import njit
         from fastrms.kernels import rmsprop_update

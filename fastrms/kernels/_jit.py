@@ -5,12 +5,12 @@ Numba's own cache keys a function on its own source file and, for a closure, on 
 cells: a cell holding another dispatcher pickles differently in each process, so every loop
 shell built as a closure (each variant's dense, segment and row shells) missed in every new
 process and added a file to the cache each time; and a function whose file did not change
-kept its machine code after a change to the element function it inlines. :class:`KernelCache`
-is Numba's :class:`~numba.core.caching.FunctionCache` with two things replaced:
+kept its machine code after a change to the element function it inlines. `KernelCache`
+is Numba's `FunctionCache` with two things replaced:
 
 - the **stamp** that decides whether an index is fresh: a hash of every module of this package
   (all of them are compiled into every shell), of the function's own file, of fastrms's
-  ``_version.py`` and of the Numba and llvmlite versions (:data:`SOURCE_HASH`); a change to any
+  `_version.py` and of the Numba and llvmlite versions (`SOURCE_HASH`); a change to any
   of them, whatever the file's size or mtime, makes every entry stale;
 - the **key** within an index: the signature, Numba's target description (CPU name and
   features) and the closure's cells described by value, a dispatcher by its module, name and
@@ -18,7 +18,7 @@ is Numba's :class:`~numba.core.caching.FunctionCache` with two things replaced:
 
 The cache stays bounded: when an index is written, the data files it no longer names, and
 the indexes (with their data) of the same source file that carry another stamp, are removed.
-A loaded entry hands its reload hooks on to its library (:meth:`KernelCache.load_overload`),
+A loaded entry hands its reload hooks on to its library (`KernelCache.load_overload`),
 so callers compiled against a cached parallel kernel, ours or a user's, start Numba's threads.
 """
 
@@ -65,14 +65,14 @@ def _source_hash():
 #: and llvmlite's versions (hashed at import).
 SOURCE_HASH = _source_hash()
 
-_FILE_HASHES = {}
+_FILE_HASHES: "dict[str, str]" = {}
 
-#: Every dispatcher made by :func:`jit`, in order (for :func:`cache_stats`).
-DISPATCHERS = []
+#: Every dispatcher made by `jit`, in order (for `cache_stats`).
+DISPATCHERS: list = []
 
 
 def _stamp(py_file):
-    """The freshness stamp of a function defined in ``py_file``."""
+    """The freshness stamp of a function defined in `py_file`."""
     path = os.path.realpath(py_file)
     if Path(path).parent == _HERE:
         return SOURCE_HASH
@@ -171,7 +171,7 @@ class KernelCache(FunctionCache):
 
 
 def jit(parallel=False):
-    """``njit`` with :data:`JIT_OPTIONS`, cached on disk (:class:`KernelCache`) where Numba can."""
+    """`njit` with `JIT_OPTIONS`, cached on disk (`KernelCache`) where Numba can."""
 
     def wrap(fn):
         global CACHE_STATUS
@@ -190,8 +190,8 @@ def jit(parallel=False):
 
 
 def cache_stats():
-    """What the kernels' disk cache did in this process: ``{"hits", "misses", "folder",
-    "compiled"}``, ``compiled`` naming each function that missed (it was compiled here)."""
+    """What the kernels' disk cache did in this process: `{"hits", "misses", "folder",
+    "compiled"}`, `compiled` naming each function that missed (it was compiled here)."""
     hits = misses = 0
     compiled, folder = [], None
     for d in DISPATCHERS:
@@ -207,7 +207,7 @@ def cache_stats():
 
 
 def name(fn, text):
-    """Give ``fn`` its own name: Numba derives both the cache file and the machine-code
+    """Give `fn` its own name: Numba derives both the cache file and the machine-code
     symbol from the qualified name, and closures sharing one name would let a cached caller
     link against another variant's code in a later process."""
     fn.__name__ = fn.__qualname__ = text

@@ -1,12 +1,12 @@
 """Loop shells over whole flat arrays: each reads the arrays a variant uses, calls the
-variant's :func:`~.element.element` and writes back, once per element, in place.
+variant's `element` and writes back, once per element, in place.
 
-``dense(key, parallel)`` is the in-place shell ``(param, grad, square_avg, grad_avg,
-momentum_buffer, *scalars)`` over 1-D C-contiguous arrays of one float dtype (``grad_avg`` /
-``momentum_buffer`` may be empty when the variant does not use them; ``scalars`` is a
-:class:`~.element.Scalars`, passed unpacked). It checks only that the arrays it uses have ``param``'s size,
+`dense(key, parallel)` is the in-place shell `(param, grad, square_avg, grad_avg,
+momentum_buffer, *scalars)` over 1-D C-contiguous arrays of one float dtype (`grad_avg` /
+`momentum_buffer` may be empty when the variant does not use them; `scalars` is a
+`Scalars`, passed unpacked). It checks only that the arrays it uses have `param`'s size,
 so it can never run past one; everything else is the caller's to validate. It returns
-whether it ran in parallel. Callable from Python and from ``@njit`` code.
+whether it ran in parallel. Callable from Python and from `@njit` code.
 """
 
 from numba import prange
@@ -14,11 +14,11 @@ from numba import prange
 from ._jit import jit, name
 from .element import apply, constants
 
-_DENSE = {}
+_DENSE: dict = {}
 
 
 def dense(key, parallel):
-    """The in-place shell of variant ``key``, serial or ``parallel=True``."""
+    """The in-place shell of variant `key`, serial or `parallel=True`."""
     fn = _DENSE.get((key, parallel))
     if fn is None:
         fn = _DENSE[(key, parallel)] = _make_dense(key, parallel)
@@ -48,15 +48,15 @@ def _make_dense(key, parallel):
     return jit(parallel)(shell)
 
 
-_DENSE_OUT = {}
+_DENSE_OUT: dict = {}
 
 
 def dense_out(key, parallel):
-    """The out-of-place shell of variant ``key``: ``(param, grad, square_avg, grad_avg,
+    """The out-of-place shell of variant `key`: `(param, grad, square_avg, grad_avg,
     momentum_buffer, param_out, square_avg_out, grad_avg_out, momentum_buffer_out,
-    *scalars)`` reads the first five and writes the last four, element by element; an output
+    *scalars)` reads the first five and writes the last four, element by element; an output
     may be its input itself (each element is read before it is written), never a shifted
-    view of one. The same element function as :func:`dense`: the same bits."""
+    view of one. The same element function as `dense`: the same bits."""
     fn = _DENSE_OUT.get((key, parallel))
     if fn is None:
         fn = _DENSE_OUT[(key, parallel)] = _make_dense_out(key, parallel)

@@ -1,6 +1,6 @@
 """The per-element RMSprop update, written once, one compiled specialisation per variant.
 
-For step ``t``, per element (``docs/algorithm.md`` is the contract)::
+For step `t`, per element (`docs/algorithm.md` is the contract):
 
     g <- grad_scale * clamp(grad, -clip, clip)    clip = inf unless clip_value is set;
                                                   grad_scale = -1 maximizing, times the
@@ -19,14 +19,14 @@ For step ``t``, per element (``docs/algorithm.md`` is the contract)::
 
 The options that change which arrays are touched (centring, the momentum mode, Nesterov,
 the weight-decay mode) are compile-time constants of each specialisation, so a variant pays
-only for what it uses. ``grad_scale``, ``clip``, ``eps_in``/``eps_out`` and ``bc`` are runtime
+only for what it uses. `grad_scale`, `clip`, `eps_in`/`eps_out` and `bc` are runtime
 scalars: their neutral values (1, inf, 0, 1) leave the arithmetic bit-exact (the clamp is two
-compares, so a NaN passes through it, as ``np.clip`` lets it), and ``bc == 1`` skips the
+compares, so a NaN passes through it, as `np.clip` lets it), and `bc == 1` skips the
 division through a loop-invariant branch that LLVM hoists out of the loop.
 
-:func:`element` returns an ``inline="always"`` function ``(p, g, v, m, b, k) -> (p, v, m, b)``:
-loop shells (:mod:`.dense` and those to come) read the arrays, call it and write back what
-the variant keeps. ``k`` is :func:`constants`' tuple, already rounded to the arrays' dtype.
+`element` returns an `inline="always"` function `(p, g, v, m, b, k) -> (p, v, m, b)`:
+loop shells (`.dense` and those to come) read the arrays, call it and write back what
+the variant keeps. `k` is `constants`' tuple, already rounded to the arrays' dtype.
 """
 
 from typing import NamedTuple
@@ -53,7 +53,7 @@ class Variant(NamedTuple):
 
     @property
     def tag(self):
-        """A name of its own for the variant's compiled functions (``c1_w2_m1_n0``)."""
+        """A name of its own for the variant's compiled functions (`c1_w2_m1_n0`)."""
         return f"c{self.centered:d}_w{self.wd_mode:d}_m{self.mom_mode:d}_n{self.nesterov:d}"
 
     @property
@@ -66,7 +66,7 @@ class Variant(NamedTuple):
 
 
 def variant(centered=False, wd_mode=WD_NONE, mom_mode=MOM_NONE, nesterov=False):
-    """A checked :class:`Variant`."""
+    """A checked `Variant`."""
     key = Variant(bool(centered), int(wd_mode), int(mom_mode), bool(nesterov))
     if key.mom_mode not in (MOM_NONE, MOM_OUTSIDE, MOM_INSIDE) or key.wd_mode not in (
         WD_NONE,
@@ -80,7 +80,7 @@ def variant(centered=False, wd_mode=WD_NONE, mom_mode=MOM_NONE, nesterov=False):
 
 
 def variants():
-    """Every valid :class:`Variant`, in a fixed order."""
+    """Every valid `Variant`, in a fixed order."""
     return [
         Variant(c, wd, mom, nest)
         for c in (False, True)
@@ -97,8 +97,8 @@ def variants():
 
 class Scalars(NamedTuple):
     """The runtime scalars of one step, as Python floats (float64); the kernels round each
-    once to the arrays' dtype (``1 - beta`` and ``lr * weight_decay`` are formed in float64
-    first). They travel together in Python and are passed unpacked (``shell(..., *scalars)``):
+    once to the arrays' dtype (`1 - beta` and `lr * weight_decay` are formed in float64
+    first). They travel together in Python and are passed unpacked (`shell(..., *scalars)`):
     Numba dispatches eight floats in a fraction of the time it takes to type a tuple."""
 
     lr: float
@@ -114,9 +114,9 @@ class Scalars(NamedTuple):
 
 @njit(inline="always")
 def constants(T, lr, beta, eps_in, eps_out, weight_decay, momentum, grad_scale, bias_correction, clip):
-    """The :class:`Scalars` as the element function uses them, each rounded once to dtype
-    ``T``: ``(lr, beta, 1 - beta, eps_in, eps_out, wd, lr * wd, mu, grad_scale, bc, bc != 1, 0,
-    clip, -clip)``."""
+    """The `Scalars` as the element function uses them, each rounded once to dtype
+    `T`: `(lr, beta, 1 - beta, eps_in, eps_out, wd, lr * wd, mu, grad_scale, bc, bc != 1, 0,
+    clip, -clip)`."""
     bc = T(bias_correction)
     return (
         T(lr),
@@ -136,12 +136,12 @@ def constants(T, lr, beta, eps_in, eps_out, weight_decay, momentum, grad_scale, 
     )
 
 
-_ELEMENTS = {}
-_APPLY = {}
+_ELEMENTS: dict = {}
+_APPLY: dict = {}
 
 
 def element(key):
-    """The ``inline="always"`` per-element update of variant ``key`` (a :class:`Variant`)."""
+    """The `inline="always"` per-element update of variant `key` (a `Variant`)."""
     fn = _ELEMENTS.get(key)
     if fn is None:
         fn = _ELEMENTS[key] = _make_element(*key)
@@ -182,12 +182,12 @@ def _make_element(centered, wd_mode, mom_mode, nesterov):
 
 
 def apply(key):
-    """The ``inline="always"`` step of element ``i``, shared by every loop shell:
-    ``apply(i, gi, param, grad, square_avg, grad_avg, momentum_buffer, param_out,
-    square_avg_out, grad_avg_out, momentum_buffer_out, k)`` reads element ``i`` of the arrays
-    variant ``key`` uses and ``grad[gi]`` (``gi`` is ``i`` but in the row shells, whose grads
-    are laid out by position, not by row), calls :func:`element` and writes what it keeps
-    into element ``i`` of the outputs (in place: the outputs are the inputs)."""
+    """The `inline="always"` step of element `i`, shared by every loop shell:
+    `apply(i, gi, param, grad, square_avg, grad_avg, momentum_buffer, param_out,
+    square_avg_out, grad_avg_out, momentum_buffer_out, k)` reads element `i` of the arrays
+    variant `key` uses and `grad[gi]` (`gi` is `i` but in the row shells, whose grads
+    are laid out by position, not by row), calls `element` and writes what it keeps
+    into element `i` of the outputs (in place: the outputs are the inputs)."""
     fn = _APPLY.get(key)
     if fn is None:
         fn = _APPLY[key] = _make_apply(key)

@@ -2,7 +2,7 @@
 
 A dense shell streams through memory and the hardware prefetchers keep ahead of it. A row
 shell jumps to rows named by an index array, so each row's first cache line waits for DRAM:
-the loop is bound by latency, not by bandwidth. :func:`prefetch_rows` asks for the lines of
+the loop is bound by latency, not by bandwidth. `prefetch_rows` asks for the lines of
 a row some iterations ahead, with intent to write, so their misses overlap the current
 row's arithmetic. A prefetch is only a hint: it never faults, never changes a value, and
 LLVM drops it on targets that have none.
@@ -20,7 +20,7 @@ LINE = 64
 
 @intrinsic
 def prefetch_write(typingctx, array, index):
-    """``llvm.prefetch`` of ``array``'s element ``index`` (an ``intp``), for writing, into
+    """`llvm.prefetch` of `array`'s element `index` (an `intp`), for writing, into
     every cache level. No bounds check: a prefetch of any address is harmless."""
     if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
         return None
@@ -46,7 +46,7 @@ def prefetch_write(typingctx, array, index):
 
 @njit(inline="always")
 def prefetch_rows(array, start, width):
-    """Prefetch, for writing, the cache lines of ``array[start : start + width]`` (flat
+    """Prefetch, for writing, the cache lines of `array[start : start + width]` (flat
     indices): one hint per line, and one for the last element (a row need not start on a
     line)."""
     step = max(LINE // array.itemsize, 1)

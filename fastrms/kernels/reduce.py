@@ -1,19 +1,19 @@
-"""Read-only passes over flat arrays: the non-finite check behind ``skip_nonfinite`` and the
-sum of squares behind ``clip_global_norm``.
+"""Read-only passes over flat arrays: the non-finite check behind `skip_nonfinite` and the
+sum of squares behind `clip_global_norm`.
 
 The sum of squares is reproducible: the same bits whatever the thread count and whichever
 driver (serial, parallel, one array or a chunk table) ran. Its order is fixed:
 
-- an array is cut into blocks of :data:`BLOCK` elements from its start (the chunk table's
-  chunks are these blocks, :data:`fastrms.kernels.CHUNK` is :data:`BLOCK`);
-- within a block, each element is converted to float64 and squared, and element ``j`` of
-  each row of :data:`LANES` elements is added to lane ``j`` in order (a vector loop with no
+- an array is cut into blocks of `BLOCK` elements from its start (the chunk table's
+  chunks are these blocks, `fastrms.kernels.CHUNK` is `BLOCK`);
+- within a block, each element is converted to float64 and squared, and element `j` of
+  each row of `LANES` elements is added to lane `j` in order (a vector loop with no
   reassociation: LLVM vectorises it across lanes, whatever its vector width);
-- the lanes are folded in halves: ``lane[j] += lane[j + w]`` for w = LANES/2, ..., 1;
+- the lanes are folded in halves: `lane[j] += lane[j + w]` for w = LANES/2, ..., 1;
 - block sums are added one after another, from 0.0, in the order of the blocks (and of the
   arrays, in a chunk table).
 
-:func:`fastrms.reference.global_norm` computes the same sum in NumPy, bit for bit.
+`fastrms.reference.global_norm` computes the same sum in NumPy, bit for bit.
 """
 
 import numpy as np
@@ -28,7 +28,7 @@ LANES = 1024
 
 
 def _make_nonfinite(parallel):
-    """Whether a float array holds a NaN or an infinity: ``x - x`` is 0 exactly when ``x`` is
+    """Whether a float array holds a NaN or an infinity: `x - x` is 0 exactly when `x` is
     finite (no fastmath, so LLVM may not fold it), counted with an integer sum that
     vectorises. The array is only read."""
 
@@ -44,15 +44,15 @@ def _make_nonfinite(parallel):
     return jit(parallel)(nonfinite)
 
 
-#: ``nonfinite_serial(a)`` / ``nonfinite_parallel(a)``: True if the 1-D float array ``a``
+#: `nonfinite_serial(a)` / `nonfinite_parallel(a)`: True if the 1-D float array `a`
 #: holds a NaN or +-Inf.
 nonfinite_serial, nonfinite_parallel = _make_nonfinite(False), _make_nonfinite(True)
 
 
 @njit(inline="always")
 def block_sumsq(a):
-    """The float64 sum of squares of ``a`` (at most :data:`BLOCK` elements), in the module's
-    fixed order. NaN or infinity in ``a`` gives NaN or infinity."""
+    """The float64 sum of squares of `a` (at most `BLOCK` elements), in the module's
+    fixed order. NaN or infinity in `a` gives NaN or infinity."""
     lanes = np.zeros(LANES)
     rows = a.size // LANES
     for r in range(rows):
@@ -90,6 +90,6 @@ def _make_sumsq(parallel):
     return jit(parallel)(sumsq)
 
 
-#: ``sumsq_serial(a)`` / ``sumsq_parallel(a)``: the float64 sum of squares of the 1-D float
-#: array ``a``, the same bits from both.
+#: `sumsq_serial(a)` / `sumsq_parallel(a)`: the float64 sum of squares of the 1-D float
+#: array `a`, the same bits from both.
 sumsq_serial, sumsq_parallel = _make_sumsq(False), _make_sumsq(True)

@@ -3,40 +3,40 @@ the merging of duplicate row indices.
 
 Both shells step each named row by the element function over its elements (the same
 arithmetic, the same bits, as a dense step over them) and leave every other row untouched,
-in one loop over rows (:func:`_make_row_run`); each prefetches the table rows
-:data:`AHEAD` iterations on (random rows of a big table are bound by memory latency, which
-the hardware prefetchers cannot hide: :mod:`.prefetch`). ``param`` and the state are the
-flat (C-order) views of ``(n, width)`` tables, ``last``, ``t``, ``catch_up``, ``decay`` and
-``drift_lr`` drive the catch-up below:
+in one loop over rows (`_make_row_run`); each prefetches the table rows
+`AHEAD` iterations on (random rows of a big table are bound by memory latency, which
+the hardware prefetchers cannot hide: `.prefetch`). `param` and the state are the
+flat (C-order) views of `(n, width)` tables, `last`, `t`, `catch_up`, `decay` and
+`drift_lr` drive the catch-up below:
 
-- ``rows(key, parallel)``: ``(param, grad_rows, square_avg, grad_avg, momentum_buffer, rows,
-  width, ...)`` with ``rows`` distinct indices in ``[0, n)`` and ``grad_rows`` the flat
-  ``(len(rows), width)`` grads; rows are spread over the threads. With ``update`` False only
+- `rows(key, parallel)`: `(param, grad_rows, square_avg, grad_avg, momentum_buffer, rows,
+  width, ...)` with `rows` distinct indices in `[0, n)` and `grad_rows` the flat
+  `(len(rows), width)` grads; rows are spread over the threads. With `update` False only
   the catch-up below runs (before a dense step over the whole table, which then steps every
   row itself).
-- ``merged_rows(key, parallel)``: ``(param, grad_rows, square_avg, grad_avg,
-  momentum_buffer, rows, n, width, parts, last, t, catch_up, decay, drift_lr, *scalars)``,
-  with ``rows`` as the user gave them: duplicates allowed, any values. It returns the
-  position of the first row outside ``[0, n)`` (then nothing is written), else -1. The rows
-  are split into ``parts`` by a hash of the index (one part per thread: ``parts`` is the
+- `merged_rows(key, parallel)`: `(param, grad_rows, square_avg, grad_avg,
+  momentum_buffer, rows, n, width, parts, last, t, catch_up, decay, drift_lr, *scalars)`,
+  with `rows` as the user gave them: duplicates allowed, any values. It returns the
+  position of the first row outside `[0, n)` (then nothing is written), else -1. The rows
+  are split into `parts` by a hash of the index (one part per thread: `parts` is the
   number of threads, or 1 serial), so each distinct row belongs to one part; each part
   groups its positions through an open-addressing hash (no array the size of the table, no
   sort), adds the grads of each row named more than once, from zero in the order given, and
-  steps its rows: one parallel region, and the same bits whatever ``parts`` is.
-- ``coalesce(rows, n, grad_rows, width) -> (unique, grads, bad)``: the same grouping in one
+  steps its rows: one parallel region, and the same bits whatever `parts` is.
+- `coalesce(rows, n, grad_rows, width) -> (unique, grads, bad)`: the same grouping in one
   thread, for the options that need the summed grads before any row is stepped (the global
   norm, the non-finite check).
 
-With ``catch_up`` (the dense-equivalent mode), ``last[r]`` is the step that last touched row
-``r``; a row last touched ``k >= 1`` steps before ``t - 1`` first gets the closed form of the
-``k`` zero-gradient steps it missed (with g = 0, u = 0 exactly)::
+With `catch_up` (the dense-equivalent mode), `last[r]` is the step that last touched row
+`r`; a row last touched `k >= 1` steps before `t - 1` first gets the closed form of the
+`k` zero-gradient steps it missed (with g = 0, u = 0 exactly):
 
     v <- beta^k v;   m <- beta^k m                          (centered)
     b <- mu^k b;     p <- a^k p - c b                       a = 1 - lr * wd (decoupled), else 1
     c = drift_lr * mu * (a^k - mu^k) / (a - mu)   (k mu^k when a == mu), times mu with Nesterov
                                                   drift_lr = lr (lr outside the buffer), else 1
 
-and ``last[r] = t``. The caller guarantees a constant learning rate where ``c`` or ``a``
+and `last[r] = t`. The caller guarantees a constant learning rate where `c` or `a`
 holds it, and refuses coupled weight decay (g = wd * p is not zero: no closed form).
 """
 
@@ -48,19 +48,19 @@ from .element import MOM_NONE, apply, constants
 from .prefetch import prefetch_rows, prefetch_write
 
 #: How many rows ahead the row shells prefetch (4 to 16 measured alike on 2 cores, 64-wide
-#: float32 rows of a 256 MB table: ``fastrms bench --sparse``).
+#: float32 rows of a 256 MB table: `fastrms bench --sparse`).
 AHEAD = 8
 
 #: The multiplicative (Fibonacci) hash placing a row in a thread's table, and an unrelated
 #: odd multiplier choosing the thread (the table's top bits would leave half of it empty).
 _PLACE, _SPLIT = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xD6E8FEB86659FD93)
 
-_ROWS = {}
+_ROWS: dict = {}
 
 
 @njit(inline="always")
 def first_bad(rows, n):
-    """The position of the first of ``rows`` outside ``[0, n)``, else -1."""
+    """The position of the first of `rows` outside `[0, n)`, else -1."""
     for i in range(rows.size):
         if rows[i] < 0 or rows[i] >= n:
             return i
@@ -69,16 +69,16 @@ def first_bad(rows, n):
 
 @njit(inline="always")
 def _falls_to(r, part, parts):
-    """Whether row ``r`` falls to thread ``part`` of ``parts`` (1 or 0)."""
+    """Whether row `r` falls to thread `part` of `parts` (1 or 0)."""
     return (((np.uint64(r) * _SPLIT) >> np.uint64(32)) * np.uint64(parts)) >> np.uint64(32) == np.uint64(part)
 
 
 @njit(inline="always")
 def group(rows, part, parts):
-    """Thread ``part`` of ``parts``'s share of ``rows`` (the rows whose hash falls to it):
-    ``(unique, first, count, where, mine, u, c)``: its ``u`` distinct rows in order of first
-    appearance, each one's first position and count; its ``c`` positions in order
-    (``mine``) and the index of each one's row in ``unique`` (``where``)."""
+    """Thread `part` of `parts`'s share of `rows` (the rows whose hash falls to it):
+    `(unique, first, count, where, mine, u, c)`: its `u` distinct rows in order of first
+    appearance, each one's first position and count; its `c` positions in order
+    (`mine`) and the index of each one's row in `unique` (`where`)."""
     if parts == 1:  # every position is this thread's: no hash to take
         c = rows.size
         mine = np.arange(c)
@@ -116,10 +116,10 @@ def group(rows, part, parts):
 
 @njit(inline="always")
 def add_duplicates(grad_rows, width, count, where, mine, u, c):
-    """``(slot, summed)`` for a :func:`group` result: ``summed[slot[s]]`` is the sum of the
-    grads of row ``s`` if it was named more than once (from zero, in the order given), and
-    ``slot[s] = -1`` for a row named once (its grad is used as given). Overwrites ``where``
-    and ``mine``."""
+    """`(slot, summed)` for a `group` result: `summed[slot[s]]` is the sum of the
+    grads of row `s` if it was named more than once (from zero, in the order given), and
+    `slot[s] = -1` for a row named once (its grad is used as given). Overwrites `where`
+    and `mine`."""
     slot = np.empty(u, np.int64)
     d = 0
     for s in range(u):
@@ -133,7 +133,7 @@ def add_duplicates(grad_rows, width, count, where, mine, u, c):
             where[m], mine[m] = s * width, mine[q] * width
             m += 1
     w = np.uint64(width)
-    for q in range(m):  # unsigned indices, no slices: as in the row loop (:func:`_make_row_run`)
+    for q in range(m):  # unsigned indices, no slices: as in the row loop (`_make_row_run`)
         out, g = np.uint64(where[q]), np.uint64(mine[q])
         for j in range(w):
             summed[out + j] += grad_rows[g + j]
@@ -142,15 +142,15 @@ def add_duplicates(grad_rows, width, count, where, mine, u, c):
 
 @njit(inline="always")
 def grads_of(s, slot, first, summed, grad_rows, width):
-    """The grad row of unique row ``s``: its sum if it was named more than once, else its
-    grad as given (:func:`add_duplicates`)."""
+    """The grad row of unique row `s`: its sum if it was named more than once, else its
+    grad as given (`add_duplicates`)."""
     a = (slot[s] if slot[s] >= 0 else first[s]) * width
     return summed[a : a + width] if slot[s] >= 0 else grad_rows[a : a + width]
 
 
 @njit(inline="always")
 def check_state(param, square_avg, grad_avg, momentum_buffer, uses_m, uses_b):
-    """A clear error, not a stray write, when the state is not the size of ``param``."""
+    """A clear error, not a stray write, when the state is not the size of `param`."""
     if (
         square_avg.size != param.size
         or (uses_m and grad_avg.size != param.size)
@@ -161,9 +161,9 @@ def check_state(param, square_avg, grad_avg, momentum_buffer, uses_m, uses_b):
 
 def _make_coalesce():
     def coalesce(rows, n, grad_rows, width):
-        """``(unique rows, grads, bad)``: duplicates of ``rows`` merged (:func:`group`,
-        :func:`add_duplicates`), one grad row per unique row; ``bad`` is the position of the
-        first row outside ``[0, n)``, else -1 (then nothing else is returned)."""
+        """`(unique rows, grads, bad)`: duplicates of `rows` merged (`group`,
+        `add_duplicates`), one grad row per unique row; `bad` is the position of the
+        first row outside `[0, n)`, else -1 (then nothing else is returned)."""
         bad = first_bad(rows, n)
         if bad >= 0:
             return rows[:0].astype(np.int64), grad_rows[:0], bad
@@ -180,18 +180,18 @@ def _make_coalesce():
     return jit()(coalesce)
 
 
-#: ``coalesce(rows, n, grad_rows_flat, width) -> (unique_rows, grads_flat, bad)``.
+#: `coalesce(rows, n, grad_rows_flat, width) -> (unique_rows, grads_flat, bad)`.
 coalesce = _make_coalesce()
 
 
 def rows(key, parallel):
-    """The shell over distinct rows of variant ``key``, serial or ``parallel=True``."""
+    """The shell over distinct rows of variant `key`, serial or `parallel=True`."""
     return _shell("rows", key, parallel)
 
 
 def merged_rows(key, parallel):
-    """The shell over rows as given (duplicates merged, bounds checked) of variant ``key``,
-    serial or ``parallel=True``."""
+    """The shell over rows as given (duplicates merged, bounds checked) of variant `key`,
+    serial or `parallel=True`."""
     return _shell("merged_rows", key, parallel)
 
 
@@ -204,15 +204,15 @@ def _shell(kind, key, parallel):
 
 
 def _make_row_run(key):
-    """The ``inline="always"`` loop over rows ``lo..hi`` both shells run: each row's catch-up,
-    then its update from its grads (``grad_rows[s]`` if ``slot`` is empty, else
-    :func:`grads_of` ``s``), with the row :data:`AHEAD` on prefetched.
+    """The `inline="always"` loop over rows `lo..hi` both shells run: each row's catch-up,
+    then its update from its grads (`grad_rows[s]` if `slot` is empty, else
+    `grads_of` `s`), with the row `AHEAD` on prefetched.
 
     Written for Numba's reference counting: one call per run of rows, not per row (each
     array an inlined function takes is a new reference), and whole arrays indexed with
     unsigned indices, not sliced per row (Numba could not drop the refcounts of slices in a
     loop this branchy; a signed index is wrapped if negative, which stops LLVM vectorising).
-    Both cost the serial shell 2-3x its time (``fastrms bench --sparse``)."""
+    Both cost the serial shell 2-3x its time (`fastrms bench --sparse`)."""
     at = apply(key)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
     momentum, nesterov = key.mom_mode != MOM_NONE, key.nesterov
@@ -274,7 +274,7 @@ def _make_row_run(key):
     return njit(inline="always")(run)
 
 
-#: Rows a thread of the ``rows`` shell takes at a time (one :func:`_make_row_run` call).
+#: Rows a thread of the `rows` shell takes at a time (one `_make_row_run` call).
 BLOCK = 256
 
 

@@ -1,18 +1,18 @@
 """The loop shell over a chunk table: many arrays of one dtype stepped in one call.
 
 A model is hundreds of arrays; a call per array costs a Python round trip each. This shell
-takes them all at once, as apex's ``multi_tensor_apply`` and torch's fused optimizers do:
+takes them all at once, as apex's `multi_tensor_apply` and torch's fused optimizers do:
 
-- ``ptrs``: int64 ``(arrays, 5)``, the data addresses of each array's param, grad,
-  ``square_avg``, ``grad_avg`` and ``momentum_buffer`` (0 where the variant keeps none);
-- ``sizes``: int64 ``(arrays,)``, each array's element count;
-- ``chunks``: int64 ``(chunks, 3)``, rows ``(array, start, stop)`` that cover every element
-  of every array exactly once, sized so the threads stay balanced (:func:`chunk_table`);
-- ``witness``: an empty array of the arrays' dtype (it fixes the compiled dtype).
+- `ptrs`: int64 `(arrays, 5)`, the data addresses of each array's param, grad,
+  `square_avg`, `grad_avg` and `momentum_buffer` (0 where the variant keeps none);
+- `sizes`: int64 `(arrays,)`, each array's element count;
+- `chunks`: int64 `(chunks, 3)`, rows `(array, start, stop)` that cover every element
+  of every array exactly once, sized so the threads stay balanced (`chunk_table`);
+- `witness`: an empty array of the arrays' dtype (it fixes the compiled dtype).
 
-Each chunk runs the serial :mod:`.dense` shell over its slices: the same loop, and so the
+Each chunk runs the serial `.dense` shell over its slices: the same loop, and so the
 same bits, as stepping each array on its own. The caller guarantees that the addresses
-are live, C-contiguous arrays of ``witness``'s dtype and of the given sizes (the optimizer
+are live, C-contiguous arrays of `witness`'s dtype and of the given sizes (the optimizer
 validates every grad before filling in its address); the shell cannot check raw addresses.
 """
 
@@ -29,13 +29,13 @@ from .reduce import BLOCK, block_sumsq, nonfinite_serial
 #: squares' block, so an array's norm has the same bits stepped alone or in a table.
 CHUNK = BLOCK
 
-#: Columns of ``ptrs``.
+#: Columns of `ptrs`.
 PARAM, GRAD, SQUARE_AVG, GRAD_AVG, MOMENTUM_BUFFER = range(5)
 
 
 @intrinsic
 def _pointer(typingctx, address, witness):
-    """``address`` (an int64) as a typed pointer to ``witness``'s dtype."""
+    """`address` (an int64) as a typed pointer to `witness`'s dtype."""
     if not isinstance(witness, types.Array) or not isinstance(address, types.Integer):
         return None
     sig = types.CPointer(witness.dtype)(address, witness)
@@ -47,18 +47,18 @@ def _pointer(typingctx, address, witness):
 
 
 def chunk_table(sizes, chunk=CHUNK):
-    """Rows ``(array, start, stop)`` covering arrays of ``sizes`` in chunks of at most
-    ``chunk`` elements (empty arrays get no row)."""
+    """Rows `(array, start, stop)` covering arrays of `sizes` in chunks of at most
+    `chunk` elements (empty arrays get no row)."""
     rows = [(a, start, min(start + chunk, n)) for a, n in enumerate(sizes) for start in range(0, n, chunk)]
     return np.array(rows, dtype=np.int64).reshape(-1, 3)
 
 
-_SEGMENTS = {}
+_SEGMENTS: dict = {}
 
 
 def segments(key, parallel):
-    """The chunk-table shell of variant ``key``, serial or ``parallel=True``:
-    ``(witness, ptrs, sizes, chunks, *scalars)``."""
+    """The chunk-table shell of variant `key`, serial or `parallel=True`:
+    `(witness, ptrs, sizes, chunks, *scalars)`."""
     fn = _SEGMENTS.get((key, parallel))
     if fn is None:
         fn = _SEGMENTS[(key, parallel)] = _make_segments(key, parallel)
@@ -118,14 +118,14 @@ def _make_nonfinite_segments(parallel):
     return jit(parallel)(nonfinite)
 
 
-#: ``nonfinite_segments_serial/parallel(witness, ptrs, sizes, chunks)``: True if a grad of
+#: `nonfinite_segments_serial/parallel(witness, ptrs, sizes, chunks)`: True if a grad of
 #: the table holds a NaN or +-Inf.
 nonfinite_segments_serial, nonfinite_segments_parallel = _make_nonfinite_segments(False), _make_nonfinite_segments(True)
 
 
 def _make_sumsq_segments(parallel):
     """The float64 sum of squares of every grad in the table (read-only): a partial sum per
-    chunk (:func:`.reduce.block_sumsq`), added in the table's order."""
+    chunk (`.reduce.block_sumsq`), added in the table's order."""
 
     def sumsq(witness, ptrs, sizes, chunks):
         partial = np.empty(chunks.shape[0])
@@ -142,15 +142,15 @@ def _make_sumsq_segments(parallel):
     return jit(parallel)(sumsq)
 
 
-#: ``sumsq_segments_serial/parallel(witness, ptrs, sizes, chunks)``: the float64 sum of
-#: squares of the table's grads; the same bits as :func:`.reduce.sumsq_serial` summing each
+#: `sumsq_segments_serial/parallel(witness, ptrs, sizes, chunks)`: the float64 sum of
+#: squares of the table's grads; the same bits as `.reduce.sumsq_serial` summing each
 #: array's blocks in turn.
 sumsq_segments_serial, sumsq_segments_parallel = _make_sumsq_segments(False), _make_sumsq_segments(True)
 
 
 def _increment(addresses, witness):
-    """``x += 1`` for the scalar of ``witness``'s dtype at each of ``addresses`` (torch's
-    per-param ``step`` counters: one call instead of a torch op per param)."""
+    """`x += 1` for the scalar of `witness`'s dtype at each of `addresses` (torch's
+    per-param `step` counters: one call instead of a torch op per param)."""
     one = witness.dtype.type(1.0)
     for i in range(addresses.size):
         carray(_pointer(addresses[i], witness), (1,))[0] += one

@@ -1,0 +1,43 @@
+"""The keyword-only options' static types, generated from `fastrms.options.OPTIONS`
+(do not edit: `fastrms.options.typing_source()` writes this file, and a test checks it).
+"""
+
+from typing import TypedDict
+
+
+class Options(TypedDict, total=False):
+    """What `**options` of `RMSprop` and the other front ends may hold."""
+
+    momentum: float
+    """Momentum >= 0; 0 keeps no momentum buffer; default `0.0`."""
+    centered: bool
+    """Divide by the root of the variance estimate `v - m^2` (clamped at 0); default `False`."""
+    nesterov: bool
+    """Nesterov momentum; needs momentum > 0; default `False`."""
+    lr_in_momentum: bool
+    """Accumulate `lr * u` in the momentum buffer (Keras, TF1, optax) instead of `u` (PyTorch); default `False`."""
+    weight_decay: float
+    """Weight decay >= 0 (L2 on the gradient, or decoupled); default `0.0`."""
+    decoupled_weight_decay: bool
+    """Shrink the parameter by `lr * weight_decay` before the update (Keras 3, AdamW style); default `False`."""
+    maximize: bool
+    """Ascend instead of descend; default `False`."""
+    bias_correction: bool
+    """Divide `v` and `m` by `1 - beta^t`; default `False`."""
+    eps_in_sqrt: bool
+    """`sqrt(v + eps)` instead of `sqrt(v) + eps`; default `False`."""
+    initial_scale: float
+    """Starting value of `square_avg` (TF1 uses 1.0); default `0.0`."""
+    skip_nonfinite: bool
+    """A step whose grads hold a NaN or an infinity changes nothing and is counted in `skipped_steps`; default
+    `False`."""
+    dense_rows: bool
+    """`step_rows` replays, when a row is touched again, the zero-gradient steps it missed (closed form), so a
+    sparse run equals a dense one up to rounding; off: lazy, a row's state decays only when it is touched
+    (TensorFlow's sparse ops, torch's SparseAdam); default `False`."""
+    clip_global_norm: float | None
+    """`max_norm` > 0, or None: scale every grad, as the kernel reads it, by `min(1, max_norm / (norm + 1e-6))`,
+    `norm` the 2-norm over all grads (`torch.nn.utils.clip_grad_norm_`'s formula); default `None`."""
+    clip_value: float | None
+    """`c` > 0, or None: clamp every grad element to `[-c, c]` as the kernel reads it
+    (`torch.nn.utils.clip_grad_value_`); a NaN passes through; default `None`."""
