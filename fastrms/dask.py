@@ -289,7 +289,7 @@ def init_state(param, **options):
 
 
 def rmsprop_step(
-    param, grad, state, t, learning_rate, beta=O.DEFAULTS["beta"], epsilon=O.DEFAULTS["epsilon"],
+    param, grad, state, t, learning_rate, beta=0.9, epsilon=1e-8,
     **options: "Unpack[Options]",
 ):  # fmt: skip
     """Step `t` (1-based) of RMSprop over dask arrays, lazily: returns `(new_param,
@@ -491,8 +491,8 @@ class RMSprop:
     Without a `distributed` client (Dask's local schedulers) the step stays out of place.
     """
 
-    def __init__(self, params, learning_rate=O.DEFAULTS["learning_rate"], beta=O.DEFAULTS["beta"],
-                 epsilon=O.DEFAULTS["epsilon"], *, donate=False, **options: "Unpack[Options]"):  # fmt: skip
+    def __init__(self, params, learning_rate=0.001, beta=0.9,
+                 epsilon=1e-8, *, donate=False, **options: "Unpack[Options]"):  # fmt: skip
         if not isinstance(donate, bool):
             raise TypeError(f"donate must be True or False, got {donate!r}")
         self._donate = donate

@@ -65,43 +65,41 @@ class RMSprop:
         Decay of the squared-gradient average, in [0, 1) (PyTorch `alpha`, Keras `rho`,
         TF1/optax `decay`).
     epsilon : float, default 1e-08
-        > 0; added outside the root (PyTorch, the seed) or, with `eps_in_sqrt`, inside it
+        Greater than 0; added outside the root (PyTorch, the seed) or, with `eps_in_sqrt`, inside it
         (Keras, TF1, optax).
     momentum : float, default 0.0
-        Keyword-only. Momentum >= 0; 0 keeps no momentum buffer.
+        Momentum >= 0; 0 keeps no momentum buffer.
     centered : bool, default False
-        Keyword-only. Divide by the root of the variance estimate `v - m^2` (clamped at 0).
+        Divide by the root of the variance estimate `v - m^2` (clamped at 0).
     nesterov : bool, default False
-        Keyword-only. Nesterov momentum; needs momentum > 0.
+        Nesterov momentum; needs momentum > 0.
     lr_in_momentum : bool, default False
-        Keyword-only. Accumulate `lr * u` in the momentum buffer (Keras, TF1, optax) instead of `u`
-        (PyTorch).
+        Accumulate `lr * u` in the momentum buffer (Keras, TF1, optax) instead of `u` (PyTorch).
     weight_decay : float, default 0.0
-        Keyword-only. Weight decay >= 0 (L2 on the gradient, or decoupled).
+        Weight decay >= 0 (L2 on the gradient, or decoupled).
     decoupled_weight_decay : bool, default False
-        Keyword-only. Shrink the parameter by `lr * weight_decay` before the update (Keras 3, AdamW
-        style).
+        Shrink the parameter by `lr * weight_decay` before the update (Keras 3, AdamW style).
     maximize : bool, default False
-        Keyword-only. Ascend instead of descend.
+        Ascend instead of descend.
     bias_correction : bool, default False
-        Keyword-only. Divide `v` and `m` by `1 - beta^t`.
+        Divide `v` and `m` by `1 - beta^t`.
     eps_in_sqrt : bool, default False
-        Keyword-only. `sqrt(v + eps)` instead of `sqrt(v) + eps`.
+        `sqrt(v + eps)` instead of `sqrt(v) + eps`.
     initial_scale : float, default 0.0
-        Keyword-only. Starting value of `square_avg` (TF1 uses 1.0).
+        Starting value of `square_avg` (TF1 uses 1.0).
     skip_nonfinite : bool, default False
-        Keyword-only. A step whose grads hold a NaN or an infinity changes nothing and is counted in
+        A step whose grads hold a NaN or an infinity changes nothing and is counted in
         `skipped_steps`.
     dense_rows : bool, default False
-        Keyword-only. `step_rows` replays, when a row is touched again, the zero-gradient steps it
-        missed (closed form), so a sparse run equals a dense one up to rounding; off: lazy, a row's
-        state decays only when it is touched (TensorFlow's sparse ops, torch's SparseAdam).
+        `step_rows` replays, when a row is touched again, the zero-gradient steps it missed (closed
+        form), so a sparse run equals a dense one up to rounding; off: lazy, a row's state decays
+        only when it is touched (TensorFlow's sparse ops, torch's SparseAdam).
     clip_global_norm : float or None, default None
-        Keyword-only. `max_norm` > 0, or None: scale every grad, as the kernel reads it, by `min(1,
-        max_norm / (norm + 1e-6))`, `norm` the 2-norm over all grads
-        (`torch.nn.utils.clip_grad_norm_`'s formula).
+        `max_norm` > 0, or None: scale every grad, as the kernel reads it, by `min(1, max_norm /
+        (norm + 1e-6))`, `norm` the 2-norm over all grads (`torch.nn.utils.clip_grad_norm_`'s
+        formula).
     clip_value : float or None, default None
-        Keyword-only. `c` > 0, or None: clamp every grad element to `[-c, c]` as the kernel reads it
+        `c` > 0, or None: clamp every grad element to `[-c, c]` as the kernel reads it
         (`torch.nn.utils.clip_grad_value_`); a NaN passes through (keras `clipvalue`).
 
     Notes
@@ -122,9 +120,9 @@ class RMSprop:
     def __init__(
         self,
         params: "np.ndarray | Sequence[np.ndarray]",
-        learning_rate: "float | Callable[[int], float]" = O.DEFAULTS["learning_rate"],
-        beta: float = O.DEFAULTS["beta"],
-        epsilon: float = O.DEFAULTS["epsilon"],
+        learning_rate: "float | Callable[[int], float]" = 0.001,
+        beta: float = 0.9,
+        epsilon: float = 1e-8,
         **options: "Unpack[Options]",
     ) -> None:
         options = O.resolve({**options, "learning_rate": learning_rate, "beta": beta, "epsilon": epsilon})

@@ -173,7 +173,7 @@ def describe(indent=4, skip=POSITIONAL):
             continue
         kind = {"rate": "float or callable", "optional": "float or None"}.get(o.kind, o.kind)
         spelled = ", ".join(f"{lib} `{n}`" for lib, n in o.spellings.items() if n != o.name)
-        text = f"Keyword-only. {o.doc[0].upper()}{o.doc[1:]}{f' ({spelled})' if spelled else ''}."
+        text = f"{o.doc[0].upper()}{o.doc[1:]}{f' ({spelled})' if spelled else ''}."
         lines.append(f"{pad}{o.name} : {kind}, default {o.default!r}")
         lines.append(textwrap.fill(text, 100, initial_indent=pad + "    ", subsequent_indent=pad + "    "))
     return "\n".join(lines)

@@ -33,6 +33,8 @@ PRESETS = {
     "tf1": dict(learning_rate=1e-3, beta=0.9, epsilon=1e-10, eps_in_sqrt=True, initial_scale=1.0, lr_in_momentum=True),
     "optax": dict(learning_rate=1e-3, beta=0.9, epsilon=1e-8, eps_in_sqrt=True, lr_in_momentum=True),
 }
+"""Each library's defaults as fastrms options: `RMSprop.like(name, params)` starts from
+`PRESETS[name]`, which holds that library's formula options as well as its defaults."""
 
 #: The other libraries' names for fastrms's options, for users porting code (from the
 #: options table, `fastrms.options.OPTIONS`).

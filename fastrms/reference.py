@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .options import DEFAULTS, resolve
+from .options import resolve
 
 #: The sum of squares' order (`docs/algorithm.md`, `fastrms.kernels.reduce`): blocks of
 #: 32768 elements from each array's start, 1024 float64 lanes per block.
@@ -86,7 +86,7 @@ def clip_grads(grads, clip_global_norm=None, clip_value=None):
         return [g * g.dtype.type(coef) for g in grads], norm
 
 
-def rmsprop_step(param, grad, state, t, lr, beta=DEFAULTS["beta"], epsilon=DEFAULTS["epsilon"], **options):
+def rmsprop_step(param, grad, state, t, lr, beta=0.9, epsilon=1e-8, **options):
     """Step `t` (1-based) of any variant; returns the new param, updates `state` (a dict
     with `square_avg` and, when used, `grad_avg` / `momentum_buffer`). `options` are
     `fastrms.RMSprop`'s keyword options (`fastrms.options.OPTIONS`); the formula
@@ -143,13 +143,13 @@ class RMSprop:
     def __init__(
         self,
         params,
-        learning_rate=DEFAULTS["learning_rate"],
-        beta=DEFAULTS["beta"],
-        epsilon=DEFAULTS["epsilon"],
+        learning_rate=0.001,
+        beta=0.9,
+        epsilon=1e-8,
         *,
-        initial_scale=DEFAULTS["initial_scale"],
-        skip_nonfinite=DEFAULTS["skip_nonfinite"],
-        clip_global_norm=DEFAULTS["clip_global_norm"],
+        initial_scale=0.0,
+        skip_nonfinite=False,
+        clip_global_norm=None,
         **options,
     ):
         resolve(options, "reference.RMSprop()")  # unknown names are refused here too

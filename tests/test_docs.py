@@ -23,8 +23,15 @@ def test_the_docs_build_strictly(tmp_path):
         text=True,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    api = (tmp_path / "site" / "api" / "index.html").read_text()
-    assert "rmsprop_update" in api and "skip_nonfinite" in api
+    site = tmp_path / "site"
+    pages = {name: (site / name / "index.html").read_text() for name in ("api", "api-torch", "api-dask", "api-kernels")}
+    assert "skip_nonfinite" in pages["api"] and "<table>" in pages["api"]  # the options as a parameter table
+    assert "flatten" in pages["api-torch"] and "LostStateError" in pages["api-dask"]
+    assert "rmsprop_update" in pages["api-kernels"]
+    for name, html in pages.items():
+        # reST markup shows literally in Markdown; private and inherited members stay out
+        for leftover in ("``", ":func:", ":mod:", ":class:", "__weakref__", "__dataclass_fields__", "_install"):
+            assert leftover not in html, (name, leftover)
     guide = (tmp_path / "site" / "guide" / "index.html").read_text()
     assert "Quick start" in guide and "Threads, processes, checkpoints" in guide
     assert "x seed NumPy" in (tmp_path / "site" / "performance" / "index.html").read_text()

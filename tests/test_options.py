@@ -12,6 +12,8 @@ from fastrms.presets import ALIASES
 
 def test_the_optimizers_signature_is_the_table():
     params = inspect.signature(fastrms.RMSprop).parameters
+    # the written defaults (what editors and the API page show) are the table's too
+    assert fastrms.RMSprop.__init__.__defaults__ == tuple(options.DEFAULTS[n] for n in options.POSITIONAL)
     assert list(params)[1:] == list(options.NAMES)
     assert {n: p.default for n, p in params.items() if n != "params"} == options.DEFAULTS
     assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in options.NAMES[3:])
@@ -81,3 +83,25 @@ def test_the_formula_options_are_what_a_checkpoint_must_agree_on():
     f = options.formula(options.resolve({"momentum": 0.5}))
     assert f["momentum > 0"] and not f["weight_decay > 0"] and "skip_nonfinite" not in f
     assert "learning_rate" not in f and "beta" not in f and "maximize" in f
+
+
+def test_every_front_ends_written_defaults_are_the_tables():
+    """The signatures spell the defaults out (for editors and the API page); each must be the
+    table's, so that a changed default in `OPTIONS` cannot leave a front end behind."""
+    from fastrms import functional, seed
+
+    fronts = [fastrms.RMSprop.__init__, functional.rmsprop_step, reference.rmsprop_step, reference.RMSprop.__init__]
+    fronts.append(seed.rmsprop)
+    try:
+        from fastrms import dask as fdask
+    except ImportError:
+        pass  # without dask its front end is checked where dask is installed
+    else:
+        fronts += [fdask.RMSprop.__init__, fdask.rmsprop_step]
+    checked = 0
+    for fn in fronts:
+        for name, p in inspect.signature(fn, follow_wrapped=False).parameters.items():
+            if name in options.DEFAULTS and p.default is not inspect.Parameter.empty:
+                assert p.default == options.DEFAULTS[name], (fn.__qualname__, name)
+                checked += 1
+    assert checked >= 13

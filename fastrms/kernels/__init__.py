@@ -104,12 +104,12 @@ __all__ = [
     "variants",
 ]
 
-#: A step that moves at least this many bytes (param, grad and state read; param and state
-#: written) runs on the parallel shell; a smaller one on the serial shell, since a parallel
-#: launch costs several microseconds. Measured on 2 cores (`fastrms bench --threshold`):
-#: the parallel shell starts to win between about 0.5 MiB (centered + momentum, float64)
-#: and 1.3 MiB (plain, float32) of traffic.
 PARALLEL_MIN_BYTES = 3 << 18
+"""A step that moves at least this many bytes (768 KiB: param, grad and state read; param and
+state written) runs on the parallel shell; a smaller one on the serial shell, since a parallel
+launch costs several microseconds. Measured on 2 cores (`fastrms bench --threshold`): the
+parallel shell starts to win between about 0.5 MiB (centered + momentum, float64) and 1.3 MiB
+(plain, float32) of traffic."""
 
 
 def __getattr__(attr):

@@ -61,9 +61,10 @@ def _source_hash():
     return h.hexdigest()
 
 
-#: What every kernel is compiled from: this package's modules, fastrms's version file, Numba's
-#: and llvmlite's versions (hashed at import).
 SOURCE_HASH = _source_hash()
+"""SHA-256 (hex) of what every kernel is compiled from: the `fastrms.kernels` modules,
+fastrms's version file, Numba's and llvmlite's versions. It stamps the on-disk cache; key
+your own `NUMBA_CACHE_DIR` on it to keep your `@njit(cache=True)` callers fresh."""
 
 _FILE_HASHES: "dict[str, str]" = {}
 
