@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from numba import get_num_threads
 
 from . import checkpoint, clipping, kernels, runtime
 from . import options as O
+from . import rows as rows_step
 from ._checks import float_array
 from .kernels import contiguous_address
 from .layout import Group, Slot, address, grad_span
@@ -506,21 +506,33 @@ class RMSprop:
             for slot in self._slots:
                 slot.row_step[...] = self._step_count  # a dense step touches every row
 
-    def step_rows(self, rows: np.ndarray, grad_rows: np.ndarray, param: "int | None" = None) -> None:
-        """Update only the named rows of a 2-D param (an embedding table) and of its state, in
-        one fused pass over those rows (parallel for big ones); every other row stays bitwise
-        unchanged. `rows`: a 1-D integer array (or a list of ints) of row indices in
-        `[0, rows)` (negative indices are refused, not wrapped); `grad_rows`: `(len(rows), columns)` in the
-        param's dtype. Duplicate indices are summed first (in the order given), as torch's
-        `coalesce` does. `param`: which param, for an optimizer over several.
+    def step_rows(
+        self,
+        rows: "np.ndarray | Sequence[int] | Sequence[np.ndarray]",
+        grad_rows: "np.ndarray | Sequence[np.ndarray]",
+        param: "int | Sequence[int] | None" = None,
+    ) -> None:
+        """One step over only the named rows of 2-D params (embedding tables) and of their
+        state, in one fused pass over those rows (parallel for big ones); every other row
+        stays bitwise unchanged.
 
-        The step count and the schedule advance once per call. Lazy by default: a row's state
-        decays only when the row is touched (TensorFlow's sparse ops, torch's `SparseAdam`);
-        bias correction uses the global step count. With `dense_rows=True` a row touched
-        again after k untouched steps first gets the closed form of those k zero-gradient
-        steps, so the run equals a dense one with zero grads elsewhere, up to rounding.
-        `clip_value` applies per element; `clip_global_norm` to the norm of the summed
-        rows. Every check runs before anything is written.
+        `rows`: a 1-D integer array (or a list of ints) of row indices in `[0, rows)`
+        (negative indices are refused, not wrapped); `grad_rows`: `(len(rows), columns)` in
+        the param's dtype. Duplicate indices are summed first (in the order given), as
+        torch's `coalesce` does. `param`: which param, for an optimizer over several; or a
+        sequence of params, with `rows` and `grad_rows` sequences of as many, to step
+        several tables as one step.
+
+        A call is one step: the step count and the schedule advance once, however many
+        tables it names, so two tables stepped per batch in one call keep one count (two
+        calls would count two steps). Lazy by default: a row's state decays only when the
+        row is touched (TensorFlow's sparse ops, torch's `SparseAdam`); bias correction
+        uses the global step count. With `dense_rows=True` a row touched again after k
+        untouched steps first gets the closed form of those k zero-gradient steps, so the
+        run equals a dense one with zero grads elsewhere, up to rounding. `clip_value`
+        applies per element; `clip_global_norm` to the norm over every named table's summed
+        rows, and `skip_nonfinite` skips the whole call. Every check runs before anything is
+        written (`fastrms.rows` has the rule).
         """
         if not self._busy.acquire(False):
             raise RuntimeError("RMSprop.step_rows was entered by another thread while a step was running")
@@ -530,84 +542,65 @@ class RMSprop:
             self._busy.release()
 
     def _step_rows(self, rows, grad_rows, param):
+        if param is None or isinstance(param, (bool, int, np.integer)):
+            tables = [self._table(param, rows, grad_rows, "")]
+        else:
+            if isinstance(param, (str, bytes)) or not hasattr(param, "__len__"):
+                raise TypeError(f"param must be an index or a sequence of indices, got {type(param).__name__}")
+            k = len(param)
+            if not all(isinstance(x, (list, tuple)) and len(x) == k for x in (rows, grad_rows)) or not k:
+                raise TypeError(
+                    f"with param a sequence of {k} tables, rows and grad_rows must be lists or tuples of {k} arrays"
+                    if k
+                    else "param must name at least one table"
+                )
+            tables = [self._table(p, r, g, f"[{i}]") for i, (p, r, g) in enumerate(zip(param, rows, grad_rows))]
+            owners = [id(tb.param) for tb in tables]
+            if len(set(owners)) != k:
+                first = next(i for i, o in enumerate(owners) if owners.count(o) > 1)
+                raise ValueError(f"param names params[{int(param[first])}] twice; pass its rows once, concatenated")
+        if self._generation != runtime.generation():
+            self._choose_kernels()
+        tables = [tb._replace(parallel=self._chosen[self._group_of[tb.parallel]][1]) for tb in tables]
+        scalars = self._next_scalars()
+        done = rows_step.step(
+            tables, self._step_count + 1, self._dense_rows, scalars,
+            rows_step.catch_up_constants(self._hyper, self._variant, self._pending_lr), self._row_kernel,
+            self._max_norm, self._skip_nonfinite,
+        )  # fmt: skip
+        if done.norm is not None:
+            self._last_grad_norm = done.norm
+        if not done.stepped:
+            self._skipped_steps += 1
+            return
+        self._advance()
+
+    def _table(self, param, rows, grad_rows, suffix):
+        """One table of `step_rows`, checked (`fastrms.rows.Table`; its `parallel` holds
+        the param's index until the kernels are chosen)."""
         if param is None:
             if len(self._slots) != 1:
                 raise TypeError(f"step_rows needs param= (0 to {len(self._slots) - 1}) for an optimizer over several")
             param = 0
         if isinstance(param, bool) or not isinstance(param, (int, np.integer)) or not 0 <= param < len(self._slots):
-            raise ValueError(f"param must be an index in [0, {len(self._slots)}), got {param!r}")
+            raise ValueError(f"param{suffix} must be an index in [0, {len(self._slots)}), got {param!r}")
         slot = self._slots[int(param)]
         if len(slot.shape) != 2:
             label = "params" if self._single else f"params[{int(param)}]"
             raise ValueError(f"step_rows needs a 2-D param (a table of rows); {label} has shape {slot.shape}")
         n, width = slot.shape
-        if isinstance(rows, (list, tuple, range)):  # a sequence of ints, as NumPy would take it
-            given = rows
-            rows = np.asarray(rows) if len(rows) else np.zeros(0, np.int64)
-            if rows.dtype.kind not in "iu" or any(isinstance(r, (bool, np.bool_)) for r in given):
-                raise TypeError(f"rows must be integers, got a {type(given).__name__} of {rows.dtype}")
-        if not isinstance(rows, np.ndarray) or rows.dtype.kind not in "iu" or rows.ndim != 1:
-            kind = f"{rows.dtype} of shape {rows.shape}" if isinstance(rows, np.ndarray) else type(rows).__name__
-            raise TypeError(f"rows must be a 1-D numpy array of integers (int32 or int64), got {kind}")
-        grad_rows = float_array("grad_rows", grad_rows, writeable=False)
-        if grad_rows.dtype != slot.dtype or grad_rows.shape != (rows.size, width):
+        index = rows_step.indices(rows, f"rows{suffix}")
+        grads = rows_step.grad_rows(grad_rows, index.size, width, slot.dtype, f"grad_rows{suffix}")
+        if self._overlaps(contiguous_address(grads), grads.nbytes):  # C-contiguous: float_array
             raise ValueError(
-                f"grad_rows must be {slot.dtype} of shape ({rows.size}, {width}), "
-                f"got {grad_rows.dtype} {grad_rows.shape}"
+                f"grad_rows{suffix} shares memory with the params or the optimizer state; pass a separate array"
             )
-        if self._overlaps(contiguous_address(grad_rows), grad_rows.nbytes):  # C-contiguous: float_array
-            raise ValueError("grad_rows shares memory with the params or the optimizer state; pass a separate array")
         if not slot.param.flags.writeable:
             raise self._read_only(slot)
-        # A private copy: the indices checked are the ones used, even if the caller's buffer is
-        # refilled by another thread during the call or aliases the table being written.
-        index = np.array(rows, dtype=np.int64)
-        if self._generation != runtime.generation():
-            self._choose_kernels()
-        parallel = (
-            self._chosen[self._group_of[int(param)]][1]
-            and kernels.step_bytes(grad_rows.size, grad_rows.itemsize, len(slot.names)) >= kernels.PARALLEL_MIN_BYTES
-        )
-        t, flat_grads = self._step_count + 1, grad_rows.reshape(-1)
-        if self._max_norm is None and not self._skip_nonfinite:  # one call: merge, check, step
-            scalars = self._next_scalars()
-            shell = self._row_kernel(kernels.merged_rows, parallel)
-            parts = get_num_threads() if parallel else 1  # one hash partition of the rows per thread
-            bad = shell(slot.flat, flat_grads, slot.square_avg, slot.grad_avg, slot.momentum_buffer, index, n, width,
-                        parts, slot.row_step, t, self._dense_rows, *self._catch_up_constants(self._pending_lr),
-                        *scalars)  # fmt: skip
-            if bad >= 0:
-                raise self._bad_row(index, bad, n)
-            self._advance()
-            return
-        # the global norm and the non-finite check need the summed rows before any is stepped
-        unique, g, bad = kernels.coalesce(index, n, flat_grads, width)
-        if bad >= 0:
-            raise self._bad_row(index, bad, n)
-        coef = 1.0
-        if self._max_norm is not None:
-            total = (kernels.sumsq_parallel if parallel else kernels.sumsq_serial)(g)
-            norm, coef = math.sqrt(total), None
-            if not math.isfinite(total):  # the rule of step(): skip only grads that are not finite
-                if kernels.nonfinite_serial(g):
-                    self._last_grad_norm = norm
-                    if self._skip_nonfinite:
-                        self._skipped_steps += 1
-                        return
-                else:
-                    norm, coef = clipping.overflow([g], self._max_norm)
-            self._last_grad_norm = norm
-            coef = clipping.coefficient(norm, self._max_norm) if coef is None else coef
-        elif self._skip_nonfinite and kernels.nonfinite_serial(g):
-            self._skipped_steps += 1
-            return
-        scalars = self._next_scalars()
-        if coef != 1.0:
-            scalars = scalars._replace(grad_scale=scalars.grad_scale * coef)
-        shell = self._row_kernel(kernels.rows, parallel)
-        shell(slot.flat, g, slot.square_avg, slot.grad_avg, slot.momentum_buffer, unique, width, slot.row_step, t,
-              self._dense_rows, True, *self._catch_up_constants(self._pending_lr), *scalars)  # fmt: skip
-        self._advance()
+        return rows_step.Table(
+            slot.flat, slot.square_avg, slot.grad_avg, slot.momentum_buffer, n, width, index, grads, slot.row_step,
+            f"rows{suffix}", int(param),
+        )  # fmt: skip
 
     def _row_kernel(self, make, parallel):
         """`make(variant, parallel)`, behind the process-wide lock when parallel kernels must
@@ -621,24 +614,12 @@ class RMSprop:
             self._row_kernels[(make, parallel)] = shell
         return shell
 
-    @staticmethod
-    def _bad_row(rows, bad, n):
-        value = int(rows[bad])
-        why = " (negative indices are not accepted)" if value < 0 else f" (the table has {n} rows)"
-        return ValueError(f"rows[{bad}] = {value} is outside [0, {n}){why}")
-
-    def _catch_up_constants(self, lr):
-        """The row kernel's `(decay, drift_lr)` at learning rate `lr` (see
-        `fastrms.kernels.rows`)."""
-        decay = 1.0 - lr * self._hyper["weight_decay"] if self._hyper["decoupled_weight_decay"] else 1.0
-        return decay, lr if self._variant.mom_mode == kernels.MOM_OUTSIDE else 1.0
-
     def _catch_up_rows(self, scalars):
         """`dense_rows`, before a dense step: bring every row that missed steps up to date
         (the closed form of its zero-gradient steps), so the dense step starts from the state
         a dense run would have."""
         t = self._step_count + 1
-        decay, drift_lr = self._catch_up_constants(scalars.lr)
+        decay, drift_lr = rows_step.catch_up_constants(self._hyper, self._variant, scalars.lr)
         for slot in self._slots:
             if not slot.row_step.size:
                 continue

@@ -4,7 +4,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import snapshot
+from conftest import assert_unchanged, snapshot
 
 import fastrms
 from fastrms import kernels, options, reference, schedules
@@ -421,3 +421,86 @@ def test_rows_may_be_a_list_of_ints_and_a_row_past_the_end_says_so():
         opt.step_rows([1.0, 2.0], np.ones((2, 3)))
     with pytest.raises(TypeError, match="rows must be integers"):
         opt.step_rows([True, False], np.ones((2, 3)))
+
+
+# ------------------------------------------------------------------ several tables, one step
+
+
+@pytest.mark.parametrize("dense_rows", [False, True], ids=["lazy", "dense_rows"])
+def test_several_tables_in_one_call_are_one_step(dense_rows):
+    """Two tables stepped by one call count one step: each ends bit for bit as an optimizer
+    over that table alone stepped once per batch (the schedule and the bias correction see
+    one count), while two calls per batch count two steps and differ."""
+    rng = np.random.default_rng(21)
+    shapes = [(40, 8), (25, 3)]
+    opts = dict(momentum=0.9, lr_in_momentum=True, bias_correction=True, dense_rows=dense_rows)
+    schedule = schedules.step_decay(0.05, 0.5, 2)
+    tables = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    alone = [t.copy() for t in tables]
+    twice = [t.copy() for t in tables]
+    both = fastrms.RMSprop(tables, schedule, **opts)
+    singles = [fastrms.RMSprop(t, schedule, **opts) for t in alone]
+    counted_twice = fastrms.RMSprop(twice, schedule, **opts)
+    for _ in range(5):
+        batch = [_batch(rng, s[0], 12, s[1], np.float32) for s in shapes]
+        both.step_rows([b[0] for b in batch], [b[1] for b in batch], param=[0, 1])
+        for opt, (rows, g) in zip(singles, batch):
+            opt.step_rows(rows, g)
+        for i, (rows, g) in enumerate(batch):
+            counted_twice.step_rows(rows, g, param=i)
+    assert both.step_count == 5 and counted_twice.step_count == 10
+    for mine, single in zip(tables, alone):
+        np.testing.assert_array_equal(mine, single)
+    assert not np.array_equal(twice[0], tables[0])
+
+
+def test_several_tables_share_one_global_norm_and_one_nonfinite_check():
+    rng = np.random.default_rng(22)
+    shapes = [(30, 4), (20, 6)]
+    tables = [rng.standard_normal(s) for s in shapes]
+    dense = [t.copy() for t in tables]
+    opt = fastrms.RMSprop(tables, 0.1, clip_global_norm=0.5)
+    ref = fastrms.RMSprop(dense, 0.1, clip_global_norm=0.5)
+    rows = [rng.permutation(s[0]) for s in shapes]  # every row once: the lazy step is the dense one
+    grads = [rng.standard_normal((s[0], s[1])) for s in shapes]
+    opt.step_rows(rows, grads, param=[0, 1])
+    full = [np.zeros(s) for s in shapes]
+    for f, r, g in zip(full, rows, grads):
+        f[r] = g
+    ref.step(full)
+    assert opt.last_grad_norm == pytest.approx(float(np.sqrt(sum(np.sum(g * g) for g in grads))), rel=1e-13)
+    assert opt.last_grad_norm == pytest.approx(ref.last_grad_norm, rel=1e-13)
+    for mine, theirs in zip(tables, dense):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-12, atol=1e-14)
+    # a NaN in the second table skips the first's rows too
+    skipping = fastrms.RMSprop([t.copy() for t in tables], 0.1, skip_nonfinite=True)
+    before = snapshot(skipping)
+    bad = [grads[0], grads[1].copy()]
+    bad[1][3, 2] = np.nan
+    skipping.step_rows(rows, bad, param=[0, 1])
+    assert skipping.skipped_steps == 1 and skipping.step_count == 0
+    assert_unchanged(skipping, {**before, "skipped_steps": 1})
+
+
+def test_several_tables_are_all_checked_before_any_is_written():
+    tables = [np.ones((6, 2), np.float32), np.ones((4, 3), np.float32)]
+    opt = fastrms.RMSprop(tables, 0.1)
+    good = (np.array([0, 5]), np.ones((2, 2), np.float32))
+    cases = [
+        (([good[0], np.array([1, 4])], [good[1], np.ones((2, 3), np.float32)], [0, 1]), ValueError,
+         r"rows\[1\]\[1\] = 4 is outside \[0, 4\)"),
+        (([good[0], np.array([1])], [good[1], np.ones((1, 2), np.float32)], [0, 1]), ValueError,
+         r"grad_rows\[1\] must be float32 of shape \(1, 3\)"),
+        (([good[0], good[0]], [good[1], good[1]], [0, 0]), ValueError, r"names params\[0\] twice"),
+        (([good[0]], [good[1]], [0, 1]), TypeError, "lists or tuples of 2 arrays"),
+        (([], [], []), TypeError, "at least one table"),
+        (([good[0], np.array([1])], [good[1], np.ones((1, 3), np.float32)], [0, 2]), ValueError,
+         r"param\[1\] must be an index in \[0, 2\)"),
+        ((good[0], good[1], "01"), TypeError, "an index or a sequence of indices"),
+    ]  # fmt: skip
+    before = snapshot(opt)
+    for (rows, grads, param), kind, error in cases:
+        with pytest.raises(kind, match=error):
+            opt.step_rows(rows, grads, param=param)
+    assert_unchanged(opt, before)
+    assert all(np.all(t == 1) for t in tables)

@@ -1,0 +1,162 @@
+"""The sparse-row step: one optimizer step over the named rows of one or more 2-D tables
+(embedding tables), shared by `fastrms.RMSprop.step_rows` and `fastrms.torch.RMSprop`'s
+sparse grads.
+
+Each touched row `r` of a table gets the dense step's element update over its elements
+(the same bits) with grad `G[r]`, the sum of the grad rows naming `r` (added from zero, in
+the order given, as torch's `coalesce` sums them); every other row stays bitwise unchanged.
+All tables of one call share one step: one learning rate, one bias-correction count, one
+global norm (`clip_global_norm`: the 2-norm over every table's summed rows) and one
+non-finite check (`skip_nonfinite`: a NaN or an infinity in any table skips the whole
+step). Every check (indices, shapes, dtypes, memory) runs before anything is written.
+
+Lazy (the default): an untouched row's state does not decay. Dense-equivalent
+(`dense_rows`): `last[r]` is the step that last touched row `r`, and a row touched at step
+`t` after `k` untouched steps first gets the closed form of those `k` zero-gradient steps
+(`fastrms.kernels.rows`), so the run equals a dense one with zero grads elsewhere, up to
+rounding.
+"""
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from numba import get_num_threads
+
+from . import clipping, kernels
+from ._checks import float_array
+
+
+class Table(NamedTuple):
+    """One table's part of a row step: its flat param and state (empty arrays for the state
+    a variant does not keep), `(n, width)`, the checked row indices (a private int64 copy),
+    the flat grad rows, the `last` counters (empty when lazy), its label for errors, and
+    whether it may run on the parallel shells."""
+
+    param: np.ndarray
+    square_avg: np.ndarray
+    grad_avg: np.ndarray
+    momentum_buffer: np.ndarray
+    n: int
+    width: int
+    rows: np.ndarray
+    grads: np.ndarray
+    last: np.ndarray
+    label: str
+    parallel: bool  # whether the parallel shells may step it (by its group and the threading layer)
+
+
+def indices(rows, name="rows"):
+    """`rows` as a private 1-D int64 copy (a sequence of ints is taken as NumPy would take
+    it), so that the indices checked are the ones used even if the caller's buffer changes
+    during the step. TypeError for anything but integers."""
+    if isinstance(rows, (list, tuple, range)):
+        given = rows
+        rows = np.asarray(rows) if len(rows) else np.zeros(0, np.int64)
+        if rows.dtype.kind not in "iu" or any(isinstance(r, (bool, np.bool_)) for r in given):
+            raise TypeError(f"{name} must be integers, got a {type(given).__name__} of {rows.dtype}")
+    if not isinstance(rows, np.ndarray) or rows.dtype.kind not in "iu" or rows.ndim != 1:
+        kind = f"{rows.dtype} of shape {rows.shape}" if isinstance(rows, np.ndarray) else type(rows).__name__
+        raise TypeError(f"{name} must be a 1-D numpy array of integers (int32 or int64), got {kind}")
+    return np.array(rows, dtype=np.int64)
+
+
+def grad_rows(grads, count, width, dtype, name="grad_rows"):
+    """`grads` checked to be `(count, width)` of `dtype`, C-contiguous; returned flat."""
+    grads = float_array(name, grads, writeable=False)
+    if grads.dtype != dtype or grads.shape != (count, width):
+        raise ValueError(f"{name} must be {dtype} of shape ({count}, {width}), got {grads.dtype} {grads.shape}")
+    return grads.reshape(-1)
+
+
+def bad_row(table, position):
+    """The ValueError for `table.rows[position]` outside `[0, n)`."""
+    value, n = int(table.rows[position]), table.n
+    why = " (negative indices are not accepted)" if value < 0 else f" (the table has {n} rows)"
+    return ValueError(f"{table.label}[{position}] = {value} is outside [0, {n}){why}")
+
+
+def check_bounds(table):
+    """Raise `bad_row` for the first index outside `[0, n)` (NumPy, before any kernel runs)."""
+    if table.rows.size:
+        outside = (table.rows < 0) | (table.rows >= table.n)
+        if outside.any():
+            raise bad_row(table, int(np.argmax(outside)))
+
+
+def catch_up_constants(hyper, variant, lr):
+    """The row kernels' `(decay, drift_lr)` at learning rate `lr` (`fastrms.kernels.rows`)."""
+    decay = 1.0 - lr * hyper["weight_decay"] if hyper["decoupled_weight_decay"] else 1.0
+    return decay, lr if variant.mom_mode == kernels.MOM_OUTSIDE else 1.0
+
+
+class Outcome(NamedTuple):
+    """What a row step did: `stepped` False when `skip_nonfinite` refused it; `norm` the
+    global norm before clipping (None without `clip_global_norm`)."""
+
+    stepped: bool
+    norm: "float | None"
+
+
+def step(tables, t, dense_rows, scalars, catch_up, kernel, max_norm=None, skip_nonfinite=False):
+    """One step `t` over `tables` (checked `Table`s of one dtype and variant) with the
+    kernel scalars `scalars` and `catch_up = (decay, drift_lr)`. `kernel(make, parallel)`
+    returns the shell (`kernels.rows` or `kernels.merged_rows`) to call; a table runs on
+    the parallel one when it may and its rows move `PARALLEL_MIN_BYTES`. Returns an
+    `Outcome`; raises before any write for a row outside its table."""
+
+    def parallel(table):
+        return table.parallel and (
+            kernels.step_bytes(table.grads.size, table.grads.itemsize, 1 + _states(table)) >= kernels.PARALLEL_MIN_BYTES
+        )
+
+    if max_norm is None and not skip_nonfinite:  # one call per table: merge, check, step
+        if len(tables) > 1:
+            for table in tables:
+                check_bounds(table)  # no table is written before every table's rows are known good
+        for table in tables:
+            p = parallel(table)
+            parts = get_num_threads() if p else 1  # one hash partition of the rows per thread
+            bad = kernel(kernels.merged_rows, p)(
+                table.param, table.grads, table.square_avg, table.grad_avg, table.momentum_buffer, table.rows,
+                table.n, table.width, parts, table.last, t, dense_rows, *catch_up, *scalars,
+            )  # fmt: skip
+            if bad >= 0:
+                raise bad_row(table, bad)
+        return Outcome(True, None)
+    # the global norm and the non-finite check need every table's summed rows first
+    merged = []
+    for table in tables:
+        unique, g, bad = kernels.coalesce(table.rows, table.n, table.grads, table.width)
+        if bad >= 0:
+            raise bad_row(table, bad)
+        merged.append((unique, g))
+    summed = [g for _, g in merged]
+    coef, norm = 1.0, None
+    if max_norm is not None:
+        total = sum(
+            (kernels.sumsq_parallel if parallel(tb) else kernels.sumsq_serial)(g) for tb, g in zip(tables, summed)
+        )
+        norm, coef = math.sqrt(total), None
+        if not math.isfinite(total):  # the rule of a dense step: skip only grads that are not finite
+            if any(kernels.nonfinite_serial(g) for g in summed):
+                if skip_nonfinite:
+                    return Outcome(False, norm)
+                coef = clipping.coefficient(norm, max_norm)
+            else:
+                norm, coef = clipping.overflow(summed, max_norm)
+        coef = clipping.coefficient(norm, max_norm) if coef is None else coef
+    elif any(kernels.nonfinite_serial(g) for g in summed):
+        return Outcome(False, None)
+    if coef != 1.0:
+        scalars = scalars._replace(grad_scale=scalars.grad_scale * coef)
+    for table, (unique, g) in zip(tables, merged):
+        kernel(kernels.rows, parallel(table))(
+            table.param, g, table.square_avg, table.grad_avg, table.momentum_buffer, unique, table.width,
+            table.last, t, dense_rows, True, *catch_up, *scalars,
+        )  # fmt: skip
+    return Outcome(True, norm)
+
+
+def _states(table):
+    return sum(1 for a in (table.square_avg, table.grad_avg, table.momentum_buffer) if a.size)
