@@ -39,8 +39,9 @@ import functools
 import numpy as np
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import kernels, runtime
+from . import _torch_sparse, kernels, runtime
 from . import options as O
+from . import rows as rows_step
 from ._torch_buckets import STATE_NAMES, Bucket
 
 __all__ = ["RMSprop"]
@@ -126,6 +127,15 @@ class RMSprop(torch.optim.Optimizer):
     `zero_grad(set_to_none=True)` zeroes its grad view in place instead of setting it to
     None, so that backward keeps writing into the buffer. If a grad is replaced by another
     tensor, the step notices and takes the per-tensor path.
+
+    Sparse grads of rows (`nn.Embedding(sparse=True)`: a 2-D param, a COO grad with one
+    sparse and one dense dimension), which torch refuses, are stepped on the rows they name
+    through the row kernel (`fastrms._torch_sparse`); every other row stays bitwise
+    unchanged. `dense_rows` (keyword-only, fastrms's own) chooses what an untouched row
+    does: with False (lazy) its state does not decay; with True each row keeps the step that
+    last touched it (`row_step` in the state) and catches up the zero-gradient steps it
+    missed when next touched, so the run equals torch's dense one up to rounding (without
+    momentum; with momentum the forward pass reads rows where they were left).
     """
 
     def __init__(
@@ -143,10 +153,12 @@ class RMSprop(torch.optim.Optimizer):
         differentiable: bool = False,
         *,
         flatten: bool = False,
+        dense_rows: bool = False,
     ) -> None:
-        if not isinstance(flatten, bool):
-            raise TypeError(f"flatten must be True or False, got {type(flatten).__name__}")
-        self._flatten = flatten
+        for name, value in (("flatten", flatten), ("dense_rows", dense_rows)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+        self._flatten, self._dense_rows = flatten, dense_rows
         self._buckets: list = []  # per param group: the flat buffers of its params, by dtype (flatten=True)
         self._flat_slot: dict = {}  # param -> (bucket, index), for the params that live in a bucket
         self._loose: list = []  # per param group: (index, param) of the params in no bucket
@@ -173,7 +185,8 @@ class RMSprop(torch.optim.Optimizer):
         self._checked = {}  # (group, dtype, round) -> the pointer table last checked for overlaps
 
     def __repr__(self) -> str:
-        return super().__repr__().replace("RMSprop (", f"fastrms.torch.RMSprop (flatten={self._flatten};", 1)
+        mode = f"flatten={self._flatten}, dense_rows={self._dense_rows};"
+        return super().__repr__().replace("RMSprop (", f"fastrms.torch.RMSprop ({mode}", 1)
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's `add_param_group`, with the group's options and params checked here."""
@@ -214,6 +227,7 @@ class RMSprop(torch.optim.Optimizer):
         state = super().__getstate__()
         state["fastrms"] = {
             "flatten": self._flatten,
+            "dense_rows": self._dense_rows,
             "buckets": [[bucket.params for bucket in buckets.values()] for buckets in self._buckets],
         }
         return state
@@ -233,6 +247,7 @@ class RMSprop(torch.optim.Optimizer):
         if ours is None:
             return
         self._flatten = ours["flatten"]
+        self._dense_rows = ours.get("dense_rows", False)
         self._caches()
         self._buckets, self._flat_slot, self._loose, self._repeats = [], {}, [], []
         for group, bucketed in zip(self.param_groups, ours["buckets"]):
@@ -359,6 +374,7 @@ class RMSprop(torch.optim.Optimizer):
                 "momentum": group["momentum"],
                 "centered": group["centered"],
                 "maximize": group["maximize"],
+                "dense_rows": self._dense_rows,
             }
             try:
                 hyper = O.check_hyperparameters(O.resolve(given), dtypes)
@@ -388,12 +404,16 @@ class RMSprop(torch.optim.Optimizer):
                 loss = closure()
         plans = [self._plan(i, group) for i, group in enumerate(self.param_groups)]  # every check first
         bumped, steps = [], {}
-        for hyper, rounds, flat in plans:
+        for hyper, rounds, flat, sparse, lagging in plans:
+            for args in lagging:  # dense_rows: rows stepped sparsely before, now a dense grad
+                _torch_sparse.catch_up(*args, hyper, hyper["learning_rate"])
             for bucket in flat:
                 bucket.step(hyper, self._parallel, bumped)
             for members in rounds:
                 for dtype, (rows, ptrs, sizes) in members.items():
                     self._run(hyper, dtype, rows, ptrs, sizes, bumped, steps)
+            for p, table, counters, entry in sparse:
+                self._run_rows(hyper, p, table, counters, entry, bumped)
         for dtype, addresses in steps.items():  # each param's `step` += 1, one call per dtype
             kernels.increment(np.array(addresses, dtype=np.int64), np.empty(0, dtype))
         if bumped:
@@ -407,6 +427,8 @@ class RMSprop(torch.optim.Optimizer):
         CPU grad and param, both contiguous) costs a few C calls per param."""
         where = f"param_groups[{gi}]"
         names = None
+        sparse, lagging = [], []  # params with a sparse grad; dense_rows params to catch up first
+        dense_rows = self._dense_rows
         flat = []  # flatten=True: whole buckets whose params and grads are still the buffers' views
         for bucket in self._buckets[gi].values():
             if bucket.tiles():
@@ -431,7 +453,10 @@ class RMSprop(torch.optim.Optimizer):
                     continue  # its buffer's zeroed view: no grad since zero_grad(set_to_none=True)
             if not g.is_cpu:
                 raise ValueError(f"{where}['params'][{j}]: its grad is on {g.device}; fastrms steps CPU tensors only")
-            if g.is_sparse or not (g.is_contiguous() and p.is_contiguous()):
+            if g.is_sparse:
+                sparse.append((j, p, g))
+                continue
+            if not (g.is_contiguous() and p.is_contiguous()):
                 self._check_pair(p, g, f"{where}['params'][{j}]")
             dtype = p.dtype
             if names is None or dtype not in _NUMPY:
@@ -460,6 +485,8 @@ class RMSprop(torch.optim.Optimizer):
                 cached = self._layout(p, names, address, name, state_of[p])
             if g.numel() != cached[9]:
                 raise ValueError(f"{where}['params'][{j}]: its grad has {g.numel()} elements, the param {cached[9]}")
+            if dense_rows and _torch_sparse.ROW_STEP in cached[4]:
+                lagging.append(self._lagging(p, cached, names, hyper))
             turn = 0
             if seen is not None:
                 turn = seen[id(p)] = seen.get(id(p), -1) + 1
@@ -476,8 +503,48 @@ class RMSprop(torch.optim.Optimizer):
                 sizes = tuple(row[1] for row in rows)
                 self._check_overlaps(gi, dtype, turn, ptrs, sizes, where)
                 members[dtype] = (rows, ptrs, sizes)
-        dtypes = tuple(dict.fromkeys([*(_NUMPY[d] for m in rounds for d in m), *(_NUMPY[b.dtype] for b in flat)]))
-        return self._hyperparameters(group, where, dtypes), rounds, flat
+        sparse = [self._sparse_table(group, where, f"{where}['params'][{j}]", p, g) for j, p, g in sparse]
+        used = [*(d for m in rounds for d in m), *(b.dtype for b in flat), *(s[0].dtype for s in sparse)]
+        dtypes = tuple(dict.fromkeys(_NUMPY[d] for d in used))
+        return self._hyperparameters(group, where, dtypes), rounds, flat, sparse, lagging
+
+    def _sparse_table(self, group, where, name, p, g):
+        """A param with a sparse grad, checked: `(p, rows.Table, row counters, layout)`."""
+        self._check_param(p, name)
+        _torch_sparse.check(p, g, name)
+        hyper = self._hyperparameters(group, where, (_NUMPY[p.dtype],))
+        names = O.state_names(hyper)
+        entry = self._layout(p, names, p.data_ptr(), name, self.state[p])
+        table, counters = _torch_sparse.table(p, g, entry[10], names, entry[4], self._dense_rows, name)
+        if runtime.parallel_mode() != "serial":
+            table = table._replace(parallel=True)
+        return p, table, counters, entry
+
+    @staticmethod
+    def _lagging(p, cached, names, hyper):
+        state = cached[4]
+        counters = state[_torch_sparse.ROW_STEP]
+        if not (torch.is_tensor(counters) and counters.dtype == torch.int64 and counters.shape == (p.shape[0],)):
+            raise ValueError(f"the state {_torch_sparse.ROW_STEP!r} of a param must be an int64 tensor of its rows")
+        return p, cached[10], names, counters, O.variant_key(hyper), int(float(state["step"])) + 1
+
+    def _run_rows(self, hyper, p, table, counters, entry, bumped):
+        """One row step of a param with a sparse grad (its own step count, as torch counts)."""
+        state, key, lr = entry[4], O.variant_key(hyper), hyper["learning_rate"]
+        if counters is not None:
+            state[_torch_sparse.ROW_STEP] = counters
+        step = state["step"]
+        t = int(float(step)) + 1
+
+        def shell(make, parallel):
+            run = make(key, parallel)
+            return runtime.serialized(run) if parallel and runtime.parallel_mode() == "serialized" else run
+
+        rows_step.step([table], t, hyper["dense_rows"], O.scalars(hyper, lr, t),
+                       rows_step.catch_up_constants(hyper, key, lr), shell)  # fmt: skip
+        step.add_(1)
+        bumped.append(p)
+        bumped.extend(entry[10])
 
     def _check_overlaps(self, gi, dtype, turn, ptrs, sizes, where):
         """No param or state of one kernel call may overlap another, nor a grad any of them
@@ -529,8 +596,8 @@ class RMSprop(torch.optim.Optimizer):
 
     def _check_pair(self, p, g, name):
         """The slow path: a sparse grad, or a param or grad that is not contiguous."""
-        if g.is_sparse or g.layout != torch.strided:
-            raise ValueError(f"{name} has a sparse grad; RMSprop does not support sparse gradients")
+        if g.layout != torch.strided:
+            raise ValueError(f"{name} has a {g.layout} grad; fastrms steps dense grads and sparse COO grads of rows")
         self._check_param(p, name)
         if g.stride() != p.stride() and p.numel() > 1:
             raise ValueError(

@@ -128,3 +128,26 @@ def test_two_saved_runs_are_compared_cell_by_cell(quick_run, tmp_path, capsys):
     junk.write_text("[1, 2]")
     assert cli.main(["bench", "--compare", str(junk), str(slower)]) == 2
     assert "is not a bench.json" in capsys.readouterr().err
+
+
+def test_the_progress_lines_estimate_the_time_left(monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_rich(name, *args, **kwargs):
+        if name.startswith("rich"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_rich)
+    clock = iter([100.0, 110.0, 130.0])
+    monkeypatch.setattr(report.time, "perf_counter", lambda: next(clock))
+    bar = report._progress(4)  # starts at t = 100
+    bar.update("first")
+    bar.advance()
+    bar.update("second")  # t = 110: 10 s for one case, 3 left
+    bar.advance()
+    bar.update("third")  # t = 130: 15 s a case, 2 left
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["[1/4] first", "[2/4] second (about 30 s left)", "[3/4] third (about 30 s left)"]

@@ -61,6 +61,18 @@ def test_torch_steps_times_each_optimizer_and_a_training_step():
     assert all(t > 0 for t in [*r["step"].values(), *r["train"].values()])
 
 
+def test_torch_embedding_times_the_sparse_and_the_dense_steps_of_a_table():
+    pytest.importorskip("torch", reason="torch is not installed (pip install 'fastrms[torch]')")
+    r = timing.torch_embedding(n=50, width=4, k=8, rounds=1, target=0.001)
+    assert list(r) == [
+        "fastrms.torch, sparse grad, lazy",
+        "fastrms.torch, sparse grad, dense_rows",
+        "fastrms.torch, dense grad",
+        "torch.optim.RMSprop, dense grad",
+    ]
+    assert all(t > 0 for t in r.values())
+
+
 def test_sparse_rows_times_each_case_against_dense_steps():
     times = timing.sparse_rows(n=2000, width=8, k=100, distinct=20, batch=10, rounds=1, target=0.001)
     assert len(times) == 12 and all(t > 0 for t in times.values())

@@ -59,12 +59,21 @@ def sweep(variants, dtypes, sizes, rounds, target, progress=True):
 
 
 class _progress:
-    """A rich progress bar when rich is installed, plain lines on stderr otherwise."""
+    """A rich progress bar (elapsed time and an estimate of the time left) when rich is
+    installed, plain lines on stderr otherwise (with the same estimate: the mean time of the
+    cases done so far, times the cases left)."""
 
     def __init__(self, total):
-        self.total, self.done = total, 0
+        self.total, self.done, self.start = total, 0, time.perf_counter()
         try:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
         except ImportError:
             self.rich = None
             return
@@ -73,16 +82,26 @@ class _progress:
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
             transient=True,
         )
         self.rich.start()
         self.task = self.rich.add_task("", total=total)
 
+    def eta(self):
+        """Seconds left, from the mean time of the cases done (None before the first)."""
+        if not self.done:
+            return None
+        return (time.perf_counter() - self.start) / self.done * (self.total - self.done)
+
     def update(self, text):
         if self.rich:
             self.rich.update(self.task, description=text)
         else:
-            print(f"[{self.done + 1}/{self.total}] {text}", file=sys.stderr, flush=True)
+            left = self.eta()
+            eta = "" if left is None else f" (about {left:.0f} s left)"
+            print(f"[{self.done + 1}/{self.total}] {text}{eta}", file=sys.stderr, flush=True)
 
     def advance(self):
         self.done += 1
@@ -335,8 +354,15 @@ def run_cold(rounds=None):
 def run_torch(rounds=None, widths=(100,)):
     """`fastrms bench --torch`: the fused torch optimizer against torch's, and the
     optimizer's share of a training step, for 100 layers of each width."""
+    rounds = 7 if rounds is None else rounds
     for width in widths:
-        _run_torch(timing.torch_steps(width=width, rounds=7 if rounds is None else rounds))
+        _run_torch(timing.torch_steps(width=width, rounds=rounds))
+    n, width, k = 200_000, 64, 4096
+    steps = timing.torch_embedding(n, width, k, rounds=rounds)
+    ours = steps["fastrms.torch, dense grad"]
+    print(f"nn.Embedding({n}, {width}), float32, a batch of {k} random indices, optimizer step, medians:")
+    for name, seconds in steps.items():
+        print(f"  {name:40s} {seconds * 1e3:8.3f} ms  {seconds / ours:6.3f}x fastrms.torch's dense step")
     return 0
 
 

@@ -242,6 +242,32 @@ def torch_steps(layers=100, width=100, rounds=7, target=0.05, seed=0, compiled=T
     }
 
 
+def torch_embedding(n=200_000, width=64, k=4096, rounds=7, target=0.05, seed=0):
+    """`fastrms bench --torch`, embedding tables: the optimizer step of an
+    `nn.Embedding(n, width)` after a batch of `k` random indices, float32: the sparse grad
+    (`sparse=True`) through `fastrms.torch.RMSprop`, lazy and `dense_rows=True`, against the
+    dense grad through `fastrms.torch.RMSprop` and `torch.optim.RMSprop` (which refuses
+    sparse grads). Returns `{name: seconds}`."""
+    import torch
+
+    from ..torch import RMSprop as FusedRMSprop
+
+    torch.manual_seed(seed)
+    idx = torch.randint(0, n, (k,))
+    makers = {
+        "fastrms.torch, sparse grad, lazy": (True, lambda ps: FusedRMSprop(ps, lr=1e-3)),
+        "fastrms.torch, sparse grad, dense_rows": (True, lambda ps: FusedRMSprop(ps, lr=1e-3, dense_rows=True)),
+        "fastrms.torch, dense grad": (False, lambda ps: FusedRMSprop(ps, lr=1e-3)),
+        "torch.optim.RMSprop, dense grad": (False, lambda ps: torch.optim.RMSprop(ps, lr=1e-3)),
+    }
+    steps = {}
+    for name, (sparse, make) in makers.items():
+        emb = torch.nn.Embedding(n, width, sparse=sparse)
+        emb(idx).sum().backward()
+        steps[name] = make(emb.parameters()).step
+    return measure_calls(steps, rounds, target)
+
+
 def sparse_rows(n=1_000_000, width=64, k=10_000, distinct=2_000, batch=512, rounds=7, target=0.05, seed=0):
     """`fastrms bench --sparse`: `step_rows` on a `(n, width)` float32 table against
     dense steps, in one process: `{case: seconds}` for k random rows, k indices drawn from

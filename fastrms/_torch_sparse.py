@@ -1,0 +1,106 @@
+"""`fastrms.torch.RMSprop`'s sparse grads: the row-sparse COO grads of
+`nn.Embedding(sparse=True)` (and `nn.EmbeddingBag`) stepped through the row kernel
+(`fastrms.rows`), which `torch.optim.RMSprop` refuses.
+
+A param `(n, width)` whose grad is a sparse COO tensor with one sparse and one dense
+dimension (indices `(1, nnz)`, values `(nnz, width)`, coalesced or not) is stepped on the
+rows it names: each named row gets torch's dense RMSprop update with the sum of its grad rows
+(duplicates added in the order given), every other row stays bitwise unchanged. The param's
+`step` counts one step per call. The group option `dense_rows` (fastrms's own, default
+False) chooses what an untouched row does:
+
+- lazy (False): its state does not decay (as TensorFlow's sparse ops and torch's
+  `SparseAdam` do), so a run differs from a dense one;
+- dense-equivalent (True): the state keeps `row_step` (the step that last touched each
+  row), and a row touched again after `k` untouched steps first gets the closed form of those
+  `k` zero-gradient steps, so the run equals a dense `torch.optim.RMSprop` run up to
+  rounding. Coupled `weight_decay` has no closed form and is refused; with momentum the
+  closed form uses the current `lr` (exact while it is constant).
+"""
+
+import numpy as np
+import torch
+
+from . import kernels
+from . import rows as rows_step
+
+#: The state key of the per-row step counters (`dense_rows=True`).
+ROW_STEP = "row_step"
+
+
+def _numpy(t):
+    return t.detach().numpy().reshape(-1)
+
+
+def check(p, g, name):
+    """Refuse a sparse grad the row kernel cannot take, naming why."""
+    if g.layout != torch.sparse_coo:
+        raise ValueError(f"{name} has a {g.layout} grad; fastrms steps dense grads and sparse COO grads of rows")
+    if p.dim() != 2 or g.sparse_dim() != 1 or g.dense_dim() != 1:
+        raise ValueError(
+            f"{name} has a sparse grad with {g.sparse_dim()} sparse and {g.dense_dim()} dense dimensions for a "
+            f"param of shape {tuple(p.shape)}; fastrms steps sparse grads of rows of a 2-D param (one sparse "
+            "dimension and one dense, as nn.Embedding(sparse=True) gives)"
+        )
+    if g.shape != p.shape or g.dtype != p.dtype:
+        raise ValueError(f"{name}: its sparse grad is {g.dtype} {tuple(g.shape)}, the param {p.dtype} {tuple(p.shape)}")
+    if not p.is_contiguous():
+        raise ValueError(f"{name}: a param with a sparse grad must be contiguous (its rows are stepped in place)")
+
+
+def table(p, g, tensors, names, state, dense_rows, name):
+    """The `fastrms.rows.Table` of one param: its state `tensors` (in `names` order, as
+    `fastrms.torch.RMSprop._layout` made them) and the grad's rows, checked; `row_step`
+    created (every row up to date at the param's current step) or checked when
+    `dense_rows`. Nothing is written."""
+    n, width = p.shape
+    values = g._values()
+    rows = rows_step.indices(g._indices()[0].numpy(), f"{name}: its sparse grad's indices")
+    grads = rows_step.grad_rows(values.contiguous().numpy(), rows.size, width, values.numpy().dtype, name)
+    state_arrays = dict(zip(names, (_numpy(t) for t in tensors)))
+    param = _numpy(p)
+    start, end = _span(grads)
+    for a in (param, *state_arrays.values()):
+        a_start, a_end = _span(a)
+        if grads.size and a.size and a_start < end and start < a_end:
+            raise ValueError(f"{name}: its sparse grad's values share memory with the param or its state")
+    last = np.zeros(0, np.int64)
+    if dense_rows:
+        counters = state.get(ROW_STEP)
+        if counters is None:
+            counters = torch.full((n,), int(float(state["step"])), dtype=torch.int64)
+        elif not (torch.is_tensor(counters) and counters.dtype == torch.int64 and counters.shape == (n,)):
+            raise ValueError(f"{name}: its state {ROW_STEP!r} must be an int64 tensor of shape ({n},)")
+        last = counters.numpy()
+    empty = param[:0]
+    table = rows_step.Table(
+        param, state_arrays.get("square_avg", empty), state_arrays.get("grad_avg", empty),
+        state_arrays.get("momentum_buffer", empty), n, width, rows, grads, last, f"{name}: its sparse grad's rows",
+        False,
+    )  # fmt: skip
+    rows_step.check_bounds(table)  # before any param's step: a step that fails changes nothing
+    return table, counters if dense_rows else None
+
+
+def _span(a):
+    start = a.__array_interface__["data"][0]
+    return start, start + a.nbytes
+
+
+def catch_up(p, tensors, names, counters, key, t, hyper, lr):
+    """`dense_rows`, before a dense grad steps a param that was stepped by rows: bring every
+    lagging row up to date (the closed form of its zero-gradient steps), then mark every row
+    stepped at `t`."""
+    from .options import scalars
+
+    state_arrays = dict(zip(names, (_numpy(t) for t in tensors)))
+    param, last = _numpy(p), counters.numpy()
+    empty = param[:0]
+    lagging = np.flatnonzero(last < t - 1)
+    if lagging.size:
+        kernels.rows(key, False)(
+            param, empty, state_arrays.get("square_avg", empty), state_arrays.get("grad_avg", empty),
+            state_arrays.get("momentum_buffer", empty), lagging, p.shape[1], last, t, True, False,
+            *rows_step.catch_up_constants(hyper, key, lr), *scalars(hyper, lr, t),
+        )  # fmt: skip
+    last[...] = t
