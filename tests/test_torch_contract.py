@@ -315,3 +315,22 @@ def test_hostile_tensors_are_refused_or_stepped_and_nothing_outside_them_is_writ
     elif not flatten or case == "fewer elements at the same address":
         assert outcome.startswith("refused: ValueError"), outcome
     # flatten=True steps its own buffers: a state entry replaced by hand is not read (the guard holds)
+
+
+def test_a_tensor_lr_is_used_at_its_own_precision_as_torch_uses_it():
+    """`lr=torch.tensor(0.01)` is a float32 0.00999999977: torch steps float64 params with
+    that value, and so does fastrms; a float64 tensor gives 0.01. The two runs differ by
+    about 2e-8 relative, far beyond the rounding between fastrms and torch."""
+
+    def run(opt_class, lr):
+        p = torch.nn.Parameter(torch.ones(5, dtype=torch.float64))
+        opt = opt_class([p], lr=lr)
+        for step in range(3):
+            p.grad = torch.linspace(-1, 1, 5, dtype=torch.float64) * (step + 1)
+            opt.step()
+        return p.detach()
+
+    single, double = torch.tensor(0.01), torch.tensor(0.01, dtype=torch.float64)
+    for lr in (single, double):
+        torch.testing.assert_close(run(RMSprop, lr), run(torch.optim.RMSprop, lr), rtol=1e-15, atol=1e-15)
+    assert not torch.allclose(run(RMSprop, single), run(RMSprop, double), rtol=1e-12, atol=0)
