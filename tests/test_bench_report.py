@@ -44,6 +44,7 @@ def test_bench_writes_json_markdown_and_plot(quick_run):
     assert "| plain | float32 | 1e+02 |" in (out / "bench.md").read_text()
     pytest.importorskip("matplotlib")
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "bench-limit.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_readme_block_is_replaced_and_the_rest_kept(quick_run):
@@ -52,6 +53,41 @@ def test_readme_block_is_replaced_and_the_rest_kept(quick_run):
     text = readme.read_text()
     assert "old table" not in text and "before" in text and "after" in text
     assert "| variant | dtype |" in text and "by `fastrms bench --quick" in text
+    # the docs get the compact table: the limit's share, no per-limit or GB/s columns
+    header = next(line for line in text.splitlines() if line.startswith("| variant"))
+    assert header.split(" | ")[1:4] == ["dtype", "n", "us/step"] and "% limit" in header
+    assert "GB/s" not in header and "% traffic" not in header and "min" not in header
+    assert "GB/s" in (out / "bench.md").read_text()
+
+
+def test_the_plot_draws_the_limit_the_tables_use(tmp_path):
+    """The dashed line is the slower of the same-traffic kernel and the bespoke loop: the
+    `% limit` of the tables, not the traffic kernel alone."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    rows = [
+        dict(variant="plain", dtype="float32", n=n, bytes_per_step=1000 * n,
+             seconds=dict(fastrms=2e-6 * n, traffic=1e-6 * n, bespoke=1.5e-6 * n, numpy_seed=4e-6 * n))
+        for n in (100, 1000)
+    ]  # fmt: skip
+    result = dict(version="x", machine=dict(cpu="cpu", threads=2), rows=rows)
+    drawn = {}
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, path, **kwargs):
+        drawn[str(path)] = {line.get_label(): line.get_ydata() for ax in fig.axes for line in ax.get_lines()}
+        return real_savefig(fig, path, **kwargs)
+
+    plt.Figure.savefig = keep
+    try:
+        gbs, pct = report.plot(result, tmp_path / "b.png")
+    finally:
+        plt.Figure.savefig = real_savefig
+    lines = drawn[str(gbs)]
+    limit = next(v for k, v in lines.items() if k.startswith("limit"))
+    assert list(limit) == pytest.approx([1000 / 1.5e-6 / 1e9] * 2)  # the bespoke loop, the slower here
+    assert list(drawn[str(pct)]["plain"]) == pytest.approx([75.0, 75.0])
 
 
 def test_summary_figures_are_ratios_of_the_medians():

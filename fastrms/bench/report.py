@@ -172,26 +172,43 @@ def table_rows(rows):
     return out
 
 
-def markdown(result):
-    """The README block: the table and a footnote naming machine, versions and command."""
-    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(result["rows"])]
-    return "\n".join([*lines, "", footnote(result)])
+#: The columns of the table written into the README and the docs (the full table, with
+#: `min`, GB/s and each limit's share, goes into the output folder's bench.md).
+COMPACT = ("variant", "dtype", "n", "us/step", "IQR", "% limit", "x seed NumPy", "x NumPy out=", "x torch foreach",
+           "x JAX optax")  # fmt: skip
 
 
-def footnote(result):
+def markdown(result, compact=False):
+    """The table (only the `COMPACT` columns when `compact`) and a footnote naming
+    machine, versions and command."""
+    keep = [i for i, (h, _, _) in enumerate(COLUMNS) if not compact or h in COMPACT]
+    lines = ["| " + " | ".join(COLUMNS[i][0] for i in keep) + " |", "|" + "---|" * len(keep)]
+    lines += ["| " + " | ".join(r[i] for i in keep) + " |" for r in table_rows(result["rows"])]
+    return "\n".join([*lines, "", footnote(result, compact)])
+
+
+def footnote(result, compact=False):
     """What the table's figures are, and where and how they were measured."""
     m = result["machine"]
     versions = ", ".join(f"{k} {m[k]}" for k in ("python", "numpy", "numba", "torch", "jax", "optax") if k in m)
+    limits = (
+        "`% limit` is the limit's time over fastrms's: the slower of the same-traffic kernel (the step's bytes, no "
+        "arithmetic) and the bespoke loop (the variant's formula, constants folded); the full table (`min`, GB/s, "
+        "each limit's share) is in the run's bench.md"
+        if compact
+        else "`% traffic` and `% bespoke` are the same-traffic kernel's and the bespoke loop's time over fastrms's, "
+        "`% limit` the slower of the two over fastrms's"
+    )
     return "".join(
         [
             f"Medians of {result['rounds']} interleaved rounds on {m['cpu']} ({m['cores']} cores, "
             f"{m['threads']} Numba threads, threading layer {m.get('threading_layer', '?')}); {versions}; "
             f"fastrms {result['version']}. Generated {result['date']} by `{result['command']}`. "
-            "`us/step` is fastrms's median, `min` its fastest round, `IQR` the spread of its rounds "
+            "`us/step` is fastrms's median"
+            + ("" if compact else ", `min` its fastest round")
+            + ", `IQR` the spread of its rounds "
             f"(the interquartile range over the median; `!` marks a cell above {UNSTABLE:.0%}: a noisy run, "
-            "measure it again). `% traffic` and `% bespoke` are the same-traffic kernel's and the bespoke loop's "
-            "time over fastrms's, `% limit` the slower of the two over fastrms's; `x ...` are speed-ups of "
+            f"measure it again). {limits}; `x ...` are speed-ups of "
             "`RMSprop.step` (validation included) over each peer; `-` marks a peer not installed here "
             "(or a dtype it does not run).",
         ]
@@ -216,45 +233,72 @@ def print_table(result, file=sys.stdout):
 
 
 def plot(result, path):
-    """GB/s against n (log axes) per dtype for the plain variant's implementations, with the
-    same-traffic kernel drawn as the limit."""
+    """Two figures for the docs, sized for a page's width: `path` (GB/s against n, log
+    axes, per dtype, for the plain variant: fastrms, each peer, and the limit the tables
+    use, the slower of the same-traffic kernel and the bespoke loop) and `path` with
+    `-limit` before its suffix (each variant's % of that limit against n). Returns both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dtypes = sorted({r["dtype"] for r in result["rows"]})
-    variants = list(dict.fromkeys(r["variant"] for r in result["rows"]))
-    fig, axes = plt.subplots(len(variants), len(dtypes), figsize=(6 * len(dtypes), 3.6 * len(variants)), squeeze=False)
+    rows = result["rows"]
+    dtypes = sorted({r["dtype"] for r in rows})
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    shown = "plain" if "plain" in variants else variants[0]
     styles = {
-        "fastrms": dict(color="C3", marker="o", lw=2, label="fastrms RMSprop.step"),
+        "fastrms": dict(color="C3", marker="o", lw=2.2, label="fastrms RMSprop.step"),
         "numpy_seed": dict(color="C0", marker="s", label="seed's NumPy"),
-        "numpy_out": dict(color="C2", marker="^", label="NumPy out="),
+        "numpy_out": dict(color="C2", marker="^", label="NumPy with out="),
         "torch_foreach": dict(color="C4", marker="D", label="torch foreach"),
-        "traffic": dict(color="k", ls="--", label="same-traffic limit"),
+        "jax_optax": dict(color="C1", marker="v", label="optax under jax.jit"),
+        "limit": dict(color="k", ls="--", lw=1.5, label="limit: slower of same-traffic and bespoke"),
     }
-    for i, variant in enumerate(variants):
-        for j, dtype in enumerate(dtypes):
-            ax = axes[i][j]
-            rows = [r for r in result["rows"] if r["variant"] == variant and r["dtype"] == dtype]
+    title = f"fastrms {result['version']}, {result['machine']['cpu']}, {result['machine']['threads']} threads"
+    with plt.rc_context({"font.size": 11}):
+        fig, axes = plt.subplots(1, len(dtypes), figsize=(5.2 * len(dtypes), 4.6), squeeze=False, sharey=True)
+        for ax, dtype in zip(axes[0], dtypes):
+            cells = [r for r in rows if r["variant"] == shown and r["dtype"] == dtype]
             for name, style in styles.items():
-                pts = [(r["n"], r["bytes_per_step"] / r["seconds"][name] / 1e9) for r in rows if name in r["seconds"]]
+                pts = []
+                for r in cells:
+                    s = r["seconds"]
+                    t = max(s[k] for k in ("traffic", "bespoke") if k in s) if name == "limit" else s.get(name)
+                    if t:
+                        pts.append((r["n"], r["bytes_per_step"] / t / 1e9))
                 if pts:
-                    xs, ys = zip(*pts)
-                    ax.plot(xs, ys, **style)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_title(f"{variant}, {dtype}")
-            ax.set_xlabel("elements n")
-            ax.set_ylabel("GB/s (bytes a fused step moves / time)")
+                    ax.plot(*zip(*pts), **style)
+            ax.set(xscale="log", yscale="log", title=f"{shown}, {dtype}", xlabel="elements n")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.suptitle(f"fastrms {result['version']}: one RMSprop step, {result['machine']['cpu']}")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+        axes[0][0].set_ylabel("GB/s (bytes the step moves / time)")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
+        fig.suptitle(title)
+        fig.tight_layout(rect=(0, 0.13, 1, 1))
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+        fig, axes = plt.subplots(1, len(dtypes), figsize=(5.2 * len(dtypes), 4.0), squeeze=False, sharey=True)
+        for ax, dtype in zip(axes[0], dtypes):
+            for k, variant in enumerate(variants):
+                cells = [r for r in rows if r["variant"] == variant and r["dtype"] == dtype]
+                pts = [(r["n"], summarize(r)["pct_of_limit"]) for r in cells]
+                pts = [(n, pct) for n, pct in pts if pct is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", color=f"C{k}", label=variant)
+            ax.axhline(100, color="k", ls="--", lw=1)
+            ax.set(xscale="log", title=f"% of the limit, {dtype}", xlabel="elements n", ylim=(0, 130))
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].set_ylabel("% of the limit (100% = at it)")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(variants), frameon=False)
+        fig.suptitle(title)
+        fig.tight_layout(rect=(0, 0.09, 1, 1))
+        limit_path = path.with_name(f"{path.stem}-limit{path.suffix}")
+        fig.savefig(limit_path, dpi=110)
+        plt.close(fig)
+    return path, limit_path
 
 
 def update_readme(path, block):
@@ -436,11 +480,11 @@ def run(
     print_table(result)
     print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     try:
-        print(f"wrote {plot(result, out / 'bench.png')}")
+        print("wrote " + " and ".join(str(p) for p in plot(result, out / "bench.png")))
     except ImportError:
         print("no plot: matplotlib is not installed (pip install 'fastrms[bench]')", file=sys.stderr)
     for path in readme or ():
-        update_readme(path, markdown(result))
+        update_readme(path, markdown(result, compact=True))
         print(f"updated the benchmark table in {path}")
     return 0
 
