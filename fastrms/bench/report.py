@@ -255,8 +255,8 @@ def plot(result, path):
         "limit": dict(color="k", ls="--", lw=1.5, label="limit: slower of same-traffic and bespoke"),
     }
     title = f"fastrms {result['version']}, {result['machine']['cpu']}, {result['machine']['threads']} threads"
-    with plt.rc_context({"font.size": 11}):
-        fig, axes = plt.subplots(1, len(dtypes), figsize=(5.2 * len(dtypes), 4.6), squeeze=False, sharey=True)
+    with plt.rc_context({"font.size": 14}):  # readable at a docs page's width (about 750 px)
+        fig, axes = plt.subplots(1, len(dtypes), figsize=(4.8 * len(dtypes), 5.2), squeeze=False, sharey=True)
         for ax, dtype in zip(axes[0], dtypes):
             cells = [r for r in rows if r["variant"] == shown and r["dtype"] == dtype]
             for name, style in styles.items():
@@ -272,14 +272,15 @@ def plot(result, path):
             ax.grid(True, which="both", alpha=0.3)
         axes[0][0].set_ylabel("GB/s (bytes the step moves / time)")
         handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
+        fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
         fig.suptitle(title)
-        fig.tight_layout(rect=(0, 0.13, 1, 1))
+        fig.tight_layout(rect=(0, 0.2, 1, 1))
         path = Path(path)
         fig.savefig(path, dpi=110)
         plt.close(fig)
 
-        fig, axes = plt.subplots(1, len(dtypes), figsize=(5.2 * len(dtypes), 4.0), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(1, len(dtypes), figsize=(4.8 * len(dtypes), 4.6), squeeze=False, sharey=True)
+        top = max([130.0, *(10 + (summarize(r)["pct_of_limit"] or 0) for r in rows)])
         for ax, dtype in zip(axes[0], dtypes):
             for k, variant in enumerate(variants):
                 cells = [r for r in rows if r["variant"] == variant and r["dtype"] == dtype]
@@ -288,13 +289,13 @@ def plot(result, path):
                 if pts:
                     ax.plot(*zip(*pts), marker="o", color=f"C{k}", label=variant)
             ax.axhline(100, color="k", ls="--", lw=1)
-            ax.set(xscale="log", title=f"% of the limit, {dtype}", xlabel="elements n", ylim=(0, 130))
+            ax.set(xscale="log", title=f"% of the limit, {dtype}", xlabel="elements n", ylim=(0, top))
             ax.grid(True, which="both", alpha=0.3)
         axes[0][0].set_ylabel("% of the limit (100% = at it)")
         handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=len(variants), frameon=False)
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(variants), 2), frameon=False)
         fig.suptitle(title)
-        fig.tight_layout(rect=(0, 0.09, 1, 1))
+        fig.tight_layout(rect=(0, 0.16, 1, 1))
         limit_path = path.with_name(f"{path.stem}-limit{path.suffix}")
         fig.savefig(limit_path, dpi=110)
         plt.close(fig)
