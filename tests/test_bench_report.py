@@ -187,3 +187,20 @@ def test_the_progress_lines_estimate_the_time_left(monkeypatch, capsys):
     bar.update("third")  # t = 130: 15 s a case, 2 left
     err = capsys.readouterr().err.splitlines()
     assert err == ["[1/4] first", "[2/4] second (about 30 s left)", "[3/4] third (about 30 s left)"]
+
+
+def test_the_rich_table_keeps_the_full_variant_names():
+    pytest.importorskip("rich")
+    import io
+
+    row = dict(variant="centered_momentum", dtype="float32", n=1000, bytes_per_step=100,
+               seconds=dict(fastrms=1e-6, traffic=5e-7, numpy_seed=4e-6, numpy_out=2e-6))  # fmt: skip
+    result = dict(version="x", rounds=1, date="d", command="c", rows=[row],
+                  machine=dict(cpu="cpu", cores=2, threads=2, python="3"))  # fmt: skip
+    out = io.StringIO()
+    report.print_table(result, file=out)
+    text = out.getvalue()
+    assert "centered_momentum" in text and "…" not in text
+    drawn = [line.rstrip() for line in text.splitlines() if line.strip()[:1] in "┏┃┡│└"]
+    assert drawn and all(line[-1] in "┓┃┩│┘" for line in drawn)  # no column cropped at the right
+    assert "x JAX" in text and "optax" in text

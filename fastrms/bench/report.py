@@ -223,13 +223,35 @@ def print_table(result, file=sys.stdout):
         print(markdown(result), file=file)
         return
     table = Table(title=f"fastrms {result['version']} on {result['machine']['cpu']}")
-    for header, _, _ in COLUMNS:
-        table.add_column(header, justify="right")
-    for r in table_rows(result["rows"]):
+    rows = table_rows(result["rows"])
+    for i, (header, key, _) in enumerate(COLUMNS):
+        # nothing is cut ("centered_…", "us/st…"): each column is as wide as its longest cell or
+        # header word, headers wrap at spaces, and the console is as wide as the table needs
+        label = key in ("variant", "dtype", "n")
+        width = max([len(r[i]) for r in rows] + [len(word) for word in header.split()])
+        table.add_column(header, justify="left" if label else "right", no_wrap=label, min_width=width)
+    for r in rows:
         table.add_row(*r)
-    console = Console(file=file, width=max(130, Console(file=file).width))
+    console = Console(file=file, width=max(_uncut_width(table), Console(file=file).width))
     console.print(table)
     console.print(footnote(result), soft_wrap=True, highlight=False, markup=False)
+
+
+def _uncut_width(table):
+    """The narrowest console width at which rich draws `table` whole (its own minimum
+    measurement can be a few columns short, and then it crops the last column)."""
+    import io
+
+    from rich.console import Console
+
+    narrowest = Console(width=1000).measure(table).minimum
+    for width in range(narrowest, narrowest + 64):
+        out = io.StringIO()
+        Console(file=out, width=width).print(table)
+        top = next(line for line in out.getvalue().splitlines() if line.strip().startswith("┏"))
+        if top.rstrip().endswith("┓"):
+            return width
+    return Console(width=1000).measure(table).maximum
 
 
 def plot(result, path):
