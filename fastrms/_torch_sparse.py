@@ -6,7 +6,7 @@ A param `(n, width)` whose grad is a sparse COO tensor with one sparse and one d
 dimension (indices `(1, nnz)`, values `(nnz, width)`, coalesced or not) is stepped on the
 rows it names: each named row gets torch's dense RMSprop update with the sum of its grad rows
 (duplicates added in the order given), every other row stays bitwise unchanged. The param's
-`step` counts one step per call. The group option `dense_rows` (fastrms's own, default
+`step` counts one step per call. The optimizer's `dense_rows` (fastrms's own, default
 False) chooses what an untouched row does:
 
 - lazy (False): its state does not decay (as TensorFlow's sparse ops and torch's
@@ -23,6 +23,8 @@ import torch
 
 from . import kernels
 from . import rows as rows_step
+from .layout import address
+from .options import scalars
 
 #: The state key of the per-row step counters (`dense_rows=True`).
 ROW_STEP = "row_step"
@@ -48,42 +50,47 @@ def check(p, g, name):
         raise ValueError(f"{name}: a param with a sparse grad must be contiguous (its rows are stepped in place)")
 
 
-def table(p, g, tensors, names, state, dense_rows, name):
+def counters(state, n, name):
+    """The param's `row_step` counters (checked), or None when its state has none."""
+    found = state.get(ROW_STEP)
+    if found is not None and not (torch.is_tensor(found) and found.dtype == torch.int64 and found.shape == (n,)):
+        raise ValueError(f"{name}: its state {ROW_STEP!r} must be an int64 tensor of shape ({n},)")
+    return found
+
+
+def table(p, g, tensors, names, state, dense_rows, parallel, name):
     """The `fastrms.rows.Table` of one param: its state `tensors` (in `names` order, as
     `fastrms.torch.RMSprop._layout` made them) and the grad's rows, checked; `row_step`
     created (every row up to date at the param's current step) or checked when
     `dense_rows`. Nothing is written."""
     n, width = p.shape
-    values = g._values()
-    rows = rows_step.indices(g._indices()[0].numpy(), f"{name}: its sparse grad's indices")
-    grads = rows_step.grad_rows(values.contiguous().numpy(), rows.size, width, values.numpy().dtype, name)
-    state_arrays = dict(zip(names, (_numpy(t) for t in tensors)))
     param = _numpy(p)
+    rows = rows_step.indices(g._indices()[0].numpy(), f"{name}: its sparse grad's indices")
+    grads = rows_step.grad_rows(g._values().contiguous().numpy(), rows.size, width, param.dtype, name)
+    state_arrays = dict(zip(names, (_numpy(t) for t in tensors)))
     start, end = _span(grads)
     for a in (param, *state_arrays.values()):
         a_start, a_end = _span(a)
         if grads.size and a.size and a_start < end and start < a_end:
             raise ValueError(f"{name}: its sparse grad's values share memory with the param or its state")
-    last = np.zeros(0, np.int64)
+    last, row_step = np.zeros(0, np.int64), None
     if dense_rows:
-        counters = state.get(ROW_STEP)
-        if counters is None:
-            counters = torch.full((n,), int(float(state["step"])), dtype=torch.int64)
-        elif not (torch.is_tensor(counters) and counters.dtype == torch.int64 and counters.shape == (n,)):
-            raise ValueError(f"{name}: its state {ROW_STEP!r} must be an int64 tensor of shape ({n},)")
-        last = counters.numpy()
+        row_step = counters(state, n, name)
+        if row_step is None:
+            row_step = torch.full((n,), int(float(state["step"])), dtype=torch.int64)
+        last = row_step.numpy()
     empty = param[:0]
     table = rows_step.Table(
         param, state_arrays.get("square_avg", empty), state_arrays.get("grad_avg", empty),
         state_arrays.get("momentum_buffer", empty), n, width, rows, grads, last, f"{name}: its sparse grad's rows",
-        False,
+        parallel,
     )  # fmt: skip
     rows_step.check_bounds(table)  # before any param's step: a step that fails changes nothing
-    return table, counters if dense_rows else None
+    return table, row_step
 
 
 def _span(a):
-    start = a.__array_interface__["data"][0]
+    start = address(a)
     return start, start + a.nbytes
 
 
@@ -91,8 +98,6 @@ def catch_up(p, tensors, names, counters, key, t, hyper, lr):
     """`dense_rows`, before a dense grad steps a param that was stepped by rows: bring every
     lagging row up to date (the closed form of its zero-gradient steps), then mark every row
     stepped at `t`."""
-    from .options import scalars
-
     state_arrays = dict(zip(names, (_numpy(t) for t in tensors)))
     param, last = _numpy(p), counters.numpy()
     empty = param[:0]

@@ -542,6 +542,8 @@ class RMSprop:
             self._busy.release()
 
     def _step_rows(self, rows, grad_rows, param):
+        if self._generation != runtime.generation():
+            self._choose_kernels()
         if param is None or isinstance(param, (bool, int, np.integer)):
             tables = [self._table(param, rows, grad_rows, "")]
         else:
@@ -559,9 +561,6 @@ class RMSprop:
             if len(set(owners)) != k:
                 first = next(i for i, o in enumerate(owners) if owners.count(o) > 1)
                 raise ValueError(f"param names params[{int(param[first])}] twice; pass its rows once, concatenated")
-        if self._generation != runtime.generation():
-            self._choose_kernels()
-        tables = [tb._replace(parallel=self._chosen[self._group_of[tb.parallel]][1]) for tb in tables]
         scalars = self._next_scalars()
         done = rows_step.step(
             tables, self._step_count + 1, self._dense_rows, scalars,
@@ -576,8 +575,7 @@ class RMSprop:
         self._advance()
 
     def _table(self, param, rows, grad_rows, suffix):
-        """One table of `step_rows`, checked (`fastrms.rows.Table`; its `parallel` holds
-        the param's index until the kernels are chosen)."""
+        """One table of `step_rows`, checked (`fastrms.rows.Table`)."""
         if param is None:
             if len(self._slots) != 1:
                 raise TypeError(f"step_rows needs param= (0 to {len(self._slots) - 1}) for an optimizer over several")
@@ -599,7 +597,7 @@ class RMSprop:
             raise self._read_only(slot)
         return rows_step.Table(
             slot.flat, slot.square_avg, slot.grad_avg, slot.momentum_buffer, n, width, index, grads, slot.row_step,
-            f"rows{suffix}", int(param),
+            f"rows{suffix}", self._chosen[self._group_of[int(param)]][1],
         )  # fmt: skip
 
     def _row_kernel(self, make, parallel):

@@ -486,7 +486,7 @@ class RMSprop(torch.optim.Optimizer):
             if g.numel() != cached[9]:
                 raise ValueError(f"{where}['params'][{j}]: its grad has {g.numel()} elements, the param {cached[9]}")
             if dense_rows and _torch_sparse.ROW_STEP in cached[4]:
-                lagging.append(self._lagging(p, cached, names, hyper))
+                lagging.append(self._lagging(p, cached, names, hyper, f"{where}['params'][{j}]"))
             turn = 0
             if seen is not None:
                 turn = seen[id(p)] = seen.get(id(p), -1) + 1
@@ -515,17 +515,15 @@ class RMSprop(torch.optim.Optimizer):
         hyper = self._hyperparameters(group, where, (_NUMPY[p.dtype],))
         names = O.state_names(hyper)
         entry = self._layout(p, names, p.data_ptr(), name, self.state[p])
-        table, counters = _torch_sparse.table(p, g, entry[10], names, entry[4], self._dense_rows, name)
-        if runtime.parallel_mode() != "serial":
-            table = table._replace(parallel=True)
+        parallel = runtime.parallel_mode() != "serial"
+        table, counters = _torch_sparse.table(p, g, entry[10], names, entry[4], self._dense_rows, parallel, name)
         return p, table, counters, entry
 
     @staticmethod
-    def _lagging(p, cached, names, hyper):
+    def _lagging(p, cached, names, hyper, name):
+        """`dense_rows`: the catch-up before a dense grad steps a param stepped by rows."""
         state = cached[4]
-        counters = state[_torch_sparse.ROW_STEP]
-        if not (torch.is_tensor(counters) and counters.dtype == torch.int64 and counters.shape == (p.shape[0],)):
-            raise ValueError(f"the state {_torch_sparse.ROW_STEP!r} of a param must be an int64 tensor of its rows")
+        counters = _torch_sparse.counters(state, p.shape[0], name)
         return p, cached[10], names, counters, O.variant_key(hyper), int(float(state["step"])) + 1
 
     def _run_rows(self, hyper, p, table, counters, entry, bumped):
