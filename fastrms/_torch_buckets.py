@@ -144,16 +144,14 @@ class Bucket:
                 self.state_np.get("grad_avg", empty) if key.uses_grad_avg else empty,
                 self.state_np.get("momentum_buffer", empty) if key.uses_momentum_buffer else empty,
             )
-            shell = kernels.dense(key, bool(parallel))
+            shell = runtime.shell(kernels.dense, key, parallel)
             call = (*arrays, *self.scalars)
             self.steps_np += self.steps_np.dtype.type(1.0)
         else:
             ptrs, sizes, chunks = self._table(active)
-            shell = kernels.segments(key, bool(parallel))
+            shell = runtime.shell(kernels.segments, key, parallel)
             call = (self.param_np[:0], ptrs, sizes, chunks, *self.scalars)
             self.steps_np[active] += self.steps_np.dtype.type(1.0)
-        if parallel == "serialized":
-            shell = runtime.serialized(shell)
         shell(*call)
         bumped.append(self.param_flat)  # views share their base's version counter
         bumped.extend(self.state[name] for name in self.names)

@@ -1,22 +1,61 @@
-"""The arithmetic of `clip_global_norm` around the kernels (`torch.nn.utils.clip_grad_norm_`'s
-formula); the sum of squares itself is a kernel (`fastrms.kernels.reduce`), and
-`clip_value` is a clamp inside the element function.
-
-
+"""The guard of a step, for every front end: `skip_nonfinite` and `clip_global_norm`
+(`torch.nn.utils.clip_grad_norm_`'s formula) decided once, before anything is written. The
+sums of squares and the non-finite checks are kernels (`fastrms.kernels.reduce`), which the
+caller passes in; `clip_value` is a clamp inside the element function.
 
     norm = sqrt(sum over every element of every grad of g^2)      (float64, fixed order)
     coef = min(1, max_norm / (norm + 1e-6))
     g   <- coef * g        as the kernel reads it; the caller's grads are never written
+    skip the step          when skip_nonfinite and a grad holds a NaN or an infinity
 """
 
 import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["coefficient", "overflow"]
+__all__ = ["Verdict", "coefficient", "guard", "overflow"]
 
 #: Added to the norm before dividing, as torch does (optax's `clip_by_global_norm` adds nothing).
 NORM_EPS = 1e-6
+
+
+class Verdict(NamedTuple):
+    """What the guard decided: `stepped` False when `skip_nonfinite` refused the step; `norm`
+    the global norm before clipping (None without `clip_global_norm`); `coef` the factor on
+    every grad (1.0 without clipping)."""
+
+    stepped: bool
+    norm: "float | None"
+    coef: float
+
+
+GO = Verdict(True, None, 1.0)
+SKIP = Verdict(False, None, 1.0)
+
+
+def guard(
+    sumsq: "Callable[[], float]",
+    nonfinite: "Callable[[], bool]",
+    grads: "Callable[[], Sequence[np.ndarray]]",
+    max_norm: "float | None",
+    skip_nonfinite: bool,
+) -> Verdict:
+    """The step's verdict. `sumsq()`: the float64 sum of squares over every grad, in a fixed
+    order; `nonfinite()`: whether any grad holds a NaN or an infinity; `grads()`: the grads
+    (read only on the rare float64-overflow path). With clipping the norm is the non-finite
+    check (one pass): a finite sum needs no second look."""
+    if max_norm is None:
+        return SKIP if skip_nonfinite and nonfinite() else GO
+    total = sumsq()
+    norm = math.sqrt(total)
+    if math.isfinite(total):
+        return Verdict(True, norm, coefficient(norm, max_norm))
+    if nonfinite():  # a NaN or an infinity in the grads
+        return Verdict(False, norm, math.nan) if skip_nonfinite else Verdict(True, norm, coefficient(norm, max_norm))
+    norm, coef = overflow(grads(), max_norm)  # finite grads whose float64 squares overflowed
+    return Verdict(True, norm, coef)
 
 
 def coefficient(norm, max_norm):

@@ -38,6 +38,7 @@ import numpy as np
 from . import functional
 from . import options as O
 from ._checks import STEP_MAX, count
+from .clock import Clock
 from .presets import preset_options
 
 if TYPE_CHECKING:  # the static types of **options (generated from the options table)
@@ -509,8 +510,8 @@ class RMSprop:
         if self._hyper["dense_rows"]:
             raise ValueError("dense_rows=True is an option of step_rows, which fastrms.dask.RMSprop does not have")
         self._names = O.state_names(self._hyper)
-        self._step_count = 0
-        self._skipped_steps = 0
+        self._dtypes = tuple(dict.fromkeys(a.dtype for a in arrays))
+        self._clock = Clock(self._hyper, self._dtypes)
         kernel = {k: self._hyper[k] for k in O.NAMES if k != "learning_rate"}
         self._gens = []
         self._gens = self._settle([self._stacked(p, init_state(p, **kernel)) for p in arrays])
@@ -542,11 +543,23 @@ class RMSprop:
 
     @property
     def step_count(self):
-        return self._step_count
+        """Steps taken so far."""
+        return self._clock.step_count
 
     @property
     def skipped_steps(self):
-        return self._skipped_steps
+        """Steps refused by `skip_nonfinite`."""
+        return self._clock.skipped_steps
+
+    @property
+    def current_learning_rate(self):
+        """The learning rate the next step will use."""
+        return self._clock.lr()
+
+    @property
+    def last_learning_rate(self):
+        """The learning rate the last step used (None before the first step)."""
+        return self._clock.last_lr
 
     @property
     def hyperparameters(self):
@@ -624,12 +637,10 @@ class RMSprop:
         if self._hyper["skip_nonfinite"]:
             finite = dask.compute(*(da.isfinite(g).all() for g in grads))
             if not all(finite):
-                self._skipped_steps += 1
+                self._clock.skip()
                 return
-        lr = self._hyper["learning_rate"]
-        if callable(lr):
-            lr = O.scheduled_lr(lr, self._step_count, self._hyper["weight_decay"], tuple(g.dtype for g in self._gens))
-        t = self._step_count + 1
+        lr = self._clock.lr()
+        t = self._clock.step_count + 1
         options = {k: self._hyper[k] for k in O.NAMES if k not in ("learning_rate", "beta", "epsilon")}
         options["skip_nonfinite"] = False  # checked globally above
         args = dict(names=self._names, t=t, lr=float(lr), beta=self._hyper["beta"],
@@ -642,7 +653,7 @@ class RMSprop:
             self._gens = list(dask.persist(*new))
         else:
             self._gens = self._cluster_step(client, grads, args)
-        self._step_count = t
+        self._clock.advance_with(lr)
 
     def _computed(self, client, grads):
         """`grads` persisted on the cluster (as given when they already are) and computed."""
@@ -742,14 +753,14 @@ class RMSprop:
         self._usable()
         root = os.fspath(path)
         os.makedirs(root, exist_ok=True)
-        generation = f"gen-{self._step_count:09d}-{secrets.token_hex(4)}"
+        generation = f"gen-{self._clock.step_count:09d}-{secrets.token_hex(4)}"
         folder = os.path.join(root, generation)
         group = zarr.open_group(folder, mode="w")
         hyper = {k: v for k, v in self._hyper.items() if not callable(v)}
         group.attrs.update(
             format_version=FORMAT_VERSION,
-            step_count=self._step_count,
-            skipped_steps=self._skipped_steps,
+            step_count=self._clock.step_count,
+            skipped_steps=self._clock.skipped_steps,
             num_params=len(self._gens),
             hyperparameters=hyper,
             shapes=[list(g.shape[1:]) for g in self._gens],
@@ -857,8 +868,8 @@ class RMSprop:
             )
         params = [_layer(gen, 0) for gen in self._gens]
         self._gens = self._settle([self._stacked(p, s) for p, s in zip(params, states)])
-        self._step_count, self._skipped_steps = step_count, skipped
         self._hyper = hyper
+        self._clock = Clock(hyper, self._dtypes, step_count, skipped, self._clock.last_lr)
 
     def _compute(self, arrays):
         """`dask.compute(*arrays)`; on a `distributed` cluster, watching that no chunk of

@@ -3,7 +3,6 @@ of "functional"). It runs the same element function as `fastrms.RMSprop`, so its
 match `RMSprop.step` and `fastrms.reference`; it is what `fastrms.dask` maps over
 blocks."""
 
-import math
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -97,33 +96,30 @@ def rmsprop_step(
     big = kernels.step_bytes(p.size, p.itemsize, len(names)) >= kernels.PARALLEL_MIN_BYTES
     parallel = big and runtime.parallel_mode() != "serial"
     scalars = O.scalars(hyper, hyper["learning_rate"], t)
-    check = kernels.nonfinite_parallel if parallel else kernels.nonfinite_serial
-    nonfinite = hyper["skip_nonfinite"] and check(g)
-    max_norm = hyper["clip_global_norm"]
-    if max_norm is not None and not nonfinite:
-        total = (kernels.sumsq_parallel if parallel else kernels.sumsq_serial)(g)
-        if math.isinf(total) and not check(g):
-            coef = clipping.overflow([g], max_norm)[1]
-        else:
-            coef = clipping.coefficient(math.sqrt(total), max_norm)
-        scalars = scalars._replace(grad_scale=scalars.grad_scale * coef)
-    if nonfinite:
+    verdict = clipping.guard(
+        lambda: (kernels.sumsq_parallel if parallel else kernels.sumsq_serial)(g),
+        lambda: (kernels.nonfinite_parallel if parallel else kernels.nonfinite_serial)(g),
+        lambda: [g],
+        hyper["clip_global_norm"],
+        hyper["skip_nonfinite"],
+    )
+    if not verdict.stepped:
         for src, dst in ((p, p_out), *((flat[n], flat_out[n]) for n in names)):
             if dst is not src:
                 np.copyto(dst, src)
         return param_out, state_out
+    if verdict.coef != 1.0:
+        scalars = scalars._replace(grad_scale=scalars.grad_scale * verdict.coef)
     m, b = flat.get("grad_avg", empty), flat.get("momentum_buffer", empty)
     if out is not None and _same(p, p_out) and all(_same(flat[n], flat_out[n]) for n in names):
         # every output is its input: the in-place shell (same bits; LLVM cannot vectorise a
         # loop whose outputs alias its inputs, so the out-of-place one would run scalar)
-        shell = kernels.dense(key, parallel)
+        shell = runtime.shell(kernels.dense, key, parallel)
         arrays: tuple = (p_out, g, flat_out["square_avg"], m, b)
     else:
-        shell = kernels.dense_out(key, parallel)
+        shell = runtime.shell(kernels.dense_out, key, parallel)
         m_out, b_out = flat_out.get("grad_avg", empty), flat_out.get("momentum_buffer", empty)
         arrays = (p, g, flat["square_avg"], m, b, p_out, flat_out["square_avg"], m_out, b_out)
-    if parallel and runtime.parallel_mode() == "serialized":
-        shell = runtime.serialized(shell)
     shell(*arrays, *scalars)
     return param_out, state_out
 

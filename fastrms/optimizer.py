@@ -7,7 +7,6 @@ the options are declared once, in `fastrms.options`; checkpoints are
 
 import bisect
 import inspect
-import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from . import checkpoint, clipping, kernels, runtime
 from . import options as O
 from . import rows as rows_step
 from ._checks import float_array
+from .clock import Clock
 from .kernels import contiguous_address
 from .layout import Group, Slot, address, grad_span
 from .options import check_hyperparameters, state_names
@@ -143,9 +143,6 @@ class RMSprop:
                 )
         self._dtypes = tuple(dict.fromkeys(a.dtype for a in arrays))
         hyper = check_hyperparameters(options, self._dtypes)  # in range, and fitting the params' dtypes
-        self._step_count = 0
-        self._skipped_steps = 0
-        self._last_lr = None
         self._busy = threading.Lock()
         names = state_names(hyper)
         slots = [Slot(p, a, names) for p, a in zip(given, arrays)]
@@ -185,11 +182,9 @@ class RMSprop:
         # params that all tile one buffer (fastrms.pack) may be stepped with one flat grad
         only = self._groups[0] if len(self._groups) == 1 else None
         self._packed = only if only is not None and only.kind == "flat" else None
-        lr = hyper["learning_rate"]
-        self._schedule = lr if callable(lr) else None
-        self._lr = None if callable(lr) else lr
-        self._bias_correction = hyper["bias_correction"]
-        self._scalars = O.scalars(hyper, math.nan, 1)  # NaN: never equal, so the first step builds them
+        old = getattr(self, "_clock", None)
+        counts = (old.step_count, old.skipped_steps, old.last_lr) if old is not None else ()
+        self._clock = Clock(hyper, self._dtypes, *counts)
         self._skip_nonfinite = hyper["skip_nonfinite"]
         self._max_norm = hyper["clip_global_norm"]
         self._dense_rows = hyper["dense_rows"]
@@ -218,8 +213,7 @@ class RMSprop:
                     kernels.sumsq_segments_parallel if parallel else kernels.sumsq_segments_serial,
                 ),
             }
-            if parallel and mode == "serialized":
-                pairs = {k: tuple(runtime.serialized(f) for f in fns) for k, fns in pairs.items()}
+            pairs = {k: tuple(runtime.locked(f, parallel) for f in fns) for k, fns in pairs.items()}
             chosen.append((pairs, parallel))
         self._chosen = chosen
         self._row_kernels = {}  # step_rows's, by (kind, parallel): chosen again with the rest
@@ -285,12 +279,12 @@ class RMSprop:
     @property
     def step_count(self) -> int:
         """Steps taken so far."""
-        return self._step_count
+        return self._clock.step_count
 
     @property
     def skipped_steps(self) -> int:
         """Steps refused by `skip_nonfinite` because a grad held a NaN or an infinity."""
-        return self._skipped_steps
+        return self._clock.skipped_steps
 
     @property
     def last_grad_norm(self) -> "float | None":
@@ -302,22 +296,19 @@ class RMSprop:
     @property
     def current_learning_rate(self) -> float:
         """The learning rate the next step will use."""
-        return self._lr if self._schedule is None else self._scheduled_lr(self._step_count)
+        return self._clock.lr()
 
     @property
     def last_learning_rate(self) -> "float | None":
         """The learning rate the last step used (None before the first step)."""
-        return self._last_lr
+        return self._clock.last_lr
 
     def __repr__(self):
         shown = ", ".join(f"{k}={v!r}" for k, v in self._hyper.items())
         sizes = [s.flat.size for s in self._slots]
-        return f"RMSprop({len(sizes)} array(s), {sum(sizes)} elements, step_count={self._step_count}, {shown})"
+        return f"RMSprop({len(sizes)} array(s), {sum(sizes)} elements, step_count={self._clock.step_count}, {shown})"
 
     # ------------------------------------------------------------------ the step
-
-    def _scheduled_lr(self, count):
-        return O.scheduled_lr(self._schedule, count, self._hyper["weight_decay"], self._dtypes)
 
     def _check_grad(self, g, slot, index):
         """`(g, address)`: `g` checked against its param (a plain C-contiguous, aligned
@@ -452,59 +443,53 @@ class RMSprop:
             raise self._read_only(s)
         if self._generation != runtime.generation():
             self._choose_kernels()
-        update, nonfinite, _ = self._chosen[0][0]["dense"]
+        update = self._chosen[0][0]["dense"][0]
         g = g.reshape(-1)
         arrays = (s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer)
-        if self._max_norm is not None:
+        if self._max_norm is not None or self._skip_nonfinite:  # the guard's path
             self._launch([("dense", arrays, (g,), (g,))], ((g, start),))
             return
-        if self._skip_nonfinite and nonfinite(g):
-            self._skipped_steps += 1
-            return
-        scalars = self._next_scalars()
+        scalars = self._clock.scalars()
         if self._dense_rows:
             self._catch_up_rows(scalars)
         update(*arrays, *scalars)
-        self._advance()
+        self._clock.advance()
         if self._dense_rows:
-            s.row_step[...] = self._step_count
+            s.row_step[...] = self._clock.step_count
 
     def _launch(self, calls, checked):
         """Run one step's kernels, checks first: `calls` holds, per group, `(shell, arrays,
         check arrays, norm arrays)`; `checked` the grads (for the rare overflow path)."""
         chosen = self._chosen
         coef = 1.0
-        if self._max_norm is not None:
-            total = 0.0  # the groups' sums of squares, added in order (reproducible)
-            for (pairs, _), (_, _, _, norm_args) in zip(chosen, calls):
-                total += pairs["dense" if len(norm_args) == 1 else "segments"][2](*norm_args)
-            norm, coef = math.sqrt(total), None
-            if not math.isfinite(total):  # a NaN or inf in the grads, or float64 squares overflowing
-                if any(pairs[shell][1](*check_args) for (pairs, _), (shell, _, check_args, _) in zip(chosen, calls)):
-                    self._last_grad_norm = norm
-                    if self._skip_nonfinite:  # the norm was the non-finite check: one pass
-                        self._skipped_steps += 1
-                        return
-                else:
-                    norm, coef = clipping.overflow([g for g, _ in checked], self._max_norm)
-            self._last_grad_norm = norm
-            coef = clipping.coefficient(norm, self._max_norm) if coef is None else coef
-        elif self._skip_nonfinite:
-            for (pairs, _), (shell, _, check_args, _) in zip(chosen, calls):
-                if pairs[shell][1](*check_args):
-                    self._skipped_steps += 1
-                    return
-        scalars = self._next_scalars()
+        if self._max_norm is not None or self._skip_nonfinite:
+            verdict = clipping.guard(
+                lambda: sum(  # the groups' sums of squares, added in order (reproducible)
+                    pairs["dense" if len(norm_args) == 1 else "segments"][2](*norm_args)
+                    for (pairs, _), (_, _, _, norm_args) in zip(chosen, calls)
+                ),
+                lambda: any(pairs[shell][1](*args) for (pairs, _), (shell, _, args, _) in zip(chosen, calls)),
+                lambda: [g for g, _ in checked],
+                self._max_norm,
+                self._skip_nonfinite,
+            )
+            if verdict.norm is not None:
+                self._last_grad_norm = verdict.norm
+            if not verdict.stepped:
+                self._clock.skip()
+                return
+            coef = verdict.coef
+        scalars = self._clock.scalars()
         if coef != 1.0:  # fold the clipping coefficient into the kernel's grad scale
             scalars = scalars._replace(grad_scale=scalars.grad_scale * coef)
         if self._dense_rows:
             self._catch_up_rows(scalars)
         for (pairs, _), (shell, args, _, _) in zip(chosen, calls):
             pairs[shell][0](*args, *scalars)
-        self._advance()
+        self._clock.advance()
         if self._dense_rows:
             for slot in self._slots:
-                slot.row_step[...] = self._step_count  # a dense step touches every row
+                slot.row_step[...] = self._clock.step_count  # a dense step touches every row
 
     def step_rows(
         self,
@@ -561,18 +546,19 @@ class RMSprop:
             if len(set(owners)) != k:
                 first = next(i for i, o in enumerate(owners) if owners.count(o) > 1)
                 raise ValueError(f"param names params[{int(param[first])}] twice; pass its rows once, concatenated")
-        scalars = self._next_scalars()
+        clock = self._clock
+        scalars = clock.scalars()
         done = rows_step.step(
-            tables, self._step_count + 1, self._dense_rows, scalars,
-            rows_step.catch_up_constants(self._hyper, self._variant, self._pending_lr), self._row_kernel,
+            tables, clock.step_count + 1, self._dense_rows, scalars,
+            rows_step.catch_up_constants(self._hyper, self._variant, clock.pending_lr), self._row_kernel,
             self._max_norm, self._skip_nonfinite,
         )  # fmt: skip
         if done.norm is not None:
             self._last_grad_norm = done.norm
         if not done.stepped:
-            self._skipped_steps += 1
+            clock.skip()
             return
-        self._advance()
+        clock.advance()
 
     def _table(self, param, rows, grad_rows, suffix):
         """One table of `step_rows`, checked (`fastrms.rows.Table`)."""
@@ -606,17 +592,14 @@ class RMSprop:
         `_choose_kernels` runs again."""
         shell = self._row_kernels.get((make, parallel))
         if shell is None:
-            shell = make(self._variant, parallel)
-            if parallel and runtime.parallel_mode() == "serialized":
-                shell = runtime.serialized(shell)
-            self._row_kernels[(make, parallel)] = shell
+            shell = self._row_kernels[(make, parallel)] = runtime.shell(make, self._variant, parallel)
         return shell
 
     def _catch_up_rows(self, scalars):
         """`dense_rows`, before a dense step: bring every row that missed steps up to date
         (the closed form of its zero-gradient steps), so the dense step starts from the state
         a dense run would have."""
-        t = self._step_count + 1
+        t = self._clock.step_count + 1
         decay, drift_lr = rows_step.catch_up_constants(self._hyper, self._variant, scalars.lr)
         for slot in self._slots:
             if not slot.row_step.size:
@@ -627,19 +610,6 @@ class RMSprop:
                     slot.flat, slot.flat[:0], slot.square_avg, slot.grad_avg, slot.momentum_buffer, lagging,
                     slot.shape[1], slot.row_step, t, True, False, decay, drift_lr, *scalars,
                 )  # fmt: skip
-
-    def _next_scalars(self):
-        """The kernel scalars of the next step (rebuilt only when the learning rate changes or
-        bias correction is on); the learning rate is kept for `_advance`."""
-        lr = self._lr if self._schedule is None else self._scheduled_lr(self._step_count)
-        if self._bias_correction or lr != self._scalars[0]:  # else the last step's scalars hold
-            self._scalars = O.scalars(self._hyper, lr, self._step_count + 1)
-        self._pending_lr = lr
-        return self._scalars
-
-    def _advance(self):
-        self._step_count += 1
-        self._last_lr = self._pending_lr
 
     @staticmethod
     def _call(group, checked, clipping):
@@ -679,8 +649,8 @@ class RMSprop:
         """
         d = {
             "format_version": checkpoint.FORMAT_VERSION,
-            "step_count": self._step_count,
-            "skipped_steps": self._skipped_steps,
+            "step_count": self._clock.step_count,
+            "skipped_steps": self._clock.skipped_steps,
             "num_params": len(self._slots),
         }
         for key, value in self._hyper.items():
@@ -710,8 +680,7 @@ class RMSprop:
         # Checked: now write, into the arrays already allocated (same variant, same names).
         for (i, name), a in arrays.items():
             np.copyto(getattr(self._slots[i], name), a.reshape(-1))
-        self._step_count = step_count
-        self._skipped_steps = skipped
+        self._clock.step_count, self._clock.skipped_steps = step_count, skipped
         self._install(self._slots, hyper)
 
     # ------------------------------------------------------------------ checkpoints on disk

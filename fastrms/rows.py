@@ -17,7 +17,6 @@ Lazy (the default): an untouched row's state does not decay. Dense-equivalent
 rounding.
 """
 
-import math
 from typing import NamedTuple
 
 import numpy as np
@@ -132,22 +131,18 @@ def step(tables, t, dense_rows, scalars, catch_up, kernel, max_norm=None, skip_n
             raise bad_row(table, bad)
         merged.append((unique, g))
     summed = [g for _, g in merged]
-    coef, norm = 1.0, None
-    if max_norm is not None:
-        total = sum(
+    verdict = clipping.guard(
+        lambda: sum(
             (kernels.sumsq_parallel if parallel(tb) else kernels.sumsq_serial)(g) for tb, g in zip(tables, summed)
-        )
-        norm, coef = math.sqrt(total), None
-        if not math.isfinite(total):  # the rule of a dense step: skip only grads that are not finite
-            if any(kernels.nonfinite_serial(g) for g in summed):
-                if skip_nonfinite:
-                    return Outcome(False, norm)
-                coef = clipping.coefficient(norm, max_norm)
-            else:
-                norm, coef = clipping.overflow(summed, max_norm)
-        coef = clipping.coefficient(norm, max_norm) if coef is None else coef
-    elif any(kernels.nonfinite_serial(g) for g in summed):
-        return Outcome(False, None)
+        ),
+        lambda: any(kernels.nonfinite_serial(g) for g in summed),
+        lambda: summed,
+        max_norm,
+        skip_nonfinite,
+    )
+    if not verdict.stepped:
+        return Outcome(False, verdict.norm)
+    coef, norm = verdict.coef, verdict.norm
     if coef != 1.0:
         scalars = scalars._replace(grad_scale=scalars.grad_scale * coef)
     for table, (unique, g) in zip(tables, merged):

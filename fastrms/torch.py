@@ -533,13 +533,9 @@ class RMSprop(torch.optim.Optimizer):
             state[_torch_sparse.ROW_STEP] = counters
         step = state["step"]
         t = int(float(step)) + 1
-
-        def shell(make, parallel):
-            run = make(key, parallel)
-            return runtime.serialized(run) if parallel and runtime.parallel_mode() == "serialized" else run
-
         rows_step.step([table], t, hyper["dense_rows"], O.scalars(hyper, lr, t),
-                       rows_step.catch_up_constants(hyper, key, lr), shell)  # fmt: skip
+                       rows_step.catch_up_constants(hyper, key, lr),
+                       lambda make, parallel: runtime.shell(make, key, parallel))  # fmt: skip
         step.add_(1)
         bumped.append(p)
         bumped.extend(entry[10])
@@ -676,7 +672,5 @@ class RMSprop(torch.optim.Optimizer):
             chunks = self._tables[table] = kernels.chunk_table(sizes)
         witness = np.empty(0, dtype=_NUMPY[dtype])
         parallel = self._parallel(int(sizes.sum()), witness.itemsize, hyper)
-        shell = kernels.segments(key, bool(parallel))
-        if parallel == "serialized":
-            shell = runtime.serialized(shell)
+        shell = runtime.shell(kernels.segments, key, parallel)
         shell(witness, ptrs, sizes, chunks, *O.scalars(hyper, hyper["learning_rate"], 1))
