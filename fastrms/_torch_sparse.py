@@ -21,9 +21,8 @@ False) chooses what an untouched row does:
 import numpy as np
 import torch
 
-from . import kernels
 from . import rows as rows_step
-from .layout import address
+from .memory import span
 from .options import scalars
 
 #: The state key of the per-row step counters (`dense_rows=True`).
@@ -68,9 +67,9 @@ def table(p, g, tensors, names, state, dense_rows, parallel, name):
     rows = rows_step.indices(g._indices()[0].numpy(), f"{name}: its sparse grad's indices")
     grads = rows_step.grad_rows(g._values().contiguous().numpy(), rows.size, width, param.dtype, name)
     state_arrays = dict(zip(names, (_numpy(t) for t in tensors)))
-    start, end = _span(grads)
+    start, end = span(grads)
     for a in (param, *state_arrays.values()):
-        a_start, a_end = _span(a)
+        a_start, a_end = span(a)
         if grads.size and a.size and a_start < end and start < a_end:
             raise ValueError(f"{name}: its sparse grad's values share memory with the param or its state")
     last, row_step = np.zeros(0, np.int64), None
@@ -89,11 +88,6 @@ def table(p, g, tensors, names, state, dense_rows, parallel, name):
     return table, row_step
 
 
-def _span(a):
-    start = address(a)
-    return start, start + a.nbytes
-
-
 def catch_up(p, tensors, names, counters, key, t, hyper, lr):
     """`dense_rows`, before a dense grad steps a param that was stepped by rows: bring every
     lagging row up to date (the closed form of its zero-gradient steps), then mark every row
@@ -101,11 +95,8 @@ def catch_up(p, tensors, names, counters, key, t, hyper, lr):
     state_arrays = dict(zip(names, (_numpy(t) for t in tensors)))
     param, last = _numpy(p), counters.numpy()
     empty = param[:0]
-    lagging = np.flatnonzero(last < t - 1)
-    if lagging.size:
-        kernels.rows(key, False)(
-            param, empty, state_arrays.get("square_avg", empty), state_arrays.get("grad_avg", empty),
-            state_arrays.get("momentum_buffer", empty), lagging, p.shape[1], last, t, True, False,
-            *rows_step.catch_up_constants(hyper, key, lr), *scalars(hyper, lr, t),
-        )  # fmt: skip
+    rows_step.catch_up(
+        param, state_arrays.get("square_avg", empty), state_arrays.get("grad_avg", empty),
+        state_arrays.get("momentum_buffer", empty), p.shape[1], last, t, hyper, key, scalars(hyper, lr, t),
+    )  # fmt: skip
     last[...] = t

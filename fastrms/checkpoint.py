@@ -47,6 +47,26 @@ _HEADER_ROOM = 4096
 # ------------------------------------------------------------------ validation
 
 
+def state_dict(slots, hyper, step_count, skipped_steps):
+    """The NumPy optimizer's `state_dict` (see `fastrms.RMSprop.state_dict`): counts, the
+    hyperparameters that are values, and a copy of each slot's state arrays."""
+    d = {
+        "format_version": FORMAT_VERSION,
+        "step_count": step_count,
+        "skipped_steps": skipped_steps,
+        "num_params": len(slots),
+    }
+    for key, value in hyper.items():
+        if value is not None and not callable(value):
+            d[key] = value
+    for i, slot in enumerate(slots):
+        for name in slot.names:
+            d[f"{name}.{i}"] = getattr(slot, name).reshape(slot.shape).copy()
+        if slot.row_step.size:  # dense_rows: the step that last touched each row
+            d[f"row_step.{i}"] = slot.row_step.copy()
+    return d
+
+
 def validate(d, slots, current_hyper, dtypes):
     """Check a state dict against an optimizer's `slots` (each with `shape` and
     `dtype`) and hyperparameters; returns `(step_count, skipped_steps, hyper, arrays)`

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numba
 import numpy as np
 
-from . import functional
+from . import checkpoint, functional
 from . import options as O
 from ._checks import STEP_MAX, count
 from .clock import Clock
@@ -48,7 +48,6 @@ if TYPE_CHECKING:  # the static types of **options (generated from the options t
 
 __all__ = ["LostStateError", "RMSprop", "init_state", "release_buffers", "rmsprop_step"]
 
-FORMAT_VERSION = 1
 #: The small file in a checkpoint folder that names the current generation.
 POINTER = "CURRENT"
 
@@ -758,7 +757,7 @@ class RMSprop:
         group = zarr.open_group(folder, mode="w")
         hyper = {k: v for k, v in self._hyper.items() if not callable(v)}
         group.attrs.update(
-            format_version=FORMAT_VERSION,
+            format_version=checkpoint.FORMAT_VERSION,
             step_count=self._clock.step_count,
             skipped_steps=self._clock.skipped_steps,
             num_params=len(self._gens),
@@ -883,8 +882,9 @@ class RMSprop:
         return client.gather(futures)
 
     def _check_attrs(self, attrs):
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"checkpoint format_version must be {FORMAT_VERSION}, got {attrs.get('format_version')!r}")
+        version = checkpoint.FORMAT_VERSION
+        if attrs.get("format_version") != version:
+            raise ValueError(f"checkpoint format_version must be {version}, got {attrs.get('format_version')!r}")
         if attrs.get("num_params") != len(self._gens):
             raise ValueError(
                 f"checkpoint holds {attrs.get('num_params')!r} params, this optimizer has {len(self._gens)}"

@@ -5,7 +5,6 @@ the options are declared once, in `fastrms.options`; checkpoints are
 `fastrms.checkpoint`'s.
 """
 
-import bisect
 import inspect
 import os
 import threading
@@ -14,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import checkpoint, clipping, kernels, runtime
+from . import checkpoint, clipping, kernels, memory, runtime
 from . import options as O
 from . import rows as rows_step
 from ._checks import float_array
 from .clock import Clock
 from .kernels import contiguous_address
-from .layout import Group, Slot, address, grad_span
+from .layout import Group, Slot, grad_span
 from .options import check_hyperparameters, state_names
 from .presets import preset_options
 
@@ -30,15 +29,6 @@ if TYPE_CHECKING:  # the static types of **options (generated from the options t
     from ._typing import Options
 
 __all__ = ["RMSprop", "state_names"]
-
-
-def _grad_name(index):
-    return "grads" if index is None else f"grads[{index}]"
-
-
-def _span(a):
-    start = address(a)
-    return start, start + a.nbytes
 
 
 class RMSprop:
@@ -135,12 +125,7 @@ class RMSprop:
                 raise TypeError(f"params must be an ndarray or a sequence of ndarrays, got {type(params).__name__}")
             given = list(params)
             arrays = [float_array(f"params[{i}]", p, writeable=True) for i, p in enumerate(given)]
-        spans = sorted((*_span(a), i) for i, a in enumerate(arrays) if a.size)
-        for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
-            if start < end:
-                raise ValueError(
-                    f"params[{min(i, j)}] and params[{max(i, j)}] share memory; each must be its own array"
-                )
+        memory.disjoint(arrays)
         self._dtypes = tuple(dict.fromkeys(a.dtype for a in arrays))
         hyper = check_hyperparameters(options, self._dtypes)  # in range, and fitting the params' dtypes
         self._busy = threading.Lock()
@@ -173,12 +158,7 @@ class RMSprop:
             for g, m in enumerate(members):
                 for i in m:
                     self._group_of[i] = g
-        owned = sorted(_span(a) for s in slots for a in s.owned)
-        self._owned_starts = [start for start, _ in owned]
-        self._owned_ends = [end for _, end in owned]
-        self._owned_starts_np = np.array(self._owned_starts, dtype=np.int64)
-        self._owned_ends_np = np.array(self._owned_ends, dtype=np.int64)
-        self._param_nbytes = np.array([s.flat.nbytes for s in slots], dtype=np.int64)
+        self._owned = memory.Owned(slots)
         # params that all tile one buffer (fastrms.pack) may be stepped with one flat grad
         only = self._groups[0] if len(self._groups) == 1 else None
         self._packed = only if only is not None and only.kind == "flat" else None
@@ -310,72 +290,6 @@ class RMSprop:
 
     # ------------------------------------------------------------------ the step
 
-    def _check_grad(self, g, slot, index):
-        """`(g, address)`: `g` checked against its param (a plain C-contiguous, aligned
-        ndarray) and the address of its data. The argument is named only when an error is
-        raised, to keep the per-step cost to a few attribute reads and one Numba call."""
-        if type(g) is not np.ndarray:
-            if not isinstance(g, np.ndarray):
-                raise TypeError(f"{_grad_name(index)} must be a numpy.ndarray, got {type(g).__name__}")
-            g = float_array(_grad_name(index), g, writeable=False)  # a subclass: viewed as a plain ndarray
-        if g.dtype is not slot.dtype and g.dtype != slot.dtype:  # builtin dtypes are singletons
-            raise TypeError(f"{_grad_name(index)} must have dtype {slot.dtype} like its param, got {g.dtype}")
-        if g.shape != slot.shape:
-            raise ValueError(f"{_grad_name(index)} must have shape {slot.shape} like its param, got {g.shape}")
-        start = contiguous_address(g)
-        if start < 0:
-            raise ValueError(
-                f"{_grad_name(index)} must be C-contiguous (use np.ascontiguousarray), got strides {g.strides}"
-            )
-        if start % slot.dtype.itemsize:
-            raise ValueError(
-                f"{_grad_name(index)} must be aligned to its dtype's size (np.require(g, requirements='A'))"
-            )
-        return g, start
-
-    def _check_grads(self, grads, slots):
-        """`_check_grad` for each grad, with the common case (a plain ndarray of the
-        param's dtype and shape, C-contiguous and aligned) inlined: this loop is the whole
-        per-array cost of a many-array step in Python."""
-        out = []
-        append = out.append
-        for i, (g, s) in enumerate(zip(grads, slots)):
-            if type(g) is np.ndarray and g.dtype is s.dtype and g.shape == s.shape:
-                start = contiguous_address(g)
-                if start >= 0 and not start % s.dtype.itemsize:
-                    append((g, start))
-                    continue
-            append(self._check_grad(g, s, i))  # the slow path: it names what is wrong
-        return out
-
-    def _check_overlap(self, checked, slots):
-        """Refuse a grad that shares memory with a param or the state: one sorted search for
-        all of them (the owned spans are sorted and disjoint)."""
-        if not self._owned_starts:  # every array is empty: nothing to overlap
-            return
-        if len(checked) == 1:
-            (_, start), slot = checked[0], slots[0]
-            if self._overlaps(start, slot.flat.nbytes):
-                raise self._overlap(None if self._single or slot is not self._slots[0] else 0)
-            return
-        starts = np.fromiter((a for _, a in checked), dtype=np.int64, count=len(checked))
-        nbytes = self._param_nbytes
-        k = np.searchsorted(self._owned_starts_np, starts + nbytes) - 1
-        hit = (nbytes > 0) & (k >= 0) & (self._owned_ends_np[np.maximum(k, 0)] > starts)
-        if hit.any():
-            raise self._overlap(int(np.argmax(hit)))
-
-    def _overlaps(self, start, nbytes):
-        """Whether the `nbytes` from address `start` share memory with a param or the state
-        (the owned spans are sorted and disjoint: one search)."""
-        k = bisect.bisect_left(self._owned_starts, start + nbytes) - 1
-        return bool(nbytes) and k >= 0 and self._owned_ends[k] > start
-
-    def _overlap(self, i):
-        return ValueError(
-            f"{_grad_name(i)} shares memory with the params or the optimizer state; pass a separate array"
-        )
-
     def step(self, grads: "np.ndarray | Sequence[np.ndarray]") -> None:
         """Apply one update in place. `grads` has the structure of `params`; for params
         that tile one buffer (the views `fastrms.pack` returns) it may also be one flat
@@ -399,7 +313,7 @@ class RMSprop:
             slots = self._slots
             packed = self._packed
             if packed is not None and isinstance(grads, np.ndarray):
-                checked = (self._check_grad(grads, packed.span, None),)  # one flat grad for packed params
+                checked = (memory.check_grad(grads, packed.span, None),)  # one flat grad for packed params
                 slots = (packed.span,)
             else:
                 if not isinstance(grads, (list, tuple)):
@@ -410,8 +324,8 @@ class RMSprop:
                     )
                 if len(grads) != len(slots):
                     raise ValueError(f"grads must hold {len(slots)} arrays, one per param, got {len(grads)}")
-                checked = self._check_grads(grads, slots)
-            self._check_overlap(checked, slots)
+                checked = memory.check_grads(grads, slots)
+            self._owned.check(checked, slots, None if self._single or slots is not self._slots else 0)
             for s in self._slots:
                 if not s.param.flags.writeable:
                     raise self._read_only(s)
@@ -436,9 +350,9 @@ class RMSprop:
         """The step of an optimizer over one array: the same checks and kernel as a group's,
         without the group bookkeeping (this is the whole cost of a small step)."""
         s = self._slots[0]
-        g, start = self._check_grad(grad, s, None)
-        if self._overlaps(start, s.flat.nbytes):
-            raise self._overlap(None)
+        g, start = memory.check_grad(grad, s, None)
+        if self._owned.overlaps(start, s.flat.nbytes):
+            raise memory.overlap(None)
         if not s.param.flags.writeable:
             raise self._read_only(s)
         if self._generation != runtime.generation():
@@ -529,23 +443,7 @@ class RMSprop:
     def _step_rows(self, rows, grad_rows, param):
         if self._generation != runtime.generation():
             self._choose_kernels()
-        if param is None or isinstance(param, (bool, int, np.integer)):
-            tables = [self._table(param, rows, grad_rows, "")]
-        else:
-            if isinstance(param, (str, bytes)) or not hasattr(param, "__len__"):
-                raise TypeError(f"param must be an index or a sequence of indices, got {type(param).__name__}")
-            k = len(param)
-            if not all(isinstance(x, (list, tuple)) and len(x) == k for x in (rows, grad_rows)) or not k:
-                raise TypeError(
-                    f"with param a sequence of {k} tables, rows and grad_rows must be lists or tuples of {k} arrays"
-                    if k
-                    else "param must name at least one table"
-                )
-            tables = [self._table(p, r, g, f"[{i}]") for i, (p, r, g) in enumerate(zip(param, rows, grad_rows))]
-            owners = [id(tb.param) for tb in tables]
-            if len(set(owners)) != k:
-                first = next(i for i, o in enumerate(owners) if owners.count(o) > 1)
-                raise ValueError(f"param names params[{int(param[first])}] twice; pass its rows once, concatenated")
+        tables = rows_step.named(param, rows, grad_rows, self._table)
         clock = self._clock
         scalars = clock.scalars()
         done = rows_step.step(
@@ -575,10 +473,8 @@ class RMSprop:
         n, width = slot.shape
         index = rows_step.indices(rows, f"rows{suffix}")
         grads = rows_step.grad_rows(grad_rows, index.size, width, slot.dtype, f"grad_rows{suffix}")
-        if self._overlaps(contiguous_address(grads), grads.nbytes):  # C-contiguous: float_array
-            raise ValueError(
-                f"grad_rows{suffix} shares memory with the params or the optimizer state; pass a separate array"
-            )
+        if self._owned.overlaps(contiguous_address(grads), grads.nbytes):  # C-contiguous: float_array
+            raise memory.overlap(None, f"grad_rows{suffix}")
         if not slot.param.flags.writeable:
             raise self._read_only(slot)
         return rows_step.Table(
@@ -600,16 +496,10 @@ class RMSprop:
         (the closed form of its zero-gradient steps), so the dense step starts from the state
         a dense run would have."""
         t = self._clock.step_count + 1
-        decay, drift_lr = rows_step.catch_up_constants(self._hyper, self._variant, scalars.lr)
-        for slot in self._slots:
-            if not slot.row_step.size:
-                continue
-            lagging = np.flatnonzero(slot.row_step < t - 1)
-            if lagging.size:
-                kernels.rows(self._variant, False)(
-                    slot.flat, slot.flat[:0], slot.square_avg, slot.grad_avg, slot.momentum_buffer, lagging,
-                    slot.shape[1], slot.row_step, t, True, False, decay, drift_lr, *scalars,
-                )  # fmt: skip
+        for s in self._slots:
+            if s.row_step.size:
+                rows_step.catch_up(s.flat, s.square_avg, s.grad_avg, s.momentum_buffer, s.shape[1], s.row_step, t,
+                                   self._hyper, self._variant, scalars)  # fmt: skip
 
     @staticmethod
     def _call(group, checked, clipping):
@@ -647,21 +537,7 @@ class RMSprop:
         `clip_value` only when set) and `"<name>.<i>"` for each state array of param `i`.
         `load_state_dict` continues bit-identically.
         """
-        d = {
-            "format_version": checkpoint.FORMAT_VERSION,
-            "step_count": self._clock.step_count,
-            "skipped_steps": self._clock.skipped_steps,
-            "num_params": len(self._slots),
-        }
-        for key, value in self._hyper.items():
-            if value is not None and not callable(value):
-                d[key] = value
-        for i, slot in enumerate(self._slots):
-            for name in slot.names:
-                d[f"{name}.{i}"] = getattr(slot, name).reshape(slot.shape).copy()
-            if slot.row_step.size:  # dense_rows: the step that last touched each row
-                d[f"row_step.{i}"] = slot.row_step.copy()
-        return d
+        return checkpoint.state_dict(self._slots, self._hyper, self._clock.step_count, self._clock.skipped_steps)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a `state_dict` into this optimizer over the same params and variant.

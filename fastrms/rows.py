@@ -45,6 +45,42 @@ class Table(NamedTuple):
     parallel: bool  # whether the parallel shells may step it (by its group and the threading layer)
 
 
+def named(param, rows, grad_rows, table):
+    """The checked tables of one `step_rows` call: `param` an index (or None) with `rows` and
+    `grad_rows` one table's, or a sequence of `k` distinct indices with sequences of `k`;
+    `table(param, rows, grad_rows, suffix)` checks one (suffix `""` or `"[i]"`)."""
+    if param is None or isinstance(param, (bool, int, np.integer)):
+        return [table(param, rows, grad_rows, "")]
+    if isinstance(param, (str, bytes)) or not hasattr(param, "__len__"):
+        raise TypeError(f"param must be an index or a sequence of indices, got {type(param).__name__}")
+    k = len(param)
+    if not all(isinstance(x, (list, tuple)) and len(x) == k for x in (rows, grad_rows)) or not k:
+        raise TypeError(
+            f"with param a sequence of {k} tables, rows and grad_rows must be lists or tuples of {k} arrays"
+            if k
+            else "param must name at least one table"
+        )
+    tables = [table(p, r, g, f"[{i}]") for i, (p, r, g) in enumerate(zip(param, rows, grad_rows))]
+    owners = [id(tb.param) for tb in tables]
+    if len(set(owners)) != k:
+        first = next(i for i, o in enumerate(owners) if owners.count(o) > 1)
+        raise ValueError(f"param names params[{int(param[first])}] twice; pass its rows once, concatenated")
+    return tables
+
+
+def catch_up(param, square_avg, grad_avg, momentum_buffer, width, last, t, hyper, variant, scalars):
+    """`dense_rows`, before a dense step `t` of one table (flat param and state, empty arrays
+    for the state the variant does not keep; `last` its row counters): bring every row that
+    missed steps up to date (the closed form of its zero-gradient steps, `scalars` the
+    step's), so the dense step starts from the state a dense run would have."""
+    lagging = np.flatnonzero(last < t - 1)
+    if lagging.size:
+        kernels.rows(variant, False)(
+            param, param[:0], square_avg, grad_avg, momentum_buffer, lagging, width, last, t, True, False,
+            *catch_up_constants(hyper, variant, scalars.lr), *scalars,
+        )  # fmt: skip
+
+
 def indices(rows, name="rows"):
     """`rows` as a private 1-D int64 copy (a sequence of ints is taken as NumPy would take
     it), so that the indices checked are the ones used even if the caller's buffer changes

@@ -1,0 +1,112 @@
+"""What a step of the NumPy optimizer reads and writes, checked before anything is written:
+each grad against its param (a plain C-contiguous, aligned ndarray of the param's dtype and
+shape), and no grad or row block sharing memory with a param or the state (the step writes
+those while it reads the grads). Params may not share memory with each other either."""
+
+import bisect
+
+import numpy as np
+
+from ._checks import float_array
+from .kernels import contiguous_address
+from .layout import address
+
+__all__ = ["Owned", "check_grad", "check_grads", "disjoint", "grad_name", "span"]
+
+
+def grad_name(index):
+    """How an error names grad `index` (None: the only one)."""
+    return "grads" if index is None else f"grads[{index}]"
+
+
+def span(a):
+    """`(start, end)`: the bytes `a` (contiguous) occupies."""
+    start = address(a)
+    return start, start + a.nbytes
+
+
+def disjoint(arrays):
+    """Refuse params that share memory (each must be its own array): one sort."""
+    spans = sorted((*span(a), i) for i, a in enumerate(arrays) if a.size)
+    for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"params[{min(i, j)}] and params[{max(i, j)}] share memory; each must be its own array")
+
+
+class Owned:
+    """The sorted, disjoint byte spans of what a step writes (params and state), searched for
+    a grad that overlaps them: one bisection for one array, one `searchsorted` for many."""
+
+    __slots__ = ("starts", "ends", "_starts", "_ends", "_nbytes")
+
+    def __init__(self, slots):
+        owned = sorted(span(a) for s in slots for a in s.owned)
+        self.starts = [start for start, _ in owned]
+        self.ends = [end for _, end in owned]
+        self._starts = np.array(self.starts, dtype=np.int64)
+        self._ends = np.array(self.ends, dtype=np.int64)
+        self._nbytes = np.array([s.flat.nbytes for s in slots], dtype=np.int64)
+
+    def overlaps(self, start, nbytes):
+        """Whether the `nbytes` from address `start` share memory with a param or the state."""
+        k = bisect.bisect_left(self.starts, start + nbytes) - 1
+        return bool(nbytes) and k >= 0 and self.ends[k] > start
+
+    def check(self, checked, slots, index):
+        """Refuse a grad of `checked` (`(grad, address)` per slot of `slots`: every param's, or
+        one) that shares memory with a param or the state; `index` names a lone grad."""
+        if not self.starts:  # every array is empty: nothing to overlap
+            return
+        if len(checked) == 1:
+            (_, start), slot = checked[0], slots[0]
+            if self.overlaps(start, slot.flat.nbytes):
+                raise overlap(index)
+            return
+        starts = np.fromiter((a for _, a in checked), dtype=np.int64, count=len(checked))
+        k = np.searchsorted(self._starts, starts + self._nbytes) - 1
+        hit = (self._nbytes > 0) & (k >= 0) & (self._ends[np.maximum(k, 0)] > starts)
+        if hit.any():
+            raise overlap(int(np.argmax(hit)))
+
+
+def overlap(index, name=None):
+    """The error for grad `index` (or the argument `name`) sharing memory with what the step writes."""
+    return ValueError(
+        f"{name or grad_name(index)} shares memory with the params or the optimizer state; pass a separate array"
+    )
+
+
+def check_grad(g, slot, index):
+    """`(g, address)`: `g` checked against its param (a plain C-contiguous, aligned ndarray)
+    and the address of its data. The argument is named only when an error is raised, to keep
+    the per-step cost to a few attribute reads and one Numba call."""
+    if type(g) is not np.ndarray:
+        if not isinstance(g, np.ndarray):
+            raise TypeError(f"{grad_name(index)} must be a numpy.ndarray, got {type(g).__name__}")
+        g = float_array(grad_name(index), g, writeable=False)  # a subclass: viewed as a plain ndarray
+    if g.dtype is not slot.dtype and g.dtype != slot.dtype:  # builtin dtypes are singletons
+        raise TypeError(f"{grad_name(index)} must have dtype {slot.dtype} like its param, got {g.dtype}")
+    if g.shape != slot.shape:
+        raise ValueError(f"{grad_name(index)} must have shape {slot.shape} like its param, got {g.shape}")
+    start = contiguous_address(g)
+    if start < 0:
+        raise ValueError(f"{grad_name(index)} must be C-contiguous (use np.ascontiguousarray), got strides {g.strides}")
+    if start % slot.dtype.itemsize:
+        raise ValueError(f"{grad_name(index)} must be aligned to its dtype's size (np.require(g, requirements='A'))")
+    return g, start
+
+
+def check_grads(grads, slots):
+    """`check_grad` for each grad, with the common case (a plain ndarray of the param's dtype
+    and shape, C-contiguous and aligned) inlined: this loop is the whole per-array cost of a
+    many-array step in Python."""
+    out = []
+    append = out.append
+    for i, (g, s) in enumerate(zip(grads, slots)):
+        if type(g) is np.ndarray and g.dtype is s.dtype and g.shape == s.shape:
+            start = contiguous_address(g)
+            if start >= 0 and not start % s.dtype.itemsize:
+                append((g, start))
+                continue
+        append(check_grad(g, s, i))  # the slow path: it names what is wrong
+    return out
