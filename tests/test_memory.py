@@ -1,0 +1,74 @@
+"""fastrms.memory: grads checked against their params, and nothing the step reads shares
+memory with what it writes."""
+
+import numpy as np
+import pytest
+
+from fastrms import memory, options
+from fastrms.layout import Slot, address
+
+NAMES = options.state_names(options.resolve({"momentum": 0.9}))
+
+
+def _slot(param):
+    slot = Slot(param, param, NAMES)
+    slot.square_avg = np.zeros(param.size, param.dtype)
+    slot.momentum_buffer = np.zeros(param.size, param.dtype)
+    return slot
+
+
+def test_params_sharing_memory_are_refused_by_index():
+    base = np.zeros(10)
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[2\] share memory"):
+        memory.disjoint([base[:6], np.zeros(3), base[5:]])
+    memory.disjoint([base[:5], base[5:], np.zeros(0), np.zeros(0)])  # touching spans and empty arrays are fine
+
+
+def test_owned_finds_a_grad_over_a_param_or_the_state():
+    slots = [_slot(np.zeros(8)), _slot(np.zeros(4))]
+    owned = memory.Owned(slots)
+    p, v = slots[0].flat, slots[1].square_avg
+    assert owned.overlaps(address(p) + 8, 8)
+    assert owned.overlaps(address(v), v.nbytes)
+    assert not owned.overlaps(address(np.zeros(8)), 64)
+    assert not owned.overlaps(address(p), 0)  # an empty array overlaps nothing
+    with pytest.raises(ValueError, match=r"grads\[1\] shares memory"):
+        owned.check([(g, address(g)) for g in (np.zeros(8), v)], slots, None)
+    with pytest.raises(ValueError, match="^grads shares memory"):
+        owned.check([(p, address(p))], slots[:1], None)
+    owned.check([(g, address(g)) for g in (np.zeros(8), np.zeros(4))], slots, None)
+
+
+@pytest.mark.parametrize(
+    "grad, error, match",
+    [
+        ([0.0] * 6, TypeError, "must be a numpy.ndarray, got list"),
+        (np.zeros(6, np.float32), TypeError, "must have dtype float64"),
+        (np.zeros(5), ValueError, r"must have shape \(6,\)"),
+        (np.zeros(12)[::2], ValueError, "must be C-contiguous"),
+        (np.frombuffer(bytes(56), np.uint8)[1:49].view(np.float64), ValueError, "must be aligned"),
+    ],
+)
+def test_a_bad_grad_is_named(grad, error, match):
+    slot = _slot(np.zeros(6))
+    with pytest.raises(error, match=f"grads\\[3\\] {match}"):
+        memory.check_grad(grad, slot, 3)
+    with pytest.raises(error, match=f"grads\\[0\\] {match}"):
+        memory.check_grads([grad], [slot])
+
+
+def test_check_grads_returns_each_grad_and_its_address():
+    slots = [_slot(np.zeros((2, 3))), _slot(np.zeros(4))]
+    grads = [np.ones((2, 3)), np.ones(4).view(np.ndarray)]
+    checked = memory.check_grads(grads, slots)
+    assert [g is given for (g, _), given in zip(checked, grads)] == [True, True]
+    assert [a for _, a in checked] == [address(g) for g in grads]
+    sub = np.ones(4).view(_Sub)  # a subclass: viewed as a plain ndarray
+    g, start = memory.check_grad(sub, slots[1], 1)
+    assert type(g) is np.ndarray and start == address(sub)
+    with pytest.raises(TypeError, match="masked array"):
+        memory.check_grad(np.ma.masked_array(np.ones(4)), slots[1], 1)
+
+
+class _Sub(np.ndarray):
+    pass
