@@ -19,16 +19,28 @@ from fastrms.bench.cases import MAIN
 
 SIZES = (100, 10_000, 1_000_000, 10_000_000)
 BIG = 30_000_000  # the plain variant only: the far end of the sweep
+#: The sizes of the normal test run (benchmarks disabled: each case runs once as a test):
+#: the big ones only allocate and stream memory there, and `fastrms bench` times them.
+TEST_SIZES = (100, 10_000, 1_000_000)
 
 
-def _cases():
+def _cases(sizes, big):
     for variant in MAIN:
         for dtype in ("float32", "float64"):
-            for n in SIZES + ((BIG,) if variant == "plain" else ()):
+            for n in sizes + ((big,) if variant == "plain" and big else ()):
                 for impl in B.IMPLEMENTATIONS:
                     if not (B.available(impl) and B.has_variant(impl, MAIN[variant])):
                         continue
                     yield pytest.param(impl, variant, dtype, n, id=f"{variant}-{dtype}-{n:.0e}-{impl}")
+
+
+def pytest_generate_tests(metafunc):
+    """Every size when timing (`--benchmark-enable`), the small ones in the normal run."""
+    if metafunc.function.__name__ != "test_step":
+        return
+    timing = metafunc.config.getoption("benchmark_enable") or not metafunc.config.getoption("benchmark_disable")
+    cases = _cases(SIZES, BIG) if timing else _cases(TEST_SIZES, None)
+    metafunc.parametrize("impl,variant,dtype,n", list(cases))
 
 
 @lru_cache(maxsize=4)
@@ -36,7 +48,6 @@ def _problem(n, dtype, variant):
     return B.Problem(n, dtype, MAIN[variant])
 
 
-@pytest.mark.parametrize("impl,variant,dtype,n", list(_cases()))
 def test_step(benchmark, impl, variant, dtype, n):
     problem = _problem(n, dtype, variant)
     made = B.setup(impl, problem)

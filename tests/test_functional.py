@@ -7,15 +7,19 @@ from conftest import BIG, problem
 
 import fastrms
 from fastrms import functional, reference, schedules
-from fastrms.bench.cases import all_variants
+from fastrms.bench.cases import MAIN, all_variants
 
 VARIANTS = all_variants()
 
 
-@pytest.mark.parametrize("n", [0, 1, 1031])
-@pytest.mark.parametrize("name", VARIANTS)
+# every variant once per dtype at a size with a vector body and a tail; one element for the
+# main variants (the optimizer's tests cover the other tail sizes on the same shells)
+CASES = [(name, 1031) for name in VARIANTS] + [(name, 1) for name in MAIN]
+
+
+@pytest.mark.parametrize("name, n", CASES, ids=[f"{name}-{n}" for name, n in CASES])
 def test_the_pure_step_matches_the_optimizer_and_the_reference_bitwise(name, n, dtype):
-    opts = VARIANTS[name]
+    opts = VARIANTS[name] if name in VARIANTS else MAIN[name]
     p0, grads = problem(n, dtype)
     sched = schedules.exponential_decay(0.01, 0.9, 10)
     opt = fastrms.RMSprop(p0.copy(), sched, **opts)
@@ -35,6 +39,15 @@ def test_the_pure_step_matches_the_optimizer_and_the_reference_bitwise(name, n, 
     assert param.tobytes() == opt.params.tobytes() == ref.params[0].tobytes()
     for name_ in state:
         assert state[name_].tobytes() == getattr(opt, name_).tobytes()
+
+
+def test_an_empty_param_gives_empty_outputs(dtype):
+    empty = np.zeros((0, 3), dtype)
+    param, state = functional.rmsprop_step(empty, empty.copy(), None, 1, 0.01, momentum=0.9, centered=True)
+    assert param.shape == (0, 3) and param.dtype == dtype
+    assert {k: (v.shape, v.dtype) for k, v in state.items()} == {
+        k: ((0, 3), np.dtype(dtype)) for k in ("square_avg", "grad_avg", "momentum_buffer")
+    }
 
 
 def test_out_may_be_the_inputs_themselves_or_other_arrays(dtype):
