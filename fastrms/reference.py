@@ -37,6 +37,20 @@ def seed_rmsprop(theta, num_iterations, calculate_gradient, learning_rate=0.001,
     return theta
 
 
+def bfloat16_round(x):
+    """float32 values as bfloat16 bit patterns (uint16): round to nearest, ties to even; a
+    NaN stays a NaN (its top bits, with the quiet bit set)."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    quiet = ((u >> 16) | 0x0040).astype(np.uint16)
+    return np.where(np.isnan(np.asarray(x, np.float32)), quiet, rounded)
+
+
+def bfloat16_value(bits):
+    """bfloat16 bit patterns (uint16) as the float32 values they stand for (exact)."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
 def global_norm(grads):
     """The 2-norm over every element of `grads`, summed in float64 in the kernels' fixed
     order (so bit for bit what the optimizer computes): for each array, blocks of `BLOCK`
@@ -138,7 +152,10 @@ class RMSprop:
     `fastrms.RMSprop`, no validation, params updated in place. With
     `skip_nonfinite`, a step whose grads hold a NaN or an infinity is counted in
     `skipped_steps` and changes nothing else. `clip_global_norm` clips by the norm over
-    all grads (`clip_grads`), kept in `last_grad_norm`."""
+    all grads (`clip_grads`), kept in `last_grad_norm`. `state_storage="bfloat16"`
+    (float32 params): the step computes from the state's float32 value and uses its
+    unrounded result for the param, and the state keeps that result rounded to bfloat16
+    (`bfloat16_round`)."""
 
     def __init__(
         self,
@@ -150,9 +167,11 @@ class RMSprop:
         initial_scale=0.0,
         skip_nonfinite=False,
         clip_global_norm=None,
+        state_storage="native",
         **options,
     ):
         resolve(options, "reference.RMSprop()")  # unknown names are refused here too
+        self.state_storage = state_storage
         self.skip_nonfinite, self.skipped_steps = skip_nonfinite, 0
         self.clip_global_norm, self.last_grad_norm = clip_global_norm, None
         self.single = isinstance(params, np.ndarray)
@@ -167,7 +186,7 @@ class RMSprop:
                 st["grad_avg"] = np.zeros_like(p)
             if options.get("momentum"):
                 st["momentum_buffer"] = np.zeros_like(p)
-            self.state.append(st)
+            self.state.append(self._stored(st))
 
     def step(self, grads):
         grads = [grads] if self.single else list(grads)
@@ -181,3 +200,10 @@ class RMSprop:
         self.step_count += 1
         for p, g, st in zip(self.params, grads, self.state):
             p[...] = rmsprop_step(p, g, st, self.step_count, lr, self.beta, self.epsilon, **self.options)
+            st.update(self._stored(st))
+
+    def _stored(self, state):
+        """The state as its storage keeps it (its float values)."""
+        if self.state_storage == "native":
+            return state
+        return {k: bfloat16_value(bfloat16_round(v)) for k, v in state.items()}

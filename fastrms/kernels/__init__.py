@@ -2,6 +2,8 @@
 the rest of fastrms, so user `@njit` code can call it directly).
 
 - `.element`: the per-element update, written once, specialised per `Variant`;
+- `.storage`: how the shells read and write the state, a codec chosen at compile time
+  (`NATIVE`: the params' dtype; `BFLOAT16`: bfloat16 bits in uint16 for float32 params);
 - `.dense`: loop shells over whole flat arrays, in place and out of place, serial and
   parallel;
 - `.segments`: the loop shell over a chunk table: many arrays of one dtype in one call;
@@ -30,7 +32,7 @@ LLVM must vectorise: a signed one is wrapped if negative, which it cannot vector
 
 import numpy as np
 
-from . import _jit
+from . import _jit, storage
 from ._jit import SOURCE_HASH, cache_stats, jit
 from .dense import dense, dense_out
 from .element import (
@@ -90,6 +92,7 @@ __all__ = [
     "rmsprop_update",
     "merged_rows",
     "rows",
+    "storage",
     "chunk_table",
     "coalesce",
     "nonfinite_segments_parallel",

@@ -6,27 +6,30 @@ momentum_buffer, *scalars)` over 1-D C-contiguous arrays of one float dtype (`gr
 `momentum_buffer` may be empty when the variant does not use them; `scalars` is a
 `Scalars`, passed unpacked). It checks only that the arrays it uses have `param`'s size,
 so it can never run past one; everything else is the caller's to validate. It returns
-whether it ran in parallel. Callable from Python and from `@njit` code.
+whether it ran in parallel. Callable from Python and from `@njit` code. The state is
+stored as `codec` says (`fastrms.kernels.storage`; the params' own dtype by default).
 """
 
 from numba import prange
 
 from ._jit import jit, name
 from .element import apply, constants
+from .storage import NATIVE, suffix
 
 _DENSE: dict = {}
 
 
-def dense(key, parallel):
-    """The in-place shell of variant `key`, serial or `parallel=True`."""
-    fn = _DENSE.get((key, parallel))
+def dense(key, parallel, codec=NATIVE):
+    """The in-place shell of variant `key`, serial or `parallel=True`, its state stored as
+    `codec` says."""
+    fn = _DENSE.get((key, parallel, codec.tag))
     if fn is None:
-        fn = _DENSE[(key, parallel)] = _make_dense(key, parallel)
+        fn = _DENSE[(key, parallel, codec.tag)] = _make_dense(key, parallel, codec)
     return fn
 
 
-def _make_dense(key, parallel):
-    at = apply(key)
+def _make_dense(key, parallel, codec):
+    at = apply(key, codec)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
 
     def shell(param, grad, square_avg, grad_avg, momentum_buffer, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc,
@@ -44,27 +47,27 @@ def _make_dense(key, parallel):
                k)  # fmt: skip
         return parallel
 
-    name(shell, f"dense_{key.tag}_{'parallel' if parallel else 'serial'}")
+    name(shell, f"dense_{key.tag}{suffix(codec)}_{'parallel' if parallel else 'serial'}")
     return jit(parallel)(shell)
 
 
 _DENSE_OUT: dict = {}
 
 
-def dense_out(key, parallel):
+def dense_out(key, parallel, codec=NATIVE):
     """The out-of-place shell of variant `key`: `(param, grad, square_avg, grad_avg,
     momentum_buffer, param_out, square_avg_out, grad_avg_out, momentum_buffer_out,
     *scalars)` reads the first five and writes the last four, element by element; an output
     may be its input itself (each element is read before it is written), never a shifted
     view of one. The same element function as `dense`: the same bits."""
-    fn = _DENSE_OUT.get((key, parallel))
+    fn = _DENSE_OUT.get((key, parallel, codec.tag))
     if fn is None:
-        fn = _DENSE_OUT[(key, parallel)] = _make_dense_out(key, parallel)
+        fn = _DENSE_OUT[(key, parallel, codec.tag)] = _make_dense_out(key, parallel, codec)
     return fn
 
 
-def _make_dense_out(key, parallel):
-    at = apply(key)
+def _make_dense_out(key, parallel, codec):
+    at = apply(key, codec)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
 
     def shell(param, grad, square_avg, grad_avg, momentum_buffer, param_out, square_avg_out, grad_avg_out,
@@ -82,5 +85,5 @@ def _make_dense_out(key, parallel):
                momentum_buffer_out, k)  # fmt: skip
         return parallel
 
-    name(shell, f"dense_out_{key.tag}_{'parallel' if parallel else 'serial'}")
+    name(shell, f"dense_out_{key.tag}{suffix(codec)}_{'parallel' if parallel else 'serial'}")
     return jit(parallel)(shell)

@@ -35,6 +35,7 @@ import numpy as np
 from numba import njit
 
 from ._jit import name
+from .storage import NATIVE, suffix
 
 #: Weight-decay modes (compile-time).
 WD_NONE, WD_COUPLED, WD_DECOUPLED = 0, 1, 2
@@ -181,35 +182,37 @@ def _make_element(centered, wd_mode, mom_mode, nesterov):
     return njit(inline="always")(update)
 
 
-def apply(key):
+def apply(key, codec=NATIVE):
     """The `inline="always"` step of element `i`, shared by every loop shell:
     `apply(i, gi, param, grad, square_avg, grad_avg, momentum_buffer, param_out,
     square_avg_out, grad_avg_out, momentum_buffer_out, k)` reads element `i` of the arrays
     variant `key` uses and `grad[gi]` (`gi` is `i` but in the row shells, whose grads
     are laid out by position, not by row), calls `element` and writes what it keeps
-    into element `i` of the outputs (in place: the outputs are the inputs)."""
-    fn = _APPLY.get(key)
+    into element `i` of the outputs (in place: the outputs are the inputs). The state is
+    read and written through `codec` (`fastrms.kernels.storage`)."""
+    fn = _APPLY.get((key, codec.tag))
     if fn is None:
-        fn = _APPLY[key] = _make_apply(key)
+        fn = _APPLY[(key, codec.tag)] = _make_apply(key, codec)
     return fn
 
 
-def _make_apply(key):
+def _make_apply(key, codec):
     update = element(key)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
+    load, store = codec.load, codec.store
 
     def at(i, gi, param, grad, square_avg, grad_avg, momentum_buffer, param_out, square_avg_out, grad_avg_out,
            momentum_buffer_out, k):  # fmt: skip
         zero = k[11]
-        m = grad_avg[i] if uses_m else zero
-        b = momentum_buffer[i] if uses_b else zero
-        p, v, m, b = update(param[i], grad[gi], square_avg[i], m, b, k)
+        m = load(grad_avg, i) if uses_m else zero
+        b = load(momentum_buffer, i) if uses_b else zero
+        p, v, m, b = update(param[i], grad[gi], load(square_avg, i), m, b, k)
         param_out[i] = p
-        square_avg_out[i] = v
+        store(square_avg_out, i, v)
         if uses_m:
-            grad_avg_out[i] = m
+            store(grad_avg_out, i, m)
         if uses_b:
-            momentum_buffer_out[i] = b
+            store(momentum_buffer_out, i, b)
 
-    name(at, f"apply_{key.tag}")
+    name(at, f"apply_{key.tag}{suffix(codec)}")
     return njit(inline="always")(at)

@@ -23,6 +23,7 @@ from numba.extending import intrinsic
 from ._jit import jit, name
 from .dense import dense
 from .reduce import BLOCK, block_sumsq, nonfinite_serial
+from .storage import NATIVE, suffix
 
 #: Elements per chunk: big enough that a chunk's loop vectorises and amortises its set-up,
 #: small enough that two threads share a model of mixed sizes evenly. It is the sum of
@@ -56,30 +57,32 @@ def chunk_table(sizes, chunk=CHUNK):
 _SEGMENTS: dict = {}
 
 
-def segments(key, parallel):
-    """The chunk-table shell of variant `key`, serial or `parallel=True`:
-    `(witness, ptrs, sizes, chunks, *scalars)`."""
-    fn = _SEGMENTS.get((key, parallel))
+def segments(key, parallel, codec=NATIVE):
+    """The chunk-table shell of variant `key`, serial or `parallel=True`, the state stored
+    as `codec` says: `(witness, ptrs, sizes, chunks, *scalars)`."""
+    fn = _SEGMENTS.get((key, parallel, codec.tag))
     if fn is None:
-        fn = _SEGMENTS[(key, parallel)] = _make_segments(key, parallel)
+        fn = _SEGMENTS[(key, parallel, codec.tag)] = _make_segments(key, parallel, codec)
     return fn
 
 
-def _make_segments(key, parallel):
+def _make_segments(key, parallel, codec):
     # Each chunk is handed to the serial dense shell, as slices: the same loop (vectorised,
     # the same bits) as one array's step, called once per chunk.
-    run = dense(key, False)
+    run = dense(key, False, codec)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
+    stored = codec.witness
 
     def shell(witness, ptrs, sizes, chunks, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):
+        state = stored(witness)  # an empty array of the state's storage dtype
         for c in prange(chunks.shape[0]):
             a, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
             n = sizes[a]
             param = carray(_pointer(ptrs[a, PARAM], witness), (n,))
             grad = carray(_pointer(ptrs[a, GRAD], witness), (n,))
-            square_avg = carray(_pointer(ptrs[a, SQUARE_AVG], witness), (n,))
-            grad_avg = carray(_pointer(ptrs[a, GRAD_AVG], witness), (n if uses_m else 0,))
-            momentum_buffer = carray(_pointer(ptrs[a, MOMENTUM_BUFFER], witness), (n if uses_b else 0,))
+            square_avg = carray(_pointer(ptrs[a, SQUARE_AVG], state), (n,))
+            grad_avg = carray(_pointer(ptrs[a, GRAD_AVG], state), (n if uses_m else 0,))
+            momentum_buffer = carray(_pointer(ptrs[a, MOMENTUM_BUFFER], state), (n if uses_b else 0,))
             run(
                 param[start:stop],
                 grad[start:stop],
@@ -98,7 +101,7 @@ def _make_segments(key, parallel):
             )
         return parallel
 
-    name(shell, f"segments_{key.tag}_{'parallel' if parallel else 'serial'}")
+    name(shell, f"segments_{key.tag}{suffix(codec)}_{'parallel' if parallel else 'serial'}")
     return jit(parallel)(shell)
 
 

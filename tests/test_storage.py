@@ -1,0 +1,139 @@
+"""fastrms.kernels.storage: the state read and written through a codec chosen at compile time.
+The native codec is every other test's; here the bfloat16 state against the reference, bit
+for bit, and its rounding against ml_dtypes."""
+
+import numpy as np
+import pytest
+from conftest import BIG
+from numba import njit
+
+from fastrms import kernels, options, reference
+from fastrms.bench.cases import MAIN
+from fastrms.kernels import storage
+
+try:
+    import ml_dtypes
+except ImportError:  # an optional dependency (the dev extra has it)
+    ml_dtypes = None
+
+
+def _patterns():
+    """float32 values around every bfloat16: each upper half with the lower halves that
+    decide the rounding (0, just below, at and just above the tie, the largest)."""
+    upper = np.arange(1 << 16, dtype=np.uint32) << 16
+    lower = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=np.uint32)
+    return (upper[:, None] | lower[None, :]).reshape(-1).view(np.float32)
+
+
+@njit
+def _round_all(x, out):
+    for i in range(x.size):
+        storage.BFLOAT16.store(out, i, x[i])
+
+
+@njit
+def _widen_all(bits, out):
+    for i in range(bits.size):
+        out[i] = storage.BFLOAT16.load(bits, i)
+
+
+def test_the_bfloat16_store_rounds_to_nearest_even_as_the_reference_does():
+    x = _patterns()
+    got = np.empty(x.size, np.uint16)
+    _round_all(x, got)
+    np.testing.assert_array_equal(got, reference.bfloat16_round(x))
+    assert np.isnan(reference.bfloat16_value(got[np.isnan(x)])).all()
+    # ties go to the even pattern: 1 + 2^-8 is halfway between 1 and 1 + 2^-7
+    assert reference.bfloat16_round(np.float32(1 + 2**-8)) == 0x3F80
+    assert reference.bfloat16_round(np.float32(1 + 3 * 2**-8)) == 0x3F82
+
+
+@pytest.mark.skipif(ml_dtypes is None, reason="ml_dtypes is not installed (pip install ml_dtypes)")
+def test_the_bfloat16_store_rounds_as_ml_dtypes_does():
+    x = _patterns()
+    got = np.empty(x.size, np.uint16)
+    _round_all(x, got)
+    with np.errstate(invalid="ignore"):  # ml_dtypes warns on casting a NaN
+        theirs = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+    finite = ~np.isnan(x)
+    np.testing.assert_array_equal(got[finite], theirs[finite])
+    assert np.isnan(reference.bfloat16_value(theirs[~finite])).all()
+
+
+def test_the_bfloat16_load_is_exact():
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    got = np.empty(bits.size, np.float32)
+    _widen_all(bits, got)
+    np.testing.assert_array_equal(got.view(np.uint32), bits.astype(np.uint32) << 16)
+    np.testing.assert_array_equal(reference.bfloat16_round(got[~np.isnan(got)]), bits[~np.isnan(got)])
+
+
+def _run(name, n, parallel, steps=10):
+    opts = MAIN[name]
+    hyper = options.resolve({**opts, "learning_rate": 0.01})
+    key = options.variant_key(hyper)
+    rng = np.random.default_rng(1)
+    p0 = rng.standard_normal(n).astype(np.float32)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
+    p = p0.copy()
+    state = {k: np.zeros(n, np.uint16) for k in ("square_avg", "grad_avg", "momentum_buffer")}
+    empty = np.zeros(0, np.uint16)
+    arrays = [state[k] if k in options.state_names(hyper) else empty for k in state]
+    ref = reference.RMSprop(p0.copy(), 0.01, state_storage="bfloat16", **opts)
+    shell = kernels.dense(key, parallel, storage.BFLOAT16)
+    for t in range(1, steps + 1):
+        shell(p, grads[t % 3], *arrays, *options.scalars(hyper, 0.01, t))
+        ref.step(grads[t % 3])
+    return p, state, ref, hyper
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+@pytest.mark.parametrize("name", MAIN)
+def test_a_bfloat16_state_step_matches_the_reference_bit_for_bit(name, parallel):
+    n = BIG if parallel else 1031
+    p, state, ref, hyper = _run(name, n, parallel)
+    np.testing.assert_array_equal(p, ref.params[0])
+    for k in options.state_names(hyper):
+        np.testing.assert_array_equal(reference.bfloat16_value(state[k]), ref.state[0][k], err_msg=k)
+
+
+def test_the_bfloat16_state_changes_the_result_and_halves_the_state_bytes():
+    p, state, ref, _ = _run("plain", 1031, False)
+    rng = np.random.default_rng(1)
+    p0 = rng.standard_normal(1031).astype(np.float32)
+    grads = [rng.standard_normal(1031).astype(np.float32) for _ in range(3)]
+    full = reference.RMSprop(p0, 0.01)
+    for t in range(1, 11):
+        full.step(grads[t % 3])
+    assert not np.array_equal(p, full.params[0])  # the rounding is real
+    np.testing.assert_allclose(p, full.params[0], rtol=0, atol=2e-3)  # and small
+    assert state["square_avg"].nbytes * 2 == full.state[0]["square_avg"].nbytes
+
+
+def test_the_chunk_table_shell_reads_the_state_through_the_codec():
+    hyper = options.resolve({"centered": True, "momentum": 0.9, "learning_rate": 0.01})
+    key = options.variant_key(hyper)
+    rng = np.random.default_rng(2)
+    sizes = [kernels.CHUNK + 5, 3, 700]
+    params = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    grads = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    states = [[np.zeros(n, np.uint16) for _ in range(3)] for n in sizes]
+    alone = [(p.copy(), [s.copy() for s in st]) for p, st in zip(params, states)]
+    ptrs = np.array(
+        [[kernels.address(a) for a in (p, g, *st)] for p, g, st in zip(params, grads, states)], dtype=np.int64
+    )
+    sizes_ = np.array(sizes, dtype=np.int64)
+    table = kernels.chunk_table(sizes_)
+    scalars = options.scalars(hyper, 0.01, 1)
+    kernels.segments(key, True, storage.BFLOAT16)(params[0][:0], ptrs, sizes_, table, *scalars)
+    for (p, st), g, p_table, st_table in zip(alone, grads, params, states):
+        kernels.dense(key, False, storage.BFLOAT16)(p, g, *st, *scalars)
+        assert p.tobytes() == p_table.tobytes()
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(st, st_table))
+        assert st[0].any() and st[2].any()  # the state was written, in bfloat16
+
+
+def test_codecs_name_their_storage():
+    assert storage.state_dtype(storage.NATIVE, np.float64) == np.float64
+    assert storage.state_dtype(storage.BFLOAT16, np.float32) == np.uint16
+    assert storage.CODECS["bfloat16"] is storage.BFLOAT16 and storage.suffix(storage.NATIVE) == ""
