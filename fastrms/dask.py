@@ -21,23 +21,27 @@ except ImportError:  # pragma: no cover - exercised in a subprocess without dask
         "fastrms.dask needs Dask; install it with: pip install 'fastrms[dask]' (dask[array], distributed, zarr)"
     ) from None
 
-import contextlib
-import functools
-import os
 import secrets
-import shutil
-import stat
-import sys
-import threading
-import zlib
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
-import numba
 import numpy as np
 
-from . import checkpoint, functional
+from . import _dask_checkpoint, functional
 from . import options as O
 from ._checks import STEP_MAX, count
+from ._dask_blocks import _block_step, _generation_step, _Key, _Missing, _pulled_step, _stack, release_buffers
+from ._dask_cluster import (
+    LostStateError,
+    _array,
+    _client,
+    _detach,
+    _indices,
+    _layer,
+    _rekey,
+    _Shape,
+    _unstack,
+    _wait,
+)  # fmt: skip
 from .clock import Clock
 from .presets import preset_options
 
@@ -47,203 +51,6 @@ if TYPE_CHECKING:  # the static types of **options (generated from the options t
     from ._typing import Options
 
 __all__ = ["LostStateError", "RMSprop", "init_state", "release_buffers", "rmsprop_step"]
-
-#: The small file in a checkpoint folder that names the current generation.
-POINTER = "CURRENT"
-
-
-def _output(shape, dtype):
-    """An uninitialised `shape`/`dtype` array for a task's result, in an idle buffer of this
-    process when one of the size is free, else a new one.
-
-    A chunk step writes about as many bytes as it reads; into fresh memory each page also
-    faults and is zeroed by the kernel, which more than doubled the step (1e7 float32: 12 ms
-    against 5.3 ms into reused memory, one thread). The buffers returned are views of owner
-    arrays kept here; an owner is idle when nothing but this list refers to it, that is when
-    Dask has released every result and view made from it, so a buffer still held anywhere
-    (a worker's data, a transfer, a user's array) is never handed out again. Idle buffers
-    are kept up to the bytes in use (a step needs the previous generation's), the rest freed.
-    """
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    with _BUFFERS_LOCK:
-        idle = _idle()
-        pick = next((i for i in idle if _BUFFERS[i].nbytes == nbytes), None)
-        if pick is None:
-            _BUFFERS.append(np.empty(max(nbytes, 1), np.uint8))
-            pick = len(_BUFFERS) - 1
-        else:
-            idle.remove(pick)
-        spare = sum(_BUFFERS[i].nbytes for i in idle)
-        busy = sum(b.nbytes for b in _BUFFERS) - spare
-        for i in sorted(idle, key=lambda i: (_BUFFERS[i].nbytes == nbytes, -i)):
-            if spare <= busy:
-                break
-            spare -= _BUFFERS[i].nbytes
-            _BUFFERS[i] = None
-        buffer = _BUFFERS[pick]
-        _BUFFERS[:] = [b for b in _BUFFERS if b is not None]
-    return buffer[:nbytes].view(dtype).reshape(shape)
-
-
-_BUFFERS: list = []
-_BUFFERS_LOCK = threading.Lock()
-
-
-def _idle():
-    """Positions of the buffers nothing but `_BUFFERS` refers to (under the lock).
-    `sys.getrefcount == 2`: the list's slot and the call's own argument."""
-    return [i for i in range(len(_BUFFERS)) if sys.getrefcount(_BUFFERS[i]) == 2]
-
-
-def release_buffers():
-    """Free this process's idle task-output buffers (see `_output`); returns the bytes
-    freed. After an optimizer is gone its workers keep up to two generations of them until
-    the next task asks for one: `client.run(fastrms.dask.release_buffers)` frees them now."""
-    with _BUFFERS_LOCK:
-        idle = _idle()
-        freed = sum(_BUFFERS[i].nbytes for i in idle)
-        _BUFFERS[:] = [b for i, b in enumerate(_BUFFERS) if i not in set(idle)]
-    return freed
-
-
-@contextlib.contextmanager
-def _task_threads():
-    """Run a task's kernel on at most `OMP_NUM_THREADS` Numba threads when that is set.
-    Dask's nanny sets it to 1 in its workers: a worker's parallelism is its task threads, and
-    a parallel kernel in every one of them would oversubscribe the cores."""
-    try:
-        cap = int(os.environ.get("OMP_NUM_THREADS", "0"))
-    except ValueError:
-        cap = 0
-    before = numba.get_num_threads()
-    if 0 < cap < before:
-        numba.set_num_threads(cap)  # this thread's own setting (Numba's docs)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
-
-
-def _kernel_step(param, grad, state, names, out, t, lr, beta, epsilon, options):
-    """The fused out-of-place step of one block into the stacked `out` (param, then state
-    in `names` order). Blocks may be views (a slice of a bigger array), broadcasts
-    (zeros_like) or, sent between workers, unaligned buffers: the kernel reads aligned
-    C-contiguous memory, so those are copied; computed blocks pass as they are."""
-    param, grad = np.require(param, requirements="CA"), np.require(grad, requirements="CA")
-    state = {name: np.require(a, requirements="CA") for name, a in zip(names, state)}
-    with _task_threads():
-        functional.rmsprop_step(
-            param, grad, state, t, lr, beta, epsilon,
-            out=(out[0], {name: out[1 + i] for i, name in enumerate(names)}), **options,
-        )  # fmt: skip
-    return out
-
-
-def _block_step(param, grad, *state_and_args):
-    """One chunk of `rmsprop_step`: the fused step into one stacked array `(1 + k,
-    *block)` so the whole update is one task."""
-    *state, names, t, lr, beta, epsilon, options = state_and_args
-    out = _output((1 + len(names), *param.shape), param.dtype)
-    return _kernel_step(param, grad, state, names, out, t, lr, beta, epsilon, options)
-
-
-def _generation_step(stacked, grad, names, t, lr, beta, epsilon, options, out=None):
-    """One chunk of `RMSprop`'s generation `(1 + k, *block)` (param, then state) and
-    its grad block -> the next generation's chunk, in `out` (`stacked` itself to step in
-    place) or else a pool buffer."""
-    out = _output(stacked.shape, stacked.dtype) if out is None else out
-    return _kernel_step(stacked[0], grad, list(stacked[1:]), names, out, t, lr, beta, epsilon, options)
-
-
-class _Key:
-    """A key passed to a task as a plain value, so the scheduler does not make it a dependency."""
-
-    __slots__ = ("key",)
-
-    def __init__(self, key):
-        self.key = key
-
-    def __reduce__(self):
-        return _Key, (self.key,)
-
-
-class _Missing(KeyError):
-    """A chunk the scheduler placed on this worker is not in its memory (Dask's memory manager
-    dropped this replica since): the client redoes that chunk with dependencies."""
-
-
-def _pulled_step(stacked, grad, names, t, lr, beta, epsilon, options, donate=False):
-    """`_generation_step` on a worker holding both the generation's chunk and the
-    grad's, read from its memory by key: the new chunk does not depend on the old one, so
-    no lineage builds up across steps. With `donate`, the next generation is written over
-    the old chunk when nothing but the worker's memory can see it (`_sole_holder`)."""
-    from distributed import get_worker
-
-    worker = get_worker()
-    try:
-        block, grad = worker.data[stacked.key], worker.data[grad.key]
-    except KeyError as exc:
-        raise _Missing(*exc.args) from None
-    out = None
-    if donate:
-        refs = _refs(block)  # on its own line: as an argument of the call below, the stack would hold block too
-        out = block if _sole_holder(worker, stacked.key, block, grad, refs) else None
-    return _generation_step(block, grad, names, t, lr, beta, epsilon, options, out)
-
-
-def _refs(block):
-    """References to `block` and to the buffer it is a view of, as counted from the
-    caller's frame (its local `block` included)."""
-    return sys.getrefcount(block), sys.getrefcount(block.base)
-
-
-@functools.cache
-def _sole_refs():
-    """`_refs` of a chunk that only a dict (the worker's memory) and the caller's local
-    refer to, a view of a buffer only a list (the pool) and the chunk refer to: measured here
-    once, in the same shape of call, rather than assumed (the counts differ between Python
-    versions)."""
-    pool = [np.empty(8, np.uint8)]
-    data = {"chunk": pool[0].view(np.float32)}
-    block = data["chunk"]
-    return _refs(block)
-
-
-#: A dependent task in one of these states no longer reads the chunk it depends on.
-_SETTLED = frozenset({"memory", "released", "forgotten", "error"})
-
-
-def _sole_holder(worker, key, block, grad, refs):
-    """Whether the generation's chunk `block` (held under `key`; `refs` its
-    `_refs` from the caller) may be written over by the step: it is a buffer of this
-    process's pool (`_output`), C-contiguous and writeable, not the grad's memory;
-    nothing but the worker's memory refers to it or to its buffer (no view of it is held,
-    no transfer is sending it, no other key names it); and no task of this worker still
-    waits to read it."""
-    base = block.base
-    if base is None or not (block.flags.c_contiguous and block.flags.writeable) or np.may_share_memory(block, grad):
-        return False
-    ts = worker.state.tasks.get(key)
-    if ts is None or any(d.state not in _SETTLED for d in ts.dependents):
-        return False
-    with _BUFFERS_LOCK:
-        return any(b is base for b in _BUFFERS) and refs == _sole_refs()
-
-
-def _row(blocks, i):
-    """Row `i` of a stacked block (given as the one-block list of `blockwise` without
-    concatenation), a view: dask's own getitem copies a slice under half its array, and
-    `map_blocks` dropping the stacked axis would concatenate, a copy too."""
-    (stacked,) = blocks
-    return stacked[i]
-
-
-def _stack(param, *state):
-    out = _output((1 + len(state), *param.shape), param.dtype)
-    for i, a in enumerate((param, *state)):
-        out[i] = a
-    return out
 
 
 def _check_array(label, a, like=None):
@@ -324,132 +131,6 @@ def rmsprop_step(
     )  # fmt: skip
     new_param, *new_state = _unstack(stacked)
     return new_param, dict(zip(names, new_state))
-
-
-def _unstack(stacked):
-    """The arrays stacked along axis 0 of `stacked`, each chunk a view of the stacked chunk."""
-    return [_layer(stacked, i) for i in range(stacked.shape[0])]
-
-
-def _layer(stacked, i):
-    """Array `i` stacked along axis 0 of `stacked`, each chunk a view of the stacked chunk."""
-    idx = _indices(stacked.ndim - 1)
-    return da.blockwise(
-        _row, idx, stacked, (0, *idx), i, None, concatenate=False, dtype=stacked.dtype,
-        name=f"fastrms-row{i}-{stacked.name}",
-    )  # fmt: skip
-
-
-class _Shape(NamedTuple):
-    """What `_check_array` compares against: a generation's param without building it."""
-
-    dtype: np.dtype
-    shape: tuple
-    chunks: tuple
-
-    @classmethod
-    def of(cls, stacked):
-        return cls(stacked.dtype, stacked.shape[1:], stacked.chunks[1:])
-
-
-def _client():
-    """The active `distributed.Client`, or None (then dask's local schedulers run)."""
-    try:
-        from distributed import default_client
-
-        return default_client()
-    except (ImportError, ValueError):
-        return None
-
-
-def _take(key):
-    """On the worker holding `key`: its data, under the new task's own key (no copy)."""
-    from distributed import get_worker
-
-    return get_worker().data[key]
-
-
-def _block_crc32(block):
-    out = np.empty((1,) * block.ndim, np.int64)
-    out.flat[0] = zlib.crc32(np.ascontiguousarray(block).tobytes())
-    return out
-
-
-def _checksums(a):
-    """The CRC-32 of each chunk of `a` (its bytes in C order), as a dask array with one
-    element per chunk."""
-    return da.map_blocks(_block_crc32, a, chunks=tuple((1,) * len(c) for c in a.chunks), dtype=np.int64)
-
-
-class LostStateError(RuntimeError):
-    """Chunks of the params or state were lost with a worker (they have no lineage to be
-    recomputed from): resume from the last checkpoint."""
-
-
-def _wait(client, futures, watch, errors=True):
-    """Wait for `futures`; every second, check that every chunk of `watch` (the data the
-    work reads) still has a worker holding it, and raise LostStateError if one has none
-    (a restricted re-run could otherwise wait forever for a dead worker). With `errors`,
-    a failed future raises its error."""
-    from distributed import futures_of, wait
-
-    watched = futures_of(watch)
-    while True:
-        try:
-            wait(futures, timeout=1.0)
-            break
-        except TimeoutError:
-            who = client.who_has(watched)
-            lost = [k for k, holders in who.items() if not holders]
-            if lost:
-                raise LostStateError(f"{len(lost)} chunk(s) of the optimizer's data were lost with a worker") from None
-    for f in futures if errors else ():
-        if f.status != "finished":
-            f.result()
-
-
-def _rekey(client, futures, ids, name):
-    """Computed `futures` under the keys `(f"{name}-{i}", *index)` for each `(i, *index)`
-    of `ids`, by tasks without dependencies that run where the data already is: the
-    scheduler can then forget the lineage (the price: a chunk lost with its worker cannot be
-    recomputed; the next step raises and the run resumes from a checkpoint)."""
-    who = client.who_has(futures)
-    return {
-        at: client.submit(
-            _take,
-            f.key,
-            key=(f"{name}-{at[0]}", *at[1:]),
-            workers=list(who[f.key]),
-            allow_other_workers=False,
-            pure=False,
-        )  # fmt: skip
-        for f, at in zip(futures, ids)
-    }
-
-
-def _array(graph, like):
-    """A dask array of the futures `graph` (key -> future), named and chunked like `like`."""
-    return da.Array(graph, next(iter(graph))[0], like.chunks, dtype=like.dtype)
-
-
-def _detach(client, arrays, watch):
-    """Wait for the persisted `arrays` (errors of dead workers surface here), then re-key
-    every chunk (`_rekey`) so the scheduler's task count stays flat."""
-    from distributed import futures_of
-
-    futures = futures_of(arrays)
-    _wait(client, futures, watch)
-    name, done = f"fastrms-gen-{secrets.token_hex(8)}", []
-    for i, a in enumerate(arrays):
-        keys = list(dask.core.flatten(a.__dask_keys__()))
-        by_key = {f.key: f for f in futures_of(a)}
-        done.append(_rekey(client, [by_key[k] for k in keys], [(i, *k[1:]) for k in keys], name))
-    _wait(client, [f for graph in done for f in graph.values()], arrays)
-    return [_array({f.key: f for f in graph.values()}, a) for graph, a in zip(done, arrays)]
-
-
-def _indices(ndim):
-    return tuple(range(1, ndim + 1))
 
 
 class RMSprop:
@@ -744,127 +425,23 @@ class RMSprop:
     def save(self, path):
         """Write the state (not the params), step counts, hyperparameters and a format version
         as a Zarr store in a new folder under `path`, written in parallel by the workers
-        (chunked like the arrays), then point `path/CURRENT` at it with an atomic rename: a
-        crash mid-save leaves the previous checkpoint loadable. Older generations are removed
-        after the switch."""
-        import zarr
-
+        (chunked like the arrays), with a CRC-32 per chunk in its manifest, then point
+        `path/CURRENT` at it with an atomic rename: a crash mid-save leaves the previous
+        checkpoint loadable. Older generations are removed after the switch."""
         self._usable()
-        root = os.fspath(path)
-        os.makedirs(root, exist_ok=True)
-        generation = f"gen-{self._clock.step_count:09d}-{secrets.token_hex(4)}"
-        folder = os.path.join(root, generation)
-        group = zarr.open_group(folder, mode="w")
-        hyper = {k: v for k, v in self._hyper.items() if not callable(v)}
-        group.attrs.update(
-            format_version=checkpoint.FORMAT_VERSION,
-            step_count=self._clock.step_count,
-            skipped_steps=self._clock.skipped_steps,
-            num_params=len(self._gens),
-            hyperparameters=hyper,
-            shapes=[list(g.shape[1:]) for g in self._gens],
-            dtypes=[str(p.dtype) for p in self._gens],
-        )
-        stores, sums, keys = [], [], []
-        for i, gen in enumerate(self._gens):
-            s = dict(zip(self._names, _unstack(gen)[1:]))
-            for name in self._names:
-                # NaN as the fill value: every chunk is written (no chunk equals it), and a chunk
-                # file gone missing reads as NaN, which load refuses
-                stores.append(da.to_zarr(s[name], folder, component=f"{name}.{i}", compute=False, fill_value=np.nan))
-                sums.append(_checksums(s[name]))
-                keys.append((f"{name}.{i}", s[name].chunks))
-        try:
-            done = self._compute([*stores, *sums])
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)  # the previous checkpoint stays the current one
-            raise
-        manifest = {
-            key: {"chunks": [list(c) for c in chunks], "crc32": np.asarray(crc).ravel().tolist()}
-            for (key, chunks), crc in zip(keys, done[len(stores) :])
-        }
-        group.attrs.update(manifest=manifest)  # written last: a checkpoint with it is whole
-        tmp = os.path.join(root, f".{POINTER}-{secrets.token_hex(4)}.tmp")
-        with open(tmp, "w") as f:
-            f.write(generation)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(root, POINTER))
-        for entry in os.listdir(root):
-            if entry.startswith("gen-") and entry != generation:
-                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+        states = [dict(zip(self._names, _unstack(gen)[1:])) for gen in self._gens]
+        _dask_checkpoint.write(path, states, self._gens, self._hyper, self._clock, self._compute)
 
     def load(self, path):
         """Restore a checkpoint written by `save` into this optimizer (same params,
         same variant). Anything wrong (no pointer, a pointer outside the folder, missing or
-        mismatched arrays, non-finite or negative `square_avg` values, another variant)
-        raises ValueError and changes nothing; a missing folder raises FileNotFoundError."""
-        import zarr
-
+        mismatched arrays, a chunk whose CRC-32 differs from the manifest, non-finite or
+        negative `square_avg` values, another variant) raises ValueError and changes
+        nothing; a missing folder raises FileNotFoundError."""
         self._usable()
-        root = os.fspath(path)
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"checkpoint folder {root!r} does not exist")
-        pointer = os.path.join(root, POINTER)
-        try:
-            if not stat.S_ISREG(os.stat(pointer).st_mode):  # a FIFO would block the read forever
-                raise ValueError(f"{pointer!r} is not a regular file: not a fastrms.dask checkpoint")
-            with open(pointer, "rb") as f:
-                generation = f.read(256).decode("utf-8", "replace").strip()
-        except OSError:
-            raise ValueError(f"{root!r} has no readable {POINTER} pointer: not a fastrms.dask checkpoint") from None
-        if not generation.startswith("gen-") or os.sep in generation or generation in (".", ".."):
-            raise ValueError(f"{root!r}: {POINTER} names {generation!r}, not a generation of this folder")
-        folder = os.path.join(root, generation)
-        real_root = os.path.realpath(root)
-        if os.path.islink(folder) or os.path.dirname(os.path.realpath(folder)) != real_root:
-            raise ValueError(f"{folder!r} is a link: a checkpoint's generation must be a folder inside it")
-        try:
-            group = zarr.open_group(folder, mode="r")
-            attrs = dict(group.attrs)
-        except Exception as exc:
-            raise ValueError(f"{folder!r} is not a readable Zarr group: {type(exc).__name__}: {exc}") from None
-        step_count, skipped, hyper = self._check_attrs(attrs)
-        manifest = attrs.get("manifest")
-        if not isinstance(manifest, dict):
-            raise ValueError(f"checkpoint {folder!r} has no manifest of its chunks: written by another fastrms?")
-        states, sums = [], []
-        for i, gen in enumerate(self._gens):
-            p = _Shape.of(gen)
-            state = {}
-            for name in self._names:
-                key = f"{name}.{i}"
-                try:
-                    a = da.from_zarr(folder, component=key)
-                except Exception as exc:
-                    raise ValueError(f"checkpoint {folder!r} has no usable array {key!r}: {exc}") from None
-                if a.shape != p.shape or a.dtype != p.dtype:
-                    raise ValueError(f"checkpoint array {key!r} is {a.dtype} {a.shape}, the param {p.dtype} {p.shape}")
-                entry = manifest.get(key)
-                if not isinstance(entry, dict) or entry.get("chunks") != [list(c) for c in a.chunks]:
-                    raise ValueError(f"checkpoint array {key!r} is not chunked as its manifest says")
-                sums.append((key, entry.get("crc32"), _checksums(a)))
-                state[name] = a.rechunk(p.chunks)
-            states.append(state)
-        checks = [da.isfinite(s[n]).all() for s in states for n in self._names]
-        checks += [(s["square_avg"] >= 0).all() for s in states]
-        try:
-            results = self._compute([*checks, *(crc for _, _, crc in sums)])
-        except LostStateError:
-            raise
-        except Exception as exc:  # a truncated or junk chunk: the codec's own error
-            raise ValueError(
-                f"checkpoint {folder!r} has a chunk that cannot be read: {type(exc).__name__}: {exc}"
-            ) from None
-        for (key, expected, _), crc in zip(sums, results[len(checks) :]):
-            if np.asarray(crc).ravel().tolist() != expected:
-                raise ValueError(
-                    f"checkpoint array {key!r} does not hold what was saved (a chunk differs from the manifest)"
-                )
-        if not all(results[: len(checks)]):
-            raise ValueError(
-                f"checkpoint {folder!r} holds NaN, infinite or negative square_avg values (a missing chunk?)"
-            )
+        step_count, skipped, hyper, states = _dask_checkpoint.read(
+            path, self._gens, self._names, self._hyper, self._compute
+        )
         params = [_layer(gen, 0) for gen in self._gens]
         self._gens = self._settle([self._stacked(p, s) for p, s in zip(params, states)])
         self._hyper = hyper
@@ -880,31 +457,3 @@ class RMSprop:
         futures = client.compute(list(arrays))
         _wait(client, futures, self._gens)
         return client.gather(futures)
-
-    def _check_attrs(self, attrs):
-        version = checkpoint.FORMAT_VERSION
-        if attrs.get("format_version") != version:
-            raise ValueError(f"checkpoint format_version must be {version}, got {attrs.get('format_version')!r}")
-        if attrs.get("num_params") != len(self._gens):
-            raise ValueError(
-                f"checkpoint holds {attrs.get('num_params')!r} params, this optimizer has {len(self._gens)}"
-            )
-        if attrs.get("shapes") != [list(g.shape[1:]) for g in self._gens] or attrs.get("dtypes") != [
-            str(p.dtype) for p in self._gens
-        ]:
-            raise ValueError("checkpoint shapes or dtypes differ from this optimizer's params")
-        try:
-            step_count = count("step_count", attrs.get("step_count"), minimum=0, maximum=STEP_MAX)
-            skipped = count("skipped_steps", attrs.get("skipped_steps"), minimum=0, maximum=STEP_MAX)
-            saved = attrs.get("hyperparameters")
-            if not isinstance(saved, dict):
-                raise ValueError("checkpoint has no hyperparameters")
-            merged = {**self._hyper, **{k: v for k, v in saved.items() if k in O.NAMES}}
-            hyper = O.check_hyperparameters(merged, tuple(p.dtype for p in self._gens))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"checkpoint: {exc}") from None
-        mine, theirs = O.formula(self._hyper), O.formula(hyper)
-        differ = [k for k in mine if mine[k] != theirs[k]]
-        if differ:
-            raise ValueError("checkpoint is of another variant: " + ", ".join(f"{k}={theirs[k]}" for k in differ))
-        return step_count, skipped, hyper
