@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import checkpoint, clipping, kernels, memory, runtime
+from . import checkpoint, cpu, kernels, memory
 from . import options as O
 from . import rows as rows_step
 from ._checks import float_array
 from .clock import Clock
 from .kernels import contiguous_address
-from .layout import Group, Slot, grad_span
+from .layout import Slot
 from .options import check_hyperparameters, state_names
 from .presets import preset_options
 
@@ -150,18 +150,6 @@ class RMSprop:
         self._slots = slots
         self._hyper = hyper
         self._variant = O.variant_key(hyper)
-        if not hasattr(self, "_groups"):
-            order = list(dict.fromkeys(s.dtype for s in slots))
-            members = [[i for i, s in enumerate(slots) if s.dtype == dtype] for dtype in order]
-            self._groups = [Group(m, [slots[i] for i in m], hyper, self._variant) for m in members]
-            self._group_of = [0] * len(slots)  # each array's group (one pass: a model may have 1e4 arrays)
-            for g, m in enumerate(members):
-                for i in m:
-                    self._group_of[i] = g
-        self._owned = memory.Owned(slots)
-        # params that all tile one buffer (fastrms.pack) may be stepped with one flat grad
-        only = self._groups[0] if len(self._groups) == 1 else None
-        self._packed = only if only is not None and only.kind == "flat" else None
         old = getattr(self, "_clock", None)
         counts = (old.step_count, old.skipped_steps, old.last_lr) if old is not None else ()
         self._clock = Clock(hyper, self._dtypes, *counts)
@@ -170,34 +158,11 @@ class RMSprop:
         self._dense_rows = hyper["dense_rows"]
         if not hasattr(self, "_last_grad_norm"):
             self._last_grad_norm = None
-        self._choose_kernels()  # starts the thread pool for big arrays: a layer that cannot start fails here
-
-    def _choose_kernels(self):
-        """Give each group its kernels for this process's parallel mode: `{"dense": (update,
-        nonfinite, sumsq), "segments": (...)}` and whether they are the parallel ones; done
-        again only when `fastrms.runtime.generation` changes (after a fork)."""
-        generation = runtime.generation()
-        mode = runtime.parallel_mode() if any(g.big for g in self._groups) else "free"
-        chosen = []
-        for group in self._groups:
-            parallel = group.big and mode != "serial"
-            pairs = {
-                "dense": (
-                    kernels.dense(self._variant, parallel),
-                    kernels.nonfinite_parallel if parallel else kernels.nonfinite_serial,
-                    kernels.sumsq_parallel if parallel else kernels.sumsq_serial,
-                ),
-                "segments": (
-                    kernels.segments(self._variant, parallel),
-                    kernels.nonfinite_segments_parallel if parallel else kernels.nonfinite_segments_serial,
-                    kernels.sumsq_segments_parallel if parallel else kernels.sumsq_segments_serial,
-                ),
-            }
-            pairs = {k: tuple(runtime.locked(f, parallel) for f in fns) for k, fns in pairs.items()}
-            chosen.append((pairs, parallel))
-        self._chosen = chosen
-        self._row_kernels = {}  # step_rows's, by (kind, parallel): chosen again with the rest
-        self._generation = generation
+        if hasattr(self, "_plan"):  # load_state_dict: the same arrays, kernels chosen again
+            self._plan.choose(self._variant)
+        else:  # starts the thread pool for big arrays: a layer that cannot start fails here
+            self._plan = cpu.Plan(slots, hyper, self._variant)  # allocates the state, group by group
+        self._owned = memory.Owned(slots)  # what a step writes: params and the state
 
     # ------------------------------------------------------------------ properties
 
@@ -236,10 +201,10 @@ class RMSprop:
     def parallel(self) -> "list[bool]":
         """For each param, whether its step runs on a parallel shell here (by the bytes its
         dtype group moves, `fastrms.kernels.PARALLEL_MIN_BYTES`, and the threading layer)."""
-        if self._generation != runtime.generation():
-            self._choose_kernels()
+        plan = self._plan
+        plan.current()
         out = [False] * len(self._slots)
-        for group, (_, parallel) in zip(self._groups, self._chosen):
+        for group, (_, parallel) in zip(plan.groups, plan.chosen):
             for i in group.indices:
                 out[i] = parallel
         return out
@@ -249,7 +214,7 @@ class RMSprop:
         """How each dtype group of params is stepped, one kernel call each: `"dense"` (one
         array), `"segments"` (many arrays, a chunk table) or `"flat"` (arrays that tile
         one buffer, see `fastrms.pack`)."""
-        return [g.kind for g in self._groups]
+        return [g.kind for g in self._plan.groups]
 
     @property
     def hyperparameters(self) -> "dict[str, Any]":
@@ -311,7 +276,8 @@ class RMSprop:
                 self._step_one(grads)
                 return
             slots = self._slots
-            packed = self._packed
+            plan = self._plan
+            packed = plan.packed
             if packed is not None and isinstance(grads, np.ndarray):
                 checked = (memory.check_grad(grads, packed.span, None),)  # one flat grad for packed params
                 slots = (packed.span,)
@@ -329,19 +295,12 @@ class RMSprop:
             for s in self._slots:
                 if not s.param.flags.writeable:
                     raise self._read_only(s)
-            if self._generation != runtime.generation():
-                self._choose_kernels()
+            plan.current()
+            clipping = self._max_norm is not None
             if slots is self._slots:
-                clipping = self._max_norm is not None
-                calls = [self._call(group, checked, clipping) for group in self._groups]
+                calls = plan.calls(plan.groups, checked, clipping)
             else:
-                span, g = packed.span, checked[0][0]
-                arrays = (span.flat, g, span.square_avg, span.grad_avg, span.momentum_buffer)
-                table = None
-                if self._max_norm is not None:  # the norm is summed per array: the chunk table
-                    packed.ptrs[:, 1] = packed.offsets + checked[0][1]
-                    table = (packed.witness, packed.ptrs, packed.sizes, packed.chunks)
-                calls = [("dense", arrays, (g,), table)]
+                calls = plan.packed_call(checked, clipping)
             self._launch(calls, checked)
         finally:
             self._busy.release()
@@ -355,9 +314,8 @@ class RMSprop:
             raise memory.overlap(None)
         if not s.param.flags.writeable:
             raise self._read_only(s)
-        if self._generation != runtime.generation():
-            self._choose_kernels()
-        update = self._chosen[0][0]["dense"][0]
+        self._plan.current()
+        update = self._plan.update()
         g = g.reshape(-1)
         arrays = (s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer)
         if self._max_norm is not None or self._skip_nonfinite:  # the guard's path
@@ -374,19 +332,9 @@ class RMSprop:
     def _launch(self, calls, checked):
         """Run one step's kernels, checks first: `calls` holds, per group, `(shell, arrays,
         check arrays, norm arrays)`; `checked` the grads (for the rare overflow path)."""
-        chosen = self._chosen
         coef = 1.0
         if self._max_norm is not None or self._skip_nonfinite:
-            verdict = clipping.guard(
-                lambda: sum(  # the groups' sums of squares, added in order (reproducible)
-                    pairs["dense" if len(norm_args) == 1 else "segments"][2](*norm_args)
-                    for (pairs, _), (_, _, _, norm_args) in zip(chosen, calls)
-                ),
-                lambda: any(pairs[shell][1](*args) for (pairs, _), (shell, _, args, _) in zip(chosen, calls)),
-                lambda: [g for g, _ in checked],
-                self._max_norm,
-                self._skip_nonfinite,
-            )
+            verdict = self._plan.verdict(calls, checked, self._max_norm, self._skip_nonfinite)
             if verdict.norm is not None:
                 self._last_grad_norm = verdict.norm
             if not verdict.stepped:
@@ -398,8 +346,7 @@ class RMSprop:
             scalars = scalars._replace(grad_scale=scalars.grad_scale * coef)
         if self._dense_rows:
             self._catch_up_rows(scalars)
-        for (pairs, _), (shell, args, _, _) in zip(chosen, calls):
-            pairs[shell][0](*args, *scalars)
+        self._plan.run(calls, scalars)
         self._clock.advance()
         if self._dense_rows:
             for slot in self._slots:
@@ -441,14 +388,13 @@ class RMSprop:
             self._busy.release()
 
     def _step_rows(self, rows, grad_rows, param):
-        if self._generation != runtime.generation():
-            self._choose_kernels()
+        self._plan.current()
         tables = rows_step.named(param, rows, grad_rows, self._table)
         clock = self._clock
         scalars = clock.scalars()
         done = rows_step.step(
             tables, clock.step_count + 1, self._dense_rows, scalars,
-            rows_step.catch_up_constants(self._hyper, self._variant, clock.pending_lr), self._row_kernel,
+            rows_step.catch_up_constants(self._hyper, self._variant, clock.pending_lr), self._plan.row_kernel,
             self._max_norm, self._skip_nonfinite,
         )  # fmt: skip
         if done.norm is not None:
@@ -479,17 +425,8 @@ class RMSprop:
             raise self._read_only(slot)
         return rows_step.Table(
             slot.flat, slot.square_avg, slot.grad_avg, slot.momentum_buffer, n, width, index, grads, slot.row_step,
-            f"rows{suffix}", self._chosen[self._group_of[int(param)]][1],
+            f"rows{suffix}", self._plan.parallel_of(int(param)),
         )  # fmt: skip
-
-    def _row_kernel(self, make, parallel):
-        """`make(variant, parallel)`, behind the process-wide lock when parallel kernels must
-        not overlap (`runtime.parallel_mode() == "serialized"`); kept until
-        `_choose_kernels` runs again."""
-        shell = self._row_kernels.get((make, parallel))
-        if shell is None:
-            shell = self._row_kernels[(make, parallel)] = runtime.shell(make, self._variant, parallel)
-        return shell
 
     def _catch_up_rows(self, scalars):
         """`dense_rows`, before a dense step: bring every row that missed steps up to date
@@ -500,28 +437,6 @@ class RMSprop:
             if s.row_step.size:
                 rows_step.catch_up(s.flat, s.square_avg, s.grad_avg, s.momentum_buffer, s.shape[1], s.row_step, t,
                                    self._hyper, self._variant, scalars)  # fmt: skip
-
-    @staticmethod
-    def _call(group, checked, clipping):
-        """`(shell, arrays, check arrays, norm arrays)` for one group: which shell steps it,
-        with what. The norm (`clipping`) is always summed per array (a chunk table for
-        several), so its bits do not depend on which shell steps the group."""
-        if group.kind == "dense":
-            s = group.slots[0]
-            g = checked[group.indices[0]][0].reshape(-1)
-            return "dense", (s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer), (g,), (g,)
-        addresses = [checked[i][1] for i in group.indices]
-        table = (group.witness, group.ptrs, group.sizes, group.chunks)
-        span = group.span
-        if span is not None and group.grads_tile(addresses):
-            g = grad_span(checked[group.indices[0]][0], addresses[0], span.flat.size)
-            if g is not None:
-                if clipping:
-                    group.ptrs[:, 1] = addresses
-                arrays = (span.flat, g, span.square_avg, span.grad_avg, span.momentum_buffer)
-                return "dense", arrays, (g,), table if clipping else None
-        group.ptrs[:, 1] = addresses
-        return "segments", table, table, table
 
     def _read_only(self, slot):
         i = self._slots.index(slot)
