@@ -93,8 +93,7 @@ def rmsprop_step(
     empty = param.reshape(-1)[:0]
     p, g, p_out = param.reshape(-1), grad.reshape(-1), param_out.reshape(-1)
     key = O.variant_key(hyper)
-    big = kernels.step_bytes(p.size, p.itemsize, len(names)) >= kernels.PARALLEL_MIN_BYTES
-    parallel = big and runtime.parallel_mode() != "serial"
+    parallel = runtime.parallel_for(p.size, p.itemsize, len(names))
     scalars = O.scalars(hyper, hyper["learning_rate"], t)
     verdict = clipping.guard(
         lambda: (kernels.sumsq_parallel if parallel else kernels.sumsq_serial)(g),

@@ -22,6 +22,7 @@ aborts. `info` reports the layer, the thread count and why.
 """
 
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -188,6 +189,23 @@ def serialized(kernel):
 
     call.kernel = kernel
     return call
+
+
+def parallel_for(size, itemsize, state_arrays):
+    """Whether a step of `size` elements of `itemsize` bytes with `state_arrays` state arrays
+    runs on the parallel kernels here: it moves `fastrms.kernels.PARALLEL_MIN_BYTES` and this
+    process may run parallel code (`parallel_mode() != "serial"`). Cached until `generation`
+    changes: a front end asks once per step."""
+    return _parallel_for(size, itemsize, state_arrays, _GENERATION)
+
+
+@functools.lru_cache(maxsize=256)
+def _parallel_for(size, itemsize, state_arrays, generation):
+    from . import kernels
+
+    return (
+        kernels.step_bytes(size, itemsize, state_arrays) >= kernels.PARALLEL_MIN_BYTES and parallel_mode() != "serial"
+    )
 
 
 def shell(make, variant, parallel):

@@ -34,73 +34,20 @@ except ImportError:  # pragma: no cover - exercised in a subprocess without torc
         "fastrms.torch needs PyTorch; install it with: pip install 'fastrms[torch]' (torch==2.13.0, the CPU build)"
     ) from None
 
-import functools
 
 import numpy as np
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import _torch_sparse, kernels, runtime
+from . import _torch_options, _torch_sparse, _torch_tensors, kernels, runtime
 from . import options as O
 from . import rows as rows_step
 from ._torch_buckets import STATE_NAMES, Bucket
 
 __all__ = ["RMSprop"]
 
-_NUMPY = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
-_STEP_DTYPES = (torch.float32, torch.float64)
-#: torch's names for the options it shares with fastrms (the rest are the same name).
-_TORCH_NAMES = {"learning_rate": "lr", "beta": "alpha", "epsilon": "eps"}
-#: torch.optim.RMSprop's own words for a bad value, kept in front of fastrms's reason.
-_TORCH_PHRASES = {
-    "lr": "Invalid learning rate: {}",
-    "eps": "Invalid epsilon value: {}",
-    "momentum": "Invalid momentum value: {}",
-    "weight_decay": "Invalid weight_decay value: {}",
-    "alpha": "Invalid alpha value: {}",
-}
+_NUMPY = _torch_tensors.NUMPY
 #: torch.optim.RMSprop's `__setstate__` defaults: what an older state dict's groups lack.
 _GROUP_DEFAULTS = dict(momentum=0, centered=False, foreach=None, maximize=False, differentiable=False, capturable=False)
-
-
-def _dense(t):
-    """Whether `t`'s elements fill `numel` consecutive slots of memory (contiguous, or a
-    permutation of a contiguous layout such as channels-last), with no overlap."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _first_overlap(starts, ends):
-    """`(i, j)`, two of the byte spans `[starts[k], ends[k])` that overlap, or None."""
-    order = np.argsort(starts, kind="stable")
-    s, e = starts[order], ends[order]
-    reach = np.maximum.accumulate(e)
-    clash = np.flatnonzero(s[1:] < reach[:-1])
-    if clash.size == 0:
-        return None
-    j = int(clash[0]) + 1
-    i = int(np.flatnonzero(e[:j] > s[j])[0])
-    return int(order[i]), int(order[j])
-
-
-def _holds(keys, tensors):
-    """A check that a state dict still holds `tensors` under `keys` (two to four: the
-    state a variant keeps and `step`), written out: a step runs it once per param."""
-    if len(keys) == 2:
-        (k0, k1), (t0, t1) = keys, tensors
-        return lambda d: d.get(k0) is t0 and d.get(k1) is t1
-    if len(keys) == 3:
-        (k0, k1, k2), (t0, t1, t2) = keys, tensors
-        return lambda d: d.get(k0) is t0 and d.get(k1) is t1 and d.get(k2) is t2
-    (k0, k1, k2, k3), (t0, t1, t2, t3) = keys, tensors
-    return lambda d: d.get(k0) is t0 and d.get(k1) is t1 and d.get(k2) is t2 and d.get(k3) is t3
 
 
 class RMSprop(torch.optim.Optimizer):
@@ -202,17 +149,17 @@ class RMSprop(torch.optim.Optimizer):
         where = f"param_groups[{gi}]"
         params = group["params"]
         for j, p in enumerate(params):
-            self._check_param(p, f"{where}['params'][{j}]")
+            _torch_tensors.check_param(p, f"{where}['params'][{j}]")
         self._hyperparameters(group, where, tuple(dict.fromkeys(_NUMPY[p.dtype] for p in params)))
         distinct = list(dict.fromkeys(params))
         repeats = len(distinct) != len(params)
-        self._check_disjoint(distinct, where)
+        _torch_tensors.check_disjoint(distinct, where)
         buckets = {}
         if self._flatten:
             if repeats:
                 raise ValueError(f"{where}: flatten=True cannot hold a param listed twice (torch would step it twice)")
             trained = [p for p in params if p.requires_grad and p not in self._flat_slot]
-            self._check_disjoint([*(p for p in self._flat_slot), *trained], "flatten=True")
+            _torch_tensors.check_disjoint([*(p for p in self._flat_slot), *trained], "flatten=True")
             for dtype in dict.fromkeys(p.dtype for p in trained):
                 bucket = buckets[dtype] = Bucket([p for p in trained if p.dtype == dtype])
                 for i, p in enumerate(bucket.params):
@@ -317,80 +264,9 @@ class RMSprop(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checks
 
-    @staticmethod
-    def _check_param(p, name):
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"{name} is a {type(p).__name__}, not a tensor")
-        if p.device.type != "cpu":
-            raise ValueError(f"{name} is on {p.device}; fastrms.torch.RMSprop steps CPU tensors only")
-        if p.dtype not in _NUMPY:
-            raise TypeError(
-                f"{name} has dtype {p.dtype}; fastrms.torch.RMSprop steps float32 and float64 tensors "
-                "(float16, bfloat16 and complex are not supported)"
-            )
-        if not _dense(p):
-            raise ValueError(
-                f"{name} is not dense in memory (strides {tuple(p.stride())} for shape {tuple(p.shape)}); "
-                "the fused step writes a param's memory in place: make it contiguous first"
-            )
-
-    @staticmethod
-    def _check_disjoint(params, where):
-        """Distinct params must not share memory: one kernel call steps them at once."""
-        if len(params) < 2:
-            return
-        starts = np.array([p.data_ptr() for p in params], dtype=np.int64)
-        ends = starts + np.array([p.numel() * p.element_size() for p in params], dtype=np.int64)
-        keep = ends > starts
-        clash = _first_overlap(starts[keep], ends[keep])
-        if clash is not None:
-            i, j = (np.flatnonzero(keep)[k] for k in clash)
-            a, b = sorted((int(i), int(j)))
-            raise ValueError(
-                f"{where}: params {a} and {b} share memory (views of one storage); fastrms steps a group's "
-                "params at once, so they must be separate tensors"
-            )
-
     def _hyperparameters(self, group, where, dtypes):
-        """The group's options as fastrms's, checked (cached per distinct set)."""
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            if lr.numel() != 1:
-                raise ValueError(f"{where}: Tensor lr must be 1-element")
-            lr = lr.item()
-        if group["capturable"]:
-            raise ValueError(f"{where}: capturable=True (CUDA graphs) is not supported by the fused CPU step")
-        if group["differentiable"]:
-            raise ValueError(f"{where}: differentiable=True is not supported: the fused step is not differentiable")
-        key = (lr, group["alpha"], group["eps"], group["weight_decay"], group["momentum"], group["centered"],
-               group["maximize"], dtypes)  # fmt: skip
-        hyper = self._hyper_cache.get(key)
-        if hyper is None:
-            given = {
-                "learning_rate": lr,
-                "beta": group["alpha"],
-                "epsilon": group["eps"],
-                "weight_decay": group["weight_decay"],
-                "momentum": group["momentum"],
-                "centered": group["centered"],
-                "maximize": group["maximize"],
-                "dense_rows": self._dense_rows,
-            }
-            try:
-                hyper = O.check_hyperparameters(O.resolve(given), dtypes)
-            except (TypeError, ValueError) as exc:
-                message = str(exc)
-                for ours, theirs in _TORCH_NAMES.items():
-                    message = message.replace(ours, theirs)
-                option = message.split(" ", 1)[0]
-                if isinstance(exc, ValueError) and option in _TORCH_PHRASES:
-                    value = lr if option == "lr" else group[option]
-                    message = f"{_TORCH_PHRASES[option].format(value)} ({message})"
-                raise type(exc)(f"{where}: {message}") from None
-            if len(self._hyper_cache) > 64:
-                self._hyper_cache.clear()
-            self._hyper_cache[key] = hyper
-        return hyper
+        """The group's options as fastrms's, checked (`fastrms._torch_options`)."""
+        return _torch_options.hyperparameters(self._hyper_cache, group, where, dtypes, self._dense_rows)
 
     # ------------------------------------------------------------------ the step
 
@@ -457,11 +333,11 @@ class RMSprop(torch.optim.Optimizer):
                 sparse.append((j, p, g))
                 continue
             if not (g.is_contiguous() and p.is_contiguous()):
-                self._check_pair(p, g, f"{where}['params'][{j}]")
+                _torch_tensors.check_pair(p, g, f"{where}['params'][{j}]")
             dtype = p.dtype
             if names is None or dtype not in _NUMPY:
                 if dtype not in _NUMPY:
-                    self._check_param(p, f"{where}['params'][{j}]")
+                    _torch_tensors.check_param(p, f"{where}['params'][{j}]")
                 hyper = self._hyperparameters(group, where, (_NUMPY[dtype],))
                 names = O.state_names(hyper)
             if g.dtype is not dtype:
@@ -501,7 +377,7 @@ class RMSprop(torch.optim.Optimizer):
             for dtype, rows in members.items():
                 ptrs = np.array([row[0] for row in rows], dtype=np.int64)
                 sizes = tuple(row[1] for row in rows)
-                self._check_overlaps(gi, dtype, turn, ptrs, sizes, where)
+                _torch_tensors.check_overlaps(self._checked, (gi, dtype, turn), dtype, ptrs, sizes, where)
                 members[dtype] = (rows, ptrs, sizes)
         sparse = [self._sparse_table(group, where, f"{where}['params'][{j}]", p, g) for j, p, g in sparse]
         used = [*(d for m in rounds for d in m), *(b.dtype for b in flat), *(s[0].dtype for s in sparse)]
@@ -510,7 +386,7 @@ class RMSprop(torch.optim.Optimizer):
 
     def _sparse_table(self, group, where, name, p, g):
         """A param with a sparse grad, checked: `(p, rows.Table, row counters, layout)`."""
-        self._check_param(p, name)
+        _torch_tensors.check_param(p, name)
         _torch_sparse.check(p, g, name)
         hyper = self._hyperparameters(group, where, (_NUMPY[p.dtype],))
         names = O.state_names(hyper)
@@ -540,120 +416,15 @@ class RMSprop(torch.optim.Optimizer):
         bumped.append(p)
         bumped.extend(entry[10])
 
-    def _check_overlaps(self, gi, dtype, turn, ptrs, sizes, where):
-        """No param or state of one kernel call may overlap another, nor a grad any of them
-        (threads would race on shared memory); grads may overlap each other (they are only
-        read). Checked again only when an address or size changed."""
-        last = self._checked.get((gi, dtype, turn))
-        if last is not None and last[1] == sizes and np.array_equal(last[0], ptrs):
-            return
-        key_sizes = sizes
-        sizes = np.array(sizes, dtype=np.int64) * _NUMPY[dtype].itemsize
-        written = ptrs[:, [0, 2, 3, 4]]  # the param and its state
-        used = (written != 0) & (sizes[:, None] > 0)
-        owner = np.broadcast_to(np.arange(len(ptrs))[:, None], written.shape)[used]
-        w_start = written[used]
-        w_end = w_start + np.broadcast_to(sizes[:, None], written.shape)[used]
-        clash = _first_overlap(w_start, w_end)
-        culprit = None if clash is None else int(owner[clash[1]])
-        if culprit is None and w_start.size:
-            order = np.argsort(w_start)
-            starts, ends = w_start[order], w_end[order]
-            g_start, g_end = ptrs[:, 1], ptrs[:, 1] + sizes
-            last_before = np.searchsorted(starts, g_end, side="left") - 1
-            hit = (last_before >= 0) & (ends[np.maximum(last_before, 0)] > g_start) & (sizes > 0)
-            if hit.any():
-                culprit = -1 - int(np.flatnonzero(hit)[0])
-        if culprit is not None:
-            who = f"the grad of param {-1 - culprit}" if culprit < 0 else f"param {culprit} (or its state)"
-            raise ValueError(
-                f"{where}: {who} of this dtype shares memory with another param, grad or state stepped in the same "
-                "call; fastrms steps them at once, so they must be separate tensors"
-            )
-        self._checked[(gi, dtype, turn)] = (ptrs, key_sizes)
-
-    @staticmethod
-    @functools.lru_cache(maxsize=64)
-    def _parallel_choice(size, itemsize, state_arrays, generation):
-        big = kernels.step_bytes(size, itemsize, state_arrays) >= kernels.PARALLEL_MIN_BYTES
-        if not big:
-            return False
-        mode = runtime.parallel_mode()
-        return False if mode == "serial" else ("serialized" if mode == "serialized" else True)
-
     @staticmethod
     def _parallel(size, itemsize, hyper):
-        """The parallel mode's answer for a step of `size` elements: False, True, or
-        `"serialized"` (cached until `fastrms.runtime.generation` changes)."""
-        states = 1 + bool(hyper["centered"]) + bool(hyper["momentum"])
-        return RMSprop._parallel_choice(size, itemsize, states, runtime.generation())
-
-    def _check_pair(self, p, g, name):
-        """The slow path: a sparse grad, or a param or grad that is not contiguous."""
-        if g.layout != torch.strided:
-            raise ValueError(f"{name} has a {g.layout} grad; fastrms steps dense grads and sparse COO grads of rows")
-        self._check_param(p, name)
-        if g.stride() != p.stride() and p.numel() > 1:
-            raise ValueError(
-                f"{name}: its grad has strides {tuple(g.stride())}, its param {tuple(p.stride())}; the fused "
-                "step reads them element for element, so they must be laid out alike (make both contiguous)"
-            )
+        """Whether a step of `size` elements runs on the parallel kernels here."""
+        return runtime.parallel_for(size, itemsize, 1 + bool(hyper["centered"]) + bool(hyper["momentum"]))
 
     def _layout(self, p, names, address, name="a param", state=None):
-        """The cached layout of `p` (see `_plan`), made anew: its state created as
-        torch creates it (a buffer the options need and the state lacks, after momentum or
-        centering is switched on mid-run, starts at zero) and checked to be laid out like
-        `p`. The entry holds the state tensors, so they live as long as it is used."""
-        state = self.state[p] if state is None else state
-        if p.is_inference():
-            raise RuntimeError(
-                f"{name}: Inplace update to inference tensor outside InferenceMode is not allowed (the param was "
-                "made under torch.inference_mode(); torch refuses to step it too)"
-            )
-        slot = self._flat_slot.get(p)
-        if not state:
-            state["step"] = torch.zeros((), dtype=_get_scalar_dtype()) if slot is None else slot[0].steps[slot[1]]
-        tensors = []
-        for state_name in names:
-            if state_name not in state:
-                if slot is None:
-                    state[state_name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                else:
-                    state[state_name] = slot[0].state_view(state_name, slot[1])
-            t = state[state_name]
-            if not isinstance(t, torch.Tensor) or t.dtype != p.dtype or t.shape != p.shape or not t.is_cpu:
-                raise ValueError(f"{name}: its state {state_name!r} is not a CPU tensor like the param")
-            if t.stride() != p.stride() and p.numel() > 1:
-                raise ValueError(f"{name}: its state {state_name!r} is not laid out like the param")
-            tensors.append(t)
-        ptrs = [0, 0, 0]
-        for state_name, t in zip(names, tensors):
-            ptrs[STATE_NAMES.index(state_name)] = t.data_ptr()
-        step = state["step"]
-        if not torch.is_tensor(step):
-            step = state["step"] = torch.tensor(float(step), dtype=_get_scalar_dtype())  # as torch's __setstate__
-        if not step.is_cpu or step.dtype not in _STEP_DTYPES or step.numel() != 1:
-            raise ValueError(
-                f"{name}: its state 'step' is a {step.dtype} tensor of shape {tuple(step.shape)} on {step.device}; "
-                "fastrms counts steps in a CPU float32 or float64 tensor of one element"
-            )
-        keys = (*names, "step")
-        held = (*tensors, step)
-        entry = (
-            p,
-            address,
-            p.shape,
-            names,
-            state,
-            keys,
-            _holds(keys, held),
-            None if p.is_contiguous() else p.stride(),
-            tuple(ptrs),
-            p.numel(),
-            tensors,
-            (step.dtype, step.data_ptr()),
-            held,
-        )
+        """The cached layout of `p` (see `_plan` and `fastrms._torch_tensors.layout`), made anew."""
+        entry = _torch_tensors.layout(p, names, address, name, self.state[p] if state is None else state,
+                                      self._flat_slot.get(p))  # fmt: skip
         self._layouts[id(p)] = entry
         return entry
 

@@ -1,0 +1,195 @@
+"""The tensors `fastrms.torch.RMSprop` steps: what it checks of them before anything is
+written (params CPU, float32/float64 and dense in memory; a param and its grad laid out alike;
+distinct params not sharing memory; no param, state or grad of one kernel call overlapping
+another, as threads would race on shared memory), and each param's cached layout (`layout`:
+its state, created as torch creates it, and the addresses a kernel call reads)."""
+
+import numpy as np
+import torch
+from torch.optim.optimizer import _get_scalar_dtype
+
+from ._torch_buckets import STATE_NAMES
+
+#: The dtypes the fused step takes, as NumPy's.
+NUMPY = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+#: The dtypes of a param's `step` counter.
+STEP_DTYPES = (torch.float32, torch.float64)
+
+
+def dense(t):
+    """Whether `t`'s elements fill `numel` consecutive slots of memory (contiguous, or a
+    permutation of a contiguous layout such as channels-last), with no overlap."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def first_overlap(starts, ends):
+    """`(i, j)`, two of the byte spans `[starts[k], ends[k])` that overlap, or None."""
+    order = np.argsort(starts, kind="stable")
+    s, e = starts[order], ends[order]
+    reach = np.maximum.accumulate(e)
+    clash = np.flatnonzero(s[1:] < reach[:-1])
+    if clash.size == 0:
+        return None
+    j = int(clash[0]) + 1
+    i = int(np.flatnonzero(e[:j] > s[j])[0])
+    return int(order[i]), int(order[j])
+
+
+def holds(keys, tensors):
+    """A check that a state dict still holds `tensors` under `keys` (two to four: the
+    state a variant keeps and `step`), written out: a step runs it once per param."""
+    if len(keys) == 2:
+        (k0, k1), (t0, t1) = keys, tensors
+        return lambda d: d.get(k0) is t0 and d.get(k1) is t1
+    if len(keys) == 3:
+        (k0, k1, k2), (t0, t1, t2) = keys, tensors
+        return lambda d: d.get(k0) is t0 and d.get(k1) is t1 and d.get(k2) is t2
+    (k0, k1, k2, k3), (t0, t1, t2, t3) = keys, tensors
+    return lambda d: d.get(k0) is t0 and d.get(k1) is t1 and d.get(k2) is t2 and d.get(k3) is t3
+
+
+def check_param(p, name):
+    """`p` is a CPU float32/float64 tensor, dense in memory (the fused step writes it in place)."""
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{name} is a {type(p).__name__}, not a tensor")
+    if p.device.type != "cpu":
+        raise ValueError(f"{name} is on {p.device}; fastrms.torch.RMSprop steps CPU tensors only")
+    if p.dtype not in NUMPY:
+        raise TypeError(
+            f"{name} has dtype {p.dtype}; fastrms.torch.RMSprop steps float32 and float64 tensors "
+            "(float16, bfloat16 and complex are not supported)"
+        )
+    if not dense(p):
+        raise ValueError(
+            f"{name} is not dense in memory (strides {tuple(p.stride())} for shape {tuple(p.shape)}); "
+            "the fused step writes a param's memory in place: make it contiguous first"
+        )
+
+
+def check_disjoint(params, where):
+    """Distinct params must not share memory: one kernel call steps them at once."""
+    if len(params) < 2:
+        return
+    starts = np.array([p.data_ptr() for p in params], dtype=np.int64)
+    ends = starts + np.array([p.numel() * p.element_size() for p in params], dtype=np.int64)
+    keep = ends > starts
+    clash = first_overlap(starts[keep], ends[keep])
+    if clash is not None:
+        i, j = (np.flatnonzero(keep)[k] for k in clash)
+        a, b = sorted((int(i), int(j)))
+        raise ValueError(
+            f"{where}: params {a} and {b} share memory (views of one storage); fastrms steps a group's "
+            "params at once, so they must be separate tensors"
+        )
+
+
+def check_pair(p, g, name):
+    """The slow path: a sparse grad, or a param or grad that is not contiguous."""
+    if g.layout != torch.strided:
+        raise ValueError(f"{name} has a {g.layout} grad; fastrms steps dense grads and sparse COO grads of rows")
+    check_param(p, name)
+    if g.stride() != p.stride() and p.numel() > 1:
+        raise ValueError(
+            f"{name}: its grad has strides {tuple(g.stride())}, its param {tuple(p.stride())}; the fused "
+            "step reads them element for element, so they must be laid out alike (make both contiguous)"
+        )
+
+
+def check_overlaps(checked, at, dtype, ptrs, sizes, where):
+    """No param or state of one kernel call may overlap another, nor a grad any of them
+    (threads would race on shared memory); grads may overlap each other (they are only
+    read). Checked again only when an address or size changed (`checked[at]`: the last check's
+    pointers and sizes)."""
+    last = checked.get(at)
+    if last is not None and last[1] == sizes and np.array_equal(last[0], ptrs):
+        return
+    key_sizes = sizes
+    sizes = np.array(sizes, dtype=np.int64) * NUMPY[dtype].itemsize
+    written = ptrs[:, [0, 2, 3, 4]]  # the param and its state
+    used = (written != 0) & (sizes[:, None] > 0)
+    owner = np.broadcast_to(np.arange(len(ptrs))[:, None], written.shape)[used]
+    w_start = written[used]
+    w_end = w_start + np.broadcast_to(sizes[:, None], written.shape)[used]
+    clash = first_overlap(w_start, w_end)
+    culprit = None if clash is None else int(owner[clash[1]])
+    if culprit is None and w_start.size:
+        order = np.argsort(w_start)
+        starts, ends = w_start[order], w_end[order]
+        g_start, g_end = ptrs[:, 1], ptrs[:, 1] + sizes
+        last_before = np.searchsorted(starts, g_end, side="left") - 1
+        hit = (last_before >= 0) & (ends[np.maximum(last_before, 0)] > g_start) & (sizes > 0)
+        if hit.any():
+            culprit = -1 - int(np.flatnonzero(hit)[0])
+    if culprit is not None:
+        who = f"the grad of param {-1 - culprit}" if culprit < 0 else f"param {culprit} (or its state)"
+        raise ValueError(
+            f"{where}: {who} of this dtype shares memory with another param, grad or state stepped in the same "
+            "call; fastrms steps them at once, so they must be separate tensors"
+        )
+    checked[at] = (ptrs, key_sizes)
+
+
+def layout(p, names, address, name, state, slot):
+    """The cached layout of `p` (see `_plan`), made anew: its state created as
+    torch creates it (a buffer the options need and the state lacks, after momentum or
+    centering is switched on mid-run, starts at zero) and checked to be laid out like
+    `p`. The entry holds the state tensors, so they live as long as it is used. `slot`:
+    `(bucket, index)` for a param that lives in a bucket (`flatten=True`), else None."""
+    if p.is_inference():
+        raise RuntimeError(
+            f"{name}: Inplace update to inference tensor outside InferenceMode is not allowed (the param was "
+            "made under torch.inference_mode(); torch refuses to step it too)"
+        )
+    if not state:
+        state["step"] = torch.zeros((), dtype=_get_scalar_dtype()) if slot is None else slot[0].steps[slot[1]]
+    tensors = []
+    for state_name in names:
+        if state_name not in state:
+            if slot is None:
+                state[state_name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:
+                state[state_name] = slot[0].state_view(state_name, slot[1])
+        t = state[state_name]
+        if not isinstance(t, torch.Tensor) or t.dtype != p.dtype or t.shape != p.shape or not t.is_cpu:
+            raise ValueError(f"{name}: its state {state_name!r} is not a CPU tensor like the param")
+        if t.stride() != p.stride() and p.numel() > 1:
+            raise ValueError(f"{name}: its state {state_name!r} is not laid out like the param")
+        tensors.append(t)
+    ptrs = [0, 0, 0]
+    for state_name, t in zip(names, tensors):
+        ptrs[STATE_NAMES.index(state_name)] = t.data_ptr()
+    step = state["step"]
+    if not torch.is_tensor(step):
+        step = state["step"] = torch.tensor(float(step), dtype=_get_scalar_dtype())  # as torch's __setstate__
+    if not step.is_cpu or step.dtype not in STEP_DTYPES or step.numel() != 1:
+        raise ValueError(
+            f"{name}: its state 'step' is a {step.dtype} tensor of shape {tuple(step.shape)} on {step.device}; "
+            "fastrms counts steps in a CPU float32 or float64 tensor of one element"
+        )
+    keys = (*names, "step")
+    held = (*tensors, step)
+    entry = (
+        p,
+        address,
+        p.shape,
+        names,
+        state,
+        keys,
+        holds(keys, held),
+        None if p.is_contiguous() else p.stride(),
+        tuple(ptrs),
+        p.numel(),
+        tensors,
+        (step.dtype, step.data_ptr()),
+        held,
+    )
+    return entry
