@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import kernels, runtime
+from . import kernels, runtime, spec
 from . import options as O
 
 _GRAD = operator.attrgetter("grad")
@@ -89,7 +89,7 @@ class Bucket:
     def prepare(self, hyper, layout):
         """Make sure every param that has a grad has its state, as views of the buffers
         (`layout` is the optimizer's, which creates and checks it)."""
-        names = O.state_names(hyper)
+        names = spec.of(hyper).names
         fresh = self.active & ~self.has_state
         if self.names != names:
             fresh = self.active.copy()
@@ -98,7 +98,7 @@ class Bucket:
             layout(self.params[i], names, self.params[i].data_ptr())
             self.has_state[i] = True
         if hyper is not self.hyper:  # the optimizer caches each distinct set of options: one object
-            self.hyper, self.key = hyper, O.variant_key(hyper)
+            self.hyper, self.key = hyper, spec.of(hyper).variant
             self.scalars = O.scalars(hyper, hyper["learning_rate"], 1)
 
     def adopt(self, i, state):

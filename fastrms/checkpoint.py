@@ -24,6 +24,7 @@ import zipfile
 
 import numpy as np
 
+from . import spec
 from ._checks import STEP_MAX, count
 from .options import (
     ALL_STATE_NAMES,
@@ -32,7 +33,6 @@ from .options import (
     OPTIONAL_OPTIONS,
     check_hyperparameters,
     formula,
-    state_names,
 )
 
 FORMAT_VERSION = 1
@@ -100,7 +100,7 @@ def validate(d, slots, current_hyper, dtypes):
     expected = set(REQUIRED_KEYS) | ({"learning_rate", *OPTIONAL_OPTIONS} & d.keys())
     arrays = {}
     for i, slot in enumerate(slots):
-        for name in state_names(hyper):
+        for name in spec.of(hyper).names:
             key = f"{name}.{i}"
             expected.add(key)
             a = d.get(key)

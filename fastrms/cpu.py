@@ -1,6 +1,6 @@
 """The CPU backend of `fastrms.RMSprop`: where and how each step's kernels run.
 
-`Plan(slots, hyper, variant)` groups the params by dtype (`fastrms.layout.Group`: one
+`Plan(slots, hyper, spec)` groups the params by dtype (`fastrms.layout.Group`: one
 kernel call a group, with its pointer table) and picks each group's kernels for this
 process: serial below `fastrms.kernels.PARALLEL_MIN_BYTES`, else parallel, or parallel
 behind the process-wide lock under `workqueue` (`fastrms.runtime.shell`/`locked`), picked
@@ -25,10 +25,10 @@ class Plan:
 
     __slots__ = ("groups", "group_of", "packed", "chosen", "generation", "_variant", "_rows")
 
-    def __init__(self, slots, hyper, variant):
+    def __init__(self, slots, hyper, spec):
         order = list(dict.fromkeys(s.dtype for s in slots))
         members = [[i for i, s in enumerate(slots) if s.dtype == dtype] for dtype in order]
-        self.groups = [Group(m, [slots[i] for i in m], hyper, variant) for m in members]
+        self.groups = [Group(m, [slots[i] for i in m], hyper, spec) for m in members]
         self.group_of = [0] * len(slots)  # each array's group (one pass: a model may have 1e4 arrays)
         for g, m in enumerate(members):
             for i in m:
@@ -36,7 +36,7 @@ class Plan:
         # params that all tile one buffer (fastrms.pack) may be stepped with one flat grad
         only = self.groups[0] if len(self.groups) == 1 else None
         self.packed = only if only is not None and only.kind == "flat" else None
-        self.choose(variant)
+        self.choose(spec.variant)
 
     def choose(self, variant):
         """Give each group its kernels for this process's parallel mode: `{"dense": (update,

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import _dask_checkpoint, functional
+from . import _dask_checkpoint, functional, spec
 from . import options as O
 from ._checks import STEP_MAX, count
 from ._dask_blocks import _block_step, _generation_step, _Key, _Missing, _pulled_step, _stack, release_buffers
@@ -88,7 +88,7 @@ def init_state(param, **options):
     """The variant's initial state for the dask array `param` (chunked like it)."""
     _check_array("param", param)
     hyper = O.resolve(options, "init_state()")
-    state = {name: da.zeros_like(param) for name in O.state_names(hyper)}
+    state = {name: da.zeros_like(param) for name in spec.of(hyper).names}
     scale = O.BY_NAME["initial_scale"].check(hyper["initial_scale"])
     if scale:
         state["square_avg"] = da.full_like(param, scale)
@@ -115,7 +115,7 @@ def rmsprop_step(
     _check_array("grad", grad, param)
     t = count("t", t, minimum=1, maximum=STEP_MAX)
     hyper = _hyperparameters(learning_rate, beta, epsilon, options, param.dtype)
-    names = O.state_names(hyper)
+    names = spec.of(hyper).names
     if state is None:
         state = init_state(param, **{k: hyper[k] for k in O.NAMES if k != "learning_rate"})
     if not isinstance(state, dict) or set(state) != set(names):
@@ -189,7 +189,7 @@ class RMSprop:
         self._hyper = O.check_hyperparameters(hyper, tuple(dict.fromkeys(a.dtype for a in arrays)))
         if self._hyper["dense_rows"]:
             raise ValueError("dense_rows=True is an option of step_rows, which fastrms.dask.RMSprop does not have")
-        self._names = O.state_names(self._hyper)
+        self._names = spec.of(self._hyper).names
         self._dtypes = tuple(dict.fromkeys(a.dtype for a in arrays))
         self._clock = Clock(self._hyper, self._dtypes)
         kernel = {k: self._hyper[k] for k in O.NAMES if k != "learning_rate"}

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import clipping, kernels, runtime
+from . import clipping, kernels, runtime, spec
 from . import options as O
 from ._checks import STEP_MAX, count, float_array
 from .layout import address
@@ -28,7 +28,7 @@ def init_state(param, **options):
     (PyTorch's names), each shaped and typed like `param`."""
     param = float_array("param", param, writeable=False)
     hyper = O.resolve(options, "init_state()")
-    state = {name: np.zeros(param.shape, param.dtype) for name in O.state_names(hyper)}
+    state = {name: np.zeros(param.shape, param.dtype) for name in spec.of(hyper).names}
     state["square_avg"][...] = O.BY_NAME["initial_scale"].check(hyper["initial_scale"])
     return state
 
@@ -72,7 +72,7 @@ def rmsprop_step(
     if callable(learning_rate):
         raise TypeError("learning_rate must be a number here; evaluate the schedule at t - 1 and pass its value")
     hyper = _hyperparameters(learning_rate, {**options, "beta": beta, "epsilon": epsilon}, param.dtype)
-    names = O.state_names(hyper)
+    names = spec.of(hyper).names
     state = init_state(param, **{k: hyper[k] for k in O.NAMES if k != "learning_rate"}) if state is None else state
     state = _state("state", state, names, param, writeable=False)
     if out is None:
@@ -92,7 +92,7 @@ def rmsprop_step(
     flat_out = {name: a.reshape(-1) for name, a in state_out.items()}
     empty = param.reshape(-1)[:0]
     p, g, p_out = param.reshape(-1), grad.reshape(-1), param_out.reshape(-1)
-    key = O.variant_key(hyper)
+    key = spec.of(hyper).variant
     parallel = runtime.parallel_for(p.size, p.itemsize, len(names))
     scalars = O.scalars(hyper, hyper["learning_rate"], t)
     verdict = clipping.guard(

@@ -14,7 +14,6 @@ import numpy as np
 
 from . import kernels
 from ._checks import flat_view
-from .options import state_names
 
 #: State kinds in the order of the chunk table's columns after param and grad.
 _STATE = ("square_avg", "grad_avg", "momentum_buffer")
@@ -103,17 +102,16 @@ def _tile_root(arrays, dtype):
 class Group:
     """Params of one dtype, stepped by one kernel call."""
 
-    def __init__(self, indices, slots, hyper, key):
-        self.indices, self.slots, self.key = indices, slots, key
+    def __init__(self, indices, slots, hyper, spec):
+        self.indices, self.slots = indices, slots
         self.dtype = slots[0].dtype
-        names = state_names(hyper)
+        names = spec.names
         size = sum(s.flat.size for s in slots)
         self.big = kernels.step_bytes(size, self.dtype.itemsize, len(names)) >= kernels.PARALLEL_MIN_BYTES
         span = _tile_root([s.array for s in slots], self.dtype) if len(slots) > 1 else None
         self.kind = "dense" if len(slots) == 1 else ("flat" if span is not None else "segments")
         # state: one buffer per kind for the whole group; each slot's state is a view of it
-        state = {n: np.zeros(size, self.dtype) for n in names}
-        state["square_avg"][...] = hyper["initial_scale"]
+        state = spec.allocate(size, self.dtype, hyper["initial_scale"])
         offset = 0
         for s in slots:
             n = s.flat.size

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import checkpoint, cpu, kernels, memory
+from . import checkpoint, cpu, kernels, memory, spec
 from . import options as O
 from . import rows as rows_step
 from ._checks import float_array
 from .clock import Clock
 from .kernels import contiguous_address
 from .layout import Slot
-from .options import check_hyperparameters, state_names
+from .options import check_hyperparameters
 from .presets import preset_options
 
 if TYPE_CHECKING:  # the static types of **options (generated from the options table)
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the static types of **options (generated from the options t
 
     from ._typing import Options
 
-__all__ = ["RMSprop", "state_names"]
+__all__ = ["RMSprop"]
 
 
 class RMSprop:
@@ -129,7 +129,8 @@ class RMSprop:
         self._dtypes = tuple(dict.fromkeys(a.dtype for a in arrays))
         hyper = check_hyperparameters(options, self._dtypes)  # in range, and fitting the params' dtypes
         self._busy = threading.Lock()
-        names = state_names(hyper)
+        self._spec = spec.of(hyper)
+        names = self._spec.names
         slots = [Slot(p, a, names) for p, a in zip(given, arrays)]
         if hyper["dense_rows"]:
             for slot in slots:
@@ -149,7 +150,8 @@ class RMSprop:
         kernel call per group; state allocated per group) and pick the kernels."""
         self._slots = slots
         self._hyper = hyper
-        self._variant = O.variant_key(hyper)
+        self._spec = spec.of(hyper)
+        self._variant = self._spec.variant
         old = getattr(self, "_clock", None)
         counts = (old.step_count, old.skipped_steps, old.last_lr) if old is not None else ()
         self._clock = Clock(hyper, self._dtypes, *counts)
@@ -161,7 +163,7 @@ class RMSprop:
         if hasattr(self, "_plan"):  # load_state_dict: the same arrays, kernels chosen again
             self._plan.choose(self._variant)
         else:  # starts the thread pool for big arrays: a layer that cannot start fails here
-            self._plan = cpu.Plan(slots, hyper, self._variant)  # allocates the state, group by group
+            self._plan = cpu.Plan(slots, hyper, self._spec)  # allocates the state, group by group
         self._owned = memory.Owned(slots)  # what a step writes: params and the state
 
     # ------------------------------------------------------------------ properties
@@ -172,7 +174,7 @@ class RMSprop:
         return self._slots[0].param if self._single else [s.param for s in self._slots]
 
     def _state_view(self, name):
-        if name not in state_names(self._hyper):
+        if name not in self._spec.names:
             return None
         arrays = [getattr(s, name).reshape(s.shape) for s in self._slots]
         return arrays[0] if self._single else arrays

@@ -371,13 +371,3 @@ def formula(hyper):
         elif o.kind == "bool" and (o.role in ("variant", "scalar") or o.name == "dense_rows"):
             out[o.name] = hyper[o.name]  # dense_rows: the state holds per-row step counters
     return out
-
-
-def state_names(hyper):
-    """The state arrays a variant keeps, in PyTorch's names."""
-    key = variant_key({**DEFAULTS, **hyper})
-    return (
-        ("square_avg",)
-        + (("grad_avg",) if key.uses_grad_avg else ())
-        + (("momentum_buffer",) if key.uses_momentum_buffer else ())
-    )

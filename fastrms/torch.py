@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - exercised in a subprocess without torc
 import numpy as np
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import _torch_options, _torch_sparse, _torch_tensors, kernels, runtime
+from . import _torch_options, _torch_sparse, _torch_tensors, kernels, runtime, spec
 from . import options as O
 from . import rows as rows_step
 from ._torch_buckets import STATE_NAMES, Bucket
@@ -339,7 +339,7 @@ class RMSprop(torch.optim.Optimizer):
                 if dtype not in _NUMPY:
                     _torch_tensors.check_param(p, f"{where}['params'][{j}]")
                 hyper = self._hyperparameters(group, where, (_NUMPY[dtype],))
-                names = O.state_names(hyper)
+                names = spec.of(hyper).names
             if g.dtype is not dtype:
                 raise ValueError(f"{where}['params'][{j}]: its grad is {g.dtype}, the param {dtype}")
             address, shape = p.data_ptr(), p.shape
@@ -389,7 +389,7 @@ class RMSprop(torch.optim.Optimizer):
         _torch_tensors.check_param(p, name)
         _torch_sparse.check(p, g, name)
         hyper = self._hyperparameters(group, where, (_NUMPY[p.dtype],))
-        names = O.state_names(hyper)
+        names = spec.of(hyper).names
         entry = self._layout(p, names, p.data_ptr(), name, self.state[p])
         parallel = runtime.parallel_mode() != "serial"
         table, counters = _torch_sparse.table(p, g, entry[10], names, entry[4], self._dense_rows, parallel, name)
@@ -400,11 +400,11 @@ class RMSprop(torch.optim.Optimizer):
         """`dense_rows`: the catch-up before a dense grad steps a param stepped by rows."""
         state = cached[4]
         counters = _torch_sparse.counters(state, p.shape[0], name)
-        return p, cached[10], names, counters, O.variant_key(hyper), int(float(state["step"])) + 1
+        return p, cached[10], names, counters, spec.of(hyper).variant, int(float(state["step"])) + 1
 
     def _run_rows(self, hyper, p, table, counters, entry, bumped):
         """One row step of a param with a sparse grad (its own step count, as torch counts)."""
-        state, key, lr = entry[4], O.variant_key(hyper), hyper["learning_rate"]
+        state, key, lr = entry[4], spec.of(hyper).variant, hyper["learning_rate"]
         if counters is not None:
             state[_torch_sparse.ROW_STEP] = counters
         step = state["step"]
@@ -430,7 +430,7 @@ class RMSprop(torch.optim.Optimizer):
 
     def _run(self, hyper, dtype, rows, ptrs, table, bumped, steps):
         """One kernel call for the rows (`_plan`) of one group, dtype and round."""
-        key = O.variant_key(hyper)
+        key = spec.of(hyper).variant
         sizes = np.array(table, dtype=np.int64)
         for _, _, p, tensors, (step_dtype, step_address) in rows:
             bumped.append(p)

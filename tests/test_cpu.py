@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 import fastrms
-from fastrms import cpu, kernels, memory, options, runtime
+from fastrms import cpu, kernels, memory, options, runtime, spec
 from fastrms.layout import Slot
 
 
 def _plan(arrays, **opts):
     hyper = options.resolve({"learning_rate": 0.01, **opts})
-    names = options.state_names(hyper)
+    names = spec.of(hyper).names
     slots = [Slot(a, a, names) for a in arrays]
-    return cpu.Plan(slots, hyper, options.variant_key(hyper)), slots, hyper
+    return cpu.Plan(slots, hyper, spec.of(hyper)), slots, hyper
 
 
 def test_params_are_grouped_by_dtype_in_first_seen_order():

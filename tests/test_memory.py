@@ -4,10 +4,10 @@ memory with what it writes."""
 import numpy as np
 import pytest
 
-from fastrms import memory, options
+from fastrms import memory, options, spec
 from fastrms.layout import Slot, address
 
-NAMES = options.state_names(options.resolve({"momentum": 0.9}))
+NAMES = spec.of(options.resolve({"momentum": 0.9})).names
 
 
 def _slot(param):

@@ -57,12 +57,6 @@ def test_every_variant_round_trips_through_its_options():
         assert options.variant_key(options.resolve(options.options_for(key))) == key
 
 
-def test_state_names_follow_the_variant():
-    assert options.state_names({}) == ("square_avg",)
-    assert options.state_names({"centered": True, "momentum": 0.5}) == ("square_avg", "grad_avg", "momentum_buffer")
-    assert options.state_names({"momentum": 0.5, "nesterov": True}) == ("square_avg", "momentum_buffer")
-
-
 def test_aliases_come_from_the_spellings():
     assert ALIASES["torch"] == {"lr": "learning_rate", "alpha": "beta", "eps": "epsilon"}
     assert ALIASES["optax"] == {"decay": "beta", "eps": "epsilon"}

@@ -7,7 +7,7 @@ import pytest
 from conftest import assert_unchanged, snapshot
 
 import fastrms
-from fastrms import kernels, options, reference, schedules
+from fastrms import kernels, options, reference, schedules, spec
 
 VARIANTS = [
     {},
@@ -44,7 +44,7 @@ def test_lazy_rows_match_the_numpy_lazy_rule_bit_for_bit(opts, dtype):
     t0 = rng.standard_normal((n, width)).astype(dtype)
     opt = fastrms.RMSprop(t0.copy(), 0.01, **opts)
     table = t0.copy()
-    state = {name: np.zeros_like(table) for name in options.state_names(opts)}
+    state = {name: np.zeros_like(table) for name in spec.of(opts).names}
     touched = np.zeros(n, bool)
     for t in range(1, 41):
         rows, grad_rows = _batch(rng, n, 25, width, dtype, pool=np.arange(0, n, 3))
@@ -78,7 +78,7 @@ def test_dense_rows_equal_a_dense_run_with_zero_rows(opts, dtype):
     sparse.step_rows(np.arange(n), np.zeros((n, width), dtype))  # bring every row up to date
     dense.step(np.zeros((n, width), dtype))
     rtol = 1e-12 if dtype == np.float64 else 1e-5
-    for name in ("params", *options.state_names(opts)):
+    for name in ("params", *spec.of(opts).names):
         a, b = getattr(sparse, name), getattr(dense, name)
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=name)
     assert not np.allclose(sparse.params, t0)

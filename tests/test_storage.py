@@ -7,7 +7,7 @@ import pytest
 from conftest import BIG
 from numba import njit
 
-from fastrms import kernels, options, reference
+from fastrms import kernels, options, reference, spec
 from fastrms.bench.cases import MAIN
 from fastrms.kernels import storage
 
@@ -78,7 +78,7 @@ def _run(name, n, parallel, steps=10):
     p = p0.copy()
     state = {k: np.zeros(n, np.uint16) for k in ("square_avg", "grad_avg", "momentum_buffer")}
     empty = np.zeros(0, np.uint16)
-    arrays = [state[k] if k in options.state_names(hyper) else empty for k in state]
+    arrays = [state[k] if k in spec.of(hyper).names else empty for k in state]
     ref = reference.RMSprop(p0.copy(), 0.01, state_storage="bfloat16", **opts)
     shell = kernels.dense(key, parallel, storage.BFLOAT16)
     for t in range(1, steps + 1):
@@ -93,7 +93,7 @@ def test_a_bfloat16_state_step_matches_the_reference_bit_for_bit(name, parallel)
     n = BIG if parallel else 1031
     p, state, ref, hyper = _run(name, n, parallel)
     np.testing.assert_array_equal(p, ref.params[0])
-    for k in options.state_names(hyper):
+    for k in spec.of(hyper).names:
         np.testing.assert_array_equal(reference.bfloat16_value(state[k]), ref.state[0][k], err_msg=k)
 
 

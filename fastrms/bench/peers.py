@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import njit, prange
 
-from .. import kernels, reference
+from .. import kernels, reference, spec
 from ..optimizer import RMSprop
-from ..options import BY_NAME, DEFAULTS, resolve, state_names
+from ..options import BY_NAME, DEFAULTS, resolve
 
 #: The hyperparameters every benchmark case uses (the seed's): the options table's defaults.
 DEFAULT_HYPER = {k: DEFAULTS[k] for k in ("learning_rate", "beta", "epsilon")}
@@ -64,7 +64,7 @@ class Problem:
     @property
     def state_arrays(self):
         """How many state arrays the variant keeps (square_avg, grad_avg, momentum_buffer)."""
-        return len(state_names(self.options_in_full))
+        return len(spec.of(self.options_in_full).names)
 
     @property
     def bytes_per_step(self):
@@ -277,7 +277,7 @@ def _traffic(problem):
     """Reads param, grad and every state array, writes param and every state array, once."""
     p, g = problem.fresh()
     opts = problem.options_in_full
-    names = state_names(opts)
+    names = spec.of(opts).names
     parallel = kernels.step_bytes(problem.n, p.dtype.itemsize, len(names)) >= kernels.PARALLEL_MIN_BYTES
     key = ("grad_avg" in names, "momentum_buffer" in names, parallel)
     if key not in _TRAFFIC:
@@ -386,7 +386,7 @@ def _bespoke(problem):
         _BESPOKE_BUILT[key] = factory(*consts, parallel)
     kernel = _BESPOKE_BUILT[key]
     p, g = problem.fresh()
-    state = {name: np.zeros_like(p) for name in state_names(h)}
+    state = {name: np.zeros_like(p) for name in spec.of(h).names}
     m, b = state.get("grad_avg", p[:0]), state.get("momentum_buffer", p[:0])
     v = state["square_avg"]
     if h["skip_nonfinite"]:

@@ -10,11 +10,11 @@ import time
 import numpy as np
 from numba import njit, prange
 
-from .. import kernels, reference
+from .. import kernels, reference, spec
 from ..kernels.prefetch import prefetch_rows
 from ..kernels.rows import AHEAD, BLOCK
 from ..optimizer import RMSprop
-from ..options import resolve, scalars, state_names, variant_key
+from ..options import resolve, scalars, variant_key
 from .peers import DEFAULT_HYPER, Problem, available, setup
 
 
@@ -76,7 +76,7 @@ def crossover(options, dtype, sizes=_CROSSOVER_SIZES, rounds=7):
     rows, first = [], None
     hyper = resolve({**Problem(0, dtype).hyper, **options}, "crossover()")
     key = variant_key(hyper)
-    names = state_names(hyper)
+    names = spec.of(hyper).names
     for n in sizes:
         problem = Problem(n, dtype, options)
         p, g = problem.fresh()
