@@ -15,6 +15,7 @@ device is another module with this interface.
 """
 
 from . import clipping, kernels, runtime
+from .kernels import storage
 from .layout import Group, grad_span
 
 __all__ = ["Plan"]
@@ -23,7 +24,7 @@ __all__ = ["Plan"]
 class Plan:
     """The groups of an optimizer's params and the kernels each runs on here."""
 
-    __slots__ = ("groups", "group_of", "packed", "chosen", "generation", "_variant", "_rows")
+    __slots__ = ("groups", "group_of", "packed", "chosen", "generation", "_variant", "_codec", "_rows")
 
     def __init__(self, slots, hyper, spec):
         order = list(dict.fromkeys(s.dtype for s in slots))
@@ -36,6 +37,7 @@ class Plan:
         # params that all tile one buffer (fastrms.pack) may be stepped with one flat grad
         only = self.groups[0] if len(self.groups) == 1 else None
         self.packed = only if only is not None and only.kind == "flat" else None
+        self._codec = storage.CODECS[spec.state[0].storage]  # the state's storage (one codec a spec)
         self.choose(spec.variant)
 
     def choose(self, variant):
@@ -50,12 +52,12 @@ class Plan:
             parallel = group.big and mode != "serial"
             pairs = {
                 "dense": (
-                    kernels.dense(variant, parallel),
+                    kernels.dense(variant, parallel, self._codec),
                     kernels.nonfinite_parallel if parallel else kernels.nonfinite_serial,
                     kernels.sumsq_parallel if parallel else kernels.sumsq_serial,
                 ),
                 "segments": (
-                    kernels.segments(variant, parallel),
+                    kernels.segments(variant, parallel, self._codec),
                     kernels.nonfinite_segments_parallel if parallel else kernels.nonfinite_segments_serial,
                     kernels.sumsq_segments_parallel if parallel else kernels.sumsq_segments_serial,
                 ),
