@@ -40,15 +40,17 @@ def seed_rmsprop(theta, num_iterations, calculate_gradient, learning_rate=0.001,
 def bfloat16_round(x):
     """float32 values as bfloat16 bit patterns (uint16): round to nearest, ties to even; a
     NaN stays a NaN (its top bits, with the quiet bit set)."""
-    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    quiet = ((u >> 16) | 0x0040).astype(np.uint16)
-    return np.where(np.isnan(np.asarray(x, np.float32)), quiet, rounded)
+    x = np.asarray(x, np.float32)
+    u = x.view(np.uint32).astype(np.uint64)
+    one, half, sixteen = np.uint64(1), np.uint64(0x7FFF), np.uint64(16)  # typed: no promotion to float
+    rounded = ((u + half + ((u >> sixteen) & one)) >> sixteen).astype(np.uint16)
+    quiet = ((u >> sixteen) | np.uint64(0x0040)).astype(np.uint16)
+    return np.where(np.isnan(x), quiet, rounded)
 
 
 def bfloat16_value(bits):
     """bfloat16 bit patterns (uint16) as the float32 values they stand for (exact)."""
-    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def global_norm(grads):
