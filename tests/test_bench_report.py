@@ -60,43 +60,6 @@ def test_readme_block_is_replaced_and_the_rest_kept(quick_run):
     assert "GB/s" in (out / "bench.md").read_text()
 
 
-def test_the_plot_draws_the_limit_the_tables_use(tmp_path):
-    """The dashed line is the slower of the same-traffic kernel and the bespoke loop: the
-    `% limit` of the tables, not the traffic kernel alone."""
-    pytest.importorskip("matplotlib")
-    import matplotlib.pyplot as plt
-
-    rows = [
-        dict(variant="plain", dtype="float32", n=n, bytes_per_step=1000 * n,
-             seconds=dict(fastrms=2e-6 * n, traffic=1e-6 * n, bespoke=1.5e-6 * n, numpy_seed=4e-6 * n))
-        for n in (100, 1000)
-    ]  # fmt: skip
-    result = dict(version="x", machine=dict(cpu="cpu", threads=2), rows=rows)
-    drawn = {}
-    real_savefig = plt.Figure.savefig
-
-    def keep(fig, path, **kwargs):
-        drawn[str(path)] = {line.get_label(): line.get_ydata() for ax in fig.axes for line in ax.get_lines()}
-        return real_savefig(fig, path, **kwargs)
-
-    plt.Figure.savefig = keep
-    try:
-        gbs, pct = report.plot(result, tmp_path / "b.png")
-    finally:
-        plt.Figure.savefig = real_savefig
-    lines = drawn[str(gbs)]
-    limit = next(v for k, v in lines.items() if k.startswith("limit"))
-    assert list(limit) == pytest.approx([1000 / 1.5e-6 / 1e9] * 2)  # the bespoke loop, the slower here
-    assert list(drawn[str(pct)]["plain"]) == pytest.approx([75.0, 75.0])
-
-
-def test_summary_figures_are_ratios_of_the_medians():
-    row = dict(n=10, bytes_per_step=200, seconds=dict(fastrms=1e-6, traffic=5e-7, numpy_seed=4e-6, numpy_out=2e-6))
-    fig = report.summarize(row)
-    assert fig["gb_per_s"] == pytest.approx(0.2) and fig["pct_of_limit"] == pytest.approx(50.0)
-    assert fig["x_seed"] == pytest.approx(4.0) and fig["x_out"] == pytest.approx(2.0) and fig["x_torch"] is None
-
-
 def test_readme_without_markers_is_refused(tmp_path):
     path = tmp_path / "R.md"
     path.write_text("no markers")
@@ -135,17 +98,6 @@ def test_bench_clipped_prints_each_case_against_the_unclipped_step(capsys, monke
     assert cli.main(["bench", "--clipped", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "clip_global_norm 1.25x" in out and "clip_value 1.00x" in out and "read pass of g) 1.10x" in out
-
-
-def test_each_cell_reports_its_spread_and_a_noisy_cell_is_flagged():
-    calm = dict(n=10, bytes_per_step=200, seconds=dict(fastrms=1e-6), samples=dict(fastrms=[1e-6] * 4 + [1.1e-6]))
-    noisy = dict(calm, samples=dict(fastrms=[0.5e-6, 0.8e-6, 1e-6, 1.5e-6, 8e-6]))
-    a, b = report.summarize(calm), report.summarize(noisy)
-    assert a["min_us"] == pytest.approx(1.0) and a["iqr_pct"] == pytest.approx(0.0) and not a["unstable"]
-    assert b["min_us"] == pytest.approx(0.5) and b["iqr_pct"] == pytest.approx(70.0) and b["unstable"]
-    row = {**noisy, "variant": "plain", "dtype": "float32"}
-    cells = dict(zip([h for h, _, _ in report.COLUMNS], report.table_rows([row])[0]))
-    assert cells["IQR"] == "70% !" and cells["min"] == "0.5" and cells["x seed NumPy"] == "-"
 
 
 def test_two_saved_runs_are_compared_cell_by_cell(quick_run, tmp_path, capsys):
@@ -187,20 +139,3 @@ def test_the_progress_lines_estimate_the_time_left(monkeypatch, capsys):
     bar.update("third")  # t = 130: 15 s a case, 2 left
     err = capsys.readouterr().err.splitlines()
     assert err == ["[1/4] first", "[2/4] second (about 30 s left)", "[3/4] third (about 30 s left)"]
-
-
-def test_the_rich_table_keeps_the_full_variant_names():
-    pytest.importorskip("rich")
-    import io
-
-    row = dict(variant="centered_momentum", dtype="float32", n=1000, bytes_per_step=100,
-               seconds=dict(fastrms=1e-6, traffic=5e-7, numpy_seed=4e-6, numpy_out=2e-6))  # fmt: skip
-    result = dict(version="x", rounds=1, date="d", command="c", rows=[row],
-                  machine=dict(cpu="cpu", cores=2, threads=2, python="3"))  # fmt: skip
-    out = io.StringIO()
-    report.print_table(result, file=out)
-    text = out.getvalue()
-    assert "centered_momentum" in text and "…" not in text
-    drawn = [line.rstrip() for line in text.splitlines() if line.strip()[:1] in "┏┃┡│└"]
-    assert drawn and all(line[-1] in "┓┃┩│┘" for line in drawn)  # no column cropped at the right
-    assert "x JAX" in text and "optax" in text

@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 
 from .. import __version__, runtime
-from . import peers, timing
+from . import peers, row_timing, timing
 from .cases import ALL, MAIN
+from .figures import plot
+from .tables import markdown, print_table, summarize
 
 FULL_SIZES = (100, 1_000, 10_000, 100_000, 1_000_000, 3_000_000, 10_000_000, 30_000_000)
 QUICK_SIZES = (100, 10_000, 1_000_000, 10_000_000)
@@ -113,217 +115,6 @@ class _progress:
             self.rich.stop()
 
 
-def summarize(row):
-    """The derived figures of one result row (None where an implementation did not run)."""
-    s = row["seconds"]
-    f = s["fastrms"]
-
-    def ratio(name):
-        return s[name] / f if name in s else None
-
-    bounds = [s[k] for k in ("traffic", "bespoke") if k in s]
-    own = row.get("samples", {}).get("fastrms")
-    low, _, iqr = timing.spread(own) if own else (f, f, 0.0)
-    return {
-        "us_per_step": f * 1e6,
-        "min_us": low * 1e6,
-        "iqr_pct": 100.0 * iqr / f,
-        "unstable": iqr > UNSTABLE * f,
-        "gb_per_s": row["bytes_per_step"] / f / 1e9,
-        "pct_of_traffic": 100.0 * s["traffic"] / f if "traffic" in s else None,
-        "pct_of_bespoke": 100.0 * s["bespoke"] / f if "bespoke" in s else None,
-        "pct_of_limit": 100.0 * max(bounds) / f if bounds else None,
-        "x_seed": ratio("numpy_seed"),
-        "x_out": ratio("numpy_out"),
-        "x_torch": ratio("torch_foreach"),
-        "x_jax": ratio("jax_optax"),
-    }
-
-
-#: A cell whose fastrms samples have an IQR above this share of their median is flagged (!).
-UNSTABLE = 0.2
-
-COLUMNS = [
-    ("variant", "variant", "{}"),
-    ("dtype", "dtype", "{}"),
-    ("n", "n", "{:.0e}"),
-    ("us/step", "us_per_step", "{:.1f}"),
-    ("min", "min_us", "{:.1f}"),
-    ("IQR", "iqr_pct", "{:.0f}%"),
-    ("GB/s", "gb_per_s", "{:.1f}"),
-    ("% traffic", "pct_of_traffic", "{:.0f}%"),
-    ("% bespoke", "pct_of_bespoke", "{:.0f}%"),
-    ("% limit", "pct_of_limit", "{:.0f}%"),
-    ("x seed NumPy", "x_seed", "{:.1f}x"),
-    ("x NumPy out=", "x_out", "{:.1f}x"),
-    ("x torch foreach", "x_torch", "{:.1f}x"),
-    ("x JAX optax", "x_jax", "{:.1f}x"),
-]
-
-
-def table_rows(rows):
-    out = []
-    for row in rows:
-        fig = {**row, **summarize(row)}
-        cells = [("-" if fig[key] is None else fmt.format(fig[key])) for _, key, fmt in COLUMNS]
-        if fig["unstable"]:
-            cells[[k for _, k, _ in COLUMNS].index("iqr_pct")] += " !"
-        out.append(cells)
-    return out
-
-
-#: The columns of the table written into the README and the docs (the full table, with
-#: `min`, GB/s and each limit's share, goes into the output folder's bench.md).
-COMPACT = ("variant", "dtype", "n", "us/step", "IQR", "% limit", "x seed NumPy", "x NumPy out=", "x torch foreach",
-           "x JAX optax")  # fmt: skip
-
-
-def markdown(result, compact=False):
-    """The table (only the `COMPACT` columns when `compact`) and a footnote naming
-    machine, versions and command."""
-    keep = [i for i, (h, _, _) in enumerate(COLUMNS) if not compact or h in COMPACT]
-    lines = ["| " + " | ".join(COLUMNS[i][0] for i in keep) + " |", "|" + "---|" * len(keep)]
-    lines += ["| " + " | ".join(r[i] for i in keep) + " |" for r in table_rows(result["rows"])]
-    return "\n".join([*lines, "", footnote(result, compact)])
-
-
-def footnote(result, compact=False):
-    """What the table's figures are, and where and how they were measured."""
-    m = result["machine"]
-    versions = ", ".join(f"{k} {m[k]}" for k in ("python", "numpy", "numba", "torch", "jax", "optax") if k in m)
-    limits = (
-        "`% limit` is the limit's time over fastrms's: the slower of the same-traffic kernel (the step's bytes, no "
-        "arithmetic) and the bespoke loop (the variant's formula, constants folded); the full table (`min`, GB/s, "
-        "each limit's share) is in the run's bench.md"
-        if compact
-        else "`% traffic` and `% bespoke` are the same-traffic kernel's and the bespoke loop's time over fastrms's, "
-        "`% limit` the slower of the two over fastrms's"
-    )
-    return "".join(
-        [
-            f"Medians of {result['rounds']} interleaved rounds on {m['cpu']} ({m['cores']} cores, "
-            f"{m['threads']} Numba threads, threading layer {m.get('threading_layer', '?')}); {versions}; "
-            f"fastrms {result['version']}. Generated {result['date']} by `{result['command']}`. "
-            "`us/step` is fastrms's median"
-            + ("" if compact else ", `min` its fastest round")
-            + ", `IQR` the spread of its rounds "
-            f"(the interquartile range over the median; `!` marks a cell above {UNSTABLE:.0%}: a noisy run, "
-            f"measure it again). {limits}; `x ...` are speed-ups of "
-            "`RMSprop.step` (validation included) over each peer; `-` marks a peer not installed here "
-            "(or a dtype it does not run).",
-        ]
-    )
-
-
-def print_table(result, file=sys.stdout):
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(markdown(result), file=file)
-        return
-    table = Table(title=f"fastrms {result['version']} on {result['machine']['cpu']}")
-    rows = table_rows(result["rows"])
-    for i, (header, key, _) in enumerate(COLUMNS):
-        # nothing is cut ("centered_…", "us/st…"): each column is as wide as its longest cell or
-        # header word, headers wrap at spaces, and the console is as wide as the table needs
-        label = key in ("variant", "dtype", "n")
-        width = max([len(r[i]) for r in rows] + [len(word) for word in header.split()])
-        table.add_column(header, justify="left" if label else "right", no_wrap=label, min_width=width)
-    for r in rows:
-        table.add_row(*r)
-    console = Console(file=file, width=max(_uncut_width(table), Console(file=file).width))
-    console.print(table)
-    console.print(footnote(result), soft_wrap=True, highlight=False, markup=False)
-
-
-def _uncut_width(table):
-    """The narrowest console width at which rich draws `table` whole (its own minimum
-    measurement can be a few columns short, and then it crops the last column)."""
-    import io
-
-    from rich.console import Console
-
-    narrowest = Console(width=1000).measure(table).minimum
-    for width in range(narrowest, narrowest + 64):
-        out = io.StringIO()
-        Console(file=out, width=width).print(table)
-        top = next(line for line in out.getvalue().splitlines() if line.strip().startswith("┏"))
-        if top.rstrip().endswith("┓"):
-            return width
-    return Console(width=1000).measure(table).maximum
-
-
-def plot(result, path):
-    """Two figures for the docs, sized for a page's width: `path` (GB/s against n, log
-    axes, per dtype, for the plain variant: fastrms, each peer, and the limit the tables
-    use, the slower of the same-traffic kernel and the bespoke loop) and `path` with
-    `-limit` before its suffix (each variant's % of that limit against n). Returns both."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"]
-    dtypes = sorted({r["dtype"] for r in rows})
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    shown = "plain" if "plain" in variants else variants[0]
-    styles = {
-        "fastrms": dict(color="C3", marker="o", lw=2.2, label="fastrms RMSprop.step"),
-        "numpy_seed": dict(color="C0", marker="s", label="seed's NumPy"),
-        "numpy_out": dict(color="C2", marker="^", label="NumPy with out="),
-        "torch_foreach": dict(color="C4", marker="D", label="torch foreach"),
-        "jax_optax": dict(color="C1", marker="v", label="optax under jax.jit"),
-        "limit": dict(color="k", ls="--", lw=1.5, label="limit: slower of same-traffic and bespoke"),
-    }
-    title = f"fastrms {result['version']}, {result['machine']['cpu']}, {result['machine']['threads']} threads"
-    with plt.rc_context({"font.size": 14}):  # readable at a docs page's width (about 750 px)
-        fig, axes = plt.subplots(1, len(dtypes), figsize=(4.8 * len(dtypes), 5.2), squeeze=False, sharey=True)
-        for ax, dtype in zip(axes[0], dtypes):
-            cells = [r for r in rows if r["variant"] == shown and r["dtype"] == dtype]
-            for name, style in styles.items():
-                pts = []
-                for r in cells:
-                    s = r["seconds"]
-                    t = max(s[k] for k in ("traffic", "bespoke") if k in s) if name == "limit" else s.get(name)
-                    if t:
-                        pts.append((r["n"], r["bytes_per_step"] / t / 1e9))
-                if pts:
-                    ax.plot(*zip(*pts), **style)
-            ax.set(xscale="log", yscale="log", title=f"{shown}, {dtype}", xlabel="elements n")
-            ax.grid(True, which="both", alpha=0.3)
-        axes[0][0].set_ylabel("GB/s (bytes the step moves / time)")
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
-        fig.suptitle(title)
-        fig.tight_layout(rect=(0, 0.2, 1, 1))
-        path = Path(path)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-
-        fig, axes = plt.subplots(1, len(dtypes), figsize=(4.8 * len(dtypes), 4.6), squeeze=False, sharey=True)
-        top = max([130.0, *(10 + (summarize(r)["pct_of_limit"] or 0) for r in rows)])
-        for ax, dtype in zip(axes[0], dtypes):
-            for k, variant in enumerate(variants):
-                cells = [r for r in rows if r["variant"] == variant and r["dtype"] == dtype]
-                pts = [(r["n"], summarize(r)["pct_of_limit"]) for r in cells]
-                pts = [(n, pct) for n, pct in pts if pct is not None]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", color=f"C{k}", label=variant)
-            ax.axhline(100, color="k", ls="--", lw=1)
-            ax.set(xscale="log", title=f"% of the limit, {dtype}", xlabel="elements n", ylim=(0, top))
-            ax.grid(True, which="both", alpha=0.3)
-        axes[0][0].set_ylabel("% of the limit (100% = at it)")
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(variants), 2), frameon=False)
-        fig.suptitle(title)
-        fig.tight_layout(rect=(0, 0.16, 1, 1))
-        limit_path = path.with_name(f"{path.stem}-limit{path.suffix}")
-        fig.savefig(limit_path, dpi=110)
-        plt.close(fig)
-    return path, limit_path
-
-
 def update_readme(path, block):
     """Replace the text between the bench markers of `path` with `block`."""
     path = Path(path)
@@ -390,7 +181,7 @@ def run_dask(rounds=None, total=None):
 
 def run_sparse(rounds=None):
     """`fastrms bench --sparse`: step_rows on a (1e6, 64) float32 table against dense steps."""
-    times = timing.sparse_rows(rounds=7 if rounds is None else rounds)
+    times = row_timing.sparse_rows(rounds=7 if rounds is None else rounds)
     print("float32 (1000000, 64) table, medians:")
     for label, seconds in times.items():
         print(f"  {label:44s} {seconds * 1e3:9.3f} ms")
