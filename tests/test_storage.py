@@ -28,7 +28,7 @@ def _patterns():
 @njit
 def _round_all(x, out):
     for i in range(x.size):
-        storage.BFLOAT16.store(out, i, x[i])
+        out[i] = storage.BFLOAT16.encode(x[i])
 
 
 @njit

@@ -43,8 +43,13 @@ def _make_dense(key, parallel, codec):
             raise ValueError("dense: momentum_buffer must have the size of param (momentum variant)")
         k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
         for i in prange(n):
-            at(i, i, param, grad, square_avg, grad_avg, momentum_buffer, param, square_avg, grad_avg, momentum_buffer,
-               k)  # fmt: skip
+            p, v, m, b = at(i, i, param, grad, square_avg, grad_avg, momentum_buffer, k)
+            param[i] = p
+            square_avg[i] = v
+            if uses_m:
+                grad_avg[i] = m
+            if uses_b:
+                momentum_buffer[i] = b
         return parallel
 
     name(shell, f"dense_{key.tag}{suffix(codec)}_{'parallel' if parallel else 'serial'}")
@@ -81,8 +86,13 @@ def _make_dense_out(key, parallel, codec):
             raise ValueError("dense_out: momentum buffers must have the size of param (momentum variant)")
         k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
         for i in prange(n):
-            at(i, i, param, grad, square_avg, grad_avg, momentum_buffer, param_out, square_avg_out, grad_avg_out,
-               momentum_buffer_out, k)  # fmt: skip
+            p, v, m, b = at(i, i, param, grad, square_avg, grad_avg, momentum_buffer, k)
+            param_out[i] = p
+            square_avg_out[i] = v
+            if uses_m:
+                grad_avg_out[i] = m
+            if uses_b:
+                momentum_buffer_out[i] = b
         return parallel
 
     name(shell, f"dense_out_{key.tag}{suffix(codec)}_{'parallel' if parallel else 'serial'}")

@@ -262,13 +262,23 @@ def _make_row_run(key):
                 if slot.size and slot[s] >= 0:  # a row named more than once: its sum
                     g0 = np.uint64(slot[s]) * w
                     for j in range(w):
-                        at(a0 + j, g0 + j, param, summed, square_avg, grad_avg, momentum_buffer, param, square_avg,
-                           grad_avg, momentum_buffer, kc)  # fmt: skip
+                        p, v, m, b = at(a0 + j, g0 + j, param, summed, square_avg, grad_avg, momentum_buffer, kc)
+                        param[a0 + j] = p
+                        square_avg[a0 + j] = v
+                        if uses_m:
+                            grad_avg[a0 + j] = m
+                        if uses_b:
+                            momentum_buffer[a0 + j] = b
                 else:
                     g0 = np.uint64(first[s] if slot.size else s) * w
                     for j in range(w):
-                        at(a0 + j, g0 + j, param, grad_rows, square_avg, grad_avg, momentum_buffer, param, square_avg,
-                           grad_avg, momentum_buffer, kc)  # fmt: skip
+                        p, v, m, b = at(a0 + j, g0 + j, param, grad_rows, square_avg, grad_avg, momentum_buffer, kc)
+                        param[a0 + j] = p
+                        square_avg[a0 + j] = v
+                        if uses_m:
+                            grad_avg[a0 + j] = m
+                        if uses_b:
+                            momentum_buffer[a0 + j] = b
 
     name(run, f"run_rows_{key.tag}")
     return njit(inline="always")(run)
