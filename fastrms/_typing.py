@@ -2,7 +2,7 @@
 (do not edit: `fastrms.options.typing_source()` writes this file, and a test checks it).
 """
 
-from typing import TypedDict
+from typing import Literal, TypedDict
 
 
 class Options(TypedDict, total=False):
@@ -28,6 +28,10 @@ class Options(TypedDict, total=False):
     """`sqrt(v + eps)` instead of `sqrt(v) + eps`; default `False`."""
     initial_scale: float
     """Starting value of `square_avg` (TF1 uses 1.0); default `0.0`."""
+    state_storage: Literal["native", "bfloat16"]
+    """How the state is stored: "native" (the params' dtype) or "bfloat16" (float32 params only: half the state's
+    bytes; the update computes in float32 from the stored values and stores its result rounded to nearest even, as
+    `torch.bfloat16` does; needs `ml_dtypes`, `fastrms[bfloat16]`); default `'native'`."""
     skip_nonfinite: bool
     """A step whose grads hold a NaN or an infinity changes nothing and is counted in `skipped_steps`; default
     `False`."""

@@ -26,9 +26,12 @@ import numpy as np
 
 from . import spec
 from ._checks import STEP_MAX, count
+from .kernels import storage
 from .options import (
     ALL_STATE_NAMES,
     BOOL_OPTIONS,
+    CHOICE_OPTIONS,
+    DEFAULTS,
     FLOAT_OPTIONS,
     OPTIONAL_OPTIONS,
     check_hyperparameters,
@@ -40,6 +43,8 @@ MARKER_KEY, MARKER = "fastrms_checkpoint", "fastrms.RMSprop"
 COUNT_KEYS = ("format_version", "step_count", "skipped_steps", "num_params")
 REQUIRED_KEYS = (*COUNT_KEYS, *FLOAT_OPTIONS, *BOOL_OPTIONS)
 _TMP = re.compile(r"^\.fastrms-(\d+)-[0-9a-f]{16}\.tmp$")
+#: The dtypes a storage keeps state in besides the params' own (bfloat16 bits: uint16).
+_STORED = tuple(dict.fromkeys(c.dtype for c in storage.CODECS.values() if c.dtype is not None))
 #: Room for a member's .npy header beyond its data.
 _HEADER_ROOM = 4096
 
@@ -49,7 +54,8 @@ _HEADER_ROOM = 4096
 
 def state_dict(slots, hyper, step_count, skipped_steps):
     """The NumPy optimizer's `state_dict` (see `fastrms.RMSprop.state_dict`): counts, the
-    hyperparameters that are values, and a copy of each slot's state arrays."""
+    hyperparameters that are values, and a copy of each slot's state arrays, as they are
+    stored (`state_storage="bfloat16"`: uint16 bit patterns)."""
     d = {
         "format_version": FORMAT_VERSION,
         "step_count": step_count,
@@ -85,6 +91,7 @@ def validate(d, slots, current_hyper, dtypes):
         raise ValueError(f"state_dict holds state for {d['num_params']} params, this optimizer has {len(slots)}")
     merged = {k: d[k] for k in (*FLOAT_OPTIONS, *BOOL_OPTIONS)}
     merged.update({k: d.get(k) for k in OPTIONAL_OPTIONS})  # stored only when set: absent is None (off)
+    merged.update({k: d.get(k, DEFAULTS[k]) for k in CHOICE_OPTIONS})  # absent (older dicts): the default
     merged["learning_rate"] = d.get("learning_rate", current_hyper["learning_rate"])
     try:
         hyper = check_hyperparameters(merged, dtypes)
@@ -97,21 +104,23 @@ def validate(d, slots, current_hyper, dtypes):
             "state_dict is of another variant: "
             + ", ".join(f"{k}={theirs[k]} (this optimizer: {mine[k]})" for k in differ)
         )
-    expected = set(REQUIRED_KEYS) | ({"learning_rate", *OPTIONAL_OPTIONS} & d.keys())
+    expected = set(REQUIRED_KEYS) | ({"learning_rate", *OPTIONAL_OPTIONS, *CHOICE_OPTIONS} & d.keys())
     arrays = {}
+    kept = spec.of(hyper)
     for i, slot in enumerate(slots):
-        for name in spec.of(hyper).names:
-            key = f"{name}.{i}"
+        for state in kept.state:
+            key = f"{state.name}.{i}"
             expected.add(key)
             a = d.get(key)
             if type(a) is not np.ndarray:
                 raise ValueError(f"state_dict[{key!r}] must be a numpy.ndarray, got {type(a).__name__}")
-            if a.dtype != slot.dtype or a.shape != slot.shape:
+            want = state.dtype(slot.dtype)
+            if a.dtype != want or a.shape != slot.shape:
                 raise ValueError(
-                    f"state_dict[{key!r}] must be {slot.dtype} of shape {slot.shape}, got {a.dtype} of shape {a.shape}"
+                    f"state_dict[{key!r}] must be {want} of shape {slot.shape}, got {a.dtype} of shape {a.shape}"
                 )
-            _check_values(key, name, a)
-            arrays[(i, name)] = a
+            _check_values(key, state.name, storage.decode(kept.codec, a))
+            arrays[(i, state.name)] = a
     if hyper["dense_rows"]:
         for i, slot in enumerate(slots):
             if len(slot.shape) != 2:
@@ -253,12 +262,13 @@ def _read_members(z, slots):
     expected = {key: ((), "iu") for key in COUNT_KEYS}
     expected.update({key: ((), "fiu") for key in (*FLOAT_OPTIONS, *OPTIONAL_OPTIONS, "learning_rate")})
     expected.update({key: ((), "b") for key in BOOL_OPTIONS})
+    expected.update({key: ((), "U") for key in CHOICE_OPTIONS})
     expected[MARKER_KEY] = ((), "U")
     for i, slot in enumerate(slots):
-        for name in ALL_STATE_NAMES:
-            expected[f"{name}.{i}"] = (slot.shape, slot.dtype)
+        for name in ALL_STATE_NAMES:  # in the params' dtype, or as a storage keeps it (validate checks which)
+            expected[f"{name}.{i}"] = (slot.shape, (slot.dtype, *_STORED))
         if len(slot.shape) == 2:
-            expected[f"row_step.{i}"] = ((slot.shape[0],), np.dtype(np.int64))
+            expected[f"row_step.{i}"] = ((slot.shape[0],), (np.dtype(np.int64),))
     d = {}
     for info in z.infolist():
         key = info.filename[:-4] if info.filename.endswith(".npy") else None
@@ -269,7 +279,8 @@ def _read_members(z, slots):
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise ValueError(f"member {info.filename!r} uses an unsupported compression ({info.compress_type})")
         shape, kind = expected[key]
-        limit = _HEADER_ROOM + (math.prod(shape) * kind.itemsize if isinstance(kind, np.dtype) else 1024)
+        arrays_of = isinstance(kind, tuple)  # the dtypes a state member may have
+        limit = _HEADER_ROOM + (math.prod(shape) * max(k.itemsize for k in kind) if arrays_of else 1024)
         if info.file_size > limit:
             raise ValueError(f"member {info.filename!r} declares {info.file_size} bytes, more than it can hold")
         with z.open(info) as fp:
@@ -282,14 +293,15 @@ def _read_members(z, slots):
                 raise ValueError(f"member {info.filename!r} has .npy version {version}")
             if dtype.hasobject:
                 raise ValueError(f"member {info.filename!r} holds Python objects")
-            if isinstance(kind, np.dtype):
-                if got_shape != shape or dtype != kind or fortran:
-                    raise ValueError(f"{key!r} must be {kind} of shape {shape}, got {dtype} of shape {got_shape}")
+            if arrays_of:
+                if got_shape != shape or dtype not in kind or fortran:
+                    want = " or ".join(str(k) for k in dict.fromkeys(kind))
+                    raise ValueError(f"{key!r} must be {want} of shape {shape}, got {dtype} of shape {got_shape}")
             elif got_shape != () or dtype.kind not in kind:
                 raise ValueError(f"{key!r} must be a single value, got {dtype} of shape {got_shape}")
         with z.open(info) as fp:
             value = np.lib.format.read_array(fp, allow_pickle=False)
-        d[key] = value if isinstance(kind, np.dtype) else value.item()
+        d[key] = value if arrays_of else value.item()
     if d.pop(MARKER_KEY, None) != MARKER:
         raise ValueError(f"no {MARKER_KEY!r} marker: not written by fastrms.RMSprop.save")
     return d

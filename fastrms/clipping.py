@@ -10,12 +10,12 @@ caller passes in; `clip_value` is a clamp inside the element function.
 """
 
 import math
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Verdict", "coefficient", "guard", "overflow"]
+__all__ = ["Verdict", "coefficient", "guard", "guarded", "needs_norm", "overflow"]
 
 #: Added to the norm before dividing, as torch does (optax's `clip_by_global_norm` adds nothing).
 NORM_EPS = 1e-6
@@ -30,22 +30,39 @@ class Verdict(NamedTuple):
     norm: "float | None"
     coef: float
 
+    def scaled(self, scalars):
+        """The kernel scalars (`fastrms.kernels.Scalars`) with the clipping coefficient folded
+        into the grad scale: `grad_scale * coef` (the scalars themselves when `coef` is 1)."""
+        return scalars if self.coef == 1.0 else scalars._replace(grad_scale=scalars.grad_scale * self.coef)
+
 
 GO = Verdict(True, None, 1.0)
 SKIP = Verdict(False, None, 1.0)
+
+
+def guarded(options: "Mapping[str, Any]") -> bool:
+    """Whether the options (`fastrms.options`, resolved) ask for the guard: a look at the
+    grads before the step writes anything."""
+    return options["clip_global_norm"] is not None or bool(options["skip_nonfinite"])
+
+
+def needs_norm(options: "Mapping[str, Any]") -> bool:
+    """Whether the guard needs the grads' sum of squares (`sumsq`)."""
+    return options["clip_global_norm"] is not None
 
 
 def guard(
     sumsq: "Callable[[], float]",
     nonfinite: "Callable[[], bool]",
     grads: "Callable[[], Sequence[np.ndarray]]",
-    max_norm: "float | None",
-    skip_nonfinite: bool,
+    options: "Mapping[str, Any]",
 ) -> Verdict:
-    """The step's verdict. `sumsq()`: the float64 sum of squares over every grad, in a fixed
-    order; `nonfinite()`: whether any grad holds a NaN or an infinity; `grads()`: the grads
-    (read only on the rare float64-overflow path). With clipping the norm is the non-finite
-    check (one pass): a finite sum needs no second look."""
+    """The step's verdict under `options` (`clip_global_norm`, `skip_nonfinite`; resolved).
+    `sumsq()`: the float64 sum of squares over every grad, in a fixed order; `nonfinite()`:
+    whether any grad holds a NaN or an infinity; `grads()`: the grads (read only on the rare
+    float64-overflow path). With clipping the norm is the non-finite check (one pass): a
+    finite sum needs no second look."""
+    max_norm, skip_nonfinite = options["clip_global_norm"], options["skip_nonfinite"]
     if max_norm is None:
         return SKIP if skip_nonfinite and nonfinite() else GO
     total = sumsq()

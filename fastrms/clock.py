@@ -5,12 +5,12 @@ built from it, and the step and skip counts.
     lr_t      = learning_rate                  (a number)
               | schedule(t - 1)                (a schedule: called with the steps already taken)
     scalars_t = fastrms.options.scalars(options, lr_t, t)
+    a step    = checks, then the guard's verdict, then Clock.take(verdict, run):
+                skipped_steps += 1 (refused) | run(scalars_t * clip coefficient); step_count += 1
 
 `fastrms.torch` counts as torch does (a `step` tensor per param) and the pure step takes `t`
 from its caller; both build their scalars with `fastrms.options.scalars` too.
 """
-
-import math
 
 from . import options as O
 
@@ -33,7 +33,7 @@ class Clock:
         self._schedule = lr if callable(lr) else None
         self._lr = None if callable(lr) else lr
         self._every = options["bias_correction"]
-        self._scalars = O.scalars(options, math.nan, 1)  # NaN: never equal, so the first step builds them
+        self._scalars = None  # built by the first step
         self._pending = None
         self.step_count, self.skipped_steps, self.last_lr = step_count, skipped_steps, last_lr
 
@@ -50,28 +50,32 @@ class Clock:
 
     def scalars(self):
         """The kernel scalars of the next step (`fastrms.kernels.Scalars`); its learning rate
-        is kept for `advance`."""
+        is kept for `advance` (`last_lr`)."""
         lr = self.lr()
-        if self._every or lr != self._scalars[0]:  # else the last step's scalars hold
+        if self._every or self._scalars is None or lr != self._scalars[0]:  # else the last step's hold
             self._scalars = O.scalars(self._options, lr, self.step_count + 1)
         self._pending = lr
         return self._scalars
 
-    @property
-    def pending_lr(self):
-        """The learning rate `scalars` returned last (the step being taken)."""
-        return self._pending
-
     def advance(self):
-        """A step was taken (with the learning rate `scalars` or `lr` gave)."""
+        """A step was taken (with the learning rate `scalars` gave)."""
         self.step_count += 1
         self.last_lr = self._pending
-
-    def advance_with(self, lr):
-        """A step was taken with `lr` (a front end that evaluated `lr()` itself)."""
-        self._pending = lr
-        self.advance()
 
     def skip(self):
         """A step the guard refused: counted, nothing else changes."""
         self.skipped_steps += 1
+
+    def take(self, verdict, run):
+        """One step by the protocol every counting front end follows, after its checks and
+        the guard's `verdict` (`fastrms.clipping.Verdict`): a refused step is counted in
+        `skipped_steps` and nothing runs; otherwise `run(scalars)` writes the step with this
+        step's scalars, the clipping coefficient folded into `grad_scale`, and then the step
+        is counted. An exception from `run` (raised before it writes) counts nothing.
+        Returns whether the step was taken."""
+        if not verdict.stepped:
+            self.skipped_steps += 1
+            return False
+        run(verdict.scaled(self.scalars()))
+        self.advance()
+        return True

@@ -7,7 +7,7 @@ behind the process-wide lock under `workqueue` (`fastrms.runtime.shell`/`locked`
 again whenever `fastrms.runtime.generation` changes (after a fork). A step is then
 
     calls = plan.calls(checked, clipping)        # which shell steps each group, with what
-    verdict = plan.verdict(calls, grads, ...)    # the guard over those calls' reductions
+    verdict = plan.verdict(calls, grads, options)  # the guard over those calls' reductions
     plan.run(calls, scalars)                     # one kernel call per group
 
 The optimizer validates; the plan only runs what it is given. A backend for another
@@ -15,7 +15,6 @@ device is another module with this interface.
 """
 
 from . import clipping, kernels, runtime
-from .kernels import storage
 from .layout import Group, grad_span
 
 __all__ = ["Plan"]
@@ -37,7 +36,7 @@ class Plan:
         # params that all tile one buffer (fastrms.pack) may be stepped with one flat grad
         only = self.groups[0] if len(self.groups) == 1 else None
         self.packed = only if only is not None and only.kind == "flat" else None
-        self._codec = storage.CODECS[spec.state[0].storage]  # the state's storage (one codec a spec)
+        self._codec = spec.codec  # the state's storage
         self.choose(spec.variant)
 
     def choose(self, variant):
@@ -80,6 +79,11 @@ class Plan:
         """Whether param `index`'s group runs on the parallel kernels."""
         return self.chosen[self.group_of[index]][1]
 
+    def parallel_flags(self, count):
+        """For each of the `count` params, whether its group runs on the parallel kernels now."""
+        self.current()
+        return [self.parallel_of(i) for i in range(count)]
+
     @staticmethod
     def calls(groups, checked, clipping):
         """`(shell, arrays, check arrays, norm arrays)` for each group: which shell steps it,
@@ -118,7 +122,7 @@ class Plan:
             table = (packed.witness, packed.ptrs, packed.sizes, packed.chunks)
         return [("dense", arrays, (g,), table)]
 
-    def verdict(self, calls, checked, max_norm, skip_nonfinite):
+    def verdict(self, calls, checked, options):
         """The guard (`fastrms.clipping.guard`) over `calls`: the groups' sums of squares
         added in order (reproducible), their non-finite checks, the grads for the overflow
         path."""
@@ -130,8 +134,7 @@ class Plan:
             ),
             lambda: any(pairs[shell][1](*args) for (pairs, _), (shell, _, args, _) in zip(chosen, calls)),
             lambda: [g for g, _ in checked],
-            max_norm,
-            skip_nonfinite,
+            options,
         )
 
     def run(self, calls, scalars):

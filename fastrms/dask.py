@@ -21,23 +21,21 @@ except ImportError:  # pragma: no cover - exercised in a subprocess without dask
         "fastrms.dask needs Dask; install it with: pip install 'fastrms[dask]' (dask[array], distributed, zarr)"
     ) from None
 
-import secrets
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import _dask_checkpoint, functional, spec
+from . import _dask_checkpoint, _dask_cluster, clipping, functional, spec
 from . import options as O
 from ._checks import STEP_MAX, count
-from ._dask_blocks import _block_step, _generation_step, _Key, _Missing, _pulled_step, _stack, release_buffers
+from ._dask_blocks import _block_step, _generation_step, _stack, release_buffers
 from ._dask_cluster import (
     LostStateError,
-    _array,
+    _check_array,
     _client,
     _detach,
     _indices,
     _layer,
-    _rekey,
     _Shape,
     _unstack,
     _wait,
@@ -51,26 +49,6 @@ if TYPE_CHECKING:  # the static types of **options (generated from the options t
     from ._typing import Options
 
 __all__ = ["LostStateError", "RMSprop", "init_state", "release_buffers", "rmsprop_step"]
-
-
-def _check_array(label, a, like=None):
-    if not isinstance(a, da.Array):
-        raise TypeError(f"{label} must be a dask.array.Array, got {type(a).__name__}")
-    if a.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise TypeError(f"{label} must have dtype float32 or float64, got {a.dtype}")
-    if any(np.isnan(c) for dim in a.chunks for c in dim):
-        raise ValueError(
-            f"{label} has chunks of unknown size (shape {a.shape}); call {label}.compute_chunk_sizes() first"
-        )
-    if like is not None:
-        if a.dtype != like.dtype or a.shape != like.shape:
-            raise ValueError(f"{label} must be {like.dtype} of shape {like.shape} like param, got {a.dtype} {a.shape}")
-        if a.chunks != like.chunks:
-            raise ValueError(
-                f"{label} must be chunked like param ({like.chunks}), got {a.chunks}; rechunk it first "
-                "(x.rechunk(param.chunks))"
-            )
-    return a
 
 
 def _hyperparameters(learning_rate, beta, epsilon, options, dtype):
@@ -88,6 +66,7 @@ def init_state(param, **options):
     """The variant's initial state for the dask array `param` (chunked like it)."""
     _check_array("param", param)
     hyper = O.resolve(options, "init_state()")
+    O.check_native_storage(hyper, "fastrms.dask.init_state()")
     state = {name: da.zeros_like(param) for name in spec.of(hyper).names}
     scale = O.BY_NAME["initial_scale"].check(hyper["initial_scale"])
     if scale:
@@ -187,6 +166,7 @@ class RMSprop:
         if hyper["clip_global_norm"] is not None:
             _hyperparameters(0.0, beta, epsilon, {"clip_global_norm": hyper["clip_global_norm"]}, np.float64)
         self._hyper = O.check_hyperparameters(hyper, tuple(dict.fromkeys(a.dtype for a in arrays)))
+        O.check_native_storage(self._hyper, "fastrms.dask.RMSprop")
         if self._hyper["dense_rows"]:
             raise ValueError("dense_rows=True is an option of step_rows, which fastrms.dask.RMSprop does not have")
         self._names = spec.of(self._hyper).names
@@ -313,16 +293,18 @@ class RMSprop:
             _check_array("grads" if self._single else f"grads[{i}]", g, _Shape.of(gen))
         client = _client()
         if client is not None:
-            grads = self._computed(client, grads)
+            grads = _dask_cluster.computed(client, grads, self._gens)
+        verdict = clipping.GO
         if self._hyper["skip_nonfinite"]:
             finite = dask.compute(*(da.isfinite(g).all() for g in grads))
-            if not all(finite):
-                self._clock.skip()
-                return
-        lr = self._clock.lr()
+            verdict = clipping.GO if all(finite) else clipping.SKIP
+        self._clock.take(verdict, lambda scalars: self._write(client, grads, scalars.lr))
+
+    def _write(self, client, grads, lr):
+        """The next generation: every chunk's fused step at learning rate `lr`, persisted."""
         t = self._clock.step_count + 1
         options = {k: self._hyper[k] for k in O.NAMES if k not in ("learning_rate", "beta", "epsilon")}
-        options["skip_nonfinite"] = False  # checked globally above
+        options["skip_nonfinite"] = False  # checked globally, before the step
         args = dict(names=self._names, t=t, lr=float(lr), beta=self._hyper["beta"],
                     epsilon=self._hyper["epsilon"], options=options)  # fmt: skip
         if client is None:
@@ -332,93 +314,11 @@ class RMSprop:
                 new.append(da.blockwise(_generation_step, (0, *idx), gen, (0, *idx), g, idx, dtype=gen.dtype, **args))
             self._gens = list(dask.persist(*new))
         else:
-            self._gens = self._cluster_step(client, grads, args)
-        self._clock.advance_with(lr)
+            self._gens = _dask_cluster.step(client, self._gens, grads, args, self._donate, self._break)
 
-    def _computed(self, client, grads):
-        """`grads` persisted on the cluster (as given when they already are) and computed."""
-        from distributed import futures_of
-
-        out = []
-        for g in grads:
-            keys = set(dask.core.flatten(g.__dask_keys__()))
-            if {f.key for f in futures_of(g)} != keys:
-                g = client.persist(g)
-            out.append(g)
-        _wait(client, futures_of(out), self._gens)
-        return out
-
-    def _cluster_step(self, client, grads, args):
-        """Every chunk's step on the worker holding it (see the class docstring); one
-        `client.map` per worker, one wait."""
-        from distributed import futures_of
-
-        def chunks(a):
-            by_key = {f.key: f for f in futures_of(a)}
-            return [by_key[k] for k in dask.core.flatten(a.__dask_keys__())]
-
-        gens, grad_chunks = [chunks(g) for g in self._gens], [chunks(g) for g in grads]
-        who = client.who_has([f for fs in (*gens, *grad_chunks) for f in fs])
-        lost = sum(not who[f.key] for fs in gens for f in fs)
-        if lost:
-            raise LostStateError(
-                f"{lost} chunk(s) of the params or state were lost with a worker (each step drops their lineage so "
-                "the scheduler does not grow): resume from your last checkpoint (RMSprop.load)"
-            )
-        name = f"fastrms-gen-{secrets.token_hex(8)}"
-        by_worker, redo = {}, []  # worker -> [(chunk id, chunk key, grad key, chunk, grad)]; [(id, chunk, grad)]
-        for i, (gen, grad) in enumerate(zip(gens, grad_chunks)):
-            for f, g in zip(gen, grad):
-                both = [w for w in who[f.key] if w in set(who[g.key])]
-                if both:
-                    by_worker.setdefault(both[0], []).append(((i, *f.key[1:]), _Key(f.key), _Key(g.key), f, g))
-                else:
-                    redo.append(((i, *f.key[1:]), f, g))
-        pulled = []
-        for worker, tasks in by_worker.items():
-            ids, stacked, grad, _, _ = zip(*tasks)
-            fs = client.map(_pulled_step, stacked, grad, key=[(f"{name}-{i}", *at) for i, *at in ids],
-                            workers=[worker], allow_other_workers=False, pure=False, donate=self._donate,
-                            **args)  # fmt: skip
-            pulled += zip(fs, tasks)
-        watch = [*self._gens, *grads]
-        try:
-            _wait(client, [f for f, _ in pulled], watch, errors=False)
-            done, missing = {}, False
-            for f, (at, _, _, chunk, grad) in pulled:
-                if f.status == "finished":
-                    done[at] = f
-                elif isinstance(f.exception(), _Missing):
-                    redo.append((at, chunk, grad))
-                    missing = True
-                else:
-                    f.result()
-            if redo:
-                # the grad's chunk is elsewhere (or a replica the scheduler named was dropped):
-                # the scheduler brings the data together; the results are re-keyed without
-                # that dependency, and if a failed task holds its key, the whole generation
-                # takes a new name
-                ids, chunks, grads_ = zip(*redo)
-                moved = client.map(_generation_step, chunks, grads_, key=[(f"moved-{name}-{i}", *at) for i, *at in ids],
-                                   pure=False, **args)  # fmt: skip
-                _wait(client, moved, watch)
-                done.update(zip(ids, moved))
-                final = f"fastrms-gen-{secrets.token_hex(8)}" if missing else name
-                again = [(at, f) for at, f in done.items() if f.key != (f"{final}-{at[0]}", *at[1:])]
-                done.update(_rekey(client, [f for _, f in again], [at for at, _ in again], final))
-                _wait(client, list(done.values()), watch)
-        except LostStateError as exc:
-            if self._donate:
-                self._broken = str(exc)
-            raise
-        except Exception as exc:
-            if self._donate:
-                self._broken = f"{type(exc).__name__}: {exc}"
-            raise LostStateError(
-                f"the step failed on the cluster ({type(exc).__name__}: {exc}); params and state of this step may "
-                "be lost: resume from your last checkpoint (RMSprop.load)"
-            ) from exc
-        return [_array({f.key: f for at, f in done.items() if at[0] == i}, gen) for i, gen in enumerate(self._gens)]
+    def _break(self, why):
+        """A donating step failed: the params and state may be half updated (see `_usable`)."""
+        self._broken = why
 
     # ------------------------------------------------------------------ checkpoints (Zarr)
 

@@ -28,6 +28,7 @@ def init_state(param, **options):
     (PyTorch's names), each shaped and typed like `param`."""
     param = float_array("param", param, writeable=False)
     hyper = O.resolve(options, "init_state()")
+    O.check_native_storage(hyper, "init_state()")
     state = {name: np.zeros(param.shape, param.dtype) for name in spec.of(hyper).names}
     state["square_avg"][...] = O.BY_NAME["initial_scale"].check(hyper["initial_scale"])
     return state
@@ -99,16 +100,14 @@ def rmsprop_step(
         lambda: (kernels.sumsq_parallel if parallel else kernels.sumsq_serial)(g),
         lambda: (kernels.nonfinite_parallel if parallel else kernels.nonfinite_serial)(g),
         lambda: [g],
-        hyper["clip_global_norm"],
-        hyper["skip_nonfinite"],
+        hyper,
     )
     if not verdict.stepped:
         for src, dst in ((p, p_out), *((flat[n], flat_out[n]) for n in names)):
             if dst is not src:
                 np.copyto(dst, src)
         return param_out, state_out
-    if verdict.coef != 1.0:
-        scalars = scalars._replace(grad_scale=scalars.grad_scale * verdict.coef)
+    scalars = verdict.scaled(scalars)
     m, b = flat.get("grad_avg", empty), flat.get("momentum_buffer", empty)
     if out is not None and _same(p, p_out) and all(_same(flat[n], flat_out[n]) for n in names):
         # every output is its input: the in-place shell (same bits; LLVM cannot vectorise a
@@ -141,6 +140,7 @@ def _hyperparameters(learning_rate, options, dtype):
     base = (
         _checked(key, dtype) if key is not None else O.check_hyperparameters({**given, "learning_rate": 0.0}, (dtype,))
     )
+    O.check_native_storage(base, "rmsprop_step()")
     lr = O.BY_NAME["learning_rate"].check(learning_rate)
     O.check_learning_rate_fit("learning_rate", lr, base["weight_decay"], (dtype,))
     return {**base, "learning_rate": lr}

@@ -11,12 +11,33 @@ from ._checks import float_array
 from .kernels import contiguous_address
 from .layout import address
 
-__all__ = ["Owned", "check_grad", "check_grads", "disjoint", "grad_name", "span"]
+__all__ = [
+    "Owned",
+    "check_grad",
+    "check_grads",
+    "disjoint",
+    "grad_name",
+    "param_name",
+    "span",
+    "step_grads",
+    "writeable",
+]
 
 
 def grad_name(index):
     """How an error names grad `index` (None: the only one)."""
     return "grads" if index is None else f"grads[{index}]"
+
+
+def param_name(single, index):
+    """How an error names param `index` (`single`: the optimizer's only array)."""
+    return "params" if single else f"params[{index}]"
+
+
+def writeable(slot, single, index):
+    """Refuse a param the caller made read-only after construction (the step writes it)."""
+    if not slot.param.flags.writeable:
+        raise ValueError(f"{param_name(single, index)} was made read-only after construction")
 
 
 def span(a):
@@ -110,3 +131,20 @@ def check_grads(grads, slots):
                 continue
         append(check_grad(g, s, i))  # the slow path: it names what is wrong
     return out
+
+
+def step_grads(grads, slots, packed):
+    """`(checked, slots)`: a step's grads checked (`check_grads`) with the slots they go with:
+    a list or tuple of one array per slot, or, for params that tile one buffer (`packed`, a
+    `fastrms.layout.Group`, else None), one flat grad array of that buffer's size."""
+    if packed is not None and isinstance(grads, np.ndarray):
+        return (check_grad(grads, packed.span, None),), (packed.span,)
+    if not isinstance(grads, (list, tuple)):
+        raise TypeError(
+            f"grads must be a list or tuple of {len(slots)} arrays"
+            + (" (or one flat array, for params that tile one buffer)" if packed else "")
+            + f", got {type(grads).__name__}"
+        )
+    if len(grads) != len(slots):
+        raise ValueError(f"grads must hold {len(slots)} arrays, one per param, got {len(grads)}")
+    return check_grads(grads, slots), slots

@@ -5,7 +5,6 @@ the options are declared once, in `fastrms.options`; checkpoints are
 `fastrms.checkpoint`'s.
 """
 
-import inspect
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -13,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import checkpoint, cpu, kernels, memory, spec
+from . import checkpoint, clipping, cpu, kernels, memory, spec
 from . import options as O
 from . import rows as rows_step
 from ._checks import float_array
 from .clock import Clock
-from .kernels import contiguous_address
+from .kernels import storage
 from .layout import Slot
 from .options import check_hyperparameters
 from .presets import preset_options
@@ -77,6 +76,11 @@ class RMSprop:
         `sqrt(v + eps)` instead of `sqrt(v) + eps`.
     initial_scale : float, default 0.0
         Starting value of `square_avg` (TF1 uses 1.0).
+    state_storage : str, default 'native'
+        How the state is stored: "native" (the params' dtype) or "bfloat16" (float32 params only:
+        half the state's bytes; the update computes in float32 from the stored values and stores its
+        result rounded to nearest even, as `torch.bfloat16` does; needs `ml_dtypes`,
+        `fastrms[bfloat16]`).
     skip_nonfinite : bool, default False
         A step whose grads hold a NaN or an infinity changes nothing and is counted in
         `skipped_steps`.
@@ -129,14 +133,18 @@ class RMSprop:
         self._dtypes = tuple(dict.fromkeys(a.dtype for a in arrays))
         hyper = check_hyperparameters(options, self._dtypes)  # in range, and fitting the params' dtypes
         self._busy = threading.Lock()
-        self._spec = spec.of(hyper)
-        names = self._spec.names
-        slots = [Slot(p, a, names) for p, a in zip(given, arrays)]
-        if hyper["dense_rows"]:
+        self._configure(hyper, Clock(hyper, self._dtypes))
+        self._shown = spec.view_dtype(self._spec.codec, self._dtypes[0]) if self._dtypes else None
+        self._slots = slots = [Slot(p, a, self._spec.names) for p, a in zip(given, arrays)]
+        if self._dense_rows:
             for slot in slots:
                 if len(slot.shape) == 2:
                     slot.row_step = np.zeros(slot.shape[0], np.int64)
-        self._install(slots, hyper)
+        # allocates the state, group by group, and picks the kernels; it starts the thread
+        # pool for big arrays: a threading layer that cannot start fails here
+        self._plan = cpu.Plan(slots, hyper, self._spec)
+        self._owned = memory.Owned(slots)  # what a step writes: params and the state
+        self._last_grad_norm = None
 
     @classmethod
     def like(cls, name: str, params: Any, **overrides: Any) -> "RMSprop":
@@ -145,26 +153,13 @@ class RMSprop:
         `alpha`, `rho`, `eps`, `decay`). See `fastrms.presets`."""
         return cls(params, **preset_options(name, overrides))
 
-    def _install(self, slots, hyper):
-        """Take slots and hyperparameters (both validated), group the arrays by dtype (one
-        kernel call per group; state allocated per group) and pick the kernels."""
-        self._slots = slots
-        self._hyper = hyper
+    def _configure(self, hyper, clock):
+        """Take the options in force (validated) and the step's counters."""
+        self._hyper, self._clock = hyper, clock
         self._spec = spec.of(hyper)
         self._variant = self._spec.variant
-        old = getattr(self, "_clock", None)
-        counts = (old.step_count, old.skipped_steps, old.last_lr) if old is not None else ()
-        self._clock = Clock(hyper, self._dtypes, *counts)
-        self._skip_nonfinite = hyper["skip_nonfinite"]
-        self._max_norm = hyper["clip_global_norm"]
+        self._guarded, self._norms = clipping.guarded(hyper), clipping.needs_norm(hyper)
         self._dense_rows = hyper["dense_rows"]
-        if not hasattr(self, "_last_grad_norm"):
-            self._last_grad_norm = None
-        if hasattr(self, "_plan"):  # load_state_dict: the same arrays, kernels chosen again
-            self._plan.choose(self._variant)
-        else:  # starts the thread pool for big arrays: a layer that cannot start fails here
-            self._plan = cpu.Plan(slots, hyper, self._spec)  # allocates the state, group by group
-        self._owned = memory.Owned(slots)  # what a step writes: params and the state
 
     # ------------------------------------------------------------------ properties
 
@@ -177,6 +172,8 @@ class RMSprop:
         if name not in self._spec.names:
             return None
         arrays = [getattr(s, name).reshape(s.shape) for s in self._slots]
+        if self._spec.codec is not storage.NATIVE:  # bit patterns, shown as the values they are
+            arrays = [a.view(self._shown) for a in arrays]
         return arrays[0] if self._single else arrays
 
     @property
@@ -203,13 +200,7 @@ class RMSprop:
     def parallel(self) -> "list[bool]":
         """For each param, whether its step runs on a parallel shell here (by the bytes its
         dtype group moves, `fastrms.kernels.PARALLEL_MIN_BYTES`, and the threading layer)."""
-        plan = self._plan
-        plan.current()
-        out = [False] * len(self._slots)
-        for group, (_, parallel) in zip(plan.groups, plan.chosen):
-            for i in group.indices:
-                out[i] = parallel
-        return out
+        return self._plan.parallel_flags(len(self._slots))
 
     @property
     def kernel_calls(self) -> "list[str]":
@@ -277,32 +268,16 @@ class RMSprop:
             if self._single:
                 self._step_one(grads)
                 return
-            slots = self._slots
             plan = self._plan
-            packed = plan.packed
-            if packed is not None and isinstance(grads, np.ndarray):
-                checked = (memory.check_grad(grads, packed.span, None),)  # one flat grad for packed params
-                slots = (packed.span,)
-            else:
-                if not isinstance(grads, (list, tuple)):
-                    raise TypeError(
-                        f"grads must be a list or tuple of {len(slots)} arrays"
-                        + (" (or one flat array, for params that tile one buffer)" if packed else "")
-                        + f", got {type(grads).__name__}"
-                    )
-                if len(grads) != len(slots):
-                    raise ValueError(f"grads must hold {len(slots)} arrays, one per param, got {len(grads)}")
-                checked = memory.check_grads(grads, slots)
-            self._owned.check(checked, slots, None if self._single or slots is not self._slots else 0)
-            for s in self._slots:
-                if not s.param.flags.writeable:
-                    raise self._read_only(s)
+            checked, slots = memory.step_grads(grads, self._slots, plan.packed)
+            self._owned.check(checked, slots, None if slots is not self._slots else 0)
+            for i, s in enumerate(self._slots):
+                memory.writeable(s, self._single, i)
             plan.current()
-            clipping = self._max_norm is not None
             if slots is self._slots:
-                calls = plan.calls(plan.groups, checked, clipping)
+                calls = plan.calls(plan.groups, checked, self._norms)
             else:
-                calls = plan.packed_call(checked, clipping)
+                calls = plan.packed_call(checked, self._norms)
             self._launch(calls, checked)
         finally:
             self._busy.release()
@@ -314,45 +289,37 @@ class RMSprop:
         g, start = memory.check_grad(grad, s, None)
         if self._owned.overlaps(start, s.flat.nbytes):
             raise memory.overlap(None)
-        if not s.param.flags.writeable:
-            raise self._read_only(s)
+        memory.writeable(s, True, 0)
         self._plan.current()
         update = self._plan.update()
         g = g.reshape(-1)
         arrays = (s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer)
-        if self._max_norm is not None or self._skip_nonfinite:  # the guard's path
+        if self._guarded or self._dense_rows:
             self._launch([("dense", arrays, (g,), (g,))], ((g, start),))
             return
-        scalars = self._clock.scalars()
-        if self._dense_rows:
-            self._catch_up_rows(scalars)
-        update(*arrays, *scalars)
+        update(*arrays, *self._clock.scalars())  # Clock.take with the guard's GO, inlined: a small step's cost
         self._clock.advance()
-        if self._dense_rows:
-            s.row_step[...] = self._clock.step_count
 
     def _launch(self, calls, checked):
-        """Run one step's kernels, checks first: `calls` holds, per group, `(shell, arrays,
-        check arrays, norm arrays)`; `checked` the grads (for the rare overflow path)."""
-        coef = 1.0
-        if self._max_norm is not None or self._skip_nonfinite:
-            verdict = self._plan.verdict(calls, checked, self._max_norm, self._skip_nonfinite)
+        """Guard, then write: `calls` holds, per group, `(shell, arrays, check arrays, norm
+        arrays)`; `checked` the grads (for the rare overflow path)."""
+        verdict = clipping.GO
+        if self._guarded:
+            verdict = self._plan.verdict(calls, checked, self._hyper)
             if verdict.norm is not None:
                 self._last_grad_norm = verdict.norm
-            if not verdict.stepped:
-                self._clock.skip()
-                return
-            coef = verdict.coef
-        scalars = self._clock.scalars()
-        if coef != 1.0:  # fold the clipping coefficient into the kernel's grad scale
-            scalars = scalars._replace(grad_scale=scalars.grad_scale * coef)
+        self._clock.take(verdict, lambda scalars: self._write(calls, scalars))
+
+    def _write(self, calls, scalars):
+        """Run the step's kernels (`dense_rows`: every row brought up to date first, and
+        marked as stepped after)."""
+        t = self._clock.step_count + 1
         if self._dense_rows:
-            self._catch_up_rows(scalars)
+            rows_step.catch_up_slots(self._slots, t, self._hyper, self._variant, scalars)
         self._plan.run(calls, scalars)
-        self._clock.advance()
         if self._dense_rows:
             for slot in self._slots:
-                slot.row_step[...] = self._clock.step_count  # a dense step touches every row
+                slot.row_step[...] = t  # a dense step touches every row
 
     def step_rows(
         self,
@@ -390,59 +357,22 @@ class RMSprop:
             self._busy.release()
 
     def _step_rows(self, rows, grad_rows, param):
+        if self._spec.codec is not storage.NATIVE:
+            raise ValueError(
+                f"step_rows needs state_storage='native': its row kernels keep the state in the params' dtype "
+                f"(this optimizer's is {self._hyper['state_storage']!r})"
+            )
         self._plan.current()
-        tables = rows_step.named(param, rows, grad_rows, self._table)
-        clock = self._clock
-        scalars = clock.scalars()
-        done = rows_step.step(
-            tables, clock.step_count + 1, self._dense_rows, scalars,
-            rows_step.catch_up_constants(self._hyper, self._variant, clock.pending_lr), self._plan.row_kernel,
-            self._max_norm, self._skip_nonfinite,
+        slots, plan = self._slots, self._plan
+        tables = rows_step.named(
+            param, rows, grad_rows,
+            lambda *args: rows_step.slot_table(slots, self._single, self._owned, plan.parallel_of, *args),
         )  # fmt: skip
-        if done.norm is not None:
-            self._last_grad_norm = done.norm
-        if not done.stepped:
-            clock.skip()
-            return
-        clock.advance()
-
-    def _table(self, param, rows, grad_rows, suffix):
-        """One table of `step_rows`, checked (`fastrms.rows.Table`)."""
-        if param is None:
-            if len(self._slots) != 1:
-                raise TypeError(f"step_rows needs param= (0 to {len(self._slots) - 1}) for an optimizer over several")
-            param = 0
-        if isinstance(param, bool) or not isinstance(param, (int, np.integer)) or not 0 <= param < len(self._slots):
-            raise ValueError(f"param{suffix} must be an index in [0, {len(self._slots)}), got {param!r}")
-        slot = self._slots[int(param)]
-        if len(slot.shape) != 2:
-            label = "params" if self._single else f"params[{int(param)}]"
-            raise ValueError(f"step_rows needs a 2-D param (a table of rows); {label} has shape {slot.shape}")
-        n, width = slot.shape
-        index = rows_step.indices(rows, f"rows{suffix}")
-        grads = rows_step.grad_rows(grad_rows, index.size, width, slot.dtype, f"grad_rows{suffix}")
-        if self._owned.overlaps(contiguous_address(grads), grads.nbytes):  # C-contiguous: float_array
-            raise memory.overlap(None, f"grad_rows{suffix}")
-        if not slot.param.flags.writeable:
-            raise self._read_only(slot)
-        return rows_step.Table(
-            slot.flat, slot.square_avg, slot.grad_avg, slot.momentum_buffer, n, width, index, grads, slot.row_step,
-            f"rows{suffix}", self._plan.parallel_of(int(param)),
+        norm = rows_step.step(
+            tables, self._clock.step_count + 1, self._hyper, self._variant, plan.row_kernel, self._clock.take
         )  # fmt: skip
-
-    def _catch_up_rows(self, scalars):
-        """`dense_rows`, before a dense step: bring every row that missed steps up to date
-        (the closed form of its zero-gradient steps), so the dense step starts from the state
-        a dense run would have."""
-        t = self._clock.step_count + 1
-        for s in self._slots:
-            if s.row_step.size:
-                rows_step.catch_up(s.flat, s.square_avg, s.grad_avg, s.momentum_buffer, s.shape[1], s.row_step, t,
-                                   self._hyper, self._variant, scalars)  # fmt: skip
-
-    def _read_only(self, slot):
-        i = self._slots.index(slot)
-        return ValueError(f"{'params' if self._single else f'params[{i}]'} was made read-only after construction")
+        if norm is not None:
+            self._last_grad_norm = norm
 
     # ------------------------------------------------------------------ state
 
@@ -473,8 +403,8 @@ class RMSprop:
         # Checked: now write, into the arrays already allocated (same variant, same names).
         for (i, name), a in arrays.items():
             np.copyto(getattr(self._slots[i], name), a.reshape(-1))
-        self._clock.step_count, self._clock.skipped_steps = step_count, skipped
-        self._install(self._slots, hyper)
+        self._configure(hyper, Clock(hyper, self._dtypes, step_count, skipped, self._clock.last_lr))
+        self._plan.choose(self._variant)  # the same arrays and variant: kernels chosen again
 
     # ------------------------------------------------------------------ checkpoints on disk
 
@@ -503,15 +433,4 @@ class RMSprop:
             raise ValueError(f"{os.fsdecode(os.fspath(path))!r} does not fit this optimizer: {exc}") from None
 
 
-def _signature():
-    """`RMSprop(params, learning_rate, beta, epsilon, *, <every other option>)`, from the
-    options table, for `help()`, `inspect` and editors."""
-    P = inspect.Parameter
-    head = [P("self", P.POSITIONAL_OR_KEYWORD), P("params", P.POSITIONAL_OR_KEYWORD)]
-    first = ("learning_rate", "beta", "epsilon")
-    head += [P(n, P.POSITIONAL_OR_KEYWORD, default=O.DEFAULTS[n]) for n in first]
-    head += [P(n, P.KEYWORD_ONLY, default=O.DEFAULTS[n]) for n in O.NAMES if n not in first]
-    return inspect.Signature(head, return_annotation=None)
-
-
-RMSprop.__init__.__signature__ = _signature()  # type: ignore[attr-defined]  # for help() and inspect
+RMSprop.__init__.__signature__ = O.signature()  # type: ignore[attr-defined]  # for help() and inspect

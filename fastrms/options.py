@@ -10,11 +10,13 @@ Each option has a role:
 - `variant+scalar`: its value is a runtime scalar and `> 0` chooses the variant
   (`momentum`, `weight_decay`);
 - `initial`: fills the state once (`initial_scale`);
+- `storage`: how the state is stored (`state_storage`: a codec of
+  `fastrms.kernels.storage`, chosen at compile time like the variant);
 - `host`: acted on in Python around the kernel (`skip_nonfinite`, and
   `clip_global_norm`, whose coefficient the step folds into the kernel's `grad_scale`).
 
-Kinds: `rate` (a number or a schedule), `float`, `bool`, and `optional`: a float, or
-None for off (the clipping options).
+Kinds: `rate` (a number or a schedule), `float`, `bool`, `optional`: a float, or
+None for off (the clipping options), and `choice`: one of the strings `choices`.
 
 Adding an option means a row here, its arithmetic in `fastrms.kernels.element` (and, if
 it selects a variant, in `variant_key`), and its formula in `fastrms.reference`.
@@ -22,6 +24,7 @@ The update every variant follows is in `docs/algorithm.md`.
 """
 
 import difflib
+import inspect
 import math
 import textwrap
 from dataclasses import dataclass, field
@@ -43,8 +46,8 @@ class Option:
 
     name: str
     default: object
-    kind: str  # "rate" (a number or a schedule), "float", "bool" or "optional" (a float or None)
-    role: str  # "variant", "scalar", "variant+scalar", "initial" or "host"
+    kind: str  # "rate" (a number or a schedule), "float", "bool", "optional" (a float or None) or "choice"
+    role: str  # "variant", "scalar", "variant+scalar", "initial", "storage" or "host"
     doc: str
     low: "float | None" = None
     low_open: bool = False
@@ -52,11 +55,18 @@ class Option:
     high_open: bool = False
     fit: str = ""  # in the params' dtype: "finite", "nonzero" (and finite) or "below_one"
     spellings: dict = field(default_factory=dict)  # library -> its name for this option
+    choices: tuple = ()  # kind "choice": the strings it may be
 
     def check(self, value):
         """`value` validated and normalised (TypeError/ValueError naming the option)."""
         if self.kind == "bool":
             return flag(self.name, value)
+        if self.kind == "choice":
+            if not isinstance(value, str):
+                raise TypeError(f"{self.name} must be one of {list(self.choices)}, got {type(value).__name__}")
+            if value not in self.choices:
+                raise ValueError(f"{self.name} must be one of {list(self.choices)}, got {value!r}")
+            return value
         if self.kind == "rate" and callable(value):
             return value
         if self.kind == "optional":
@@ -125,6 +135,13 @@ OPTIONS = (
         low=0.0, fit="finite", spellings=dict(optax="initial_scale"),
     ),
     Option(
+        "state_storage", "native", "choice", "storage",
+        "how the state is stored: \"native\" (the params' dtype) or \"bfloat16\" (float32 params only: "
+        "half the state's bytes; the update computes in float32 from the stored values and stores its "
+        "result rounded to nearest even, as `torch.bfloat16` does; needs `ml_dtypes`, `fastrms[bfloat16]`)",
+        choices=("native", "bfloat16"),
+    ),
+    Option(
         "skip_nonfinite", False, "bool", "host",
         "a step whose grads hold a NaN or an infinity changes nothing and is counted in `skipped_steps`",
     ),
@@ -157,6 +174,8 @@ FLOAT_OPTIONS = tuple(o.name for o in OPTIONS if o.kind == "float")
 BOOL_OPTIONS = tuple(o.name for o in OPTIONS if o.kind == "bool")
 #: The options that are off when None; a checkpoint stores them only when set.
 OPTIONAL_OPTIONS = tuple(o.name for o in OPTIONS if o.kind == "optional")
+#: The options that are one of a few strings; a checkpoint stores them as strings.
+CHOICE_OPTIONS = tuple(o.name for o in OPTIONS if o.kind == "choice")
 #: The options every front end takes by position before the keyword-only ones.
 POSITIONAL = ("learning_rate", "beta", "epsilon")
 #: Every state array any variant keeps, in PyTorch's names.
@@ -171,7 +190,7 @@ def describe(indent=4, skip=POSITIONAL):
     for o in OPTIONS:
         if o.name in skip:
             continue
-        kind = {"rate": "float or callable", "optional": "float or None"}.get(o.kind, o.kind)
+        kind = {"rate": "float or callable", "optional": "float or None", "choice": "str"}.get(o.kind, o.kind)
         spelled = ", ".join(f"{lib} `{n}`" for lib, n in o.spellings.items() if n != o.name)
         text = f"{o.doc[0].upper()}{o.doc[1:]}{f' ({spelled})' if spelled else ''}."
         lines.append(f"{pad}{o.name} : {kind}, default {o.default!r}")
@@ -181,6 +200,24 @@ def describe(indent=4, skip=POSITIONAL):
 
 #: The static type of each kind, for `typing_source`.
 _TYPES = {"float": "float", "bool": "bool", "optional": "float | None"}
+
+
+def _type(o):
+    """The static type of option `o`, for `typing_source`."""
+    if o.kind == "choice":
+        return "Literal[" + ", ".join(repr(c) for c in o.choices).replace("'", '"') + "]"
+    return _TYPES[o.kind]
+
+
+def signature():
+    """`(self, params, learning_rate, beta, epsilon, *, <every other option>)` with the
+    table's defaults: the NumPy optimizer's `__init__` signature, for `help()`, `inspect`
+    and editors."""
+    P = inspect.Parameter
+    head = [P("self", P.POSITIONAL_OR_KEYWORD), P("params", P.POSITIONAL_OR_KEYWORD)]
+    head += [P(n, P.POSITIONAL_OR_KEYWORD, default=DEFAULTS[n]) for n in POSITIONAL]
+    head += [P(n, P.KEYWORD_ONLY, default=DEFAULTS[n]) for n in NAMES if n not in POSITIONAL]
+    return inspect.Signature(head, return_annotation=None)
 
 
 def typing_source():
@@ -193,13 +230,13 @@ def typing_source():
         if o.name not in POSITIONAL:
             doc = f"{o.doc[0].upper()}{o.doc[1:]}; default `{o.default!r}`."
             text = textwrap.fill(f'"""{doc}"""', 116, initial_indent="    ", subsequent_indent="    ")
-            fields.append(f"    {o.name}: {_TYPES[o.kind]}\n{text}")
+            fields.append(f"    {o.name}: {_type(o)}\n{text}")
     fields = "\n".join(fields)
     return (
         '"""The keyword-only options\' static types, generated from `fastrms.options.OPTIONS`\n'
         "(do not edit: `fastrms.options.typing_source()` writes this file, and a test checks it).\n"
         '"""\n\n'
-        "from typing import TypedDict\n\n\n"
+        "from typing import Literal, TypedDict\n\n\n"
         "class Options(TypedDict, total=False):\n"
         '    """What `**options` of `RMSprop` and the other front ends may hold."""\n\n'
         f"{fields}\n"
@@ -237,6 +274,7 @@ def check_hyperparameters(h, dtypes=()):
         raise ValueError("nesterov=True needs momentum > 0")
     if out["dense_rows"]:
         check_dense_rows(out)
+    check_storage(out, dtypes)
     if out["clip_global_norm"] is not None and out["clip_value"] is not None:
         raise ValueError(
             "clip_global_norm and clip_value cannot both be set: the order of the two clips would be a guess; "
@@ -244,6 +282,33 @@ def check_hyperparameters(h, dtypes=()):
         )
     check_fit(out, dtypes)
     return out
+
+
+def check_storage(hyper, dtypes):
+    """A state storage serves the params' dtypes its codec names (`bfloat16`: float32)."""
+    codec = kernels.storage.CODECS[hyper["state_storage"]]
+    if hyper["dense_rows"] and codec is not kernels.storage.NATIVE:
+        raise ValueError(
+            f"dense_rows=True needs state_storage='native': step_rows's row kernels keep the state in the "
+            f"params' dtype (got state_storage={hyper['state_storage']!r})"
+        )
+    for dtype in dict.fromkeys(np.dtype(d) for d in dtypes):
+        if codec.params is not None and dtype not in codec.params:
+            served = " or ".join(str(d) for d in codec.params)
+            raise ValueError(
+                f"state_storage={hyper['state_storage']!r} keeps the state of {served} params; these params are "
+                f"{dtype} (use state_storage='native')"
+            )
+
+
+def check_native_storage(hyper, who):
+    """Refuse a `state_storage` other than "native" in a front end (`who`) whose state
+    arrays are the caller's, in the params' dtype."""
+    if BY_NAME["state_storage"].check(hyper["state_storage"]) != "native":
+        raise ValueError(
+            f"{who} keeps the state in the params' dtype; state_storage={hyper['state_storage']!r} is "
+            "fastrms.RMSprop's (its state arrays are its own)"
+        )
 
 
 def check_dense_rows(hyper):
@@ -370,4 +435,6 @@ def formula(hyper):
             out[f"{o.name} > 0"] = hyper[o.name] > 0
         elif o.kind == "bool" and (o.role in ("variant", "scalar") or o.name == "dense_rows"):
             out[o.name] = hyper[o.name]  # dense_rows: the state holds per-row step counters
+        elif o.role == "storage":
+            out[o.name] = hyper[o.name]  # how the state arrays are stored
     return out

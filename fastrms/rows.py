@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import get_num_threads
 
-from . import clipping, kernels
+from . import clipping, kernels, memory
 from ._checks import float_array
 
 
@@ -66,6 +66,44 @@ def named(param, rows, grad_rows, table):
         first = next(i for i, o in enumerate(owners) if owners.count(o) > 1)
         raise ValueError(f"param names params[{int(param[first])}] twice; pass its rows once, concatenated")
     return tables
+
+
+def slot_table(slots, single, owned, parallel_of, param, given_rows, given_grads, suffix):
+    """One table of `fastrms.RMSprop.step_rows`, checked: `param` an index into `slots`
+    (None for an optimizer over one), `given_rows` and `given_grads` its rows and grad rows, none of
+    it sharing memory with what the step writes (`owned`, a `fastrms.memory.Owned`);
+    `parallel_of(i)` whether slot `i`'s group may run on the parallel shells."""
+    if param is None:
+        if len(slots) != 1:
+            raise TypeError(f"step_rows needs param= (0 to {len(slots) - 1}) for an optimizer over several")
+        param = 0
+    if isinstance(param, bool) or not isinstance(param, (int, np.integer)) or not 0 <= param < len(slots):
+        raise ValueError(f"param{suffix} must be an index in [0, {len(slots)}), got {param!r}")
+    i = int(param)
+    slot = slots[i]
+    if len(slot.shape) != 2:
+        raise ValueError(
+            f"step_rows needs a 2-D param (a table of rows); {memory.param_name(single, i)} has shape {slot.shape}"
+        )
+    n, width = slot.shape
+    index = indices(given_rows, f"rows{suffix}")
+    grads = grad_rows(given_grads, index.size, width, slot.dtype, f"grad_rows{suffix}")
+    if owned.overlaps(kernels.contiguous_address(grads), grads.nbytes):  # C-contiguous: float_array
+        raise memory.overlap(None, f"grad_rows{suffix}")
+    memory.writeable(slot, single, i)
+    return Table(
+        slot.flat, slot.square_avg, slot.grad_avg, slot.momentum_buffer, n, width, index, grads, slot.row_step,
+        f"rows{suffix}", parallel_of(i),
+    )  # fmt: skip
+
+
+def catch_up_slots(slots, t, hyper, variant, scalars):
+    """`dense_rows`, before a dense step `t`: `catch_up` every 2-D slot's rows that missed
+    steps (`scalars` the step's)."""
+    for s in slots:
+        if s.row_step.size:
+            catch_up(s.flat, s.square_avg, s.grad_avg, s.momentum_buffer, s.shape[1], s.row_step, t, hyper, variant,
+                     scalars)  # fmt: skip
 
 
 def catch_up(param, square_avg, grad_avg, momentum_buffer, width, last, t, hyper, variant, scalars):
@@ -125,68 +163,67 @@ def catch_up_constants(hyper, variant, lr):
     return decay, lr if variant.mom_mode == kernels.MOM_OUTSIDE else 1.0
 
 
-class Outcome(NamedTuple):
-    """What a row step did: `stepped` False when `skip_nonfinite` refused it; `norm` the
-    global norm before clipping (None without `clip_global_norm`)."""
-
-    stepped: bool
-    norm: "float | None"
-
-
-def step(tables, t, dense_rows, scalars, catch_up, kernel, max_norm=None, skip_nonfinite=False):
-    """One step `t` over `tables` (checked `Table`s of one dtype and variant) with the
-    kernel scalars `scalars` and `catch_up = (decay, drift_lr)`. `kernel(make, parallel)`
-    returns the shell (`kernels.rows` or `kernels.merged_rows`) to call; a table runs on
-    the parallel one when it may and its rows move `PARALLEL_MIN_BYTES`. Returns an
-    `Outcome`; raises before any write for a row outside its table."""
+def step(tables, t, hyper, variant, kernel, take):
+    """One step `t` over `tables` (checked `Table`s of one dtype and `variant`, options
+    `hyper`: `dense_rows` and the guard's among them) by the front end's step protocol
+    `take(verdict, run)` (`fastrms.clock.Clock.take`, or one that counts as torch does):
+    `run(scalars)` writes the rows with the step's kernel scalars. `kernel(make, parallel)`
+    returns the shell (`kernels.rows` or `kernels.merged_rows`) to call; a table runs on the
+    parallel one when it may and its rows move `PARALLEL_MIN_BYTES`. Returns the global norm
+    before clipping (None without `clip_global_norm`); raises before any write for a row
+    outside its table."""
 
     def parallel(table):
         return table.parallel and (
             kernels.step_bytes(table.grads.size, table.grads.itemsize, 1 + _states(table)) >= kernels.PARALLEL_MIN_BYTES
         )
 
-    if max_norm is None and not skip_nonfinite:  # one call per table: merge, check, step
+    dense_rows = hyper["dense_rows"]
+    if not clipping.guarded(hyper):  # one call per table: merge, check, step
         if len(tables) > 1:
             for table in tables:
                 check_bounds(table)  # no table is written before every table's rows are known good
-        for table in tables:
-            p = parallel(table)
-            parts = get_num_threads() if p else 1  # one hash partition of the rows per thread
-            bad = kernel(kernels.merged_rows, p)(
-                table.param, table.grads, table.square_avg, table.grad_avg, table.momentum_buffer, table.rows,
-                table.n, table.width, parts, table.last, t, dense_rows, *catch_up, *scalars,
-            )  # fmt: skip
-            if bad >= 0:
-                raise bad_row(table, bad)
-        return Outcome(True, None)
+
+        def merged(scalars):
+            catch_up = catch_up_constants(hyper, variant, scalars.lr)
+            for table in tables:
+                p = parallel(table)
+                parts = get_num_threads() if p else 1  # one hash partition of the rows per thread
+                bad = kernel(kernels.merged_rows, p)(
+                    table.param, table.grads, table.square_avg, table.grad_avg, table.momentum_buffer, table.rows,
+                    table.n, table.width, parts, table.last, t, dense_rows, *catch_up, *scalars,
+                )  # fmt: skip
+                if bad >= 0:
+                    raise bad_row(table, bad)
+
+        take(clipping.GO, merged)
+        return None
     # the global norm and the non-finite check need every table's summed rows first
-    merged = []
+    summed = []
     for table in tables:
         unique, g, bad = kernels.coalesce(table.rows, table.n, table.grads, table.width)
         if bad >= 0:
             raise bad_row(table, bad)
-        merged.append((unique, g))
-    summed = [g for _, g in merged]
+        summed.append((unique, g))
     verdict = clipping.guard(
         lambda: sum(
-            (kernels.sumsq_parallel if parallel(tb) else kernels.sumsq_serial)(g) for tb, g in zip(tables, summed)
+            (kernels.sumsq_parallel if parallel(tb) else kernels.sumsq_serial)(g) for tb, (_, g) in zip(tables, summed)
         ),
-        lambda: any(kernels.nonfinite_serial(g) for g in summed),
-        lambda: summed,
-        max_norm,
-        skip_nonfinite,
+        lambda: any(kernels.nonfinite_serial(g) for _, g in summed),
+        lambda: [g for _, g in summed],
+        hyper,
     )
-    if not verdict.stepped:
-        return Outcome(False, verdict.norm)
-    coef, norm = verdict.coef, verdict.norm
-    if coef != 1.0:
-        scalars = scalars._replace(grad_scale=scalars.grad_scale * coef)
-    for table, (unique, g) in zip(tables, merged):
-        kernel(kernels.rows, parallel(table))(
-            table.param, g, table.square_avg, table.grad_avg, table.momentum_buffer, unique, table.width,
-            table.last, t, dense_rows, True, *catch_up, *scalars,
-        )  # fmt: skip
-    return Outcome(True, norm)
+
+    def coalesced(scalars):
+        catch_up = catch_up_constants(hyper, variant, scalars.lr)
+        for table, (unique, g) in zip(tables, summed):
+            kernel(kernels.rows, parallel(table))(
+                table.param, g, table.square_avg, table.grad_avg, table.momentum_buffer, unique, table.width,
+                table.last, t, dense_rows, True, *catch_up, *scalars,
+            )  # fmt: skip
+
+    take(verdict, coalesced)
+    return verdict.norm
 
 
 def _states(table):

@@ -7,8 +7,9 @@ backend read instead of re-deriving it (the rules themselves are `fastrms.option
               mode, Nesterov, the weight-decay mode
     state     the state slots, in order, each `StateSlot(name, storage, shape)`:
                 name     PyTorch's: square_avg, grad_avg (centered), momentum_buffer (momentum > 0)
-                storage  the codec it is kept in (`fastrms.kernels.storage.CODECS`):
-                         "native", the params' own dtype
+                storage  the codec it is kept in (`fastrms.kernels.storage.CODECS`), the
+                         option `state_storage`: "native", the params' own dtype, or
+                         "bfloat16", bit patterns in uint16 arrays
                 shape    "param": one element per element of the param
     compute   "param": the arithmetic runs in the params' dtype
     rounding  "once": every scalar is rounded once to the compute dtype (`1 - beta` and
@@ -23,7 +24,7 @@ import numpy as np
 from . import options as O
 from .kernels import Variant, storage
 
-__all__ = ["Spec", "StateSlot", "of"]
+__all__ = ["Spec", "StateSlot", "of", "view_dtype"]
 
 
 @dataclass(frozen=True)
@@ -53,24 +54,46 @@ class Spec:
         """The state arrays' names, in order."""
         return tuple(s.name for s in self.state)
 
+    @property
+    def codec(self):
+        """The storage codec of the state (`fastrms.kernels.storage.Codec`; one a spec)."""
+        return storage.CODECS[self.state[0].storage]
+
     def allocate(self, size, param_dtype, initial_scale=0.0):
         """Zeroed state arrays of `size` elements (`square_avg` filled with
-        `initial_scale`), by name."""
+        `initial_scale`, as its storage holds it), by name."""
         out = {s.name: np.zeros(size, s.dtype(param_dtype)) for s in self.state}
-        out["square_avg"][...] = initial_scale
+        out["square_avg"][...] = storage.encode(self.codec, param_dtype, initial_scale)
         return out
+
+
+def view_dtype(codec, param_dtype):
+    """The dtype a user sees a state of `codec` as: the params' own (native), or
+    `ml_dtypes.bfloat16` (a view of the same bits) for `BFLOAT16`; ImportError naming the
+    extra when ml_dtypes is not installed."""
+    if codec is storage.NATIVE:
+        return np.dtype(param_dtype)
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ImportError(
+            "state_storage='bfloat16' shows the state as ml_dtypes.bfloat16 arrays; install it with: "
+            "pip install 'fastrms[bfloat16]' (ml_dtypes)"
+        ) from None
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def of(hyper):
     """The spec of the options `hyper` (resolved, or a part of them: the defaults fill in)."""
-    return _of(O.variant_key({**O.DEFAULTS, **hyper}))
+    full = {**O.DEFAULTS, **hyper}
+    return _of(O.variant_key(full), full["state_storage"])
 
 
 @functools.lru_cache(maxsize=None)
-def _of(variant):
+def _of(variant, state_storage):
     names = (
         ("square_avg",)
         + (("grad_avg",) if variant.uses_grad_avg else ())
         + (("momentum_buffer",) if variant.uses_momentum_buffer else ())
     )
-    return Spec(variant, tuple(StateSlot(n) for n in names))
+    return Spec(variant, tuple(StateSlot(n, state_storage) for n in names))

@@ -35,19 +35,12 @@ except ImportError:  # pragma: no cover - exercised in a subprocess without torc
     ) from None
 
 
-import numpy as np
-from torch.optim.optimizer import _get_scalar_dtype
-
-from . import _torch_options, _torch_sparse, _torch_tensors, kernels, runtime, spec
-from . import options as O
-from . import rows as rows_step
-from ._torch_buckets import STATE_NAMES, Bucket
+from . import _torch_state, _torch_steps, _torch_tensors
+from ._torch_buckets import Bucket
 
 __all__ = ["RMSprop"]
 
 _NUMPY = _torch_tensors.NUMPY
-#: torch.optim.RMSprop's `__setstate__` defaults: what an older state dict's groups lack.
-_GROUP_DEFAULTS = dict(momentum=0, centered=False, foreach=None, maximize=False, differentiable=False, capturable=False)
 
 
 class RMSprop(torch.optim.Optimizer):
@@ -106,10 +99,7 @@ class RMSprop(torch.optim.Optimizer):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
         self._flatten, self._dense_rows = flatten, dense_rows
-        self._buckets: list = []  # per param group: the flat buffers of its params, by dtype (flatten=True)
-        self._flat_slot: dict = {}  # param -> (bucket, index), for the params that live in a bucket
-        self._loose: list = []  # per param group: (index, param) of the params in no bucket
-        self._repeats: list = []  # per param group: whether a param is listed twice
+        self._bucketing = _torch_state.Layout()  # which params live in flat buffers (flatten=True)
         self._caches()
         defaults = dict(
             lr=lr,
@@ -126,10 +116,7 @@ class RMSprop(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def _caches(self):
-        self._hyper_cache = {}
-        self._tables = {}
-        self._layouts = {}
-        self._checked = {}  # (group, dtype, round) -> the pointer table last checked for overlaps
+        self._steps = _torch_steps.Steps(self._dense_rows)  # the step's checks, layouts and kernel calls
 
     def __repr__(self) -> str:
         mode = f"flatten={self._flatten}, dense_rows={self._dense_rows};"
@@ -150,33 +137,26 @@ class RMSprop(torch.optim.Optimizer):
         params = group["params"]
         for j, p in enumerate(params):
             _torch_tensors.check_param(p, f"{where}['params'][{j}]")
-        self._hyperparameters(group, where, tuple(dict.fromkeys(_NUMPY[p.dtype] for p in params)))
+        self._steps.hyperparameters(group, where, tuple(dict.fromkeys(_NUMPY[p.dtype] for p in params)))
         distinct = list(dict.fromkeys(params))
-        repeats = len(distinct) != len(params)
         _torch_tensors.check_disjoint(distinct, where)
         buckets = {}
         if self._flatten:
-            if repeats:
+            if len(distinct) != len(params):
                 raise ValueError(f"{where}: flatten=True cannot hold a param listed twice (torch would step it twice)")
-            trained = [p for p in params if p.requires_grad and p not in self._flat_slot]
-            _torch_tensors.check_disjoint([*(p for p in self._flat_slot), *trained], "flatten=True")
+            held = self._bucketing.flat_slot
+            trained = [p for p in params if p.requires_grad and p not in held]
+            _torch_tensors.check_disjoint([*held, *trained], "flatten=True")
             for dtype in dict.fromkeys(p.dtype for p in trained):
-                bucket = buckets[dtype] = Bucket([p for p in trained if p.dtype == dtype])
-                for i, p in enumerate(bucket.params):
-                    self._flat_slot[p] = (bucket, i)
-        self._buckets.append(buckets)
-        self._loose.append([(j, p) for j, p in enumerate(params) if p not in self._flat_slot])
-        self._repeats.append(repeats)
+                buckets[dtype] = Bucket([p for p in trained if p.dtype == dtype])
+        self._bucketing.add(params, buckets)
 
     # ------------------------------------------------------------------ pickling, state dicts
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["fastrms"] = {
-            "flatten": self._flatten,
-            "dense_rows": self._dense_rows,
-            "buckets": [[bucket.params for bucket in buckets.values()] for buckets in self._buckets],
-        }
+        state["fastrms"] = {"flatten": self._flatten, "dense_rows": self._dense_rows,
+                            "buckets": self._bucketing.pickled()}  # fmt: skip
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -184,30 +164,13 @@ class RMSprop(torch.optim.Optimizer):
         after unpickling or `copy.deepcopy`, the flat buffers are built anew."""
         ours = state.pop("fastrms", None)
         super().__setstate__(state)
-        for group in self.param_groups:
-            for name, value in _GROUP_DEFAULTS.items():
-                group.setdefault(name, value)
-            for p in group["params"]:
-                p_state = self.state.get(p)
-                if p_state and "step" in p_state and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_get_scalar_dtype())
+        _torch_state.upgrade(self.param_groups, self.state)
         if ours is None:
             return
         self._flatten = ours["flatten"]
         self._dense_rows = ours.get("dense_rows", False)
         self._caches()
-        self._buckets, self._flat_slot, self._loose, self._repeats = [], {}, [], []
-        for group, bucketed in zip(self.param_groups, ours["buckets"]):
-            buckets = {}
-            for params in bucketed:
-                bucket = buckets[params[0].dtype] = Bucket(params)
-                for i, p in enumerate(params):
-                    self._flat_slot[p] = (bucket, i)
-                    if self.state.get(p):
-                        bucket.adopt(i, self.state[p])
-            self._buckets.append(buckets)
-            self._loose.append([(j, p) for j, p in enumerate(group["params"]) if p not in self._flat_slot])
-            self._repeats.append(len(set(group["params"])) != len(group["params"]))
+        self._bucketing = _torch_state.Layout.unpickled(self.param_groups, ours["buckets"], self.state)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's `load_state_dict` (a `torch.optim.RMSprop` state dict loads as is; so do
@@ -215,32 +178,10 @@ class RMSprop(torch.optim.Optimizer):
         elements, or nothing is loaded; the given dict is never written to, now or by later
         steps (its tensors are copied). With `flatten=True` the values go into the flat
         state buffers."""
-        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        saved = state_dict.get("state") if isinstance(state_dict, dict) else None
-        if not isinstance(groups, list) or not isinstance(saved, dict):
-            raise ValueError("a state dict has 'state' (a dict) and 'param_groups' (a list)")
-        ids = [i for g in groups for i in g.get("params", ())]
-        params = [p for g in self.param_groups for p in g["params"]]
-        by_id = dict(zip(ids, params)) if len(ids) == len(params) else {}
-        copied = {}
-        for key, value in saved.items():
-            p = by_id.get(key)
-            if not isinstance(value, dict):
-                raise ValueError(f"state[{key!r}] must be a dict, got {type(value).__name__}")
-            for name, t in value.items():
-                if not torch.is_tensor(t):
-                    continue
-                if name in STATE_NAMES and p is not None and t.numel() != p.numel():
-                    raise ValueError(
-                        f"state[{key!r}][{name!r}] has shape {tuple(t.shape)}, its param {tuple(p.shape)}: "
-                        "this state dict is not this model's"
-                    )
-                if name == "step" and t.numel() != 1:
-                    raise ValueError(f"state[{key!r}]['step'] must hold one number, got shape {tuple(t.shape)}")
-            copied[key] = {n: t.clone() if torch.is_tensor(t) else t for n, t in value.items()}
+        copied = _torch_state.copied(state_dict, self.param_groups)
         super().load_state_dict({**state_dict, "state": copied})
         self._caches()
-        for p, (bucket, i) in self._flat_slot.items():
+        for p, (bucket, i) in self._bucketing.flat_slot.items():
             state = self.state.get(p)
             if state:
                 bucket.adopt(i, state)
@@ -249,24 +190,19 @@ class RMSprop(torch.optim.Optimizer):
         """torch's `zero_grad`; the grads of flattened params (`flatten=True`) are zeroed
         in place in their buffer (`set_to_none=True` then means the param has no grad until
         backward reaches it), and a grad replaced since is made a view of it again."""
-        if not self._flat_slot:
+        held = self._bucketing
+        if not held.flat_slot:
             return super().zero_grad(set_to_none)
-        for buckets in self._buckets:
+        for buckets in held.buckets:
             for bucket in buckets.values():
                 bucket.zero_grads(set_to_none)
         for group in self.param_groups:
             for p in group["params"]:
-                if p not in self._flat_slot and p.grad is not None:
+                if p not in held.flat_slot and p.grad is not None:
                     if set_to_none:
                         p.grad = None
                     else:
                         p.grad.detach_().zero_()
-
-    # ------------------------------------------------------------------ checks
-
-    def _hyperparameters(self, group, where, dtypes):
-        """The group's options as fastrms's, checked (`fastrms._torch_options`)."""
-        return _torch_options.hyperparameters(self._hyper_cache, group, where, dtypes, self._dense_rows)
 
     # ------------------------------------------------------------------ the step
 
@@ -278,170 +214,5 @@ class RMSprop(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = [self._plan(i, group) for i, group in enumerate(self.param_groups)]  # every check first
-        bumped, steps = [], {}
-        for hyper, rounds, flat, sparse, lagging in plans:
-            for args in lagging:  # dense_rows: rows stepped sparsely before, now a dense grad
-                _torch_sparse.catch_up(*args, hyper, hyper["learning_rate"])
-            for bucket in flat:
-                bucket.step(hyper, self._parallel, bumped)
-            for members in rounds:
-                for dtype, (rows, ptrs, sizes) in members.items():
-                    self._run(hyper, dtype, rows, ptrs, sizes, bumped, steps)
-            for p, table, counters, entry in sparse:
-                self._run_rows(hyper, p, table, counters, entry, bumped)
-        for dtype, addresses in steps.items():  # each param's `step` += 1, one call per dtype
-            kernels.increment(np.array(addresses, dtype=np.int64), np.empty(0, dtype))
-        if bumped:
-            torch.autograd.graph.increment_version(bumped)
+        self._steps.step(self.param_groups, self.state, self._bucketing)
         return loss
-
-    def _plan(self, gi, group):
-        """The group's checked options, the rounds of its params that have a grad (per dtype,
-        rows `(pointers, size, param, tensors to bump, step tensor)`; a param listed twice
-        goes again in a later round) and its buckets that still tile. The common case (dense
-        CPU grad and param, both contiguous) costs a few C calls per param."""
-        where = f"param_groups[{gi}]"
-        names = None
-        sparse, lagging = [], []  # params with a sparse grad; dense_rows params to catch up first
-        dense_rows = self._dense_rows
-        flat = []  # flatten=True: whole buckets whose params and grads are still the buffers' views
-        for bucket in self._buckets[gi].values():
-            if bucket.tiles():
-                hyper = self._hyperparameters(group, where, (_NUMPY[bucket.dtype],))
-                bucket.prepare(hyper, self._layout)
-                flat.append(bucket)
-        if len(flat) == len(self._buckets[gi]):  # every bucket tiles: only the params outside them remain
-            candidates = self._loose[gi]
-        else:
-            skip = {id(p) for bucket in flat for p in bucket.params}
-            candidates = [(j, p) for j, p in enumerate(group["params"]) if id(p) not in skip]
-        rounds = [{}]
-        seen = {} if self._repeats[gi] else None
-        flat_slot, layouts, state_of = self._flat_slot, self._layouts, self.state
-        for j, p in candidates:
-            g = p.grad
-            if g is None:
-                continue
-            if flat_slot:
-                slot = flat_slot.get(p)
-                if slot is not None and g is slot[0].grads[slot[1]] and not slot[0].active[slot[1]]:
-                    continue  # its buffer's zeroed view: no grad since zero_grad(set_to_none=True)
-            if not g.is_cpu:
-                raise ValueError(f"{where}['params'][{j}]: its grad is on {g.device}; fastrms steps CPU tensors only")
-            if g.is_sparse:
-                sparse.append((j, p, g))
-                continue
-            if not (g.is_contiguous() and p.is_contiguous()):
-                _torch_tensors.check_pair(p, g, f"{where}['params'][{j}]")
-            dtype = p.dtype
-            if names is None or dtype not in _NUMPY:
-                if dtype not in _NUMPY:
-                    _torch_tensors.check_param(p, f"{where}['params'][{j}]")
-                hyper = self._hyperparameters(group, where, (_NUMPY[dtype],))
-                names = spec.of(hyper).names
-            if g.dtype is not dtype:
-                raise ValueError(f"{where}['params'][{j}]: its grad is {g.dtype}, the param {dtype}")
-            address, shape = p.data_ptr(), p.shape
-            cached = layouts.get(id(p))
-            if (  # the cached layout holds while the param, its address, shape and state tensors do
-                cached is None
-                or cached[0] is not p
-                or cached[1] != address
-                or cached[2] != shape
-                or cached[3] != names
-                or not cached[6](cached[4])
-                or (cached[7] is not None and cached[7] != p.stride())
-            ):
-                name = f"{where}['params'][{j}]"
-                if not p.is_cpu:  # a param moved or swapped (torch.utils.swap_tensors) off the CPU
-                    raise ValueError(f"{name} is on {p.device}; fastrms.torch.RMSprop steps CPU tensors only")
-                if g.shape != shape:  # torch keeps a grad's shape its param's, unless p.data was replaced
-                    raise ValueError(f"{name}: its grad has shape {tuple(g.shape)}, the param {tuple(shape)}")
-                cached = self._layout(p, names, address, name, state_of[p])
-            if g.numel() != cached[9]:
-                raise ValueError(f"{where}['params'][{j}]: its grad has {g.numel()} elements, the param {cached[9]}")
-            if dense_rows and _torch_sparse.ROW_STEP in cached[4]:
-                lagging.append(self._lagging(p, cached, names, hyper, f"{where}['params'][{j}]"))
-            turn = 0
-            if seen is not None:
-                turn = seen[id(p)] = seen.get(id(p), -1) + 1
-                if turn == len(rounds):
-                    rounds.append({})
-            members = rounds[turn]
-            rows = members.get(dtype)
-            if rows is None:
-                rows = members[dtype] = []
-            rows.append(((address, g.data_ptr(), *cached[8]), cached[9], p, cached[10], cached[11]))
-        for turn, members in enumerate(rounds):
-            for dtype, rows in members.items():
-                ptrs = np.array([row[0] for row in rows], dtype=np.int64)
-                sizes = tuple(row[1] for row in rows)
-                _torch_tensors.check_overlaps(self._checked, (gi, dtype, turn), dtype, ptrs, sizes, where)
-                members[dtype] = (rows, ptrs, sizes)
-        sparse = [self._sparse_table(group, where, f"{where}['params'][{j}]", p, g) for j, p, g in sparse]
-        used = [*(d for m in rounds for d in m), *(b.dtype for b in flat), *(s[0].dtype for s in sparse)]
-        dtypes = tuple(dict.fromkeys(_NUMPY[d] for d in used))
-        return self._hyperparameters(group, where, dtypes), rounds, flat, sparse, lagging
-
-    def _sparse_table(self, group, where, name, p, g):
-        """A param with a sparse grad, checked: `(p, rows.Table, row counters, layout)`."""
-        _torch_tensors.check_param(p, name)
-        _torch_sparse.check(p, g, name)
-        hyper = self._hyperparameters(group, where, (_NUMPY[p.dtype],))
-        names = spec.of(hyper).names
-        entry = self._layout(p, names, p.data_ptr(), name, self.state[p])
-        parallel = runtime.parallel_mode() != "serial"
-        table, counters = _torch_sparse.table(p, g, entry[10], names, entry[4], self._dense_rows, parallel, name)
-        return p, table, counters, entry
-
-    @staticmethod
-    def _lagging(p, cached, names, hyper, name):
-        """`dense_rows`: the catch-up before a dense grad steps a param stepped by rows."""
-        state = cached[4]
-        counters = _torch_sparse.counters(state, p.shape[0], name)
-        return p, cached[10], names, counters, spec.of(hyper).variant, int(float(state["step"])) + 1
-
-    def _run_rows(self, hyper, p, table, counters, entry, bumped):
-        """One row step of a param with a sparse grad (its own step count, as torch counts)."""
-        state, key, lr = entry[4], spec.of(hyper).variant, hyper["learning_rate"]
-        if counters is not None:
-            state[_torch_sparse.ROW_STEP] = counters
-        step = state["step"]
-        t = int(float(step)) + 1
-        rows_step.step([table], t, hyper["dense_rows"], O.scalars(hyper, lr, t),
-                       rows_step.catch_up_constants(hyper, key, lr),
-                       lambda make, parallel: runtime.shell(make, key, parallel))  # fmt: skip
-        step.add_(1)
-        bumped.append(p)
-        bumped.extend(entry[10])
-
-    @staticmethod
-    def _parallel(size, itemsize, hyper):
-        """Whether a step of `size` elements runs on the parallel kernels here."""
-        return runtime.parallel_for(size, itemsize, 1 + bool(hyper["centered"]) + bool(hyper["momentum"]))
-
-    def _layout(self, p, names, address, name="a param", state=None):
-        """The cached layout of `p` (see `_plan` and `fastrms._torch_tensors.layout`), made anew."""
-        entry = _torch_tensors.layout(p, names, address, name, self.state[p] if state is None else state,
-                                      self._flat_slot.get(p))  # fmt: skip
-        self._layouts[id(p)] = entry
-        return entry
-
-    def _run(self, hyper, dtype, rows, ptrs, table, bumped, steps):
-        """One kernel call for the rows (`_plan`) of one group, dtype and round."""
-        key = spec.of(hyper).variant
-        sizes = np.array(table, dtype=np.int64)
-        for _, _, p, tensors, (step_dtype, step_address) in rows:
-            bumped.append(p)
-            bumped.extend(tensors)
-            steps.setdefault(_NUMPY[step_dtype], []).append(step_address)
-        chunks = self._tables.get(table)
-        if chunks is None:
-            if len(self._tables) > 256:
-                self._tables.clear()
-            chunks = self._tables[table] = kernels.chunk_table(sizes)
-        witness = np.empty(0, dtype=_NUMPY[dtype])
-        parallel = self._parallel(int(sizes.sum()), witness.itemsize, hyper)
-        shell = runtime.shell(kernels.segments, key, parallel)
-        shell(witness, ptrs, sizes, chunks, *O.scalars(hyper, hyper["learning_rate"], 1))

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from fastrms import options
+from fastrms import clipping, options
 from fastrms.clock import Clock
 
 
@@ -35,7 +35,7 @@ def test_a_schedule_is_called_with_the_steps_already_taken():
     clock = Clock(_options(learning_rate=schedule), (np.dtype(np.float64),))
     for t in range(1, 5):
         s = clock.scalars()
-        assert s.lr == 0.1 / t and clock.pending_lr == 0.1 / t
+        assert s.lr == 0.1 / t
         clock.advance()
         assert clock.last_lr == 0.1 / t
     assert seen == [0, 1, 2, 3]
@@ -66,7 +66,28 @@ def test_a_bad_scheduled_value_is_refused_naming_the_count(bad):
     assert clock.step_count == 7 and clock.last_lr is None
 
 
-def test_advance_with_records_the_rate_a_front_end_used():
-    clock = Clock(_options(), (np.dtype(np.float32),), step_count=3, skipped_steps=2)
-    clock.advance_with(0.5)
-    assert (clock.step_count, clock.skipped_steps, clock.last_lr) == (4, 2, 0.5)
+def test_take_runs_the_step_with_the_clipped_scalars_then_counts_it():
+    hyper = _options(learning_rate=lambda count: 0.1 / (1 + count))
+    clock = Clock(hyper, (np.dtype(np.float64),), step_count=3, skipped_steps=2)
+    seen = []
+    assert clock.take(clipping.Verdict(True, 10.0, 0.25), seen.append)
+    assert seen == [options.scalars(hyper, 0.1 / 4, 4)._replace(grad_scale=0.25)]
+    assert (clock.step_count, clock.skipped_steps, clock.last_lr) == (4, 2, 0.1 / 4)
+    assert clock.take(clipping.GO, seen.append) and seen[-1].grad_scale == 1.0 and seen[-1].lr == 0.1 / 5
+
+
+def test_take_counts_a_refused_step_and_runs_nothing():
+    clock = Clock(_options(), (np.dtype(np.float32),), step_count=3)
+    assert not clock.take(clipping.SKIP, lambda scalars: pytest.fail("a refused step ran"))
+    assert (clock.step_count, clock.skipped_steps, clock.last_lr) == (3, 1, None)
+
+
+def test_take_counts_nothing_when_the_write_raises():
+    clock = Clock(_options(learning_rate=lambda count: 0.5), (np.dtype(np.float32),))
+
+    def bad_row(scalars):
+        raise ValueError("rows[0] = 9 is outside [0, 3)")
+
+    with pytest.raises(ValueError, match="outside"):
+        clock.take(clipping.GO, bad_row)
+    assert (clock.step_count, clock.skipped_steps, clock.last_lr) == (0, 0, None)

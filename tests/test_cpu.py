@@ -62,8 +62,12 @@ def test_the_verdict_reads_every_groups_grads(bad):
     plan, slots, _ = _plan(arrays)
     grads = [np.ones(3), np.full(4, 2.0, np.float32)]
     checked = memory.check_grads(grads, slots)
-    verdict = plan.verdict(plan.calls(plan.groups, checked, True), checked, 1.0, True)
+    verdict = plan.verdict(
+        plan.calls(plan.groups, checked, True), checked, {"clip_global_norm": 1.0, "skip_nonfinite": True}
+    )
     assert verdict.stepped and verdict.norm == math.sqrt(3 + 16)
     grads[1][2] = bad  # a non-finite grad in the second group only
     checked = memory.check_grads(grads, slots)
-    assert not plan.verdict(plan.calls(plan.groups, checked, False), checked, None, True).stepped
+    assert not plan.verdict(
+        plan.calls(plan.groups, checked, False), checked, {"clip_global_norm": None, "skip_nonfinite": True}
+    ).stepped

@@ -13,7 +13,7 @@ from conftest import assert_optional_import  # noqa: E402
 
 import fastrms  # noqa: E402
 from fastrms import schedules  # noqa: E402
-from fastrms.dask import RMSprop, rmsprop_step  # noqa: E402
+from fastrms.dask import RMSprop, init_state, rmsprop_step  # noqa: E402
 
 VARIANTS = [{}, {"momentum": 0.9, "centered": True}, {"weight_decay": 0.01, "maximize": True, "bias_correction": True}]
 
@@ -309,6 +309,7 @@ def test_a_donating_step_leaves_a_chunk_others_still_see_alone(client):
 def test_a_failed_donating_step_leaves_the_optimizer_refusing_to_go_on(client, monkeypatch, tmp_path):
     """The old generation may be half overwritten: step, params, state, save and load all
     raise LostStateError saying to resume in a new optimizer."""
+    from fastrms import _dask_cluster
     from fastrms import dask as fd
 
     p0, grads = _data()
@@ -321,7 +322,7 @@ def test_a_failed_donating_step_leaves_the_optimizer_refusing_to_go_on(client, m
         if len(calls) == 2:  # the grads' wait passes; the step's own fails
             raise OSError("connection lost")
 
-    monkeypatch.setattr(fd, "_wait", failing_wait)
+    monkeypatch.setattr(_dask_cluster, "_wait", failing_wait)  # where the step waits for the cluster
     with pytest.raises(fd.LostStateError, match="OSError: connection lost"):
         opt.step(da.from_array(grads[0], chunks=(100, 20)))
     monkeypatch.undo()
@@ -502,3 +503,13 @@ def test_after_a_worker_dies_save_and_params_raise_within_seconds_and_the_last_c
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("gen-")) == [
         _generation(tmp_path / "ckpt").name
     ]
+
+
+def test_dask_refuses_a_state_storage_it_does_not_keep():
+    p = da.ones(6, chunks=3, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"^fastrms.dask.RMSprop keeps the state in the params' dtype"):
+        RMSprop(p, 0.1, state_storage="bfloat16")
+    with pytest.raises(ValueError, match=r"^fastrms.dask.init_state\(\) keeps the state"):
+        init_state(p, state_storage="bfloat16")
+    with pytest.raises(ValueError, match=r"^rmsprop_step\(\) keeps the state"):
+        rmsprop_step(p, p, {"square_avg": p}, 1, 0.1, state_storage="bfloat16")

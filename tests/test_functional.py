@@ -126,3 +126,12 @@ def test_bad_input_is_refused_and_nothing_is_written(kind):
     with pytest.raises(exc, match=match):
         functional.rmsprop_step(**kwargs)
     assert [a.tobytes() for a in arrays] == before
+
+
+def test_the_pure_step_refuses_a_state_storage_it_does_not_keep():
+    p, g = np.ones(3, np.float32), np.ones(3, np.float32)
+    with pytest.raises(ValueError, match=r"^rmsprop_step\(\) keeps the state in the params' dtype; state_storage="):
+        functional.rmsprop_step(p, g, None, 1, 0.1, state_storage="bfloat16")
+    with pytest.raises(ValueError, match=r"^init_state\(\) keeps the state in the params' dtype"):
+        functional.init_state(p, state_storage="bfloat16")
+    assert p.tolist() == [1.0] * 3

@@ -72,3 +72,33 @@ def test_check_grads_returns_each_grad_and_its_address():
 
 class _Sub(np.ndarray):
     pass
+
+
+def test_step_grads_takes_one_array_per_slot_or_one_flat_grad_for_packed_params():
+    slots = [_slot(np.zeros(3)), _slot(np.zeros(2))]
+    grads = [np.ones(3), np.ones(2)]
+    checked, used = memory.step_grads(grads, slots, None)
+    assert used is slots and [g for g, _ in checked] == grads
+    with pytest.raises(TypeError, match=r"a list or tuple of 2 arrays, got ndarray$"):
+        memory.step_grads(np.ones(5), slots, None)  # one flat grad only for params that tile one buffer
+    with pytest.raises(ValueError, match="must hold 2 arrays, one per param, got 1"):
+        memory.step_grads(grads[:1], slots, None)
+
+    class Packed:  # a flat group: the span slot its one grad is checked against
+        span = _slot(np.zeros(5))
+
+    flat = np.ones(5)
+    checked, used = memory.step_grads(flat, slots, Packed)
+    assert used == (Packed.span,) and checked[0][0] is flat and checked[0][1] == address(flat)
+    with pytest.raises(TypeError, match=r"\(or one flat array, for params that tile one buffer\), got dict"):
+        memory.step_grads({}, slots, Packed)
+
+
+def test_a_param_made_read_only_after_construction_is_named():
+    slot = _slot(np.zeros(3))
+    memory.writeable(slot, False, 4)
+    slot.param.flags.writeable = False
+    with pytest.raises(ValueError, match=r"^params\[4\] was made read-only after construction"):
+        memory.writeable(slot, False, 4)
+    with pytest.raises(ValueError, match="^params was made read-only"):
+        memory.writeable(slot, True, 0)

@@ -666,3 +666,88 @@ def test_with_nan_grads_bit_for_bit_holds_everywhere_but_the_nans_sign(n, dtype)
     nan = np.isnan(want)
     assert nan.any() and np.array_equal(np.isnan(got), nan)
     assert got[~nan].tobytes() == want[~nan].tobytes()
+
+
+# ------------------------------------------------------------------ state_storage="bfloat16"
+
+needs_ml_dtypes = pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("ml_dtypes") is None,
+    reason="ml_dtypes is not installed (pip install 'fastrms[bfloat16]')",
+)
+
+
+@needs_ml_dtypes
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_variant_with_bfloat16_state_matches_reference_bitwise(name):
+    fast, ref = run_both({**VARIANTS[name], "state_storage": "bfloat16"}, 1031, np.float32)
+    assert_same_state(fast, ref)
+    assert str(fast.square_avg.dtype) == "bfloat16" and fast.square_avg.nbytes == fast.params.nbytes // 2
+
+
+@needs_ml_dtypes
+@pytest.mark.parametrize("name", MAIN)
+def test_bfloat16_state_matches_reference_on_the_parallel_path(name):
+    fast, ref = run_both({**MAIN[name], "state_storage": "bfloat16"}, BIG, np.float32, steps=8)
+    assert fast.parallel == [fastrms.info()["parallel_mode"] != "serial"]
+    assert_same_state(fast, ref)
+
+
+@needs_ml_dtypes
+@pytest.mark.parametrize("tile", [False, True], ids=["segments", "flat"])
+def test_bfloat16_state_over_many_arrays_and_clipped_matches_reference(tile):
+    rng = np.random.default_rng(5)
+    shapes = [(31, 7), (1,), (1024,), (5, 5)]
+    if tile:
+        _, params = fastrms.pack([np.asarray(rng.standard_normal(s), np.float32) for s in shapes])
+    else:
+        params = [np.asarray(rng.standard_normal(s), np.float32) for s in shapes]
+    mine = [p.copy() for p in params]
+    options = dict(momentum=0.9, centered=True, clip_global_norm=3.0, skip_nonfinite=True, state_storage="bfloat16")
+    fast = fastrms.RMSprop(params, 0.01, initial_scale=0.5, **options)
+    ref = reference.RMSprop(mine, 0.01, initial_scale=0.5, **options)
+    assert fast.kernel_calls == ["flat" if tile else "segments"]
+    for t in range(6):
+        grads = [np.asarray(rng.standard_normal(s), np.float32) for s in shapes]
+        if t == 3:
+            grads[2][5] = np.nan  # a refused step: nothing written, counted
+        if tile and t % 2:
+            _, grads = fastrms.pack(grads)  # grads that tile one buffer: the one flat call
+        fast.step(grads)
+        ref.step(grads)
+    assert fast.skipped_steps == ref.skipped_steps == 1 and fast.last_grad_norm == ref.last_grad_norm
+    assert_same_state(fast, ref)
+
+
+@needs_ml_dtypes
+def test_bfloat16_state_starts_at_initial_scale_rounded_as_it_is_stored():
+    opt = fastrms.RMSprop(np.zeros(3, np.float32), initial_scale=0.1, state_storage="bfloat16")
+    assert opt.square_avg.view(np.uint16).tolist() == [reference.bfloat16_round(np.float32(0.1))] * 3
+    assert opt.square_avg.astype(np.float32)[0] == reference.bfloat16_value(reference.bfloat16_round(np.float32(0.1)))
+
+
+def test_bfloat16_state_is_refused_where_it_does_not_apply():
+    with pytest.raises(ValueError, match="state_storage='bfloat16' keeps the state of float32 params; these params "
+                                         "are float64"):  # fmt: skip
+        fastrms.RMSprop([np.zeros(3, np.float32), np.zeros(3)], state_storage="bfloat16")
+    with pytest.raises(ValueError, match="dense_rows=True needs state_storage='native'"):
+        fastrms.RMSprop(np.zeros((3, 2), np.float32), dense_rows=True, state_storage="bfloat16")
+    with pytest.raises(ValueError, match=r"state_storage must be one of \['native', 'bfloat16'\], got 'fp8'"):
+        fastrms.RMSprop(np.zeros(3, np.float32), state_storage="fp8")
+    with pytest.raises(TypeError, match=r"state_storage must be one of \['native', 'bfloat16'\], got int"):
+        fastrms.RMSprop(np.zeros(3, np.float32), state_storage=16)
+
+
+@needs_ml_dtypes
+def test_step_rows_with_bfloat16_state_is_refused_with_nothing_written():
+    opt = fastrms.RMSprop(np.ones((4, 3), np.float32), state_storage="bfloat16")
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="step_rows needs state_storage='native'"):
+        opt.step_rows(np.array([1]), np.ones((1, 3), np.float32))
+    assert_unchanged(opt, before)
+    assert opt.step_count == 0
+
+
+def test_bfloat16_state_without_ml_dtypes_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "ml_dtypes", None)  # `import ml_dtypes` fails
+    with pytest.raises(ImportError, match=r"pip install 'fastrms\[bfloat16\]'"):
+        fastrms.RMSprop(np.zeros(3, np.float32), state_storage="bfloat16")

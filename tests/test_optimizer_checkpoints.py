@@ -217,3 +217,54 @@ def test_skip_nonfinite_matches_the_reference_over_a_run_with_bad_steps(dtype):
         ref.step(g)
     np.testing.assert_array_equal(fast.params, ref.params[0])
     assert fast.skipped_steps == ref.skipped_steps == 6 and fast.step_count == ref.step_count == 24
+
+
+needs_ml_dtypes = pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("ml_dtypes") is None,
+    reason="ml_dtypes is not installed (pip install 'fastrms[bfloat16]')",
+)
+
+
+@needs_ml_dtypes
+def test_a_bfloat16_state_checkpoint_stores_the_bits_and_continues_bitwise(tmp_path):
+    options = dict(momentum=0.9, centered=True, state_storage="bfloat16")
+    p0, grads = problem(3000, np.float32)
+    straight, first = fastrms.RMSprop(p0.copy(), 0.01, **options), fastrms.RMSprop(p0.copy(), 0.01, **options)
+    for t in range(9):
+        straight.step(grads[t % 4])
+        first.step(grads[t % 4])
+    first.save(tmp_path / "c.npz")
+    with np.load(tmp_path / "c.npz", allow_pickle=False) as z:
+        assert z["square_avg.0"].dtype == np.uint16 and str(z["state_storage"]) == "bfloat16"
+        np.testing.assert_array_equal(z["grad_avg.0"], first.grad_avg.view(np.uint16))
+    resumed = fastrms.RMSprop(first.params.copy(), 0.01, **options)
+    resumed.load(tmp_path / "c.npz")
+    for t in range(9, 20):
+        straight.step(grads[t % 4])
+        resumed.step(grads[t % 4])
+    np.testing.assert_array_equal(straight.params, resumed.params)
+    np.testing.assert_array_equal(straight.square_avg.view(np.uint16), resumed.square_avg.view(np.uint16))
+
+
+@needs_ml_dtypes
+def test_a_checkpoint_of_the_other_storage_or_with_bad_bits_is_refused(tmp_path):
+    native = fastrms.RMSprop(np.ones(4, np.float32), 0.1)
+    native.save(tmp_path / "native.npz")
+    lean = fastrms.RMSprop(np.ones(4, np.float32), 0.1, state_storage="bfloat16")
+    lean.step(np.full(4, 0.5, np.float32))
+    before = snapshot(lean)
+    with pytest.raises(ValueError, match=r"another variant: state_storage=native \(this optimizer: bfloat16\)"):
+        lean.load(tmp_path / "native.npz")
+    d = lean.state_dict()
+    d["square_avg.0"] = np.full(4, 0x7FC0, np.uint16)  # the bits of a NaN
+    with pytest.raises(ValueError, match="holds NaN or infinite values"):
+        lean.load_state_dict(d)
+    d["square_avg.0"] = np.full(4, 0xBF80, np.uint16)  # -1.0
+    with pytest.raises(ValueError, match="holds negative values"):
+        lean.load_state_dict(d)
+    d["square_avg.0"] = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match=r"must be uint16 of shape \(4,\), got float32"):
+        lean.load_state_dict(d)
+    assert_unchanged(lean, before)
+    with pytest.raises(ValueError, match="another variant: state_storage=bfloat16"):
+        native.load_state_dict(lean.state_dict())

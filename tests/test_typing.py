@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -28,7 +29,8 @@ def test_the_typed_options_hold_every_keyword_only_option_with_its_kind():
     assert list(hints) == [n for n in options.NAMES if n not in options.POSITIONAL]
     for name, hint in hints.items():
         kind = options.BY_NAME[name].kind
-        assert {"bool": bool, "float": float}.get(kind, float | None) == hint, name
+        choice = Literal[options.BY_NAME[name].choices]  # type: ignore[valid-type]
+        assert {"bool": bool, "float": float, "choice": choice}.get(kind, float | None) == hint, name
     assert Options.__total__ is False
 
 
@@ -50,6 +52,8 @@ def test_mypy_strict_catches_a_misspelt_option_in_a_users_code(tmp_path):
             opt = fastrms.RMSprop(w, fastrms.schedules.step_decay(1e-3, 0.95, 500))
             count: int = opt.step_count
             fastrms.functional.rmsprop_step(w, w, None, 1, 1e-3, nesterof=True)
+            fastrms.RMSprop(w, 1e-3, state_storage="bfloat16")
+            fastrms.RMSprop(w, 1e-3, state_storage="bf16")
             """
         )
     )
@@ -59,5 +63,6 @@ def test_mypy_strict_catches_a_misspelt_option_in_a_users_code(tmp_path):
         cwd=tmp_path, capture_output=True, text=True,
     )  # fmt: skip
     errors = [line for line in out.stdout.splitlines() if ": error:" in line]
-    assert [line.split(":")[1] for line in errors] == ["8", "9", "12"], out.stdout + out.stderr
+    assert [line.split(":")[1] for line in errors] == ["8", "9", "12", "14"], out.stdout + out.stderr
     assert '"momentun"' in errors[0] and '"centered"' in errors[1] and '"nesterof"' in errors[2]
+    assert '"state_storage"' in errors[3]  # a Literal: only the storages there are

@@ -1,0 +1,182 @@
+"""The step of `fastrms.torch.RMSprop` (a private module of `fastrms.torch`; it imports
+torch): every param group checked and laid out first (`Steps.plan`: CPU, dtype, layout,
+memory shared with another param or state, each param's state tensors made or found),
+then one chunk-table kernel call per group, dtype and round (`Steps.run`), the flat
+buckets' dense calls (`fastrms._torch_buckets`), the sparse grads' row steps
+(`fastrms._torch_sparse`), every `step` counter advanced in one call per dtype, and the
+version counters bumped. A rejected step changes nothing."""
+
+import numpy as np
+import torch
+
+from . import _torch_options, _torch_sparse, _torch_tensors, kernels, runtime, spec
+from . import options as O
+
+_NUMPY = _torch_tensors.NUMPY
+
+
+class Steps:
+    """What a step needs beyond the optimizer's own state, cached across steps: each group's
+    checked options (`hyper_cache`), chunk tables by size tuple (`tables`), each param's
+    layout (`layouts`, `fastrms._torch_tensors.layout`) and the pointer table last checked
+    for overlaps per group, dtype and round (`checked`). `dense_rows` is the optimizer's."""
+
+    def __init__(self, dense_rows):
+        self.dense_rows = dense_rows
+        self.hyper_cache, self.tables, self.layouts, self.checked = {}, {}, {}, {}
+
+    def hyperparameters(self, group, where, dtypes):
+        """The group's options as fastrms's, checked (`fastrms._torch_options`)."""
+        return _torch_options.hyperparameters(self.hyper_cache, group, where, dtypes, self.dense_rows)
+
+    def step(self, param_groups, state_of, held):
+        """One step over every param of `param_groups` that has a grad (`state_of`: torch's
+        per-param state; `held`: the flat buckets, `fastrms._torch_state.Layout`)."""
+        plans = [self.plan(i, group, state_of, held) for i, group in enumerate(param_groups)]  # every check first
+        bumped, steps = [], {}
+        for hyper, rounds, flat, sparse, lagging in plans:
+            for args in lagging:  # dense_rows: rows stepped sparsely before, now a dense grad
+                _torch_sparse.catch_up(*args, hyper, hyper["learning_rate"])
+            for bucket in flat:
+                bucket.step(hyper, self.parallel, bumped)
+            for members in rounds:
+                for dtype, (rows, ptrs, sizes) in members.items():
+                    self.run(hyper, dtype, rows, ptrs, sizes, bumped, steps)
+            for p, table, counters, entry in sparse:
+                _torch_sparse.step(hyper, p, table, counters, entry, bumped)
+        for dtype, addresses in steps.items():  # each param's `step` += 1, one call per dtype
+            kernels.increment(np.array(addresses, dtype=np.int64), np.empty(0, dtype))
+        if bumped:
+            torch.autograd.graph.increment_version(bumped)
+
+    def plan(self, gi, group, state_of, held):
+        """The group's checked options, the rounds of its params that have a grad (per dtype,
+        rows `(pointers, size, param, tensors to bump, step tensor)`; a param listed twice
+        goes again in a later round) and its buckets that still tile. The common case (dense
+        CPU grad and param, both contiguous) costs a few C calls per param."""
+        where = f"param_groups[{gi}]"
+        names = None
+        sparse, lagging = [], []  # params with a sparse grad; dense_rows params to catch up first
+        dense_rows = self.dense_rows
+        flat = []  # flatten=True: whole buckets whose params and grads are still the buffers' views
+        for bucket in held.buckets[gi].values():
+            if bucket.tiles():
+                hyper = self.hyperparameters(group, where, (_NUMPY[bucket.dtype],))
+                bucket.prepare(
+                    hyper, lambda p, names, address: self.layout(p, names, address, "a param", state_of[p], held)
+                )
+                flat.append(bucket)
+        if len(flat) == len(held.buckets[gi]):  # every bucket tiles: only the params outside them remain
+            candidates = held.loose[gi]
+        else:
+            skip = {id(p) for bucket in flat for p in bucket.params}
+            candidates = [(j, p) for j, p in enumerate(group["params"]) if id(p) not in skip]
+        rounds = [{}]
+        seen = {} if held.repeats[gi] else None
+        flat_slot, layouts = held.flat_slot, self.layouts
+        for j, p in candidates:
+            g = p.grad
+            if g is None:
+                continue
+            if flat_slot:
+                slot = flat_slot.get(p)
+                if slot is not None and g is slot[0].grads[slot[1]] and not slot[0].active[slot[1]]:
+                    continue  # its buffer's zeroed view: no grad since zero_grad(set_to_none=True)
+            if not g.is_cpu:
+                raise ValueError(f"{where}['params'][{j}]: its grad is on {g.device}; fastrms steps CPU tensors only")
+            if g.is_sparse:
+                sparse.append((j, p, g))
+                continue
+            if not (g.is_contiguous() and p.is_contiguous()):
+                _torch_tensors.check_pair(p, g, f"{where}['params'][{j}]")
+            dtype = p.dtype
+            if names is None or dtype not in _NUMPY:
+                if dtype not in _NUMPY:
+                    _torch_tensors.check_param(p, f"{where}['params'][{j}]")
+                hyper = self.hyperparameters(group, where, (_NUMPY[dtype],))
+                names = spec.of(hyper).names
+            if g.dtype is not dtype:
+                raise ValueError(f"{where}['params'][{j}]: its grad is {g.dtype}, the param {dtype}")
+            address, shape = p.data_ptr(), p.shape
+            cached = layouts.get(id(p))
+            if (  # the cached layout holds while the param, its address, shape and state tensors do
+                cached is None
+                or cached[0] is not p
+                or cached[1] != address
+                or cached[2] != shape
+                or cached[3] != names
+                or not cached[6](cached[4])
+                or (cached[7] is not None and cached[7] != p.stride())
+            ):
+                name = f"{where}['params'][{j}]"
+                if not p.is_cpu:  # a param moved or swapped (torch.utils.swap_tensors) off the CPU
+                    raise ValueError(f"{name} is on {p.device}; fastrms.torch.RMSprop steps CPU tensors only")
+                if g.shape != shape:  # torch keeps a grad's shape its param's, unless p.data was replaced
+                    raise ValueError(f"{name}: its grad has shape {tuple(g.shape)}, the param {tuple(shape)}")
+                cached = self.layout(p, names, address, name, state_of[p], held)
+            if g.numel() != cached[9]:
+                raise ValueError(f"{where}['params'][{j}]: its grad has {g.numel()} elements, the param {cached[9]}")
+            if dense_rows and _torch_sparse.ROW_STEP in cached[4]:
+                lagging.append(_torch_sparse.lagging(p, cached, names, hyper, f"{where}['params'][{j}]"))
+            turn = 0
+            if seen is not None:
+                turn = seen[id(p)] = seen.get(id(p), -1) + 1
+                if turn == len(rounds):
+                    rounds.append({})
+            members = rounds[turn]
+            rows = members.get(dtype)
+            if rows is None:
+                rows = members[dtype] = []
+            rows.append(((address, g.data_ptr(), *cached[8]), cached[9], p, cached[10], cached[11]))
+        for turn, members in enumerate(rounds):
+            for dtype, rows in members.items():
+                ptrs = np.array([row[0] for row in rows], dtype=np.int64)
+                sizes = tuple(row[1] for row in rows)
+                _torch_tensors.check_overlaps(self.checked, (gi, dtype, turn), dtype, ptrs, sizes, where)
+                members[dtype] = (rows, ptrs, sizes)
+        sparse = [
+            self.sparse_table(group, where, f"{where}['params'][{j}]", p, g, state_of, held) for j, p, g in sparse
+        ]
+        used = [*(d for m in rounds for d in m), *(b.dtype for b in flat), *(s[0].dtype for s in sparse)]
+        dtypes = tuple(dict.fromkeys(_NUMPY[d] for d in used))
+        return self.hyperparameters(group, where, dtypes), rounds, flat, sparse, lagging
+
+    def sparse_table(self, group, where, name, p, g, state_of, held):
+        """A param with a sparse grad, checked: `(p, rows.Table, row counters, layout)`."""
+        _torch_tensors.check_param(p, name)
+        _torch_sparse.check(p, g, name)
+        hyper = self.hyperparameters(group, where, (_NUMPY[p.dtype],))
+        names = spec.of(hyper).names
+        entry = self.layout(p, names, p.data_ptr(), name, state_of[p], held)
+        parallel = runtime.parallel_mode() != "serial"
+        table, counters = _torch_sparse.table(p, g, entry[10], names, entry[4], self.dense_rows, parallel, name)
+        return p, table, counters, entry
+
+    @staticmethod
+    def parallel(size, itemsize, hyper):
+        """Whether a step of `size` elements runs on the parallel kernels here."""
+        return runtime.parallel_for(size, itemsize, 1 + bool(hyper["centered"]) + bool(hyper["momentum"]))
+
+    def layout(self, p, names, address, name, p_state, held):
+        """The cached layout of `p` (see `plan` and `fastrms._torch_tensors.layout`), made anew."""
+        entry = _torch_tensors.layout(p, names, address, name, p_state, held.flat_slot.get(p))
+        self.layouts[id(p)] = entry
+        return entry
+
+    def run(self, hyper, dtype, rows, ptrs, table, bumped, steps):
+        """One kernel call for the rows (`plan`) of one group, dtype and round."""
+        key = spec.of(hyper).variant
+        sizes = np.array(table, dtype=np.int64)
+        for _, _, p, tensors, (step_dtype, step_address) in rows:
+            bumped.append(p)
+            bumped.extend(tensors)
+            steps.setdefault(_NUMPY[step_dtype], []).append(step_address)
+        chunks = self.tables.get(table)
+        if chunks is None:
+            if len(self.tables) > 256:
+                self.tables.clear()
+            chunks = self.tables[table] = kernels.chunk_table(sizes)
+        witness = np.empty(0, dtype=_NUMPY[dtype])
+        parallel = self.parallel(int(sizes.sum()), witness.itemsize, hyper)
+        shell = runtime.shell(kernels.segments, key, parallel)
+        shell(witness, ptrs, sizes, chunks, *O.scalars(hyper, hyper["learning_rate"], 1))
