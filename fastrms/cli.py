@@ -85,6 +85,8 @@ def _bench(args):
         return report.run_dask(args.rounds, args.sizes[0] if args.sizes else None)
     if args.cold:
         return report.run_cold(args.rounds)
+    if args.precision:
+        return report.run_precision(args.rounds, args.sizes)
     if args.torch:
         return report.run_torch(args.rounds, widths=(100, 300) if args.sizes is None else args.sizes)
     return report.run(
@@ -290,6 +292,9 @@ def _parse(argv):
         "--compare", nargs=2, type=Path, metavar=("OLD", "NEW"), help="compare two saved bench.json runs, cell by cell"
     )
     b.add_argument("--cold", action="store_true", help="import and first steps in fresh processes (warm disk cache)")
+    b.add_argument(
+        "--precision", action="store_true", help="each state storage (native, bfloat16) against its own limit (--sizes)"
+    )
     b.add_argument(
         "--torch", action="store_true", help="fastrms.torch.RMSprop against torch (--sizes: layer widths, 100 300)"
     )

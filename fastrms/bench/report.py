@@ -179,6 +179,25 @@ def run_dask(rounds=None, total=None):
     return 0
 
 
+def run_precision(rounds=None, sizes=None):
+    """`fastrms bench --precision`: each `state_storage` of a float32 step against its own
+    limit (the slower of its traffic kernel and its bespoke loop), plain variant."""
+    from . import precision
+
+    rows = precision.measure(sizes or (1_000_000, 10_000_000), rounds=7 if rounds is None else rounds)
+    print("float32 params, plain variant, medians (limit: the slower of the mode's traffic kernel and bespoke loop):")
+    print(
+        f"  {'n':>10}  {'state':9} {'us/step':>9} {'GB/s':>6} {'% limit':>8} {'x native':>8}  bytes/param: step, state"
+    )
+    for row in rows:
+        for mode, f in precision.summarize(row).items():
+            print(
+                f"  {row['n']:>10}  {mode:9} {f['us']:9.1f} {f['gb_per_s']:6.1f} {f['pct_of_limit']:7.0f}% "
+                f"{f['x_native']:8.2f}  {f['bytes_per_param_step']}, {f['state_bytes_per_param']}"
+            )
+    return 0
+
+
 def run_sparse(rounds=None):
     """`fastrms bench --sparse`: step_rows on a (1e6, 64) float32 table against dense steps."""
     times = row_timing.sparse_rows(rounds=7 if rounds is None else rounds)

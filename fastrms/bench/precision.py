@@ -1,0 +1,124 @@
+"""`fastrms bench --precision`: each state storage of `fastrms.RMSprop` (float32 params)
+against its own limit, and the storages against each other, in one process.
+
+For a mode the limit is the slower of two kernels, as for every variant (`fastrms.bench.peers`):
+
+- the traffic kernel: reads and writes exactly the bytes the mode's step moves (param and
+  grad in float32, the state in its storage) with no arithmetic;
+- the bespoke loop: the mode's formula with its constants folded in (for bfloat16 state:
+  load the bits, widen, update in float32, round to nearest even and store the bits).
+
+Bytes a plain step moves per parameter: native state 20 (read p, g, v; write p, v, each
+4 bytes), bfloat16 state 16 (v is 2 bytes each way). State bytes per parameter: 4 and 2.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from .. import kernels
+from ..kernels.storage import bfloat16_bits
+from ..optimizer import RMSprop
+from .peers import DEFAULT_HYPER, Problem, setup
+from .timing import measure_calls
+
+#: The storages measured, with the bytes a plain step moves and the state keeps per parameter.
+MODES = {"native": (20, 4), "bfloat16": (16, 2)}
+
+
+def _make_bf16_bespoke(lr, beta, eps, parallel):
+    omb = 1.0 - beta
+
+    def plain_bf16(p, g, v):
+        for i in prange(p.size):
+            gi = g[i]
+            vi = np.float32(beta) * np.uint32(np.uint32(v[i]) << np.uint32(16)).view(np.float32) + np.float32(omb) * (
+                gi * gi
+            )
+            v[i] = bfloat16_bits(vi)
+            p[i] = p[i] - np.float32(lr) * (gi / (np.sqrt(vi) + np.float32(eps)))
+
+    plain_bf16.__name__ = plain_bf16.__qualname__ = f"bespoke_plain_bf16_{'parallel' if parallel else 'serial'}"
+    return njit(parallel=parallel, error_model="numpy", nogil=True)(plain_bf16)
+
+
+def _make_bf16_traffic(parallel):
+    """Loads p, g and the uint16 state, stores p and the state, with no arithmetic: the
+    values rotate, one `max` keeps every load live."""
+
+    def traffic_bf16(p, g, v):
+        for i in prange(p.size):
+            old = v[i]
+            v[i] = np.uint16(np.float32(p[i]).view(np.uint32) >> np.uint32(16))
+            p[i] = max(g[i], np.uint32(np.uint32(old) << np.uint32(16)).view(np.float32))
+        return parallel
+
+    traffic_bf16.__name__ = traffic_bf16.__qualname__ = f"traffic_bf16_{'parallel' if parallel else 'serial'}"
+    return kernels.jit(parallel)(traffic_bf16)
+
+
+_BUILT: dict = {}
+
+
+def _built(kind, parallel):
+    if (kind, parallel) not in _BUILT:
+        h = DEFAULT_HYPER
+        _BUILT[(kind, parallel)] = (
+            _make_bf16_traffic(parallel)
+            if kind == "traffic"
+            else _make_bf16_bespoke(h["learning_rate"], h["beta"], h["epsilon"], parallel)
+        )
+    return _BUILT[(kind, parallel)]
+
+
+def steps(n, seed=0):
+    """The zero-argument steps of one size, float32, plain variant: `{(mode, what): step}`
+    with `what` in fastrms / traffic / bespoke."""
+    problem = Problem(n, np.float32, seed=seed)
+    h = DEFAULT_HYPER
+    out = {}
+    for mode in MODES:
+        p, g = problem.fresh()
+        opt = RMSprop(p, h["learning_rate"], h["beta"], h["epsilon"], state_storage=mode)
+        out[(mode, "fastrms")] = lambda opt=opt, g=g: opt.step(g)
+    for what in ("traffic", "bespoke"):
+        out[("native", what)] = setup(what, problem)[0]
+    parallel = kernels.step_bytes(n, 4, 1) >= kernels.PARALLEL_MIN_BYTES  # as the optimizer decides
+    for what in ("traffic", "bespoke"):
+        p, g = problem.fresh()
+        v = np.zeros(n, np.uint16)
+        kernel = _built(what, parallel)
+        out[("bfloat16", what)] = lambda kernel=kernel, p=p, g=g, v=v: kernel(p, g, v)
+    return out
+
+
+def bespoke_bf16(p, g, v):
+    """One step of the bfloat16-state bespoke loop (float32 `p`, `g`; uint16 `v`), for tests."""
+    kernel = _built("bespoke", kernels.step_bytes(p.size, 4, 1) >= kernels.PARALLEL_MIN_BYTES)
+    kernel(p, g, v)
+
+
+def measure(sizes=(1_000_000, 10_000_000), rounds=7, target=0.05):
+    """Median seconds per step of each mode and kernel at each size, interleaved: a list of
+    rows `{"n", "seconds": {(mode, what): s}}`."""
+    rows = []
+    for n in sizes:
+        rows.append({"n": n, "seconds": measure_calls(steps(n), rounds=rounds, target=target)})
+    return rows
+
+
+def summarize(row):
+    """Per mode: us/step, GB/s, % of its limit, and its time over the native step's."""
+    s, n = row["seconds"], row["n"]
+    out = {}
+    for mode, (moved, kept) in MODES.items():
+        t = s[(mode, "fastrms")]
+        limit = max(s[(mode, "traffic")], s[(mode, "bespoke")])
+        out[mode] = {
+            "us": t * 1e6,
+            "gb_per_s": moved * n / t / 1e9,
+            "pct_of_limit": 100.0 * limit / t,
+            "x_native": t / s[("native", "fastrms")],
+            "bytes_per_param_step": moved,
+            "state_bytes_per_param": kept,
+        }
+    return out

@@ -1,0 +1,38 @@
+"""fastrms.bench.precision: the state storages' steps and limits it times."""
+
+import numpy as np
+import pytest
+
+import fastrms
+from fastrms import cli
+from fastrms.bench import precision
+
+pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed (pip install 'fastrms[bfloat16]')")
+
+
+def test_the_bfloat16_bespoke_loop_is_the_optimizers_step_bit_for_bit():
+    rng = np.random.default_rng(2)
+    p = rng.standard_normal(1031).astype(np.float32)
+    mine, v = p.copy(), np.zeros(p.size, np.uint16)
+    opt = fastrms.RMSprop(p, state_storage="bfloat16")  # the bench's hyperparameters: the defaults
+    for _ in range(4):
+        g = rng.standard_normal(p.size).astype(np.float32)
+        opt.step(g)
+        precision.bespoke_bf16(mine, g, v)
+    np.testing.assert_array_equal(opt.params, mine)
+    np.testing.assert_array_equal(opt.square_avg.view(np.uint16), v)
+
+
+def test_each_mode_is_timed_with_its_limit_and_summarized():
+    rows = precision.measure(sizes=(2000,), rounds=1, target=0.001)
+    assert set(rows[0]["seconds"]) == {(m, w) for m in precision.MODES for w in ("fastrms", "traffic", "bespoke")}
+    assert all(t > 0 for t in rows[0]["seconds"].values())
+    summary = precision.summarize(rows[0])
+    assert summary["native"]["x_native"] == 1.0
+    assert (summary["bfloat16"]["bytes_per_param_step"], summary["bfloat16"]["state_bytes_per_param"]) == (16, 2)
+
+
+def test_bench_precision_prints_a_row_per_mode_and_size(capsys):
+    assert cli.main(["bench", "--precision", "--sizes", "1000", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "bfloat16" in out and "native" in out and "% limit" in out and "16, 2" in out
