@@ -25,10 +25,10 @@ class Plan:
 
     __slots__ = ("groups", "group_of", "packed", "chosen", "generation", "_variant", "_codec", "_rows")
 
-    def __init__(self, slots, hyper, spec):
+    def __init__(self, slots, hyper, spec, copy=None):
         order = list(dict.fromkeys(s.dtype for s in slots))
         members = [[i for i, s in enumerate(slots) if s.dtype == dtype] for dtype in order]
-        self.groups = [Group(m, [slots[i] for i in m], hyper, spec) for m in members]
+        self.groups = [Group(m, [slots[i] for i in m], hyper, spec, copy) for m in members]
         self.group_of = [0] * len(slots)  # each array's group (one pass: a model may have 1e4 arrays)
         for g, m in enumerate(members):
             for i in m:
@@ -51,12 +51,12 @@ class Plan:
             parallel = group.big and mode != "serial"
             pairs = {
                 "dense": (
-                    kernels.dense(variant, parallel, self._codec),
+                    kernels.dense(variant, parallel, self._codec, group.copy),
                     kernels.nonfinite_parallel if parallel else kernels.nonfinite_serial,
                     kernels.sumsq_parallel if parallel else kernels.sumsq_serial,
                 ),
                 "segments": (
-                    kernels.segments(variant, parallel, self._codec),
+                    kernels.segments(variant, parallel, self._codec, group.copy),
                     kernels.nonfinite_segments_parallel if parallel else kernels.nonfinite_segments_serial,
                     kernels.sumsq_segments_parallel if parallel else kernels.sumsq_segments_serial,
                 ),
@@ -94,7 +94,8 @@ class Plan:
             if group.kind == "dense":
                 s = group.slots[0]
                 g = checked[group.indices[0]][0].reshape(-1)
-                out.append(("dense", (s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer), (g,), (g,)))
+                arrays = (s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer)
+                out.append(("dense", arrays if group.copy is None else (*arrays, s.copy), (g,), (g,)))
                 continue
             addresses = [checked[i][1] for i in group.indices]
             table = (group.witness, group.ptrs, group.sizes, group.chunks)

@@ -34,6 +34,7 @@ class Slot:
         "momentum_buffer",
         "names",
         "row_step",
+        "copy",
     )
 
     def __init__(self, param, array, names):
@@ -44,11 +45,13 @@ class Slot:
         self.square_avg = self.grad_avg = self.momentum_buffer = self.flat[:0]
         #: `dense_rows`: for a 2-D param, the step that last touched each row (else empty)
         self.row_step = np.zeros(0, np.int64)
+        #: `copy_to`: the flat uint16 view of the param's low-precision copy (else empty)
+        self.copy = np.zeros(0, np.uint16)
 
     @property
     def owned(self):
-        """The non-empty arrays the step writes: param and state."""
-        return tuple(a for a in (self.flat, *(getattr(self, n) for n in self.names)) if a.size)
+        """The non-empty arrays the step writes: param, state and the copy."""
+        return tuple(a for a in (self.flat, *(getattr(self, n) for n in self.names), self.copy) if a.size)
 
 
 def address(a):
@@ -102,13 +105,16 @@ def _tile_root(arrays, dtype):
 class Group:
     """Params of one dtype, stepped by one kernel call."""
 
-    def __init__(self, indices, slots, hyper, spec):
+    def __init__(self, indices, slots, hyper, spec, copy=None):
         self.indices, self.slots = indices, slots
         self.dtype = slots[0].dtype
+        #: the codec of the params' copies (`copy_to`), or None
+        self.copy = copy
         names = spec.names
         size = sum(s.flat.size for s in slots)
         self.big = kernels.step_bytes(size, self.dtype.itemsize, len(names)) >= kernels.PARALLEL_MIN_BYTES
-        span = _tile_root([s.array for s in slots], self.dtype) if len(slots) > 1 else None
+        # params that tile one buffer step as one array, unless each has its own copy to write
+        span = _tile_root([s.array for s in slots], self.dtype) if len(slots) > 1 and copy is None else None
         self.kind = "dense" if len(slots) == 1 else ("flat" if span is not None else "segments")
         # state: one buffer per kind for the whole group; each slot's state is a view of it
         state = spec.allocate(size, self.dtype, hyper["initial_scale"])
@@ -128,12 +134,13 @@ class Group:
         self.chunks = kernels.chunk_table(self.sizes)
         #: each array's byte offset from the first: where its grad lies in a flat grad buffer
         self.offsets = np.concatenate(([0], np.cumsum([s.flat.nbytes for s in slots])[:-1])).astype(np.int64)
-        self.ptrs = np.zeros((len(slots), 5), dtype=np.int64)
+        self.ptrs = np.zeros((len(slots), 6), dtype=np.int64)  # the chunk table's columns (segments)
         for a, s in enumerate(slots):
             self.ptrs[a, 0] = address(s.flat) if s.flat.size else 0
             for col, name in enumerate(_STATE, start=2):
                 arr = getattr(s, name)
                 self.ptrs[a, col] = address(arr) if arr.size else 0
+            self.ptrs[a, 5] = address(s.copy) if s.copy.size else 0
 
     def grads_tile(self, addresses):
         """Whether grads at `addresses` lie back to back in the params' layout."""

@@ -15,6 +15,7 @@ __all__ = [
     "Owned",
     "check_grad",
     "check_grads",
+    "copies",
     "disjoint",
     "grad_name",
     "param_name",
@@ -130,6 +131,40 @@ def check_grads(grads, slots):
                 append((g, start))
                 continue
         append(check_grad(g, s, i))  # the slow path: it names what is wrong
+    return out
+
+
+def copies(copy_to, arrays, single):
+    """`copy_to` checked as the low-precision copies of the params `arrays` (float32): the
+    same structure (one array, or a sequence of as many), each a writeable C-contiguous
+    `ml_dtypes.bfloat16` array of its param's shape, sharing memory with no param and no
+    other copy. Returns each copy's flat uint16 view (the bits the kernels write)."""
+    given = [copy_to] if single else copy_to
+    if single and not isinstance(copy_to, np.ndarray):
+        raise TypeError(f"copy_to must be a numpy.ndarray like params, got {type(copy_to).__name__}")
+    if not single and (not isinstance(given, (list, tuple)) or len(given) != len(arrays)):
+        got = f"{len(given)} arrays" if isinstance(given, (list, tuple)) else type(given).__name__
+        raise TypeError(f"copy_to must be a list or tuple of {len(arrays)} arrays, one per param, got {got}")
+    out = []
+    for i, (c, a) in enumerate(zip(given, arrays)):
+        name = "copy_to" if single else f"copy_to[{i}]"
+        if not isinstance(c, np.ndarray) or c.dtype.name != "bfloat16" or c.dtype.itemsize != 2:
+            kind = str(c.dtype) if isinstance(c, np.ndarray) else type(c).__name__
+            raise TypeError(f"{name} must be an ml_dtypes.bfloat16 numpy array, got {kind}")
+        if a.dtype != np.float32:
+            raise TypeError(f"{name}: a bfloat16 copy is of float32 params; {param_name(single, i)} is {a.dtype}")
+        if c.shape != a.shape:
+            raise ValueError(f"{name} must have its param's shape {a.shape}, got {c.shape}")
+        if not (c.flags.c_contiguous and c.flags.aligned and c.flags.writeable):
+            raise ValueError(f"{name} must be C-contiguous, aligned and writeable: the step writes it in place")
+        out.append(c.view(np.uint16).reshape(-1))
+    spans = sorted(
+        [(*span(a), param_name(single, i)) for i, a in enumerate(arrays) if a.size]
+        + [(*span(c), "copy_to" if single else f"copy_to[{i}]") for i, c in enumerate(out) if c.size]
+    )
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{a} and {b} share memory; each copy must be its own array")
     return out
 
 

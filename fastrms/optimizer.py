@@ -56,6 +56,11 @@ class RMSprop:
     epsilon : float, default 1e-08
         Greater than 0; added outside the root (PyTorch, the seed) or, with `eps_in_sqrt`, inside it
         (Keras, TF1, optax).
+    copy_to : ndarray or sequence of ndarray, optional
+        Low-precision copies of float32 params (master weights): `ml_dtypes.bfloat16` arrays
+        of the params' structure and shapes. Every step writes each updated param, rounded to
+        nearest even, into its copy in the same pass (`copy = bf16(param)`); a refused step
+        writes neither. The copies are the caller's, as the params are: not checkpointed.
     momentum : float, default 0.0
         Momentum >= 0; 0 keeps no momentum buffer.
     centered : bool, default False
@@ -117,6 +122,8 @@ class RMSprop:
         learning_rate: "float | Callable[[int], float]" = 0.001,
         beta: float = 0.9,
         epsilon: float = 1e-8,
+        *,
+        copy_to: "np.ndarray | Sequence[np.ndarray] | None" = None,
         **options: "Unpack[Options]",
     ) -> None:
         options = O.resolve({**options, "learning_rate": learning_rate, "beta": beta, "epsilon": epsilon})
@@ -132,17 +139,23 @@ class RMSprop:
         memory.disjoint(arrays)
         self._dtypes = tuple(dict.fromkeys(a.dtype for a in arrays))
         hyper = check_hyperparameters(options, self._dtypes)  # in range, and fitting the params' dtypes
+        copies = None if copy_to is None else memory.copies(copy_to, arrays, self._single)
+        if copies is not None and hyper["dense_rows"]:
+            raise ValueError("copy_to cannot be combined with dense_rows=True: step_rows does not write the copies")
         self._busy = threading.Lock()
         self._configure(hyper, Clock(hyper, self._dtypes))
         self._shown = spec.view_dtype(self._spec.codec, self._dtypes[0]) if self._dtypes else None
         self._slots = slots = [Slot(p, a, self._spec.names) for p, a in zip(given, arrays)]
+        self._copy_to = copy_to  # the caller's copies (`copy_to`), written by every step
+        for slot, flat in zip(slots, copies or ()):
+            slot.copy = flat
         if self._dense_rows:
             for slot in slots:
                 if len(slot.shape) == 2:
                     slot.row_step = np.zeros(slot.shape[0], np.int64)
         # allocates the state, group by group, and picks the kernels; it starts the thread
         # pool for big arrays: a threading layer that cannot start fails here
-        self._plan = cpu.Plan(slots, hyper, self._spec)
+        self._plan = cpu.Plan(slots, hyper, self._spec, None if copies is None else storage.BFLOAT16)
         self._owned = memory.Owned(slots)  # what a step writes: params and the state
         self._last_grad_norm = None
 
@@ -294,6 +307,8 @@ class RMSprop:
         update = self._plan.update()
         g = g.reshape(-1)
         arrays = (s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer)
+        if self._copy_to is not None:
+            arrays = (*arrays, s.copy)
         if self._guarded or self._dense_rows:
             self._launch([("dense", arrays, (g,), (g,))], ((g, start),))
             return
@@ -357,6 +372,8 @@ class RMSprop:
             self._busy.release()
 
     def _step_rows(self, rows, grad_rows, param):
+        if self._copy_to is not None:
+            raise ValueError("step_rows does not write copy_to's copies; an optimizer with copy_to steps with step")
         if self._spec.codec is not storage.NATIVE:
             raise ValueError(
                 f"step_rows needs state_storage='native': its row kernels keep the state in the params' dtype "
@@ -433,4 +450,4 @@ class RMSprop:
             raise ValueError(f"{os.fsdecode(os.fspath(path))!r} does not fit this optimizer: {exc}") from None
 
 
-RMSprop.__init__.__signature__ = O.signature()  # type: ignore[attr-defined]  # for help() and inspect
+RMSprop.__init__.__signature__ = O.signature(("copy_to",))  # type: ignore[attr-defined]  # for help() and inspect

@@ -209,13 +209,14 @@ def _type(o):
     return _TYPES[o.kind]
 
 
-def signature():
-    """`(self, params, learning_rate, beta, epsilon, *, <every other option>)` with the
-    table's defaults: the NumPy optimizer's `__init__` signature, for `help()`, `inspect`
-    and editors."""
+def signature(arrays=()):
+    """`(self, params, learning_rate, beta, epsilon, *, <arrays>, <every other option>)`
+    with the table's defaults (`arrays`: keyword-only array arguments, default None): the
+    NumPy optimizer's `__init__` signature, for `help()`, `inspect` and editors."""
     P = inspect.Parameter
     head = [P("self", P.POSITIONAL_OR_KEYWORD), P("params", P.POSITIONAL_OR_KEYWORD)]
     head += [P(n, P.POSITIONAL_OR_KEYWORD, default=DEFAULTS[n]) for n in POSITIONAL]
+    head += [P(n, P.KEYWORD_ONLY, default=None) for n in arrays]
     head += [P(n, P.KEYWORD_ONLY, default=DEFAULTS[n]) for n in NAMES if n not in POSITIONAL]
     return inspect.Signature(head, return_annotation=None)
 

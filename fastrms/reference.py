@@ -157,7 +157,8 @@ class RMSprop:
     all grads (`clip_grads`), kept in `last_grad_norm`. `state_storage="bfloat16"`
     (float32 params): the step computes from the state's float32 value and uses its
     unrounded result for the param, and the state keeps that result rounded to bfloat16
-    (`bfloat16_round`)."""
+    (`bfloat16_round`). `copy_to` (bfloat16 arrays like the float32 params): after each
+    step taken, each copy holds its param rounded to bfloat16 (`bfloat16_round`)."""
 
     def __init__(
         self,
@@ -170,10 +171,12 @@ class RMSprop:
         skip_nonfinite=False,
         clip_global_norm=None,
         state_storage="native",
+        copy_to=None,
         **options,
     ):
         resolve(options, "reference.RMSprop()")  # unknown names are refused here too
         self.state_storage = state_storage
+        self.copies = None if copy_to is None else ([copy_to] if isinstance(copy_to, np.ndarray) else list(copy_to))
         self.skip_nonfinite, self.skipped_steps = skip_nonfinite, 0
         self.clip_global_norm, self.last_grad_norm = clip_global_norm, None
         self.single = isinstance(params, np.ndarray)
@@ -203,6 +206,8 @@ class RMSprop:
         for p, g, st in zip(self.params, grads, self.state):
             p[...] = rmsprop_step(p, g, st, self.step_count, lr, self.beta, self.epsilon, **self.options)
             st.update(self._stored(st))
+        for p, c in zip(self.params, self.copies or ()):
+            c.view(np.uint16)[...] = bfloat16_round(p)  # copy_to: the updated params, rounded to bfloat16
 
     def _stored(self, state):
         """The state as its storage keeps it (its float values)."""

@@ -23,6 +23,22 @@ def test_the_bfloat16_bespoke_loop_is_the_optimizers_step_bit_for_bit():
     np.testing.assert_array_equal(opt.square_avg.view(np.uint16), v)
 
 
+def test_the_copy_bespoke_loop_is_the_optimizers_step_with_copy_to_bit_for_bit():
+    import ml_dtypes
+
+    rng = np.random.default_rng(3)
+    p = rng.standard_normal(1031).astype(np.float32)
+    mine, v, c = p.copy(), np.zeros(p.size, np.float32), np.zeros(p.size, np.uint16)
+    copy = np.zeros(p.size, ml_dtypes.bfloat16)
+    opt = fastrms.RMSprop(p, copy_to=copy)
+    for _ in range(4):
+        g = rng.standard_normal(p.size).astype(np.float32)
+        opt.step(g)
+        precision.bespoke_copy(mine, g, v, c)
+    np.testing.assert_array_equal(opt.params, mine)
+    np.testing.assert_array_equal(copy.view(np.uint16), c)
+
+
 def test_each_mode_is_timed_with_its_limit_and_summarized():
     rows = precision.measure(sizes=(2000,), rounds=1, target=0.001)
     assert set(rows[0]["seconds"]) == {(m, w) for m in precision.MODES for w in ("fastrms", "traffic", "bespoke")}
@@ -30,6 +46,7 @@ def test_each_mode_is_timed_with_its_limit_and_summarized():
     summary = precision.summarize(rows[0])
     assert summary["native"]["x_native"] == 1.0
     assert (summary["bfloat16"]["bytes_per_param_step"], summary["bfloat16"]["state_bytes_per_param"]) == (16, 2)
+    assert summary["bf16 copy"]["bytes_per_param_step"] == 22
 
 
 def test_bench_precision_prints_a_row_per_mode_and_size(capsys):

@@ -51,7 +51,7 @@ def test_every_python_example_in_the_docs_runs(path, tmp_path):
     empty folder: a documented example can never again be left broken or incomplete."""
     blocks = _python_blocks(path)
     text = "\n\n".join(blocks)
-    for module, extra in (("torch", "torch"), ("dask", "dask")):
+    for module, extra in (("torch", "torch"), ("dask", "dask"), ("ml_dtypes", "bfloat16")):
         needed = re.search(rf"^import {module}|^from fastrms.{module}", text, re.M)
         if needed and importlib.util.find_spec(module) is None:
             pytest.skip(f"{path.name}'s examples need {module}, not installed here (pip install 'fastrms[{extra}]')")

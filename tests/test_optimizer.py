@@ -249,8 +249,9 @@ def test_state_dict_is_plain_arrays_and_scalars_and_a_copy():
     opt = fastrms.RMSprop([np.ones(3), np.ones((2, 2))], 0.1, momentum=0.9)
     opt.step([np.ones(3), np.ones((2, 2))])
     d = opt.state_dict()
-    assert all(isinstance(v, (np.ndarray, bool, int, float)) for v in d.values())
+    assert all(isinstance(v, (np.ndarray, bool, int, float, str)) for v in d.values())
     assert d["step_count"] == 1 and d["num_params"] == 2 and d["learning_rate"] == 0.1
+    assert d["state_storage"] == "native"  # the one string: how the state arrays are stored
     assert d["square_avg.1"].shape == (2, 2)
     d["square_avg.0"][:] = 123.0
     assert not np.any(opt.square_avg[0] == 123.0)
@@ -751,3 +752,86 @@ def test_bfloat16_state_without_ml_dtypes_says_what_to_install(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "ml_dtypes", None)  # `import ml_dtypes` fails
     with pytest.raises(ImportError, match=r"pip install 'fastrms\[bfloat16\]'"):
         fastrms.RMSprop(np.zeros(3, np.float32), state_storage="bfloat16")
+
+
+# ------------------------------------------------------------------ copy_to: master weights
+
+
+def _bf16(shape):
+    import ml_dtypes
+
+    return np.zeros(shape, ml_dtypes.bfloat16)
+
+
+@needs_ml_dtypes
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_variant_writes_the_bfloat16_copy_in_the_same_step_as_the_reference(name):
+    p0, grads = problem(1031, np.float32)
+    copy, mine = _bf16(1031), _bf16(1031)
+    fast = fastrms.RMSprop(p0.copy(), 0.01, copy_to=copy, **VARIANTS[name])
+    ref = reference.RMSprop(p0.copy(), 0.01, copy_to=mine, **VARIANTS[name])
+    for t in range(6):
+        fast.step(grads[t % 4])
+        ref.step(grads[t % 4])
+    assert_same_state(fast, ref)
+    np.testing.assert_array_equal(copy.view(np.uint16), reference.bfloat16_round(fast.params))
+    np.testing.assert_array_equal(copy.view(np.uint16), mine.view(np.uint16))
+
+
+@needs_ml_dtypes
+@pytest.mark.parametrize("shapes", [[(BIG,)], [(1031,), (7, 3), (BIG,)]], ids=["dense", "segments"])
+@pytest.mark.parametrize("storage", ["native", "bfloat16"])
+def test_the_copy_matches_the_reference_on_every_shell_with_either_state_storage(shapes, storage):
+    rng = np.random.default_rng(4)
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    mine = [p.copy() for p in params]
+    copies, theirs = [_bf16(s) for s in shapes], [_bf16(s) for s in shapes]
+    options = dict(momentum=0.9, clip_global_norm=5.0, skip_nonfinite=True, state_storage=storage)
+    fast = fastrms.RMSprop(params, 0.01, copy_to=copies, **options)
+    ref = reference.RMSprop(mine, 0.01, copy_to=theirs, **options)
+    for t in range(4):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        if t == 2:
+            grads[-1][3] = np.inf  # refused: neither params nor copies written
+        fast.step(grads)
+        ref.step(grads)
+    assert fast.skipped_steps == 1 and fast.kernel_calls == ["dense" if len(shapes) == 1 else "segments"]
+    assert_same_state(fast, ref)
+    for c, d in zip(copies, theirs):
+        np.testing.assert_array_equal(c.view(np.uint16), d.view(np.uint16))
+
+
+@needs_ml_dtypes
+def test_bad_copies_are_refused_before_anything_is_built():
+    w = np.zeros((3, 2), np.float32)
+    cases = [
+        (np.zeros((3, 2), np.float16), TypeError, r"copy_to must be an ml_dtypes.bfloat16 numpy array, got float16"),
+        (_bf16((2, 3)), ValueError, r"copy_to must have its param's shape \(3, 2\), got \(2, 3\)"),
+        (_bf16((3, 4))[:, :2], ValueError, "copy_to must be C-contiguous, aligned and writeable"),
+        ([_bf16((3, 2))], TypeError, "copy_to must be a numpy.ndarray like params, got list"),
+    ]
+    for copy, error, match in cases:
+        with pytest.raises(error, match=match):
+            fastrms.RMSprop(w, copy_to=copy)
+    with pytest.raises(TypeError, match=r"copy_to\[0\]: a bfloat16 copy is of float32 params; params\[0\] is float64"):
+        fastrms.RMSprop([np.zeros(3)], copy_to=[_bf16(3)])
+    with pytest.raises(TypeError, match="copy_to must be a list or tuple of 2 arrays, one per param, got 1 arrays"):
+        fastrms.RMSprop([w, w.copy()], copy_to=[_bf16((3, 2))])
+    shared = _bf16(8)
+    with pytest.raises(ValueError, match=r"copy_to\[0\] and copy_to\[1\] share memory"):
+        fastrms.RMSprop([np.zeros(4, np.float32), np.zeros(4, np.float32)], copy_to=[shared[:4], shared[2:6]])
+    with pytest.raises(ValueError, match="copy_to cannot be combined with dense_rows=True"):
+        fastrms.RMSprop(w, copy_to=_bf16((3, 2)), dense_rows=True)
+
+
+@needs_ml_dtypes
+def test_a_grad_over_a_copy_and_step_rows_are_refused_with_nothing_written():
+    base = _bf16(8)
+    opt = fastrms.RMSprop(np.ones((2, 2), np.float32), 0.1, copy_to=base[:4].reshape(2, 2))
+    before, copy_before = snapshot(opt), base.copy()
+    with pytest.raises(ValueError, match="shares memory with the params or the optimizer state"):
+        opt.step(base.view(np.float32).reshape(2, 2))  # the grad's 16 bytes cover the copy's 8
+    with pytest.raises(ValueError, match="step_rows does not write copy_to's copies"):
+        opt.step_rows(np.array([0]), np.ones((1, 2), np.float32))
+    assert_unchanged(opt, before)
+    np.testing.assert_array_equal(base.view(np.uint16), copy_before.view(np.uint16))

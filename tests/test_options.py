@@ -14,8 +14,9 @@ def test_the_optimizers_signature_is_the_table():
     params = inspect.signature(fastrms.RMSprop).parameters
     # the written defaults (what editors and the API page show) are the table's too
     assert fastrms.RMSprop.__init__.__defaults__ == tuple(options.DEFAULTS[n] for n in options.POSITIONAL)
-    assert list(params)[1:] == list(options.NAMES)
-    assert {n: p.default for n, p in params.items() if n != "params"} == options.DEFAULTS
+    assert list(params)[1:] == [*options.POSITIONAL, "copy_to", *options.NAMES[3:]]  # copy_to: arrays, not an option
+    assert params["copy_to"].default is None and params["copy_to"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert {n: p.default for n, p in params.items() if n not in ("params", "copy_to")} == options.DEFAULTS
     assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in options.NAMES[3:])
     doc = fastrms.RMSprop.__doc__
     assert all(f"{n} : " in doc for n in options.NAMES)

@@ -1,5 +1,6 @@
-"""`fastrms bench --precision`: each state storage of `fastrms.RMSprop` (float32 params)
-against its own limit, and the storages against each other, in one process.
+"""`fastrms bench --precision`: each state storage of `fastrms.RMSprop` (float32 params),
+and the float32 master step that writes a bfloat16 copy of the params (`copy_to`), against
+its own limit, and the modes against each other, in one process.
 
 For a mode the limit is the slower of two kernels, as for every variant (`fastrms.bench.peers`):
 
@@ -9,7 +10,8 @@ For a mode the limit is the slower of two kernels, as for every variant (`fastrm
   load the bits, widen, update in float32, round to nearest even and store the bits).
 
 Bytes a plain step moves per parameter: native state 20 (read p, g, v; write p, v, each
-4 bytes), bfloat16 state 16 (v is 2 bytes each way). State bytes per parameter: 4 and 2.
+4 bytes), bfloat16 state 16 (v is 2 bytes each way), the master step with its copy 22 (the
+bf16 copy written, 2 bytes). State bytes per parameter: 4, 2 and 4.
 """
 
 import numpy as np
@@ -21,8 +23,8 @@ from ..optimizer import RMSprop
 from .peers import DEFAULT_HYPER, Problem, setup
 from .timing import measure_calls
 
-#: The storages measured, with the bytes a plain step moves and the state keeps per parameter.
-MODES = {"native": (20, 4), "bfloat16": (16, 2)}
+#: The modes measured, with the bytes a plain step moves and the state keeps per parameter.
+MODES = {"native": (20, 4), "bfloat16": (16, 2), "bf16 copy": (22, 4)}
 
 
 def _make_bf16_bespoke(lr, beta, eps, parallel):
@@ -39,6 +41,37 @@ def _make_bf16_bespoke(lr, beta, eps, parallel):
 
     plain_bf16.__name__ = plain_bf16.__qualname__ = f"bespoke_plain_bf16_{'parallel' if parallel else 'serial'}"
     return njit(parallel=parallel, error_model="numpy", nogil=True)(plain_bf16)
+
+
+def _make_copy_bespoke(lr, beta, eps, parallel):
+    omb = 1.0 - beta
+
+    def plain_copy(p, g, v, c):
+        for i in prange(p.size):
+            gi = g[i]
+            vi = np.float32(beta) * v[i] + np.float32(omb) * (gi * gi)
+            v[i] = vi
+            pi = p[i] - np.float32(lr) * (gi / (np.sqrt(vi) + np.float32(eps)))
+            p[i] = pi
+            c[i] = bfloat16_bits(pi)
+
+    plain_copy.__name__ = plain_copy.__qualname__ = f"bespoke_plain_copy_{'parallel' if parallel else 'serial'}"
+    return njit(parallel=parallel, error_model="numpy", nogil=True)(plain_copy)
+
+
+def _make_copy_traffic(parallel):
+    """Loads p, g and v, stores p, v and the uint16 copy, with no arithmetic."""
+
+    def traffic_copy(p, g, v, c):
+        for i in prange(p.size):
+            old = v[i]
+            v[i] = p[i]
+            c[i] = np.uint16(np.float32(old).view(np.uint32) >> np.uint32(16))
+            p[i] = max(g[i], old)
+        return parallel
+
+    traffic_copy.__name__ = traffic_copy.__qualname__ = f"traffic_copy_{'parallel' if parallel else 'serial'}"
+    return kernels.jit(parallel)(traffic_copy)
 
 
 def _make_bf16_traffic(parallel):
@@ -59,15 +92,18 @@ def _make_bf16_traffic(parallel):
 _BUILT: dict = {}
 
 
-def _built(kind, parallel):
-    if (kind, parallel) not in _BUILT:
+def _built(kind, parallel, mode="bfloat16"):
+    if (kind, parallel, mode) not in _BUILT:
         h = DEFAULT_HYPER
-        _BUILT[(kind, parallel)] = (
-            _make_bf16_traffic(parallel)
-            if kind == "traffic"
-            else _make_bf16_bespoke(h["learning_rate"], h["beta"], h["epsilon"], parallel)
-        )
-    return _BUILT[(kind, parallel)]
+        consts = (h["learning_rate"], h["beta"], h["epsilon"], parallel)
+        make = {
+            ("traffic", "bfloat16"): lambda: _make_bf16_traffic(parallel),
+            ("bespoke", "bfloat16"): lambda: _make_bf16_bespoke(*consts),
+            ("traffic", "bf16 copy"): lambda: _make_copy_traffic(parallel),
+            ("bespoke", "bf16 copy"): lambda: _make_copy_bespoke(*consts),
+        }[(kind, mode)]
+        _BUILT[(kind, parallel, mode)] = make()
+    return _BUILT[(kind, parallel, mode)]
 
 
 def steps(n, seed=0):
@@ -76,10 +112,13 @@ def steps(n, seed=0):
     problem = Problem(n, np.float32, seed=seed)
     h = DEFAULT_HYPER
     out = {}
-    for mode in MODES:
+    for mode in ("native", "bfloat16"):
         p, g = problem.fresh()
         opt = RMSprop(p, h["learning_rate"], h["beta"], h["epsilon"], state_storage=mode)
         out[(mode, "fastrms")] = lambda opt=opt, g=g: opt.step(g)
+    p, g = problem.fresh()
+    opt = RMSprop(p, h["learning_rate"], h["beta"], h["epsilon"], copy_to=_bfloat16_like(p))
+    out[("bf16 copy", "fastrms")] = lambda opt=opt, g=g: opt.step(g)
     for what in ("traffic", "bespoke"):
         out[("native", what)] = setup(what, problem)[0]
     parallel = kernels.step_bytes(n, 4, 1) >= kernels.PARALLEL_MIN_BYTES  # as the optimizer decides
@@ -88,13 +127,29 @@ def steps(n, seed=0):
         v = np.zeros(n, np.uint16)
         kernel = _built(what, parallel)
         out[("bfloat16", what)] = lambda kernel=kernel, p=p, g=g, v=v: kernel(p, g, v)
+        p, g = problem.fresh()
+        v, c = np.zeros(n, np.float32), np.zeros(n, np.uint16)
+        kernel = _built(what, parallel, "bf16 copy")
+        out[("bf16 copy", what)] = lambda kernel=kernel, p=p, g=g, v=v, c=c: kernel(p, g, v, c)
     return out
+
+
+def _bfloat16_like(p):
+    import ml_dtypes
+
+    return np.zeros(p.shape, ml_dtypes.bfloat16)
 
 
 def bespoke_bf16(p, g, v):
     """One step of the bfloat16-state bespoke loop (float32 `p`, `g`; uint16 `v`), for tests."""
     kernel = _built("bespoke", kernels.step_bytes(p.size, 4, 1) >= kernels.PARALLEL_MIN_BYTES)
     kernel(p, g, v)
+
+
+def bespoke_copy(p, g, v, c):
+    """One step of the master-with-copy bespoke loop (float32 `p`, `g`, `v`; uint16 `c`)."""
+    kernel = _built("bespoke", kernels.step_bytes(p.size, 4, 1) >= kernels.PARALLEL_MIN_BYTES, "bf16 copy")
+    kernel(p, g, v, c)
 
 
 def measure(sizes=(1_000_000, 10_000_000), rounds=7, target=0.05):

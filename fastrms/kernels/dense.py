@@ -8,6 +8,10 @@ momentum_buffer, *scalars)` over 1-D C-contiguous arrays of one float dtype (`gr
 so it can never run past one; everything else is the caller's to validate. It returns
 whether it ran in parallel. Callable from Python and from `@njit` code. The state is
 stored as `codec` says (`fastrms.kernels.storage`; the params' own dtype by default).
+With `copy` (a codec: `BFLOAT16`) the shell takes one more array after the state,
+`(param, grad, square_avg, grad_avg, momentum_buffer, copy, *scalars)`, and writes each
+updated param element into it too, as that codec stores it: a low-precision copy of the
+params (the model's bf16 weights beside an fp32 master) in the same pass.
 """
 
 from numba import prange
@@ -19,13 +23,44 @@ from .storage import NATIVE, suffix
 _DENSE: dict = {}
 
 
-def dense(key, parallel, codec=NATIVE):
+def dense(key, parallel, codec=NATIVE, copy=None):
     """The in-place shell of variant `key`, serial or `parallel=True`, its state stored as
-    `codec` says."""
-    fn = _DENSE.get((key, parallel, codec.tag))
+    `codec` says; with `copy`, the copy shell (see the module)."""
+    tag = (key, parallel, codec.tag, None if copy is None else copy.tag)
+    fn = _DENSE.get(tag)
     if fn is None:
-        fn = _DENSE[(key, parallel, codec.tag)] = _make_dense(key, parallel, codec)
+        fn = _DENSE[tag] = _make_dense(key, parallel, codec) if copy is None else _make_copy(key, parallel, codec, copy)
     return fn
+
+
+def _make_copy(key, parallel, codec, copy):
+    at = apply(key, codec)
+    uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
+    encode = copy.encode
+
+    def shell(param, grad, square_avg, grad_avg, momentum_buffer, copy_out, lr, beta, eps_in, eps_out, wd, mu,
+              grad_scale, bc, clip):  # fmt: skip
+        n = param.size
+        if grad.size != n or square_avg.size != n or copy_out.size != n:
+            raise ValueError("dense: grad, square_avg and the copy must have the size of param")
+        if uses_m and grad_avg.size != n:
+            raise ValueError("dense: grad_avg must have the size of param (centered variant)")
+        if uses_b and momentum_buffer.size != n:
+            raise ValueError("dense: momentum_buffer must have the size of param (momentum variant)")
+        k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
+        for i in prange(n):
+            p, v, m, b = at(i, i, param, grad, square_avg, grad_avg, momentum_buffer, k)
+            param[i] = p
+            copy_out[i] = encode(p)
+            square_avg[i] = v
+            if uses_m:
+                grad_avg[i] = m
+            if uses_b:
+                momentum_buffer[i] = b
+        return parallel
+
+    name(shell, f"dense_{key.tag}{suffix(codec)}_copy{suffix(copy)}_{'parallel' if parallel else 'serial'}")
+    return jit(parallel)(shell)
 
 
 def _make_dense(key, parallel, codec):

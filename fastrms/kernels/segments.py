@@ -4,7 +4,8 @@ A model is hundreds of arrays; a call per array costs a Python round trip each. 
 takes them all at once, as apex's `multi_tensor_apply` and torch's fused optimizers do:
 
 - `ptrs`: int64 `(arrays, 5)`, the data addresses of each array's param, grad,
-  `square_avg`, `grad_avg` and `momentum_buffer` (0 where the variant keeps none);
+  `square_avg`, `grad_avg` and `momentum_buffer` (0 where the variant keeps none); the
+  copy shell (`copy=BFLOAT16`) reads a sixth column, the address of each param's copy;
 - `sizes`: int64 `(arrays,)`, each array's element count;
 - `chunks`: int64 `(chunks, 3)`, rows `(array, start, stop)` that cover every element
   of every array exactly once, sized so the threads stay balanced (`chunk_table`);
@@ -31,7 +32,7 @@ from .storage import NATIVE, suffix
 CHUNK = BLOCK
 
 #: Columns of `ptrs`.
-PARAM, GRAD, SQUARE_AVG, GRAD_AVG, MOMENTUM_BUFFER = range(5)
+PARAM, GRAD, SQUARE_AVG, GRAD_AVG, MOMENTUM_BUFFER, COPY = range(6)
 
 
 @intrinsic
@@ -57,18 +58,22 @@ def chunk_table(sizes, chunk=CHUNK):
 _SEGMENTS: dict = {}
 
 
-def segments(key, parallel, codec=NATIVE):
+def segments(key, parallel, codec=NATIVE, copy=None):
     """The chunk-table shell of variant `key`, serial or `parallel=True`, the state stored
-    as `codec` says: `(witness, ptrs, sizes, chunks, *scalars)`."""
-    fn = _SEGMENTS.get((key, parallel, codec.tag))
+    as `codec` says: `(witness, ptrs, sizes, chunks, *scalars)`; with `copy`, each param's
+    copy (column `COPY`) written too, as `copy` stores it."""
+    tag = (key, parallel, codec.tag, None if copy is None else copy.tag)
+    fn = _SEGMENTS.get(tag)
     if fn is None:
-        fn = _SEGMENTS[(key, parallel, codec.tag)] = _make_segments(key, parallel, codec)
+        fn = _SEGMENTS[tag] = _make_segments(key, parallel, codec, copy)
     return fn
 
 
-def _make_segments(key, parallel, codec):
+def _make_segments(key, parallel, codec, copy=None):
     # Each chunk is handed to the serial dense shell, as slices: the same loop (vectorised,
     # the same bits) as one array's step, called once per chunk.
+    if copy is not None:
+        return _make_copy_segments(key, parallel, codec, copy)
     run = dense(key, False, codec)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
     stored = codec.witness
@@ -102,6 +107,33 @@ def _make_segments(key, parallel, codec):
         return parallel
 
     name(shell, f"segments_{key.tag}{suffix(codec)}_{'parallel' if parallel else 'serial'}")
+    return jit(parallel)(shell)
+
+
+def _make_copy_segments(key, parallel, codec, copy):
+    run = dense(key, False, codec, copy)
+    uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
+    stored, copied = codec.witness, copy.witness
+
+    def shell(witness, ptrs, sizes, chunks, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):
+        state = stored(witness)  # an empty array of the state's storage dtype
+        low = copied(witness)  # and of the copy's
+        for c in prange(chunks.shape[0]):
+            a, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            n = sizes[a]
+            param = carray(_pointer(ptrs[a, PARAM], witness), (n,))
+            grad = carray(_pointer(ptrs[a, GRAD], witness), (n,))
+            square_avg = carray(_pointer(ptrs[a, SQUARE_AVG], state), (n,))
+            grad_avg = carray(_pointer(ptrs[a, GRAD_AVG], state), (n if uses_m else 0,))
+            momentum_buffer = carray(_pointer(ptrs[a, MOMENTUM_BUFFER], state), (n if uses_b else 0,))
+            copy_out = carray(_pointer(ptrs[a, COPY], low), (n,))
+            run(param[start:stop], grad[start:stop], square_avg[start:stop],
+                grad_avg[start:stop] if uses_m else grad_avg,
+                momentum_buffer[start:stop] if uses_b else momentum_buffer,
+                copy_out[start:stop], lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)  # fmt: skip
+        return parallel
+
+    name(shell, f"segments_{key.tag}{suffix(codec)}_copy{suffix(copy)}_{'parallel' if parallel else 'serial'}")
     return jit(parallel)(shell)
 
 
