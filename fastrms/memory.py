@@ -18,6 +18,7 @@ __all__ = [
     "copies",
     "disjoint",
     "grad_name",
+    "param_arrays",
     "param_name",
     "span",
     "step_grads",
@@ -45,6 +46,19 @@ def span(a):
     """`(start, end)`: the bytes `a` (contiguous) occupies."""
     start = address(a)
     return start, start + a.nbytes
+
+
+def param_arrays(params):
+    """`(single, given, arrays)`: whether `params` is one ndarray, the user's objects, and
+    each checked (`float_array`: float32/float64, C-contiguous, writeable) as a plain
+    ndarray; params that share memory are refused (`disjoint`)."""
+    single = isinstance(params, np.ndarray)
+    if not single and (isinstance(params, (str, bytes, dict)) or not hasattr(params, "__iter__")):
+        raise TypeError(f"params must be an ndarray or a sequence of ndarrays, got {type(params).__name__}")
+    given = [params] if single else list(params)
+    arrays = [float_array(param_name(single, i), p, writeable=True) for i, p in enumerate(given)]
+    disjoint(arrays)
+    return single, given, arrays
 
 
 def disjoint(arrays):

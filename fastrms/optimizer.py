@@ -15,7 +15,6 @@ import numpy as np
 from . import checkpoint, clipping, cpu, kernels, memory, spec
 from . import options as O
 from . import rows as rows_step
-from ._checks import float_array
 from .clock import Clock
 from .kernels import storage
 from .layout import Slot
@@ -127,16 +126,7 @@ class RMSprop:
         **options: "Unpack[Options]",
     ) -> None:
         options = O.resolve({**options, "learning_rate": learning_rate, "beta": beta, "epsilon": epsilon})
-        self._single = isinstance(params, np.ndarray)
-        if self._single:
-            given = [params]
-            arrays = [float_array("params", params, writeable=True)]
-        else:
-            if isinstance(params, (str, bytes, dict)) or not hasattr(params, "__iter__"):
-                raise TypeError(f"params must be an ndarray or a sequence of ndarrays, got {type(params).__name__}")
-            given = list(params)
-            arrays = [float_array(f"params[{i}]", p, writeable=True) for i, p in enumerate(given)]
-        memory.disjoint(arrays)
+        self._single, given, arrays = memory.param_arrays(params)
         self._dtypes = tuple(dict.fromkeys(a.dtype for a in arrays))
         hyper = check_hyperparameters(options, self._dtypes)  # in range, and fitting the params' dtypes
         copies = None if copy_to is None else memory.copies(copy_to, arrays, self._single)
