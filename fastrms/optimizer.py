@@ -274,8 +274,9 @@ class RMSprop:
             plan = self._plan
             checked, slots = memory.step_grads(grads, self._slots, plan.packed)
             self._owned.check(checked, slots, None if slots is not self._slots else 0)
-            for i, s in enumerate(self._slots):
-                memory.writeable(s, self._single, i)
+            for s in self._slots:
+                if not s.param.flags.writeable:  # the check inline: this loop runs per array per step
+                    memory.writeable(s, self._single, self._slots.index(s))  # raises, naming the param
             plan.current()
             if slots is self._slots:
                 calls = plan.calls(plan.groups, checked, self._norms)
