@@ -137,3 +137,96 @@ def test_codecs_name_their_storage():
     assert storage.state_dtype(storage.NATIVE, np.float64) == np.float64
     assert storage.state_dtype(storage.BFLOAT16, np.float32) == np.uint16
     assert storage.CODECS["bfloat16"] is storage.BFLOAT16 and storage.suffix(storage.NATIVE) == ""
+
+
+# ------------------------------------------------------------------ float16, and 16-bit grads
+
+
+def _half_patterns():
+    """float32 values around every float16 (and every float32 exponent): each float16's
+    float32 value with the lower 13 bits that decide its rounding (0, 1, just below, at and
+    just above the tie, the largest), and the tiny and huge values beyond float16's range."""
+    upper = np.arange(1 << 19, dtype=np.uint32) << 13
+    lower = np.array([0, 1, 0x0FFF, 0x1000, 0x1001, 0x1FFF], dtype=np.uint32)
+    return (upper[:, None] | lower[None, :]).reshape(-1).view(np.float32)
+
+
+@njit
+def _half_all(x, out):
+    for i in range(x.size):
+        out[i] = storage.FLOAT16.encode(x[i])
+
+
+@njit
+def _unhalf_all(bits, out):
+    for i in range(bits.size):
+        out[i] = storage.FLOAT16.load(bits, i)
+
+
+def test_the_float16_store_rounds_as_numpy_does():
+    x = _half_patterns()
+    got = np.empty(x.size, np.uint16)
+    _half_all(x, got)
+    want = reference.float16_round(x)
+    finite = ~np.isnan(x)
+    np.testing.assert_array_equal(got[finite], want[finite])  # subnormals, ties to even, overflow to inf
+    assert np.isnan(got[~finite].view(np.float16)).all() and (got[~finite] & 0x0200).all()  # NaN, quiet
+    assert got[x == np.float32(65520.0)][0] == 0x7C00 and got[x == np.float32(65504.0)][0] == 0x7BFF
+
+
+def test_the_float16_load_is_exact():
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    got = np.empty(bits.size, np.float32)
+    _unhalf_all(bits, got)
+    np.testing.assert_array_equal(got.view(np.uint32), bits.view(np.float16).astype(np.float32).view(np.uint32))
+
+
+def _low(n, name, seed=0):
+    """`n` random grads of the 16-bit dtype `name`, and their float32 values."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * 3).astype(np.float32)
+    x[::97] = 1e-6  # subnormal in float16
+    bits = reference.low_round(x, name if name == "float16" else "bfloat16")
+    wide = bits.view(np.float16).astype(np.float32) if name == "float16" else reference.bfloat16_value(bits)
+    return bits, wide
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_a_shell_reads_16_bit_grads_as_their_float32_values(name, parallel):
+    """The dense and chunk-table shells fed 16-bit grads give the bits of the float32 shells
+    fed the same values widened, with the copy written too."""
+    hyper = options.resolve({"centered": True, "momentum": 0.9, "learning_rate": 0.01})
+    key, scalars = options.variant_key(hyper), options.scalars(hyper, 0.01, 1)
+    n = BIG if parallel else 1031
+    bits, wide = _low(n, name)
+    codec = storage.ARRAYS[name]
+    p0 = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    mine, theirs, tabled = ([p0.copy(), *[np.zeros(n, np.float32) for _ in range(3)]] for _ in range(3))
+    copy, copy_tabled = np.zeros(n, np.uint16), np.zeros(n, np.uint16)
+    kernels.dense(key, parallel, storage.NATIVE, codec, codec)(mine[0], bits, *mine[1:], copy, *scalars)
+    kernels.dense(key, parallel)(theirs[0], wide, *theirs[1:], *scalars)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(mine, theirs))
+    np.testing.assert_array_equal(copy, reference.low_round(mine[0], name))
+    ptrs = np.array([[kernels.address(a) for a in (tabled[0], bits, *tabled[1:], copy_tabled)]], dtype=np.int64)
+    sizes = np.array([n], dtype=np.int64)
+    kernels.segments(key, parallel, storage.NATIVE, codec, codec)(
+        p0[:0], ptrs, sizes, kernels.chunk_table(sizes), *scalars
+    )
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(tabled, theirs)) and copy_tabled.tobytes() == copy.tobytes()
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_the_reductions_read_16_bit_grads_as_their_values(name):
+    codec = storage.ARRAYS[name]
+    bits, wide = _low(kernels.BLOCK + 1001, name, seed=3)
+    assert kernels.sumsq(False, codec)(bits) == kernels.sumsq(True, codec)(bits) == kernels.sumsq_serial(wide)
+    sizes = np.array([bits.size, 5], dtype=np.int64)
+    other, other_wide = _low(5, name, seed=4)
+    ptrs = np.zeros((2, 5), dtype=np.int64)
+    ptrs[:, 1] = [kernels.address(bits), kernels.address(other)]
+    table = (np.zeros(0, np.float32), ptrs, sizes, kernels.chunk_table(sizes))
+    assert kernels.sumsq_segments(True, codec)(*table) ** 0.5 == reference.global_norm([wide, other_wide])
+    assert not kernels.nonfinite(False, codec)(bits) and not kernels.nonfinite_segments(True, codec)(*table)
+    other[2] = 0x7C00 if name == "float16" else 0x7F80  # +inf
+    assert kernels.nonfinite_segments(False, codec)(*table) and kernels.nonfinite(True, codec)(other)

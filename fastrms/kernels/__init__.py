@@ -3,14 +3,16 @@ the rest of fastrms, so user `@njit` code can call it directly).
 
 - `.element`: the per-element update, written once, specialised per `Variant`;
 - `.storage`: how the shells read and write the state, a codec chosen at compile time
-  (`NATIVE`: the params' dtype; `BFLOAT16`: bfloat16 bits in uint16 for float32 params);
+  (`NATIVE`: the params' dtype; `BFLOAT16`: bfloat16 bits in uint16 for float32 params),
+  and a float32 step's other 16-bit arrays (`ARRAYS`: bfloat16 or float16 grads and
+  copies);
 - `.dense`: loop shells over whole flat arrays, in place and out of place, serial and
   parallel;
 - `.segments`: the loop shell over a chunk table: many arrays of one dtype in one call;
 - `.rows`: the loop shells over named rows of a table (sparse updates), and coalescing;
 - `.prefetch`: the software prefetch of the row shell (rows named by an index array);
 - `.reduce`: read-only passes (the non-finite check behind `skip_nonfinite`, the
-  reproducible sum of squares behind `clip_global_norm`);
+  reproducible sum of squares behind `clip_global_norm`), of float or 16-bit grads;
 - `rmsprop_update`: the plain step, for user `@njit` code;
 - `drivers`: the serial and parallel dense shells of a variant;
 - `step_bytes` and `PARALLEL_MIN_BYTES`: the traffic rule behind the
@@ -49,15 +51,17 @@ from .element import (
     variants,
 )
 from .prefetch import prefetch_rows, prefetch_write
-from .reduce import BLOCK, LANES, nonfinite_parallel, nonfinite_serial, sumsq_parallel, sumsq_serial
+from .reduce import BLOCK, LANES, nonfinite, nonfinite_parallel, nonfinite_serial, sumsq, sumsq_parallel, sumsq_serial
 from .rows import coalesce, merged_rows, rows
 from .segments import (
     CHUNK,
     chunk_table,
     increment,
+    nonfinite_segments,
     nonfinite_segments_parallel,
     nonfinite_segments_serial,
     segments,
+    sumsq_segments,
     sumsq_segments_parallel,
     sumsq_segments_serial,
 )
@@ -85,6 +89,7 @@ __all__ = [
     "element",
     "increment",
     "jit",
+    "nonfinite",
     "nonfinite_parallel",
     "nonfinite_serial",
     "prefetch_rows",
@@ -95,11 +100,14 @@ __all__ = [
     "storage",
     "chunk_table",
     "coalesce",
+    "nonfinite_segments",
     "nonfinite_segments_parallel",
     "nonfinite_segments_serial",
     "segments",
     "step_bytes",
+    "sumsq",
     "sumsq_parallel",
+    "sumsq_segments",
     "sumsq_segments_parallel",
     "sumsq_segments_serial",
     "sumsq_serial",

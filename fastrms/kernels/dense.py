@@ -11,30 +11,36 @@ stored as `codec` says (`fastrms.kernels.storage`; the params' own dtype by defa
 With `copy` (a codec: `BFLOAT16`) the shell takes one more array after the state,
 `(param, grad, square_avg, grad_avg, momentum_buffer, copy, *scalars)`, and writes each
 updated param element into it too, as that codec stores it: a low-precision copy of the
-params (the model's bf16 weights beside an fp32 master) in the same pass.
+params (the model's bf16 weights beside an fp32 master) in the same pass. With `grads` (a
+codec of `.storage.ARRAYS`, float32 params) the shell reads the grad as that codec's 16-bit
+bit patterns (bfloat16 or float16 grads in a uint16 array), widened exactly to float32.
 """
 
 from numba import prange
 
 from ._jit import jit, name
 from .element import apply, constants
-from .storage import NATIVE, suffix
+from .storage import NATIVE, grad_suffix, suffix
 
 _DENSE: dict = {}
 
 
-def dense(key, parallel, codec=NATIVE, copy=None):
+def dense(key, parallel, codec=NATIVE, copy=None, grads=NATIVE):
     """The in-place shell of variant `key`, serial or `parallel=True`, its state stored as
-    `codec` says; with `copy`, the copy shell (see the module)."""
-    tag = (key, parallel, codec.tag, None if copy is None else copy.tag)
+    `codec` says, its grads read as `grads` says; with `copy`, the copy shell (see the
+    module)."""
+    tag = (key, parallel, codec.tag, None if copy is None else copy.tag, grads.tag)
     fn = _DENSE.get(tag)
     if fn is None:
-        fn = _DENSE[tag] = _make_dense(key, parallel, codec) if copy is None else _make_copy(key, parallel, codec, copy)
+        if copy is None:
+            fn = _DENSE[tag] = _make_dense(key, parallel, codec, grads)
+        else:
+            fn = _DENSE[tag] = _make_copy(key, parallel, codec, copy, grads)
     return fn
 
 
-def _make_copy(key, parallel, codec, copy):
-    at = apply(key, codec)
+def _make_copy(key, parallel, codec, copy, grads):
+    at, read = apply(key, codec), grads.load
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
     encode = copy.encode
 
@@ -49,7 +55,7 @@ def _make_copy(key, parallel, codec, copy):
             raise ValueError("dense: momentum_buffer must have the size of param (momentum variant)")
         k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
         for i in prange(n):
-            p, v, m, b = at(i, i, param, grad, square_avg, grad_avg, momentum_buffer, k)
+            p, v, m, b = at(i, read(grad, i), param, square_avg, grad_avg, momentum_buffer, k)
             param[i] = p
             copy_out[i] = encode(p)
             square_avg[i] = v
@@ -59,12 +65,13 @@ def _make_copy(key, parallel, codec, copy):
                 momentum_buffer[i] = b
         return parallel
 
-    name(shell, f"dense_{key.tag}{suffix(codec)}_copy{suffix(copy)}_{'parallel' if parallel else 'serial'}")
+    kind = f"{suffix(codec)}_copy{suffix(copy)}{grad_suffix(grads)}"
+    name(shell, f"dense_{key.tag}{kind}_{'parallel' if parallel else 'serial'}")
     return jit(parallel)(shell)
 
 
-def _make_dense(key, parallel, codec):
-    at = apply(key, codec)
+def _make_dense(key, parallel, codec, grads):
+    at, read = apply(key, codec), grads.load
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
 
     def shell(param, grad, square_avg, grad_avg, momentum_buffer, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc,
@@ -78,7 +85,7 @@ def _make_dense(key, parallel, codec):
             raise ValueError("dense: momentum_buffer must have the size of param (momentum variant)")
         k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
         for i in prange(n):
-            p, v, m, b = at(i, i, param, grad, square_avg, grad_avg, momentum_buffer, k)
+            p, v, m, b = at(i, read(grad, i), param, square_avg, grad_avg, momentum_buffer, k)
             param[i] = p
             square_avg[i] = v
             if uses_m:
@@ -87,7 +94,7 @@ def _make_dense(key, parallel, codec):
                 momentum_buffer[i] = b
         return parallel
 
-    name(shell, f"dense_{key.tag}{suffix(codec)}_{'parallel' if parallel else 'serial'}")
+    name(shell, f"dense_{key.tag}{suffix(codec)}{grad_suffix(grads)}_{'parallel' if parallel else 'serial'}")
     return jit(parallel)(shell)
 
 
@@ -121,7 +128,7 @@ def _make_dense_out(key, parallel, codec):
             raise ValueError("dense_out: momentum buffers must have the size of param (momentum variant)")
         k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
         for i in prange(n):
-            p, v, m, b = at(i, i, param, grad, square_avg, grad_avg, momentum_buffer, k)
+            p, v, m, b = at(i, grad[i], param, square_avg, grad_avg, momentum_buffer, k)
             param_out[i] = p
             square_avg_out[i] = v
             if uses_m:

@@ -23,8 +23,8 @@ from numba.extending import intrinsic
 
 from ._jit import jit, name
 from .dense import dense
-from .reduce import BLOCK, block_sumsq, nonfinite_serial
-from .storage import NATIVE, suffix
+from .reduce import BLOCK, block_sumsq_of, nonfinite
+from .storage import NATIVE, grad_suffix, suffix
 
 #: Elements per chunk: big enough that a chunk's loop vectorises and amortises its set-up,
 #: small enough that two threads share a model of mixed sizes evenly. It is the sum of
@@ -58,33 +58,35 @@ def chunk_table(sizes, chunk=CHUNK):
 _SEGMENTS: dict = {}
 
 
-def segments(key, parallel, codec=NATIVE, copy=None):
+def segments(key, parallel, codec=NATIVE, copy=None, grads=NATIVE):
     """The chunk-table shell of variant `key`, serial or `parallel=True`, the state stored
-    as `codec` says: `(witness, ptrs, sizes, chunks, *scalars)`; with `copy`, each param's
-    copy (column `COPY`) written too, as `copy` stores it."""
-    tag = (key, parallel, codec.tag, None if copy is None else copy.tag)
+    as `codec` says, the grads read as `grads` says: `(witness, ptrs, sizes, chunks,
+    *scalars)`; with `copy`, each param's copy (column `COPY`) written too, as `copy`
+    stores it."""
+    tag = (key, parallel, codec.tag, None if copy is None else copy.tag, grads.tag)
     fn = _SEGMENTS.get(tag)
     if fn is None:
-        fn = _SEGMENTS[tag] = _make_segments(key, parallel, codec, copy)
+        fn = _SEGMENTS[tag] = _make_segments(key, parallel, codec, copy, grads)
     return fn
 
 
-def _make_segments(key, parallel, codec, copy=None):
+def _make_segments(key, parallel, codec, copy, grads):
     # Each chunk is handed to the serial dense shell, as slices: the same loop (vectorised,
     # the same bits) as one array's step, called once per chunk.
     if copy is not None:
-        return _make_copy_segments(key, parallel, codec, copy)
-    run = dense(key, False, codec)
+        return _make_copy_segments(key, parallel, codec, copy, grads)
+    run = dense(key, False, codec, None, grads)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
-    stored = codec.witness
+    stored, read = codec.witness, grads.witness
 
     def shell(witness, ptrs, sizes, chunks, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):
         state = stored(witness)  # an empty array of the state's storage dtype
+        given = read(witness)  # and of the grads'
         for c in prange(chunks.shape[0]):
             a, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
             n = sizes[a]
             param = carray(_pointer(ptrs[a, PARAM], witness), (n,))
-            grad = carray(_pointer(ptrs[a, GRAD], witness), (n,))
+            grad = carray(_pointer(ptrs[a, GRAD], given), (n,))
             square_avg = carray(_pointer(ptrs[a, SQUARE_AVG], state), (n,))
             grad_avg = carray(_pointer(ptrs[a, GRAD_AVG], state), (n if uses_m else 0,))
             momentum_buffer = carray(_pointer(ptrs[a, MOMENTUM_BUFFER], state), (n if uses_b else 0,))
@@ -106,23 +108,24 @@ def _make_segments(key, parallel, codec, copy=None):
             )
         return parallel
 
-    name(shell, f"segments_{key.tag}{suffix(codec)}_{'parallel' if parallel else 'serial'}")
+    name(shell, f"segments_{key.tag}{suffix(codec)}{grad_suffix(grads)}_{'parallel' if parallel else 'serial'}")
     return jit(parallel)(shell)
 
 
-def _make_copy_segments(key, parallel, codec, copy):
-    run = dense(key, False, codec, copy)
+def _make_copy_segments(key, parallel, codec, copy, grads):
+    run = dense(key, False, codec, copy, grads)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
-    stored, copied = codec.witness, copy.witness
+    stored, copied, read = codec.witness, copy.witness, grads.witness
 
     def shell(witness, ptrs, sizes, chunks, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):
         state = stored(witness)  # an empty array of the state's storage dtype
         low = copied(witness)  # and of the copy's
+        given = read(witness)  # and of the grads'
         for c in prange(chunks.shape[0]):
             a, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
             n = sizes[a]
             param = carray(_pointer(ptrs[a, PARAM], witness), (n,))
-            grad = carray(_pointer(ptrs[a, GRAD], witness), (n,))
+            grad = carray(_pointer(ptrs[a, GRAD], given), (n,))
             square_avg = carray(_pointer(ptrs[a, SQUARE_AVG], state), (n,))
             grad_avg = carray(_pointer(ptrs[a, GRAD_AVG], state), (n if uses_m else 0,))
             momentum_buffer = carray(_pointer(ptrs[a, MOMENTUM_BUFFER], state), (n if uses_b else 0,))
@@ -133,54 +136,78 @@ def _make_copy_segments(key, parallel, codec, copy):
                 copy_out[start:stop], lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)  # fmt: skip
         return parallel
 
-    name(shell, f"segments_{key.tag}{suffix(codec)}_copy{suffix(copy)}_{'parallel' if parallel else 'serial'}")
+    kind = f"{suffix(codec)}_copy{suffix(copy)}{grad_suffix(grads)}"
+    name(shell, f"segments_{key.tag}{kind}_{'parallel' if parallel else 'serial'}")
     return jit(parallel)(shell)
 
 
-def _make_nonfinite_segments(parallel):
-    """Whether any grad in the table holds a NaN or an infinity (read-only): the dense check,
-    per chunk."""
+_NONFINITE_SEGMENTS: dict = {}
+_SUMSQ_SEGMENTS: dict = {}
 
-    def nonfinite(witness, ptrs, sizes, chunks):
+
+def nonfinite_segments(parallel, grads=NATIVE):
+    """`(witness, ptrs, sizes, chunks) -> bool`: whether any grad in the table, read as
+    `grads` says, holds a NaN or an infinity (read-only): the dense check, per chunk."""
+    fn = _NONFINITE_SEGMENTS.get((parallel, grads.tag))
+    if fn is None:
+        fn = _NONFINITE_SEGMENTS[(parallel, grads.tag)] = _make_nonfinite_segments(parallel, grads)
+    return fn
+
+
+def _make_nonfinite_segments(parallel, grads):
+    check, read = nonfinite(False, grads), grads.witness
+
+    def nonfinite_table(witness, ptrs, sizes, chunks):
+        given = read(witness)  # an empty array of the grads' dtype
         count = 0
         for c in prange(chunks.shape[0]):
             a, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-            grad = carray(_pointer(ptrs[a, GRAD], witness), (sizes[a],))
-            count += 1 if nonfinite_serial(grad[start:stop]) else 0
+            grad = carray(_pointer(ptrs[a, GRAD], given), (sizes[a],))
+            count += 1 if check(grad[start:stop]) else 0
         return count > 0
 
-    name(nonfinite, f"nonfinite_segments_{'parallel' if parallel else 'serial'}")
-    return jit(parallel)(nonfinite)
+    name(nonfinite_table, f"nonfinite_segments{grad_suffix(grads)}_{'parallel' if parallel else 'serial'}")
+    return jit(parallel)(nonfinite_table)
 
 
 #: `nonfinite_segments_serial/parallel(witness, ptrs, sizes, chunks)`: True if a grad of
 #: the table holds a NaN or +-Inf.
-nonfinite_segments_serial, nonfinite_segments_parallel = _make_nonfinite_segments(False), _make_nonfinite_segments(True)
+nonfinite_segments_serial, nonfinite_segments_parallel = nonfinite_segments(False), nonfinite_segments(True)
 
 
-def _make_sumsq_segments(parallel):
-    """The float64 sum of squares of every grad in the table (read-only): a partial sum per
-    chunk (`.reduce.block_sumsq`), added in the table's order."""
+def sumsq_segments(parallel, grads=NATIVE):
+    """`(witness, ptrs, sizes, chunks) -> float`: the float64 sum of squares of every grad
+    in the table, read as `grads` says (read-only): a partial sum per chunk
+    (`.reduce.block_sumsq`), added in the table's order."""
+    fn = _SUMSQ_SEGMENTS.get((parallel, grads.tag))
+    if fn is None:
+        fn = _SUMSQ_SEGMENTS[(parallel, grads.tag)] = _make_sumsq_segments(parallel, grads)
+    return fn
 
-    def sumsq(witness, ptrs, sizes, chunks):
+
+def _make_sumsq_segments(parallel, grads):
+    block, read = block_sumsq_of(grads), grads.witness
+
+    def sumsq_table(witness, ptrs, sizes, chunks):
+        given = read(witness)  # an empty array of the grads' dtype
         partial = np.empty(chunks.shape[0])
         for c in prange(chunks.shape[0]):
             a, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-            grad = carray(_pointer(ptrs[a, GRAD], witness), (sizes[a],))
-            partial[c] = block_sumsq(grad[start:stop])
+            grad = carray(_pointer(ptrs[a, GRAD], given), (sizes[a],))
+            partial[c] = block(grad[start:stop])
         total = 0.0
         for c in range(chunks.shape[0]):
             total += partial[c]
         return total
 
-    name(sumsq, f"sumsq_segments_{'parallel' if parallel else 'serial'}")
-    return jit(parallel)(sumsq)
+    name(sumsq_table, f"sumsq_segments{grad_suffix(grads)}_{'parallel' if parallel else 'serial'}")
+    return jit(parallel)(sumsq_table)
 
 
 #: `sumsq_segments_serial/parallel(witness, ptrs, sizes, chunks)`: the float64 sum of
 #: squares of the table's grads; the same bits as `.reduce.sumsq_serial` summing each
 #: array's blocks in turn.
-sumsq_segments_serial, sumsq_segments_parallel = _make_sumsq_segments(False), _make_sumsq_segments(True)
+sumsq_segments_serial, sumsq_segments_parallel = sumsq_segments(False), sumsq_segments(True)
 
 
 def _increment(addresses, witness):

@@ -19,6 +19,17 @@ the conversion in a value-returning one does not.)
               = (bits(x) >> 16) | 0x0040                            (x NaN)
 
 `fastrms.reference.bfloat16_round` writes the same rounding in NumPy.
+
+The same codecs read and write the other 16-bit arrays of a float32 step (`ARRAYS`):
+grads handed in as bfloat16 or float16 (`load`, exact) and the params' low-precision copy
+(`encode`). `FLOAT16` is IEEE binary16 as bits in uint16, converted with integer and float32
+code that vectorises (Numba has no float16 on the CPU; F. Giesen's conversions):
+
+    load    exact: normal, subnormal, zero, inf and NaN (payload kept)
+    encode  round to nearest, ties to even; beyond 65504 (from 65520 up) inf; a NaN stays a
+            (quiet) NaN with its payload's top bits, as NumPy's `astype(np.float16)` keeps it
+
+`fastrms.reference` checks `FLOAT16` against NumPy's own float16, bit for bit.
 """
 
 from typing import Any, NamedTuple
@@ -72,18 +83,57 @@ def _bf16_load(a, i):
 
 @njit(inline="always")
 def bfloat16_bits(x):
-    """float32 `x` as bfloat16 bits (uint16): nearest, ties to even; a NaN stays a (quiet) NaN."""
-    u = np.float32(x).view(np.uint32)
-    nearest = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    truncated = (u >> np.uint32(16)) | np.uint32(0x0040)  # NaN: keep it a NaN, whatever its payload
+    """float32 `x` as bfloat16 bits (uint16): nearest, ties to even; a NaN stays a (quiet) NaN.
+    (Each integer step is wrapped in uint32, as in `float16_bits`: no 64-bit lanes; only a
+    NaN's bits can wrap, and its result is not the one kept.)"""
+    u32 = np.uint32
+    u = np.float32(x).view(u32)
+    nearest = u32(u32(u + u32(u32(0x7FFF) + u32(u32(u >> u32(16)) & u32(1)))) >> u32(16))
+    truncated = u32(u32(u >> u32(16)) | u32(0x0040))  # NaN: keep it a NaN, whatever its payload
     return np.uint16(truncated if x != x else nearest)
+
+
+@njit(inline="always")
+def _f16_load(a, i):
+    u32 = np.uint32
+    h = u32(a[i])
+    o = u32(u32(h & u32(0x7FFF)) << u32(13))  # exponent and mantissa, in float32's place
+    e = u32(o & u32(0x0F800000))
+    o = u32(o + u32(112 << 23))  # rebias the exponent: 15 -> 127
+    # zero and subnormals: exact through one float32 subtraction (2^-14 * 0.mantissa)
+    tiny = np.float32(u32(o + u32(1 << 23)).view(np.float32) - np.float32(6.103515625e-05)).view(u32)
+    o = u32(o + u32(112 << 23)) if e == u32(0x0F800000) else (tiny if e == u32(0) else o)  # inf, NaN: exponent 255
+    return u32(o | u32(u32(h & u32(0x8000)) << u32(16))).view(np.float32)
+
+
+@njit(inline="always")
+def float16_bits(x):
+    """float32 `x` as IEEE float16 bits (uint16): nearest, ties to even; inf beyond 65504; a
+    NaN stays a (quiet) NaN. (Every integer step is wrapped in uint32: Numba widens integer
+    arithmetic to 64 bits, which halves the lanes of the vector loop.)"""
+    u32 = np.uint32
+    u = np.float32(x).view(u32)
+    sign = u32(u32(u >> u32(16)) & u32(0x8000))
+    a = u32(u & u32(0x7FFFFFFF))
+    # subnormal results (|x| < 2^-14): the float32 sum with 0.5 rounds the mantissa in place
+    low = u32(np.float32(u32(a).view(np.float32) + np.float32(0.5)).view(u32) - u32(0x3F000000))
+    odd = u32(u32(a >> u32(13)) & u32(1))
+    normal = u32(u32(u32(a - u32(0x38000000)) + u32(u32(0x0FFF) + odd)) >> u32(13))
+    nan = u32(u32(0x7E00) | u32(u32(a >> u32(13)) & u32(0x03FF)))
+    big = nan if a > u32(0x7F800000) else u32(0x7C00)
+    h = big if a >= u32(0x47800000) else (normal if a >= u32(0x38800000) else low)
+    return np.uint16(h | sign)
 
 
 NATIVE = Codec("", None, None, _native_load, _native_encode, _native_witness)
 BFLOAT16 = Codec("bf16", np.dtype(np.uint16), (np.dtype(np.float32),), _bf16_load, bfloat16_bits, _bf16_witness)
+FLOAT16 = Codec("f16", np.dtype(np.uint16), (np.dtype(np.float32),), _f16_load, float16_bits, _bf16_witness)
 
-#: Every codec by name (the `state_storage` a front end names).
+#: Every state codec by name (the `state_storage` a front end names).
 CODECS = {"native": NATIVE, "bfloat16": BFLOAT16}
+#: The codecs of a float32 step's 16-bit arrays (low-precision grads and copies), by the
+#: NumPy dtype name they hold (`ml_dtypes.bfloat16`'s is "bfloat16").
+ARRAYS = {"bfloat16": BFLOAT16, "float16": FLOAT16}
 
 
 def state_dtype(codec, param_dtype):
@@ -110,3 +160,8 @@ def decode(codec, stored):
 def suffix(codec):
     """What `codec` adds to a compiled function's name (nothing for the native one)."""
     return f"_{codec.tag}" if codec.tag else ""
+
+
+def grad_suffix(grads):
+    """What a grads codec adds to a compiled function's name (nothing for the native one)."""
+    return f"_g{grads.tag}" if grads.tag else ""
