@@ -6,15 +6,20 @@ process: serial below `fastrms.kernels.PARALLEL_MIN_BYTES`, else parallel, or pa
 behind the process-wide lock under `workqueue` (`fastrms.runtime.shell`/`locked`), picked
 again whenever `fastrms.runtime.generation` changes (after a fork). A step is then
 
-    calls = plan.calls(checked, clipping)        # which shell steps each group, with what
-    verdict = plan.verdict(calls, grads, options)  # the guard over those calls' reductions
-    plan.run(calls, scalars)                     # one kernel call per group
+    calls = plan.calls(groups, checked, clipping, low)  # which shell steps each group, with what
+    verdict = plan.verdict(calls, grads, options)       # the guard over those calls' reductions
+    plan.run(calls, scalars)                            # one kernel call per group
 
-The optimizer validates; the plan only runs what it is given. A backend for another
-device is another module with this interface.
+A group of float32 params whose grads all arrive as bfloat16 or float16 (`low`: their
+indices) is stepped by the kernels that read such grads (`fastrms.kernels.storage.ARRAYS`),
+chosen by the grads' dtype at each step. The optimizer validates; the plan only runs what
+it is given. A backend for another device is another module with this interface.
 """
 
+import numpy as np
+
 from . import clipping, kernels, runtime
+from .kernels import storage
 from .layout import Group, grad_span
 
 __all__ = ["Plan"]
@@ -23,7 +28,7 @@ __all__ = ["Plan"]
 class Plan:
     """The groups of an optimizer's params and the kernels each runs on here."""
 
-    __slots__ = ("groups", "group_of", "packed", "chosen", "generation", "_variant", "_codec", "_rows")
+    __slots__ = ("groups", "group_of", "packed", "chosen", "generation", "_variant", "_codec", "_rows", "_low")
 
     def __init__(self, slots, hyper, spec, copy=None):
         order = list(dict.fromkeys(s.dtype for s in slots))
@@ -46,25 +51,35 @@ class Plan:
         self._variant = variant
         generation = runtime.generation()
         mode = runtime.parallel_mode() if any(g.big for g in self.groups) else "free"
-        chosen = []
-        for group in self.groups:
-            parallel = group.big and mode != "serial"
-            pairs = {
-                "dense": (
-                    kernels.dense(variant, parallel, self._codec, group.copy),
-                    kernels.nonfinite_parallel if parallel else kernels.nonfinite_serial,
-                    kernels.sumsq_parallel if parallel else kernels.sumsq_serial,
-                ),
-                "segments": (
-                    kernels.segments(variant, parallel, self._codec, group.copy),
-                    kernels.nonfinite_segments_parallel if parallel else kernels.nonfinite_segments_serial,
-                    kernels.sumsq_segments_parallel if parallel else kernels.sumsq_segments_serial,
-                ),
-            }
-            chosen.append(({k: tuple(runtime.locked(f, parallel) for f in fns) for k, fns in pairs.items()}, parallel))
-        self.chosen = chosen
+        self.chosen = [self._kernels(group, group.big and mode != "serial", storage.NATIVE) for group in self.groups]
+        self._low = {}  # the kernels of groups stepped with 16-bit grads, by (group, codec tag)
         self._rows = {}  # step_rows's kernels, by (kind, parallel): chosen again with the rest
         self.generation = generation
+
+    def _kernels(self, group, parallel, grads):
+        """`(pairs, parallel)`: a group's kernels reading its grads as `grads` says."""
+        pairs = {
+            "dense": (
+                kernels.dense(self._variant, parallel, self._codec, group.copy, grads),
+                kernels.nonfinite(parallel, grads),
+                kernels.sumsq(parallel, grads),
+            ),
+            "segments": (
+                kernels.segments(self._variant, parallel, self._codec, group.copy, grads),
+                kernels.nonfinite_segments(parallel, grads),
+                kernels.sumsq_segments(parallel, grads),
+            ),
+        }
+        return {k: tuple(runtime.locked(f, parallel) for f in fns) for k, fns in pairs.items()}, parallel
+
+    def _pairs(self, index, grads):
+        """Group `index`'s kernels for grads read as `grads` (made on first use)."""
+        if grads is storage.NATIVE:
+            return self.chosen[index][0]
+        found = self._low.get((index, grads.tag))
+        if found is None:
+            found = self._low[(index, grads.tag)] = self._kernels(self.groups[index], self.chosen[index][1], grads)
+        return found[0]
 
     def current(self):
         """Choose again if the process's parallel mode may have changed (one global read)."""
@@ -85,63 +100,73 @@ class Plan:
         return [self.parallel_of(i) for i in range(count)]
 
     @staticmethod
-    def calls(groups, checked, clipping):
-        """`(shell, arrays, check arrays, norm arrays)` for each group: which shell steps it,
-        with what. The norm (`clipping`) is always summed per array (a chunk table for
-        several), so its bits do not depend on which shell steps the group."""
+    def calls(groups, checked, clipping, low=()):
+        """`(shell, arrays, check arrays, norm arrays, grads codec)` for each group: which
+        shell steps it, with what. The norm (`clipping`) is always summed per array (a chunk
+        table for several), so its bits do not depend on which shell steps the group. `low`:
+        the indices of 16-bit grads (`check_grads`); a group's grads are all of its params'
+        dtype or all of one 16-bit dtype (TypeError otherwise, before anything is written)."""
         out = []
         for group in groups:
+            grads = _grads_codec(group, checked, low) if low else storage.NATIVE
             if group.kind == "dense":
                 s = group.slots[0]
                 g = checked[group.indices[0]][0].reshape(-1)
+                if grads is not storage.NATIVE:
+                    g = g.view(np.uint16)
                 arrays = (s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer)
-                out.append(("dense", arrays if group.copy is None else (*arrays, s.copy), (g,), (g,)))
+                out.append(("dense", arrays if group.copy is None else (*arrays, s.copy), (g,), (g,), grads))
                 continue
             addresses = [checked[i][1] for i in group.indices]
             table = (group.witness, group.ptrs, group.sizes, group.chunks)
             span = group.span
-            if span is not None and group.grads_tile(addresses):
+            if span is not None and grads is storage.NATIVE and group.grads_tile(addresses):
                 g = grad_span(checked[group.indices[0]][0], addresses[0], span.flat.size)
                 if g is not None:
                     if clipping:
                         group.ptrs[:, 1] = addresses
                     arrays = (span.flat, g, span.square_avg, span.grad_avg, span.momentum_buffer)
-                    out.append(("dense", arrays, (g,), table if clipping else None))
+                    out.append(("dense", arrays, (g,), table if clipping else None, grads))
                     continue
             group.ptrs[:, 1] = addresses
-            out.append(("segments", table, table, table))
+            out.append(("segments", table, table, table, grads))
         return out
 
-    def packed_call(self, checked, clipping):
-        """The one call of params that tile one buffer, stepped with one flat grad."""
+    def packed_call(self, checked, clipping, low=()):
+        """The one call of params that tile one buffer, stepped with one flat grad (of their
+        dtype, or 16-bit: `low` is `[0]`)."""
         packed = self.packed
         span, g = packed.span, checked[0][0]
+        grads = storage.NATIVE
+        if low:
+            grads, g = storage.ARRAYS[g.dtype.name], g.view(np.uint16)
         arrays = (span.flat, g, span.square_avg, span.grad_avg, span.momentum_buffer)
         table = None
-        if clipping:  # the norm is summed per array: the chunk table
-            packed.ptrs[:, 1] = packed.offsets + checked[0][1]
+        if clipping:  # the norm is summed per array: the chunk table, at the grad's own offsets
+            offsets = packed.offsets // (packed.dtype.itemsize // g.itemsize)
+            packed.ptrs[:, 1] = offsets + checked[0][1]
             table = (packed.witness, packed.ptrs, packed.sizes, packed.chunks)
-        return [("dense", arrays, (g,), table)]
+        return [("dense", arrays, (g,), table, grads)]
 
     def verdict(self, calls, checked, options):
         """The guard (`fastrms.clipping.guard`) over `calls`: the groups' sums of squares
         added in order (reproducible), their non-finite checks, the grads for the overflow
         path."""
-        chosen = self.chosen
+        pairs = self._pairs
         return clipping.guard(
             lambda: sum(
-                pairs["dense" if len(norm_args) == 1 else "segments"][2](*norm_args)
-                for (pairs, _), (_, _, _, norm_args) in zip(chosen, calls)
+                pairs(i, grads)["dense" if len(norm_args) == 1 else "segments"][2](*norm_args)
+                for i, (_, _, _, norm_args, grads) in enumerate(calls)
             ),
-            lambda: any(pairs[shell][1](*args) for (pairs, _), (shell, _, args, _) in zip(chosen, calls)),
+            lambda: any(pairs(i, grads)[shell][1](*args) for i, (shell, _, args, _, grads) in enumerate(calls)),
             lambda: [g for g, _ in checked],
             options,
         )
 
     def run(self, calls, scalars):
         """One kernel call per group."""
-        for (pairs, _), (shell, args, _, _) in zip(self.chosen, calls):
-            pairs[shell][0](*args, *scalars)
+        for i, (shell, args, _, _, grads) in enumerate(calls):
+            self._pairs(i, grads)[shell][0](*args, *scalars)
 
     def row_kernel(self, make, parallel):
         """`runtime.shell(make, variant, parallel)` for `step_rows`, kept until `choose` runs
@@ -150,3 +175,17 @@ class Plan:
         if shell is None:
             shell = self._rows[(make, parallel)] = runtime.shell(make, self._variant, parallel)
         return shell
+
+
+def _grads_codec(group, checked, low):
+    """The codec a group's grads are read with: native when none of them is 16-bit, the
+    16-bit dtype's when all are and share it; TypeError naming a grad otherwise."""
+    first = checked[group.indices[0]][0].dtype
+    codec = storage.ARRAYS.get(first.name) if first != group.dtype else storage.NATIVE
+    for i in group.indices:
+        if checked[i][0].dtype != first:
+            raise TypeError(
+                f"grads[{i}] is {checked[i][0].dtype}, grads[{group.indices[0]}] {first}: the grads of one "
+                f"dtype's params are all {group.dtype} or all of one 16-bit dtype (bfloat16 or float16)"
+            )
+    return codec

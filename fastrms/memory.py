@@ -1,15 +1,18 @@
 """What a step of the NumPy optimizer reads and writes, checked before anything is written:
 each grad against its param (a plain C-contiguous, aligned ndarray of the param's dtype and
-shape), and no grad or row block sharing memory with a param or the state (the step writes
-those while it reads the grads). Params may not share memory with each other either."""
+shape; for float32 params also bfloat16 or float16, `low_codec`), and no grad or row block
+sharing memory with a param or the state (the step writes those while it reads the grads).
+Params may not share memory with each other either."""
 
 import bisect
 
 import numpy as np
 
 from ._checks import float_array
-from .kernels import contiguous_address
+from .kernels import contiguous_address, storage
 from .layout import address
+
+_FLOAT32 = np.dtype(np.float32)
 
 __all__ = [
     "Owned",
@@ -18,6 +21,7 @@ __all__ = [
     "copies",
     "disjoint",
     "grad_name",
+    "low_codec",
     "param_arrays",
     "param_name",
     "span",
@@ -88,19 +92,21 @@ class Owned:
         k = bisect.bisect_left(self.starts, start + nbytes) - 1
         return bool(nbytes) and k >= 0 and self.ends[k] > start
 
-    def check(self, checked, slots, index):
+    def check(self, checked, slots, index, low=()):
         """Refuse a grad of `checked` (`(grad, address)` per slot of `slots`: every param's, or
-        one) that shares memory with a param or the state; `index` names a lone grad."""
+        one) that shares memory with a param or the state; `index` names a lone grad. `low`:
+        the indices of 16-bit grads (fewer bytes than their params'), else empty."""
         if not self.starts:  # every array is empty: nothing to overlap
             return
         if len(checked) == 1:
-            (_, start), slot = checked[0], slots[0]
-            if self.overlaps(start, slot.flat.nbytes):
+            (g, start), slot = checked[0], slots[0]
+            if self.overlaps(start, g.nbytes if low else slot.flat.nbytes):
                 raise overlap(index)
             return
         starts = np.fromiter((a for _, a in checked), dtype=np.int64, count=len(checked))
-        k = np.searchsorted(self._starts, starts + self._nbytes) - 1
-        hit = (self._nbytes > 0) & (k >= 0) & (self._ends[np.maximum(k, 0)] > starts)
+        nbytes = np.array([g.nbytes for g, _ in checked], dtype=np.int64) if low else self._nbytes
+        k = np.searchsorted(self._starts, starts + nbytes) - 1
+        hit = (nbytes > 0) & (k >= 0) & (self._ends[np.maximum(k, 0)] > starts)
         if hit.any():
             raise overlap(int(np.argmax(hit)))
 
@@ -112,31 +118,48 @@ def overlap(index, name=None):
     )
 
 
+def low_codec(dtype):
+    """The codec (`fastrms.kernels.storage.ARRAYS`) of a 16-bit float dtype a float32 step
+    reads or writes, `ml_dtypes.bfloat16` or NumPy's float16 in native byte order, else None."""
+    if dtype.itemsize != 2 or not dtype.isnative:
+        return None
+    return storage.ARRAYS.get(dtype.name)
+
+
 def check_grad(g, slot, index):
-    """`(g, address)`: `g` checked against its param (a plain C-contiguous, aligned ndarray)
-    and the address of its data. The argument is named only when an error is raised, to keep
-    the per-step cost to a few attribute reads and one Numba call."""
+    """`(g, address)`: `g` checked against its param (a plain C-contiguous, aligned ndarray
+    of its dtype, or of bfloat16 or float16 for a float32 param) and the address of its data.
+    The argument is named only when an error is raised, to keep the per-step cost to a few
+    attribute reads and one Numba call."""
     if type(g) is not np.ndarray:
         if not isinstance(g, np.ndarray):
             raise TypeError(f"{grad_name(index)} must be a numpy.ndarray, got {type(g).__name__}")
-        g = float_array(grad_name(index), g, writeable=False)  # a subclass: viewed as a plain ndarray
+        if slot.dtype == _FLOAT32 and low_codec(g.dtype) is not None and not isinstance(g, np.ma.MaskedArray):
+            g = g.view(np.ndarray)  # a subclass of a 16-bit grad: viewed as a plain ndarray
+        else:
+            g = float_array(grad_name(index), g, writeable=False)  # a subclass: viewed as a plain ndarray
+    bits = g
     if g.dtype is not slot.dtype and g.dtype != slot.dtype:  # builtin dtypes are singletons
-        raise TypeError(f"{grad_name(index)} must have dtype {slot.dtype} like its param, got {g.dtype}")
+        if slot.dtype != _FLOAT32 or low_codec(g.dtype) is None:
+            also = " (or bfloat16 or float16)" if slot.dtype == _FLOAT32 else ""
+            raise TypeError(f"{grad_name(index)} must have dtype {slot.dtype} like its param{also}, got {g.dtype}")
+        bits = g.view(np.uint16)  # Numba reads 16-bit floats as their bits
     if g.shape != slot.shape:
         raise ValueError(f"{grad_name(index)} must have shape {slot.shape} like its param, got {g.shape}")
-    start = contiguous_address(g)
+    start = contiguous_address(bits)
     if start < 0:
         raise ValueError(f"{grad_name(index)} must be C-contiguous (use np.ascontiguousarray), got strides {g.strides}")
-    if start % slot.dtype.itemsize:
+    if start % g.dtype.itemsize:
         raise ValueError(f"{grad_name(index)} must be aligned to its dtype's size (np.require(g, requirements='A'))")
     return g, start
 
 
 def check_grads(grads, slots):
-    """`check_grad` for each grad, with the common case (a plain ndarray of the param's dtype
-    and shape, C-contiguous and aligned) inlined: this loop is the whole per-array cost of a
-    many-array step in Python."""
-    out = []
+    """`(checked, low)`: `check_grad` for each grad, with the common case (a plain ndarray
+    of the param's dtype and shape, C-contiguous and aligned) inlined: this loop is the whole
+    per-array cost of a many-array step in Python. `low` lists the indices of the 16-bit
+    grads (empty when there are none)."""
+    out, low = [], []
     append = out.append
     for i, (g, s) in enumerate(zip(grads, slots)):
         if type(g) is np.ndarray and g.dtype is s.dtype and g.shape == s.shape:
@@ -144,29 +167,39 @@ def check_grads(grads, slots):
             if start >= 0 and not start % s.dtype.itemsize:
                 append((g, start))
                 continue
-        append(check_grad(g, s, i))  # the slow path: it names what is wrong
-    return out
+        checked = check_grad(g, s, i)  # the slow path: it names what is wrong
+        if checked[0].dtype != s.dtype:
+            low.append(i)
+        append(checked)
+    return out, low
 
 
 def copies(copy_to, arrays, single):
     """`copy_to` checked as the low-precision copies of the params `arrays` (float32): the
     same structure (one array, or a sequence of as many), each a writeable C-contiguous
-    `ml_dtypes.bfloat16` array of its param's shape, sharing memory with no param and no
-    other copy. Returns each copy's flat uint16 view (the bits the kernels write)."""
+    `ml_dtypes.bfloat16` or `numpy.float16` array of its param's shape, all of one dtype,
+    sharing memory with no param and no other copy. Returns `(views, codec)`: each copy's
+    flat uint16 view (the bits the kernels write) and their codec
+    (`fastrms.kernels.storage.ARRAYS`)."""
     given = [copy_to] if single else copy_to
     if single and not isinstance(copy_to, np.ndarray):
         raise TypeError(f"copy_to must be a numpy.ndarray like params, got {type(copy_to).__name__}")
     if not single and (not isinstance(given, (list, tuple)) or len(given) != len(arrays)):
         got = f"{len(given)} arrays" if isinstance(given, (list, tuple)) else type(given).__name__
         raise TypeError(f"copy_to must be a list or tuple of {len(arrays)} arrays, one per param, got {got}")
-    out = []
+    out, codec = [], None
     for i, (c, a) in enumerate(zip(given, arrays)):
         name = "copy_to" if single else f"copy_to[{i}]"
-        if not isinstance(c, np.ndarray) or c.dtype.name != "bfloat16" or c.dtype.itemsize != 2:
+        if not isinstance(c, np.ndarray) or low_codec(c.dtype) is None:
             kind = str(c.dtype) if isinstance(c, np.ndarray) else type(c).__name__
-            raise TypeError(f"{name} must be an ml_dtypes.bfloat16 numpy array, got {kind}")
+            raise TypeError(f"{name} must be an ml_dtypes.bfloat16 or numpy.float16 array, got {kind}")
+        if codec is not None and low_codec(c.dtype) is not codec:
+            raise TypeError(
+                f"copy_to's arrays must all have one dtype: copy_to[0] is {given[0].dtype}, {name} {c.dtype}"
+            )
+        codec = low_codec(c.dtype)
         if a.dtype != np.float32:
-            raise TypeError(f"{name}: a bfloat16 copy is of float32 params; {param_name(single, i)} is {a.dtype}")
+            raise TypeError(f"{name}: a {c.dtype} copy is of float32 params; {param_name(single, i)} is {a.dtype}")
         if c.shape != a.shape:
             raise ValueError(f"{name} must have its param's shape {a.shape}, got {c.shape}")
         if not (c.flags.c_contiguous and c.flags.aligned and c.flags.writeable):
@@ -179,15 +212,17 @@ def copies(copy_to, arrays, single):
     for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
         if start < end:
             raise ValueError(f"{a} and {b} share memory; each copy must be its own array")
-    return out
+    return out, codec
 
 
 def step_grads(grads, slots, packed):
-    """`(checked, slots)`: a step's grads checked (`check_grads`) with the slots they go with:
-    a list or tuple of one array per slot, or, for params that tile one buffer (`packed`, a
-    `fastrms.layout.Group`, else None), one flat grad array of that buffer's size."""
+    """`(checked, slots, low)`: a step's grads checked (`check_grads`) with the slots they go
+    with, and the indices of the 16-bit ones: a list or tuple of one array per slot, or, for
+    params that tile one buffer (`packed`, a `fastrms.layout.Group`, else None), one flat
+    grad array of that buffer's size."""
     if packed is not None and isinstance(grads, np.ndarray):
-        return (check_grad(grads, packed.span, None),), (packed.span,)
+        checked = check_grad(grads, packed.span, None)
+        return (checked,), (packed.span,), [0] if checked[0].dtype != packed.span.dtype else []
     if not isinstance(grads, (list, tuple)):
         raise TypeError(
             f"grads must be a list or tuple of {len(slots)} arrays"
@@ -196,4 +231,5 @@ def step_grads(grads, slots, packed):
         )
     if len(grads) != len(slots):
         raise ValueError(f"grads must hold {len(slots)} arrays, one per param, got {len(grads)}")
-    return check_grads(grads, slots), slots
+    checked, low = check_grads(grads, slots)
+    return checked, slots, low

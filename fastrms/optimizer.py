@@ -45,7 +45,9 @@ class RMSprop:
     ----------
     params : ndarray or sequence of ndarray
         float32 or float64, C-contiguous, writeable, any shape; updated in place. `step`
-        then takes grads of the same structure: one array, or a sequence of as many.
+        then takes grads of the same structure: one array, or a sequence of as many. A
+        float32 param's grad may also be `ml_dtypes.bfloat16` or `numpy.float16` (grads
+        from a 16-bit model): the step reads their float32 values, exactly.
     learning_rate : float or callable, default 0.001
         A number >= 0, or a schedule `count -> lr` (`count` = steps already taken; see
         `fastrms.schedules`).
@@ -56,9 +58,10 @@ class RMSprop:
         Greater than 0; added outside the root (PyTorch, the seed) or, with `eps_in_sqrt`, inside it
         (Keras, TF1, optax).
     copy_to : ndarray or sequence of ndarray, optional
-        Low-precision copies of float32 params (master weights): `ml_dtypes.bfloat16` arrays
-        of the params' structure and shapes. Every step writes each updated param, rounded to
-        nearest even, into its copy in the same pass (`copy = bf16(param)`); a refused step
+        Low-precision copies of float32 params (master weights): `ml_dtypes.bfloat16` or
+        `numpy.float16` arrays (all of one dtype) of the params' structure and shapes. Every
+        step writes each updated param, rounded to nearest even, into its copy in the same
+        pass (`copy = bf16(param)`, or `float16(param)`: inf beyond 65504); a refused step
         writes neither. The copies are the caller's, as the params are: not checkpointed.
     momentum : float, default 0.0
         Momentum >= 0; 0 keeps no momentum buffer.
@@ -129,7 +132,7 @@ class RMSprop:
         self._single, given, arrays = memory.param_arrays(params)
         self._dtypes = tuple(dict.fromkeys(a.dtype for a in arrays))
         hyper = check_hyperparameters(options, self._dtypes)  # in range, and fitting the params' dtypes
-        copies = None if copy_to is None else memory.copies(copy_to, arrays, self._single)
+        copies, copy_codec = (None, None) if copy_to is None else memory.copies(copy_to, arrays, self._single)
         if copies is not None and hyper["dense_rows"]:
             raise ValueError("copy_to cannot be combined with dense_rows=True: step_rows does not write the copies")
         self._busy = threading.Lock()
@@ -145,7 +148,7 @@ class RMSprop:
                     slot.row_step = np.zeros(slot.shape[0], np.int64)
         # allocates the state, group by group, and picks the kernels; it starts the thread
         # pool for big arrays: a threading layer that cannot start fails here
-        self._plan = cpu.Plan(slots, hyper, self._spec, None if copies is None else storage.BFLOAT16)
+        self._plan = cpu.Plan(slots, hyper, self._spec, copy_codec)
         self._owned = memory.Owned(slots)  # what a step writes: params and the state
         self._last_grad_norm = None
 
@@ -254,7 +257,9 @@ class RMSprop:
     def step(self, grads: "np.ndarray | Sequence[np.ndarray]") -> None:
         """Apply one update in place. `grads` has the structure of `params`; for params
         that tile one buffer (the views `fastrms.pack` returns) it may also be one flat
-        grad array of that buffer's size: then the step is exactly one array's.
+        grad array of that buffer's size: then the step is exactly one array's. Grads of
+        float32 params may be bfloat16 or float16 (all the grads of one dtype's params
+        of one dtype), read as their float32 values in the same pass.
 
         Every check runs before anything is written: a rejected step leaves params, state,
         `step_count` and the schedule unchanged. All arrays of one dtype are stepped by one
@@ -272,16 +277,16 @@ class RMSprop:
                 self._step_one(grads)
                 return
             plan = self._plan
-            checked, slots = memory.step_grads(grads, self._slots, plan.packed)
-            self._owned.check(checked, slots, None if slots is not self._slots else 0)
+            checked, slots, low = memory.step_grads(grads, self._slots, plan.packed)
+            self._owned.check(checked, slots, None if slots is not self._slots else 0, low)
             for s in self._slots:
                 if not s.param.flags.writeable:  # the check inline: this loop runs per array per step
                     memory.writeable(s, self._single, self._slots.index(s))  # raises, naming the param
             plan.current()
             if slots is self._slots:
-                calls = plan.calls(plan.groups, checked, self._norms)
+                calls = plan.calls(plan.groups, checked, self._norms, low)
             else:
-                calls = plan.packed_call(checked, self._norms)
+                calls = plan.packed_call(checked, self._norms, low)
             self._launch(calls, checked)
         finally:
             self._busy.release()
@@ -291,17 +296,20 @@ class RMSprop:
         without the group bookkeeping (this is the whole cost of a small step)."""
         s = self._slots[0]
         g, start = memory.check_grad(grad, s, None)
-        if self._owned.overlaps(start, s.flat.nbytes):
+        if self._owned.overlaps(start, g.nbytes):
             raise memory.overlap(None)
         memory.writeable(s, True, 0)
         self._plan.current()
+        if g.dtype is not s.dtype and g.dtype != s.dtype:  # a 16-bit grad: the group's path reads it
+            self._launch(self._plan.calls(self._plan.groups, ((g, start),), self._norms, [0]), ((g, start),))
+            return
         update = self._plan.update()
         g = g.reshape(-1)
         arrays = (s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer)
         if self._copy_to is not None:
             arrays = (*arrays, s.copy)
         if self._guarded or self._dense_rows:
-            self._launch([("dense", arrays, (g,), (g,))], ((g, start),))
+            self._launch([("dense", arrays, (g,), (g,), storage.NATIVE)], ((g, start),))
             return
         update(*arrays, *self._clock.scalars())  # Clock.take with the guard's GO, inlined: a small step's cost
         self._clock.advance()

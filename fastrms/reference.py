@@ -53,6 +53,28 @@ def bfloat16_value(bits):
     return (np.asarray(bits, np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
+def float16_round(x):
+    """float32 values as IEEE float16 bit patterns (uint16), NumPy's own conversion: round to
+    nearest, ties to even, inf from 65520 up (a NaN stays a NaN; NumPy keeps its payload
+    without setting the quiet bit, which the kernels set)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.asarray(x, np.float32).astype(np.float16).view(np.uint16)
+
+
+def widened(grad, dtype):
+    """A 16-bit float grad (`ml_dtypes.bfloat16` or float16) of a float32 param as the float32
+    values it holds (exact); any other grad as it is."""
+    grad = np.asarray(grad)
+    if grad.dtype != dtype and grad.dtype.itemsize == 2 and np.dtype(dtype) == np.float32:
+        return grad.astype(np.float32)
+    return grad
+
+
+def low_round(x, dtype):
+    """float32 values rounded to the 16-bit `dtype` (bfloat16 or float16), as its bit patterns."""
+    return bfloat16_round(x) if np.dtype(dtype).name == "bfloat16" else float16_round(x)
+
+
 def global_norm(grads):
     """The 2-norm over every element of `grads`, summed in float64 in the kernels' fixed
     order (so bit for bit what the optimizer computes): for each array, blocks of `BLOCK`
@@ -118,6 +140,7 @@ def rmsprop_step(param, grad, state, t, lr, beta=0.9, epsilon=1e-8, **options):
     T = param.dtype.type
     lr_t, beta_t, omb = T(lr), T(beta), T(1.0 - beta)
     p = param.copy()
+    grad = widened(grad, param.dtype)  # a bfloat16 or float16 grad: its float32 values
     (grad,), _ = clip_grads([grad], o["clip_global_norm"], o["clip_value"])  # by this grad's own norm
     g = -grad if maximize else grad.copy()
     if weight_decay and not decoupled_weight_decay:
@@ -157,8 +180,10 @@ class RMSprop:
     all grads (`clip_grads`), kept in `last_grad_norm`. `state_storage="bfloat16"`
     (float32 params): the step computes from the state's float32 value and uses its
     unrounded result for the param, and the state keeps that result rounded to bfloat16
-    (`bfloat16_round`). `copy_to` (bfloat16 arrays like the float32 params): after each
-    step taken, each copy holds its param rounded to bfloat16 (`bfloat16_round`)."""
+    (`bfloat16_round`). `copy_to` (bfloat16 or float16 arrays like the float32 params):
+    after each step taken, each copy holds its param rounded to its dtype (`low_round`).
+    Grads of float32 params may be bfloat16 or float16: the step reads their float32 values
+    (`widened`)."""
 
     def __init__(
         self,
@@ -195,6 +220,7 @@ class RMSprop:
 
     def step(self, grads):
         grads = [grads] if self.single else list(grads)
+        grads = [widened(g, p.dtype) for g, p in zip(grads, self.params)]
         if self.clip_global_norm is not None:
             grads, self.last_grad_norm = clip_grads(grads, self.clip_global_norm)
         if self.skip_nonfinite and not all(np.isfinite(g).all() for g in grads):
@@ -207,7 +233,7 @@ class RMSprop:
             p[...] = rmsprop_step(p, g, st, self.step_count, lr, self.beta, self.epsilon, **self.options)
             st.update(self._stored(st))
         for p, c in zip(self.params, self.copies or ()):
-            c.view(np.uint16)[...] = bfloat16_round(p)  # copy_to: the updated params, rounded to bfloat16
+            c.view(np.uint16)[...] = low_round(p, c.dtype)  # copy_to: the updated params, rounded to the copy's dtype
 
     def _stored(self, state):
         """The state as its storage keeps it (its float values)."""

@@ -49,7 +49,7 @@ def test_a_steps_calls_name_the_shell_each_group_runs():
     arrays = [np.zeros(3), np.zeros(4, np.float32), np.zeros(5)]
     plan, slots, hyper = _plan(arrays)
     grads = [np.ones(3), np.ones(4, np.float32), np.ones(5)]
-    calls = plan.calls(plan.groups, memory.check_grads(grads, slots), False)
+    calls = plan.calls(plan.groups, memory.check_grads(grads, slots)[0], False)
     assert [c[0] for c in calls] == ["segments", "dense"]
     plan.run(calls, options.scalars(hyper, 0.01, 1))
     assert all((a < 0).all() for a in arrays)  # every param moved, in its own dtype's call
@@ -61,13 +61,30 @@ def test_the_verdict_reads_every_groups_grads(bad):
     arrays = [np.zeros(3), np.zeros(4, np.float32)]
     plan, slots, _ = _plan(arrays)
     grads = [np.ones(3), np.full(4, 2.0, np.float32)]
-    checked = memory.check_grads(grads, slots)
+    checked, _ = memory.check_grads(grads, slots)
     verdict = plan.verdict(
         plan.calls(plan.groups, checked, True), checked, {"clip_global_norm": 1.0, "skip_nonfinite": True}
     )
     assert verdict.stepped and verdict.norm == math.sqrt(3 + 16)
     grads[1][2] = bad  # a non-finite grad in the second group only
-    checked = memory.check_grads(grads, slots)
+    checked, _ = memory.check_grads(grads, slots)
     assert not plan.verdict(
         plan.calls(plan.groups, checked, False), checked, {"clip_global_norm": None, "skip_nonfinite": True}
     ).stepped
+
+
+def test_a_group_whose_grads_are_16_bit_runs_the_kernels_that_read_them():
+    arrays = [np.zeros(3, np.float32), np.zeros(4, np.float32)]
+    plan, slots, hyper = _plan(arrays)
+    grads = [np.full(3, 0.5, np.float16), np.full(4, -0.5, np.float16)]
+    checked, low = memory.check_grads(grads, slots)
+    calls = plan.calls(plan.groups, checked, True, low)
+    assert [(c[0], c[4]) for c in calls] == [("segments", kernels.storage.FLOAT16)]
+    verdict = plan.verdict(calls, checked, {"clip_global_norm": 10.0, "skip_nonfinite": True})
+    assert verdict.stepped and verdict.norm == math.sqrt(7 * 0.25)
+    plan.run(calls, options.scalars(hyper, 0.01, 1))
+    assert (arrays[0] < 0).all() and (arrays[1] > 0).all()
+    mixed = [np.ones(3, np.float32), np.ones(4, np.float16)]  # one group, two grad dtypes
+    checked, low = memory.check_grads(mixed, slots)
+    with pytest.raises(TypeError, match=r"grads\[1\] is float16, grads\[0\] float32: the grads of one dtype's "):
+        plan.calls(plan.groups, checked, False, low)

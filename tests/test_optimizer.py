@@ -805,7 +805,8 @@ def test_the_copy_matches_the_reference_on_every_shell_with_either_state_storage
 def test_bad_copies_are_refused_before_anything_is_built():
     w = np.zeros((3, 2), np.float32)
     cases = [
-        (np.zeros((3, 2), np.float16), TypeError, r"copy_to must be an ml_dtypes.bfloat16 numpy array, got float16"),
+        (np.zeros((3, 2), np.int16), TypeError, r"copy_to must be an ml_dtypes.bfloat16 or numpy.float16 array, got int16"),
+        (np.zeros((3, 2), ">f2"), TypeError, r"copy_to must be an ml_dtypes.bfloat16 or numpy.float16 array, got >f2"),
         (_bf16((2, 3)), ValueError, r"copy_to must have its param's shape \(3, 2\), got \(2, 3\)"),
         (_bf16((3, 4))[:, :2], ValueError, "copy_to must be C-contiguous, aligned and writeable"),
         ([_bf16((3, 2))], TypeError, "copy_to must be a numpy.ndarray like params, got list"),
@@ -815,6 +816,8 @@ def test_bad_copies_are_refused_before_anything_is_built():
             fastrms.RMSprop(w, copy_to=copy)
     with pytest.raises(TypeError, match=r"copy_to\[0\]: a bfloat16 copy is of float32 params; params\[0\] is float64"):
         fastrms.RMSprop([np.zeros(3)], copy_to=[_bf16(3)])
+    with pytest.raises(TypeError, match=r"copy_to's arrays must all have one dtype: copy_to\[0\] is bfloat16, copy_to\[1\] float16"):
+        fastrms.RMSprop([w, w.copy()], copy_to=[_bf16((3, 2)), np.zeros((3, 2), np.float16)])
     with pytest.raises(TypeError, match="copy_to must be a list or tuple of 2 arrays, one per param, got 1 arrays"):
         fastrms.RMSprop([w, w.copy()], copy_to=[_bf16((3, 2))])
     shared = _bf16(8)
@@ -835,3 +838,81 @@ def test_a_grad_over_a_copy_and_step_rows_are_refused_with_nothing_written():
         opt.step_rows(np.array([0]), np.ones((1, 2), np.float32))
     assert_unchanged(opt, before)
     np.testing.assert_array_equal(base.view(np.uint16), copy_before.view(np.uint16))
+
+
+# ------------------------------------------------------------------ 16-bit grads, float16 copies
+
+
+def _low(dtype_name, shape, rng):
+    """Random values in the 16-bit dtype named (ml_dtypes.bfloat16 or float16)."""
+    if dtype_name == "bfloat16":
+        import ml_dtypes
+
+        return rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
+    return rng.standard_normal(shape).astype(np.float16)
+
+
+LOW = [
+    pytest.param("bfloat16", marks=needs_ml_dtypes),
+    "float16",
+]
+
+
+@pytest.mark.parametrize("low", LOW)
+@pytest.mark.parametrize(
+    "shapes", [[(1031,)], [(BIG,)], [(31, 7), (1,), (1024,), (5, 5)]], ids=["dense", "parallel", "segments"]
+)
+def test_16_bit_grads_and_copies_match_the_reference_bit_for_bit(shapes, low):
+    """A float32 master step reading bfloat16 or float16 grads and writing copies of the same
+    dtype, clipped and with a refused step, on every shell: the reference's bits."""
+    rng = np.random.default_rng(7)
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    mine = [p.copy() for p in params]
+    copies, theirs = [_low(low, s, rng) * 0 for s in shapes], [_low(low, s, rng) * 0 for s in shapes]
+    single = len(shapes) == 1
+    options = dict(momentum=0.9, centered=True, clip_global_norm=30.0, skip_nonfinite=True)
+    fast = fastrms.RMSprop(params[0] if single else params, 0.01, copy_to=copies[0] if single else copies, **options)
+    ref = reference.RMSprop(mine[0] if single else mine, 0.01, copy_to=theirs[0] if single else theirs, **options)
+    for t in range(5):
+        grads = [_low(low, s, rng) for s in shapes]
+        if t == 2:
+            grads[-1].reshape(-1)[3] = np.inf  # refused: nothing written
+        fast.step(grads[0] if single else grads)
+        ref.step(grads[0] if single else grads)
+    assert fast.skipped_steps == 1 and fast.last_grad_norm == ref.last_grad_norm
+    assert_same_state(fast, ref)
+    for c, d in zip(copies, theirs):
+        np.testing.assert_array_equal(c.view(np.uint16), d.view(np.uint16))
+
+
+@pytest.mark.parametrize("low", LOW)
+def test_16_bit_grads_step_float32_params_without_copies_and_packed(low):
+    """Without copy_to (plain float32 params), and one flat 16-bit grad for packed params,
+    clipped by the norm over each param's part: the reference's bits."""
+    rng = np.random.default_rng(8)
+    shapes = [(300,), (7, 3), (40,)]
+    flat, views = fastrms.pack([rng.standard_normal(s).astype(np.float32) for s in shapes])
+    mine = [v.copy() for v in views]
+    fast = fastrms.RMSprop(views, 0.01, clip_global_norm=5.0)
+    ref = reference.RMSprop(mine, 0.01, clip_global_norm=5.0)
+    for _ in range(3):
+        g = _low(low, flat.size, rng)
+        parts = np.split(g, np.cumsum([int(np.prod(s)) for s in shapes])[:-1])
+        fast.step(g)
+        ref.step([part.reshape(s) for part, s in zip(parts, shapes)])
+    assert fast.last_grad_norm == ref.last_grad_norm
+    assert_same_state(fast, ref)
+
+
+def test_16_bit_grads_are_refused_where_they_do_not_apply_with_nothing_written():
+    opt = fastrms.RMSprop([np.ones(3, np.float32), np.ones(2, np.float32), np.ones(2)], 0.1)
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match=r"grads\[2\] must have dtype float64 like its param, got float16"):
+        opt.step([np.ones(3, np.float16), np.ones(2, np.float16), np.ones(2, np.float16)])
+    with pytest.raises(TypeError, match=r"grads\[1\] is float16, grads\[0\] float32: the grads of one dtype's"):
+        opt.step([np.ones(3, np.float32), np.ones(2, np.float16), np.ones(2)])
+    rows = fastrms.RMSprop(np.ones((4, 3), np.float32), 0.1)
+    with pytest.raises(TypeError, match="grad_rows"):
+        rows.step_rows(np.array([1]), np.ones((1, 3), np.float16))
+    assert_unchanged(opt, before)
+    assert opt.step_count == rows.step_count == 0
