@@ -8,6 +8,10 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from ._torch_buckets import STATE_NAMES, Bucket
 
+#: The state a 16-bit param keeps in float32 (its master copy and RMSprop's buffers).
+_FLOAT32_STATE = (*STATE_NAMES, "master_param")
+_LOW = (torch.bfloat16, torch.float16)
+
 #: torch.optim.RMSprop's `__setstate__` defaults: what an older state dict's groups lack.
 GROUP_DEFAULTS = dict(momentum=0, centered=False, foreach=None, maximize=False, differentiable=False, capturable=False)
 
@@ -78,7 +82,7 @@ def copied(state_dict, param_groups):
         for name, t in value.items():
             if not torch.is_tensor(t):
                 continue
-            if name in STATE_NAMES and p is not None and t.numel() != p.numel():
+            if name in _FLOAT32_STATE and p is not None and t.numel() != p.numel():
                 raise ValueError(
                     f"state[{key!r}][{name!r}] has shape {tuple(t.shape)}, its param {tuple(p.shape)}: "
                     "this state dict is not this model's"
@@ -87,3 +91,17 @@ def copied(state_dict, param_groups):
                 raise ValueError(f"state[{key!r}]['step'] must hold one number, got shape {tuple(t.shape)}")
         out[key] = {n: t.clone() if torch.is_tensor(t) else t for n, t in value.items()}
     return out
+
+
+def float32_state(copied, state_dict, param_groups, state):
+    """After torch's `load_state_dict`, which casts every state tensor to its param's dtype:
+    give each 16-bit param its float32 state and master back, from `copied` (the checked
+    copies of `state_dict`'s, widened exactly when they were saved in 16 bits)."""
+    ids = [i for g in state_dict["param_groups"] for i in g.get("params", ())]
+    params = [p for g in param_groups for p in g["params"]]
+    for key, p in zip(ids, params):
+        if p.dtype in _LOW and key in copied:
+            for name in _FLOAT32_STATE:
+                t = copied[key].get(name)
+                if torch.is_tensor(t):
+                    state[p][name] = t.to(torch.float32)

@@ -1,7 +1,9 @@
 """The step of `fastrms.torch.RMSprop` (a private module of `fastrms.torch`; it imports
 torch): every param group checked and laid out first (`Steps.plan`: CPU, dtype, layout,
 memory shared with another param or state, each param's state tensors made or found),
-then one chunk-table kernel call per group, dtype and round (`Steps.run`), the flat
+then one chunk-table kernel call per group, dtype and round (`Steps.run`; for bfloat16 or
+float16 params the shell that steps their float32 masters from their 16-bit grads and
+writes each param back in the same pass), the flat
 buckets' dense calls (`fastrms._torch_buckets`), the sparse grads' row steps
 (`fastrms._torch_sparse`), every `step` counter advanced in one call per dtype, and the
 version counters bumped. A rejected step changes nothing."""
@@ -11,8 +13,10 @@ import torch
 
 from . import _torch_options, _torch_sparse, _torch_tensors, kernels, runtime, spec
 from . import options as O
+from .kernels import storage
 
 _NUMPY = _torch_tensors.NUMPY
+_LOW = _torch_tensors.LOW
 
 
 class Steps:
@@ -127,7 +131,7 @@ class Steps:
             rows = members.get(dtype)
             if rows is None:
                 rows = members[dtype] = []
-            rows.append(((address, g.data_ptr(), *cached[8]), cached[9], p, cached[10], cached[11]))
+            rows.append(((cached[13], g.data_ptr(), *cached[8]), cached[9], p, cached[10], cached[11]))
         for turn, members in enumerate(rounds):
             for dtype, rows in members.items():
                 ptrs = np.array([row[0] for row in rows], dtype=np.int64)
@@ -144,6 +148,11 @@ class Steps:
     def sparse_table(self, group, where, name, p, g, state_of, held):
         """A param with a sparse grad, checked: `(p, rows.Table, row counters, layout)`."""
         _torch_tensors.check_param(p, name)
+        if p.dtype in _LOW:
+            raise ValueError(
+                f"{name}: a {p.dtype} param with a sparse grad; fastrms steps the sparse rows of float32 and "
+                "float64 params (a 16-bit param's rows would need its master copy's rows: not supported)"
+            )
         _torch_sparse.check(p, g, name)
         hyper = self.hyperparameters(group, where, (_NUMPY[p.dtype],))
         names = spec.of(hyper).names
@@ -176,7 +185,11 @@ class Steps:
             if len(self.tables) > 256:
                 self.tables.clear()
             chunks = self.tables[table] = kernels.chunk_table(sizes)
-        witness = np.empty(0, dtype=_NUMPY[dtype])
+        witness = np.empty(0, dtype=_NUMPY[dtype])  # what the kernel computes in: a 16-bit param's master's
         parallel = self.parallel(int(sizes.sum()), witness.itemsize, hyper)
-        shell = runtime.shell(kernels.segments, key, parallel)
+        low = _LOW.get(dtype)
+        if low is None:
+            shell = runtime.shell(kernels.segments, key, parallel)
+        else:  # the float32 masters stepped from 16-bit grads, each param written back in the pass
+            shell = runtime.locked(kernels.segments(key, bool(parallel), storage.NATIVE, low, low), parallel)
         shell(witness, ptrs, sizes, chunks, *O.scalars(hyper, hyper["learning_rate"], 1))

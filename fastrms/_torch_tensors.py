@@ -1,5 +1,6 @@
 """The tensors `fastrms.torch.RMSprop` steps: what it checks of them before anything is
-written (params CPU, float32/float64 and dense in memory; a param and its grad laid out alike;
+written (params CPU, float32/float64, or bfloat16/float16 over a float32 master copy kept in
+the state, and dense in memory; a param and its grad laid out alike;
 distinct params not sharing memory; no param, state or grad of one kernel call overlapping
 another, as threads would race on shared memory), and each param's cached layout (`layout`:
 its state, created as torch creates it, and the addresses a kernel call reads)."""
@@ -9,9 +10,21 @@ import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
 from ._torch_buckets import STATE_NAMES
+from .kernels import storage
 
-#: The dtypes the fused step takes, as NumPy's.
-NUMPY = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+#: The dtypes the fused step takes, with the NumPy dtype it computes in (and keeps the state
+#: in): a 16-bit param's is float32, its master copy's.
+NUMPY = {
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+    torch.bfloat16: np.dtype(np.float32),
+    torch.float16: np.dtype(np.float32),
+}
+#: The 16-bit param dtypes, stepped over a float32 master copy in the state (`MASTER`): the
+#: codec their grads are read with and the param written back with, in the same pass.
+LOW = {torch.bfloat16: storage.BFLOAT16, torch.float16: storage.FLOAT16}
+#: The state key of a 16-bit param's float32 master copy (apex's and DeepSpeed's master weights).
+MASTER = "master_param"
 #: The dtypes of a param's `step` counter.
 STEP_DTYPES = (torch.float32, torch.float64)
 
@@ -45,28 +58,33 @@ def first_overlap(starts, ends):
 
 
 def holds(keys, tensors):
-    """A check that a state dict still holds `tensors` under `keys` (two to four: the
-    state a variant keeps and `step`), written out: a step runs it once per param."""
+    """A check that a state dict still holds `tensors` under `keys` (two to five: the
+    state a variant keeps, `step` and a 16-bit param's master), written out for up to
+    four: a step runs it once per param."""
     if len(keys) == 2:
         (k0, k1), (t0, t1) = keys, tensors
         return lambda d: d.get(k0) is t0 and d.get(k1) is t1
     if len(keys) == 3:
         (k0, k1, k2), (t0, t1, t2) = keys, tensors
         return lambda d: d.get(k0) is t0 and d.get(k1) is t1 and d.get(k2) is t2
-    (k0, k1, k2, k3), (t0, t1, t2, t3) = keys, tensors
-    return lambda d: d.get(k0) is t0 and d.get(k1) is t1 and d.get(k2) is t2 and d.get(k3) is t3
+    if len(keys) == 4:
+        (k0, k1, k2, k3), (t0, t1, t2, t3) = keys, tensors
+        return lambda d: d.get(k0) is t0 and d.get(k1) is t1 and d.get(k2) is t2 and d.get(k3) is t3
+    pairs = tuple(zip(keys, tensors))
+    return lambda d: all(d.get(k) is t for k, t in pairs)
 
 
 def check_param(p, name):
-    """`p` is a CPU float32/float64 tensor, dense in memory (the fused step writes it in place)."""
+    """`p` is a CPU float32/float64/bfloat16/float16 tensor, dense in memory (the fused step
+    writes it in place)."""
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{name} is a {type(p).__name__}, not a tensor")
     if p.device.type != "cpu":
         raise ValueError(f"{name} is on {p.device}; fastrms.torch.RMSprop steps CPU tensors only")
     if p.dtype not in NUMPY:
         raise TypeError(
-            f"{name} has dtype {p.dtype}; fastrms.torch.RMSprop steps float32 and float64 tensors "
-            "(float16, bfloat16 and complex are not supported)"
+            f"{name} has dtype {p.dtype}; fastrms.torch.RMSprop steps float32 and float64 tensors, and "
+            "bfloat16 and float16 ones over a float32 master copy (complex and integer are not supported)"
         )
     if not dense(p):
         raise ValueError(
@@ -107,26 +125,33 @@ def check_pair(p, g, name):
 def check_overlaps(checked, at, dtype, ptrs, sizes, where):
     """No param or state of one kernel call may overlap another, nor a grad any of them
     (threads would race on shared memory); grads may overlap each other (they are only
-    read). Checked again only when an address or size changed (`checked[at]`: the last check's
-    pointers and sizes)."""
+    read). For 16-bit params (`LOW`) the call writes the float32 master (column 0) and the
+    state, and the 16-bit param itself (column 5); it reads 16-bit grads. Checked again only
+    when an address or size changed (`checked[at]`: the last check's pointers and sizes)."""
     last = checked.get(at)
     if last is not None and last[1] == sizes and np.array_equal(last[0], ptrs):
         return
     key_sizes = sizes
-    sizes = np.array(sizes, dtype=np.int64) * NUMPY[dtype].itemsize
-    written = ptrs[:, [0, 2, 3, 4]]  # the param and its state
-    used = (written != 0) & (sizes[:, None] > 0)
+    counts = np.array(sizes, dtype=np.int64)
+    sizes = counts * NUMPY[dtype].itemsize  # the param's (or master's) and the state's bytes
+    grad_bytes = counts * (2 if dtype in LOW else NUMPY[dtype].itemsize)
+    columns = [0, 2, 3, 4, 5] if dtype in LOW else [0, 2, 3, 4]
+    written = ptrs[:, columns]
+    spans = np.broadcast_to(sizes[:, None], written.shape).copy()
+    if dtype in LOW:
+        spans[:, -1] = grad_bytes  # the 16-bit param written back
+    used = (written != 0) & (spans > 0)
     owner = np.broadcast_to(np.arange(len(ptrs))[:, None], written.shape)[used]
     w_start = written[used]
-    w_end = w_start + np.broadcast_to(sizes[:, None], written.shape)[used]
+    w_end = w_start + spans[used]
     clash = first_overlap(w_start, w_end)
     culprit = None if clash is None else int(owner[clash[1]])
     if culprit is None and w_start.size:
         order = np.argsort(w_start)
         starts, ends = w_start[order], w_end[order]
-        g_start, g_end = ptrs[:, 1], ptrs[:, 1] + sizes
+        g_start, g_end = ptrs[:, 1], ptrs[:, 1] + grad_bytes
         last_before = np.searchsorted(starts, g_end, side="left") - 1
-        hit = (last_before >= 0) & (ends[np.maximum(last_before, 0)] > g_start) & (sizes > 0)
+        hit = (last_before >= 0) & (ends[np.maximum(last_before, 0)] > g_start) & (grad_bytes > 0)
         if hit.any():
             culprit = -1 - int(np.flatnonzero(hit)[0])
     if culprit is not None:
@@ -143,30 +168,42 @@ def layout(p, names, address, name, state, slot):
     torch creates it (a buffer the options need and the state lacks, after momentum or
     centering is switched on mid-run, starts at zero) and checked to be laid out like
     `p`. The entry holds the state tensors, so they live as long as it is used. `slot`:
-    `(bucket, index)` for a param that lives in a bucket (`flatten=True`), else None."""
+    `(bucket, index)` for a param that lives in a bucket (`flatten=True`), else None.
+
+    A 16-bit param (`LOW`) keeps its state in float32 and a float32 master copy of itself
+    (`state[MASTER]`, made from the param when missing); the kernel steps the master and
+    writes the param back, rounded to nearest even: the entry's pointers are then
+    `(master, state..., param)`."""
     if p.is_inference():
         raise RuntimeError(
             f"{name}: Inplace update to inference tensor outside InferenceMode is not allowed (the param was "
             "made under torch.inference_mode(); torch refuses to step it too)"
         )
+    low = p.dtype in LOW
+    kept = torch.float32 if low else p.dtype
     if not state:
         state["step"] = torch.zeros((), dtype=_get_scalar_dtype()) if slot is None else slot[0].steps[slot[1]]
+    if low and MASTER not in state:
+        state[MASTER] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
     tensors = []
-    for state_name in names:
+    for state_name in (*names, MASTER) if low else names:
         if state_name not in state:
             if slot is None:
-                state[state_name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[state_name] = torch.zeros_like(p, dtype=kept, memory_format=torch.preserve_format)
             else:
                 state[state_name] = slot[0].state_view(state_name, slot[1])
         t = state[state_name]
-        if not isinstance(t, torch.Tensor) or t.dtype != p.dtype or t.shape != p.shape or not t.is_cpu:
-            raise ValueError(f"{name}: its state {state_name!r} is not a CPU tensor like the param")
+        if not isinstance(t, torch.Tensor) or t.dtype != kept or t.shape != p.shape or not t.is_cpu:
+            like = "a float32 CPU tensor of the param's shape" if low else "a CPU tensor like the param"
+            raise ValueError(f"{name}: its state {state_name!r} is not {like}")
         if t.stride() != p.stride() and p.numel() > 1:
             raise ValueError(f"{name}: its state {state_name!r} is not laid out like the param")
         tensors.append(t)
     ptrs = [0, 0, 0]
     for state_name, t in zip(names, tensors):
         ptrs[STATE_NAMES.index(state_name)] = t.data_ptr()
+    if low:
+        ptrs.append(address)  # the 16-bit param: the copy the kernel writes
     step = state["step"]
     if not torch.is_tensor(step):
         step = state["step"] = torch.tensor(float(step), dtype=_get_scalar_dtype())  # as torch's __setstate__
@@ -175,8 +212,8 @@ def layout(p, names, address, name, state, slot):
             f"{name}: its state 'step' is a {step.dtype} tensor of shape {tuple(step.shape)} on {step.device}; "
             "fastrms counts steps in a CPU float32 or float64 tensor of one element"
         )
-    keys = (*names, "step")
-    held = (*tensors, step)
+    keys = (*names, "step", MASTER) if low else (*names, "step")
+    held = (*tensors[: len(names)], step, tensors[-1]) if low else (*tensors, step)
     entry = (
         p,
         address,
@@ -191,5 +228,6 @@ def layout(p, names, address, name, state, slot):
         tensors,
         (step.dtype, step.data_ptr()),
         held,
+        tensors[-1].data_ptr() if low else address,  # what the kernel steps: the param, or its master
     )
     return entry

@@ -13,7 +13,15 @@ coupled weight decay, the learning rate outside the momentum buffer):
 
 Params, grads and state are CPU tensors of float32 or float64; the kernel reads and writes
 their memory in place (no copies), so tensors must be dense: contiguous, or dense in another
-memory format (channels-last) with the grad laid out like its param. Params without a grad
+memory format (channels-last) with the grad laid out like its param.
+
+bfloat16 and float16 params (a model trained in 16 bits) get a float32 master copy in their
+state (`state[p]["master_param"]`, made from the param at its first step, as apex and
+DeepSpeed keep master weights) and float32 state: the kernel reads the 16-bit grad, steps the
+master in float32 and writes the param back, rounded to nearest even, in the same pass (no
+second pass for the copy). The masters are in `state_dict()` and come back with
+`load_state_dict` (a state dict without them, say `torch.optim.RMSprop`'s, makes them anew from
+the params). Params without a grad
 are skipped, as torch skips them. `state_dict()` is torch's, key for key, and loads into
 `torch.optim.RMSprop` (and the reverse).
 
@@ -142,6 +150,12 @@ class RMSprop(torch.optim.Optimizer):
         _torch_tensors.check_disjoint(distinct, where)
         buckets = {}
         if self._flatten:
+            low = [j for j, p in enumerate(params) if p.requires_grad and p.dtype in _torch_tensors.LOW]
+            if low:
+                raise TypeError(
+                    f"{where}['params'][{low[0]}] is {params[low[0]].dtype}: flatten=True holds float32 and float64 "
+                    "params; a 16-bit param is stepped over its float32 master without it (flatten=False)"
+                )
             if len(distinct) != len(params):
                 raise ValueError(f"{where}: flatten=True cannot hold a param listed twice (torch would step it twice)")
             held = self._bucketing.flat_slot
@@ -180,6 +194,7 @@ class RMSprop(torch.optim.Optimizer):
         state buffers."""
         copied = _torch_state.copied(state_dict, self.param_groups)
         super().load_state_dict({**state_dict, "state": copied})
+        _torch_state.float32_state(copied, state_dict, self.param_groups, self.state)  # torch cast them to 16 bits
         self._caches()
         for p, (bucket, i) in self._bucketing.flat_slot.items():
             state = self.state.get(p)

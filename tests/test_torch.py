@@ -1,12 +1,16 @@
 """fastrms.torch.RMSprop against torch.optim.RMSprop: parity, state dicts both ways, checks,
 autograd, hooks, and ZeroRedundancyOptimizer on gloo (skipped, saying so, without torch)."""
 
+import copy
 import os
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
+
+from fastrms import reference
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'fastrms[torch]')")
 from conftest import assert_optional_import  # noqa: E402
@@ -169,9 +173,9 @@ def _snapshot(params):
     [
         (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], capturable=True), "capturable"),
         (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], differentiable=True), "differentiable"),
-        (lambda: RMSprop([torch.nn.Parameter(torch.ones(2, dtype=torch.float16))]), "float16"),
-        (lambda: RMSprop([torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))]), "bfloat16"),
-        (lambda: RMSprop([torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))]), "complex"),
+        (lambda: RMSprop([torch.ones(2, dtype=torch.int32)]), "int32"),
+        (lambda: RMSprop([torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))], flatten=True), "flatten=True"),
+        (lambda: RMSprop([torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))]), "complex64"),
         (lambda: RMSprop([torch.nn.Parameter(torch.ones(4, 4).t()[::2])]), "not dense"),
         (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], lr=-1.0), "lr must be"),
         (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], alpha=1.0), "alpha must be"),
@@ -315,3 +319,122 @@ def test_flatten_survives_a_replaced_grad_and_state_dicts_both_ways():
 def test_flatten_must_be_a_bool():
     with pytest.raises(TypeError, match="flatten must be True or False"):
         RMSprop([torch.nn.Parameter(torch.ones(2))], flatten=1)
+
+
+# ------------------------------------------------------------------ 16-bit params over float32 masters
+
+LOW = [torch.bfloat16, torch.float16]
+
+
+def _numpy_low(t):
+    """A 16-bit tensor as the NumPy array of its dtype (ml_dtypes.bfloat16 or float16), same bits."""
+    bits = t.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.float16:
+        return bits.view(np.float16)
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed (pip install 'fastrms[bfloat16]')")
+    return bits.view(ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[-1]], ids=["plain", "momentum,centered,wd"])
+def test_a_16_bit_model_steps_its_float32_masters_as_the_reference_does_bit_for_bit(case, dtype):
+    """The masters in the state follow fastrms.reference stepping float32 copies of the initial
+    params from the 16-bit grads, and each param is its master rounded to nearest even."""
+    model = _model(dtype)
+    opt = RMSprop(model.parameters(), lr=1e-2, **case)
+    torch_names = {"alpha": "beta", "eps": "epsilon"}
+    options = {torch_names.get(k, k): v for k, v in case.items()}
+    masters = [p.detach().float().numpy().copy() for p in model.parameters()]
+    copies = [_numpy_low(p).copy() for p in model.parameters()]
+    ref = reference.RMSprop(masters, 1e-2, beta=0.99, **options, copy_to=copies)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        x, y = torch.randn(32, 8, generator=g).to(dtype), torch.randn(32, 1, generator=g).to(dtype)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
+        grads = [_numpy_low(p.grad) for p in model.parameters()]
+        opt.step()
+        ref.step(grads)
+    for p, master, low in zip(model.parameters(), masters, copies):
+        state = opt.state[p]
+        assert state["master_param"].dtype == state["square_avg"].dtype == torch.float32
+        np.testing.assert_array_equal(state["master_param"].numpy(), master)
+        np.testing.assert_array_equal(_numpy_low(p).view(np.uint16), low.view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bfloat16", "float16"])
+def test_a_16_bit_model_matches_torch_over_float32_masters_with_the_copy_by_hand(dtype):
+    """The recipe fastrms fuses: torch.optim.RMSprop over float32 masters, their grads the
+    16-bit grads widened, then each 16-bit param copied from its master."""
+    ours = _model(dtype)
+    theirs = _model(dtype)
+    masters = [p.detach().float().clone() for p in theirs.parameters()]
+    opt = RMSprop(ours.parameters(), lr=1e-3, momentum=0.9)
+    torch_opt = torch.optim.RMSprop(masters, lr=1e-3, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        x, y = torch.randn(32, 8, generator=g).to(dtype), torch.randn(32, 1, generator=g).to(dtype)
+        for model in (ours, theirs):
+            model.zero_grad()
+            torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
+        opt.step()
+        for m, p in zip(masters, theirs.parameters()):
+            m.grad = p.grad.float()
+        torch_opt.step()
+        with torch.no_grad():
+            for m, p in zip(masters, theirs.parameters()):
+                p.copy_(m)
+    for p, m in zip(ours.parameters(), masters):
+        torch.testing.assert_close(opt.state[p]["master_param"], m, rtol=1e-5, atol=1e-6)
+        assert (p.float() - m).abs().max() <= m.abs().max() * 2.0**-7  # one 16-bit rounding of the master
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bfloat16", "float16"])
+def test_16_bit_state_dicts_keep_the_float32_masters_and_resume_bit_for_bit(dtype):
+    straight, resumed = _model(dtype), _model(dtype)
+    opt = RMSprop(straight.parameters(), lr=1e-2, momentum=0.9, centered=True)
+    _train(straight, opt, 3, dtype)
+    saved = copy.deepcopy(opt.state_dict())
+    assert all(v["master_param"].dtype == torch.float32 for v in saved["state"].values())
+    with torch.no_grad():
+        for p, q in zip(resumed.parameters(), straight.parameters()):
+            p.copy_(q)
+    other = RMSprop(resumed.parameters(), lr=1e-2, momentum=0.9, centered=True)
+    other.load_state_dict(saved)  # torch casts state to the params' dtype; the masters stay float32
+    assert all(s["master_param"].dtype == s["square_avg"].dtype == torch.float32 for s in other.state.values())
+    _train(straight, opt, 3, dtype, seed=5)
+    _train(resumed, other, 3, dtype, seed=5)
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p, q) and torch.equal(opt.state[p]["master_param"], other.state[q]["master_param"])
+    source = _model(dtype)
+    theirs = torch.optim.RMSprop(source.parameters(), lr=1e-2)  # torch's own 16-bit state loads too
+    _train(source, theirs, 2, dtype)
+    assert all(s["square_avg"].dtype == dtype for s in theirs.state.values())
+    fresh = _model(dtype)
+    mine = RMSprop(fresh.parameters(), lr=1e-2)
+    mine.load_state_dict(theirs.state_dict())
+    _train(fresh, mine, 2, dtype)
+    assert all(s["master_param"].dtype == torch.float32 for s in mine.state.values())
+
+
+def test_16_bit_params_with_a_sparse_grad_or_a_bad_master_are_refused_with_nothing_written():
+    table = torch.nn.Parameter(torch.ones(4, 3, dtype=torch.bfloat16))
+    w = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    opt = RMSprop([w, table], lr=0.1)
+    w.grad = torch.ones(3, dtype=torch.bfloat16)
+    table.grad = torch.sparse_coo_tensor(
+        torch.tensor([[1]]), torch.ones(1, 3, dtype=torch.bfloat16), (4, 3), check_invariants=True
+    )
+    with pytest.raises(ValueError, match=r"\['params'\]\[1\]: a torch.bfloat16 param with a sparse grad"):
+        opt.step()
+    assert torch.equal(w, torch.ones(3, dtype=torch.bfloat16)) and torch.equal(
+        table, torch.ones(4, 3, dtype=torch.bfloat16)
+    )
+    table.grad = None
+    opt.state[w]["master_param"] = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="its state 'master_param' is not a float32 CPU tensor of the param's shape"):
+        opt.step()
+    assert torch.equal(w, torch.ones(3, dtype=torch.bfloat16))
+    del opt.state[w]["master_param"]  # made again from the param
+    opt.step()
+    assert torch.all(w < 1) and opt.state[w]["master_param"].dtype == torch.float32
