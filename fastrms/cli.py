@@ -87,6 +87,8 @@ def _bench(args):
         return report.run_cold(args.rounds)
     if args.precision:
         return report.run_precision(args.rounds, args.sizes)
+    if args.master:
+        return report.run_master(args.rounds, args.no_compile)
     if args.torch:
         return report.run_torch(args.rounds, widths=(100, 300) if args.sizes is None else args.sizes)
     return report.run(
@@ -177,6 +179,10 @@ def _check(args):
         _check_memory(args)  # arithmetic only: the same answer whether torch or dask are installed
         if args.torch and importlib.util.find_spec("torch") is None:
             raise UsageError("fastrms bench --torch needs PyTorch: pip install 'fastrms[torch]'")
+        if args.master and importlib.util.find_spec("torch") is None:
+            raise UsageError("fastrms bench --master needs PyTorch: pip install 'fastrms[torch]'")
+        if args.no_compile and not args.master:
+            raise UsageError("--no-compile goes with --master")
         if args.dask and (importlib.util.find_spec("dask") is None or importlib.util.find_spec("distributed") is None):
             raise UsageError("fastrms bench --dask needs Dask: pip install 'fastrms[dask]'")
         for path in args.compare or ():
@@ -192,6 +198,7 @@ def _check(args):
             or args.many
             or args.clipped
             or args.torch
+            or args.master
             or args.sparse
             or args.dask
             or args.cold
@@ -293,8 +300,16 @@ def _parse(argv):
     )
     b.add_argument("--cold", action="store_true", help="import and first steps in fresh processes (warm disk cache)")
     b.add_argument(
-        "--precision", action="store_true", help="each state storage (native, bfloat16) against its own limit (--sizes)"
+        "--precision",
+        action="store_true",
+        help="each state storage and 16-bit master mode against its own limit (--sizes)",
     )
+    b.add_argument(
+        "--master",
+        action="store_true",
+        help="a bfloat16 model's step: fastrms.torch over float32 masters against torch's recipe and torch.compile",
+    )
+    b.add_argument("--no-compile", action="store_true", help="with --master: leave torch.compile out")
     b.add_argument(
         "--torch", action="store_true", help="fastrms.torch.RMSprop against torch (--sizes: layer widths, 100 300)"
     )

@@ -39,6 +39,21 @@ def test_the_copy_bespoke_loop_is_the_optimizers_step_with_copy_to_bit_for_bit()
     np.testing.assert_array_equal(copy.view(np.uint16), c)
 
 
+@pytest.mark.parametrize("mode", ["bf16 master", "f16 master"])
+def test_the_master_bespoke_loops_are_the_optimizers_16_bit_step_bit_for_bit(mode):
+    rng = np.random.default_rng(4)
+    p = rng.standard_normal(1031).astype(np.float32)
+    low = precision._low_like(p, mode)
+    mine, v, c = p.copy(), np.zeros(p.size, np.float32), np.zeros(p.size, np.uint16)
+    opt = fastrms.RMSprop(p, copy_to=low)
+    for _ in range(4):
+        g = rng.standard_normal(p.size).astype(low.dtype)
+        opt.step(g)
+        precision.bespoke_master(mine, g.view(np.uint16), v, c, mode)
+    np.testing.assert_array_equal(opt.params, mine)
+    np.testing.assert_array_equal(low.view(np.uint16), c)
+
+
 def test_each_mode_is_timed_with_its_limit_and_summarized():
     rows = precision.measure(sizes=(2000,), rounds=1, target=0.001)
     assert set(rows[0]["seconds"]) == {(m, w) for m in precision.MODES for w in ("fastrms", "traffic", "bespoke")}
@@ -47,9 +62,10 @@ def test_each_mode_is_timed_with_its_limit_and_summarized():
     assert summary["native"]["x_native"] == 1.0
     assert (summary["bfloat16"]["bytes_per_param_step"], summary["bfloat16"]["state_bytes_per_param"]) == (16, 2)
     assert summary["bf16 copy"]["bytes_per_param_step"] == 22
+    assert summary["bf16 master"]["bytes_per_param_step"] == summary["f16 master"]["bytes_per_param_step"] == 20
 
 
 def test_bench_precision_prints_a_row_per_mode_and_size(capsys):
     assert cli.main(["bench", "--precision", "--sizes", "1000", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
-    assert "bfloat16" in out and "native" in out and "% limit" in out and "16, 2" in out
+    assert "bfloat16" in out and "native" in out and "% limit" in out and "16, 2" in out and "f16 master" in out

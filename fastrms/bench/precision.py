@@ -1,6 +1,8 @@
 """`fastrms bench --precision`: each state storage of `fastrms.RMSprop` (float32 params),
-and the float32 master step that writes a bfloat16 copy of the params (`copy_to`), against
-its own limit, and the modes against each other, in one process.
+the float32 master step that writes a bfloat16 copy of the params (`copy_to`), and the
+master step of a 16-bit model (its bfloat16 or float16 grads read, its copy written in the
+same pass: offloaded training's step), each against its own limit, and the modes against
+each other, in one process.
 
 For a mode the limit is the slower of two kernels, as for every variant (`fastrms.bench.peers`):
 
@@ -11,20 +13,24 @@ For a mode the limit is the slower of two kernels, as for every variant (`fastrm
 
 Bytes a plain step moves per parameter: native state 20 (read p, g, v; write p, v, each
 4 bytes), bfloat16 state 16 (v is 2 bytes each way), the master step with its copy 22 (the
-bf16 copy written, 2 bytes). State bytes per parameter: 4, 2 and 4.
+bf16 copy written, 2 bytes), a 16-bit model's master step 20 (its grad read in 2 bytes, its
+copy written in 2). State bytes per parameter: 4, 2, 4 and 4 (the float32 master is the
+param the step updates; the model's 16-bit weights are its copy).
 """
 
 import numpy as np
 from numba import njit, prange
 
 from .. import kernels
-from ..kernels.storage import bfloat16_bits
+from ..kernels.storage import BFLOAT16, FLOAT16, bfloat16_bits
 from ..optimizer import RMSprop
 from .peers import DEFAULT_HYPER, Problem, setup
 from .timing import measure_calls
 
 #: The modes measured, with the bytes a plain step moves and the state keeps per parameter.
-MODES = {"native": (20, 4), "bfloat16": (16, 2), "bf16 copy": (22, 4)}
+MODES = {"native": (20, 4), "bfloat16": (16, 2), "bf16 copy": (22, 4), "bf16 master": (20, 4), "f16 master": (20, 4)}
+#: The 16-bit model modes: the codec of their grads and copies.
+MASTERS = {"bf16 master": BFLOAT16, "f16 master": FLOAT16}
 
 
 def _make_bf16_bespoke(lr, beta, eps, parallel):
@@ -89,6 +95,41 @@ def _make_bf16_traffic(parallel):
     return kernels.jit(parallel)(traffic_bf16)
 
 
+def _make_master_bespoke(lr, beta, eps, parallel, codec):
+    """The plain step of a 16-bit model's float32 master: the grad widened from its bits, the
+    copy rounded to its bits."""
+    omb = 1.0 - beta
+    load, encode = codec.load, codec.encode
+
+    def plain_master(p, g, v, c):
+        for i in prange(p.size):
+            gi = load(g, i)
+            vi = np.float32(beta) * v[i] + np.float32(omb) * (gi * gi)
+            v[i] = vi
+            pi = p[i] - np.float32(lr) * (gi / (np.sqrt(vi) + np.float32(eps)))
+            p[i] = pi
+            c[i] = encode(pi)
+
+    kind = f"{codec.tag}_{'parallel' if parallel else 'serial'}"
+    plain_master.__name__ = plain_master.__qualname__ = f"bespoke_plain_master_{kind}"
+    return njit(parallel=parallel, error_model="numpy", nogil=True)(plain_master)
+
+
+def _make_master_traffic(parallel):
+    """Loads p, the uint16 grad and v, stores p, v and the uint16 copy, with no arithmetic."""
+
+    def traffic_master(p, g, v, c):
+        for i in prange(p.size):
+            old = v[i]
+            v[i] = p[i]
+            c[i] = g[i]
+            p[i] = old
+        return parallel
+
+    traffic_master.__name__ = traffic_master.__qualname__ = f"traffic_master_{'parallel' if parallel else 'serial'}"
+    return kernels.jit(parallel)(traffic_master)
+
+
 _BUILT: dict = {}
 
 
@@ -101,6 +142,10 @@ def _built(kind, parallel, mode="bfloat16"):
             ("bespoke", "bfloat16"): lambda: _make_bf16_bespoke(*consts),
             ("traffic", "bf16 copy"): lambda: _make_copy_traffic(parallel),
             ("bespoke", "bf16 copy"): lambda: _make_copy_bespoke(*consts),
+            ("traffic", "bf16 master"): lambda: _make_master_traffic(parallel),
+            ("traffic", "f16 master"): lambda: _make_master_traffic(parallel),
+            ("bespoke", "bf16 master"): lambda: _make_master_bespoke(*consts, BFLOAT16),
+            ("bespoke", "f16 master"): lambda: _make_master_bespoke(*consts, FLOAT16),
         }[(kind, mode)]
         _BUILT[(kind, parallel, mode)] = make()
     return _BUILT[(kind, parallel, mode)]
@@ -119,6 +164,12 @@ def steps(n, seed=0):
     p, g = problem.fresh()
     opt = RMSprop(p, h["learning_rate"], h["beta"], h["epsilon"], copy_to=_bfloat16_like(p))
     out[("bf16 copy", "fastrms")] = lambda opt=opt, g=g: opt.step(g)
+    for mode in MASTERS:
+        p, g = problem.fresh()
+        low = _low_like(p, mode)
+        opt = RMSprop(p, h["learning_rate"], h["beta"], h["epsilon"], copy_to=low)
+        g = g.astype(low.dtype)
+        out[(mode, "fastrms")] = lambda opt=opt, g=g: opt.step(g)
     for what in ("traffic", "bespoke"):
         out[("native", what)] = setup(what, problem)[0]
     parallel = kernels.step_bytes(n, 4, 1) >= kernels.PARALLEL_MIN_BYTES  # as the optimizer decides
@@ -131,6 +182,12 @@ def steps(n, seed=0):
         v, c = np.zeros(n, np.float32), np.zeros(n, np.uint16)
         kernel = _built(what, parallel, "bf16 copy")
         out[("bf16 copy", what)] = lambda kernel=kernel, p=p, g=g, v=v, c=c: kernel(p, g, v, c)
+        for mode in MASTERS:
+            p, g = problem.fresh()
+            g = g.astype(_low_like(p, mode).dtype).view(np.uint16)
+            v, c = np.zeros(n, np.float32), np.zeros(n, np.uint16)
+            kernel = _built(what, parallel, mode)
+            out[(mode, what)] = lambda kernel=kernel, p=p, g=g, v=v, c=c: kernel(p, g, v, c)
     return out
 
 
@@ -138,6 +195,11 @@ def _bfloat16_like(p):
     import ml_dtypes
 
     return np.zeros(p.shape, ml_dtypes.bfloat16)
+
+
+def _low_like(p, mode):
+    """Zeros like `p` in the 16-bit dtype of master mode `mode`."""
+    return _bfloat16_like(p) if MASTERS[mode] is BFLOAT16 else np.zeros(p.shape, np.float16)
 
 
 def bespoke_bf16(p, g, v):
@@ -149,6 +211,12 @@ def bespoke_bf16(p, g, v):
 def bespoke_copy(p, g, v, c):
     """One step of the master-with-copy bespoke loop (float32 `p`, `g`, `v`; uint16 `c`)."""
     kernel = _built("bespoke", kernels.step_bytes(p.size, 4, 1) >= kernels.PARALLEL_MIN_BYTES, "bf16 copy")
+    kernel(p, g, v, c)
+
+
+def bespoke_master(p, g, v, c, mode):
+    """One step of a 16-bit model's master bespoke loop (float32 `p`, `v`; uint16 bits `g`, `c`)."""
+    kernel = _built("bespoke", kernels.step_bytes(p.size, 4, 1) >= kernels.PARALLEL_MIN_BYTES, mode)
     kernel(p, g, v, c)
 
 

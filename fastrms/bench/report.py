@@ -187,14 +187,31 @@ def run_precision(rounds=None, sizes=None):
     rows = precision.measure(sizes or (1_000_000, 10_000_000), rounds=7 if rounds is None else rounds)
     print("float32 params, plain variant, medians (limit: the slower of the mode's traffic kernel and bespoke loop):")
     print(
-        f"  {'n':>10}  {'state':9} {'us/step':>9} {'GB/s':>6} {'% limit':>8} {'x native':>8}  bytes/param: step, state"
+        f"  {'n':>10}  {'mode':11} {'us/step':>9} {'GB/s':>6} {'% limit':>8} {'x native':>8}  bytes/param: step, state"
     )
     for row in rows:
         for mode, f in precision.summarize(row).items():
             print(
-                f"  {row['n']:>10}  {mode:9} {f['us']:9.1f} {f['gb_per_s']:6.1f} {f['pct_of_limit']:7.0f}% "
+                f"  {row['n']:>10}  {mode:11} {f['us']:9.1f} {f['gb_per_s']:6.1f} {f['pct_of_limit']:7.0f}% "
                 f"{f['x_native']:8.2f}  {f['bytes_per_param_step']}, {f['state_bytes_per_param']}"
             )
+    return 0
+
+
+def run_master(rounds=None, no_compile=False):
+    """`fastrms bench --master`: a bfloat16 model's step, fastrms.torch over float32 masters
+    against torch's RMSprop over float32 masters with the copies by hand (`fastrms.bench.master`)."""
+    from . import master
+
+    rows = master.measure(rounds=7 if rounds is None else rounds, compiled=not no_compile)
+    print("bfloat16 params and grads, float32 masters, lr 1e-3, torch's defaults, optimizer step, medians:")
+    for row in rows:
+        s = row["seconds"]
+        print(f"  {row['model']} ({row['params']} params):")
+        for name, seconds in s.items():
+            print(f"    {name:14s} {seconds * 1e3:9.3f} ms  {seconds / s['fastrms']:6.2f}x fastrms")
+        if row["compile_s"] is not None:
+            print(f"    torch.compile's first call (the compile): {row['compile_s']:.1f} s")
     return 0
 
 
