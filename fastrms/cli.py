@@ -89,6 +89,8 @@ def _bench(args):
         return report.run_precision(args.rounds, args.sizes)
     if args.master:
         return report.run_master(args.rounds, args.no_compile)
+    if args.accuracy:
+        return report.run_accuracy(args.output, args.steps)
     if args.torch:
         return report.run_torch(args.rounds, widths=(100, 300) if args.sizes is None else args.sizes)
     return report.run(
@@ -183,6 +185,10 @@ def _check(args):
             raise UsageError("fastrms bench --master needs PyTorch: pip install 'fastrms[torch]'")
         if args.no_compile and not args.master:
             raise UsageError("--no-compile goes with --master")
+        if args.steps is not None and not args.accuracy:
+            raise UsageError("--steps goes with --accuracy")
+        if args.accuracy and importlib.util.find_spec("ml_dtypes") is None:
+            raise UsageError("fastrms bench --accuracy needs ml_dtypes: pip install 'fastrms[bfloat16]'")
         if args.dask and (importlib.util.find_spec("dask") is None or importlib.util.find_spec("distributed") is None):
             raise UsageError("fastrms bench --dask needs Dask: pip install 'fastrms[dask]'")
         for path in args.compare or ():
@@ -310,6 +316,12 @@ def _parse(argv):
         help="a bfloat16 model's step: fastrms.torch over float32 masters against torch's recipe and torch.compile",
     )
     b.add_argument("--no-compile", action="store_true", help="with --master: leave torch.compile out")
+    b.add_argument(
+        "--accuracy",
+        action="store_true",
+        help="train a small network in each precision mode: final losses, bytes per parameter, accuracy.png in --output",
+    )
+    b.add_argument("--steps", type=_count(1), help="with --accuracy: training steps (default 600)")
     b.add_argument(
         "--torch", action="store_true", help="fastrms.torch.RMSprop against torch (--sizes: layer widths, 100 300)"
     )

@@ -215,6 +215,29 @@ def run_master(rounds=None, no_compile=False):
     return 0
 
 
+def run_accuracy(output, steps=None):
+    """`fastrms bench --accuracy`: a small network trained in each precision mode
+    (`fastrms.bench.accuracy`): its final loss and bytes per parameter, and the loss curves
+    in `output/accuracy.png` (where matplotlib is installed)."""
+    from . import accuracy
+
+    steps = 600 if steps is None else steps
+    losses = accuracy.study(steps=steps)
+    print(f"a 64-128-1 tanh network, 8449 parameters, {steps} full-batch steps of RMSprop, lr 1e-4:")
+    print(f"  {'mode':22s} {'bytes/param':>11} {'loss at start':>14} {'final loss':>11} {'x float32':>10}")
+    base = losses["float32"][-1]
+    for mode, curve in losses.items():
+        kept = accuracy.MODES[mode]
+        print(f"  {mode:22s} {kept:11d} {curve[0]:14.4f} {curve[-1]:11.5f} {curve[-1] / base:10.2f}")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("  no plot: matplotlib is not installed (pip install 'fastrms[plot]')")
+        return 0
+    print(f"  plot: {accuracy.plot(losses, output / 'accuracy.png')}")
+    return 0
+
+
 def run_sparse(rounds=None):
     """`fastrms bench --sparse`: step_rows on a (1e6, 64) float32 table against dense steps."""
     times = row_timing.sparse_rows(rounds=7 if rounds is None else rounds)
