@@ -319,7 +319,7 @@ def _parse(argv):
     b.add_argument(
         "--accuracy",
         action="store_true",
-        help="train a small network in each precision mode: final losses, bytes per parameter, accuracy.png in --output",
+        help="train a small network in each precision mode: losses, bytes per parameter, accuracy.png in --output",
     )
     b.add_argument("--steps", type=_count(1), help="with --accuracy: training steps (default 600)")
     b.add_argument(

@@ -5,8 +5,8 @@ import pytest
 
 pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed (pip install 'fastrms[bfloat16]')")
 
-from fastrms import cli  # noqa: E402
-from fastrms.bench import accuracy  # noqa: E402
+from fastrms import cli
+from fastrms.bench import accuracy
 
 
 def test_the_gradients_are_the_losss_derivatives():
