@@ -25,8 +25,10 @@ class Steps:
     layout (`layouts`, `fastrms._torch_tensors.layout`) and the pointer table last checked
     for overlaps per group, dtype and round (`checked`). `dense_rows` is the optimizer's."""
 
-    def __init__(self, dense_rows):
+    def __init__(self, dense_rows, stochastic=None):
         self.dense_rows = dense_rows
+        #: the seed of stochastic rounding of bfloat16 params (None: they keep float32 masters)
+        self.stochastic = stochastic
         self.hyper_cache, self.tables, self.layouts, self.checked = {}, {}, {}, {}
 
     def hyperparameters(self, group, where, dtypes):
@@ -131,12 +133,16 @@ class Steps:
             rows = members.get(dtype)
             if rows is None:
                 rows = members[dtype] = []
-            rows.append(((cached[13], g.data_ptr(), *cached[8]), cached[9], p, cached[10], cached[11]))
+            ptrs = (cached[13], g.data_ptr(), *cached[8])
+            if self.stochastic is not None and dtype is torch.bfloat16:  # this step's noise key, in the sixth column
+                ptrs = (*ptrs, storage.stochastic_key(self.stochastic, (gi << 24) + j, int(state_of[p]["step"]) + 1))
+            rows.append((ptrs, cached[9], p, cached[10], cached[11]))
         for turn, members in enumerate(rounds):
             for dtype, rows in members.items():
                 ptrs = np.array([row[0] for row in rows], dtype=np.int64)
                 sizes = tuple(row[1] for row in rows)
-                _torch_tensors.check_overlaps(self.checked, (gi, dtype, turn), dtype, ptrs, sizes, where)
+                widths = _torch_tensors.widths(dtype, self.stochastic is not None)
+                _torch_tensors.check_overlaps(self.checked, (gi, dtype, turn), widths, ptrs, sizes, where)
                 members[dtype] = (rows, ptrs, sizes)
         sparse = [
             self.sparse_table(group, where, f"{where}['params'][{j}]", p, g, state_of, held) for j, p, g in sparse
@@ -168,7 +174,8 @@ class Steps:
 
     def layout(self, p, names, address, name, p_state, held):
         """The cached layout of `p` (see `plan` and `fastrms._torch_tensors.layout`), made anew."""
-        entry = _torch_tensors.layout(p, names, address, name, p_state, held.flat_slot.get(p))
+        stochastic = self.stochastic is not None and p.dtype is torch.bfloat16
+        entry = _torch_tensors.layout(p, names, address, name, p_state, held.flat_slot.get(p), stochastic)
         self.layouts[id(p)] = entry
         return entry
 
@@ -190,6 +197,8 @@ class Steps:
         low = _LOW.get(dtype)
         if low is None:
             shell = runtime.shell(kernels.segments, key, parallel)
+        elif self.stochastic is not None and dtype is torch.bfloat16:  # no master: rounded stochastically
+            shell = runtime.locked(kernels.stochastic_segments(key, bool(parallel)), parallel)
         else:  # the float32 masters stepped from 16-bit grads, each param written back in the pass
             shell = runtime.locked(kernels.segments(key, bool(parallel), storage.NATIVE, low, low), parallel)
         shell(witness, ptrs, sizes, chunks, *O.scalars(hyper, hyper["learning_rate"], 1))

@@ -122,24 +122,34 @@ def check_pair(p, g, name):
         )
 
 
-def check_overlaps(checked, at, dtype, ptrs, sizes, where):
+def widths(dtype, stochastic=False):
+    """Bytes per element at each column of a kernel call's pointer table for params of
+    `dtype` (0: not an address): the param (or its float32 master), the grad, the three
+    state arrays, and a 16-bit param written back beside its master (column 5; with
+    `stochastic` a bfloat16 param is itself column 0 and column 5 is its noise key)."""
+    if dtype not in LOW:
+        size = NUMPY[dtype].itemsize
+        return (size, size, size, size, size, 0)
+    if stochastic and dtype is torch.bfloat16:
+        return (2, 2, 4, 4, 4, 0)
+    return (4, 2, 4, 4, 4, 2)
+
+
+def check_overlaps(checked, at, widths, ptrs, sizes, where):
     """No param or state of one kernel call may overlap another, nor a grad any of them
     (threads would race on shared memory); grads may overlap each other (they are only
-    read). For 16-bit params (`LOW`) the call writes the float32 master (column 0) and the
-    state, and the 16-bit param itself (column 5); it reads 16-bit grads. Checked again only
+    read). `widths` gives the bytes per element of each column of `ptrs` (`widths`):
+    column 1 is the grad, read; every other with a width is written. Checked again only
     when an address or size changed (`checked[at]`: the last check's pointers and sizes)."""
     last = checked.get(at)
     if last is not None and last[1] == sizes and np.array_equal(last[0], ptrs):
         return
     key_sizes = sizes
     counts = np.array(sizes, dtype=np.int64)
-    sizes = counts * NUMPY[dtype].itemsize  # the param's (or master's) and the state's bytes
-    grad_bytes = counts * (2 if dtype in LOW else NUMPY[dtype].itemsize)
-    columns = [0, 2, 3, 4, 5] if dtype in LOW else [0, 2, 3, 4]
+    columns = [c for c, w in enumerate(widths) if w and c != 1 and c < ptrs.shape[1]]
     written = ptrs[:, columns]
-    spans = np.broadcast_to(sizes[:, None], written.shape).copy()
-    if dtype in LOW:
-        spans[:, -1] = grad_bytes  # the 16-bit param written back
+    spans = counts[:, None] * np.array([widths[c] for c in columns], dtype=np.int64)[None, :]
+    grad_bytes = counts * widths[1]
     used = (written != 0) & (spans > 0)
     owner = np.broadcast_to(np.arange(len(ptrs))[:, None], written.shape)[used]
     w_start = written[used]
@@ -163,7 +173,7 @@ def check_overlaps(checked, at, dtype, ptrs, sizes, where):
     checked[at] = (ptrs, key_sizes)
 
 
-def layout(p, names, address, name, state, slot):
+def layout(p, names, address, name, state, slot, stochastic=False):
     """The cached layout of `p` (see `_plan`), made anew: its state created as
     torch creates it (a buffer the options need and the state lacks, after momentum or
     centering is switched on mid-run, starts at zero) and checked to be laid out like
@@ -173,14 +183,15 @@ def layout(p, names, address, name, state, slot):
     A 16-bit param (`LOW`) keeps its state in float32 and a float32 master copy of itself
     (`state[MASTER]`, made from the param when missing); the kernel steps the master and
     writes the param back, rounded to nearest even: the entry's pointers are then
-    `(master, state..., param)`."""
+    `(master, state..., param)`. With `stochastic` a bfloat16 param keeps no master: the
+    kernel steps it in place (float32 state, stochastic rounding)."""
     if p.is_inference():
         raise RuntimeError(
             f"{name}: Inplace update to inference tensor outside InferenceMode is not allowed (the param was "
             "made under torch.inference_mode(); torch refuses to step it too)"
         )
-    low = p.dtype in LOW
-    kept = torch.float32 if low else p.dtype
+    kept = torch.float32 if p.dtype in LOW else p.dtype
+    low = p.dtype in LOW and not stochastic  # stepped over a master copy
     if not state:
         state["step"] = torch.zeros((), dtype=_get_scalar_dtype()) if slot is None else slot[0].steps[slot[1]]
     if low and MASTER not in state:
@@ -194,7 +205,7 @@ def layout(p, names, address, name, state, slot):
                 state[state_name] = slot[0].state_view(state_name, slot[1])
         t = state[state_name]
         if not isinstance(t, torch.Tensor) or t.dtype != kept or t.shape != p.shape or not t.is_cpu:
-            like = "a float32 CPU tensor of the param's shape" if low else "a CPU tensor like the param"
+            like = "a float32 CPU tensor of the param's shape" if kept != p.dtype else "a CPU tensor like the param"
             raise ValueError(f"{name}: its state {state_name!r} is not {like}")
         if t.stride() != p.stride() and p.numel() > 1:
             raise ValueError(f"{name}: its state {state_name!r} is not laid out like the param")

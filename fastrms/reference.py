@@ -53,6 +53,38 @@ def bfloat16_value(bits):
     return (np.asarray(bits, np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
+def mix32(h):
+    """murmur3's 32-bit finaliser on uint32 values (NumPy)."""
+    h = np.asarray(h, np.uint32).copy()
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x85EBCA6B)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(0xC2B2AE35)
+    h ^= h >> np.uint32(16)
+    return h
+
+
+def stochastic_key(seed, ident, step):
+    """The noise key of array `ident` at step `step` (1-based) under `seed`:
+    `mix32(mix32(seed32 ^ mix32(ident)) ^ step)`, `seed32` the seed's 32-bit halves xored."""
+    seed32 = np.uint32((seed ^ (seed >> 32)) & 0xFFFFFFFF)
+    inner = mix32(np.uint32(seed32) ^ mix32(np.uint32(ident & 0xFFFFFFFF)))
+    return int(mix32(inner ^ np.uint32(step & 0xFFFFFFFF)))
+
+
+def bfloat16_stochastic_round(x, key, offset=0):
+    """float32 values (flat) as bfloat16 bit patterns rounded stochastically: element `i`
+    adds the low 16 bits of `mix32((offset + i) * 0x9E3779B9 ^ key)` to its float32 bits
+    and keeps the top 16 (up with probability the dropped bits / 2^16); a NaN stays a NaN."""
+    x = np.asarray(x, np.float32).reshape(-1)
+    index = (np.arange(x.size, dtype=np.uint64) + np.uint64(offset)).astype(np.uint32)
+    noise = mix32((index * np.uint32(0x9E3779B9)) ^ np.uint32(key))
+    u = x.view(np.uint32)
+    rounded = ((u + (noise & np.uint32(0xFFFF))) >> np.uint32(16)).astype(np.uint16)
+    quiet = ((u >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
+    return np.where(np.isnan(x), quiet, rounded)
+
+
 def float16_round(x):
     """float32 values as IEEE float16 bit patterns (uint16), NumPy's own conversion: round to
     nearest, ties to even, inf from 65520 up (a NaN stays a NaN; NumPy keeps its payload

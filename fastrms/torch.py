@@ -21,7 +21,15 @@ DeepSpeed keep master weights) and float32 state: the kernel reads the 16-bit gr
 master in float32 and writes the param back, rounded to nearest even, in the same pass (no
 second pass for the copy). The masters are in `state_dict()` and come back with
 `load_state_dict` (a state dict without them, say `torch.optim.RMSprop`'s, makes them anew from
-the params). Params without a grad
+the params).
+
+`stochastic_rounding=True` (keyword-only, fastrms's own, with `seed`) keeps bfloat16 params
+without a master copy: each step widens the param, steps it in float32 and stores it rounded
+stochastically (up with probability the bits dropped / 2^16: the param is the float32 result
+on average, torchao's `bf16_stochastic_round`), with random bits from a counter-based hash of
+`seed`, the param's place (group, index), its step and the element's index: the same bits
+serial or parallel, and a run resumed from a state dict (in an optimizer built with the same
+`seed`) continues bit for bit. 6 bytes a parameter instead of 10. Params without a grad
 are skipped, as torch skips them. `state_dict()` is torch's, key for key, and loads into
 `torch.optim.RMSprop` (and the reverse).
 
@@ -102,11 +110,17 @@ class RMSprop(torch.optim.Optimizer):
         *,
         flatten: bool = False,
         dense_rows: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
-        for name, value in (("flatten", flatten), ("dense_rows", dense_rows)):
+        for name, value in (("flatten", flatten), ("dense_rows", dense_rows),
+                            ("stochastic_rounding", stochastic_rounding)):  # fmt: skip
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise TypeError(f"seed must be an int in [0, 2**64), got {seed!r}")
         self._flatten, self._dense_rows = flatten, dense_rows
+        self._stochastic = seed if stochastic_rounding else None  # the seed of stochastic rounding, or None
         self._bucketing = _torch_state.Layout()  # which params live in flat buffers (flatten=True)
         self._caches()
         defaults = dict(
@@ -124,7 +138,8 @@ class RMSprop(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def _caches(self):
-        self._steps = _torch_steps.Steps(self._dense_rows)  # the step's checks, layouts and kernel calls
+        # the step's checks, layouts and kernel calls
+        self._steps = _torch_steps.Steps(self._dense_rows, self._stochastic)
 
     def __repr__(self) -> str:
         mode = f"flatten={self._flatten}, dense_rows={self._dense_rows};"
@@ -145,6 +160,11 @@ class RMSprop(torch.optim.Optimizer):
         params = group["params"]
         for j, p in enumerate(params):
             _torch_tensors.check_param(p, f"{where}['params'][{j}]")
+            if self._stochastic is not None and p.dtype == torch.float16:
+                raise TypeError(
+                    f"{where}['params'][{j}] is torch.float16: stochastic_rounding=True rounds bfloat16 params "
+                    "(float16 ones are stepped over a float32 master: stochastic_rounding=False)"
+                )
         self._steps.hyperparameters(group, where, tuple(dict.fromkeys(_NUMPY[p.dtype] for p in params)))
         distinct = list(dict.fromkeys(params))
         _torch_tensors.check_disjoint(distinct, where)
@@ -169,7 +189,7 @@ class RMSprop(torch.optim.Optimizer):
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["fastrms"] = {"flatten": self._flatten, "dense_rows": self._dense_rows,
+        state["fastrms"] = {"flatten": self._flatten, "dense_rows": self._dense_rows, "stochastic": self._stochastic,
                             "buckets": self._bucketing.pickled()}  # fmt: skip
         return state
 
@@ -183,6 +203,7 @@ class RMSprop(torch.optim.Optimizer):
             return
         self._flatten = ours["flatten"]
         self._dense_rows = ours.get("dense_rows", False)
+        self._stochastic = ours.get("stochastic")
         self._caches()
         self._bucketing = _torch_state.Layout.unpickled(self.param_groups, ours["buckets"], self.state)
 

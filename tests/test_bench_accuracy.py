@@ -33,6 +33,7 @@ def test_a_master_keeps_the_updates_that_rounding_to_bfloat16_loses():
     assert losses["bfloat16 state"][-1] == pytest.approx(full[-1], rel=0.02)
     assert losses["bfloat16 + master"][-1] == pytest.approx(full[-1], rel=0.05)
     assert losses["bfloat16, no master"][-1] > 1.5 * full[-1]  # updates below half a bfloat16 step are lost
+    assert losses["bfloat16, stochastic"][-1] == pytest.approx(full[-1], rel=0.1)  # and kept on average
 
 
 def test_bench_accuracy_prints_each_mode_and_writes_its_plot(tmp_path, capsys):

@@ -230,3 +230,75 @@ def test_the_reductions_read_16_bit_grads_as_their_values(name):
     assert not kernels.nonfinite(False, codec)(bits) and not kernels.nonfinite_segments(True, codec)(*table)
     other[2] = 0x7C00 if name == "float16" else 0x7F80  # +inf
     assert kernels.nonfinite_segments(False, codec)(*table) and kernels.nonfinite(True, codec)(other)
+
+
+# ------------------------------------------------------------------ stochastic rounding
+
+
+@njit
+def _stochastic_all(x, key, out):
+    for i in range(x.size):
+        out[i] = storage.bfloat16_stochastic_bits(x[i], storage.stochastic_noise(key, i))
+
+
+def test_stochastic_rounding_is_the_references_and_rounds_only_between_neighbours():
+    x = _patterns()
+    got = np.empty(x.size, np.uint16)
+    _stochastic_all(x, 12345, got)
+    finite = ~np.isnan(x)
+    np.testing.assert_array_equal(got[finite], reference.bfloat16_stochastic_round(x, 12345)[finite])
+    assert np.isnan(reference.bfloat16_value(got[~finite])).all()
+    down = x.view(np.uint32) >> 16  # truncation, and the next pattern up: the only two results
+    assert np.isin(got[finite].astype(np.uint32) - down[finite], [0, 1]).all()
+    exact = (x.view(np.uint32) & 0xFFFF) == 0
+    np.testing.assert_array_equal(got[exact & finite], down[exact & finite])  # a bfloat16 value stays itself
+    assert storage.stochastic_key(7, 3, 11) == reference.stochastic_key(7, 3, 11)
+    assert storage.stochastic_key(2**64 - 1, 0, 1) == reference.stochastic_key(2**64 - 1, 0, 1)
+
+
+def test_stochastic_rounding_is_unbiased():
+    """Each value rounded under 4096 keys: the mean of the results is the value, within six
+    standard errors of a rounding whose error is at most one bfloat16 step."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(512) * np.exp2(rng.integers(-20, 20, 512))).astype(np.float32)
+    keys = 4096
+    total = np.zeros(x.size)
+    out = np.empty(x.size, np.uint16)
+    for key in range(keys):
+        _stochastic_all(x, storage.stochastic_key(1, 0, key + 1), out)
+        total += reference.bfloat16_value(out)
+    mean = total / keys
+    down = (x.view(np.uint32) >> 16).astype(np.uint16)
+    ulp = np.abs(reference.bfloat16_value(down + np.uint16(1)) - reference.bfloat16_value(down))
+    assert (np.abs(mean - x) <= 6 * ulp / (2 * np.sqrt(keys))).all()
+    nearest = reference.bfloat16_value(reference.bfloat16_round(x))
+    assert np.abs(mean - x).mean() < 0.1 * np.abs(nearest - x).mean()  # round to nearest is biased here
+
+
+@pytest.mark.parametrize("name", ["plain", "centered_momentum"])
+def test_the_stochastic_shells_give_the_same_bits_serial_parallel_and_chunked(name):
+    hyper = options.resolve({**MAIN[name], "learning_rate": 0.01})
+    key, scalars = options.variant_key(hyper), options.scalars(hyper, 0.01, 1)
+    n = BIG
+    params, _ = _low(n, "bfloat16", seed=6)
+    grads, _ = _low(n, "bfloat16", seed=7)
+    names = spec.of(hyper).names
+    runs = []
+    for parallel in (False, True):
+        p = params.copy()
+        state = {k: np.zeros(n if k in names else 0, np.float32) for k in ("square_avg", "grad_avg", "momentum_buffer")}
+        kernels.stochastic(key, parallel)(p, grads, *state.values(), 0, 99, *scalars)
+        runs.append((p, state))
+    assert runs[0][0].tobytes() == runs[1][0].tobytes()
+    p = params.copy()
+    state = {k: np.zeros(n if k in names else 0, np.float32) for k in ("square_avg", "grad_avg", "momentum_buffer")}
+    ptrs = np.array([[kernels.address(p), kernels.address(grads),
+                      *[kernels.address(a) if a.size else 0 for a in state.values()], 99]], dtype=np.int64)  # fmt: skip
+    sizes = np.array([n], dtype=np.int64)
+    kernels.stochastic_segments(key, True)(np.zeros(0, np.float32), ptrs, sizes, kernels.chunk_table(sizes), *scalars)
+    assert p.tobytes() == runs[0][0].tobytes()
+    assert all(state[k].tobytes() == runs[0][1][k].tobytes() for k in names)
+    wide = reference.bfloat16_value(params)
+    ref_state = {k: np.zeros(n, np.float32) for k in names}
+    stepped = reference.rmsprop_step(wide, reference.bfloat16_value(grads), ref_state, 1, 0.01, **MAIN[name])
+    np.testing.assert_array_equal(p, reference.bfloat16_stochastic_round(stepped, 99))

@@ -438,3 +438,76 @@ def test_16_bit_params_with_a_sparse_grad_or_a_bad_master_are_refused_with_nothi
     del opt.state[w]["master_param"]  # made again from the param
     opt.step()
     assert torch.all(w < 1) and opt.state[w]["master_param"].dtype == torch.float32
+
+
+# ------------------------------------------------------------------ bfloat16 params, stochastic rounding
+
+
+def _bits(t):
+    return t.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def _reference_stochastic(params, steps, seed, case):
+    """fastrms.reference's float32 step of each bfloat16 param from its widened grads, the
+    result rounded stochastically with param j's key at each step: the params' bits."""
+    wide = [reference.bfloat16_value(_bits(p)).reshape(p.shape) for p in params]
+    state = [{} for _ in params]
+    for t, grads in enumerate(steps, start=1):
+        for j, g in enumerate(grads):
+            if not state[j]:
+                state[j] = {k: np.zeros(g.shape, np.float32) for k in ("square_avg", "grad_avg", "momentum_buffer")}
+            new = reference.rmsprop_step(wide[j], g, state[j], t, 1e-2, beta=0.99, **case)
+            bits = reference.bfloat16_stochastic_round(new, reference.stochastic_key(seed, j, t))
+            wide[j] = reference.bfloat16_value(bits).reshape(g.shape)
+    return wide
+
+
+@pytest.mark.parametrize("case", [{}, {"momentum": 0.9, "centered": True}], ids=["plain", "momentum,centered"])
+def test_stochastic_rounding_steps_bfloat16_params_in_place_as_the_reference_does(case):
+    model = _model(torch.bfloat16)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = RMSprop(model.parameters(), lr=1e-2, stochastic_rounding=True, seed=11, **case)
+    g = torch.Generator().manual_seed(4)
+    seen = []
+    for _ in range(3):
+        x, y = torch.randn(32, 8, generator=g).to(torch.bfloat16), torch.randn(32, 1, generator=g).to(torch.bfloat16)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
+        seen.append([reference.bfloat16_value(_bits(p.grad)).reshape(p.shape) for p in model.parameters()])
+        opt.step()
+    for p in start:
+        p.grad = None
+    want = _reference_stochastic(start, seen, 11, case)
+    for p, w in zip(model.parameters(), want):
+        np.testing.assert_array_equal(p.detach().float().numpy(), w)
+        assert "master_param" not in opt.state[p] and opt.state[p]["square_avg"].dtype == torch.float32
+
+
+def test_stochastic_rounding_resumes_from_a_state_dict_bit_for_bit_and_keeps_small_updates():
+    straight, resumed = _model(torch.bfloat16), _model(torch.bfloat16)
+    opt = RMSprop(straight.parameters(), lr=1e-2, stochastic_rounding=True, seed=3)
+    _train(straight, opt, 2, torch.bfloat16)
+    with torch.no_grad():
+        for p, q in zip(resumed.parameters(), straight.parameters()):
+            p.copy_(q)
+    other = RMSprop(resumed.parameters(), lr=1e-2, stochastic_rounding=True, seed=3)
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _train(straight, opt, 3, torch.bfloat16, seed=8)
+    _train(resumed, other, 3, torch.bfloat16, seed=8)
+    assert all(torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters()))
+    # an update far below half a bfloat16 step: round to nearest loses it, stochastic rounding keeps it on average
+    w = torch.nn.Parameter(torch.ones(20000, dtype=torch.bfloat16))
+    sgd = RMSprop([w], lr=1e-4, stochastic_rounding=True, seed=1)
+    w.grad = torch.ones_like(w)
+    sgd.step()  # each element moves by lr / (sqrt(1 - alpha) + eps) = 1e-3: a quarter of the bfloat16 step below 1
+    moved = float(1.0 - w.detach().float().mean())
+    assert moved == pytest.approx(1e-4 / (0.01**0.5 + 1e-8), rel=0.05)
+
+
+def test_stochastic_rounding_refuses_float16_and_a_bad_seed():
+    with pytest.raises(TypeError, match="stochastic_rounding=True rounds bfloat16 params"):
+        RMSprop([torch.nn.Parameter(torch.ones(2, dtype=torch.float16))], stochastic_rounding=True)
+    with pytest.raises(TypeError, match=r"seed must be an int in \[0, 2\*\*64\), got -1"):
+        RMSprop([torch.nn.Parameter(torch.ones(2))], stochastic_rounding=True, seed=-1)
+    with pytest.raises(TypeError, match="stochastic_rounding must be True or False, got int"):
+        RMSprop([torch.nn.Parameter(torch.ones(2))], stochastic_rounding=1)

@@ -9,6 +9,9 @@ seed's defaults but lr). The modes differ only in what they keep:
 - `bfloat16 state`: `state_storage="bfloat16"` (6 bytes);
 - `bfloat16 + master`: the model computes with bfloat16 weights; the step updates float32
   masters and writes the bfloat16 weights in the same pass (`copy_to`; 10 bytes: 2 + 4 + 4);
+- `bfloat16, stochastic`: only bfloat16 weights, each step's result rounded stochastically
+  (6 bytes), as `fastrms.torch.RMSprop(stochastic_rounding=True)` rounds them (the same
+  bits: `fastrms.reference.bfloat16_stochastic_round` with the same keys);
 - `bfloat16, no master`: the model keeps only bfloat16 weights, each step's result rounded
   to nearest (6 bytes): the baseline that stalls once an update is below half a bfloat16
   step of its weight.
@@ -19,10 +22,12 @@ sees the same data; the losses are computed in float32 from the weights the mode
 
 import numpy as np
 
+from .. import reference
 from ..optimizer import RMSprop
 
 #: Each mode with the bytes it keeps per parameter (weights the model uses + master + state).
-MODES = {"float32": 8, "bfloat16 state": 6, "bfloat16 + master": 10, "bfloat16, no master": 6}
+MODES = {"float32": 8, "bfloat16 state": 6, "bfloat16 + master": 10, "bfloat16, stochastic": 6,
+         "bfloat16, no master": 6}  # fmt: skip
 
 _IN, _HIDDEN, _SAMPLES = 64, 128, 4096
 
@@ -74,7 +79,7 @@ def train(mode, steps=600, learning_rate=1e-4, seed=0):
     opt = RMSprop(params, learning_rate, copy_to=copies if mode == "bfloat16 + master" else None,
                   state_storage=storage)  # fmt: skip
     losses = []
-    for _ in range(steps + 1):
+    for t in range(1, steps + 2):
         used = [c.astype(np.float32) for c in copies] if mode == "bfloat16 + master" else params
         loss, grads = _loss_and_grads(used, x, y)
         losses.append(loss)
@@ -84,6 +89,10 @@ def train(mode, steps=600, learning_rate=1e-4, seed=0):
         if mode == "bfloat16, no master":  # only bfloat16 weights are kept: round each step
             for p in params:
                 p[...] = p.astype(_bfloat16()).astype(np.float32)
+        elif mode == "bfloat16, stochastic":  # param j's key at step t, as fastrms.torch draws it
+            for j, p in enumerate(params):
+                bits = reference.bfloat16_stochastic_round(p, reference.stochastic_key(seed, j, t))
+                p[...] = reference.bfloat16_value(bits).reshape(p.shape)
     return losses
 
 
@@ -101,7 +110,8 @@ def plot(losses, path):
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for mode, curve in losses.items():
-        ax.plot(curve, label=f"{mode} ({MODES[mode]} B/param)", lw=1.6, ls="--" if "no master" in mode else "-")
+        style = "--" if "no master" in mode else (":" if "stochastic" in mode else "-")
+        ax.plot(curve, label=f"{mode} ({MODES[mode]} B/param)", lw=1.6, ls=style)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("mean squared error")

@@ -36,7 +36,7 @@ import numpy as np
 
 from . import _jit, storage
 from ._jit import SOURCE_HASH, cache_stats, jit
-from .dense import dense, dense_out
+from .dense import dense, dense_out, stochastic
 from .element import (
     MOM_INSIDE,
     MOM_NONE,
@@ -61,6 +61,7 @@ from .segments import (
     nonfinite_segments_parallel,
     nonfinite_segments_serial,
     segments,
+    stochastic_segments,
     sumsq_segments,
     sumsq_segments_parallel,
     sumsq_segments_serial,
@@ -105,6 +106,8 @@ __all__ = [
     "nonfinite_segments_serial",
     "segments",
     "step_bytes",
+    "stochastic",
+    "stochastic_segments",
     "sumsq",
     "sumsq_parallel",
     "sumsq_segments",

@@ -16,11 +16,12 @@ codec of `.storage.ARRAYS`, float32 params) the shell reads the grad as that cod
 bit patterns (bfloat16 or float16 grads in a uint16 array), widened exactly to float32.
 """
 
+import numpy as np
 from numba import prange
 
 from ._jit import jit, name
 from .element import apply, constants
-from .storage import NATIVE, grad_suffix, suffix
+from .storage import BFLOAT16, NATIVE, bfloat16_stochastic_bits, grad_suffix, stochastic_noise, suffix
 
 _DENSE: dict = {}
 
@@ -55,7 +56,7 @@ def _make_copy(key, parallel, codec, copy, grads):
             raise ValueError("dense: momentum_buffer must have the size of param (momentum variant)")
         k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
         for i in prange(n):
-            p, v, m, b = at(i, read(grad, i), param, square_avg, grad_avg, momentum_buffer, k)
+            p, v, m, b = at(i, param[i], read(grad, i), square_avg, grad_avg, momentum_buffer, k)
             param[i] = p
             copy_out[i] = encode(p)
             square_avg[i] = v
@@ -85,7 +86,7 @@ def _make_dense(key, parallel, codec, grads):
             raise ValueError("dense: momentum_buffer must have the size of param (momentum variant)")
         k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
         for i in prange(n):
-            p, v, m, b = at(i, read(grad, i), param, square_avg, grad_avg, momentum_buffer, k)
+            p, v, m, b = at(i, param[i], read(grad, i), square_avg, grad_avg, momentum_buffer, k)
             param[i] = p
             square_avg[i] = v
             if uses_m:
@@ -128,7 +129,7 @@ def _make_dense_out(key, parallel, codec):
             raise ValueError("dense_out: momentum buffers must have the size of param (momentum variant)")
         k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
         for i in prange(n):
-            p, v, m, b = at(i, grad[i], param, square_avg, grad_avg, momentum_buffer, k)
+            p, v, m, b = at(i, param[i], grad[i], square_avg, grad_avg, momentum_buffer, k)
             param_out[i] = p
             square_avg_out[i] = v
             if uses_m:
@@ -138,4 +139,52 @@ def _make_dense_out(key, parallel, codec):
         return parallel
 
     name(shell, f"dense_out_{key.tag}{suffix(codec)}_{'parallel' if parallel else 'serial'}")
+    return jit(parallel)(shell)
+
+
+_STOCHASTIC: dict = {}
+
+
+def stochastic(key, parallel, codec=NATIVE, grads=BFLOAT16):
+    """The in-place shell of variant `key` for bfloat16 params kept without a master copy:
+    `(param, grad, square_avg, grad_avg, momentum_buffer, offset, noise, *scalars)`, with
+    `param` the params' bfloat16 bits (uint16), the grads read as `grads` says, the state
+    in float32 (or as `codec` stores it). Each element is widened, stepped in float32 and
+    stored rounded stochastically (`.storage.bfloat16_stochastic_bits`) with the random bits
+    `stochastic_noise(noise, offset + i)`: the same bits serial or parallel, and whatever the
+    chunking (`offset` is the slice's first element in its array)."""
+    tag = (key, parallel, codec.tag, grads.tag)
+    fn = _STOCHASTIC.get(tag)
+    if fn is None:
+        fn = _STOCHASTIC[tag] = _make_stochastic(key, parallel, codec, grads)
+    return fn
+
+
+def _make_stochastic(key, parallel, codec, grads):
+    at, read, widen = apply(key, codec), grads.load, BFLOAT16.load
+    uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
+
+    def shell(param, grad, square_avg, grad_avg, momentum_buffer, offset, noise, lr, beta, eps_in, eps_out, wd, mu,
+              grad_scale, bc, clip):  # fmt: skip
+        n = param.size
+        if grad.size != n or square_avg.size != n:
+            raise ValueError("stochastic: grad and square_avg must have the size of param")
+        if uses_m and grad_avg.size != n:
+            raise ValueError("stochastic: grad_avg must have the size of param (centered variant)")
+        if uses_b and momentum_buffer.size != n:
+            raise ValueError("stochastic: momentum_buffer must have the size of param (momentum variant)")
+        k = constants(np.float32, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
+        first = np.uint32(offset)
+        for i in prange(n):
+            p, v, m, b = at(i, widen(param, i), read(grad, i), square_avg, grad_avg, momentum_buffer, k)
+            param[i] = bfloat16_stochastic_bits(p, stochastic_noise(noise, np.uint32(first + np.uint32(i))))
+            square_avg[i] = v
+            if uses_m:
+                grad_avg[i] = m
+            if uses_b:
+                momentum_buffer[i] = b
+        return parallel
+
+    kind = f"{suffix(codec)}{grad_suffix(grads)}"
+    name(shell, f"stochastic_{key.tag}{kind}_{'parallel' if parallel else 'serial'}")
     return jit(parallel)(shell)

@@ -185,15 +185,15 @@ def _make_element(centered, wd_mode, mom_mode, nesterov):
 
 def apply(key, codec=NATIVE):
     """The `inline="always"` step of element `i`, shared by every loop shell:
-    `apply(i, g, param, square_avg, grad_avg, momentum_buffer, k) -> (p, v, m, b)` reads
-    element `i` of the arrays variant `key` uses, takes the grad's value `g` (the shell
-    reads it: from `grad[i]`, or by position in the row shells, or through a 16-bit grads
-    codec), calls `element` and returns what the shell stores into element `i` (`v`, `m`,
-    `b` as `codec` stores them, `fastrms.kernels.storage`; `m` / `b` are not stored by
-    variants without them).
+    `apply(i, p, g, square_avg, grad_avg, momentum_buffer, k) -> (p, v, m, b)` takes the
+    param's and the grad's values `p` and `g` (the shell reads them: `param[i]` and
+    `grad[i]`, the grad by position in the row shells, either through a 16-bit codec),
+    reads element `i` of the state arrays variant `key` uses, calls `element` and returns
+    what the shell stores into element `i` (`v`, `m`, `b` as `codec` stores them,
+    `fastrms.kernels.storage`; `m` / `b` are not stored by variants without them).
 
-    The shell's loop body reads the grad and does the stores: a store of a bfloat16
-    state's uint16 inside an inlined function that takes the array stopped LLVM
+    The shell's loop body reads the param and the grad and does the stores: a store of a
+    bfloat16 state's uint16 inside an inlined function that takes the array stopped LLVM
     vectorising the loop (6x slower), and so did a bfloat16 or float16 grad decoded inside
     it (the square root stayed a scalar `sqrtf` call, 30x slower), while the same load or
     store in the loop body vectorises."""
@@ -208,11 +208,11 @@ def _make_apply(key, codec):
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
     load, encode = codec.load, codec.encode
 
-    def at(i, g, param, square_avg, grad_avg, momentum_buffer, k):
+    def at(i, p, g, square_avg, grad_avg, momentum_buffer, k):
         zero = k[11]
         m = load(grad_avg, i) if uses_m else zero
         b = load(momentum_buffer, i) if uses_b else zero
-        p, v, m, b = update(param[i], g, load(square_avg, i), m, b, k)
+        p, v, m, b = update(p, g, load(square_avg, i), m, b, k)
         return p, encode(v), encode(m), encode(b)
 
     name(at, f"apply_{key.tag}{suffix(codec)}")

@@ -262,7 +262,9 @@ def _make_row_run(key):
                 if slot.size and slot[s] >= 0:  # a row named more than once: its sum
                     g0 = np.uint64(slot[s]) * w
                     for j in range(w):
-                        p, v, m, b = at(a0 + j, summed[g0 + j], param, square_avg, grad_avg, momentum_buffer, kc)
+                        p, v, m, b = at(
+                            a0 + j, param[a0 + j], summed[g0 + j], square_avg, grad_avg, momentum_buffer, kc
+                        )
                         param[a0 + j] = p
                         square_avg[a0 + j] = v
                         if uses_m:
@@ -272,7 +274,9 @@ def _make_row_run(key):
                 else:
                     g0 = np.uint64(first[s] if slot.size else s) * w
                     for j in range(w):
-                        p, v, m, b = at(a0 + j, grad_rows[g0 + j], param, square_avg, grad_avg, momentum_buffer, kc)
+                        p, v, m, b = at(
+                            a0 + j, param[a0 + j], grad_rows[g0 + j], square_avg, grad_avg, momentum_buffer, kc
+                        )
                         param[a0 + j] = p
                         square_avg[a0 + j] = v
                         if uses_m:

@@ -22,17 +22,18 @@ from numba import carray, prange, types
 from numba.extending import intrinsic
 
 from ._jit import jit, name
-from .dense import dense
+from .dense import dense, stochastic
 from .reduce import BLOCK, block_sumsq_of, nonfinite
-from .storage import NATIVE, grad_suffix, suffix
+from .storage import BFLOAT16, NATIVE, grad_suffix, suffix
 
 #: Elements per chunk: big enough that a chunk's loop vectorises and amortises its set-up,
 #: small enough that two threads share a model of mixed sizes evenly. It is the sum of
 #: squares' block, so an array's norm has the same bits stepped alone or in a table.
 CHUNK = BLOCK
 
-#: Columns of `ptrs`.
+#: Columns of `ptrs` (the stochastic shell's sixth column is each array's noise key).
 PARAM, GRAD, SQUARE_AVG, GRAD_AVG, MOMENTUM_BUFFER, COPY = range(6)
+NOISE = COPY
 
 
 @intrinsic
@@ -152,6 +153,51 @@ def nonfinite_segments(parallel, grads=NATIVE):
     if fn is None:
         fn = _NONFINITE_SEGMENTS[(parallel, grads.tag)] = _make_nonfinite_segments(parallel, grads)
     return fn
+
+
+_STOCHASTIC_SEGMENTS: dict = {}
+
+
+def stochastic_segments(key, parallel, codec=NATIVE, grads=BFLOAT16):
+    """The chunk-table shell of bfloat16 params kept without a master copy: `(witness, ptrs,
+    sizes, chunks, *scalars)`, `witness` an empty float32 array, column `PARAM` the params'
+    bfloat16 bits, column `NOISE` each array's noise key for this step (a uint32); each chunk
+    runs `.dense.stochastic` over its slices, with its offset in its array: the bits of
+    stepping each array alone."""
+    tag = (key, parallel, codec.tag, grads.tag)
+    fn = _STOCHASTIC_SEGMENTS.get(tag)
+    if fn is None:
+        fn = _STOCHASTIC_SEGMENTS[tag] = _make_stochastic_segments(key, parallel, codec, grads)
+    return fn
+
+
+def _make_stochastic_segments(key, parallel, codec, grads):
+    run = stochastic(key, False, codec, grads)
+    uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
+    stored, read = codec.witness, grads.witness
+    bits = BFLOAT16.witness
+
+    def shell(witness, ptrs, sizes, chunks, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):
+        state = stored(witness)  # an empty array of the state's storage dtype
+        given = read(witness)  # and of the grads'
+        low = bits(witness)  # and of the params' bits
+        for c in prange(chunks.shape[0]):
+            a, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            n = sizes[a]
+            param = carray(_pointer(ptrs[a, PARAM], low), (n,))
+            grad = carray(_pointer(ptrs[a, GRAD], given), (n,))
+            square_avg = carray(_pointer(ptrs[a, SQUARE_AVG], state), (n,))
+            grad_avg = carray(_pointer(ptrs[a, GRAD_AVG], state), (n if uses_m else 0,))
+            momentum_buffer = carray(_pointer(ptrs[a, MOMENTUM_BUFFER], state), (n if uses_b else 0,))
+            run(param[start:stop], grad[start:stop], square_avg[start:stop],
+                grad_avg[start:stop] if uses_m else grad_avg,
+                momentum_buffer[start:stop] if uses_b else momentum_buffer,
+                start, ptrs[a, NOISE], lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)  # fmt: skip
+        return parallel
+
+    kind = f"{suffix(codec)}{grad_suffix(grads)}"
+    name(shell, f"stochastic_segments_{key.tag}{kind}_{'parallel' if parallel else 'serial'}")
+    return jit(parallel)(shell)
 
 
 def _make_nonfinite_segments(parallel, grads):

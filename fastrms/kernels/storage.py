@@ -125,6 +125,41 @@ def float16_bits(x):
     return np.uint16(h | sign)
 
 
+@njit(inline="always")
+def mix32(h):
+    """murmur3's 32-bit finaliser: a bijection of uint32 whose every output bit depends on
+    every input bit (integer multiplies and shifts, which vectorise)."""
+    u32 = np.uint32
+    h = u32(h)
+    h = u32(h ^ u32(h >> u32(16)))
+    h = u32(h * u32(0x85EBCA6B))
+    h = u32(h ^ u32(h >> u32(13)))
+    h = u32(h * u32(0xC2B2AE35))
+    return u32(h ^ u32(h >> u32(16)))
+
+
+@njit(inline="always")
+def stochastic_noise(key, index):
+    """The 32 random bits of element `index` under `key` (one array's, one step's):
+    `mix32(index * 0x9E3779B9 ^ key)`, a counter-based hash, so any thread and any chunking
+    draws the same bits for the same element."""
+    u32 = np.uint32
+    return mix32(u32(u32(u32(index) * u32(0x9E3779B9)) ^ u32(key)))
+
+
+@njit(inline="always")
+def bfloat16_stochastic_bits(x, r):
+    """float32 `x` as bfloat16 bits (uint16), rounded stochastically with the random bits
+    `r`: up (away from zero) with probability (the 16 bits dropped) / 2^16, so the rounded
+    value is `x` on average (torchao's `bf16_stochastic_round`); from the largest finite
+    bfloat16 it may round to inf, as a float32 that large may; a NaN stays a (quiet) NaN."""
+    u32 = np.uint32
+    u = np.float32(x).view(u32)
+    rounded = u32(u32(u + u32(u32(r) & u32(0xFFFF))) >> u32(16))
+    truncated = u32(u32(u >> u32(16)) | u32(0x0040))
+    return np.uint16(truncated if x != x else rounded)
+
+
 NATIVE = Codec("", None, None, _native_load, _native_encode, _native_witness)
 BFLOAT16 = Codec("bf16", np.dtype(np.uint16), (np.dtype(np.float32),), _bf16_load, bfloat16_bits, _bf16_witness)
 FLOAT16 = Codec("f16", np.dtype(np.uint16), (np.dtype(np.float32),), _f16_load, float16_bits, _bf16_witness)
@@ -134,6 +169,25 @@ CODECS = {"native": NATIVE, "bfloat16": BFLOAT16}
 #: The codecs of a float32 step's 16-bit arrays (low-precision grads and copies), by the
 #: NumPy dtype name they hold (`ml_dtypes.bfloat16`'s is "bfloat16").
 ARRAYS = {"bfloat16": BFLOAT16, "float16": FLOAT16}
+
+
+def _mix32(h):
+    """`mix32` in Python integers."""
+    h &= 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def stochastic_key(seed, ident, step):
+    """The noise key (a uint32, as a Python int) of array `ident` at step `step` (1-based)
+    under `seed` (any int): `mix32(mix32(seed32 ^ mix32(ident)) ^ step)`, with `seed32` the
+    seed's two 32-bit halves xored. A step's rounding depends only on these three and the
+    element's index: a run resumed from a checkpoint draws the same bits."""
+    seed32 = (seed ^ (seed >> 32)) & 0xFFFFFFFF
+    return _mix32(_mix32(seed32 ^ _mix32(ident)) ^ (step & 0xFFFFFFFF))
 
 
 def state_dtype(codec, param_dtype):
