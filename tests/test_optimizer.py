@@ -916,3 +916,20 @@ def test_16_bit_grads_are_refused_where_they_do_not_apply_with_nothing_written()
         rows.step_rows(np.array([1]), np.ones((1, 3), np.float16))
     assert_unchanged(opt, before)
     assert opt.step_count == rows.step_count == 0
+
+
+@needs_ml_dtypes
+def test_16_bit_grads_with_bfloat16_state_and_a_copy_match_the_reference():
+    """Three codecs in one pass: float16 grads read, bfloat16 state, a bfloat16 copy written."""
+    rng = np.random.default_rng(9)
+    p0 = rng.standard_normal(1031).astype(np.float32)
+    copy, theirs = _bf16(1031), _bf16(1031)
+    options = dict(state_storage="bfloat16", momentum=0.9)
+    fast = fastrms.RMSprop(p0.copy(), 0.01, copy_to=copy, **options)
+    ref = reference.RMSprop(p0.copy(), 0.01, copy_to=theirs, **options)
+    for _ in range(4):
+        g = rng.standard_normal(1031).astype(np.float16)
+        fast.step(g)
+        ref.step(g)
+    assert_same_state(fast, ref)
+    np.testing.assert_array_equal(copy.view(np.uint16), theirs.view(np.uint16))

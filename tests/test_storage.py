@@ -17,24 +17,35 @@ except ImportError:  # an optional dependency (the dev extra has it)
     ml_dtypes = None
 
 
-def _patterns():
-    """float32 values around every bfloat16: each upper half with the lower halves that
-    decide the rounding (0, just below, at and just above the tie, the largest)."""
-    upper = np.arange(1 << 16, dtype=np.uint32) << 16
-    lower = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=np.uint32)
+def _patterns(dropped=16):
+    """float32 values around every value of a format that keeps all but the low `dropped`
+    bits of float32's (bfloat16: 16): each kept pattern with the low bits that decide its
+    rounding (0, 1, just below, at and just above the tie, the largest)."""
+    upper = np.arange(1 << (32 - dropped), dtype=np.uint32) << dropped
+    tie = 1 << (dropped - 1)
+    lower = np.array([0, 1, tie - 1, tie, tie + 1, 2 * tie - 1], dtype=np.uint32)
     return (upper[:, None] | lower[None, :]).reshape(-1).view(np.float32)
 
 
-@njit
-def _round_all(x, out):
-    for i in range(x.size):
-        out[i] = storage.BFLOAT16.encode(x[i])
+def _loops(codec):
+    """`(encode_all(x, out), load_all(bits, out))`: `codec`'s rounding and widening over arrays."""
+    encode, load = codec.encode, codec.load
+
+    @njit
+    def encode_all(x, out):
+        for i in range(x.size):
+            out[i] = encode(x[i])
+
+    @njit
+    def load_all(bits, out):
+        for i in range(bits.size):
+            out[i] = load(bits, i)
+
+    return encode_all, load_all
 
 
-@njit
-def _widen_all(bits, out):
-    for i in range(bits.size):
-        out[i] = storage.BFLOAT16.load(bits, i)
+_round_all, _widen_all = _loops(storage.BFLOAT16)
+_half_all, _unhalf_all = _loops(storage.FLOAT16)
 
 
 def test_the_bfloat16_store_rounds_to_nearest_even_as_the_reference_does():
@@ -142,29 +153,8 @@ def test_codecs_name_their_storage():
 # ------------------------------------------------------------------ float16, and 16-bit grads
 
 
-def _half_patterns():
-    """float32 values around every float16 (and every float32 exponent): each float16's
-    float32 value with the lower 13 bits that decide its rounding (0, 1, just below, at and
-    just above the tie, the largest), and the tiny and huge values beyond float16's range."""
-    upper = np.arange(1 << 19, dtype=np.uint32) << 13
-    lower = np.array([0, 1, 0x0FFF, 0x1000, 0x1001, 0x1FFF], dtype=np.uint32)
-    return (upper[:, None] | lower[None, :]).reshape(-1).view(np.float32)
-
-
-@njit
-def _half_all(x, out):
-    for i in range(x.size):
-        out[i] = storage.FLOAT16.encode(x[i])
-
-
-@njit
-def _unhalf_all(bits, out):
-    for i in range(bits.size):
-        out[i] = storage.FLOAT16.load(bits, i)
-
-
 def test_the_float16_store_rounds_as_numpy_does():
-    x = _half_patterns()
+    x = _patterns(13)  # around every float16 mantissa, at every float32 exponent: subnormal, huge
     got = np.empty(x.size, np.uint16)
     _half_all(x, got)
     want = reference.float16_round(x)
