@@ -4,6 +4,9 @@ master weights), in one process, interleaved:
 
 - `fastrms`: `fastrms.torch.RMSprop` over the bfloat16 params: one fused pass reads each
   bfloat16 grad, steps the float32 master kept in the state and writes the param back;
+- `fastrms, stochastic`: `fastrms.torch.RMSprop(stochastic_rounding=True)`: no master, the
+  bfloat16 param stepped in place and rounded stochastically (14 bytes a parameter a step
+  against the master's 20);
 - `torch`: the recipe by hand, `torch.optim.RMSprop` (its default, foreach on CPU) over
   float32 master tensors: the grads widened into the masters' grads
   (`torch._foreach_copy_`), the step, and the params copied back from the masters
@@ -46,6 +49,9 @@ def steps(sizes, dtype_name="bfloat16", compiled=True, lr=1e-3):
     ours = _model(sizes, dtype)
     opt = fastrms.torch.RMSprop(ours, lr=lr)
     out = {"fastrms": opt.step}
+    if dtype is torch.bfloat16:
+        rounded = fastrms.torch.RMSprop(_model(sizes, dtype), lr=lr, stochastic_rounding=True)
+        out["fastrms, stochastic"] = rounded.step
     first = None
     recipes = [("torch", False)] + ([("torch.compile", True)] if compiled else [])
     for name, compile_it in recipes:

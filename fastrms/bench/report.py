@@ -209,7 +209,7 @@ def run_master(rounds=None, no_compile=False):
         s = row["seconds"]
         print(f"  {row['model']} ({row['params']} params):")
         for name, seconds in s.items():
-            print(f"    {name:14s} {seconds * 1e3:9.3f} ms  {seconds / s['fastrms']:6.2f}x fastrms")
+            print(f"    {name:20s} {seconds * 1e3:9.3f} ms  {seconds / s['fastrms']:6.2f}x fastrms")
         if row["compile_s"] is not None:
             print(f"    torch.compile's first call (the compile): {row['compile_s']:.1f} s")
     return 0
