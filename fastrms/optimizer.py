@@ -105,8 +105,8 @@ class RMSprop:
 
     Notes
     -----
-    The state arrays, allocated once in each param's dtype, are named as PyTorch names them:
-    `square_avg`, `grad_avg` (centered) and `momentum_buffer` (momentum > 0).
+    The state arrays, allocated once, are named as PyTorch names them: `square_avg`,
+    `grad_avg` (centered) and `momentum_buffer` (momentum > 0).
 
     Examples
     --------
@@ -257,9 +257,8 @@ class RMSprop:
     def step(self, grads: "np.ndarray | Sequence[np.ndarray]") -> None:
         """Apply one update in place. `grads` has the structure of `params`; for params
         that tile one buffer (the views `fastrms.pack` returns) it may also be one flat
-        grad array of that buffer's size: then the step is exactly one array's. Grads of
-        float32 params may be bfloat16 or float16 (all the grads of one dtype's params
-        of one dtype), read as their float32 values in the same pass.
+        grad array of that buffer's size: then the step is exactly one array's (16-bit
+        grads: see `params`).
 
         Every check runs before anything is written: a rejected step leaves params, state,
         `step_count` and the schedule unchanged. All arrays of one dtype are stepped by one
@@ -300,18 +299,15 @@ class RMSprop:
             raise memory.overlap(None)
         memory.writeable(s, True, 0)
         self._plan.current()
-        if g.dtype is not s.dtype and g.dtype != s.dtype:  # a 16-bit grad: the group's path reads it
-            self._launch(self._plan.calls(self._plan.groups, ((g, start),), self._norms, [0]), ((g, start),))
+        low = g.dtype is not s.dtype and g.dtype != s.dtype  # a 16-bit grad
+        if low or self._guarded or self._dense_rows:  # the group's path: the guard, or a 16-bit grad's kernels
+            calls = self._plan.calls(self._plan.groups, ((g, start),), self._norms, [0] if low else ())
+            self._launch(calls, ((g, start),))
             return
-        update = self._plan.update()
-        g = g.reshape(-1)
-        arrays = (s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer)
+        arrays = (s.flat, g.reshape(-1), s.square_avg, s.grad_avg, s.momentum_buffer)
         if self._copy_to is not None:
             arrays = (*arrays, s.copy)
-        if self._guarded or self._dense_rows:
-            self._launch([("dense", arrays, (g,), (g,), storage.NATIVE)], ((g, start),))
-            return
-        update(*arrays, *self._clock.scalars())  # Clock.take with the guard's GO, inlined: a small step's cost
+        self._plan.update()(*arrays, *self._clock.scalars())  # Clock.take with GO, inlined: a small step's cost
         self._clock.advance()
 
     def _launch(self, calls, checked):
