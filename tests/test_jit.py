@@ -43,6 +43,10 @@ for opts in ({}, {"momentum": 0.9, "centered": True}, {"weight_decay": 0.1, "mom
         exact.step_rows(np.array([1, 5]), np.ones((2, 8), np.float32))
         exact.step_rows(np.array([3]), np.ones((1, 8), np.float32))
 kernels.rmsprop_update(np.zeros(16), np.ones(16), np.zeros(16), 0.1, 0.9, 1e-8)
+for shapes in ([(1000,)], [(300,), (40,)]):  # float16 grads and copies: the 16-bit codecs' shells
+    ws = [np.zeros(s, np.float32) for s in shapes]
+    fastrms.RMSprop(ws, 1e-3, copy_to=[np.zeros(s, np.float16) for s in shapes], clip_global_norm=1.0,
+                    skip_nonfinite=True).step([np.ones(s, np.float16) for s in shapes])
 if "torch" in sys.argv:
     import torch
     import fastrms.torch as ft
@@ -51,6 +55,11 @@ if "torch" in sys.argv:
     for flatten in (False, True):
         o = ft.RMSprop(m.parameters(), lr=0.01, momentum=0.9, flatten=flatten)
         m(torch.ones(2, 4)).sum().backward()
+        o.step()
+    low = torch.nn.Linear(4, 3).to(torch.bfloat16)  # a bfloat16 model: over masters, and rounded stochastically
+    for rounding in (False, True):
+        o = ft.RMSprop(low.parameters(), lr=0.01, stochastic_rounding=rounding)
+        low(torch.ones(2, 4, dtype=torch.bfloat16)).float().sum().backward()
         o.step()
 print(json.dumps(kernels.cache_stats()))
 """
