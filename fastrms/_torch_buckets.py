@@ -10,11 +10,22 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from . import kernels, runtime, spec
 from . import options as O
+from .kernels import storage
 
 _GRAD = operator.attrgetter("grad")
 _DATA_PTR = torch.Tensor.data_ptr
 _NUMEL = torch.Tensor.numel
 STATE_NAMES = ("square_avg", "grad_avg", "momentum_buffer")
+#: The 16-bit param dtypes, stepped over a float32 master copy in the state (`MASTER`), or
+#: rounded stochastically: the codec their grads are read with and the param written with.
+LOW = {torch.bfloat16: storage.BFLOAT16, torch.float16: storage.FLOAT16}
+#: The state key of a 16-bit param's float32 master copy (apex's and DeepSpeed's master weights).
+MASTER = "master_param"
+
+
+def bits(t):
+    """A tensor as the NumPy array its kernels read: itself, or a 16-bit one's bits (uint16)."""
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype in LOW else t.numpy()
 
 
 class Bucket:
@@ -27,11 +38,22 @@ class Bucket:
     `zero_grad(set_to_none=True)` (a post-accumulate-grad hook marks it), or it had a grad
     when it was bucketed, or the last `zero_grad` kept the grads (`set_to_none=False`).
     Only those params move and get state; its grad view stays in place either way (reading as
-    zeros where torch would give None), so backward keeps accumulating into the buffer."""
+    zeros where torch would give None), so backward keeps accumulating into the buffer.
 
-    def __init__(self, params):
+    bfloat16 and float16 params keep their state, and their float32 masters (`MASTER`), in
+    float32 buffers, and one call steps the masters from the 16-bit grad buffer and writes
+    the param buffer back; with `stochastic` (the optimizer's seed) bfloat16 params keep no
+    master and are stepped through the chunk table with each param's noise key, the bits of
+    stepping them unflattened."""
+
+    def __init__(self, params, stochastic=None, idents=None):
         self.params = params
+        #: each param's place in the optimizer (group index << 24 + index in the group): its noise key's
+        self.idents = list(range(len(params))) if idents is None else idents
         self.dtype = params[0].dtype
+        self.low = LOW.get(self.dtype)  # the 16-bit codec, or None
+        self.stochastic = stochastic if self.dtype is torch.bfloat16 else None
+        self.state_dtype = torch.float32 if self.low is not None else self.dtype
         self.sizes = [p.numel() for p in params]
         self.offsets = np.concatenate(([0], np.cumsum(self.sizes)[:-1])).astype(int).tolist()
         n = sum(self.sizes)
@@ -52,7 +74,7 @@ class Bucket:
                 self.grads.append(grad)
                 p.register_post_accumulate_grad_hook(self._marker(i))
         self.addresses = [p.data_ptr() for p in params]
-        self.param_np, self.grad_np = self.param_flat.numpy(), self.grad_flat.numpy()
+        self.param_np, self.grad_np = bits(self.param_flat), bits(self.grad_flat)
         self.state, self.state_np = {}, {}
         self.steps = torch.zeros(len(params), dtype=_get_scalar_dtype())
         self.steps_np = self.steps.numpy()
@@ -79,9 +101,13 @@ class Bucket:
         )
 
     def state_view(self, name, i):
-        """Param `i`'s view of state buffer `name` (zeros, as torch starts it)."""
+        """Param `i`'s view of state buffer `name` (zeros, as torch starts it; a master
+        starts as the params)."""
         if name not in self.state:
-            self.state[name] = torch.zeros(self.param_flat.numel(), dtype=self.dtype)
+            if name == MASTER:
+                self.state[name] = self.param_flat.to(torch.float32)
+            else:
+                self.state[name] = torch.zeros(self.param_flat.numel(), dtype=self.state_dtype)
             self.state_np[name] = self.state[name].numpy()
         o, k = self.offsets[i], self.sizes[i]
         return self.state[name][o : o + k].view(self.params[i].shape)
@@ -105,7 +131,7 @@ class Bucket:
         """After `load_state_dict`: copy param `i`'s loaded state into the buffers and
         point the state at their views again."""
         with torch.no_grad():
-            for name in STATE_NAMES:
+            for name in (*STATE_NAMES, MASTER):
                 if name in state:
                     view = self.state_view(name, i)
                     view.copy_(state[name])
@@ -132,40 +158,55 @@ class Bucket:
         if not active.any():
             return
         key = self.key
-        everyone = bool(active.all())
+        everyone = bool(active.all()) and self.stochastic is None  # stochastic: each param's own key
         n = self.param_np.size if everyone else int(np.dot(active, self.sizes))
-        parallel = parallel_mode(n, self.param_np.itemsize, hyper)
+        master = self.low is not None and self.stochastic is None
+        parallel = parallel_mode(n, 4 if self.low is not None else self.param_np.itemsize, hyper)
+        copy = self.low if master else None
         if everyone:
-            empty = self.param_np[:0]
+            empty = self.state_np["square_avg"][:0]
             arrays = (
-                self.param_np,
+                self.state_np[MASTER] if master else self.param_np,
                 self.grad_np,
                 self.state_np["square_avg"],
                 self.state_np.get("grad_avg", empty) if key.uses_grad_avg else empty,
                 self.state_np.get("momentum_buffer", empty) if key.uses_momentum_buffer else empty,
             )
-            shell = runtime.shell(kernels.dense, key, parallel)
+            if master:
+                arrays = (*arrays, self.param_np)  # the 16-bit params, written from their masters
+            shell = runtime.locked(kernels.dense(key, bool(parallel), storage.NATIVE, copy, self.low or storage.NATIVE),
+                                   parallel)  # fmt: skip
             call = (*arrays, *self.scalars)
             self.steps_np += self.steps_np.dtype.type(1.0)
         else:
             ptrs, sizes, chunks = self._table(active)
-            shell = runtime.shell(kernels.segments, key, parallel)
-            call = (self.param_np[:0], ptrs, sizes, chunks, *self.scalars)
+            if self.stochastic is not None:
+                ptrs = ptrs.copy()
+                ptrs[:, 5] = [storage.stochastic_key(self.stochastic, self.idents[i], int(self.steps_np[i]) + 1)
+                              for i in np.flatnonzero(active)]  # fmt: skip
+                shell = runtime.locked(kernels.stochastic_segments(key, bool(parallel)), parallel)
+            else:
+                make = kernels.segments(key, bool(parallel), storage.NATIVE, copy, self.low or storage.NATIVE)
+                shell = runtime.locked(make, parallel)
+            call = (self.state_np["square_avg"][:0], ptrs, sizes, chunks, *self.scalars)
             self.steps_np[active] += self.steps_np.dtype.type(1.0)
         shell(*call)
         bumped.append(self.param_flat)  # views share their base's version counter
-        bumped.extend(self.state[name] for name in self.names)
+        bumped.extend(self.state[name] for name in (*self.names, MASTER) if name in self.state)
 
     def _table(self, active):
-        """The pointer table (`kernels.segments`) over the params that have a grad."""
-        bases = [self.param_flat.data_ptr(), self.grad_flat.data_ptr()] + [
-            self.state[name].data_ptr() if name in self.state else 0 for name in STATE_NAMES
-        ]
+        """The pointer table (`kernels.segments`) over the params that have a grad: column 0
+        the param (or its master), 1 the grad, 2-4 the state, 5 a 16-bit param beside its master."""
+        master = self.low is not None and self.stochastic is None
+        state = [self.state[name].data_ptr() if name in self.state else 0 for name in STATE_NAMES]
+        bases = [self.state[MASTER].data_ptr() if master else self.param_flat.data_ptr(), self.grad_flat.data_ptr(),
+                 *state, self.param_flat.data_ptr() if master else 0]  # fmt: skip
+        size = self.param_flat.element_size()
+        widths = [4 if master else size, size, *[self.state_dtype.itemsize] * 3, size]
         mask = (active.tobytes(), tuple(bases))
         if self._subset[0] == mask:
             return self._subset[1]
-        itemsize = self.param_np.itemsize
-        rows = [[b + self.offsets[i] * itemsize if b else 0 for b in bases] for i in np.flatnonzero(active)]
+        rows = [[b + self.offsets[i] * w if b else 0 for b, w in zip(bases, widths)] for i in np.flatnonzero(active)]
         ptrs = np.array(rows, dtype=np.int64)
         sizes = np.array([self.sizes[i] for i in np.flatnonzero(active)], dtype=np.int64)
         table = (ptrs, sizes, kernels.chunk_table(sizes))

@@ -43,11 +43,13 @@ class Layout:
         return [[bucket.params for bucket in buckets.values()] for buckets in self.buckets]
 
     @classmethod
-    def unpickled(cls, param_groups, bucketed, state):
+    def unpickled(cls, param_groups, bucketed, state, stochastic=None):
         """The layout `pickled` described, its buckets built anew over `state`."""
         layout = cls()
-        for group, lists in zip(param_groups, bucketed):
-            layout.add(group["params"], {params[0].dtype: Bucket(params) for params in lists}, state)
+        for gi, (group, lists) in enumerate(zip(param_groups, bucketed)):
+            place = {p: (gi << 24) + j for j, p in enumerate(group["params"])}
+            buckets = {params[0].dtype: Bucket(params, stochastic, [place[p] for p in params]) for params in lists}
+            layout.add(group["params"], buckets, state)
         return layout
 
 

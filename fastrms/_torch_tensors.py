@@ -9,8 +9,7 @@ import numpy as np
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
-from ._torch_buckets import STATE_NAMES
-from .kernels import storage
+from ._torch_buckets import LOW, MASTER, STATE_NAMES
 
 #: The dtypes the fused step takes, with the NumPy dtype it computes in (and keeps the state
 #: in): a 16-bit param's is float32, its master copy's.
@@ -20,11 +19,7 @@ NUMPY = {
     torch.bfloat16: np.dtype(np.float32),
     torch.float16: np.dtype(np.float32),
 }
-#: The 16-bit param dtypes, stepped over a float32 master copy in the state (`MASTER`): the
-#: codec their grads are read with and the param written back with, in the same pass.
-LOW = {torch.bfloat16: storage.BFLOAT16, torch.float16: storage.FLOAT16}
-#: The state key of a 16-bit param's float32 master copy (apex's and DeepSpeed's master weights).
-MASTER = "master_param"
+__all__ = ["LOW", "MASTER", "NUMPY"]
 #: The dtypes of a param's `step` counter.
 STEP_DTYPES = (torch.float32, torch.float64)
 
@@ -194,8 +189,12 @@ def layout(p, names, address, name, state, slot, stochastic=False):
     low = p.dtype in LOW and not stochastic  # stepped over a master copy
     if not state:
         state["step"] = torch.zeros((), dtype=_get_scalar_dtype()) if slot is None else slot[0].steps[slot[1]]
-    if low and MASTER not in state:
-        state[MASTER] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+    if low and MASTER not in state:  # the master starts as the param
+        if slot is None:
+            state[MASTER] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+        else:
+            state[MASTER] = slot[0].state_view(MASTER, slot[1])
+            state[MASTER].copy_(p.detach())
     tensors = []
     for state_name in (*names, MASTER) if low else names:
         if state_name not in state:

@@ -170,19 +170,15 @@ class RMSprop(torch.optim.Optimizer):
         _torch_tensors.check_disjoint(distinct, where)
         buckets = {}
         if self._flatten:
-            low = [j for j, p in enumerate(params) if p.requires_grad and p.dtype in _torch_tensors.LOW]
-            if low:
-                raise TypeError(
-                    f"{where}['params'][{low[0]}] is {params[low[0]].dtype}: flatten=True holds float32 and float64 "
-                    "params; a 16-bit param is stepped over its float32 master without it (flatten=False)"
-                )
             if len(distinct) != len(params):
                 raise ValueError(f"{where}: flatten=True cannot hold a param listed twice (torch would step it twice)")
             held = self._bucketing.flat_slot
             trained = [p for p in params if p.requires_grad and p not in held]
             _torch_tensors.check_disjoint([*held, *trained], "flatten=True")
+            place = {p: (gi << 24) + j for j, p in enumerate(params)}  # each param's noise key's ident
             for dtype in dict.fromkeys(p.dtype for p in trained):
-                buckets[dtype] = Bucket([p for p in trained if p.dtype == dtype])
+                members = [p for p in trained if p.dtype == dtype]
+                buckets[dtype] = Bucket(members, self._stochastic, [place[p] for p in members])
         self._bucketing.add(params, buckets)
 
     # ------------------------------------------------------------------ pickling, state dicts
@@ -205,7 +201,8 @@ class RMSprop(torch.optim.Optimizer):
         self._dense_rows = ours.get("dense_rows", False)
         self._stochastic = ours.get("stochastic")
         self._caches()
-        self._bucketing = _torch_state.Layout.unpickled(self.param_groups, ours["buckets"], self.state)
+        buckets = ours["buckets"]
+        self._bucketing = _torch_state.Layout.unpickled(self.param_groups, buckets, self.state, self._stochastic)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's `load_state_dict` (a `torch.optim.RMSprop` state dict loads as is; so do

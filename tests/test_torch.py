@@ -174,7 +174,6 @@ def _snapshot(params):
         (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], capturable=True), "capturable"),
         (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], differentiable=True), "differentiable"),
         (lambda: RMSprop([torch.ones(2, dtype=torch.int32)]), "int32"),
-        (lambda: RMSprop([torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))], flatten=True), "flatten=True"),
         (lambda: RMSprop([torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))]), "complex64"),
         (lambda: RMSprop([torch.nn.Parameter(torch.ones(4, 4).t()[::2])]), "not dense"),
         (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], lr=-1.0), "lr must be"),
@@ -511,3 +510,34 @@ def test_stochastic_rounding_refuses_float16_and_a_bad_seed():
         RMSprop([torch.nn.Parameter(torch.ones(2))], stochastic_rounding=True, seed=-1)
     with pytest.raises(TypeError, match="stochastic_rounding must be True or False, got int"):
         RMSprop([torch.nn.Parameter(torch.ones(2))], stochastic_rounding=1)
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["master", "stochastic"])
+def test_a_flattened_bfloat16_model_steps_as_the_unflattened_one_bit_for_bit(stochastic):
+    """One buffer of bfloat16 params (their masters and state in float32 buffers) gives the
+    per-tensor step's bits: every param with a grad (one dense call), and some without
+    (the chunk table); state dicts load into it."""
+    flat, loose = _model(torch.bfloat16), _model(torch.bfloat16)
+    options = dict(lr=1e-2, momentum=0.9, stochastic_rounding=stochastic, seed=2)
+    opt_flat = RMSprop(flat.parameters(), flatten=True, **options)
+    opt_loose = RMSprop(loose.parameters(), **options)
+    g = torch.Generator().manual_seed(6)
+    for t in range(5):
+        x, y = torch.randn(32, 8, generator=g).to(torch.bfloat16), torch.randn(32, 1, generator=g).to(torch.bfloat16)
+        for model, opt in ((flat, opt_flat), (loose, opt_loose)):
+            opt.zero_grad()
+            first = model[0](x)
+            if t == 2:  # backward does not reach the first layer: the chunk table over the rest
+                first = first.detach()
+            torch.nn.functional.mse_loss(model[1:](first).float(), y.float()).backward()
+            opt.step()
+    for opt, model in ((opt_flat, flat), (opt_loose, loose)):  # the first layer missed one step
+        assert (opt.state[model[0].weight]["step"].item(), opt.state[model[2].weight]["step"].item()) == (4, 5)
+    for p, q in zip(flat.parameters(), loose.parameters()):
+        assert torch.equal(p, q), p.shape
+        for name in ("square_avg", "momentum_buffer", *(() if stochastic else ("master_param",))):
+            assert torch.equal(opt_flat.state[p][name], opt_loose.state[q][name]), name
+    assert ("master_param" in opt_flat.state[next(flat.parameters())]) is not stochastic
+    restart = RMSprop(flat.parameters(), flatten=True, **options)
+    restart.load_state_dict(opt_loose.state_dict())
+    assert all(restart.state[p]["square_avg"].dtype == torch.float32 for p in flat.parameters())
