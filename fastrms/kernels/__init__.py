@@ -7,7 +7,8 @@ the rest of fastrms, so user `@njit` code can call it directly).
   and a float32 step's other 16-bit arrays (`ARRAYS`: bfloat16 or float16 grads and
   copies);
 - `.dense`: loop shells over whole flat arrays, in place and out of place, serial and
-  parallel;
+  parallel, and the stochastic shell (bfloat16 params kept without a master, rounded
+  stochastically from a counter-based hash);
 - `.segments`: the loop shell over a chunk table: many arrays of one dtype in one call;
 - `.rows`: the loop shells over named rows of a table (sparse updates), and coalescing;
 - `.prefetch`: the software prefetch of the row shell (rows named by an index array);
