@@ -103,8 +103,10 @@ def widened(grad, dtype):
 
 
 def low_round(x, dtype):
-    """float32 values rounded to the 16-bit `dtype` (bfloat16 or float16), as its bit patterns."""
-    return bfloat16_round(x) if np.dtype(dtype).name == "bfloat16" else float16_round(x)
+    """float32 values rounded to the 16-bit `dtype` (bfloat16 or float16, or its name), as its
+    bit patterns."""
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    return bfloat16_round(x) if name == "bfloat16" else float16_round(x)
 
 
 def global_norm(grads):
