@@ -50,6 +50,7 @@ class Bucket:
         self.params = params
         #: each param's place in the optimizer (group index << 24 + index in the group): its noise key's
         self.idents = list(range(len(params))) if idents is None else idents
+        self.bases = None  # their `stochastic_base`s, once needed
         self.dtype = params[0].dtype
         self.low = LOW.get(self.dtype)  # the 16-bit codec, or None
         self.stochastic = stochastic if self.dtype is torch.bfloat16 else None
@@ -182,8 +183,10 @@ class Bucket:
             ptrs, sizes, chunks = self._table(active)
             if self.stochastic is not None:
                 ptrs = ptrs.copy()
-                ptrs[:, 5] = [storage.stochastic_key(self.stochastic, self.idents[i], int(self.steps_np[i]) + 1)
-                              for i in np.flatnonzero(active)]  # fmt: skip
+                if self.bases is None:
+                    self.bases = [storage.stochastic_base(self.stochastic, ident) for ident in self.idents]
+                steps = self.steps_np
+                ptrs[:, 5] = [storage.step_key(self.bases[i], int(steps[i]) + 1) for i in np.flatnonzero(active)]
                 shell = runtime.locked(kernels.stochastic_segments(key, bool(parallel)), parallel)
             else:
                 make = kernels.segments(key, bool(parallel), storage.NATIVE, copy, self.low or storage.NATIVE)

@@ -27,8 +27,9 @@ class Steps:
 
     def __init__(self, dense_rows, stochastic=None):
         self.dense_rows = dense_rows
-        #: the seed of stochastic rounding of bfloat16 params (None: they keep float32 masters)
-        self.stochastic = stochastic
+        #: the seed of stochastic rounding of bfloat16 params (None: they keep float32 masters),
+        #: and each param's `stochastic_base` by its place (group << 24 | index)
+        self.stochastic, self.bases = stochastic, {}
         self.hyper_cache, self.tables, self.layouts, self.checked = {}, {}, {}, {}
 
     def hyperparameters(self, group, where, dtypes):
@@ -135,7 +136,7 @@ class Steps:
                 rows = members[dtype] = []
             ptrs = (cached[13], g.data_ptr(), *cached[8])
             if self.stochastic is not None and dtype is torch.bfloat16:  # this step's noise key, in the sixth column
-                ptrs = (*ptrs, storage.stochastic_key(self.stochastic, (gi << 24) + j, int(state_of[p]["step"]) + 1))
+                ptrs = (*ptrs, storage.step_key(self.base((gi << 24) + j), int(cached[12][-1]) + 1))
             rows.append((ptrs, cached[9], p, cached[10], cached[11]))
         for turn, members in enumerate(rounds):
             for dtype, rows in members.items():
@@ -150,6 +151,13 @@ class Steps:
         used = [*(d for m in rounds for d in m), *(b.dtype for b in flat), *(s[0].dtype for s in sparse)]
         dtypes = tuple(dict.fromkeys(_NUMPY[d] for d in used))
         return self.hyperparameters(group, where, dtypes), rounds, flat, sparse, lagging
+
+    def base(self, ident):
+        """The `stochastic_base` of the param at place `ident` (computed once)."""
+        found = self.bases.get(ident)
+        if found is None:
+            found = self.bases[ident] = storage.stochastic_base(self.stochastic, ident)
+        return found
 
     def sparse_table(self, group, where, name, p, g, state_of, held):
         """A param with a sparse grad, checked: `(p, rows.Table, row counters, layout)`."""

@@ -136,8 +136,9 @@ def check_overlaps(checked, at, widths, ptrs, sizes, where):
     read). `widths` gives the bytes per element of each column of `ptrs` (`widths`):
     column 1 is the grad, read; every other with a width is written. Checked again only
     when an address or size changed (`checked[at]`: the last check's pointers and sizes)."""
+    addresses = ptrs[:, [c for c, w in enumerate(widths) if w and c < ptrs.shape[1]]]  # not the noise keys
     last = checked.get(at)
-    if last is not None and last[1] == sizes and np.array_equal(last[0], ptrs):
+    if last is not None and last[1] == sizes and np.array_equal(last[0], addresses):
         return
     key_sizes = sizes
     counts = np.array(sizes, dtype=np.int64)
@@ -165,7 +166,7 @@ def check_overlaps(checked, at, widths, ptrs, sizes, where):
             f"{where}: {who} of this dtype shares memory with another param, grad or state stepped in the same "
             "call; fastrms steps them at once, so they must be separate tensors"
         )
-    checked[at] = (ptrs, key_sizes)
+    checked[at] = (addresses, key_sizes)
 
 
 def layout(p, names, address, name, state, slot, stochastic=False):

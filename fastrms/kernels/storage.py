@@ -186,8 +186,18 @@ def stochastic_key(seed, ident, step):
     under `seed` (any int): `mix32(mix32(seed32 ^ mix32(ident)) ^ step)`, with `seed32` the
     seed's two 32-bit halves xored. A step's rounding depends only on these three and the
     element's index: a run resumed from a checkpoint draws the same bits."""
+    return step_key(stochastic_base(seed, ident), step)
+
+
+def stochastic_base(seed, ident):
+    """The part of `stochastic_key` that does not change from step to step."""
     seed32 = (seed ^ (seed >> 32)) & 0xFFFFFFFF
-    return _mix32(_mix32(seed32 ^ _mix32(ident)) ^ (step & 0xFFFFFFFF))
+    return _mix32(seed32 ^ _mix32(ident))
+
+
+def step_key(base, step):
+    """`stochastic_key` from its `stochastic_base` and the step."""
+    return _mix32(base ^ (step & 0xFFFFFFFF))
 
 
 def state_dtype(codec, param_dtype):
