@@ -28,10 +28,12 @@ class Options(TypedDict, total=False):
     """`sqrt(v + eps)` instead of `sqrt(v) + eps`; default `False`."""
     initial_scale: float
     """Starting value of `square_avg` (TF1 uses 1.0); default `0.0`."""
-    state_storage: Literal["native", "bfloat16"]
-    """How the state is stored: "native" (the params' dtype) or "bfloat16" (float32 params only: half the state's
+    state_storage: Literal["native", "bfloat16", "8bit"]
+    """How the state is stored: "native" (the params' dtype), "bfloat16" (float32 params only: half the state's
     bytes; the update computes in float32 from the stored values and stores its result rounded to nearest even, as
-    `torch.bfloat16` does; needs `ml_dtypes`, `fastrms[bfloat16]`); default `'native'`."""
+    `torch.bfloat16` does; needs `ml_dtypes`, `fastrms[bfloat16]`) or "8bit" (float32 params only: a quarter of the
+    bytes and a little more, in blocks of 256 codes and a float32 scale, dequantised, stepped in float32 and
+    requantised in one pass; see docs/algorithm.md); default `'native'`."""
     skip_nonfinite: bool
     """A step whose grads hold a NaN or an infinity changes nothing and is counted in `skipped_steps`; default
     `False`."""

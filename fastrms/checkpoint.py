@@ -43,7 +43,8 @@ MARKER_KEY, MARKER = "fastrms_checkpoint", "fastrms.RMSprop"
 COUNT_KEYS = ("format_version", "step_count", "skipped_steps", "num_params")
 REQUIRED_KEYS = (*COUNT_KEYS, *FLOAT_OPTIONS, *BOOL_OPTIONS)
 _TMP = re.compile(r"^\.fastrms-(\d+)-[0-9a-f]{16}\.tmp$")
-#: The dtypes a storage keeps state in besides the params' own (bfloat16 bits: uint16).
+#: The dtypes a storage keeps state in besides the params' own (bfloat16 bits: uint16; 8-bit
+#: blocks: uint8, 1-D, `_blocks_shape`).
 _STORED = tuple(dict.fromkeys(c.dtype for c in storage.CODECS.values() if c.dtype is not None))
 #: Room for a member's .npy header beyond its data.
 _HEADER_ROOM = 4096
@@ -55,7 +56,9 @@ _HEADER_ROOM = 4096
 def state_dict(slots, hyper, step_count, skipped_steps):
     """The NumPy optimizer's `state_dict` (see `fastrms.RMSprop.state_dict`): counts, the
     hyperparameters that are values, and a copy of each slot's state arrays, as they are
-    stored (`state_storage="bfloat16"`: uint16 bit patterns)."""
+    stored (`state_storage="bfloat16"`: uint16 bit patterns shaped like the param;
+    `"8bit"`: the 1-D uint8 array of its blocks, each 256 codes then the block's float32
+    scale, `fastrms.kernels.storage.block_parts`)."""
     d = {
         "format_version": FORMAT_VERSION,
         "step_count": step_count,
@@ -67,7 +70,8 @@ def state_dict(slots, hyper, step_count, skipped_steps):
             d[key] = value
     for i, slot in enumerate(slots):
         for name in slot.names:
-            d[f"{name}.{i}"] = getattr(slot, name).reshape(slot.shape).copy()
+            a = getattr(slot, name)
+            d[f"{name}.{i}"] = a.copy() if a.size != slot.flat.size else a.reshape(slot.shape).copy()
         if slot.row_step.size:  # dense_rows: the step that last touched each row
             d[f"row_step.{i}"] = slot.row_step.copy()
     return d
@@ -115,11 +119,12 @@ def validate(d, slots, current_hyper, dtypes):
             if type(a) is not np.ndarray:
                 raise ValueError(f"state_dict[{key!r}] must be a numpy.ndarray, got {type(a).__name__}")
             want = state.dtype(slot.dtype)
-            if a.dtype != want or a.shape != slot.shape:
+            shape = (kept.extent(slot.flat.size),) if kept.codec.block else slot.shape
+            if a.dtype != want or a.shape != shape:
                 raise ValueError(
-                    f"state_dict[{key!r}] must be {want} of shape {slot.shape}, got {a.dtype} of shape {a.shape}"
+                    f"state_dict[{key!r}] must be {want} of shape {shape}, got {a.dtype} of shape {a.shape}"
                 )
-            _check_values(key, state.name, storage.decode(kept.codec, a))
+            _check_values(key, state.name, kept.decode(state.name, a, slot.flat.size))
             arrays[(i, state.name)] = a
     if hyper["dense_rows"]:
         for i, slot in enumerate(slots):
@@ -258,6 +263,11 @@ def read(path, slots):
         raise ValueError(f"{path!r} is not a readable fastrms checkpoint: {type(exc).__name__}: {exc}") from None
 
 
+def _blocks_shape(slot):
+    """The shape of a state member of `slot` kept in 8-bit blocks (`state_storage="8bit"`)."""
+    return (storage.extent(storage.BLOCKWISE8, slot.flat.size),)
+
+
 def _read_members(z, slots):
     expected = {key: ((), "iu") for key in COUNT_KEYS}
     expected.update({key: ((), "fiu") for key in (*FLOAT_OPTIONS, *OPTIONAL_OPTIONS, "learning_rate")})
@@ -266,7 +276,7 @@ def _read_members(z, slots):
     expected[MARKER_KEY] = ((), "U")
     for i, slot in enumerate(slots):
         for name in ALL_STATE_NAMES:  # in the params' dtype, or as a storage keeps it (validate checks which)
-            expected[f"{name}.{i}"] = (slot.shape, (slot.dtype, *_STORED))
+            expected[f"{name}.{i}"] = ((slot.shape, _blocks_shape(slot)), (slot.dtype, *_STORED))
         if len(slot.shape) == 2:
             expected[f"row_step.{i}"] = ((slot.shape[0],), (np.dtype(np.int64),))
     d = {}
@@ -279,8 +289,9 @@ def _read_members(z, slots):
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise ValueError(f"member {info.filename!r} uses an unsupported compression ({info.compress_type})")
         shape, kind = expected[key]
-        arrays_of = isinstance(kind, tuple)  # the dtypes a state member may have
-        limit = _HEADER_ROOM + (math.prod(shape) * max(k.itemsize for k in kind) if arrays_of else 1024)
+        arrays_of = isinstance(kind, tuple)  # the shapes and dtypes a state member may have
+        largest = max(math.prod(s) for s in shape) * max(k.itemsize for k in kind) if arrays_of else 1024
+        limit = _HEADER_ROOM + largest
         if info.file_size > limit:
             raise ValueError(f"member {info.filename!r} declares {info.file_size} bytes, more than it can hold")
         with z.open(info) as fp:
@@ -294,9 +305,10 @@ def _read_members(z, slots):
             if dtype.hasobject:
                 raise ValueError(f"member {info.filename!r} holds Python objects")
             if arrays_of:
-                if got_shape != shape or dtype not in kind or fortran:
+                if got_shape not in shape or dtype not in kind or fortran:
                     want = " or ".join(str(k) for k in dict.fromkeys(kind))
-                    raise ValueError(f"{key!r} must be {want} of shape {shape}, got {dtype} of shape {got_shape}")
+                    shapes = " or ".join(str(s) for s in shape)
+                    raise ValueError(f"{key!r} must be {want} of shape {shapes}, got {dtype} of shape {got_shape}")
             elif got_shape != () or dtype.kind not in kind:
                 raise ValueError(f"{key!r} must be a single value, got {dtype} of shape {got_shape}")
         with z.open(info) as fp:

@@ -114,13 +114,15 @@ class Group:
         size = sum(s.flat.size for s in slots)
         self.big = kernels.step_bytes(size, self.dtype.itemsize, len(names)) >= kernels.PARALLEL_MIN_BYTES
         # params that tile one buffer step as one array, unless each has its own copy to write
-        span = _tile_root([s.array for s in slots], self.dtype) if len(slots) > 1 and copy is None else None
+        # or its state starts on a block of its own (8-bit state)
+        tiles = len(slots) > 1 and copy is None and not spec.codec.block
+        span = _tile_root([s.array for s in slots], self.dtype) if tiles else None
         self.kind = "dense" if len(slots) == 1 else ("flat" if span is not None else "segments")
         # state: one buffer per kind for the whole group; each slot's state is a view of it
-        state = spec.allocate(size, self.dtype, hyper["initial_scale"])
+        extents = [spec.extent(s.flat.size) for s in slots]
+        state = spec.allocate(sum(extents), self.dtype, hyper["initial_scale"])
         offset = 0
-        for s in slots:
-            n = s.flat.size
+        for s, n in zip(slots, extents):
             for name in names:
                 setattr(s, name, state[name][offset : offset + n])
             offset += n

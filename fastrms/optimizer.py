@@ -84,10 +84,12 @@ class RMSprop:
     initial_scale : float, default 0.0
         Starting value of `square_avg` (TF1 uses 1.0).
     state_storage : str, default 'native'
-        How the state is stored: "native" (the params' dtype) or "bfloat16" (float32 params only:
-        half the state's bytes; the update computes in float32 from the stored values and stores its
+        How the state is stored: "native" (the params' dtype), "bfloat16" (float32 params only: half
+        the state's bytes; the update computes in float32 from the stored values and stores its
         result rounded to nearest even, as `torch.bfloat16` does; needs `ml_dtypes`,
-        `fastrms[bfloat16]`).
+        `fastrms[bfloat16]`) or "8bit" (float32 params only: a quarter of the bytes and a little
+        more, in blocks of 256 codes and a float32 scale, dequantised, stepped in float32 and
+        requantised in one pass; see docs/algorithm.md).
     skip_nonfinite : bool, default False
         A step whose grads hold a NaN or an infinity changes nothing and is counted in
         `skipped_steps`.
@@ -177,14 +179,18 @@ class RMSprop:
     def _state_view(self, name):
         if name not in self._spec.names:
             return None
-        arrays = [getattr(s, name).reshape(s.shape) for s in self._slots]
-        if self._spec.codec is not storage.NATIVE:  # bit patterns, shown as the values they are
+        if self._spec.codec.block:  # 8-bit blocks: their values, decoded (a copy)
+            arrays = [self._spec.decode(name, getattr(s, name), s.flat.size).reshape(s.shape) for s in self._slots]
+        else:
+            arrays = [getattr(s, name).reshape(s.shape) for s in self._slots]
+        if self._spec.codec is storage.BFLOAT16:  # bit patterns, shown as the values they are
             arrays = [a.view(self._shown) for a in arrays]
         return arrays[0] if self._single else arrays
 
     @property
     def square_avg(self) -> "np.ndarray | list[np.ndarray]":
-        """The squared-gradient averages `v`, shaped like the params."""
+        """The squared-gradient averages `v`, shaped like the params (views of the state;
+        with `state_storage="8bit"`, float32 copies of its decoded values)."""
         return self._state_view("square_avg")
 
     @property

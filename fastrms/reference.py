@@ -53,6 +53,47 @@ def bfloat16_value(bits):
     return (np.asarray(bits, np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
+def blockwise8_encode(x, signed=False):
+    """float32 values `x` as 8-bit blockwise state (`fastrms.kernels.storage`): uint8
+    blocks of 260 bytes, each 256 codes and the block's scale (little-endian float32),
+    written plainly: scale = max |x| over the block (NaN if any is NaN), y = x * (1 /
+    scale) (0 when scale is 0 or NaN), the code of the map entry nearest y by
+    `np.searchsorted` over the midpoints (`SIGNED8`: of the magnitude nearest |y| on y's
+    side)."""
+    from .kernels.storage import BLOCK8, SIGNED8, UNSIGNED8, midpoints
+
+    x = np.asarray(x, np.float32).reshape(-1)
+    blocks = -(-x.size // BLOCK8)
+    padded = np.zeros(blocks * BLOCK8, np.float32)
+    padded[: x.size] = x
+    padded = padded.reshape(blocks, BLOCK8)
+    magnitude = np.abs(padded)
+    scale = magnitude.max(axis=1) if blocks else np.zeros(0, np.float32)
+    scale = np.where(np.isnan(padded).any(axis=1), np.float32(np.nan), scale).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(scale > 0, np.float32(1) / scale, np.float32(0)).astype(np.float32)
+        y = (padded * inv[:, None]).astype(np.float32)
+    if signed:
+        k = np.searchsorted(midpoints(SIGNED8[128:]), np.abs(y))
+        codes = np.where(y < 0, 127 - k, 128 + k)
+    else:
+        codes = np.searchsorted(midpoints(UNSIGNED8), y)
+    out = np.zeros((blocks, BLOCK8 + 4), np.uint8)
+    out[:, :BLOCK8] = codes
+    out[:, BLOCK8:] = scale.astype("<f4").view(np.uint8).reshape(blocks, 4)
+    return out.reshape(-1)
+
+
+def blockwise8_decode(stored, n, signed=False):
+    """The `n` float32 values 8-bit blockwise state `stored` holds: `MAP[code] * scale`."""
+    from .kernels.storage import BLOCK8, SIGNED8, UNSIGNED8
+
+    blocks = np.asarray(stored, np.uint8).reshape(-1, BLOCK8 + 4)
+    scale = np.ascontiguousarray(blocks[:, BLOCK8:]).view("<f4").astype(np.float32)
+    values = (SIGNED8 if signed else UNSIGNED8)[blocks[:, :BLOCK8]] * scale
+    return values.reshape(-1)[:n].astype(np.float32)
+
+
 def mix32(h):
     """murmur3's 32-bit finaliser on uint32 values (NumPy)."""
     h = np.asarray(h, np.uint32).copy()
@@ -214,7 +255,8 @@ class RMSprop:
     all grads (`clip_grads`), kept in `last_grad_norm`. `state_storage="bfloat16"`
     (float32 params): the step computes from the state's float32 value and uses its
     unrounded result for the param, and the state keeps that result rounded to bfloat16
-    (`bfloat16_round`). `copy_to` (bfloat16 or float16 arrays like the float32 params):
+    (`bfloat16_round`); `state_storage="8bit"` likewise keeps it in 8-bit blocks, each
+    array's values dequantised from `blockwise8_encode`. `copy_to` (bfloat16 or float16 arrays like the float32 params):
     after each step taken, each copy holds its param rounded to its dtype (`low_round`).
     Grads of float32 params may be bfloat16 or float16: the step reads their float32 values
     (`widened`)."""
@@ -273,4 +315,10 @@ class RMSprop:
         """The state as its storage keeps it (its float values)."""
         if self.state_storage == "native":
             return state
+        if self.state_storage == "8bit":  # each array in blocks of 256, dequantised
+            signed = {k: k != "square_avg" for k in state}
+            return {
+                k: blockwise8_decode(blockwise8_encode(v, signed[k]), v.size, signed[k]).reshape(v.shape)
+                for k, v in state.items()
+            }
         return {k: bfloat16_value(bfloat16_round(v)) for k, v in state.items()}

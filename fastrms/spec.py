@@ -8,9 +8,11 @@ backend read instead of re-deriving it (the rules themselves are `fastrms.option
     state     the state slots, in order, each `StateSlot(name, storage, shape)`:
                 name     PyTorch's: square_avg, grad_avg (centered), momentum_buffer (momentum > 0)
                 storage  the codec it is kept in (`fastrms.kernels.storage.CODECS`), the
-                         option `state_storage`: "native", the params' own dtype, or
-                         "bfloat16", bit patterns in uint16 arrays
-                shape    "param": one element per element of the param
+                         option `state_storage`: "native", the params' own dtype,
+                         "bfloat16", bit patterns in uint16 arrays, or "8bit", blocks of
+                         256 one-byte codes and a float32 scale in uint8 arrays
+                shape    "param": one value per element of the param (`extent(n)` storage
+                         elements hold n values: n, or the 8-bit blocks' bytes)
     compute   "param": the arithmetic runs in the params' dtype
     rounding  "once": every scalar is rounded once to the compute dtype (`1 - beta` and
               `lr * weight_decay` formed in float64 first)
@@ -59,20 +61,32 @@ class Spec:
         """The storage codec of the state (`fastrms.kernels.storage.Codec`; one a spec)."""
         return storage.CODECS[self.state[0].storage]
 
+    def extent(self, n):
+        """The storage elements of a state array holding `n` values (whole 8-bit blocks)."""
+        return storage.extent(self.codec, n)
+
     def allocate(self, size, param_dtype, initial_scale=0.0):
-        """Zeroed state arrays of `size` elements (`square_avg` filled with
-        `initial_scale`, as its storage holds it), by name."""
+        """Zeroed state arrays of `size` storage elements (a sum of `extent`s;
+        `square_avg` filled with `initial_scale`, as its storage holds it), by name."""
         out = {s.name: np.zeros(size, s.dtype(param_dtype)) for s in self.state}
-        out["square_avg"][...] = storage.encode(self.codec, param_dtype, initial_scale)
+        for name, a in out.items():
+            storage.fill(self.codec, a, param_dtype, initial_scale if name == "square_avg" else 0.0)
         return out
+
+    def decode(self, name, stored, n):
+        """The `n` values state array `name` holds as the float values they stand for (a
+        view for the native storage, else a float32 copy)."""
+        return storage.decode(self.codec, stored, n, signed=name != "square_avg")
 
 
 def view_dtype(codec, param_dtype):
-    """The dtype a user sees a state of `codec` as: the params' own (native), or
-    `ml_dtypes.bfloat16` (a view of the same bits) for `BFLOAT16`; ImportError naming the
-    extra when ml_dtypes is not installed."""
+    """The dtype a user sees a state of `codec` as: the params' own (native), float32 (a
+    decoded copy) for 8-bit blocks, or `ml_dtypes.bfloat16` (a view of the same bits) for
+    `BFLOAT16`; ImportError naming the extra when ml_dtypes is not installed."""
     if codec is storage.NATIVE:
         return np.dtype(param_dtype)
+    if codec.block:
+        return np.dtype(np.float32)
     try:
         import ml_dtypes
     except ImportError:

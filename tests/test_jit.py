@@ -47,6 +47,9 @@ for shapes in ([(1000,)], [(300,), (40,)]):  # float16 grads and copies: the 16-
     ws = [np.zeros(s, np.float32) for s in shapes]
     fastrms.RMSprop(ws, 1e-3, copy_to=[np.zeros(s, np.float16) for s in shapes], clip_global_norm=1.0,
                     skip_nonfinite=True).step([np.ones(s, np.float16) for s in shapes])
+for shapes in ([(1 << 18,)], [(300,), (40,)]):  # 8-bit state: the blockwise shells, dense and in a table
+    ws = [np.zeros(s, np.float32) for s in shapes]
+    fastrms.RMSprop(ws, 1e-3, momentum=0.9, state_storage="8bit").step([np.ones(s, np.float32) for s in shapes])
 if "torch" in sys.argv:
     import torch
     import fastrms.torch as ft

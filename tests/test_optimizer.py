@@ -732,9 +732,9 @@ def test_bfloat16_state_is_refused_where_it_does_not_apply():
         fastrms.RMSprop([np.zeros(3, np.float32), np.zeros(3)], state_storage="bfloat16")
     with pytest.raises(ValueError, match="dense_rows=True needs state_storage='native'"):
         fastrms.RMSprop(np.zeros((3, 2), np.float32), dense_rows=True, state_storage="bfloat16")
-    with pytest.raises(ValueError, match=r"state_storage must be one of \['native', 'bfloat16'\], got 'fp8'"):
+    with pytest.raises(ValueError, match=r"state_storage must be one of \['native', 'bfloat16', '8bit'\], got 'fp8'"):
         fastrms.RMSprop(np.zeros(3, np.float32), state_storage="fp8")
-    with pytest.raises(TypeError, match=r"state_storage must be one of \['native', 'bfloat16'\], got int"):
+    with pytest.raises(TypeError, match=r"state_storage must be one of \['native', 'bfloat16', '8bit'\], got int"):
         fastrms.RMSprop(np.zeros(3, np.float32), state_storage=16)
 
 
@@ -752,6 +752,85 @@ def test_bfloat16_state_without_ml_dtypes_says_what_to_install(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "ml_dtypes", None)  # `import ml_dtypes` fails
     with pytest.raises(ImportError, match=r"pip install 'fastrms\[bfloat16\]'"):
         fastrms.RMSprop(np.zeros(3, np.float32), state_storage="bfloat16")
+
+
+# ------------------------------------------------------------------ state_storage="8bit"
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_variant_with_8bit_state_matches_reference_bitwise(name):
+    fast, ref = run_both({**VARIANTS[name], "state_storage": "8bit"}, 1031, np.float32)
+    assert_same_state(fast, ref)
+    assert fast.square_avg.dtype == np.float32  # the decoded values, a copy
+    assert fast.state_dict()["square_avg.0"].nbytes == 5 * 260  # 1031 values: 5 blocks of 256 codes and a scale
+
+
+@pytest.mark.parametrize("name", MAIN)
+def test_8bit_state_matches_reference_on_the_parallel_path(name):
+    fast, ref = run_both({**MAIN[name], "state_storage": "8bit"}, BIG, np.float32, steps=8)
+    assert fast.parallel == [fastrms.info()["parallel_mode"] != "serial"]
+    assert_same_state(fast, ref)
+
+
+def test_8bit_state_over_many_arrays_clipped_with_a_copy_and_16_bit_grads_matches_reference():
+    rng = np.random.default_rng(6)
+    shapes = [(31, 7), (1,), (kernels.CHUNK + 300,), (5, 5)]  # one array spans two chunks, mid-block
+    _, params = fastrms.pack([np.asarray(rng.standard_normal(s), np.float32) for s in shapes])  # tiles: still a table
+    mine = [p.copy() for p in params]
+    copies = [np.zeros(s, np.float16) for s in shapes]
+    theirs = [np.zeros(s, np.float16) for s in shapes]
+    options = dict(momentum=0.9, centered=True, clip_global_norm=3.0, skip_nonfinite=True, state_storage="8bit")
+    fast = fastrms.RMSprop(params, 0.01, initial_scale=0.5, copy_to=copies, **options)
+    ref = reference.RMSprop(mine, 0.01, initial_scale=0.5, copy_to=theirs, **options)
+    assert fast.kernel_calls == ["segments"]  # each param's state starts on a block of its own
+    for t in range(6):
+        grads = [np.asarray(rng.standard_normal(s) * np.exp(rng.uniform(-9, 3, s)), np.float32) for s in shapes]
+        if t == 3:
+            grads[2][5] = np.nan  # a refused step: nothing written, counted
+        if t % 2:
+            grads = [g.astype(np.float16) for g in grads]  # read widened, in the same pass
+        fast.step(grads)
+        ref.step(grads)
+    assert fast.skipped_steps == ref.skipped_steps == 1 and fast.last_grad_norm == ref.last_grad_norm
+    assert_same_state(fast, ref)
+    for c, d in zip(copies, theirs):
+        np.testing.assert_array_equal(c.view(np.uint16), d.view(np.uint16))
+
+
+def test_8bit_state_starts_at_initial_scale_exactly_and_takes_a_quarter_of_the_bytes():
+    opt = fastrms.RMSprop(np.zeros(100_000, np.float32), initial_scale=0.1, state_storage="8bit", momentum=0.9)
+    assert (opt.square_avg == np.float32(0.1)).all() and (opt.momentum_buffer == 0).all()
+    assert not np.signbit(opt.momentum_buffer).any()  # +0, as a fresh buffer is
+    kept = sum(a.nbytes for k, a in opt.state_dict().items() if isinstance(a, np.ndarray))
+    assert kept <= 0.27 * 2 * opt.params.nbytes  # the target: at most 0.27x of float32 state
+
+
+def test_8bit_state_moves_the_params_as_float32_state_does_within_its_rounding():
+    fast, _ = run_both({"state_storage": "8bit"}, 4096, np.float32, steps=20)
+    full, _ = run_both({}, 4096, np.float32, steps=20)
+    moved = np.abs(full.params - problem(4096, np.float32)[0])
+    assert not np.array_equal(fast.params, full.params)  # the rounding is real
+    np.testing.assert_allclose(fast.params, full.params, rtol=0, atol=0.05 * moved.max())  # and small
+    # each store rounds v by at most h = 2^(1/16) - 1 (4.4%) of itself, and the EMA forgets
+    # an old error at the rate beta: v is kept within h / (1 - beta) = 44% (beta 0.9), and
+    # typically within one rounding (the block scales move every step, so the roundings do
+    # not all agree; the same bits on any machine)
+    error, h = np.abs(fast.square_avg / full.square_avg - 1), 2 ** (1 / 16) - 1
+    assert error.max() <= h / (1 - 0.9) and np.median(error) < h
+
+
+def test_8bit_state_is_refused_where_it_does_not_apply():
+    with pytest.raises(
+        ValueError, match="state_storage='8bit' keeps the state of float32 params; these params are float64"
+    ):
+        fastrms.RMSprop([np.zeros(3, np.float32), np.zeros(3)], state_storage="8bit")
+    with pytest.raises(ValueError, match="dense_rows=True needs state_storage='native'"):
+        fastrms.RMSprop(np.zeros((3, 2), np.float32), dense_rows=True, state_storage="8bit")
+    opt = fastrms.RMSprop(np.ones((4, 3), np.float32), state_storage="8bit")
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="step_rows needs state_storage='native'"):
+        opt.step_rows(np.array([1]), np.ones((1, 3), np.float32))
+    assert_unchanged(opt, before)
 
 
 # ------------------------------------------------------------------ copy_to: master weights

@@ -11,6 +11,7 @@ from conftest import assert_unchanged, problem, snapshot
 import fastrms
 from fastrms import schedules
 from fastrms.bench.cases import MAIN
+from fastrms.kernels import storage
 
 
 @pytest.mark.parametrize("name", MAIN)
@@ -268,3 +269,49 @@ def test_a_checkpoint_of_the_other_storage_or_with_bad_bits_is_refused(tmp_path)
     assert_unchanged(lean, before)
     with pytest.raises(ValueError, match="another variant: state_storage=bfloat16"):
         native.load_state_dict(lean.state_dict())
+
+
+def test_an_8bit_state_checkpoint_stores_codes_and_scales_and_continues_bitwise(tmp_path):
+    options = dict(momentum=0.9, centered=True, state_storage="8bit")
+    p0, grads = problem(3000, np.float32)
+    straight, first = fastrms.RMSprop(p0.copy(), 0.01, **options), fastrms.RMSprop(p0.copy(), 0.01, **options)
+    for t in range(9):
+        straight.step(grads[t % 4])
+        first.step(grads[t % 4])
+    first.save(tmp_path / "c.npz")
+    with np.load(tmp_path / "c.npz", allow_pickle=False) as z:
+        assert z["square_avg.0"].dtype == np.uint8 and z["square_avg.0"].shape == (12 * 260,)  # 12 blocks
+        assert str(z["state_storage"]) == "8bit"
+        codes, scales = storage.block_parts(z["grad_avg.0"], 3000)
+        np.testing.assert_array_equal(storage.SIGNED8[codes] * np.repeat(scales, 256)[:3000], first.grad_avg)
+    resumed = fastrms.RMSprop(first.params.copy(), 0.01, **options)
+    resumed.load(tmp_path / "c.npz")
+    for t in range(9, 20):
+        straight.step(grads[t % 4])
+        resumed.step(grads[t % 4])
+    np.testing.assert_array_equal(straight.params, resumed.params)
+    assert straight.state_dict()["square_avg.0"].tobytes() == resumed.state_dict()["square_avg.0"].tobytes()
+
+
+def test_an_8bit_checkpoint_with_bad_scales_or_shapes_is_refused(tmp_path):
+    lean = fastrms.RMSprop(np.ones(300, np.float32), 0.1, state_storage="8bit")
+    lean.step(np.full(300, 0.5, np.float32))
+    before = snapshot(lean)
+    d = lean.state_dict()
+    good = d["square_avg.0"]
+    for scale, message in ((np.nan, "holds NaN or infinite values"), (-1.0, "holds negative values")):
+        d["square_avg.0"] = good.copy()
+        d["square_avg.0"][256:260] = np.frombuffer(np.float32(scale).astype("<f4").tobytes(), np.uint8)
+        with pytest.raises(ValueError, match=message):
+            lean.load_state_dict(d)
+    d["square_avg.0"] = np.ones(300, np.float32)
+    with pytest.raises(ValueError, match=r"must be uint8 of shape \(520,\), got float32 of shape \(300,\)"):
+        lean.load_state_dict(d)
+    d["square_avg.0"] = good[:260]
+    with pytest.raises(ValueError, match=r"must be uint8 of shape \(520,\)"):
+        lean.load_state_dict(d)
+    lean.save(tmp_path / "c.npz")
+    native = fastrms.RMSprop(np.ones(300, np.float32), 0.1)
+    with pytest.raises(ValueError, match="another variant: state_storage=8bit"):
+        native.load(tmp_path / "c.npz")
+    assert_unchanged(lean, before)

@@ -292,3 +292,134 @@ def test_the_stochastic_shells_give_the_same_bits_serial_parallel_and_chunked(na
     ref_state = {k: np.zeros(n, np.float32) for k in names}
     stepped = reference.rmsprop_step(wide, reference.bfloat16_value(grads), ref_state, 1, 0.01, **MAIN[name])
     np.testing.assert_array_equal(p, reference.bfloat16_stochastic_round(stepped, 99))
+
+
+# ------------------------------------------------------------------ 8-bit blockwise state
+
+
+def test_the_8bit_maps_step_by_a_fixed_ratio_up_to_1_and_have_no_zero():
+    u, s = storage.UNSIGNED8, storage.SIGNED8
+    assert u.size == s.size == 256 and u[-1] == 1 and s[-1] == 1 and s[0] == -1
+    np.testing.assert_allclose(u[1:] / u[:-1], 2 ** (1 / 8), rtol=1e-6)  # 8 codes an octave
+    np.testing.assert_allclose(s[129:] / s[128:-1], 2 ** (1 / 4), rtol=1e-6)  # 4, each sign
+    np.testing.assert_array_equal(s[:128], -s[128:][::-1])
+    assert (u > 0).all() and u[0] == np.float32(2 ** (-255 / 8)) and (s != 0).all()
+
+
+@njit
+def _codes(y, signed):
+    out = np.empty(y.size, np.uint8)
+    for i in range(y.size):
+        out[i] = storage.signed8_code(y[i]) if signed else storage.unsigned8_code(y[i])
+    return out
+
+
+def _probes(table):
+    """Every midpoint of `table`'s, its float32 neighbours, random values over 40 octaves, and
+    the edges (0, the smallest subnormal, 1, inf, NaN)."""
+    mid = storage.midpoints(table)
+    rng = np.random.default_rng(3)
+    spread = np.exp2(rng.uniform(-40, 0.1, 100_000)).astype(np.float32)
+    edges = np.array([0, 1e-45, 1, 1.0000001, np.inf, np.nan], np.float32)
+    return np.concatenate([mid, np.nextafter(mid, np.float32(2)), np.nextafter(mid, np.float32(-2)), spread, edges])
+
+
+def test_the_unsigned_code_is_the_nearest_map_entry_as_searchsorted_finds_it():
+    y = _probes(storage.UNSIGNED8)
+    y = y[~(y < 0)]
+    np.testing.assert_array_equal(_codes(y, False), np.searchsorted(storage.midpoints(storage.UNSIGNED8), y))
+
+
+def test_the_signed_code_is_the_nearest_magnitude_on_the_values_side():
+    y = _probes(storage.SIGNED8)
+    y = np.concatenate([y, -y])
+    k = np.searchsorted(storage.midpoints(storage.SIGNED8[128:]), np.abs(y))
+    want = np.where(y < 0, 127 - k, 128 + k)
+    np.testing.assert_array_equal(_codes(y, True), want)
+    finite = np.isfinite(y) & (np.abs(y) <= 1) & (np.abs(y) >= storage.SIGNED8[128])
+    kept = storage.SIGNED8[_codes(y[finite], True)]
+    assert (np.abs(kept / y[finite] - 1) <= 2 ** (1 / 8) - 1 + 1e-6).all()  # within half a step (ratio 2^(1/4))
+
+
+def _block_run(name, n, parallel, steps=4):
+    """Params stepped `steps` times by the 8-bit shell, and by the reference."""
+    hyper = options.resolve({**MAIN[name], "learning_rate": 0.01, "state_storage": "8bit"})
+    key, rng = options.variant_key(hyper), np.random.default_rng(7)
+    p = rng.standard_normal(n).astype(np.float32)
+    ref = reference.RMSprop(p.copy(), 0.01, **{k: v for k, v in MAIN[name].items()}, state_storage="8bit")
+    state = spec.of(hyper).allocate(storage.extent(storage.BLOCKWISE8, n), np.float32)
+    arrays = [state.get(k, np.zeros(0, np.uint8)) for k in ("square_avg", "grad_avg", "momentum_buffer")]
+    shell = kernels.dense(key, parallel, storage.BLOCKWISE8)
+    for t in range(1, steps + 1):
+        g = (rng.standard_normal(n) * np.exp(rng.uniform(-12, 4, n))).astype(np.float32)
+        shell(p, g, *arrays, *options.scalars(hyper, 0.01, t))
+        ref.step(g)
+    return p, state, ref
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+@pytest.mark.parametrize("name", MAIN)
+def test_an_8bit_state_step_matches_the_reference_bit_for_bit(name, parallel):
+    n = BIG if parallel else 1031  # a partial last block
+    p, state, ref = _block_run(name, n, parallel)
+    np.testing.assert_array_equal(p, ref.params[0])
+    for k, stored in state.items():
+        signed = k != "square_avg"
+        codes, scales = storage.block_parts(stored, n)
+        want_codes, want_scales = storage.block_parts(reference.blockwise8_encode(ref.state[0][k], signed), n)
+        np.testing.assert_array_equal(codes, want_codes, err_msg=k)
+        assert scales.tobytes() == want_scales.tobytes(), k
+
+
+def test_an_8bit_block_with_a_nan_is_all_nan_and_its_neighbours_are_not():
+    hyper = options.resolve({"learning_rate": 0.01, "state_storage": "8bit"})
+    p, g = np.ones(600, np.float32), np.ones(600, np.float32)
+    g[300] = np.nan  # block 1 of 3
+    v = spec.of(hyper).allocate(storage.extent(storage.BLOCKWISE8, 600), np.float32)["square_avg"]
+    kernels.dense(options.variant_key(hyper), False, storage.BLOCKWISE8)(
+        p, g, v, v[:0], v[:0], *options.scalars(hyper, 0.01, 1)
+    )
+    values = storage.decode(storage.BLOCKWISE8, v, 600)
+    assert np.isnan(values[256:512]).all() and np.isfinite(values[:256]).all() and np.isfinite(values[512:]).all()
+    np.testing.assert_array_equal(values[:256], np.float32(0.1))  # 0.1 * g^2: its block's scale, code 255
+
+
+def test_the_chunk_table_shell_steps_8bit_state_block_by_block_as_the_dense_shell_does():
+    hyper = options.resolve({"centered": True, "momentum": 0.9, "learning_rate": 0.01, "state_storage": "8bit"})
+    key, rng = options.variant_key(hyper), np.random.default_rng(2)
+    sizes = [kernels.CHUNK + 5, 3, 700]
+    params = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    grads = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    held = [storage.extent(storage.BLOCKWISE8, n) for n in sizes]
+    states = [[np.zeros(h, np.uint8) for _ in range(3)] for h in held]
+    alone = [(p.copy(), [s.copy() for s in st]) for p, st in zip(params, states)]
+    ptrs = np.array(
+        [[kernels.address(a) for a in (p, g, *st)] for p, g, st in zip(params, grads, states)], dtype=np.int64
+    )
+    sizes_ = np.array(sizes, dtype=np.int64)
+    scalars = options.scalars(hyper, 0.01, 1)
+    kernels.segments(key, True, storage.BLOCKWISE8)(params[0][:0], ptrs, sizes_, kernels.chunk_table(sizes_), *scalars)
+    for (p, st), g, p_table, st_table in zip(alone, grads, params, states):
+        kernels.dense(key, False, storage.BLOCKWISE8)(p, g, *st, *scalars)
+        assert p.tobytes() == p_table.tobytes()
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(st, st_table))
+        assert st[0].any() and st[2].any()
+
+
+def test_an_8bit_shell_refuses_state_of_the_wrong_size():
+    hyper = options.resolve({"learning_rate": 0.01, "state_storage": "8bit"})
+    shell = kernels.dense(options.variant_key(hyper), False, storage.BLOCKWISE8)
+    p = np.ones(300, np.float32)
+    with pytest.raises(ValueError, match="square_avg the bytes of its 8-bit blocks"):
+        shell(
+            p, p, np.zeros(300, np.uint8), p[:0].view(np.uint8), p[:0].view(np.uint8), *options.scalars(hyper, 0.01, 1)
+        )
+    assert (p == 1).all()
+
+
+def test_filled_8bit_state_decodes_to_the_value_exactly():
+    a = np.zeros(3 * 260, np.uint8)
+    storage.fill(storage.BLOCKWISE8, a, np.float32, 0.1)
+    np.testing.assert_array_equal(storage.decode(storage.BLOCKWISE8, a, 700), np.float32(0.1))
+    storage.fill(storage.BLOCKWISE8, a, np.float32, 0.0)
+    assert not np.signbit(storage.decode(storage.BLOCKWISE8, a, 700, signed=True)).any()

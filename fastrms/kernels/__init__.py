@@ -3,12 +3,15 @@ the rest of fastrms, so user `@njit` code can call it directly).
 
 - `.element`: the per-element update, written once, specialised per `Variant`;
 - `.storage`: how the shells read and write the state, a codec chosen at compile time
-  (`NATIVE`: the params' dtype; `BFLOAT16`: bfloat16 bits in uint16 for float32 params),
-  and a float32 step's other 16-bit arrays (`ARRAYS`: bfloat16 or float16 grads and
+  (`NATIVE`: the params' dtype; `BFLOAT16`: bfloat16 bits in uint16 for float32 params;
+  `BLOCKWISE8`: blocks of 256 one-byte codes and a float32 scale), and a float32 step's
+  other 16-bit arrays (`ARRAYS`: bfloat16 or float16 grads and
   copies);
 - `.dense`: loop shells over whole flat arrays, in place and out of place, serial and
   parallel, and the stochastic shell (bfloat16 params kept without a master, rounded
   stochastically from a counter-based hash);
+- `.blockwise`: the dense shell of 8-bit blockwise state (each block dequantised, stepped
+  and requantised in one pass);
 - `.segments`: the loop shell over a chunk table: many arrays of one dtype in one call;
 - `.rows`: the loop shells over named rows of a table (sparse updates), and coalescing;
 - `.prefetch`: the software prefetch of the row shell (rows named by an index array);

@@ -14,12 +14,14 @@ updated param element into it too, as that codec stores it: a low-precision copy
 params (the model's bf16 weights beside an fp32 master) in the same pass. With `grads` (a
 codec of `.storage.ARRAYS`, float32 params) the shell reads the grad as that codec's 16-bit
 bit patterns (bfloat16 or float16 grads in a uint16 array), widened exactly to float32.
+With `codec=BLOCKWISE8` it is `.blockwise`'s shell: the state arrays are 8-bit blocks.
 """
 
 import numpy as np
 from numba import prange
 
 from ._jit import jit, name
+from .blockwise import blockwise
 from .element import apply, constants
 from .storage import BFLOAT16, NATIVE, bfloat16_stochastic_bits, grad_suffix, stochastic_noise, suffix
 
@@ -33,7 +35,9 @@ def dense(key, parallel, codec=NATIVE, copy=None, grads=NATIVE):
     tag = (key, parallel, codec.tag, None if copy is None else copy.tag, grads.tag)
     fn = _DENSE.get(tag)
     if fn is None:
-        if copy is None:
+        if codec.block:  # whole 8-bit blocks at a time: the state arrays are the blocks' bytes
+            fn = _DENSE[tag] = blockwise(key, parallel, copy, grads)
+        elif copy is None:
             fn = _DENSE[tag] = _make_dense(key, parallel, codec, grads)
         else:
             fn = _DENSE[tag] = _make_copy(key, parallel, codec, copy, grads)

@@ -12,9 +12,11 @@ takes them all at once, as apex's `multi_tensor_apply` and torch's fused optimiz
 - `witness`: an empty array of the arrays' dtype (it fixes the compiled dtype).
 
 Each chunk runs the serial `.dense` shell over its slices: the same loop, and so the
-same bits, as stepping each array on its own. The caller guarantees that the addresses
-are live, C-contiguous arrays of `witness`'s dtype and of the given sizes (the optimizer
-validates every grad before filling in its address); the shell cannot check raw addresses.
+same bits, as stepping each array on its own. A chunk starts on a multiple of `CHUNK`
+elements, so on an 8-bit block too: its state is the bytes of its blocks (`codec.extent`).
+The caller guarantees that the addresses are live, C-contiguous arrays of `witness`'s
+dtype and of the given sizes (the optimizer validates every grad before filling in its
+address); the shell cannot check raw addresses.
 """
 
 import numpy as np
@@ -78,7 +80,7 @@ def _make_segments(key, parallel, codec, copy, grads):
         return _make_copy_segments(key, parallel, codec, copy, grads)
     run = dense(key, False, codec, None, grads)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
-    stored, read = codec.witness, grads.witness
+    stored, read, extent = codec.witness, grads.witness, codec.extent
 
     def shell(witness, ptrs, sizes, chunks, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):
         state = stored(witness)  # an empty array of the state's storage dtype
@@ -88,15 +90,16 @@ def _make_segments(key, parallel, codec, copy, grads):
             n = sizes[a]
             param = carray(_pointer(ptrs[a, PARAM], witness), (n,))
             grad = carray(_pointer(ptrs[a, GRAD], given), (n,))
-            square_avg = carray(_pointer(ptrs[a, SQUARE_AVG], state), (n,))
-            grad_avg = carray(_pointer(ptrs[a, GRAD_AVG], state), (n if uses_m else 0,))
-            momentum_buffer = carray(_pointer(ptrs[a, MOMENTUM_BUFFER], state), (n if uses_b else 0,))
+            held, first, last = extent(n), extent(start), extent(stop)  # storage elements (8-bit: whole blocks)
+            square_avg = carray(_pointer(ptrs[a, SQUARE_AVG], state), (held,))
+            grad_avg = carray(_pointer(ptrs[a, GRAD_AVG], state), (held if uses_m else 0,))
+            momentum_buffer = carray(_pointer(ptrs[a, MOMENTUM_BUFFER], state), (held if uses_b else 0,))
             run(
                 param[start:stop],
                 grad[start:stop],
-                square_avg[start:stop],
-                grad_avg[start:stop] if uses_m else grad_avg,
-                momentum_buffer[start:stop] if uses_b else momentum_buffer,
+                square_avg[first:last],
+                grad_avg[first:last] if uses_m else grad_avg,
+                momentum_buffer[first:last] if uses_b else momentum_buffer,
                 lr,
                 beta,
                 eps_in,
@@ -116,7 +119,7 @@ def _make_segments(key, parallel, codec, copy, grads):
 def _make_copy_segments(key, parallel, codec, copy, grads):
     run = dense(key, False, codec, copy, grads)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
-    stored, copied, read = codec.witness, copy.witness, grads.witness
+    stored, copied, read, extent = codec.witness, copy.witness, grads.witness, codec.extent
 
     def shell(witness, ptrs, sizes, chunks, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):
         state = stored(witness)  # an empty array of the state's storage dtype
@@ -127,13 +130,14 @@ def _make_copy_segments(key, parallel, codec, copy, grads):
             n = sizes[a]
             param = carray(_pointer(ptrs[a, PARAM], witness), (n,))
             grad = carray(_pointer(ptrs[a, GRAD], given), (n,))
-            square_avg = carray(_pointer(ptrs[a, SQUARE_AVG], state), (n,))
-            grad_avg = carray(_pointer(ptrs[a, GRAD_AVG], state), (n if uses_m else 0,))
-            momentum_buffer = carray(_pointer(ptrs[a, MOMENTUM_BUFFER], state), (n if uses_b else 0,))
+            held, first, last = extent(n), extent(start), extent(stop)  # storage elements (8-bit: whole blocks)
+            square_avg = carray(_pointer(ptrs[a, SQUARE_AVG], state), (held,))
+            grad_avg = carray(_pointer(ptrs[a, GRAD_AVG], state), (held if uses_m else 0,))
+            momentum_buffer = carray(_pointer(ptrs[a, MOMENTUM_BUFFER], state), (held if uses_b else 0,))
             copy_out = carray(_pointer(ptrs[a, COPY], low), (n,))
-            run(param[start:stop], grad[start:stop], square_avg[start:stop],
-                grad_avg[start:stop] if uses_m else grad_avg,
-                momentum_buffer[start:stop] if uses_b else momentum_buffer,
+            run(param[start:stop], grad[start:stop], square_avg[first:last],
+                grad_avg[first:last] if uses_m else grad_avg,
+                momentum_buffer[first:last] if uses_b else momentum_buffer,
                 copy_out[start:stop], lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)  # fmt: skip
         return parallel
 
@@ -174,7 +178,7 @@ def stochastic_segments(key, parallel, codec=NATIVE, grads=BFLOAT16):
 def _make_stochastic_segments(key, parallel, codec, grads):
     run = stochastic(key, False, codec, grads)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
-    stored, read = codec.witness, grads.witness
+    stored, read, extent = codec.witness, grads.witness, codec.extent
     bits = BFLOAT16.witness
 
     def shell(witness, ptrs, sizes, chunks, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):
@@ -186,12 +190,13 @@ def _make_stochastic_segments(key, parallel, codec, grads):
             n = sizes[a]
             param = carray(_pointer(ptrs[a, PARAM], low), (n,))
             grad = carray(_pointer(ptrs[a, GRAD], given), (n,))
-            square_avg = carray(_pointer(ptrs[a, SQUARE_AVG], state), (n,))
-            grad_avg = carray(_pointer(ptrs[a, GRAD_AVG], state), (n if uses_m else 0,))
-            momentum_buffer = carray(_pointer(ptrs[a, MOMENTUM_BUFFER], state), (n if uses_b else 0,))
-            run(param[start:stop], grad[start:stop], square_avg[start:stop],
-                grad_avg[start:stop] if uses_m else grad_avg,
-                momentum_buffer[start:stop] if uses_b else momentum_buffer,
+            held, first, last = extent(n), extent(start), extent(stop)  # storage elements (8-bit: whole blocks)
+            square_avg = carray(_pointer(ptrs[a, SQUARE_AVG], state), (held,))
+            grad_avg = carray(_pointer(ptrs[a, GRAD_AVG], state), (held if uses_m else 0,))
+            momentum_buffer = carray(_pointer(ptrs[a, MOMENTUM_BUFFER], state), (held if uses_b else 0,))
+            run(param[start:stop], grad[start:stop], square_avg[first:last],
+                grad_avg[first:last] if uses_m else grad_avg,
+                momentum_buffer[first:last] if uses_b else momentum_buffer,
                 start, ptrs[a, NOISE], lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)  # fmt: skip
         return parallel
 

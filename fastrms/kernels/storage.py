@@ -43,7 +43,11 @@ class Codec(NamedTuple):
     one), the storage `dtype` (None: the params' own), the params' dtypes it serves (None:
     any float), its inline `load(a, i)` and `encode(x)` (the value to store), and
     `witness(params_witness)`: an empty array of the storage dtype, which types the
-    pointer-table shells' state arrays."""
+    pointer-table shells' state arrays; `extent(n)`: the storage elements that hold `n`
+    values (`n`, or whole blocks for `BLOCKWISE8`), so element `start` of a chunk that
+    starts on a block is at `extent(start)`; `block`: 0 for an element-wise codec, else
+    the elements a block's scale covers (`load` and `encode` then are None: the shells of
+    `.blockwise` read and write whole blocks)."""
 
     tag: str
     dtype: Any
@@ -51,6 +55,8 @@ class Codec(NamedTuple):
     load: Any
     encode: Any
     witness: Any
+    extent: Any = None
+    block: int = 0
 
 
 @njit(inline="always")
@@ -160,12 +166,131 @@ def bfloat16_stochastic_bits(x, r):
     return np.uint16(truncated if x != x else rounded)
 
 
-NATIVE = Codec("", None, None, _native_load, _native_encode, _native_witness)
-BFLOAT16 = Codec("bf16", np.dtype(np.uint16), (np.dtype(np.float32),), _bf16_load, bfloat16_bits, _bf16_witness)
-FLOAT16 = Codec("f16", np.dtype(np.uint16), (np.dtype(np.float32),), _f16_load, float16_bits, _bf16_witness)
+@njit(inline="always")
+def _same_extent(n):
+    return n
+
+
+# ------------------------------------------------------------------ 8-bit blockwise state
+#
+# A state array of n values is kept as ceil(n / 256) blocks of 260 bytes: 256 one-byte
+# codes, then the block's scale, a float32 in little-endian byte order (so the buffer is
+# the same on any machine). Value i is `MAP[code] * scale` of its block; a block is
+# encoded from its float32 values x as
+#
+#     scale = max |x|            over the block (its bits' maximum: NaN if any x is NaN,
+#                                else inf if any is infinite)
+#     y     = x * inv            inv = 1 / scale (float32), or 0 when scale is 0 (or NaN)
+#     code  = the map entry nearest y: the number of MIDPOINTS below y for UNSIGNED8 (a
+#             tie goes to the lower code), and for SIGNED8 the sign's half and the
+#             magnitude nearest |y| (a tie goes to the smaller magnitude); a NaN y gets the
+#             last code
+#
+# with MIDPOINTS[c] = (MAP[c] + MAP[c + 1]) * 0.5 in float32. Two maps, each of 256 entries:
+#
+#   UNSIGNED8 (square_avg, v >= 0):  MAP[c] = 2^((c - 255) / 8): 8 codes an octave from
+#       2^-31.875 to 1, no zero. Every value is kept to within 4.4% of itself down to
+#       2^-31.875 of its block's largest, and a small v is never stored as 0: a zero code
+#       would make a later 1/sqrt(v) blow up (torchao's finding for 4-bit Adam), and
+#       relative precision is what sqrt(v) needs.
+#   SIGNED8 (grad_avg, momentum_buffer):  MAP[c] = -2^((127 - c) / 4) for c < 128 and
+#       2^((c - 255) / 4) from 128: 4 codes an octave, each sign from 2^-31.75 to 1
+#       (within 9.1% of itself); 0 is kept as the smallest positive code (2^-31.75 of the
+#       block's largest, or 0 in an all-zero block).
+#
+# Both maps step by a fixed ratio, so the shells compute a code from y's exponent and a
+# few compares of its mantissa (no search); `fastrms.reference` encodes with
+# `np.searchsorted` over the midpoints, and the two agree bit for bit.
+
+#: Bytes a block of 8-bit state takes (`BLOCK8` codes and a float32 scale).
+BLOCK8, BLOCK8_BYTES = 256, 260
+
+
+def _octave_map(per_octave, count):
+    """`count` float32 values 2^(-k / per_octave), k = count - 1 .. 0, ascending, each
+    exactly a power of two times one of the octave's `per_octave` mantissas."""
+    mantissas = np.exp2(np.arange(per_octave) / per_octave).astype(np.float32)
+    q = np.arange(count) - (count - 1)  # -(count - 1) .. 0
+    return np.ldexp(mantissas[q % per_octave], q // per_octave).astype(np.float32)
+
+
+def _thresholds(per_octave):
+    """The midpoints between an octave's mantissas and the next (the next octave's first
+    is 2), in float32: the compares that find a code."""
+    m = np.append(np.exp2(np.arange(per_octave) / per_octave).astype(np.float32), np.float32(2.0))
+    return ((m[:-1] + m[1:]) * np.float32(0.5)).astype(np.float32)
+
+
+UNSIGNED8 = _octave_map(8, 256)
+SIGNED8 = np.concatenate((-_octave_map(4, 128)[::-1], _octave_map(4, 128))).astype(np.float32)
+for _m in (UNSIGNED8, SIGNED8):
+    _m.setflags(write=False)
+_T8 = tuple(float(t) for t in _thresholds(8))
+_T4 = tuple(float(t) for t in _thresholds(4))
+
+
+def midpoints(table):
+    """A map's midpoints, in float32 (see above)."""
+    return ((table[:-1] + table[1:]) * np.float32(0.5)).astype(np.float32)
+
+
+@njit(inline="always")
+def _octave_code(y, top, per_octave, shift, t0, t1, t2, t3, t4, t5, t6, t7):
+    """The index in a map of `top + 1` entries, `per_octave` an octave below 1, of the
+    entry nearest |y| (see above): `top + per_octave * exponent(y) + (mantissa compares)`,
+    clamped to [0, top]. The thresholds past `per_octave` are 3.0 (never below a mantissa)."""
+    u32 = np.uint32
+    a = u32(np.float32(y).view(u32) & u32(0x7FFFFFFF))
+    e = np.int32(a >> u32(23)) - np.int32(127)
+    m = u32(u32(a & u32(0x007FFFFF)) | u32(0x3F800000)).view(np.float32)
+    f32 = np.float32
+    sub = np.int32(
+        np.int32(f32(t0) < m) + np.int32(f32(t1) < m) + np.int32(f32(t2) < m) + np.int32(f32(t3) < m)
+        + np.int32(f32(t4) < m) + np.int32(f32(t5) < m) + np.int32(f32(t6) < m) + np.int32(f32(t7) < m)
+    )  # fmt: skip
+    c = np.int32(np.int32(top) + np.int32(e << np.int32(shift)) + sub)
+    c = np.int32(top) if a > u32(0x7F800000) else c  # NaN: the last code
+    return np.int32(0) if c < np.int32(0) else (np.int32(top) if c > np.int32(top) else c)
+
+
+@njit(inline="always")
+def unsigned8_code(y):
+    """The `UNSIGNED8` code of a normalised value `y` (`y <= 1`; see above)."""
+    return np.uint8(_octave_code(y, 255, 8, 3, _T8[0], _T8[1], _T8[2], _T8[3], _T8[4], _T8[5], _T8[6], _T8[7]))
+
+
+@njit(inline="always")
+def signed8_code(y):
+    """The `SIGNED8` code of a normalised value `y` (`|y| <= 1`; see above): the magnitude's
+    index k on the positive half, 128 + k, or 127 - k when y < 0."""
+    k = _octave_code(y, 127, 4, 2, _T4[0], _T4[1], _T4[2], _T4[3], 3.0, 3.0, 3.0, 3.0)
+    return np.uint8(np.int32(127) - k if y < np.float32(0.0) else np.int32(128) + k)
+
+
+@njit(inline="always")
+def _block_extent(n):
+    return ((n + 255) >> 8) * 260
+
+
+_U8_WITNESS = np.empty(0, np.uint8)
+
+
+@njit(inline="always")
+def _u8_witness(witness):
+    return _U8_WITNESS
+
+
+NATIVE = Codec("", None, None, _native_load, _native_encode, _native_witness, _same_extent)
+BFLOAT16 = Codec("bf16", np.dtype(np.uint16), (np.dtype(np.float32),), _bf16_load, bfloat16_bits, _bf16_witness,
+                 _same_extent)  # fmt: skip
+FLOAT16 = Codec("f16", np.dtype(np.uint16), (np.dtype(np.float32),), _f16_load, float16_bits, _bf16_witness,
+                _same_extent)  # fmt: skip
+#: 8-bit blockwise state (see above): `square_avg` on `UNSIGNED8`, the others on `SIGNED8`.
+BLOCKWISE8 = Codec("q8", np.dtype(np.uint8), (np.dtype(np.float32),), None, None, _u8_witness, _block_extent,
+                   BLOCK8)  # fmt: skip
 
 #: Every state codec by name (the `state_storage` a front end names).
-CODECS = {"native": NATIVE, "bfloat16": BFLOAT16}
+CODECS = {"native": NATIVE, "bfloat16": BFLOAT16, "8bit": BLOCKWISE8}
 #: The codecs of a float32 step's 16-bit arrays (low-precision grads and copies), by the
 #: NumPy dtype name they hold (`ml_dtypes.bfloat16`'s is "bfloat16").
 ARRAYS = {"bfloat16": BFLOAT16, "float16": FLOAT16}
@@ -205,19 +330,51 @@ def state_dtype(codec, param_dtype):
     return np.dtype(param_dtype) if codec.dtype is None else codec.dtype
 
 
+def extent(codec, n):
+    """The storage elements that hold `n` values (`codec.extent` in Python)."""
+    return -(-n // BLOCK8) * BLOCK8_BYTES if codec.block else n
+
+
 def encode(codec, param_dtype, x):
     """The stored form of the value `x` (a Python or NumPy float) for params of
     `param_dtype`: `x` in that dtype (native), or its bfloat16 bit pattern, rounded as
-    the kernels round (`BFLOAT16`)."""
+    the kernels round (`BFLOAT16`). Element-wise codecs only (`fill` fills any)."""
     value = np.asarray(x, dtype=param_dtype if codec.dtype is None else np.float32)
     return value if codec is NATIVE else codec.encode(value[()])
 
 
-def decode(codec, stored):
-    """The values a state array `stored` holds, as NumPy arrays: itself (native), or the
-    float32 values of its bfloat16 bit patterns (exact)."""
+def fill(codec, stored, param_dtype, x):
+    """Fill the storage array `stored` (whole blocks for `BLOCKWISE8`) with the value `x`:
+    every block's scale |x| and every code the map's 1 (or -1), so each value decodes to
+    `x` exactly (x >= 0 for `UNSIGNED8`; only `square_avg` is ever filled with a non-zero)."""
+    if not codec.block:
+        stored[...] = encode(codec, param_dtype, x)
+        return
+    x = np.float32(x)
+    blocks = stored.reshape(-1, BLOCK8_BYTES)
+    blocks[:, :BLOCK8] = 255 if x >= 0 else 0
+    blocks[:, BLOCK8:] = np.frombuffer(np.abs(x).astype("<f4").tobytes(), np.uint8)
+
+
+def block_parts(stored, n):
+    """`(codes, scales)` of an 8-bit blockwise storage array holding `n` values: the `n`
+    codes (uint8) and the blocks' scales (float32), as copies."""
+    blocks = np.asarray(stored, np.uint8).reshape(-1, BLOCK8_BYTES)
+    codes = blocks[:, :BLOCK8].reshape(-1)[:n].copy()
+    scales = np.ascontiguousarray(blocks[:, BLOCK8:]).view("<f4").reshape(-1).astype(np.float32)
+    return codes, scales
+
+
+def decode(codec, stored, n=None, signed=False):
+    """The values a state array `stored` holds, as NumPy arrays: itself (native), the
+    float32 values of its bfloat16 bit patterns (exact), or of its `n` 8-bit codes
+    (`MAP[code] * scale`, `SIGNED8` with `signed`, else `UNSIGNED8`)."""
     if codec is NATIVE:
         return stored
+    if codec.block:
+        codes, scales = block_parts(stored, stored.size // BLOCK8_BYTES * BLOCK8 if n is None else n)
+        table = SIGNED8 if signed else UNSIGNED8
+        return table[codes] * np.repeat(scales, BLOCK8)[: codes.size]
     return (np.asarray(stored, np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 

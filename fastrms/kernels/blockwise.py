@@ -1,0 +1,156 @@
+"""The loop shell over whole flat arrays whose state is kept in 8-bit blocks
+(`.storage.BLOCKWISE8`): each block of 256 elements is dequantised, stepped and requantised
+in one pass.
+
+`blockwise(key, parallel, copy=None, grads=NATIVE)` is the shell `(param, grad, square_avg,
+grad_avg, momentum_buffer, *scalars)` (with `copy`, the copy after the state, as `.dense`
+takes it) over float32 params, each state array a uint8 array of `extent(n)` bytes (whole
+260-byte blocks: 256 codes and the block's scale). For each block, in float32:
+
+    v, m, b  = MAP[code] * scale              (square_avg on UNSIGNED8, the others on SIGNED8)
+    p, v, m, b = element(p, g, v, m, b)       the same per-element update as every shell
+    scale'   = max |v| over the block, code' = the map's entry nearest v / scale'
+                                              (likewise m and b, each with its own scale)
+
+so the param is updated from the unrounded state, and only what is kept is rounded (as
+with bfloat16 state). A block is one thread's: the threads split the blocks, so the bits do
+not depend on the thread count. Returns whether it ran in parallel; checks only the arrays'
+sizes, as `.dense` does.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from ._jit import jit, name
+from .element import constants, element
+from .storage import (
+    BLOCK8,
+    BLOCK8_BYTES,
+    NATIVE,
+    SIGNED8,
+    UNSIGNED8,
+    grad_suffix,
+    signed8_code,
+    suffix,
+    unsigned8_code,
+)
+
+#: Blocks a thread steps with one scratch buffer (its allocation amortised over them).
+TILE = 16
+
+_BLOCKWISE: dict = {}
+
+
+def blockwise(key, parallel, copy=None, grads=NATIVE):
+    """The 8-bit blockwise-state shell of variant `key` (see the module)."""
+    tag = (key, parallel, None if copy is None else copy.tag, grads.tag)
+    fn = _BLOCKWISE.get(tag)
+    if fn is None:
+        fn = _BLOCKWISE[tag] = _make_blockwise(key, parallel, copy, grads)
+    return fn
+
+
+@njit(inline="always")
+def scale_of(a, at):
+    """The float32 scale of the block at byte `at` of `a` (little-endian, after its codes)."""
+    u32 = np.uint32
+    o = at + BLOCK8
+    bits = u32(a[o]) | u32(u32(a[o + 1]) << u32(8)) | u32(u32(a[o + 2]) << u32(16)) | u32(u32(a[o + 3]) << u32(24))
+    return u32(bits).view(np.float32)
+
+
+@njit(inline="always")
+def requantise(values, count, a, at, signed):
+    """Store `values[:count]` (float32) as the block at byte `at` of `a`: its scale, the
+    bits' maximum of |value| (NaN if any is NaN, inf if any is infinite), and each value's
+    code on the map (`.storage`)."""
+    u32 = np.uint32
+    top = u32(0)
+    for j in range(count):
+        bits = u32(np.float32(values[j]).view(u32) & u32(0x7FFFFFFF))
+        top = bits if bits > top else top
+    scale = u32(top).view(np.float32)
+    inv = np.float32(1.0) / scale if scale > np.float32(0.0) else np.float32(0.0)
+    for j in range(count):
+        y = values[j] * inv
+        a[at + j] = signed8_code(y) if signed else unsigned8_code(y)
+    o = at + BLOCK8
+    a[o] = np.uint8(top & u32(0xFF))
+    a[o + 1] = np.uint8(u32(top >> u32(8)) & u32(0xFF))
+    a[o + 2] = np.uint8(u32(top >> u32(16)) & u32(0xFF))
+    a[o + 3] = np.uint8(top >> u32(24))
+
+
+def _make_blockwise(key, parallel, copy, grads):
+    update, read = element(key), grads.load
+    uses_m, uses_b, has_copy = key.uses_grad_avg, key.uses_momentum_buffer, copy is not None
+    encode = copy.encode if has_copy else NATIVE.encode
+    unsigned, signed = UNSIGNED8, SIGNED8
+
+    def shell(param, grad, square_avg, grad_avg, momentum_buffer, copy_out, lr, beta, eps_in, eps_out, wd, mu,
+              grad_scale, bc, clip):  # fmt: skip
+        n = param.size
+        blocks = (n + BLOCK8 - 1) // BLOCK8
+        e = blocks * BLOCK8_BYTES
+        if grad.size != n or square_avg.size != e:
+            raise ValueError("blockwise: grad must have the size of param, square_avg the bytes of its 8-bit blocks")
+        if uses_m and grad_avg.size != e:
+            raise ValueError("blockwise: grad_avg must have the bytes of param's 8-bit blocks (centered variant)")
+        if uses_b and momentum_buffer.size != e:
+            raise ValueError(
+                "blockwise: momentum_buffer must have the bytes of param's 8-bit blocks (momentum variant)"
+            )
+        if has_copy and copy_out.size != n:
+            raise ValueError("blockwise: the copy must have the size of param")
+        k = constants(np.float32, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
+        zero = k[11]
+        for t in prange((blocks + TILE - 1) // TILE):
+            vs = np.empty(BLOCK8, np.float32)
+            ms = np.empty(BLOCK8 if uses_m else 0, np.float32)
+            bs = np.empty(BLOCK8 if uses_b else 0, np.float32)
+            for blk in range(t * TILE, min(blocks, (t + 1) * TILE)):
+                # the block's slices: the loop over them vectorises (indexing the whole
+                # arrays at base + j, nested in the tile loop, did not: 8x slower)
+                base, at = blk * BLOCK8, blk * BLOCK8_BYTES
+                stop = min(n, base + BLOCK8)
+                count = stop - base
+                ps, gs = param[base:stop], grad[base:stop]
+                cs = copy_out[base:stop] if has_copy else copy_out
+                vq = square_avg[at : at + BLOCK8_BYTES]
+                mq = grad_avg[at : at + BLOCK8_BYTES] if uses_m else grad_avg
+                bq = momentum_buffer[at : at + BLOCK8_BYTES] if uses_b else momentum_buffer
+                v_scale = scale_of(vq, 0)
+                m_scale = scale_of(mq, 0) if uses_m else zero
+                b_scale = scale_of(bq, 0) if uses_b else zero
+                for j in range(count):
+                    m = signed[mq[j]] * m_scale if uses_m else zero
+                    b = signed[bq[j]] * b_scale if uses_b else zero
+                    p, v, m, b = update(ps[j], read(gs, j), unsigned[vq[j]] * v_scale, m, b, k)
+                    ps[j] = p
+                    if has_copy:
+                        cs[j] = encode(p)
+                    vs[j] = v
+                    if uses_m:
+                        ms[j] = m
+                    if uses_b:
+                        bs[j] = b
+                requantise(vs, count, vq, 0, False)
+                if uses_m:
+                    requantise(ms, count, mq, 0, True)
+                if uses_b:
+                    requantise(bs, count, bq, 0, True)
+        return parallel
+
+    kind = f"_copy{suffix(copy)}" if has_copy else ""
+    name(shell, f"blockwise_{key.tag}{kind}{grad_suffix(grads)}_{'parallel' if parallel else 'serial'}")
+    full = jit(parallel)(shell)
+    if has_copy:
+        return full
+
+    def plain(param, grad, square_avg, grad_avg, momentum_buffer, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc,
+              clip):  # fmt: skip
+        return full(param, grad, square_avg, grad_avg, momentum_buffer, param[:0], lr, beta, eps_in, eps_out, wd, mu,
+                    grad_scale, bc, clip)  # fmt: skip
+
+    name(plain, f"blockwise_{key.tag}_plain{grad_suffix(grads)}_{'parallel' if parallel else 'serial'}")
+    return jit(False)(plain)
