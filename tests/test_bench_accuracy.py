@@ -31,6 +31,7 @@ def test_a_master_keeps_the_updates_that_rounding_to_bfloat16_loses():
     full = losses["float32"]
     assert full[-1] < 0.6 * full[0]  # it trains
     assert losses["bfloat16 state"][-1] == pytest.approx(full[-1], rel=0.02)
+    assert losses["8-bit state"][-1] == pytest.approx(full[-1], rel=0.05)
     assert losses["bfloat16 + master"][-1] == pytest.approx(full[-1], rel=0.05)
     assert losses["bfloat16, no master"][-1] > 1.5 * full[-1]  # updates below half a bfloat16 step are lost
     assert losses["bfloat16, stochastic"][-1] == pytest.approx(full[-1], rel=0.1)  # and kept on average

@@ -6,6 +6,7 @@ import pytest
 import fastrms
 from fastrms import cli
 from fastrms.bench import precision
+from fastrms.kernels import storage
 
 pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed (pip install 'fastrms[bfloat16]')")
 
@@ -56,12 +57,14 @@ def test_the_master_bespoke_loops_are_the_optimizers_16_bit_step_bit_for_bit(mod
 
 def test_each_mode_is_timed_with_its_limit_and_summarized():
     rows = precision.measure(sizes=(2000,), rounds=1, target=0.001)
-    assert set(rows[0]["seconds"]) == {(m, w) for m in precision.MODES for w in ("fastrms", "traffic", "bespoke")}
+    timed = {(m, w) for m in precision.MODES for w in ("fastrms", "traffic", "bespoke")}
+    assert set(rows[0]["seconds"]) - {("8bit", "bitsandbytes")} == timed  # bitsandbytes: where installed
     assert all(t > 0 for t in rows[0]["seconds"].values())
     summary = precision.summarize(rows[0])
     assert summary["native"]["x_native"] == 1.0
     assert (summary["bfloat16"]["bytes_per_param_step"], summary["bfloat16"]["state_bytes_per_param"]) == (16, 2)
     assert summary["bf16 copy"]["bytes_per_param_step"] == 22
+    assert summary["8bit"]["state_bytes_per_param"] == 260 / 256 <= 0.27 * 4  # the target: <= 0.27x of float32
     assert summary["bf16 master"]["bytes_per_param_step"] == summary["f16 master"]["bytes_per_param_step"] == 20
 
 
@@ -69,3 +72,20 @@ def test_bench_precision_prints_a_row_per_mode_and_size(capsys):
     assert cli.main(["bench", "--precision", "--sizes", "1000", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "bfloat16" in out and "native" in out and "% limit" in out and "16, 2" in out and "f16 master" in out
+    assert "8bit" in out and "14.03, 1.016" in out
+
+
+def test_the_8bit_bespoke_loop_is_the_optimizers_step_bit_for_bit():
+    rng = np.random.default_rng(5)
+    p = rng.standard_normal(1031).astype(np.float32)
+    mine, v = p.copy(), np.zeros(5 * 260, np.uint8)
+    opt = fastrms.RMSprop(p, state_storage="8bit")  # the bench's hyperparameters: the defaults
+    for _ in range(4):
+        g = (rng.standard_normal(p.size) * np.exp(rng.uniform(-8, 2, p.size))).astype(np.float32)
+        opt.step(g)
+        precision.bespoke_8bit(mine, g, v)
+    np.testing.assert_array_equal(opt.params, mine)
+    kept = opt.state_dict()["square_avg.0"]
+    assert all(
+        a.tobytes() == b.tobytes() for a, b in zip(storage.block_parts(kept, 1031), storage.block_parts(v, 1031))
+    )

@@ -7,6 +7,7 @@ seed's defaults but lr). The modes differ only in what they keep:
 
 - `float32`: params and state in float32 (8 bytes a parameter);
 - `bfloat16 state`: `state_storage="bfloat16"` (6 bytes);
+- `8-bit state`: `state_storage="8bit"` (5.02 bytes: 4 + 260 / 256);
 - `bfloat16 + master`: the model computes with bfloat16 weights; the step updates float32
   masters and writes the bfloat16 weights in the same pass (`copy_to`; 10 bytes: 2 + 4 + 4);
 - `bfloat16, stochastic`: only bfloat16 weights, each step's result rounded stochastically
@@ -26,7 +27,7 @@ from .. import reference
 from ..optimizer import RMSprop
 
 #: Each mode with the bytes it keeps per parameter (weights the model uses + master + state).
-MODES = {"float32": 8, "bfloat16 state": 6, "bfloat16 + master": 10, "bfloat16, stochastic": 6,
+MODES = {"float32": 8, "bfloat16 state": 6, "8-bit state": 5.02, "bfloat16 + master": 10, "bfloat16, stochastic": 6,
          "bfloat16, no master": 6}  # fmt: skip
 
 _IN, _HIDDEN, _SAMPLES = 64, 128, 4096
@@ -70,12 +71,12 @@ def train(mode, steps=600, learning_rate=1e-4, seed=0):
     x, y, start = _problem(seed)
     params = [w.copy() for w in start]
     low = mode.startswith("bfloat16") and mode != "bfloat16 state"
+    storage = {"bfloat16 state": "bfloat16", "8-bit state": "8bit"}.get(mode, "native")
     copies = None
     if low:
         bf16 = _bfloat16()
         params = [w.astype(bf16).astype(np.float32) for w in params]  # the bfloat16 start
         copies = [w.astype(bf16) for w in params]
-    storage = "bfloat16" if mode == "bfloat16 state" else "native"
     opt = RMSprop(params, learning_rate, copy_to=copies if mode == "bfloat16 + master" else None,
                   state_storage=storage)  # fmt: skip
     losses = []

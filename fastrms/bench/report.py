@@ -193,8 +193,14 @@ def run_precision(rounds=None, sizes=None):
         for mode, f in precision.summarize(row).items():
             print(
                 f"  {row['n']:>10}  {mode:11} {f['us']:9.1f} {f['gb_per_s']:6.1f} {f['pct_of_limit']:7.0f}% "
-                f"{f['x_native']:8.2f}  {f['bytes_per_param_step']}, {f['state_bytes_per_param']}"
+                f"{f['x_native']:8.2f}  {f['bytes_per_param_step']:.4g}, {f['state_bytes_per_param']:.4g}"
             )
+            if "x_bitsandbytes" in f:
+                bnb = row["seconds"][("8bit", "bitsandbytes")]
+                print(
+                    f"  {'':>10}  {'':11} bitsandbytes RMSprop8bit (CPU): {bnb * 1e6:.1f} us/step, "
+                    f"{f['x_bitsandbytes']:.1f}x slower than fastrms's 8bit"
+                )
     return 0
 
 
@@ -228,7 +234,7 @@ def run_accuracy(output, steps=None):
     base = losses["float32"][-1]
     for mode, curve in losses.items():
         kept = accuracy.MODES[mode]
-        print(f"  {mode:22s} {kept:11d} {curve[0]:14.4f} {curve[-1]:11.5f} {curve[-1] / base:10.2f}")
+        print(f"  {mode:22s} {kept:11g} {curve[0]:14.4f} {curve[-1]:11.5f} {curve[-1] / base:10.2f}")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
