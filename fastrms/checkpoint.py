@@ -278,7 +278,7 @@ def _read_members(z, slots):
         for name in ALL_STATE_NAMES:  # in the params' dtype, or as a storage keeps it (validate checks which)
             expected[f"{name}.{i}"] = ((slot.shape, _blocks_shape(slot)), (slot.dtype, *_STORED))
         if len(slot.shape) == 2:
-            expected[f"row_step.{i}"] = ((slot.shape[0],), (np.dtype(np.int64),))
+            expected[f"row_step.{i}"] = (((slot.shape[0],),), (np.dtype(np.int64),))
     d = {}
     for info in z.infolist():
         key = info.filename[:-4] if info.filename.endswith(".npy") else None
