@@ -68,10 +68,11 @@ def state_dict(slots, hyper, step_count, skipped_steps):
     for key, value in hyper.items():
         if value is not None and not callable(value):
             d[key] = value
+    kept = spec.of(hyper)
     for i, slot in enumerate(slots):
-        for name in slot.names:
-            a = getattr(slot, name)
-            d[f"{name}.{i}"] = a.copy() if a.size != slot.flat.size else a.reshape(slot.shape).copy()
+        for state in kept.state:
+            a = getattr(slot, state.name)  # 8-bit blocks stay 1-D; else the values' shape
+            d[f"{state.name}.{i}"] = a.copy() if kept.codec.block else a.reshape(state.values(slot.shape)).copy()
         if slot.row_step.size:  # dense_rows: the step that last touched each row
             d[f"row_step.{i}"] = slot.row_step.copy()
     return d
@@ -119,7 +120,7 @@ def validate(d, slots, current_hyper, dtypes):
             if type(a) is not np.ndarray:
                 raise ValueError(f"state_dict[{key!r}] must be a numpy.ndarray, got {type(a).__name__}")
             want = state.dtype(slot.dtype)
-            shape = (kept.extent(slot.flat.size),) if kept.codec.block else slot.shape
+            shape = (kept.extent(slot.flat.size),) if kept.codec.block else state.values(slot.shape)
             if a.dtype != want or a.shape != shape:
                 raise ValueError(
                     f"state_dict[{key!r}] must be {want} of shape {shape}, got {a.dtype} of shape {a.shape}"
@@ -276,7 +277,8 @@ def _read_members(z, slots):
     expected[MARKER_KEY] = ((), "U")
     for i, slot in enumerate(slots):
         for name in ALL_STATE_NAMES:  # in the params' dtype, or as a storage keeps it (validate checks which)
-            expected[f"{name}.{i}"] = ((slot.shape, _blocks_shape(slot)), (slot.dtype, *_STORED))
+            shapes = (slot.shape, _blocks_shape(slot), slot.shape[:1])  # elementwise, 8-bit blocks, rowwise
+            expected[f"{name}.{i}"] = (shapes, (slot.dtype, *_STORED))
         if len(slot.shape) == 2:
             expected[f"row_step.{i}"] = (((slot.shape[0],),), (np.dtype(np.int64),))
     d = {}

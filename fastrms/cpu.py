@@ -28,7 +28,9 @@ __all__ = ["Plan"]
 class Plan:
     """The groups of an optimizer's params and the kernels each runs on here."""
 
-    __slots__ = ("groups", "group_of", "packed", "chosen", "generation", "_variant", "_codec", "_rows", "_low")
+    __slots__ = (
+        "groups", "group_of", "packed", "chosen", "generation", "_variant", "_codec", "_rows", "_low", "_rowwise",
+    )  # fmt: skip
 
     def __init__(self, slots, hyper, spec, copy=None):
         order = list(dict.fromkeys(s.dtype for s in slots))
@@ -42,6 +44,7 @@ class Plan:
         only = self.groups[0] if len(self.groups) == 1 else None
         self.packed = only if only is not None and only.kind == "flat" else None
         self._codec = spec.codec  # the state's storage
+        self._rowwise = spec.rowwise  # one square_avg value a row: the row shells step every group
         self.choose(spec.variant)
 
     def choose(self, variant):
@@ -58,6 +61,11 @@ class Plan:
 
     def _kernels(self, group, parallel, grads):
         """`(pairs, parallel)`: a group's kernels reading its grads as `grads` says."""
+        if self._rowwise:
+            reducers = (kernels.nonfinite_segments(parallel, grads), kernels.sumsq_segments(parallel, grads))
+            rows = runtime.locked(kernels.rows(self._variant, parallel, True), parallel)
+            locked = tuple(runtime.locked(f, parallel) for f in reducers)
+            return {"rowwise": (_rowwise_runner(rows), *locked)}, parallel
         pairs = {
             "dense": (
                 kernels.dense(self._variant, parallel, self._codec, group.copy, grads),
@@ -109,6 +117,21 @@ class Plan:
         out = []
         for group in groups:
             grads = _grads_codec(group, checked, low) if low else storage.NATIVE
+            if group.kind == "rowwise":  # every row of every param: the row shell, one call a param
+                if grads is not storage.NATIVE:
+                    raise TypeError(
+                        f"state_layout='rowwise' reads grads in the params' dtype ({group.dtype}); grads["
+                        f"{group.indices[0]}] is {checked[group.indices[0]][0].dtype}"
+                    )
+                group.ptrs[:, 1] = [checked[i][1] for i in group.indices]  # the reductions' table
+                table = (group.witness, group.ptrs, group.sizes, group.chunks)
+                tables = [
+                    (s.flat, checked[i][0].reshape(-1), s.square_avg, s.grad_avg, s.momentum_buffer, rows, width)
+                    for i, s, (rows, width) in zip(group.indices, group.slots, group.row_tables)
+                    if s.flat.size
+                ]
+                out.append(("rowwise", (tables,), table, table, grads))
+                continue
             if group.kind == "dense":
                 s = group.slots[0]
                 g = checked[group.indices[0]][0].reshape(-1)
@@ -155,8 +178,10 @@ class Plan:
         pairs = self._pairs
         return clipping.guard(
             lambda: sum(
-                pairs(i, grads)["dense" if len(norm_args) == 1 else "segments"][2](*norm_args)
-                for i, (_, _, _, norm_args, grads) in enumerate(calls)
+                pairs(i, grads)[shell if shell == "rowwise" else "dense" if len(norm_args) == 1 else "segments"][2](
+                    *norm_args
+                )
+                for i, (shell, _, _, norm_args, grads) in enumerate(calls)
             ),
             lambda: any(pairs(i, grads)[shell][1](*args) for i, (shell, _, args, _, grads) in enumerate(calls)),
             lambda: [g for g, _ in checked],
@@ -173,8 +198,24 @@ class Plan:
         again."""
         shell = self._rows.get((make, parallel))
         if shell is None:
-            shell = self._rows[(make, parallel)] = runtime.shell(make, self._variant, parallel)
+            shell = runtime.locked(make(self._variant, bool(parallel), self._rowwise), parallel)
+            self._rows[(make, parallel)] = shell
         return shell
+
+
+_NO_LAST = np.zeros(0, np.int64)
+
+
+def _rowwise_runner(shell):
+    """`run(tables, *scalars)`: the rowwise row `shell` over every row of each table
+    `(param, grad, square_avg, grad_avg, momentum_buffer, rows, width)`, in order."""
+
+    def run(tables, *scalars):
+        for param, grad, square_avg, grad_avg, momentum_buffer, rows, width in tables:
+            shell(param, grad, square_avg, grad_avg, momentum_buffer, rows, width, _NO_LAST, 0, False, True, 1.0, 1.0,
+                  *scalars)  # fmt: skip
+
+    return run
 
 
 def _grads_codec(group, checked, low):

@@ -7,7 +7,9 @@ allocated once. Params of one dtype form a `Group` that one kernel call steps:
 - `segments`: several arrays, the chunk-table shell (`fastrms.kernels.segments`);
 - `flat`: several arrays that tile one buffer back to back (as `pack` makes them);
   their state is allocated as one buffer too, so a step whose grads tile one buffer in the
-  same layout is one dense call over the whole span: exactly one array's cost.
+  same layout is one dense call over the whole span: exactly one array's cost;
+- `rowwise` (`state_layout="rowwise"`): each array as a table of rows, stepped by the row
+  shell over all its rows (one `square_avg` value a row).
 """
 
 import numpy as np
@@ -115,22 +117,26 @@ class Group:
         self.big = kernels.step_bytes(size, self.dtype.itemsize, len(names)) >= kernels.PARALLEL_MIN_BYTES
         # params that tile one buffer step as one array, unless each has its own copy to write
         # or its state starts on a block of its own (8-bit state)
-        tiles = len(slots) > 1 and copy is None and not spec.codec.block
+        tiles = len(slots) > 1 and copy is None and not spec.codec.block and not spec.rowwise
         span = _tile_root([s.array for s in slots], self.dtype) if tiles else None
         self.kind = "dense" if len(slots) == 1 else ("flat" if span is not None else "segments")
+        if spec.rowwise:  # `state_layout="rowwise"`: the row shell steps each param, over all its rows
+            self.kind = "rowwise"
         # state: one buffer per kind for the whole group; each slot's state is a view of it
-        extents = [spec.extent(s.flat.size) for s in slots]
-        state = spec.allocate(sum(extents), self.dtype, hyper["initial_scale"])
-        offset = 0
-        for s, n in zip(slots, extents):
-            for name in names:
+        sizes = {kept.name: [kept.size(s.shape) for s in slots] for kept in spec.state}
+        state = spec.allocate({k: sum(v) for k, v in sizes.items()}, self.dtype, hyper["initial_scale"])
+        for name in names:
+            offset = 0
+            for s, n in zip(slots, sizes[name]):
                 setattr(s, name, state[name][offset : offset + n])
-            offset += n
+                offset += n
         self.span = None
         if span is not None:
             self.span = Slot(span, span, names)
             for name in names:
                 setattr(self.span, name, state[name])
+        #: rowwise: each param's `(rows, width)` as a table
+        self.row_tables = [_all_rows(s.shape) for s in slots] if spec.rowwise else []
         self.witness = slots[0].flat[:0]
         self.sizes = np.array([s.flat.size for s in slots], dtype=np.int64)
         self.chunks = kernels.chunk_table(self.sizes)
@@ -153,6 +159,14 @@ class Group:
                 return False
             at += s.flat.nbytes
         return True
+
+
+def _all_rows(shape):
+    """`(rows, width)` of a param of `shape` seen as a table: every row index of its first
+    axis (one row for a 0-d param) and the elements a row holds."""
+    n = shape[0] if len(shape) else 1
+    width = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) else 1
+    return np.arange(n, dtype=np.int64), width
 
 
 def pack(arrays):

@@ -90,6 +90,11 @@ class RMSprop:
         `fastrms[bfloat16]`) or "8bit" (float32 params only: a quarter of the bytes and a little
         more, in blocks of 256 codes and a float32 scale, dequantised, stepped in float32 and
         requantised in one pass; see docs/algorithm.md).
+    state_layout : str, default 'elementwise'
+        The shape of `square_avg`: "elementwise" (one value per element) or "rowwise" (one per row
+        of each param, its first axis, a 1-D param's rows being its elements: `v <- beta * v + (1 -
+        beta) * mean(g^2)` over the row, as FBGEMM's rowwise optimizers keep an embedding table's
+        state; with state_storage='native', not centered; see docs/algorithm.md).
     skip_nonfinite : bool, default False
         A step whose grads hold a NaN or an infinity changes nothing and is counted in
         `skipped_steps`.
@@ -137,6 +142,8 @@ class RMSprop:
         copies, copy_codec = (None, None) if copy_to is None else memory.copies(copy_to, arrays, self._single)
         if copies is not None and hyper["dense_rows"]:
             raise ValueError("copy_to cannot be combined with dense_rows=True: step_rows does not write the copies")
+        if copies is not None and hyper["state_layout"] == "rowwise":
+            raise ValueError("copy_to cannot be combined with state_layout='rowwise': the row shells write no copies")
         self._busy = threading.Lock()
         self._configure(hyper, Clock(hyper, self._dtypes))
         self._shown = spec.view_dtype(self._spec.codec, self._dtypes[0]) if self._dtypes else None
@@ -168,6 +175,7 @@ class RMSprop:
         self._variant = self._spec.variant
         self._guarded, self._norms = clipping.guarded(hyper), clipping.needs_norm(hyper)
         self._dense_rows = hyper["dense_rows"]
+        self._rowwise = self._spec.rowwise
 
     # ------------------------------------------------------------------ properties
 
@@ -179,10 +187,11 @@ class RMSprop:
     def _state_view(self, name):
         if name not in self._spec.names:
             return None
+        kept = self._spec.state[self._spec.names.index(name)]
         if self._spec.codec.block:  # 8-bit blocks: their values, decoded (a copy)
             arrays = [self._spec.decode(name, getattr(s, name), s.flat.size).reshape(s.shape) for s in self._slots]
-        else:
-            arrays = [getattr(s, name).reshape(s.shape) for s in self._slots]
+        else:  # shaped like the param (rowwise square_avg: a value per row of its first axis)
+            arrays = [getattr(s, name).reshape(kept.values(s.shape)) for s in self._slots]
         if self._spec.codec is storage.BFLOAT16:  # bit patterns, shown as the values they are
             arrays = [a.view(self._shown) for a in arrays]
         return arrays[0] if self._single else arrays
@@ -217,8 +226,9 @@ class RMSprop:
     @property
     def kernel_calls(self) -> "list[str]":
         """How each dtype group of params is stepped, one kernel call each: `"dense"` (one
-        array), `"segments"` (many arrays, a chunk table) or `"flat"` (arrays that tile
-        one buffer, see `fastrms.pack`)."""
+        array), `"segments"` (many arrays, a chunk table), `"flat"` (arrays that tile
+        one buffer, see `fastrms.pack`) or `"rowwise"` (the row shell, over every row of
+        each array: `state_layout="rowwise"`)."""
         return [g.kind for g in self._plan.groups]
 
     @property
@@ -306,7 +316,7 @@ class RMSprop:
         memory.writeable(s, True, 0)
         self._plan.current()
         low = g.dtype is not s.dtype and g.dtype != s.dtype  # a 16-bit grad
-        if low or self._guarded or self._dense_rows:  # the group's path: the guard, or a 16-bit grad's kernels
+        if low or self._guarded or self._dense_rows or self._rowwise:  # the group's path: the guard, 16-bit grads, rows
             calls = self._plan.calls(self._plan.groups, ((g, start),), self._norms, [0] if low else ())
             self._launch(calls, ((g, start),))
             return
@@ -331,7 +341,7 @@ class RMSprop:
         marked as stepped after)."""
         t = self._clock.step_count + 1
         if self._dense_rows:
-            rows_step.catch_up_slots(self._slots, t, self._hyper, self._variant, scalars)
+            rows_step.catch_up_slots(self._slots, t, self._hyper, self._variant, scalars, self._rowwise)
         self._plan.run(calls, scalars)
         if self._dense_rows:
             for slot in self._slots:

@@ -144,6 +144,14 @@ OPTIONS = (
         choices=("native", "bfloat16", "8bit"),
     ),
     Option(
+        "state_layout", "elementwise", "choice", "storage",
+        "the shape of `square_avg`: \"elementwise\" (one value per element) or \"rowwise\" (one per row of "
+        "each param, its first axis, a 1-D param's rows being its elements: `v <- beta * v + (1 - beta) * "
+        "mean(g^2)` over the row, as FBGEMM's rowwise optimizers keep an embedding table's state; with "
+        "state_storage='native', not centered; see docs/algorithm.md)",
+        choices=("elementwise", "rowwise"),
+    ),
+    Option(
         "skip_nonfinite", False, "bool", "host",
         "a step whose grads hold a NaN or an infinity changes nothing and is counted in `skipped_steps`",
     ),
@@ -290,6 +298,12 @@ def check_hyperparameters(h, dtypes=()):
 def check_storage(hyper, dtypes):
     """A state storage serves the params' dtypes its codec names (`bfloat16`: float32)."""
     codec = kernels.storage.CODECS[hyper["state_storage"]]
+    if hyper["state_layout"] == "rowwise" and (codec is not kernels.storage.NATIVE or hyper["centered"]):
+        raise ValueError(
+            "state_layout='rowwise' keeps one square_avg value a row in the params' dtype: it needs "
+            f"state_storage='native' (got {hyper['state_storage']!r}) and centered=False (a row's mean of g "
+            f"is not a centring; got centered={hyper['centered']})"
+        )
     if hyper["dense_rows"] and codec is not kernels.storage.NATIVE:
         raise ValueError(
             f"dense_rows=True needs state_storage='native': step_rows's row kernels keep the state in the "
@@ -305,11 +319,16 @@ def check_storage(hyper, dtypes):
 
 
 def check_native_storage(hyper, who):
-    """Refuse a `state_storage` other than "native" in a front end (`who`) whose state
-    arrays are the caller's, in the params' dtype."""
+    """Refuse a `state_storage` other than "native", or rowwise state, in a front end
+    (`who`) whose state arrays are the caller's, in the params' dtype and shape."""
     if BY_NAME["state_storage"].check(hyper["state_storage"]) != "native":
         raise ValueError(
             f"{who} keeps the state in the params' dtype; state_storage={hyper['state_storage']!r} is "
+            "fastrms.RMSprop's (its state arrays are its own)"
+        )
+    if BY_NAME["state_layout"].check(hyper["state_layout"]) != "elementwise":
+        raise ValueError(
+            f"{who} keeps the state element by element; state_layout={hyper['state_layout']!r} is "
             "fastrms.RMSprop's (its state arrays are its own)"
         )
 

@@ -222,8 +222,21 @@ def rmsprop_step(param, grad, state, t, lr, beta=0.9, epsilon=1e-8, **options):
         g = g + T(weight_decay) * p
     if weight_decay and decoupled_weight_decay:
         p = p - T(lr * weight_decay) * p
-    v = beta_t * state["square_avg"] + omb * (g * g)
-    state["square_avg"] = v
+    if o["state_layout"] == "rowwise":  # one v a row: the mean of the row's g^2, summed in 8 lanes
+        rows = g.reshape(g.shape[0] if g.ndim else 1, -1)
+        width = rows.shape[1]
+        padded = np.zeros((rows.shape[0], -(-width // 8) * 8), T)  # 8 lanes, lane j % 8 summing in order
+        padded[:, :width] = rows * rows
+        lanes = np.cumsum(padded.reshape(rows.shape[0], -1, 8), axis=1, dtype=T)[:, -1, :] if width else padded[:, :8]
+        l0, l1, l2, l3, l4, l5, l6, l7 = (lanes[:, i] if width else np.zeros(rows.shape[0], T) for i in range(8))
+        total = ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
+        kept = state["square_avg"].reshape(-1)
+        v_row = beta_t * kept + omb * (total / T(width)) if width else kept  # a row of no elements: kept
+        state["square_avg"] = v_row.reshape(state["square_avg"].shape)
+        v = np.repeat(v_row, width).reshape(g.shape)
+    else:
+        v = beta_t * state["square_avg"] + omb * (g * g)
+        state["square_avg"] = v
     bc = T(1.0 - beta**t) if bias_correction else T(1.0)
     v_hat = v / bc
     if centered:
@@ -287,7 +300,8 @@ class RMSprop:
         self.step_count = 0
         self.state = []
         for p in self.params:
-            st = {"square_avg": np.full_like(p, initial_scale)}
+            rowwise = options.get("state_layout") == "rowwise"  # one square_avg value a row
+            st = {"square_avg": np.full(p.shape[:1] if rowwise else p.shape, initial_scale, p.dtype)}
             if options.get("centered"):
                 st["grad_avg"] = np.zeros_like(p)
             if options.get("momentum"):

@@ -97,23 +97,23 @@ def slot_table(slots, single, owned, parallel_of, param, given_rows, given_grads
     )  # fmt: skip
 
 
-def catch_up_slots(slots, t, hyper, variant, scalars):
+def catch_up_slots(slots, t, hyper, variant, scalars, rowwise=False):
     """`dense_rows`, before a dense step `t`: `catch_up` every 2-D slot's rows that missed
-    steps (`scalars` the step's)."""
+    steps (`scalars` the step's; `rowwise`: one `square_avg` value a row)."""
     for s in slots:
         if s.row_step.size:
             catch_up(s.flat, s.square_avg, s.grad_avg, s.momentum_buffer, s.shape[1], s.row_step, t, hyper, variant,
-                     scalars)  # fmt: skip
+                     scalars, rowwise)  # fmt: skip
 
 
-def catch_up(param, square_avg, grad_avg, momentum_buffer, width, last, t, hyper, variant, scalars):
+def catch_up(param, square_avg, grad_avg, momentum_buffer, width, last, t, hyper, variant, scalars, rowwise=False):
     """`dense_rows`, before a dense step `t` of one table (flat param and state, empty arrays
     for the state the variant does not keep; `last` its row counters): bring every row that
     missed steps up to date (the closed form of its zero-gradient steps, `scalars` the
     step's), so the dense step starts from the state a dense run would have."""
     lagging = np.flatnonzero(last < t - 1)
     if lagging.size:
-        kernels.rows(variant, False)(
+        kernels.rows(variant, False, rowwise)(
             param, param[:0], square_avg, grad_avg, momentum_buffer, lagging, width, last, t, True, False,
             *catch_up_constants(hyper, variant, scalars.lr), *scalars,
         )  # fmt: skip
@@ -179,7 +179,7 @@ def step(tables, t, hyper, variant, kernel, take):
         )
 
     dense_rows = hyper["dense_rows"]
-    if not clipping.guarded(hyper):  # one call per table: merge, check, step
+    if not clipping.guarded(hyper) and hyper["state_layout"] != "rowwise":  # one call per table: merge, check, step
         if len(tables) > 1:
             for table in tables:
                 check_bounds(table)  # no table is written before every table's rows are known good
@@ -198,7 +198,8 @@ def step(tables, t, hyper, variant, kernel, take):
 
         take(clipping.GO, merged)
         return None
-    # the global norm and the non-finite check need every table's summed rows first
+    # the global norm and the non-finite check need every table's summed rows first (and the
+    # rowwise row shell takes distinct rows, one grad row each)
     summed = []
     for table in tables:
         unique, g, bad = kernels.coalesce(table.rows, table.n, table.grads, table.width)

@@ -12,13 +12,16 @@ backend read instead of re-deriving it (the rules themselves are `fastrms.option
                          "bfloat16", bit patterns in uint16 arrays, or "8bit", blocks of
                          256 one-byte codes and a float32 scale in uint8 arrays
                 shape    "param": one value per element of the param (`extent(n)` storage
-                         elements hold n values: n, or the 8-bit blocks' bytes)
+                         elements hold n values: n, or the 8-bit blocks' bytes); "row":
+                         one value per row (the first axis; `state_layout="rowwise"`,
+                         `square_avg` only)
     compute   "param": the arithmetic runs in the params' dtype
     rounding  "once": every scalar is rounded once to the compute dtype (`1 - beta` and
               `lr * weight_decay` formed in float64 first)
 """
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +44,16 @@ class StateSlot:
         """The dtype of this state array for a param of `param_dtype`."""
         return storage.state_dtype(storage.CODECS[self.storage], param_dtype)
 
+    def values(self, shape):
+        """The shape of the values this state array holds for a param of `shape`."""
+        if self.shape == "row":
+            return tuple(shape[:1]) if len(shape) else ()
+        return tuple(shape)
+
+    def size(self, shape):
+        """The storage elements of this state array for a param of `shape`."""
+        return storage.extent(storage.CODECS[self.storage], math.prod(self.values(shape)))
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -57,6 +70,11 @@ class Spec:
         return tuple(s.name for s in self.state)
 
     @property
+    def rowwise(self):
+        """Whether `square_avg` holds one value a row (`state_layout="rowwise"`)."""
+        return self.state[0].shape == "row"
+
+    @property
     def codec(self):
         """The storage codec of the state (`fastrms.kernels.storage.Codec`; one a spec)."""
         return storage.CODECS[self.state[0].storage]
@@ -65,10 +83,12 @@ class Spec:
         """The storage elements of a state array holding `n` values (whole 8-bit blocks)."""
         return storage.extent(self.codec, n)
 
-    def allocate(self, size, param_dtype, initial_scale=0.0):
-        """Zeroed state arrays of `size` storage elements (a sum of `extent`s;
-        `square_avg` filled with `initial_scale`, as its storage holds it), by name."""
-        out = {s.name: np.zeros(size, s.dtype(param_dtype)) for s in self.state}
+    def allocate(self, sizes, param_dtype, initial_scale=0.0):
+        """Zeroed state arrays of `sizes[name]` storage elements each (sums of `size`s; an
+        int: that many each), `square_avg` filled with `initial_scale`, as its storage holds
+        it, by name."""
+        size_of = sizes if isinstance(sizes, dict) else dict.fromkeys(self.names, sizes)
+        out = {s.name: np.zeros(size_of[s.name], s.dtype(param_dtype)) for s in self.state}
         for name, a in out.items():
             storage.fill(self.codec, a, param_dtype, initial_scale if name == "square_avg" else 0.0)
         return out
@@ -100,14 +120,17 @@ def view_dtype(codec, param_dtype):
 def of(hyper):
     """The spec of the options `hyper` (resolved, or a part of them: the defaults fill in)."""
     full = {**O.DEFAULTS, **hyper}
-    return _of(O.variant_key(full), full["state_storage"])
+    return _of(O.variant_key(full), full["state_storage"], full["state_layout"])
 
 
 @functools.lru_cache(maxsize=None)
-def _of(variant, state_storage):
+def _of(variant, state_storage, state_layout="elementwise"):
     names = (
         ("square_avg",)
         + (("grad_avg",) if variant.uses_grad_avg else ())
         + (("momentum_buffer",) if variant.uses_momentum_buffer else ())
     )
-    return Spec(variant, tuple(StateSlot(n, state_storage) for n in names))
+    row = state_layout == "rowwise"
+    return Spec(
+        variant, tuple(StateSlot(n, state_storage, "row" if row and i == 0 else "param") for i, n in enumerate(names))
+    )

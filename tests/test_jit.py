@@ -50,6 +50,9 @@ for shapes in ([(1000,)], [(300,), (40,)]):  # float16 grads and copies: the 16-
 for shapes in ([(1 << 18,)], [(300,), (40,)]):  # 8-bit state: the blockwise shells, dense and in a table
     ws = [np.zeros(s, np.float32) for s in shapes]
     fastrms.RMSprop(ws, 1e-3, momentum=0.9, state_storage="8bit").step([np.ones(s, np.float32) for s in shapes])
+rw = fastrms.RMSprop([np.zeros((300, 8), np.float32)], 1e-3, momentum=0.9, state_layout="rowwise")  # rowwise rows
+rw.step([np.ones((300, 8), np.float32)])
+rw.step_rows(np.array([1, 5, 5]), np.ones((3, 8), np.float32), param=0)
 if "torch" in sys.argv:
     import torch
     import fastrms.torch as ft

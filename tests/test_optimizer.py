@@ -833,6 +833,68 @@ def test_8bit_state_is_refused_where_it_does_not_apply():
     assert_unchanged(opt, before)
 
 
+# ------------------------------------------------------------------ state_layout="rowwise"
+
+ROWWISE = {name: opts for name, opts in VARIANTS.items() if not opts.get("centered")}
+
+
+@pytest.mark.parametrize("name", ROWWISE)
+def test_every_non_centered_variant_with_rowwise_state_matches_reference_bitwise(name):
+    options = {**ROWWISE[name], "state_layout": "rowwise"}
+    fast, ref = run_both(options, None, np.float32, shape=(103, 10))
+    assert_same_state(fast, ref)
+    assert fast.square_avg.shape == (103,) and fast.kernel_calls == ["rowwise"]
+
+
+def test_rowwise_state_over_many_params_clipped_and_in_parallel_matches_reference(dtype):
+    rng = np.random.default_rng(8)
+    shapes = [(BIG // 20, 20), (7,), (3, 4, 5), ()]  # a 1-D param's rows are its elements; a 0-d one is a row
+    params = [np.asarray(rng.standard_normal(s), dtype) for s in shapes]
+    mine = [p.copy() for p in params]
+    options = dict(momentum=0.9, clip_global_norm=50.0, skip_nonfinite=True, state_layout="rowwise", initial_scale=0.1)
+    fast, ref = fastrms.RMSprop(params, 0.01, **options), reference.RMSprop(mine, 0.01, **options)
+    assert fast.parallel[0] == (fastrms.info()["parallel_mode"] != "serial")
+    for t in range(5):
+        grads = [np.asarray(rng.standard_normal(s), dtype) for s in shapes]
+        if t == 2:
+            grads[1][3] = np.nan  # refused: counted, nothing written
+        fast.step(grads)
+        ref.step(grads)
+    assert fast.skipped_steps == 1 and fast.last_grad_norm == ref.last_grad_norm
+    assert_same_state(fast, ref)
+    assert [a.shape for a in fast.square_avg] == [(BIG // 20,), (7,), (3,), ()]
+
+
+def test_rowwise_state_is_one_value_a_row_and_moves_the_rows_by_their_mean_square():
+    table = np.ones((4, 3), np.float32)
+    opt = fastrms.RMSprop(table, 0.1, state_layout="rowwise")
+    g = np.array([[3, 4, 0], [1, 1, 1], [0, 0, 0], [-2, 2, 2]], np.float32)
+    opt.step(g)
+    v = np.float32(0.1) * (g * g).sum(axis=1, dtype=np.float32) / np.float32(3)
+    np.testing.assert_array_equal(opt.square_avg, v)
+    np.testing.assert_allclose(table, 1 - 0.1 * g / (np.sqrt(v)[:, None] + 1e-8), rtol=1e-6)
+    assert opt.state_dict()["square_avg.0"].nbytes == 4 * 4  # a float a row, not one an element
+
+
+def test_rowwise_state_is_refused_where_it_does_not_apply():
+    with pytest.raises(ValueError, match="state_layout='rowwise' keeps one square_avg value a row .* centered=False"):
+        fastrms.RMSprop(np.zeros((3, 2), np.float32), centered=True, state_layout="rowwise")
+    with pytest.raises(ValueError, match="needs state_storage='native' \\(got '8bit'\\)"):
+        fastrms.RMSprop(np.zeros((3, 2), np.float32), state_storage="8bit", state_layout="rowwise")
+    with pytest.raises(ValueError, match="copy_to cannot be combined with state_layout='rowwise'"):
+        fastrms.RMSprop(np.zeros(3, np.float32), copy_to=np.zeros(3, np.float16), state_layout="rowwise")
+    with pytest.raises(ValueError, match="state_layout must be one of"):
+        fastrms.RMSprop(np.zeros(3, np.float32), state_layout="columnwise")
+    with pytest.raises(ValueError, match="keeps the state element by element; state_layout='rowwise'"):
+        fastrms.functional.init_state(np.zeros(3), state_layout="rowwise")
+    opt = fastrms.RMSprop([np.ones((4, 3), np.float32)], state_layout="rowwise")
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match="state_layout='rowwise' reads grads in the params' dtype"):
+        opt.step([np.ones((4, 3), np.float16)])
+    assert_unchanged(opt, before)
+    assert opt.step_count == 0
+
+
 # ------------------------------------------------------------------ copy_to: master weights
 
 

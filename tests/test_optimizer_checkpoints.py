@@ -315,3 +315,28 @@ def test_an_8bit_checkpoint_with_bad_scales_or_shapes_is_refused(tmp_path):
     with pytest.raises(ValueError, match="another variant: state_storage=8bit"):
         native.load(tmp_path / "c.npz")
     assert_unchanged(lean, before)
+
+
+def test_a_rowwise_checkpoint_stores_a_value_a_row_and_continues_bitwise(tmp_path):
+    options = dict(momentum=0.9, state_layout="rowwise", dense_rows=True)
+    p0, grads = problem(None, np.float32, shape=(300, 8))
+    straight, first = fastrms.RMSprop(p0.copy(), 0.01, **options), fastrms.RMSprop(p0.copy(), 0.01, **options)
+    for t in range(9):
+        for opt in (straight, first):
+            opt.step_rows(np.array([t, 2 * t, 5]), grads[t % 4][:3]) if t % 3 else opt.step(grads[t % 4])
+    first.save(tmp_path / "c.npz")
+    with np.load(tmp_path / "c.npz", allow_pickle=False) as z:
+        assert z["square_avg.0"].shape == (300,) and z["momentum_buffer.0"].shape == (300, 8)
+        assert str(z["state_layout"]) == "rowwise"
+    resumed = fastrms.RMSprop(first.params.copy(), 0.01, **options)
+    resumed.load(tmp_path / "c.npz")
+    for t in range(9, 15):
+        for opt in (straight, resumed):
+            opt.step_rows(np.array([t, 7]), grads[t % 4][:2]) if t % 2 else opt.step(grads[t % 4])
+    np.testing.assert_array_equal(straight.params, resumed.params)
+    np.testing.assert_array_equal(straight.square_avg, resumed.square_avg)
+    elementwise = fastrms.RMSprop(p0.copy(), 0.01, momentum=0.9, dense_rows=True)
+    before = snapshot(elementwise)
+    with pytest.raises(ValueError, match="another variant: state_layout=rowwise"):
+        elementwise.load(tmp_path / "c.npz")
+    assert_unchanged(elementwise, before)

@@ -504,3 +504,75 @@ def test_several_tables_are_all_checked_before_any_is_written():
             opt.step_rows(rows, grads, param=param)
     assert_unchanged(opt, before)
     assert all(np.all(t == 1) for t in tables)
+
+
+# ------------------------------------------------------------------ state_layout="rowwise"
+
+ROWWISE = [{**o, "state_layout": "rowwise"} for o in VARIANTS if not o.get("centered")]
+
+
+@pytest.mark.parametrize("opts", ROWWISE, ids=lambda o: ",".join(k for k in o if k != "state_layout") or "plain")
+def test_rowwise_lazy_rows_match_the_numpy_lazy_rule_bit_for_bit(opts, dtype):
+    rng = np.random.default_rng(3)
+    n, width = 500, 6
+    t0 = rng.standard_normal((n, width)).astype(dtype)
+    opt = fastrms.RMSprop(t0.copy(), 0.01, **opts)
+    table = t0.copy()
+    state = {name: np.zeros_like(table) for name in spec.of(opts).names}
+    state["square_avg"] = np.zeros(n, dtype)  # one value a row
+    for t in range(1, 31):
+        rows, grad_rows = _batch(rng, n, 25, width, dtype, pool=np.arange(0, n, 3))
+        if t == 7:
+            opt.step(np.zeros_like(t0))  # a dense step between: every row, the same rule
+            table[...] = reference.rmsprop_step(table, np.zeros_like(t0), state, t, 0.01, **opts)
+            continue
+        opt.step_rows(rows, grad_rows)
+        _lazy_reference(table, state, rows, grad_rows, t, 0.01, opts)
+    np.testing.assert_array_equal(opt.params, table)
+    for name, value in state.items():
+        np.testing.assert_array_equal(getattr(opt, name), value, err_msg=name)
+    assert opt.square_avg.shape == (n,) and opt.kernel_calls == ["rowwise"]
+
+
+@pytest.mark.parametrize("opts", ROWWISE, ids=lambda o: ",".join(k for k in o if k != "state_layout") or "plain")
+def test_rowwise_dense_rows_equal_a_dense_run_with_zero_rows(opts):
+    rng = np.random.default_rng(4)
+    n, width = 300, 4
+    t0 = rng.standard_normal((n, width))
+    sparse = fastrms.RMSprop(t0.copy(), 0.01, dense_rows=True, **opts)
+    dense = fastrms.RMSprop(t0.copy(), 0.01, **opts)
+    for t in range(150):
+        pool = np.arange(0, 30) if t < 120 else np.arange(n)
+        rows, grad_rows = _batch(rng, n, 10, width, np.float64, pool=pool)
+        sparse.step_rows(rows, grad_rows)
+        g = np.zeros((n, width))
+        np.add.at(g, rows, grad_rows)
+        dense.step(g)
+    sparse.step_rows(np.arange(n), np.zeros((n, width)))
+    dense.step(np.zeros((n, width)))
+    for name in ("params", *spec.of(opts).names):
+        a, b = getattr(sparse, name), getattr(dense, name)
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max(), err_msg=name)
+    assert not np.allclose(sparse.params, t0)
+
+
+def test_the_rowwise_row_shell_is_the_same_bits_serial_and_parallel():
+    rng = np.random.default_rng(5)
+    hyper = options.resolve({"momentum": 0.9, "learning_rate": 0.01, "state_layout": "rowwise", "clip_value": 1.0})
+    key = options.variant_key(hyper)
+    n, width = 2000, 37  # 4 whole lanes of 8 and a tail of 5
+    p0 = rng.standard_normal(n * width).astype(np.float32)
+    rows = rng.choice(n, 1500, replace=False).astype(np.int64)
+    grads = rng.standard_normal(rows.size * width).astype(np.float32)
+    results = []
+    for parallel in (False, True):
+        p, v, b = p0.copy(), np.zeros(n, np.float32), np.zeros(n * width, np.float32)
+        kernels.rows(key, parallel, True)(
+            p, grads, v, v[:0], b, rows, width, np.zeros(0, np.int64), 1, False, True, 1.0, 0.01,
+            *options.scalars(hyper, 0.01, 1),
+        )  # fmt: skip
+        results.append((p.tobytes(), v.tobytes(), b.tobytes()))
+    assert results[0] == results[1]
+    assert np.count_nonzero(np.frombuffer(results[0][1], np.float32)) == rows.size  # the touched rows only
+    with pytest.raises(ValueError, match="merged_rows keeps the state element by element"):
+        kernels.merged_rows(key, False, True)

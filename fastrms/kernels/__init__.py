@@ -13,7 +13,8 @@ the rest of fastrms, so user `@njit` code can call it directly).
 - `.blockwise`: the dense shell of 8-bit blockwise state (each block dequantised, stepped
   and requantised in one pass);
 - `.segments`: the loop shell over a chunk table: many arrays of one dtype in one call;
-- `.rows`: the loop shells over named rows of a table (sparse updates), and coalescing;
+- `.rows`: the loop shells over named rows of a table (sparse updates; rowwise state, one
+  `square_avg` value a row), and coalescing;
 - `.prefetch`: the software prefetch of the row shell (rows named by an index array);
 - `.reduce`: read-only passes (the non-finite check behind `skip_nonfinite`, the
   reproducible sum of squares behind `clip_global_norm`), of float or 16-bit grads;

@@ -24,6 +24,12 @@ scalars: their neutral values (1, inf, 0, 1) leave the arithmetic bit-exact (the
 compares, so a NaN passes through it, as `np.clip` lets it), and `bc == 1` skips the
 division through a loop-invariant branch that LLVM hoists out of the loop.
 
+Rowwise state (`element(key, rowwise=True)`, one `v` per row of a table, FBGEMM's rowwise
+optimizers): the row's `v <- beta * v + (1 - beta) * mean(g^2)` is formed first, over the
+row's grads as `grad_of` makes them (clipped, scaled, coupled decay), summed in order and
+divided by the width; the element function then takes that `v` as given and skips its own
+average of `g^2` (the rest of the update is the same lines).
+
 `element` returns an `inline="always"` function `(p, g, v, m, b, k) -> (p, v, m, b)`:
 loop shells (`.dense` and those to come) read the arrays, call it and write back what
 the variant keeps. `k` is `constants`' tuple, already rounded to the arrays' dtype.
@@ -142,24 +148,49 @@ _ELEMENTS: dict = {}
 _APPLY: dict = {}
 
 
-def element(key):
-    """The `inline="always"` per-element update of variant `key` (a `Variant`)."""
-    fn = _ELEMENTS.get(key)
+_GRADS: dict = {}
+
+
+def grad_of(key):
+    """The `inline="always"` `(p, g, k) -> g` of variant `key`: the grad as the update
+    uses it (clipped to `[lo, hi]`, times `grad_scale`, plus `wd * p` with coupled decay)."""
+    fn = _GRADS.get(key.wd_mode)
     if fn is None:
-        fn = _ELEMENTS[key] = _make_element(*key)
+        wd_mode = key.wd_mode
+
+        def effective(p, g, k):
+            wd, grad_scale, hi, lo = k[5], k[8], k[12], k[13]
+            g = hi if g > hi else (lo if g < lo else g)  # clip_value (hi = inf: unchanged, NaN too)
+            g = grad_scale * g
+            if wd_mode == WD_COUPLED:
+                g = g + wd * p
+            return g
+
+        name(effective, f"grad_of_w{wd_mode:d}")
+        fn = _GRADS[key.wd_mode] = njit(inline="always")(effective)
     return fn
 
 
-def _make_element(centered, wd_mode, mom_mode, nesterov):
+def element(key, rowwise=False):
+    """The `inline="always"` per-element update of variant `key` (a `Variant`); with
+    `rowwise`, `v` is the row's, already averaged (see the module)."""
+    fn = _ELEMENTS.get((key, rowwise))
+    if fn is None:
+        fn = _ELEMENTS[(key, rowwise)] = _make_element(key, rowwise)
+    return fn
+
+
+def _make_element(key, rowwise):
+    centered, wd_mode, mom_mode, nesterov = key
+    effective = grad_of(key)
+
     def update(p, g, v, m, b, k):
         lr, beta, one_minus_beta, eps_in, eps_out, wd, lr_wd, mu, grad_scale, bc, correct, zero, hi, lo = k
-        g = hi if g > hi else (lo if g < lo else g)  # clip_value (hi = inf: unchanged, NaN too)
-        g = grad_scale * g
-        if wd_mode == WD_COUPLED:
-            g = g + wd * p
-        elif wd_mode == WD_DECOUPLED:
+        g = effective(p, g, k)
+        if wd_mode == WD_DECOUPLED:
             p = p - lr_wd * p
-        v = beta * v + one_minus_beta * (g * g)
+        if not rowwise:
+            v = beta * v + one_minus_beta * (g * g)
         if centered:
             m = beta * m + one_minus_beta * g
             mhat = m / bc if correct else m
@@ -179,7 +210,7 @@ def _make_element(centered, wd_mode, mom_mode, nesterov):
             p = p - lr * u
         return p, v, m, b
 
-    name(update, f"element_c{centered:d}_w{wd_mode:d}_m{mom_mode:d}_n{nesterov:d}")
+    name(update, f"element_{key.tag}{'_rowwise' if rowwise else ''}")
     return njit(inline="always")(update)
 
 

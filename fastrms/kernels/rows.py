@@ -27,11 +27,17 @@ flat (C-order) views of `(n, width)` tables, `last`, `t`, `catch_up`, `decay` an
   thread, for the options that need the summed grads before any row is stepped (the global
   norm, the non-finite check).
 
+With `rowwise` (`rows(key, parallel, True)`, its rows distinct, as `coalesce` leaves them),
+`square_avg` holds one value a row (`square_avg[r]`, the row's index), averaged over the
+row's grads before its elements are updated (`_make_row_run`);
+`fastrms.RMSprop(state_layout="rowwise")`'s dense step is this shell over every row of each
+param.
+
 With `catch_up` (the dense-equivalent mode), `last[r]` is the step that last touched row
 `r`; a row last touched `k >= 1` steps before `t - 1` first gets the closed form of the
 `k` zero-gradient steps it missed (with g = 0, u = 0 exactly):
 
-    v <- beta^k v;   m <- beta^k m                          (centered)
+    v <- beta^k v;   m <- beta^k m                          (centered; rowwise: the row's v)
     b <- mu^k b;     p <- a^k p - c b                       a = 1 - lr * wd (decoupled), else 1
     c = drift_lr * mu * (a^k - mu^k) / (a - mu)   (k mu^k when a == mu), times mu with Nesterov
                                                   drift_lr = lr (lr outside the buffer), else 1
@@ -44,7 +50,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._jit import jit, name
-from .element import MOM_NONE, apply, constants
+from .element import MOM_NONE, apply, constants, element, grad_of
 from .prefetch import prefetch_rows, prefetch_write
 
 #: How many rows ahead the row shells prefetch (4 to 16 measured alike on 2 cores, 64-wide
@@ -149,14 +155,15 @@ def grads_of(s, slot, first, summed, grad_rows, width):
 
 
 @njit(inline="always")
-def check_state(param, square_avg, grad_avg, momentum_buffer, uses_m, uses_b):
-    """A clear error, not a stray write, when the state is not the size of `param`."""
+def check_state(param, square_avg, grad_avg, momentum_buffer, uses_m, uses_b, rows_held):
+    """A clear error, not a stray write, when the state is not the size of `param`
+    (`square_avg`: `rows_held`, its row count, with rowwise state)."""
     if (
-        square_avg.size != param.size
+        square_avg.size != (rows_held if rows_held >= 0 else param.size)
         or (uses_m and grad_avg.size != param.size)
         or (uses_b and momentum_buffer.size != param.size)
     ):
-        raise ValueError("rows: the state this variant keeps must have the size of param")
+        raise ValueError("rows: the state this variant keeps must have the size of param (rowwise: a value a row)")
 
 
 def _make_coalesce():
@@ -184,26 +191,30 @@ def _make_coalesce():
 coalesce = _make_coalesce()
 
 
-def rows(key, parallel):
-    """The shell over distinct rows of variant `key`, serial or `parallel=True`."""
-    return _shell("rows", key, parallel)
+def rows(key, parallel, rowwise=False):
+    """The shell over distinct rows of variant `key`, serial or `parallel=True`; with
+    `rowwise`, `square_avg` holds one value a row."""
+    return _shell("rows", key, parallel, rowwise)
 
 
-def merged_rows(key, parallel):
+def merged_rows(key, parallel, rowwise=False):
     """The shell over rows as given (duplicates merged, bounds checked) of variant `key`,
-    serial or `parallel=True`."""
-    return _shell("merged_rows", key, parallel)
+    serial or `parallel=True`. Not for rowwise state (`rowwise=True` is refused): its rows
+    are coalesced first (`coalesce`), then stepped by `rows(key, parallel, True)`."""
+    if rowwise:
+        raise ValueError("merged_rows keeps the state element by element; rowwise rows: coalesce, then rows()")
+    return _shell("merged_rows", key, parallel, False)
 
 
-def _shell(kind, key, parallel):
-    fn = _ROWS.get((kind, key, parallel))
+def _shell(kind, key, parallel, rowwise):
+    fn = _ROWS.get((kind, key, parallel, rowwise))
     if fn is None:
         make = _make_rows if kind == "rows" else _make_merged_rows
-        fn = _ROWS[(kind, key, parallel)] = make(key, parallel)
+        fn = _ROWS[(kind, key, parallel, rowwise)] = make(key, parallel, rowwise)
     return fn
 
 
-def _make_row_run(key):
+def _make_row_run(key, rowwise=False):
     """The `inline="always"` loop over rows `lo..hi` both shells run: each row's catch-up,
     then its update from its grads (`grad_rows[s]` if `slot` is empty, else
     `grads_of` `s`), with the row `AHEAD` on prefetched.
@@ -212,8 +223,14 @@ def _make_row_run(key):
     array an inlined function takes is a new reference), and whole arrays indexed with
     unsigned indices, not sliced per row (Numba could not drop the refcounts of slices in a
     loop this branchy; a signed index is wrapped if negative, which stops LLVM vectorising).
-    Both cost the serial shell 2-3x its time (`fastrms bench --sparse`)."""
+    Both cost the serial shell 2-3x its time (`fastrms bench --sparse`).
+
+    With `rowwise` (the `rows` shell only: the grads are coalesced first, one grad row per
+    row), `square_avg[r]` is row `r`'s one value: the row's grads (`grad_of`) are squared
+    and summed in 8 lanes, `v = beta * v + (1 - beta) * (sum / width)` is stored, and each
+    element is updated from that `v` (`element(key, rowwise=True)`)."""
     at = apply(key)
+    update_rw, effective = element(key, True), grad_of(key)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
     momentum, nesterov = key.mom_mode != MOM_NONE, key.nesterov
 
@@ -221,11 +238,15 @@ def _make_row_run(key):
             t, catch_up, update, decay, drift_lr, beta, mu, kc):  # fmt: skip
         T = param.dtype.type
         w = np.uint64(width)
+        row = np.empty(width if rowwise else 0, T)  # rowwise: one row's grads, as the update reads them
         for s in range(lo, hi):
             if s + AHEAD < hi:  # the row a few iterations on: its misses overlap this row's work
                 ahead = rows[s + AHEAD] * width
                 prefetch_rows(param, ahead, width)
-                prefetch_rows(square_avg, ahead, width)
+                if rowwise:
+                    prefetch_write(square_avg, rows[s + AHEAD])
+                else:
+                    prefetch_rows(square_avg, ahead, width)
                 if uses_m:
                     prefetch_rows(grad_avg, ahead, width)
                 if uses_b:
@@ -238,8 +259,11 @@ def _make_row_run(key):
                 skipped = t - 1 - last[r]
                 if skipped > 0:
                     bk = T(beta**skipped)
-                    for j in range(w):
-                        square_avg[a0 + j] = bk * square_avg[a0 + j]
+                    if rowwise:
+                        square_avg[r] = bk * square_avg[r]
+                    else:
+                        for j in range(w):
+                            square_avg[a0 + j] = bk * square_avg[a0 + j]
                     if uses_m:
                         for j in range(w):
                             grad_avg[a0 + j] = bk * grad_avg[a0 + j]
@@ -258,7 +282,55 @@ def _make_row_run(key):
                         for j in range(w):
                             param[a0 + j] = akt * param[a0 + j]
                 last[r] = t
-            if update:  # the element function every shell calls: the same bits
+            if update and rowwise:  # the row's v first, then each element from it (grads coalesced first)
+                g0 = np.uint64(s) * w
+                # the sum of squares in 8 lanes, lane j % 8 adding element j in order, then
+                # ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)): a fixed order (the same bits
+                # anywhere; `fastrms.reference` writes it) that vectorises, as one sum cannot
+                for j in range(w):  # the grads as the update reads them, first: this loop vectorises
+                    row[j] = effective(param[a0 + j], grad_rows[g0 + j], kc)
+                l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = kc[11]
+                whole = w >> np.uint64(3)
+                for c in range(whole):
+                    q = np.uint64(c) << np.uint64(3)
+                    l0 += row[q] * row[q]
+                    l1 += row[q + np.uint64(1)] * row[q + np.uint64(1)]
+                    l2 += row[q + np.uint64(2)] * row[q + np.uint64(2)]
+                    l3 += row[q + np.uint64(3)] * row[q + np.uint64(3)]
+                    l4 += row[q + np.uint64(4)] * row[q + np.uint64(4)]
+                    l5 += row[q + np.uint64(5)] * row[q + np.uint64(5)]
+                    l6 += row[q + np.uint64(6)] * row[q + np.uint64(6)]
+                    l7 += row[q + np.uint64(7)] * row[q + np.uint64(7)]
+                done = whole << np.uint64(3)
+                for j in range(w - done):  # the tail: element done + j falls to lane j
+                    x = row[done + np.uint64(j)] * row[done + np.uint64(j)]
+                    if j == 0:
+                        l0 += x
+                    elif j == 1:
+                        l1 += x
+                    elif j == 2:
+                        l2 += x
+                    elif j == 3:
+                        l3 += x
+                    elif j == 4:
+                        l4 += x
+                    elif j == 5:
+                        l5 += x
+                    else:
+                        l6 += x
+                total = ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
+                v = kc[1] * square_avg[r] + kc[2] * (total / T(width)) if width > 0 else square_avg[r]
+                square_avg[r] = v  # (a row of no elements keeps its v)
+                for j in range(w):
+                    m = grad_avg[a0 + j] if uses_m else kc[11]
+                    b = momentum_buffer[a0 + j] if uses_b else kc[11]
+                    p, _, m, b = update_rw(param[a0 + j], grad_rows[g0 + j], v, m, b, kc)
+                    param[a0 + j] = p
+                    if uses_m:
+                        grad_avg[a0 + j] = m
+                    if uses_b:
+                        momentum_buffer[a0 + j] = b
+            elif update:  # the element function every shell calls: the same bits
                 if slot.size and slot[s] >= 0:  # a row named more than once: its sum
                     g0 = np.uint64(slot[s]) * w
                     for j in range(w):
@@ -292,16 +364,16 @@ def _make_row_run(key):
 BLOCK = 256
 
 
-def _make_rows(key, parallel):
-    run = _make_row_run(key)
+def _make_rows(key, parallel, rowwise):
+    run = _make_row_run(key, rowwise)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
 
     def shell(param, grad_rows, square_avg, grad_avg, momentum_buffer, rows, width, last, t, catch_up, update, decay,
               drift_lr, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):  # fmt: skip
         if update and grad_rows.size != rows.size * width:
             raise ValueError("rows: grad_rows must hold width elements per row")
-        check_state(param, square_avg, grad_avg, momentum_buffer, uses_m, uses_b)
         n = param.size // width if width else last.size  # whole arrays are indexed: no slice clamps
+        check_state(param, square_avg, grad_avg, momentum_buffer, uses_m, uses_b, n if rowwise else -1)
         if (width or catch_up) and (first_bad(rows, n) >= 0 or (catch_up and last.size != n)):
             raise ValueError("rows: every row must be in [0, n) and last the size of n (catch_up)")
         kc = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
@@ -312,19 +384,19 @@ def _make_rows(key, parallel):
                 last, t, catch_up, update, decay, drift_lr, beta, mu, kc)  # fmt: skip
         return parallel
 
-    name(shell, f"rows_{key.tag}_{'parallel' if parallel else 'serial'}")
+    name(shell, f"rows_{key.tag}{'_rowwise' if rowwise else ''}_{'parallel' if parallel else 'serial'}")
     return jit(parallel)(shell)
 
 
-def _make_merged_rows(key, parallel):
-    run = _make_row_run(key)
+def _make_merged_rows(key, parallel, rowwise):
+    run = _make_row_run(key, rowwise)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
 
     def shell(param, grad_rows, square_avg, grad_avg, momentum_buffer, rows, n, width, parts, last, t, catch_up,
               decay, drift_lr, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):  # fmt: skip
         if grad_rows.size != rows.size * width or param.size != n * width or (catch_up and last.size != n):
             raise ValueError("merged_rows: grad_rows must hold width elements per row, param n rows, last n (catch_up)")
-        check_state(param, square_avg, grad_avg, momentum_buffer, uses_m, uses_b)
+        check_state(param, square_avg, grad_avg, momentum_buffer, uses_m, uses_b, n if rowwise else -1)
         bad = first_bad(rows, n)
         if bad >= 0:
             return bad
@@ -336,5 +408,5 @@ def _make_merged_rows(key, parallel):
                 last, t, catch_up, True, decay, drift_lr, beta, mu, kc)  # fmt: skip
         return -1
 
-    name(shell, f"merged_rows_{key.tag}_{'parallel' if parallel else 'serial'}")
+    name(shell, f"merged_rows_{key.tag}{'_rowwise' if rowwise else ''}_{'parallel' if parallel else 'serial'}")
     return jit(parallel)(shell)
