@@ -78,11 +78,12 @@ def state_dict(slots, hyper, step_count, skipped_steps):
     return d
 
 
-def validate(d, slots, current_hyper, dtypes):
+def validate(d, slots, current_hyper, dtypes, masters=False):
     """Check a state dict against an optimizer's `slots` (each with `shape` and
     `dtype`) and hyperparameters; returns `(step_count, skipped_steps, hyper, arrays)`
-    with `arrays[(i, name)]` the value for slot `i`. Raises TypeError/ValueError naming
-    the entry; never writes."""
+    with `arrays[(i, name)]` the value for slot `i`. With `masters` (16-bit params) each
+    slot's float32 master (`master_param.<i>`, finite) is state too. Raises
+    TypeError/ValueError naming the entry; never writes."""
     if not isinstance(d, dict):
         raise TypeError(f"state_dict must be a dict, got {type(d).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in d]
@@ -127,6 +128,16 @@ def validate(d, slots, current_hyper, dtypes):
                 )
             _check_values(key, state.name, kept.decode(state.name, a, slot.flat.size))
             arrays[(i, state.name)] = a
+    for i, slot in enumerate(slots if masters else ()):
+        key = f"master_param.{i}"
+        expected.add(key)
+        a = d.get(key)
+        if type(a) is not np.ndarray or a.dtype != slot.dtype or a.shape != slot.shape:
+            got = f"{a.dtype} of shape {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+            raise ValueError(f"state_dict[{key!r}] must be {slot.dtype} of shape {slot.shape}, got {got}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"state_dict[{key!r}] holds NaN or infinite values")
+        arrays[(i, "master_param")] = a
     if hyper["dense_rows"]:
         for i, slot in enumerate(slots):
             if len(slot.shape) != 2:
@@ -279,6 +290,7 @@ def _read_members(z, slots):
         for name in ALL_STATE_NAMES:  # in the params' dtype, or as a storage keeps it (validate checks which)
             shapes = (slot.shape, _blocks_shape(slot), slot.shape[:1])  # elementwise, 8-bit blocks, rowwise
             expected[f"{name}.{i}"] = (shapes, (slot.dtype, *_STORED))
+        expected[f"master_param.{i}"] = ((slot.shape,), (slot.dtype,))  # 16-bit params' masters (validate decides)
         if len(slot.shape) == 2:
             expected[f"row_step.{i}"] = (((slot.shape[0],),), (np.dtype(np.int64),))
     d = {}

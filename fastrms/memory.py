@@ -65,6 +65,41 @@ def param_arrays(params):
     return single, given, arrays
 
 
+def low_params(params):
+    """For params of 16-bit floats (`ml_dtypes.bfloat16` or `numpy.float16`, all of one
+    dtype): `(single, given, masters, views, codec)`, with a float32 master for each (a copy
+    of its values, the optimizer's own) and each param's flat uint16 view (the copy the step
+    writes); None when no param is 16-bit. TypeError for a mix of 16-bit and other params;
+    ValueError for one that is not C-contiguous, aligned and writeable, or that shares memory
+    with another."""
+    single = isinstance(params, np.ndarray)
+    if not single and (isinstance(params, (str, bytes, dict)) or not hasattr(params, "__iter__")):
+        return None
+    given = [params] if single else list(params)
+    codecs = [low_codec(p.dtype) if isinstance(p, np.ndarray) else None for p in given]
+    if not any(codecs):
+        return None
+    first = next(i for i, c in enumerate(codecs) if c is not None)
+    for i, (p, c) in enumerate(zip(given, codecs)):
+        if c is not codecs[first]:
+            kind = str(p.dtype) if isinstance(p, np.ndarray) else type(p).__name__
+            raise TypeError(
+                f"{param_name(single, i)} is {kind}, {param_name(single, first)} {given[first].dtype}: 16-bit params "
+                "are all of one dtype (bfloat16 or float16), each with a float32 master; for a mix, keep float32 "
+                "masters yourself and pass the 16-bit arrays as copy_to"
+            )
+        if isinstance(p, np.ma.MaskedArray):
+            raise TypeError(f"{param_name(single, i)} must be a plain numpy.ndarray, got a masked array")
+        if not (p.flags.c_contiguous and p.flags.aligned and p.flags.writeable):
+            raise ValueError(
+                f"{param_name(single, i)} must be C-contiguous, aligned and writeable: the step writes it in place"
+            )
+    views = [p.view(np.ndarray).view(np.uint16).reshape(-1) for p in given]
+    disjoint(views)
+    masters = [np.ascontiguousarray(p, dtype=np.float32).copy() for p in given]
+    return single, given, masters, views, codecs[first]
+
+
 def disjoint(arrays):
     """Refuse params that share memory (each must be its own array): one sort."""
     spans = sorted((*span(a), i) for i, a in enumerate(arrays) if a.size)

@@ -47,7 +47,11 @@ class RMSprop:
         float32 or float64, C-contiguous, writeable, any shape; updated in place. `step`
         then takes grads of the same structure: one array, or a sequence of as many. A
         float32 param's grad may also be `ml_dtypes.bfloat16` or `numpy.float16` (grads
-        from a 16-bit model): the step reads their float32 values, exactly.
+        from a 16-bit model): the step reads their float32 values, exactly. Params may also
+        be all `ml_dtypes.bfloat16` or all `numpy.float16` (a model kept in 16 bits): each
+        then gets a float32 master in the optimizer's state (`master_param.<i>` in
+        `state_dict`), made from its values, which the step updates and writes back rounded
+        to nearest even, in the same pass (as `copy_to` does; its grads float32 or 16-bit).
     learning_rate : float or callable, default 0.001
         A number >= 0, or a schedule `count -> lr` (`count` = steps already taken; see
         `fastrms.schedules`).
@@ -136,19 +140,30 @@ class RMSprop:
         **options: "Unpack[Options]",
     ) -> None:
         options = O.resolve({**options, "learning_rate": learning_rate, "beta": beta, "epsilon": epsilon})
-        self._single, given, arrays = memory.param_arrays(params)
+        low = memory.low_params(params)  # 16-bit params: float32 masters of the optimizer's, each param their copy
+        if low is None:
+            self._single, given, arrays = memory.param_arrays(params)
+        else:
+            if copy_to is not None:
+                raise ValueError("copy_to is for float32 params; 16-bit params are written from their own masters")
+            self._single, given, arrays, copies, copy_codec = low
+        self._masters = low is not None
         self._dtypes = tuple(dict.fromkeys(a.dtype for a in arrays))
         hyper = check_hyperparameters(options, self._dtypes)  # in range, and fitting the params' dtypes
-        copies, copy_codec = (None, None) if copy_to is None else memory.copies(copy_to, arrays, self._single)
+        if copy_to is not None:
+            copies, copy_codec = memory.copies(copy_to, arrays, self._single)
+        elif low is None:
+            copies, copy_codec = None, None
+        what = "16-bit params (written from their masters)" if low is not None else "copy_to"
         if copies is not None and hyper["dense_rows"]:
-            raise ValueError("copy_to cannot be combined with dense_rows=True: step_rows does not write the copies")
+            raise ValueError(f"{what} cannot be combined with dense_rows=True: step_rows does not write the copies")
         if copies is not None and hyper["state_layout"] == "rowwise":
-            raise ValueError("copy_to cannot be combined with state_layout='rowwise': the row shells write no copies")
+            raise ValueError(f"{what} cannot be combined with state_layout='rowwise': the row shells write no copies")
         self._busy = threading.Lock()
         self._configure(hyper, Clock(hyper, self._dtypes))
         self._shown = spec.view_dtype(self._spec.codec, self._dtypes[0]) if self._dtypes else None
         self._slots = slots = [Slot(p, a, self._spec.names) for p, a in zip(given, arrays)]
-        self._copy_to = copy_to  # the caller's copies (`copy_to`), written by every step
+        self._copy_to = copies  # the copies every step writes (`copy_to`'s, or the 16-bit params'), or None
         for slot, flat in zip(slots, copies or ()):
             slot.copy = flat
         if self._dense_rows:
@@ -384,7 +399,8 @@ class RMSprop:
 
     def _step_rows(self, rows, grad_rows, param):
         if self._copy_to is not None:
-            raise ValueError("step_rows does not write copy_to's copies; an optimizer with copy_to steps with step")
+            what = "16-bit params from their masters" if self._masters else "copy_to's copies"
+            raise ValueError(f"step_rows does not write {what}; this optimizer steps with step")
         if self._spec.codec is not storage.NATIVE:
             raise ValueError(
                 f"step_rows needs state_storage='native': its row kernels keep the state in the params' dtype "
@@ -409,10 +425,15 @@ class RMSprop:
 
         Keys: `format_version`, `step_count`, `skipped_steps`, `num_params`, every hyperparameter
         (`learning_rate` only when it is a number, not a schedule; `clip_global_norm` and
-        `clip_value` only when set) and `"<name>.<i>"` for each state array of param `i`.
+        `clip_value` only when set) and `"<name>.<i>"` for each state array of param `i`;
+        with 16-bit params, `"master_param.<i>"`, each one's float32 master.
         `load_state_dict` continues bit-identically.
         """
-        return checkpoint.state_dict(self._slots, self._hyper, self._clock.step_count, self._clock.skipped_steps)
+        d = checkpoint.state_dict(self._slots, self._hyper, self._clock.step_count, self._clock.skipped_steps)
+        if self._masters:  # 16-bit params: their float32 masters are the optimizer's state
+            for i, slot in enumerate(self._slots):
+                d[f"master_param.{i}"] = slot.flat.reshape(slot.shape).copy()
+        return d
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a `state_dict` into this optimizer over the same params and variant.
@@ -427,10 +448,12 @@ class RMSprop:
         nothing changes. The values are copied into the state arrays already allocated, so
         views of them stay valid.
         """
-        step_count, skipped, hyper, arrays = checkpoint.validate(state_dict, self._slots, self._hyper, self._dtypes)
+        step_count, skipped, hyper, arrays = checkpoint.validate(
+            state_dict, self._slots, self._hyper, self._dtypes, self._masters
+        )
         # Checked: now write, into the arrays already allocated (same variant, same names).
         for (i, name), a in arrays.items():
-            np.copyto(getattr(self._slots[i], name), a.reshape(-1))
+            np.copyto(getattr(self._slots[i], "flat" if name == "master_param" else name), a.reshape(-1))
         self._configure(hyper, Clock(hyper, self._dtypes, step_count, skipped, self._clock.last_lr))
         self._plan.choose(self._variant)  # the same arrays and variant: kernels chosen again
 

@@ -895,6 +895,98 @@ def test_rowwise_state_is_refused_where_it_does_not_apply():
     assert opt.step_count == 0
 
 
+# ------------------------------------------------------------------ 16-bit params over float32 masters
+
+
+def _low_dtype(dtype_name):
+    return np.float16 if dtype_name == "float16" else __import__("ml_dtypes").bfloat16
+
+
+@needs_ml_dtypes
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", MAIN)
+def test_16_bit_params_step_as_a_float32_master_with_its_copy_does(name, dtype_name):
+    low = _low_dtype(dtype_name)
+    rng = np.random.default_rng(9)
+    shapes = [(BIG,), (31, 7), (5,)]
+    params = [rng.standard_normal(s).astype(low) for s in shapes]
+    masters, copies = [p.astype(np.float32) for p in params], [np.zeros(s, low) for s in shapes]
+    fast = fastrms.RMSprop(params, 0.01, **MAIN[name])
+    ref = reference.RMSprop(masters, 0.01, copy_to=copies, **MAIN[name])
+    for t in range(4):
+        grads = [rng.standard_normal(s).astype(low if t % 2 else np.float32) for s in shapes]  # either kind
+        fast.step(grads)
+        ref.step(grads)
+    assert fast.params is not params and all(a is b for a, b in zip(fast.params, params))  # the user's arrays
+    for p, c, m, i in zip(params, copies, masters, range(3)):
+        assert p.dtype == low and p.view(np.uint16).tobytes() == c.view(np.uint16).tobytes()
+        np.testing.assert_array_equal(fast.state_dict()[f"master_param.{i}"], m)
+    for k in ref.state[0]:
+        np.testing.assert_array_equal(getattr(fast, k)[0], ref.state[0][k], err_msg=k)
+
+
+@needs_ml_dtypes
+def test_a_16_bit_params_checkpoint_keeps_the_masters_and_continues_bitwise(tmp_path):
+    bf16 = _low_dtype("bfloat16")
+    rng = np.random.default_rng(10)
+    p0 = rng.standard_normal((40, 3)).astype(bf16)
+    grads = [rng.standard_normal((40, 3)).astype(bf16) for _ in range(4)]
+    straight, first = fastrms.RMSprop(p0.copy(), 1e-3, momentum=0.9), fastrms.RMSprop(p0.copy(), 1e-3, momentum=0.9)
+    for t in range(6):
+        straight.step(grads[t % 4])
+        first.step(grads[t % 4])
+    first.save(tmp_path / "c.npz")
+    resumed = fastrms.RMSprop(first.params.copy(), 1e-3, momentum=0.9)
+    resumed.load(tmp_path / "c.npz")
+    for t in range(6, 12):
+        straight.step(grads[t % 4])
+        resumed.step(grads[t % 4])
+    assert straight.params.view(np.uint16).tobytes() == resumed.params.view(np.uint16).tobytes()
+    # the master keeps what the bfloat16 weights round away: resumed from the weights alone,
+    # the run differs
+    saved = dict(np.load(tmp_path / "c.npz", allow_pickle=False))
+    saved = {k: (v.item() if v.ndim == 0 else v) for k, v in saved.items() if k != "fastrms_checkpoint"}
+    rounded = fastrms.RMSprop(p0.copy(), 1e-3, momentum=0.9)
+    rounded.load_state_dict({**saved, "master_param.0": saved["master_param.0"].astype(bf16).astype(np.float32)})
+    rounded.params[...] = saved["master_param.0"].astype(bf16)
+    for t in range(6, 12):
+        rounded.step(grads[t % 4])
+    assert rounded.params.view(np.uint16).tobytes() != straight.params.view(np.uint16).tobytes()
+    d = first.state_dict()
+    d["master_param.0"] = d["master_param.0"].astype(np.float64)
+    before = snapshot(first)
+    with pytest.raises(ValueError, match=r"state_dict\['master_param.0'\] must be float32 of shape \(40, 3\)"):
+        first.load_state_dict(d)
+    del d["master_param.0"]
+    with pytest.raises(ValueError, match="must be float32 of shape"):
+        first.load_state_dict(d)
+    assert_unchanged(first, before)
+
+
+@needs_ml_dtypes
+def test_16_bit_params_are_refused_where_they_do_not_apply():
+    bf16 = _low_dtype("bfloat16")
+    with pytest.raises(
+        TypeError, match=r"params\[1\] is float32, params\[0\] bfloat16: 16-bit params are all of one dtype"
+    ):
+        fastrms.RMSprop([np.zeros(3, bf16), np.zeros(3, np.float32)])
+    with pytest.raises(TypeError, match=r"params\[1\] is float16, params\[0\] bfloat16"):
+        fastrms.RMSprop([np.zeros(3, bf16), np.zeros(3, np.float16)])
+    with pytest.raises(ValueError, match="copy_to is for float32 params"):
+        fastrms.RMSprop(np.zeros(3, bf16), copy_to=np.zeros(3, bf16))
+    with pytest.raises(ValueError, match="must be C-contiguous, aligned and writeable"):
+        fastrms.RMSprop(np.zeros((3, 4), bf16)[:, ::2])
+    with pytest.raises(ValueError, match="16-bit params .* cannot be combined with dense_rows=True"):
+        fastrms.RMSprop(np.zeros((3, 4), bf16), dense_rows=True)
+    opt = fastrms.RMSprop(np.ones((4, 3), bf16))
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="step_rows does not write 16-bit params from their masters"):
+        opt.step_rows(np.array([1]), np.ones((1, 3), np.float32))
+    with pytest.raises(TypeError):
+        opt.step(np.ones((4, 3), np.float64))  # a float64 grad of a float32 master
+    assert_unchanged(opt, before)
+
+
 # ------------------------------------------------------------------ copy_to: master weights
 
 
