@@ -328,9 +328,12 @@ def _bad_params():
     base = np.ones(6)
     ro = np.ones(6)
     ro.flags.writeable = False
+    half = np.ones(6, np.float16)
     return [
         ("int", np.ones(6, np.int64), TypeError, "float32 or float64"),
-        ("float16", np.ones(6, np.float16), TypeError, "float16"),
+        ("float16 beside float32", [np.ones(6, np.float16), np.ones(6, np.float32)], TypeError, "all of one dtype"),
+        ("byteswapped float16", np.ones(6, ">f2" if np.little_endian else "<f2"), TypeError, "byte"),
+        ("16-bit overlap", [half[:4], half[2:]], ValueError, "share memory"),
         ("complex", np.ones(6, np.complex128), TypeError, "complex128"),
         ("object", np.array([1.0, 2.0], dtype=object), TypeError, "object"),
         ("byteswapped", np.ones(6, ">f8") if np.little_endian else np.ones(6, "<f8"), TypeError, "byte"),
