@@ -90,7 +90,7 @@ def _bench(args):
     if args.master:
         return report.run_master(args.rounds, args.no_compile)
     if args.accuracy:
-        return report.run_accuracy(args.output, args.steps)
+        return report.run_accuracy(args.output, args.steps, args.beta)
     if args.torch:
         return report.run_torch(args.rounds, widths=(100, 300) if args.sizes is None else args.sizes)
     return report.run(
@@ -130,6 +130,16 @@ def _count(minimum):
         return int(value)
 
     return parse
+
+
+def _beta(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
 
 
 def _positive_float(text):
@@ -187,6 +197,8 @@ def _check(args):
             raise UsageError("--no-compile goes with --master")
         if args.steps is not None and not args.accuracy:
             raise UsageError("--steps goes with --accuracy")
+        if args.beta is not None and not args.accuracy:
+            raise UsageError("--beta goes with --accuracy")
         if args.accuracy and importlib.util.find_spec("ml_dtypes") is None:
             raise UsageError("fastrms bench --accuracy needs ml_dtypes: pip install 'fastrms[bfloat16]'")
         if args.dask and (importlib.util.find_spec("dask") is None or importlib.util.find_spec("distributed") is None):
@@ -322,6 +334,7 @@ def _parse(argv):
         help="train a small network in each precision mode: losses, bytes per parameter, accuracy.png in --output",
     )
     b.add_argument("--steps", type=_count(1), help="with --accuracy: training steps (default 600)")
+    b.add_argument("--beta", type=_beta, help="with --accuracy: RMSprop's beta, in [0, 1) (default 0.9)")
     b.add_argument(
         "--torch", action="store_true", help="fastrms.torch.RMSprop against torch (--sizes: layer widths, 100 300)"
     )

@@ -45,3 +45,20 @@ def test_bench_accuracy_prints_each_mode_and_writes_its_plot(tmp_path, capsys):
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="mode must be one of"):
         accuracy.train("fp8")
+
+
+def test_the_lean_states_square_avg_is_measured_against_float32s():
+    kept = {}
+    for mode in ("float32", "bfloat16 state", "8-bit state"):
+        accuracy.train(mode, steps=30, kept=kept, beta=0.99)
+    assert [a.shape for a in kept["8-bit state"]] == [a.shape for a in kept["float32"]]
+    bf16, eight = accuracy.state_error(kept, "bfloat16 state"), accuracy.state_error(kept, "8-bit state")
+    assert 0 < bf16[0] <= bf16[1] and 0 < eight[0] <= eight[1]
+    assert accuracy.state_error(kept, "float32") == (0.0, 0.0)
+
+
+def test_bench_accuracy_takes_beta_only_with_accuracy(capsys):
+    assert cli.main(["bench", "--beta", "0.5"]) == 2
+    assert "--beta goes with --accuracy" in capsys.readouterr().err
+    assert cli.main(["bench", "--accuracy", "--beta", "1"]) == 2
+    assert "expected a number in [0, 1)" in capsys.readouterr().err

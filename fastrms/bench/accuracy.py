@@ -64,8 +64,9 @@ def _bfloat16():
     return ml_dtypes.bfloat16
 
 
-def train(mode, steps=600, learning_rate=1e-4, seed=0):
-    """The loss before each step and after the last (`steps + 1` floats) of `mode`."""
+def train(mode, steps=600, learning_rate=1e-4, seed=0, beta=0.9, kept=None):
+    """The loss before each step and after the last (`steps + 1` floats) of `mode`; with a
+    dict `kept`, `kept[mode]` is then the optimizer's final `square_avg` (float32 values)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
     x, y, start = _problem(seed)
@@ -77,7 +78,7 @@ def train(mode, steps=600, learning_rate=1e-4, seed=0):
         bf16 = _bfloat16()
         params = [w.astype(bf16).astype(np.float32) for w in params]  # the bfloat16 start
         copies = [w.astype(bf16) for w in params]
-    opt = RMSprop(params, learning_rate, copy_to=copies if mode == "bfloat16 + master" else None,
+    opt = RMSprop(params, learning_rate, beta, copy_to=copies if mode == "bfloat16 + master" else None,
                   state_storage=storage)  # fmt: skip
     losses = []
     for t in range(1, steps + 2):
@@ -94,12 +95,23 @@ def train(mode, steps=600, learning_rate=1e-4, seed=0):
             for j, p in enumerate(params):
                 bits = reference.bfloat16_stochastic_round(p, reference.stochastic_key(seed, j, t))
                 p[...] = reference.bfloat16_value(bits).reshape(p.shape)
+    if kept is not None:
+        kept[mode] = [np.asarray(a, np.float32) for a in opt.square_avg]
     return losses
 
 
-def study(steps=600, learning_rate=1e-4, seed=0):
-    """Each mode's losses: `{mode: [loss, ...]}`."""
-    return {mode: train(mode, steps, learning_rate, seed) for mode in MODES}
+def study(steps=600, learning_rate=1e-4, seed=0, beta=0.9, kept=None):
+    """Each mode's losses: `{mode: [loss, ...]}` (`kept`: see `train`)."""
+    return {mode: train(mode, steps, learning_rate, seed, beta, kept) for mode in MODES}
+
+
+def state_error(kept, mode):
+    """`(median, 90th percentile)` of `|v / v_float32 - 1|` over every element: how far
+    `mode`'s final `square_avg` is from the float32 run's (`kept` from `study`)."""
+    mine = np.concatenate([np.asarray(a, np.float32).ravel() for a in kept[mode]])
+    full = np.concatenate([np.asarray(a, np.float32).ravel() for a in kept["float32"]])
+    error = np.abs(mine / full - 1)
+    return float(np.median(error)), float(np.quantile(error, 0.9))
 
 
 def plot(losses, path):

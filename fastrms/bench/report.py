@@ -221,20 +221,28 @@ def run_master(rounds=None, no_compile=False):
     return 0
 
 
-def run_accuracy(output, steps=None):
+def run_accuracy(output, steps=None, beta=None):
     """`fastrms bench --accuracy`: a small network trained in each precision mode
-    (`fastrms.bench.accuracy`): its final loss and bytes per parameter, and the loss curves
-    in `output/accuracy.png` (where matplotlib is installed)."""
+    (`fastrms.bench.accuracy`): its final loss and bytes per parameter, how far the lean
+    states' `square_avg` ends from float32's, and the loss curves in `output/accuracy.png`
+    (where matplotlib is installed)."""
     from . import accuracy
 
     steps = 600 if steps is None else steps
-    losses = accuracy.study(steps=steps)
-    print(f"a 64-128-1 tanh network, 8449 parameters, {steps} full-batch steps of RMSprop, lr 1e-4:")
+    beta = 0.9 if beta is None else beta
+    states: dict = {}
+    losses = accuracy.study(steps=steps, beta=beta, kept=states)
+    print(f"a 64-128-1 tanh network, 8449 parameters, {steps} full-batch steps of RMSprop, lr 1e-4, beta {beta:g}:")
     print(f"  {'mode':22s} {'bytes/param':>11} {'loss at start':>14} {'final loss':>11} {'x float32':>10}")
     base = losses["float32"][-1]
     for mode, curve in losses.items():
         kept = accuracy.MODES[mode]
         print(f"  {mode:22s} {kept:11g} {curve[0]:14.4f} {curve[-1]:11.5f} {curve[-1] / base:10.2f}")
+    for mode in ("bfloat16 state", "8-bit state"):
+        median, p90 = accuracy.state_error(states, mode)
+        print(
+            f"  {mode}: square_avg against float32's at the end, |v / v32 - 1|: median {median:.3f}, 90th pct {p90:.3f}"
+        )
     try:
         import matplotlib  # noqa: F401
     except ImportError:
