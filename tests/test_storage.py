@@ -423,3 +423,13 @@ def test_filled_8bit_state_decodes_to_the_value_exactly():
     np.testing.assert_array_equal(storage.decode(storage.BLOCKWISE8, a, 700), np.float32(0.1))
     storage.fill(storage.BLOCKWISE8, a, np.float32, 0.0)
     assert not np.signbit(storage.decode(storage.BLOCKWISE8, a, 700, signed=True)).any()
+
+
+def test_the_shells_that_read_state_element_by_element_refuse_8bit_blocks():
+    key = options.variant_key(options.resolve({}))
+    with pytest.raises(ValueError, match="dense_out: the q8 state is kept in blocks"):
+        kernels.dense_out(key, False, storage.BLOCKWISE8)
+    with pytest.raises(ValueError, match="stochastic: the q8 state is kept in blocks"):
+        kernels.stochastic(key, False, storage.BLOCKWISE8)
+    with pytest.raises(ValueError, match="stochastic: the q8 state is kept in blocks"):
+        kernels.stochastic_segments(key, False, storage.BLOCKWISE8)

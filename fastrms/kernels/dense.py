@@ -103,6 +103,12 @@ def _make_dense(key, parallel, codec, grads):
     return jit(parallel)(shell)
 
 
+def _elementwise(codec, shell):
+    """Refuse a block codec (8-bit state) in a shell that reads the state element by element."""
+    if codec.block:
+        raise ValueError(f"{shell}: the {codec.tag} state is kept in blocks; only dense() and segments() step it")
+
+
 _DENSE_OUT: dict = {}
 
 
@@ -114,6 +120,7 @@ def dense_out(key, parallel, codec=NATIVE):
     view of one. The same element function as `dense`: the same bits."""
     fn = _DENSE_OUT.get((key, parallel, codec.tag))
     if fn is None:
+        _elementwise(codec, "dense_out")
         fn = _DENSE_OUT[(key, parallel, codec.tag)] = _make_dense_out(key, parallel, codec)
     return fn
 
@@ -160,6 +167,7 @@ def stochastic(key, parallel, codec=NATIVE, grads=BFLOAT16):
     tag = (key, parallel, codec.tag, grads.tag)
     fn = _STOCHASTIC.get(tag)
     if fn is None:
+        _elementwise(codec, "stochastic")
         fn = _STOCHASTIC[tag] = _make_stochastic(key, parallel, codec, grads)
     return fn
 
