@@ -4,11 +4,13 @@ to the source it compiles, and stays bounded. Each test runs fresh Python proces
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 
@@ -121,15 +123,17 @@ for shell in kernels.drivers():
     out.append(float(w[0]))
 t = np.zeros((4, 2)); fastrms.RMSprop(t, 1e-3).step_rows(np.array([1, 1]), np.ones((2, 2)) / 2); out.append(t[1, 0])
 stats = kernels.cache_stats()
-print(json.dumps({"moved": out, "misses": stats["misses"], "hits": stats["hits"]}))
+print(json.dumps({"moved": out, "misses": stats["misses"], "hits": stats["hits"], "folder": stats["folder"]}))
 """
 
 
 @pytest.mark.slow
 def test_a_changed_element_function_is_compiled_again_whatever_the_files_size_and_mtime(tmp_path):
     """Numba keys a cached function on its own file's stamp; the shells inline the element
-    function from another file, so a change there kept the old formula after an upgrade."""
+    function from another file, so a change there kept the old formula after an upgrade.
+    (The package's own __pycache__, the folder whose name does not follow the content.)"""
     pkg, env = _copy_package(tmp_path)
+    del env["NUMBA_CACHE_DIR"]
     script = PUBLIC_ENTRIES % str(pkg)
     element = pkg / "kernels" / "element.py"
     original = element.read_text()
@@ -139,8 +143,9 @@ def test_a_changed_element_function_is_compiled_again_whatever_the_files_size_an
     expected = float(reference.rmsprop_step(np.zeros(1), np.ones(1), {"square_avg": np.zeros(1)}, 1, 1e-3)[0])
     warm = _run(script, env=env, cwd=tmp_path)
     assert warm["moved"] == pytest.approx([expected] * 5, rel=1e-6)
+    assert warm["folder"] == str(pkg / "kernels" / "__pycache__")
     assert _run(script, env=env, cwd=tmp_path)["misses"] == 0  # the cache works before the change
-    files = _cache_files(tmp_path / "cache")
+    files = _cache_files(pkg)
 
     stat = element.stat()
     for text, sign in ((plain.replace("-", "+"), -1), (plain, 1)):  # each of the same size, mtime kept
@@ -151,7 +156,76 @@ def test_a_changed_element_function_is_compiled_again_whatever_the_files_size_an
         assert changed["moved"] == pytest.approx([sign * expected] * 5, rel=1e-6), text
         assert changed["misses"] > 0
     # the stale entries were replaced, not piled up
-    assert _cache_files(tmp_path / "cache") == files
+    assert _cache_files(pkg) == files
+
+
+@pytest.mark.slow
+def test_under_numba_cache_dir_the_folder_follows_the_content_not_the_path(tmp_path):
+    """Numba names its folder after the source's path: a second copy of the same fastrms
+    compiled everything again. Two copies share one folder; a changed copy gets its own, and
+    its kernels compute the changed formula (never the other copy's)."""
+    pkg, env = _copy_package(tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(pkg, other / "fastrms")
+    first = _run(PUBLIC_ENTRIES % str(pkg), env=env, cwd=tmp_path)
+    assert first["misses"] > 0 and Path(first["folder"]).parent == tmp_path / "cache"
+    assert Path(first["folder"]).name.startswith("fastrms-")
+    second = _run(PUBLIC_ENTRIES % str(other), env=dict(env, PYTHONPATH=str(other)), cwd=tmp_path)
+    assert second["misses"] == 0 and second["folder"] == first["folder"] and second["moved"] == first["moved"]
+
+    element = other / "fastrms" / "kernels" / "element.py"
+    plain = "            p = p - lr * u\n"
+    element.write_text(element.read_text().replace(plain, plain.replace("-", "+")))
+    changed = _run(PUBLIC_ENTRIES % str(other), env=dict(env, PYTHONPATH=str(other)), cwd=tmp_path)
+    assert changed["misses"] > 0 and changed["folder"] != first["folder"]
+    assert changed["moved"] == pytest.approx([-m for m in first["moved"]], rel=1e-6)
+    assert _run(PUBLIC_ENTRIES % str(pkg), env=env, cwd=tmp_path)["misses"] == 0  # the first folder is intact
+
+
+def test_only_the_folders_used_last_are_kept(tmp_path):
+    """Every upgrade makes a new content folder: one root keeps `KEEP_FOLDERS` of them."""
+    from fastrms.kernels import _jit
+
+    folders = [tmp_path / f"fastrms-{k:016x}" for k in range(_jit.KEEP_FOLDERS + 3)]
+    for age, folder in enumerate(folders):
+        folder.mkdir()
+        (folder / "x.nbi").write_bytes(b"")
+        os.utime(folder, (1e9 + age, 1e9 + age))
+    (tmp_path / "someone-elses").mkdir()
+    oldest = folders[0]
+    _jit._claim(str(tmp_path), str(oldest))  # in use now: kept, though it was the oldest
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    expected = [oldest.name] + [f.name for f in folders[-(_jit.KEEP_FOLDERS - 1) :]] + ["someone-elses"]
+    assert kept == sorted(expected)
+
+
+def test_corrupt_or_foreign_cache_files_are_never_unpickled(tmp_path):
+    """A truncated, flipped or foreign index or data file is ignored (the kernel is compiled
+    again); in particular a pickle Numba itself would load is not run."""
+    from fastrms.kernels import _jit
+
+    cache = _jit._BoundedIndex(str(tmp_path), "dense.f-1.py311", "stamp", "dense.")
+    cache.save("key", b"data")
+    assert cache.load("key") == b"data"
+    index, data = tmp_path / "dense.f-1.py311.nbi", tmp_path / "dense.f-1.py311.1.nbc"
+    good = data.read_bytes()
+    for bad in (good[:-1], good[:-1] + bytes([good[-1] ^ 1]), b"", b"garbage"):
+        data.write_bytes(bad)
+        assert cache.load("key") is None
+    data.write_bytes(good)
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    for victim in (index, data):  # Numba's own format: a pickled version, then the pickled payload
+        saved = victim.read_bytes()
+        victim.write_bytes(pickle.dumps(numba.__version__) + pickle.dumps(("stamp", {"key": Payload()})))
+        assert cache.load("key") is None and not marker.exists()
+        victim.write_bytes(saved)
+    assert cache.load("key") == b"data"
 
 
 @pytest.mark.slow

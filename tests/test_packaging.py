@@ -3,6 +3,7 @@ test environment is pinned, the runtime lower bounds are the tested ones, and th
 typed."""
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -128,3 +129,34 @@ def test_the_sdist_holds_every_module(tmp_path):
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     assert _package_files() <= names
     assert {"pyproject.toml", "README.md"} <= names
+
+
+@pytest.mark.slow
+def test_a_second_install_of_the_same_wheel_loads_every_kernel_the_first_compiled(tmp_path):
+    """Numba names its cache folder after the source's absolute path, so a second install of
+    the same fastrms (another venv, CI's wheel stage) compiled every kernel again."""
+    import json
+
+    pytest.importorskip("setuptools", reason="the build backend (setuptools) is not installed here")
+    wheel = _build(tmp_path, "wheel")
+    script = (
+        "import json, numpy as np, fastrms\n"
+        "w = np.zeros(1000, np.float32); fastrms.RMSprop(w, 1e-3, momentum=0.9).step(np.ones_like(w))\n"
+        "ws = [np.zeros(30) for _ in range(3)]; fastrms.RMSprop(ws, 1e-3).step([np.ones(30)] * 3)\n"
+        "print(json.dumps({'file': fastrms.__file__, **fastrms.kernels.cache_stats()}))"
+    )
+    runs = []
+    for target in ("one", "two"):
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index"]
+        pip += ["--target", str(tmp_path / target)]
+        done = subprocess.run([*pip, str(wheel)], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(tmp_path / target))
+        out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["file"].startswith(str(tmp_path / "one")) and second["file"].startswith(str(tmp_path / "two"))
+    assert first["misses"] > 0 and first["compiled"]
+    assert second["misses"] == 0 and second["compiled"] == [] and second["hits"] >= len(first["compiled"]), second
+    assert second["folder"] == first["folder"]

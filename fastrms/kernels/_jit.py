@@ -16,23 +16,43 @@ is Numba's `FunctionCache` with two things replaced:
   features) and the closure's cells described by value, a dispatcher by its module, name and
   line (its code is in the stamp), so the same variant has the same key in every process.
 
+The **folder** follows the content too, not the install path (Numba names its folders after
+the source's absolute path, so a second install of the same fastrms compiled everything
+again): under `NUMBA_CACHE_DIR`, or Numba's user-wide cache when the package's own folder is
+not writable, the kernels live in `fastrms-<SOURCE_HASH[:16]>`, which every install of the
+same source with the same Numba and llvmlite shares (the key within it names the CPU). Where
+no `NUMBA_CACHE_DIR` is set and the package's folder is writable, they stay in its
+`__pycache__`, as Numba puts them.
+
 The cache stays bounded: when an index is written, the data files it no longer names, and
-the indexes (with their data) of the same source file that carry another stamp, are removed.
-A loaded entry hands its reload hooks on to its library (`KernelCache.load_overload`),
-so callers compiled against a cached parallel kernel, ours or a user's, start Numba's threads.
+the indexes (with their data) of the same source file that carry another stamp, are removed;
+of the `fastrms-*` folders under one root, the `KEEP_FOLDERS` used last are kept.
+Index and data files carry a digest of their bytes: a corrupt, truncated or foreign file
+is never unpickled, the kernel is compiled instead. A loaded entry hands its reload hooks on
+to its library (`KernelCache.load_overload`), so callers compiled against a cached parallel
+kernel, ours or a user's, start Numba's threads.
 """
 
 import hashlib
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import llvmlite
 import numba
 from numba import njit
-from numba.core.caching import FunctionCache, IndexDataCacheFile
+from numba.core import config
+from numba.core.caching import (
+    CompileResultCacheImpl,
+    FunctionCache,
+    IndexDataCacheFile,
+    InTreeCacheLocator,
+    _CacheLocator,
+)
 from numba.core.dispatcher import Dispatcher
 from numba.core.serialize import dumps
+from numba.misc.appdirs import AppDirs
 
 #: Numba options of every kernel: NumPy's division semantics (no ZeroDivisionError branch in
 #: the loop), the GIL released, no fastmath (its no-NaN/no-Inf flags break the non-finite
@@ -66,6 +86,13 @@ SOURCE_HASH = _source_hash()
 fastrms's version file, Numba's and llvmlite's versions. It stamps the on-disk cache; key
 your own `NUMBA_CACHE_DIR` on it to keep your `@njit(cache=True)` callers fresh."""
 
+#: The kernels' cache folder under `NUMBA_CACHE_DIR` or the user-wide cache: one per content.
+FOLDER = f"fastrms-{SOURCE_HASH[:16]}"
+
+#: How many `fastrms-*` folders one cache root keeps (the ones used last): an upgrade, a
+#: second Numba or a development checkout each make one.
+KEEP_FOLDERS = 4
+
 _FILE_HASHES: "dict[str, str]" = {}
 
 #: Every dispatcher made by `jit`, in order (for `cache_stats`).
@@ -98,16 +125,69 @@ def _cell_key(value):
     return ("pickled", hashlib.sha256(dumps(value)).hexdigest())  # correct, if not stable
 
 
+#: The first bytes of every index and data file this cache writes, before the SHA-256 of the rest.
+MAGIC = b"fastrms-cache-1\n"
+
+
+def _sealed(payload):
+    return MAGIC + hashlib.sha256(payload).digest() + payload
+
+
+def _unsealed(path):
+    """The payload of a file `_sealed` wrote, or None (missing, unreadable, corrupt, foreign)."""
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError:
+        return None
+    head = len(MAGIC) + 32
+    if len(blob) < head or not blob.startswith(MAGIC):
+        return None
+    payload = blob[head:]
+    if hashlib.sha256(payload).digest() != blob[len(MAGIC) : head]:
+        return None
+    return payload
+
+
+def _read_index(path):
+    """`(numba version, stamp, overloads)` of an index file, or None if it is not one of ours."""
+    payload = _unsealed(path)
+    if payload is None:
+        return None
+    try:
+        version, stamp, overloads = pickle.loads(payload)
+    except Exception:  # a digest that matches a payload no index of ours holds
+        return None
+    return (version, stamp, overloads) if isinstance(overloads, dict) else None
+
+
 class _BoundedIndex(IndexDataCacheFile):
-    """Numba's index and data files, pruned whenever the index is written."""
+    """Numba's index and data files, sealed with a digest, pruned whenever the index is written."""
 
     def __init__(self, cache_path, filename_base, source_stamp, module_prefix):
         super().__init__(cache_path=cache_path, filename_base=filename_base, source_stamp=source_stamp)
         self._prefix = module_prefix
         self._base = filename_base
 
+    def _load_index(self):
+        found = _read_index(self._index_path)
+        if found is None or found[0] != self._version or found[1] != self._source_stamp:
+            return {}
+        return found[2]
+
+    def _load_data(self, name):
+        payload = _unsealed(self._data_path(name))
+        if payload is None:
+            raise OSError(f"{name}: missing, corrupt or not written by fastrms")  # Numba then compiles
+        return pickle.loads(payload)
+
+    def _save_data(self, name, data):
+        with self._open_for_write(self._data_path(name)) as f:
+            f.write(_sealed(self._dump(data)))
+
     def _save_index(self, overloads):
-        super()._save_index(overloads)
+        with self._open_for_write(self._index_path) as f:
+            f.write(_sealed(self._dump((self._version, self._source_stamp, overloads))))
         keep = set(overloads.values())
         try:
             names = os.listdir(self._cache_path)
@@ -122,13 +202,10 @@ class _BoundedIndex(IndexDataCacheFile):
     def _prune_other(self, index_name):
         """Remove another function's index of this source file, and its data, if it is stale."""
         path = os.path.join(self._cache_path, index_name)
-        try:
-            with open(path, "rb") as f:
-                version = pickle.load(f)
-                stamp, _ = pickle.loads(f.read())
-        except Exception:  # unreadable: leave it to Numba, which ignores what it cannot read
+        found = _read_index(path)
+        if found is None:  # not ours, or being written: ignored when read, not ours to remove
             return
-        if version == self._version and stamp == self._source_stamp:
+        if found[0] == self._version and found[1] == self._source_stamp:
             return
         base = index_name[: -len(".nbi")]
         _remove(path)
@@ -144,8 +221,93 @@ def _remove(path):
         pass
 
 
+def _is_kernel_file(py_file):
+    return Path(os.path.realpath(py_file)).parent == _HERE
+
+
+_CLAIMED: "set[str]" = set()
+
+
+def _claim(root, folder):
+    """Mark `folder` under `root` as used now (once a process), and remove all but the
+    `KEEP_FOLDERS` `fastrms-*` folders used last."""
+    if folder in _CLAIMED:
+        return
+    _CLAIMED.add(folder)
+    try:
+        os.utime(folder)
+        siblings = [os.path.join(root, e) for e in os.listdir(root) if e.startswith("fastrms-")]
+        siblings.sort(key=lambda p: os.stat(p).st_mtime, reverse=True)
+    except OSError:
+        return
+    for old in siblings[KEEP_FOLDERS:]:
+        if os.path.realpath(old) != os.path.realpath(folder):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class _ContentLocator(_CacheLocator):
+    """The kernels' folder `FOLDER` under a root (`_root`), whatever the package's path."""
+
+    def __init__(self, py_func, py_file, root):
+        self._py_file = py_file
+        self._lineno = py_func.__code__.co_firstlineno
+        self._root = root
+        self._cache_path = os.path.join(root, FOLDER)
+
+    def get_cache_path(self):
+        return self._cache_path
+
+    def get_source_stamp(self):
+        return SOURCE_HASH
+
+    def get_disambiguator(self):
+        return str(self._lineno)
+
+    @classmethod
+    def root(cls):
+        raise NotImplementedError
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        root = cls.root()
+        if not root or not _is_kernel_file(py_file):
+            return None
+        self = cls(py_func, py_file, root)
+        try:
+            self.ensure_cache_path()
+        except OSError:  # not writable: the next locator, or compiled in memory
+            return None
+        _claim(root, self._cache_path)
+        return self
+
+
+class _UserProvidedLocator(_ContentLocator):
+    @classmethod
+    def root(cls):
+        return config.CACHE_DIR
+
+
+class _UserWideLocator(_ContentLocator):
+    @classmethod
+    def root(cls):
+        return AppDirs(appname="numba", appauthor=False).user_cache_dir
+
+
+class _KernelCacheImpl(CompileResultCacheImpl):
+    """Numba's locators for functions outside `fastrms.kernels`; the content folders for its own."""
+
+    _locator_classes: list = [_UserProvidedLocator, InTreeCacheLocator, _UserWideLocator]
+
+    def __init__(self, py_func):
+        if not _is_kernel_file(py_func.__code__.co_filename):
+            self._locator_classes = CompileResultCacheImpl._locator_classes
+        super().__init__(py_func)
+
+
 class KernelCache(FunctionCache):
-    """Numba's function cache with fastrms's stamp and key (see the module docstring)."""
+    """Numba's function cache with fastrms's stamp, key and folder (see the module docstring)."""
+
+    _impl_class = _KernelCacheImpl
 
     def __init__(self, py_func):
         super().__init__(py_func)
