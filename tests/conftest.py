@@ -1,16 +1,54 @@
+import itertools
 import subprocess
 import sys
+from functools import lru_cache
 
 import numpy as np
 import pytest
 
 import fastrms
-from fastrms import reference, schedules
+from fastrms import options, reference, schedules
+from fastrms.bench.cases import all_variants
 
 SIZES = (0, 1, 7, 22, 1031)
 BIG = 1_000_003
 DTYPES = (np.float32, np.float64)
 STEPS = 50
+
+
+@lru_cache(maxsize=None)
+def _cover(factors, keep):
+    variants = all_variants()
+    rows = []
+    for name, opts in variants.items():
+        key = options.variant_key(options.resolve(opts))
+        if keep is not None and not keep(name, key):
+            continue
+        own = tuple(zip(("centered", "wd_mode", "mom_mode", "nesterov"), key))
+        for values in itertools.product(*(vals for _, vals in factors)):
+            rows.append((name, own + tuple(zip((f for f, _ in factors), values))))
+    pairs = [set(itertools.combinations(row, 2)) for _, row in rows]
+    uncovered = set().union(*pairs)
+    chosen = []
+    while uncovered:  # greedy: the row that covers most of what is left, the first of equals
+        best = max(range(len(rows)), key=lambda i: len(pairs[i] & uncovered))
+        chosen.append((rows[best][0], dict(rows[best][1][4:])))
+        uncovered -= pairs[best]
+    return chosen
+
+
+def covering(keep=None, **factors):
+    """A pairwise covering design over the kernel variants and `factors`: `[(variant name,
+    {factor: value})]` such that every pair of values of any two factors, the variant's own
+    four (centring, weight-decay mode, momentum mode, Nesterov) included, appears in some
+    case. About 10 cases where the product of 30 variants and the factors has hundreds; each
+    variant's runtime options (`all_variants()`) ride along. `keep(name, Variant)` filters
+    the variants (a shell that takes only some)."""
+    return _cover(tuple((k, tuple(v)) for k, v in factors.items()), keep)
+
+
+def cover_ids(cases):
+    return ["-".join([name, *(str(getattr(v, "__name__", v)) for v in fmt.values())]) for name, fmt in cases]
 
 
 def problem(n, dtype, seed=0, shape=None):
@@ -85,3 +123,12 @@ def assert_optional_import(module, dependency, message):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert f"ImportError: {message}" in out.stderr
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line: what this test process did with the kernels' disk cache (loaded or compiled)."""
+    stats = fastrms.kernels.cache_stats()
+    terminalreporter.write_line(
+        f"fastrms kernels in this process: {stats['hits']} loaded from the disk cache, {stats['misses']} compiled"
+        f" (cache folder: {stats['folder']})"
+    )

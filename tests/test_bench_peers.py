@@ -75,3 +75,30 @@ def test_the_traffic_kernel_reads_and_writes_every_array_once(variant, dtype):
 def test_bytes_per_step_of_the_plain_float32_step_is_20_per_element():
     assert B.Problem(10, np.float32).bytes_per_step == 200
     assert B.Problem(10, np.float32, MAIN["centered_momentum"]).bytes_per_step == 360
+
+
+def test_the_pytest_benchmark_suite_times_every_implementation_beside_both_limits():
+    """bench/test_bench.py, as `--benchmark-enable` collects it: every available implementation
+    that has the variant, at every size and dtype, and in every group both limit kernels (the
+    same-traffic kernel and the bespoke loop), so each timing has its limit beside it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "test_bench.py").is_file():
+        pytest.skip("no bench/ folder beside the tests")
+    args = ["bench", "--collect-only", "-q", "--benchmark-enable", "-p", "no:cacheprovider"]
+    out = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ids = {line.split("[", 1)[1].rstrip("]") for line in out.stdout.splitlines() if "test_step[" in line}
+    groups: dict = {}
+    for case in ids:
+        variant, dtype, n, impl = case.split("-", 3)
+        groups.setdefault((variant, dtype, float(n)), set()).add(impl)
+    sizes = {1e2, 1e4, 1e6, 1e7}
+    assert {(v, d, n) for v in MAIN for d in ("float32", "float64") for n in sizes} <= set(groups)
+    for (variant, dtype, n), impls in groups.items():
+        assert {"fastrms", "traffic", "bespoke", "numpy_seed"} <= impls, (variant, dtype, n)
+        want = {i for i in B.IMPLEMENTATIONS if B.available(i) and B.has_variant(i, MAIN[variant])}
+        assert impls == want, (variant, dtype, n)

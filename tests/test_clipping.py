@@ -71,6 +71,7 @@ def test_clipping_changes_the_step_only_when_the_norm_exceeds_the_bound():
     np.testing.assert_allclose(tight.square_avg[0], plain.square_avg[0] / 100, rtol=1e-6)
 
 
+@pytest.mark.lower_bound
 def test_clip_value_clamps_and_lets_nan_through(dtype):
     p = np.zeros(6, dtype)
     g = np.array([-5, -0.1, 0.0, 0.1, 5, np.nan], dtype)
@@ -122,6 +123,7 @@ def test_matches_torch_clip_then_rmsprop(case, clip):
         np.testing.assert_allclose(a, q.detach().numpy(), rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.lower_bound
 def test_the_norm_is_the_same_bits_from_every_path(dtype):
     """Alone or in a table, packed or not, one thread or all: one norm, one result."""
     import numba

@@ -3,7 +3,7 @@ optimizer's and the reference's, out= in place or into other arrays, bad input r
 
 import numpy as np
 import pytest
-from conftest import BIG, problem
+from conftest import BIG, DTYPES, covering, problem
 
 import fastrms
 from fastrms import functional, reference, schedules
@@ -12,12 +12,16 @@ from fastrms.bench.cases import MAIN, all_variants
 VARIANTS = all_variants()
 
 
-# every variant once per dtype at a size with a vector body and a tail; one element for the
-# main variants (the optimizer's tests cover the other tail sizes on the same shells)
-CASES = [(name, 1031) for name in VARIANTS] + [(name, 1) for name in MAIN]
+# a covering set of variants and dtypes at a size with a vector body and a tail (every variant
+# is checked on the in-place shell by the optimizer's tests); one element for the main variants
+CASES = [(name, 1031, case["dtype"]) for name, case in covering(dtype=DTYPES)]
+CASES += [(name, 1, dtype) for name in MAIN for dtype in DTYPES]
 
 
-@pytest.mark.parametrize("name, n", CASES, ids=[f"{name}-{n}" for name, n in CASES])
+@pytest.mark.parametrize(
+    "name, n, dtype", CASES, ids=[f"{name}-{n}-{np.dtype(dtype).name}" for name, n, dtype in CASES]
+)
+@pytest.mark.lower_bound
 def test_the_pure_step_matches_the_optimizer_and_the_reference_bitwise(name, n, dtype):
     opts = VARIANTS[name] if name in VARIANTS else MAIN[name]
     p0, grads = problem(n, dtype)

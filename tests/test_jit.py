@@ -160,6 +160,7 @@ def test_a_changed_element_function_is_compiled_again_whatever_the_files_size_an
 
 
 @pytest.mark.slow
+@pytest.mark.lower_bound
 def test_under_numba_cache_dir_the_folder_follows_the_content_not_the_path(tmp_path):
     """Numba names its folder after the source's path: a second copy of the same fastrms
     compiled everything again. Two copies share one folder; a changed copy gets its own, and
@@ -199,6 +200,7 @@ def test_only_the_folders_used_last_are_kept(tmp_path):
     assert kept == sorted(expected)
 
 
+@pytest.mark.lower_bound
 def test_corrupt_or_foreign_cache_files_are_never_unpickled(tmp_path):
     """A truncated, flipped or foreign index or data file is ignored (the kernel is compiled
     again); in particular a pickle Numba itself would load is not run."""
@@ -329,6 +331,7 @@ print("ok", w[0])
 
 
 @pytest.mark.slow
+@pytest.mark.lower_bound
 def test_a_caller_compiled_against_a_cached_parallel_kernel_still_starts_numbas_threads(tmp_path):
     """Numba re-runs a cached parallel function's reload hooks (they start its threads), but a
     library it loads from the cache forgets them, so a caller compiled against it was cached

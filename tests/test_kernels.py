@@ -24,6 +24,7 @@ def _arrays(n, dtype, seed=0):
 
 @pytest.mark.parametrize("n", [0, 1, 7, 1031, BIG])
 @pytest.mark.parametrize("key", [(False, 0, 0, False), (True, 1, 1, True), (True, 2, 2, True), (False, 2, 2, False)])
+@pytest.mark.lower_bound
 def test_serial_and_parallel_drivers_are_bitwise_identical(key, n, dtype):
     serial, parallel = kernels.drivers(*key)
     a, b = _arrays(n, dtype), _arrays(n, dtype)
@@ -82,6 +83,7 @@ def _user_loop(w, v, x, y, steps, lr):
     return w
 
 
+@pytest.mark.lower_bound
 def test_rmsprop_update_from_user_njit_code_matches_the_seed_step():
     rng = np.random.default_rng(0)
     x, y = rng.random((50, 3)), rng.random(50)
@@ -246,6 +248,7 @@ def _table(arrays):
 
 
 @pytest.mark.parametrize("n", [0, 1, 1023, 1025, 3000, kernels.BLOCK, kernels.BLOCK + 1, BIG])
+@pytest.mark.lower_bound
 def test_sum_of_squares_is_the_same_bits_from_every_driver_and_the_reference(n, dtype):
     """Serial, parallel, and the chunk table (this array alone, or after another array)
     give the bits of reference.global_norm's fixed order; the value is the exactly rounded

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import assert_same_state, assert_unchanged, snapshot
+from conftest import DTYPES, assert_same_state, assert_unchanged, cover_ids, covering, snapshot
 
 import fastrms
 from fastrms import kernels, reference
@@ -16,9 +16,13 @@ def _arrays(dtype, seed=0, shapes=SHAPES):
     return [rng.standard_normal(s).astype(dtype) for s in shapes]
 
 
-@pytest.mark.parametrize("name", list(all_variants()))
-def test_many_arrays_in_one_call_match_the_reference_bitwise(name, dtype):
-    opts = all_variants()[name]
+SEGMENTS = covering(dtype=DTYPES)
+
+
+@pytest.mark.parametrize("name, case", SEGMENTS, ids=cover_ids(SEGMENTS))
+@pytest.mark.lower_bound
+def test_a_covering_set_of_variants_in_one_call_matches_the_reference_bitwise(name, case):
+    opts, dtype = all_variants()[name], case["dtype"]
     params = _arrays(dtype)
     grads = [_arrays(dtype, seed=k) for k in range(1, 4)]
     fast = fastrms.RMSprop([p.copy() for p in params], 0.01, **opts)
@@ -31,6 +35,7 @@ def test_many_arrays_in_one_call_match_the_reference_bitwise(name, dtype):
 
 
 @pytest.mark.parametrize("name", MAIN)
+@pytest.mark.lower_bound
 def test_the_chunked_parallel_call_equals_one_call_per_array(name, dtype):
     """Arrays larger than a chunk, split across threads: the same bits as stepping each
     array on its own optimizer."""

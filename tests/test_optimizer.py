@@ -2,7 +2,18 @@
 
 import numpy as np
 import pytest
-from conftest import BIG, SIZES, assert_same_state, assert_unchanged, problem, run_both, snapshot
+from conftest import (
+    BIG,
+    DTYPES,
+    SIZES,
+    assert_same_state,
+    assert_unchanged,
+    cover_ids,
+    covering,
+    problem,
+    run_both,
+    snapshot,
+)
 
 import fastrms
 from fastrms import kernels, reference, schedules
@@ -23,6 +34,7 @@ def test_every_variant_matches_reference_bitwise(name, dtype):
 
 @pytest.mark.parametrize("n", [s for s in SIZES if s not in (0, 1031)])
 @pytest.mark.parametrize("name", MAIN)
+@pytest.mark.lower_bound
 def test_the_main_variants_match_reference_bitwise_at_every_tail_size(name, dtype, n):
     fast, ref = run_both(MAIN[name], n, dtype)
     assert_same_state(fast, ref)
@@ -36,11 +48,15 @@ def test_an_empty_param_steps_and_counts(name):
     assert opt.step_count == 3 and opt.params.shape == (0,) and opt.square_avg.shape == (0,)
 
 
+PARALLEL = covering(dtype=DTYPES)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", VARIANTS)
-def test_every_variant_matches_reference_on_the_parallel_path(name, dtype):
+@pytest.mark.parametrize("name, case", PARALLEL, ids=cover_ids(PARALLEL))
+@pytest.mark.lower_bound
+def test_a_covering_set_of_variants_matches_reference_on_the_parallel_path(name, case):
     # 8 steps: every state term is live from step 2 (bias correction, momentum, centring)
-    fast, ref = run_both(VARIANTS[name], BIG, dtype, steps=8)
+    fast, ref = run_both(VARIANTS[name], BIG, case["dtype"], steps=8)
     assert fast.parallel == [fastrms.info()["parallel_mode"] != "serial"]
     assert_same_state(fast, ref)
 
@@ -672,20 +688,50 @@ def test_with_nan_grads_bit_for_bit_holds_everywhere_but_the_nans_sign(n, dtype)
     assert got[~nan].tobytes() == want[~nan].tobytes()
 
 
-# ------------------------------------------------------------------ state_storage="bfloat16"
-
 needs_ml_dtypes = pytest.mark.skipif(
     __import__("importlib.util").util.find_spec("ml_dtypes") is None,
     reason="ml_dtypes is not installed (pip install 'fastrms[bfloat16]')",
 )
 
 
+# ------------------------------------------------------------------ the dense shell's array formats
+
+#: Every pair of (variant factor, state storage, grad format, copy format) in some case:
+#: the dense shell's formats are compile-time parameters, and their product with the 30
+#: variants is a compile bill, not a test.
+FORMATS = covering(
+    storage=("native", "bfloat16", "8bit"), grads=("float32", "bfloat16", "float16"), copy=(None, "bfloat16", "float16")
+)
+
+
+def _format(name):
+    return {"float32": np.float32, "float16": np.float16}.get(name) or __import__("ml_dtypes").bfloat16
+
+
 @needs_ml_dtypes
-@pytest.mark.parametrize("name", VARIANTS)
-def test_every_variant_with_bfloat16_state_matches_reference_bitwise(name):
-    fast, ref = run_both({**VARIANTS[name], "state_storage": "bfloat16"}, 1031, np.float32)
+@pytest.mark.parametrize("name, case", FORMATS, ids=cover_ids(FORMATS))
+def test_a_covering_set_of_variants_and_array_formats_matches_reference_bitwise(name, case):
+    p0, grads = problem(1031, np.float32)
+    grads = [g.astype(_format(case["grads"])) for g in grads]
+    opts = {**VARIANTS[name], "state_storage": case["storage"]}
+    copies = [None, None] if case["copy"] is None else [np.zeros(1031, _format(case["copy"])) for _ in range(2)]
+    fast = fastrms.RMSprop(p0.copy(), 0.01, copy_to=copies[0], **opts)
+    ref = reference.RMSprop(p0.copy(), 0.01, copy_to=copies[1], **opts)
+    for t in range(12):
+        fast.step(grads[t % 4])
+        ref.step(grads[t % 4])
     assert_same_state(fast, ref)
-    assert str(fast.square_avg.dtype) == "bfloat16" and fast.square_avg.nbytes == fast.params.nbytes // 2
+    if case["copy"] is not None:
+        assert copies[0].view(np.uint16).tobytes() == copies[1].view(np.uint16).tobytes()
+        assert copies[0].astype(np.float32).tobytes() != np.zeros(1031, np.float32).tobytes()
+    if case["storage"] == "bfloat16":
+        assert str(fast.square_avg.dtype) == "bfloat16" and fast.square_avg.nbytes == fast.params.nbytes // 2
+    elif case["storage"] == "8bit":
+        assert fast.square_avg.dtype == np.float32  # the decoded values, a copy
+        assert fast.state_dict()["square_avg.0"].nbytes == 5 * 260  # 1031 values: 5 blocks of 256 codes and a scale
+
+
+# ------------------------------------------------------------------ state_storage="bfloat16"
 
 
 @needs_ml_dtypes
@@ -760,14 +806,6 @@ def test_bfloat16_state_without_ml_dtypes_says_what_to_install(monkeypatch):
 # ------------------------------------------------------------------ state_storage="8bit"
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_every_variant_with_8bit_state_matches_reference_bitwise(name):
-    fast, ref = run_both({**VARIANTS[name], "state_storage": "8bit"}, 1031, np.float32)
-    assert_same_state(fast, ref)
-    assert fast.square_avg.dtype == np.float32  # the decoded values, a copy
-    assert fast.state_dict()["square_avg.0"].nbytes == 5 * 260  # 1031 values: 5 blocks of 256 codes and a scale
-
-
 @pytest.mark.parametrize("name", MAIN)
 def test_8bit_state_matches_reference_on_the_parallel_path(name):
     fast, ref = run_both({**MAIN[name], "state_storage": "8bit"}, BIG, np.float32, steps=8)
@@ -838,12 +876,12 @@ def test_8bit_state_is_refused_where_it_does_not_apply():
 
 # ------------------------------------------------------------------ state_layout="rowwise"
 
-ROWWISE = {name: opts for name, opts in VARIANTS.items() if not opts.get("centered")}
+ROWWISE = covering(keep=lambda name, key: not key.centered)
 
 
-@pytest.mark.parametrize("name", ROWWISE)
-def test_every_non_centered_variant_with_rowwise_state_matches_reference_bitwise(name):
-    options = {**ROWWISE[name], "state_layout": "rowwise"}
+@pytest.mark.parametrize("name, case", ROWWISE, ids=cover_ids(ROWWISE))
+def test_a_covering_set_of_non_centered_variants_with_rowwise_state_matches_reference_bitwise(name, case):
+    options = {**VARIANTS[name], "state_layout": "rowwise"}
     fast, ref = run_both(options, None, np.float32, shape=(103, 10))
     assert_same_state(fast, ref)
     assert fast.square_avg.shape == (103,) and fast.kernel_calls == ["rowwise"]
@@ -997,21 +1035,6 @@ def _bf16(shape):
     import ml_dtypes
 
     return np.zeros(shape, ml_dtypes.bfloat16)
-
-
-@needs_ml_dtypes
-@pytest.mark.parametrize("name", VARIANTS)
-def test_every_variant_writes_the_bfloat16_copy_in_the_same_step_as_the_reference(name):
-    p0, grads = problem(1031, np.float32)
-    copy, mine = _bf16(1031), _bf16(1031)
-    fast = fastrms.RMSprop(p0.copy(), 0.01, copy_to=copy, **VARIANTS[name])
-    ref = reference.RMSprop(p0.copy(), 0.01, copy_to=mine, **VARIANTS[name])
-    for t in range(6):
-        fast.step(grads[t % 4])
-        ref.step(grads[t % 4])
-    assert_same_state(fast, ref)
-    np.testing.assert_array_equal(copy.view(np.uint16), reference.bfloat16_round(fast.params))
-    np.testing.assert_array_equal(copy.view(np.uint16), mine.view(np.uint16))
 
 
 @needs_ml_dtypes

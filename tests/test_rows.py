@@ -38,6 +38,7 @@ def _lazy_reference(table, state, rows, grad_rows, t, lr, opts):
 
 
 @pytest.mark.parametrize("opts", VARIANTS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.lower_bound
 def test_lazy_rows_match_the_numpy_lazy_rule_bit_for_bit(opts, dtype):
     rng = np.random.default_rng(0)
     n, width = 500, 6
@@ -254,6 +255,7 @@ def test_coalescing_sums_each_row_in_the_order_given():
 
 
 @pytest.mark.parametrize("opts", VARIANTS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.lower_bound
 def test_merged_rows_are_the_same_bits_in_any_number_of_parts_and_as_coalescing_first(opts):
     """The merged shell splits the rows into parts (one per thread) by a hash: however many
     parts, serial or parallel, each row's grads are added in the order given and the result
@@ -512,6 +514,7 @@ ROWWISE = [{**o, "state_layout": "rowwise"} for o in VARIANTS if not o.get("cent
 
 
 @pytest.mark.parametrize("opts", ROWWISE, ids=lambda o: ",".join(k for k in o if k != "state_layout") or "plain")
+@pytest.mark.lower_bound
 def test_rowwise_lazy_rows_match_the_numpy_lazy_rule_bit_for_bit(opts, dtype):
     rng = np.random.default_rng(3)
     n, width = 500, 6
@@ -556,6 +559,7 @@ def test_rowwise_dense_rows_equal_a_dense_run_with_zero_rows(opts):
     assert not np.allclose(sparse.params, t0)
 
 
+@pytest.mark.lower_bound
 def test_the_rowwise_row_shell_is_the_same_bits_serial_and_parallel():
     rng = np.random.default_rng(5)
     hyper = options.resolve({"momentum": 0.9, "learning_rate": 0.01, "state_layout": "rowwise", "clip_value": 1.0})

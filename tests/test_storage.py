@@ -100,6 +100,7 @@ def _run(name, n, parallel, steps=10):
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
 @pytest.mark.parametrize("name", MAIN)
+@pytest.mark.lower_bound
 def test_a_bfloat16_state_step_matches_the_reference_bit_for_bit(name, parallel):
     n = BIG if parallel else 1031
     p, state, ref, hyper = _run(name, n, parallel)
@@ -121,6 +122,7 @@ def test_the_bfloat16_state_changes_the_result_and_halves_the_state_bytes():
     assert state["square_avg"].nbytes * 2 == full.state[0]["square_avg"].nbytes
 
 
+@pytest.mark.lower_bound
 def test_the_chunk_table_shell_reads_the_state_through_the_codec():
     hyper = options.resolve({"centered": True, "momentum": 0.9, "learning_rate": 0.01})
     key = options.variant_key(hyper)
@@ -183,6 +185,7 @@ def _low(n, name, seed=0):
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
 @pytest.mark.parametrize("name", ["bfloat16", "float16"])
+@pytest.mark.lower_bound
 def test_a_shell_reads_16_bit_grads_as_their_float32_values(name, parallel):
     """The dense and chunk-table shells fed 16-bit grads give the bits of the float32 shells
     fed the same values widened, with the copy written too."""
@@ -207,6 +210,7 @@ def test_a_shell_reads_16_bit_grads_as_their_float32_values(name, parallel):
 
 
 @pytest.mark.parametrize("name", ["bfloat16", "float16"])
+@pytest.mark.lower_bound
 def test_the_reductions_read_16_bit_grads_as_their_values(name):
     codec = storage.ARRAYS[name]
     bits, wide = _low(kernels.BLOCK + 1001, name, seed=3)
@@ -266,6 +270,7 @@ def test_stochastic_rounding_is_unbiased():
 
 
 @pytest.mark.parametrize("name", ["plain", "centered_momentum"])
+@pytest.mark.lower_bound
 def test_the_stochastic_shells_give_the_same_bits_serial_parallel_and_chunked(name):
     hyper = options.resolve({**MAIN[name], "learning_rate": 0.01})
     key, scalars = options.variant_key(hyper), options.scalars(hyper, 0.01, 1)
@@ -359,6 +364,7 @@ def _block_run(name, n, parallel, steps=4):
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
 @pytest.mark.parametrize("name", MAIN)
+@pytest.mark.lower_bound
 def test_an_8bit_state_step_matches_the_reference_bit_for_bit(name, parallel):
     n = BIG if parallel else 1031  # a partial last block
     p, state, ref = _block_run(name, n, parallel)
@@ -384,6 +390,7 @@ def test_an_8bit_block_with_a_nan_is_all_nan_and_its_neighbours_are_not():
     np.testing.assert_array_equal(values[:256], np.float32(0.1))  # 0.1 * g^2: its block's scale, code 255
 
 
+@pytest.mark.lower_bound
 def test_the_chunk_table_shell_steps_8bit_state_block_by_block_as_the_dense_shell_does():
     hyper = options.resolve({"centered": True, "momentum": 0.9, "learning_rate": 0.01, "state_storage": "8bit"})
     key, rng = options.variant_key(hyper), np.random.default_rng(2)

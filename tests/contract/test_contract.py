@@ -18,6 +18,9 @@ import pytest
 import fastrms
 from fastrms import reference
 
+#: The contract runs on the oldest supported numba and numpy too (.ci/run's last stage).
+pytestmark = pytest.mark.lower_bound
+
 LR = 0.01
 STEPS = 6
 
