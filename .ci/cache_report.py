@@ -30,7 +30,8 @@ def main(argv):
     written = sorted(f for f, mtime in after.items() if before.get(f) != mtime)
     again = [f for f in written if f in before]
     folders = sorted({f.split("/")[0] for f in after})
-    print(f"ci: {name}: {len(written)} kernels compiled and cached, {len(after)} in {', '.join(folders) or 'no folder'}")
+    where = ", ".join(folders) or "no folder"
+    print(f"ci: {name}: {len(written)} kernels compiled and cached, {len(after)} in {where}")
     if verb == "none" and written:
         print(
             f"ci: FAIL: {name} compiled {len(written)} kernels instead of loading them from NUMBA_CACHE_DIR "
