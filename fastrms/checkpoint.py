@@ -126,6 +126,13 @@ def validate(d, slots, current_hyper, dtypes, masters=False):
                 raise ValueError(
                     f"state_dict[{key!r}] must be {want} of shape {shape}, got {a.dtype} of shape {a.shape}"
                 )
+            if kept.codec.block:  # a scale is a block's largest finite magnitude: finite, >= 0
+                scales = storage.block_parts(a, slot.flat.size)[1]
+                if not (np.isfinite(scales) & (scales >= 0)).all():
+                    raise ValueError(
+                        f"state_dict[{key!r}] holds a negative or non-finite block scale; a block's scale is its "
+                        "largest finite magnitude (>= 0)"
+                    )
             _check_values(key, state.name, kept.decode(state.name, a, slot.flat.size))
             arrays[(i, state.name)] = a
     for i, slot in enumerate(slots if masters else ()):
@@ -158,11 +165,41 @@ def validate(d, slots, current_hyper, dtypes, masters=False):
 
 
 def _check_values(key, name, a):
-    """State a real run can produce: finite everywhere, and `square_avg >= 0`."""
-    if not np.isfinite(a).all():
-        raise ValueError(f"state_dict[{key!r}] holds NaN or infinite values; no run of RMSprop produces them")
+    """State a run of finite grads can produce: no NaN, and `square_avg >= 0` (+inf
+    included: a finite grad whose square overflows makes it so). The one rule of what `load`
+    accepts and `save` writes (`loadable`)."""
+    if np.isnan(a).any():
+        raise ValueError(
+            f"state_dict[{key!r}] holds NaN values; only a step with a NaN or infinite grad makes them "
+            "(skip_nonfinite=True refuses such steps)"
+        )
     if name == "square_avg" and (a < 0).any():
         raise ValueError(f"state_dict[{key!r}] holds negative values; a mean of squares is >= 0")
+
+
+def loadable(d):
+    """Refuse (ValueError, naming the entry) to save a state dict of this optimizer's that
+    `validate` would refuse to load: one holding NaN state (left by a step with a NaN or
+    infinite grad) or a non-finite master. A checkpoint `save` writes is one `load` reads."""
+    for key, a in d.items():
+        name = key.rpartition(".")[0] if isinstance(key, str) else ""
+        if not isinstance(a, np.ndarray) or name not in (*ALL_STATE_NAMES, "master_param"):
+            continue
+        try:
+            if name == "master_param":
+                if not np.isfinite(a).all():
+                    raise ValueError(f"state_dict[{key!r}] holds NaN or infinite values")
+            else:
+                decoded = a if a.dtype.kind == "f" else _decoded(d, key, name, a)
+                _check_values(key, name, decoded)
+        except ValueError as exc:
+            raise ValueError(f"not saved: {exc}; nothing was written") from None
+
+
+def _decoded(d, key, name, a):
+    """The values a stored state array holds (bfloat16 bits: uint16; 8-bit blocks: uint8)."""
+    codec = storage.BLOCKWISE8 if a.dtype == np.uint8 else storage.BFLOAT16
+    return storage.decode(codec, a, signed=name != "square_avg")
 
 
 # ------------------------------------------------------------------ writing

@@ -58,8 +58,11 @@ def _info(args):
 
     # one small float32 step first, so the cache lines say whether its kernels loaded from disk
     w = np.zeros(8, np.float32)
-    RMSprop(w, 1e-3).step(np.ones_like(w))
-    details = info()
+    try:
+        RMSprop(w, 1e-3).step(np.ones_like(w))
+        details = info()
+    except RuntimeError as exc:  # a threading layer that cannot start (NUMBA_THREADING_LAYER): say which, no traceback
+        raise UsageError(str(exc)) from None
     for key, value in details.items():
         print(f"{key:>22}: {value}")
     hits, misses = details["cache_hits"], details["cache_misses"]
@@ -139,6 +142,10 @@ def _beta(text):
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    import numpy as np
+
+    if np.float32(value) >= 1.0:  # the bench trains in float32: beta must stay below 1 there
+        raise argparse.ArgumentTypeError(f"{text!r} rounds to 1 in float32 (the bench trains in float32)")
     return value
 
 
@@ -162,6 +169,11 @@ def _output_folder(path, option):
         raise UsageError(f"{option} {str(path)!r} is not a folder")
 
 
+#: The benches other than the default sweep (each an option of `fastrms bench`): one at a time.
+_MODES = ("compare", "threshold", "many", "clipped", "sparse", "dask", "cold", "precision", "master", "accuracy",
+          "torch")  # fmt: skip
+
+
 def _check(args):
     """Checks that need the file system, before any work."""
     if args.command == "demo" and not args.no_plot:
@@ -170,8 +182,13 @@ def _check(args):
         import importlib.util
 
         from .bench.cases import ALL
-        from .bench.report import README_END, README_START, from_json
+        from .bench.report import README_END, README_START, read_run
 
+        chosen = [f"--{mode}" for mode in _MODES if getattr(args, mode)]
+        if len(chosen) > 1:
+            raise UsageError(f"fastrms bench: {' and '.join(chosen)} are separate benches; choose one")
+        if args.quick and chosen:
+            raise UsageError(f"--quick is a short sweep of the default bench; it does not go with {chosen[0]}")
         unknown = sorted(set(args.variants or ()) - set(ALL))
         if unknown:
             raise UsageError(f"fastrms bench: unknown variant(s) {unknown}; choose from {sorted(ALL)}")
@@ -203,25 +220,22 @@ def _check(args):
             raise UsageError("fastrms bench --accuracy needs ml_dtypes: pip install 'fastrms[bfloat16]'")
         if args.dask and (importlib.util.find_spec("dask") is None or importlib.util.find_spec("distributed") is None):
             raise UsageError("fastrms bench --dask needs Dask: pip install 'fastrms[dask]'")
+        runs = []
         for path in args.compare or ():
             try:
-                from_json(path)["rows"][0]["seconds"]["fastrms"]
+                runs.append(read_run(path))
             except OSError as exc:
                 raise UsageError(f"--compare {str(path)!r} cannot be read: {exc.strerror or exc}") from None
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                raise UsageError(f"--compare {str(path)!r} is not a bench.json written by fastrms bench") from None
-        if not (
-            args.compare
-            or args.threshold
-            or args.many
-            or args.clipped
-            or args.torch
-            or args.master
-            or args.sparse
-            or args.dask
-            or args.cold
-        ):
-            _output_folder(args.output, "--output")
+            except ValueError as exc:
+                raise UsageError(f"--compare {str(path)!r} is not a bench.json of fastrms bench: it {exc}") from None
+        if runs and not {(r["variant"], r["dtype"], r["n"]) for r in runs[0]["rows"]} & {
+            (r["variant"], r["dtype"], r["n"]) for r in runs[1]["rows"]
+        }:
+            raise UsageError("--compare: the two runs share no (variant, dtype, size) cell")
+        if args.command == "bench" and not any(getattr(args, mode) for mode in _MODES):
+            _output_folder(args.output, "--output")  # the sweep writes its results there
+        elif args.accuracy:
+            _output_folder(args.output, "--output")  # accuracy.png
 
 
 #: Rough bytes a bench case holds per element of its size: the float64 draws, the arrays of

@@ -52,6 +52,11 @@ def span(a):
     return start, start + a.nbytes
 
 
+def iterable(params):
+    """Whether `params` is a collection or iterator of arrays (not one array, a string or a dict)."""
+    return not isinstance(params, (np.ndarray, str, bytes, dict)) and hasattr(params, "__iter__")
+
+
 def param_arrays(params):
     """`(single, given, arrays)`: whether `params` is one ndarray, the user's objects, and
     each checked (`float_array`: float32/float64, C-contiguous, writeable) as a plain
@@ -96,7 +101,7 @@ def low_params(params):
             )
     views = [p.view(np.ndarray).view(np.uint16).reshape(-1) for p in given]
     disjoint(views)
-    masters = [np.ascontiguousarray(p, dtype=np.float32).copy() for p in given]
+    masters = [np.array(p, dtype=np.float32, order="C") for p in given]  # a copy, of the param's shape (0-d too)
     return single, given, masters, views, codecs[first]
 
 

@@ -140,6 +140,8 @@ class RMSprop:
         **options: "Unpack[Options]",
     ) -> None:
         options = O.resolve({**options, "learning_rate": learning_rate, "beta": beta, "epsilon": epsilon})
+        if memory.iterable(params):  # a generator is read once, here: every check below sees the same list
+            params = list(params)
         low = memory.low_params(params)  # 16-bit params: float32 masters of the optimizer's, each param their copy
         if low is None:
             self._single, given, arrays = memory.param_arrays(params)
@@ -159,7 +161,9 @@ class RMSprop:
             raise ValueError(f"{what} cannot be combined with dense_rows=True: step_rows does not write the copies")
         if copies is not None and hyper["state_layout"] == "rowwise":
             raise ValueError(f"{what} cannot be combined with state_layout='rowwise': the row shells write no copies")
-        self._busy = threading.Lock()
+        self._busy = threading.Lock()  # one step at a time: a second thread's step raises
+        self._state = threading.RLock()  # a step, a snapshot (state_dict, save) or a load: one at a time, waiting
+        self._copies_given = None if copy_to is None else ([copy_to] if self._single else list(copy_to))
         self._configure(hyper, Clock(hyper, self._dtypes))
         self._shown = spec.view_dtype(self._spec.codec, self._dtypes[0]) if self._dtypes else None
         self._slots = slots = [Slot(p, a, self._spec.names) for p, a in zip(given, arrays)]
@@ -203,8 +207,10 @@ class RMSprop:
         if name not in self._spec.names:
             return None
         kept = self._spec.state[self._spec.names.index(name)]
-        if self._spec.codec.block:  # 8-bit blocks: their values, decoded (a copy)
+        if self._spec.codec.block:  # 8-bit blocks: their values, decoded (a copy), read-only: a write would be lost
             arrays = [self._spec.decode(name, getattr(s, name), s.flat.size).reshape(s.shape) for s in self._slots]
+            for a in arrays:
+                a.flags.writeable = False
         else:  # shaped like the param (rowwise square_avg: a value per row of its first axis)
             arrays = [getattr(s, name).reshape(kept.values(s.shape)) for s in self._slots]
         if self._spec.codec is storage.BFLOAT16:  # bit patterns, shown as the values they are
@@ -214,7 +220,7 @@ class RMSprop:
     @property
     def square_avg(self) -> "np.ndarray | list[np.ndarray]":
         """The squared-gradient averages `v`, shaped like the params (views of the state;
-        with `state_storage="8bit"`, float32 copies of its decoded values)."""
+        with `state_storage="8bit"`, read-only float32 copies of its decoded values)."""
         return self._state_view("square_avg")
 
     @property
@@ -295,7 +301,9 @@ class RMSprop:
         `step_count` and the schedule unchanged. All arrays of one dtype are stepped by one
         kernel call. One optimizer is stepped by one thread at a time: a second thread
         entering `step` while the first is inside gets a RuntimeError (nothing written by
-        it). Returns None.
+        it); `state_dict`, `save` and `load_state_dict` from another thread wait for a running
+        step to end, and a step waits for them: a snapshot is never torn, a load never mixed
+        with a step. Returns None.
         """
         if not self._busy.acquire(False):  # non-blocking
             raise RuntimeError(
@@ -303,23 +311,36 @@ class RMSprop:
                 "is stepped by one thread at a time (give each thread its own, or hold a lock)"
             )
         try:
-            if self._single:
-                self._step_one(grads)
-                return
-            plan = self._plan
-            checked, slots, low = memory.step_grads(grads, self._slots, plan.packed)
-            self._owned.check(checked, slots, None if slots is not self._slots else 0, low)
-            for s in self._slots:
-                if not s.param.flags.writeable:  # the check inline: this loop runs per array per step
-                    memory.writeable(s, self._single, self._slots.index(s))  # raises, naming the param
-            plan.current()
-            if slots is self._slots:
-                calls = plan.calls(plan.groups, checked, self._norms, low)
-            else:
-                calls = plan.packed_call(checked, self._norms, low)
-            self._launch(calls, checked)
+            with self._state:
+                self._step(grads)
         finally:
             self._busy.release()
+
+    def _step(self, grads):
+        if self._copies_given is not None:
+            self._copies_writeable()
+        if self._single:
+            self._step_one(grads)
+            return
+        plan = self._plan
+        checked, slots, low = memory.step_grads(grads, self._slots, plan.packed)
+        self._owned.check(checked, slots, None if slots is not self._slots else 0, low)
+        for s in self._slots:
+            if not s.param.flags.writeable:  # the check inline: this loop runs per array per step
+                memory.writeable(s, self._single, self._slots.index(s))  # raises, naming the param
+        plan.current()
+        if slots is self._slots:
+            calls = plan.calls(plan.groups, checked, self._norms, low)
+        else:
+            calls = plan.packed_call(checked, self._norms, low)
+        self._launch(calls, checked)
+
+    def _copies_writeable(self):
+        """Refuse a `copy_to` array the caller made read-only after construction (the step writes it)."""
+        for i, c in enumerate(self._copies_given):
+            if not c.flags.writeable:
+                name = "copy_to" if self._single else f"copy_to[{i}]"
+                raise ValueError(f"{name} was made read-only after construction; the step writes it")
 
     def _step_one(self, grad):
         """The step of an optimizer over one array: the same checks and kernel as a group's,
@@ -393,7 +414,8 @@ class RMSprop:
         if not self._busy.acquire(False):
             raise RuntimeError("RMSprop.step_rows was entered by another thread while a step was running")
         try:
-            self._step_rows(rows, grad_rows, param)
+            with self._state:
+                self._step_rows(rows, grad_rows, param)
         finally:
             self._busy.release()
 
@@ -429,10 +451,11 @@ class RMSprop:
         with 16-bit params, `"master_param.<i>"`, each one's float32 master.
         `load_state_dict` continues bit-identically.
         """
-        d = checkpoint.state_dict(self._slots, self._hyper, self._clock.step_count, self._clock.skipped_steps)
-        if self._masters:  # 16-bit params: their float32 masters are the optimizer's state
-            for i, slot in enumerate(self._slots):
-                d[f"master_param.{i}"] = slot.flat.reshape(slot.shape).copy()
+        with self._state:  # a step running in another thread ends first: never a torn snapshot
+            d = checkpoint.state_dict(self._slots, self._hyper, self._clock.step_count, self._clock.skipped_steps)
+            if self._masters:  # 16-bit params: their float32 masters are the optimizer's state
+                for i, slot in enumerate(self._slots):
+                    d[f"master_param.{i}"] = slot.flat.reshape(slot.shape).copy()
         return d
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -451,11 +474,12 @@ class RMSprop:
         step_count, skipped, hyper, arrays = checkpoint.validate(
             state_dict, self._slots, self._hyper, self._dtypes, self._masters
         )
-        # Checked: now write, into the arrays already allocated (same variant, same names).
-        for (i, name), a in arrays.items():
-            np.copyto(getattr(self._slots[i], "flat" if name == "master_param" else name), a.reshape(-1))
-        self._configure(hyper, Clock(hyper, self._dtypes, step_count, skipped, self._clock.last_lr))
-        self._plan.choose(self._variant)  # the same arrays and variant: kernels chosen again
+        with self._state:  # a step running in another thread ends first, and none starts before this ends
+            # Checked: now write, into the arrays already allocated (same variant, same names).
+            for (i, name), a in arrays.items():
+                np.copyto(getattr(self._slots[i], "flat" if name == "master_param" else name), a.reshape(-1))
+            self._configure(hyper, Clock(hyper, self._dtypes, step_count, skipped, self._clock.last_lr))
+            self._plan.choose(self._variant)  # the same arrays and variant: kernels chosen again
 
     # ------------------------------------------------------------------ checkpoints on disk
 
@@ -467,7 +491,9 @@ class RMSprop:
         regular file at `path` (a folder, a FIFO, a device) is refused with ValueError. The
         params are not saved: they are the caller's (as with `torch.save(opt.state_dict())`).
         See `fastrms.checkpoint`."""
-        checkpoint.write(path, self.state_dict())
+        d = self.state_dict()
+        checkpoint.loadable(d)  # what load would refuse is not written
+        checkpoint.write(path, d)
 
     def load(self, path: "str | bytes | os.PathLike") -> None:
         """Restore a checkpoint written by `save` into this optimizer (same params).

@@ -387,16 +387,32 @@ def scheduled_lr(schedule, count, weight_decay, dtypes):
         ) from None
     if isinstance(lr, np.ndarray) and lr.ndim == 0:
         lr = lr.item()
-    if isinstance(lr, (bool, np.bool_)) or not isinstance(lr, Real):
-        raise TypeError(f"learning_rate schedule returned {type(lr).__name__} at count {count}; expected a float")
+    if not _real_scalar(lr):
+        raise TypeError(
+            f"learning_rate schedule returned {type(lr).__name__} at count {count}; expected a real number "
+            "(a float, a 0-d array or anything with __float__)"
+        )
     try:
         lr = float(lr)
     except OverflowError:
         lr = math.inf
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"learning_rate schedule returned {type(lr).__name__} at count {count}: {exc}") from None
     if not (lr >= 0.0 and math.isfinite(lr)):
         raise ValueError(f"learning_rate schedule returned {lr!r} at count {count}; expected a finite float >= 0")
     check_learning_rate_fit(f"learning_rate (the schedule's value at count {count})", lr, weight_decay, dtypes)
     return lr
+
+
+def _real_scalar(x):
+    """A real number a schedule may return: a Python or NumPy real (not a bool), or any other
+    0-d object with `__float__` (a JAX or torch 0-d array: optax's schedules return one)."""
+    if isinstance(x, (bool, np.bool_, str, bytes)) or "bool" in str(getattr(x, "dtype", "")):
+        return False
+    if isinstance(x, Real):
+        return True
+    kind = getattr(getattr(x, "dtype", None), "kind", None)  # NumPy and JAX dtypes have one
+    return hasattr(type(x), "__float__") and tuple(getattr(x, "shape", ())) == () and kind not in ("b", "c")
 
 
 def check_learning_rate_fit(name, lr, weight_decay, dtypes):

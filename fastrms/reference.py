@@ -56,8 +56,9 @@ def bfloat16_value(bits):
 def blockwise8_encode(x, signed=False):
     """float32 values `x` as 8-bit blockwise state (`fastrms.kernels.storage`): uint8
     blocks of 260 bytes, each 256 codes and the block's scale (little-endian float32),
-    written plainly: scale = max |x| over the block (NaN if any is NaN), y = x * (1 /
-    scale) (0 when scale is 0 or NaN), the code of the map entry nearest y by
+    written plainly: scale = max |x| over the block's finite x (NaN if any is NaN), p = 2^64
+    if the scale is subnormal else 1, y = (x * p) * (1 / (scale * p)) (0 when scale is 0
+    or NaN; an infinite x saturates to the map's end), the code of the map entry nearest y by
     `np.searchsorted` over the midpoints (`SIGNED8`: of the magnitude nearest |y| on y's
     side)."""
     from .kernels.storage import BLOCK8, SIGNED8, UNSIGNED8, midpoints
@@ -68,11 +69,13 @@ def blockwise8_encode(x, signed=False):
     padded[: x.size] = x
     padded = padded.reshape(blocks, BLOCK8)
     magnitude = np.abs(padded)
-    scale = magnitude.max(axis=1) if blocks else np.zeros(0, np.float32)
+    finite = np.where(np.isinf(magnitude), np.float32(0), magnitude)
+    scale = finite.max(axis=1) if blocks else np.zeros(0, np.float32)
     scale = np.where(np.isnan(padded).any(axis=1), np.float32(np.nan), scale).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(scale > 0, np.float32(1) / scale, np.float32(0)).astype(np.float32)
-        y = (padded * inv[:, None]).astype(np.float32)
+    pre = np.where(scale < np.finfo(np.float32).tiny, np.float32(2.0**64), np.float32(1)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv = np.where(scale > 0, np.float32(1) / (scale * pre), np.float32(0)).astype(np.float32)
+        y = ((padded * pre[:, None]).astype(np.float32) * inv[:, None]).astype(np.float32)
     if signed:
         k = np.searchsorted(midpoints(SIGNED8[128:]), np.abs(y))
         codes = np.where(y < 0, 127 - k, 128 + k)
@@ -223,11 +226,12 @@ def rmsprop_step(param, grad, state, t, lr, beta=0.9, epsilon=1e-8, **options):
     if weight_decay and decoupled_weight_decay:
         p = p - T(lr * weight_decay) * p
     if o["state_layout"] == "rowwise":  # one v a row: the mean of the row's g^2, summed in 8 lanes
-        rows = g.reshape(g.shape[0] if g.ndim else 1, -1)
-        width = rows.shape[1]
+        width = int(np.prod(g.shape[1:])) if g.ndim else 1  # a 1-D param's rows are its elements
+        rows = g.reshape(g.shape[0] if g.ndim else 1, width)
         padded = np.zeros((rows.shape[0], -(-width // 8) * 8), T)  # 8 lanes, lane j % 8 summing in order
         padded[:, :width] = rows * rows
-        lanes = np.cumsum(padded.reshape(rows.shape[0], -1, 8), axis=1, dtype=T)[:, -1, :] if width else padded[:, :8]
+        lanes8 = padded.reshape(rows.shape[0], padded.shape[1] // 8, 8)
+        lanes = np.cumsum(lanes8, axis=1, dtype=T)[:, -1, :] if width else padded[:, :8]
         l0, l1, l2, l3, l4, l5, l6, l7 = (lanes[:, i] if width else np.zeros(rows.shape[0], T) for i in range(8))
         total = ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
         kept = state["square_avg"].reshape(-1)

@@ -131,6 +131,9 @@ def indices(rows, name="rows"):
     if not isinstance(rows, np.ndarray) or rows.dtype.kind not in "iu" or rows.ndim != 1:
         kind = f"{rows.dtype} of shape {rows.shape}" if isinstance(rows, np.ndarray) else type(rows).__name__
         raise TypeError(f"{name} must be a 1-D numpy array of integers (int32 or int64), got {kind}")
+    if rows.dtype == np.uint64 and rows.size and rows.max() > np.iinfo(np.int64).max:  # would wrap negative
+        position = int(np.argmax(rows > np.iinfo(np.int64).max))
+        raise ValueError(f"{name}[{position}] = {int(rows[position])} is outside any table (beyond 2**63 - 1)")
     return np.array(rows, dtype=np.int64)
 
 
@@ -179,10 +182,14 @@ def step(tables, t, hyper, variant, kernel, take):
         )
 
     dense_rows = hyper["dense_rows"]
+    for table in tables:
+        if len(tables) > 1 or not table.width:
+            check_bounds(table)  # no table is written before every table's rows are known good
+    # a table of width 0 holds no elements: nothing to write (a rowwise v of no elements is
+    # kept, as the reference keeps it) but the rows' dense_rows counters
+    idle = [tb for tb in tables if not tb.width and tb.last.size]
+    tables = [tb for tb in tables if tb.width]
     if not clipping.guarded(hyper) and hyper["state_layout"] != "rowwise":  # one call per table: merge, check, step
-        if len(tables) > 1:
-            for table in tables:
-                check_bounds(table)  # no table is written before every table's rows are known good
 
         def merged(scalars):
             catch_up = catch_up_constants(hyper, variant, scalars.lr)
@@ -195,6 +202,7 @@ def step(tables, t, hyper, variant, kernel, take):
                 )  # fmt: skip
                 if bad >= 0:
                     raise bad_row(table, bad)
+            _touch(idle, t)
 
         take(clipping.GO, merged)
         return None
@@ -222,9 +230,16 @@ def step(tables, t, hyper, variant, kernel, take):
                 table.param, g, table.square_avg, table.grad_avg, table.momentum_buffer, unique, table.width,
                 table.last, t, dense_rows, True, *catch_up, *scalars,
             )  # fmt: skip
+        _touch(idle, t)
 
     take(verdict, coalesced)
     return verdict.norm
+
+
+def _touch(tables, t):
+    """`dense_rows`: the rows of `tables` (of width 0) were stepped at `t`."""
+    for table in tables:
+        table.last[table.rows] = t
 
 
 def _states(table):

@@ -132,3 +132,6 @@ def pytest_terminal_summary(terminalreporter):
         f"fastrms kernels in this process: {stats['hits']} loaded from the disk cache, {stats['misses']} compiled"
         f" (cache folder: {stats['folder']})"
     )
+    if stats["compiled"]:
+        names = sorted(set(stats["compiled"]))
+        terminalreporter.write_line(f"  compiled here: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}")

@@ -139,3 +139,66 @@ def test_the_progress_lines_estimate_the_time_left(monkeypatch, capsys):
     bar.update("third")  # t = 130: 15 s a case, 2 left
     err = capsys.readouterr().err.splitlines()
     assert err == ["[1/4] first", "[2/4] second (about 30 s left)", "[3/4] third (about 30 s left)"]
+
+
+def _run_json(**row):
+    cell = {"variant": "plain", "dtype": "float32", "n": 1000, "seconds": {"fastrms": 1e-5}}
+    cell["samples"] = {"fastrms": [1e-5, 1.1e-5, 0.9e-5]}
+    return {"date": "2026-12-07", "rows": [{**cell, **row}]}
+
+
+MALFORMED = {
+    "not JSON": b"{",
+    "not UTF-8": b"\xff\xfe{}",
+    "a list": b"[1, 2]",
+    "no rows": json.dumps({"date": "x"}).encode(),
+    "empty rows": json.dumps({"date": "x", "rows": []}).encode(),
+    "no date": json.dumps({"rows": _run_json()["rows"]}).encode(),
+    "a row missing n": json.dumps(_run_json(n=None)).encode(),
+    "n Infinity": json.dumps(_run_json(n=1000)).replace("1000", "Infinity").encode(),
+    "n NaN": json.dumps(_run_json(n=1000)).replace("1000", "NaN").encode(),
+    "n 2.5": json.dumps(_run_json(n=2.5)).encode(),
+    "n true": json.dumps(_run_json(n=True)).encode(),
+    "zero seconds": json.dumps(_run_json(seconds={"fastrms": 0})).encode(),
+    "string seconds": json.dumps(_run_json(seconds={"fastrms": "1e-5"})).encode(),
+    "no fastrms seconds": json.dumps(_run_json(seconds={"numpy_seed": 1e-5})).encode(),
+    "samples not a list": json.dumps(_run_json(samples={"fastrms": 1e-5})).encode(),
+    "a zero sample": json.dumps(_run_json(samples={"fastrms": [1e-5, 0.0]})).encode(),
+    "a row that is a string": json.dumps({"date": "x", "rows": ["plain"]}).encode(),
+}
+
+
+@pytest.mark.parametrize("kind", [*MALFORMED, "a FIFO", "/dev/zero", "a folder", "a huge file", "no shared cell"])
+def test_compare_refuses_malformed_or_foreign_runs_in_one_line(kind, tmp_path, capsys):
+    import os
+
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(_run_json()))
+    bad = tmp_path / "bad.json"
+    if kind in MALFORMED:
+        bad.write_bytes(MALFORMED[kind])
+    elif kind == "a FIFO":
+        os.mkfifo(bad)  # reading it would wait for a writer forever
+    elif kind == "/dev/zero":
+        bad = "/dev/zero"  # endless: reading it to the end would exhaust memory
+    elif kind == "a folder":
+        bad.mkdir()
+    elif kind == "a huge file":
+        with open(bad, "wb") as f:
+            f.truncate(report.MAX_RUN_BYTES + 1)  # sparse: no disk used
+    else:
+        bad.write_text(json.dumps(_run_json(n=2000)))
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    assert cli.main(["bench", "--compare", str(good), str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("fastrms: error: --compare"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing  # nothing created
+
+
+def test_compare_reads_a_minimal_run_and_says_which_cells_moved(tmp_path, capsys):
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(_run_json()))
+    new.write_text(json.dumps(_run_json(seconds={"fastrms": 2e-5}, samples={"fastrms": [2e-5] * 3})))
+    assert cli.main(["bench", "--compare", str(old), str(new)]) == 0
+    text = capsys.readouterr().out
+    assert "2.00x" in text and "(slower)" in text

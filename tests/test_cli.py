@@ -85,6 +85,9 @@ def a_file(tmp_path):
         (["bench", "--sizes", "1e15", "--dask"], "needs about"),
         (["bench", "--torch", "--sizes", "1000000"], "100 layers of width 1000000 needs about"),
         (["frobnicate"], "invalid choice"),
+        (["bench", "--precision", "--accuracy"], "--precision and --accuracy are separate benches"),
+        (["bench", "--quick", "--torch"], "--quick is a short sweep"),
+        (["bench", "--accuracy", "--beta", "0.999999999", "--output", "{tmp}/acc"], "rounds to 1 in float32"),
     ],
 )
 def test_a_user_error_is_one_line_on_stderr_and_exit_2_before_any_work(argv, words, a_file, tmp_path):
@@ -99,3 +102,22 @@ def test_a_user_error_is_one_line_on_stderr_and_exit_2_before_any_work(argv, wor
     assert out.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing was written
     assert a_file.read_text() == "x"
+
+
+def test_benches_that_write_no_files_neither_create_nor_check_output(tmp_path):
+    for argv in (["bench", "--precision"], ["bench", "--torch"], ["bench", "--cold"]):
+        args = cli._parse([*argv, "--output", str(tmp_path / "a-file" / "sub")])
+        (tmp_path / "a-file").write_text("x")  # --output could not be a folder: unused, so not an error
+        cli._check(args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_info_with_a_threading_layer_that_cannot_start_is_one_line_not_a_traceback(tmp_path):
+    import os
+
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "bogus"}
+    argv = [sys.executable, "-m", "fastrms", "info"]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("fastrms: error:") and "NUMBA_THREADING_LAYER" in out.stderr

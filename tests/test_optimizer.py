@@ -1192,3 +1192,118 @@ def test_16_bit_grads_with_bfloat16_state_and_a_copy_match_the_reference():
         ref.step(g)
     assert_same_state(fast, ref)
     np.testing.assert_array_equal(copy.view(np.uint16), theirs.view(np.uint16))
+
+
+# ------------------------------------------------------------------ hardening: nothing lost, torn or half-written
+
+
+def test_params_given_as_a_generator_are_all_held_and_stepped():
+    arrays = [np.ones(3, np.float32), np.ones((2, 2), np.float32)]
+    opt = fastrms.RMSprop((a for a in arrays), 0.1)  # read once: the 16-bit check must not consume it
+    assert len(opt.params) == 2 and opt.params[0] is arrays[0] and opt.params[1] is arrays[1]
+    opt.step([np.ones(3, np.float32), np.ones((2, 2), np.float32)])
+    assert all((a < 1).all() for a in arrays) and opt.step_count == 1
+
+
+@needs_ml_dtypes
+def test_a_copy_made_read_only_after_construction_is_not_written():
+    import ml_dtypes
+
+    ws = [np.ones(4, np.float32), np.ones(5, np.float32)]
+    copies = [w.astype(ml_dtypes.bfloat16) for w in ws]
+    opt = fastrms.RMSprop(ws, 0.1, copy_to=copies)
+    copies[1].flags.writeable = False
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"copy_to\[1\] was made read-only after construction"):
+        opt.step([np.ones(4, np.float32), np.ones(5, np.float32)])
+    assert_unchanged(opt, before)
+    assert all((c == 1).all() for c in copies)
+
+
+def test_8bit_state_views_are_read_only_and_native_views_write_through():
+    lean = fastrms.RMSprop(np.ones(300, np.float32), 0.1, state_storage="8bit", momentum=0.9, centered=True)
+    lean.step(np.full(300, 0.5, np.float32))
+    for view in (lean.square_avg, lean.grad_avg, lean.momentum_buffer):
+        with pytest.raises(ValueError, match="read-only"):
+            view[0] = 1.0  # a decoded copy: a write would be lost, so it raises
+    native = fastrms.RMSprop(np.ones(3, np.float32), 0.1)
+    native.square_avg[0] = 2.0  # a view of the state itself
+    assert native.state_dict()["square_avg.0"][0] == 2.0
+
+
+@needs_ml_dtypes
+@pytest.mark.parametrize("low", ["bfloat16", "float16"])
+def test_a_0d_16_bit_param_takes_a_0d_grad_and_keeps_a_0d_master(low):
+    dtype = _format(low)
+    scalar, vector = np.array(1.5, dtype), np.array([1.5], dtype)
+    one, other = fastrms.RMSprop(scalar, 0.1), fastrms.RMSprop(vector, 0.1)
+    for g in (0.5, -0.25, 2.0):
+        one.step(np.array(g, np.float32))
+        other.step(np.array([g], np.float32))
+    assert scalar.shape == () and scalar.tobytes() == vector.tobytes()
+    assert one.state_dict()["master_param.0"].shape == ()
+    assert one.state_dict()["master_param.0"].tobytes() == other.state_dict()["master_param.0"].tobytes()
+
+
+@pytest.mark.parametrize("storage", ["native", "8bit"])
+def test_snapshots_taken_while_another_thread_steps_are_never_torn(storage):
+    """A constant grad gives every element the same state: a snapshot taken mid-step would
+    hold two steps' values. Each snapshot must be one step's state, whole."""
+    import threading
+
+    n, steps = 1 << 19, 40
+    options = dict(state_storage=storage, momentum=0.9)
+    alone = fastrms.RMSprop(np.zeros(n, np.float32), 0.01, **options)
+    expected = {0: alone.state_dict()["square_avg.0"].tobytes()}
+    for t in range(1, steps + 1):
+        alone.step(np.ones(n, np.float32))
+        expected[t] = alone.state_dict()["square_avg.0"].tobytes()
+    opt = fastrms.RMSprop(np.zeros(n, np.float32), 0.01, **options)
+    done, torn, seen = threading.Event(), [], [0]
+
+    def train():
+        try:
+            for _ in range(steps):
+                opt.step(np.ones(n, np.float32))
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=train)
+    worker.start()
+    while not done.is_set():
+        d = opt.state_dict()
+        seen[0] += 1
+        if d["square_avg.0"].tobytes() != expected[d["step_count"]]:
+            torn.append(d["step_count"])
+    worker.join(30)
+    assert seen[0] and not torn, f"{len(torn)} of {seen[0]} snapshots torn"
+
+
+def test_a_load_racing_a_step_waits_for_it_and_is_never_mixed_with_it():
+    import threading
+
+    n = 1 << 19
+    hold, inside, release = threading.Event(), threading.Event(), threading.Event()
+
+    def schedule(count):  # with `hold` set, the step waits inside, holding its state
+        if hold.is_set():
+            inside.set()
+            release.wait(10)
+        return 0.01
+
+    opt = fastrms.RMSprop(np.zeros(n, np.float32), schedule, momentum=0.9)
+    start = opt.state_dict()
+    hold.set()
+    worker = threading.Thread(target=opt.step, args=(np.ones(n, np.float32),))
+    worker.start()
+    assert inside.wait(10)
+    hold.clear()
+    loader = threading.Thread(target=opt.load_state_dict, args=(start,))
+    loader.start()
+    loader.join(0.3)
+    assert loader.is_alive()  # waiting for the step: it may not write into the state mid-step
+    release.set()
+    worker.join(10)
+    loader.join(10)
+    d = opt.state_dict()  # the load came last, whole
+    assert d["step_count"] == 0 and not d["square_avg.0"].any() and not d["momentum_buffer.0"].any()

@@ -100,3 +100,55 @@ def test_every_front_ends_written_defaults_are_the_tables():
                 assert p.default == options.DEFAULTS[name], (fn.__qualname__, name)
                 checked += 1
     assert checked >= 13
+
+
+class _Scalar0d:
+    """A 0-d array of another library (optax's schedules return a 0-d JAX array): a shape
+    of (), a dtype, and __float__."""
+
+    shape, dtype = (), np.dtype(np.float32)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __float__(self):
+        return self.value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0.01, np.float32(0.01), np.float64(0.01), np.array(0.01), np.array(0.01, np.float32), 1, _Scalar0d(0.01)],
+    ids=["float", "float32", "float64", "0-d", "0-d float32", "int", "0-d other library"],
+)
+def test_a_schedule_may_return_any_real_scalar(value):
+    assert options.scheduled_lr(lambda count: value, 0, 0.0, (np.dtype(np.float32),)) == float(value)
+    opt = fastrms.RMSprop(np.ones(3, np.float32), lambda count: value)
+    opt.step(np.ones(3, np.float32))
+    assert opt.last_learning_rate == float(value)
+
+
+def test_a_schedule_returning_a_torch_0d_tensor_steps():
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    opt = fastrms.RMSprop(np.ones(3, np.float32), lambda count: torch.tensor(0.01, dtype=torch.float64))
+    opt.step(np.ones(3, np.float32))
+    assert opt.last_learning_rate == 0.01
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        (True, "returned bool"),
+        (np.array([0.01]), "returned ndarray"),
+        (np.array(True), "returned bool"),
+        (1j, "returned complex"),
+        ("0.01", "returned str"),
+        (None, "returned NoneType"),
+        (type("Bool0d", (_Scalar0d,), {"dtype": np.dtype(bool)})(1.0), "returned Bool0d"),
+        (type("Row", (_Scalar0d,), {"shape": (1,)})(0.1), "returned Row"),
+    ],
+)
+def test_a_schedule_returning_anything_else_is_refused_by_name(value, match):
+    opt = fastrms.RMSprop(np.ones(3, np.float32), lambda count: value)
+    with pytest.raises(TypeError, match=match):
+        opt.step(np.ones(3, np.float32))
+    assert opt.step_count == 0 and (opt.params == 1).all()

@@ -66,3 +66,17 @@ def test_seed_rmsprop_is_the_seed_step_in_a_loop_with_its_decay():
             lr *= 0.95
     np.testing.assert_array_equal(got, theta)
     assert not np.array_equal(got, theta0) and np.array_equal(theta0, np.zeros(4))
+
+
+def test_the_rowwise_reference_steps_size_0_params_as_the_optimizer_does():
+    import fastrms
+
+    shapes = [(0, 3), (0,), (2, 0), (3,)]
+    fast = fastrms.RMSprop([np.ones(s, np.float32) for s in shapes], 0.1, state_layout="rowwise")
+    ref = reference.RMSprop([np.ones(s, np.float32) for s in shapes], 0.1, state_layout="rowwise")
+    grads = [np.full(s, 0.5, np.float32) for s in shapes]
+    fast.step(grads)
+    ref.step(grads)
+    for a, b, va, st in zip(fast.params, ref.params, fast.square_avg, ref.state):
+        assert a.shape == b.shape and a.tobytes() == b.tobytes()
+        assert va.tobytes() == st["square_avg"].tobytes()

@@ -580,3 +580,34 @@ def test_the_rowwise_row_shell_is_the_same_bits_serial_and_parallel():
     assert np.count_nonzero(np.frombuffer(results[0][1], np.float32)) == rows.size  # the touched rows only
     with pytest.raises(ValueError, match="merged_rows keeps the state element by element"):
         kernels.merged_rows(key, False, True)
+
+
+@pytest.mark.parametrize("dense_rows", [False, True], ids=["lazy", "dense_rows"])
+def test_a_rowwise_table_of_width_0_steps_alone_and_beside_another(dense_rows):
+    """A (k, 0) table holds no elements: its rows step (nothing to write, the rowwise v of an
+    empty row kept, as the reference keeps it) beside a table that does, in one step."""
+    options = dict(state_layout="rowwise", dense_rows=dense_rows)
+    a, empty = np.ones((4, 3), np.float32), np.ones((4, 0), np.float32)
+    both = fastrms.RMSprop([a, empty], 0.1, **options)
+    both.step_rows([np.array([0, 1]), np.array([0, 3])], [np.ones((2, 3), np.float32), np.ones((2, 0), np.float32)],
+                   param=[0, 1])  # fmt: skip
+    alone = fastrms.RMSprop(np.ones((4, 3), np.float32), 0.1, **options)
+    alone.step_rows(np.array([0, 1]), np.ones((2, 3), np.float32))
+    assert both.step_count == 1 and a.tobytes() == alone.params.tobytes()
+    assert both.square_avg[1].tolist() == [0, 0, 0, 0]  # an empty row's v is kept
+    only = fastrms.RMSprop(np.ones((4, 0), np.float32), 0.1, **options)
+    only.step_rows(np.array([2]), np.ones((1, 0), np.float32))
+    assert only.step_count == 1
+    if dense_rows:
+        assert both.state_dict()["row_step.1"].tolist() == [1, 0, 0, 1]
+    with pytest.raises(ValueError, match=r"rows\[1\]\[0\] = 4 is outside \[0, 4\)"):
+        both.step_rows([np.array([0]), np.array([4])], [np.ones((1, 3), np.float32), np.ones((1, 0), np.float32)],
+                       param=[0, 1])  # fmt: skip
+    assert both.step_count == 1 and a.tobytes() == alone.params.tobytes()  # refused before anything was written
+
+
+def test_a_uint64_row_beyond_int64_is_reported_as_given_not_wrapped():
+    opt = fastrms.RMSprop(np.ones((4, 3), np.float32), 0.1)
+    with pytest.raises(ValueError, match=r"rows\[1\] = 18446744073709551615 is outside any table"):
+        opt.step_rows(np.array([0, 2**64 - 1], np.uint64), np.ones((2, 3), np.float32))
+    assert opt.step_count == 0 and (opt.params == 1).all()

@@ -390,6 +390,40 @@ def test_an_8bit_block_with_a_nan_is_all_nan_and_its_neighbours_are_not():
     np.testing.assert_array_equal(values[:256], np.float32(0.1))  # 0.1 * g^2: its block's scale, code 255
 
 
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+def test_an_overflowing_square_or_a_subnormal_block_is_encoded_as_the_reference_and_keeps_its_neighbours(parallel):
+    """Block 0: one grad beyond 2^64 (its v overflows to inf); block 1: grads near 1e-20 (v
+    subnormal, below 2^-126). The shell stores both as the reference does, the scale stays
+    finite, block 0's other values keep training, and block 1's keep their values."""
+    n = BIG if parallel else 600
+    hyper = options.resolve({"learning_rate": 0.01, "state_storage": "8bit", "momentum": 0.9, "centered": True})
+    p = np.zeros(n, np.float32)
+    ref = reference.RMSprop(p.copy(), 0.01, momentum=0.9, centered=True, state_storage="8bit")
+    state = spec.of(hyper).allocate(storage.extent(storage.BLOCKWISE8, n), np.float32)
+    arrays = [state.get(k, np.zeros(0, np.uint8)) for k in ("square_avg", "grad_avg", "momentum_buffer")]
+    shell = kernels.dense(options.variant_key(hyper), parallel, storage.BLOCKWISE8)
+    rng = np.random.default_rng(3)
+    for t in range(1, 4):
+        g = rng.uniform(0.05, 0.2, n).astype(np.float32)
+        g[256:512] *= np.float32(1e-19)  # g^2 about 1e-40: subnormal in float32
+        if t == 1:
+            g[3] = 2e19  # g^2 overflows: v = inf
+        before = p.copy()
+        shell(p, g, *arrays, *options.scalars(hyper, 0.01, t))
+        with np.errstate(over="ignore", invalid="ignore"):
+            ref.step(g)
+        assert p.tobytes() == ref.params[0].tobytes()
+        if t > 1:
+            assert (p[:256] != before[:256]).all()  # block 0 keeps training
+    codes, scales = storage.block_parts(state["square_avg"], n)
+    want_codes, want_scales = storage.block_parts(reference.blockwise8_encode(ref.state[0]["square_avg"]), n)
+    assert codes.tobytes() == want_codes.tobytes() and scales.tobytes() == want_scales.tobytes()
+    assert np.isfinite(scales).all() and 0 < scales[1] < np.finfo(np.float32).tiny  # block 1: a subnormal scale
+    x = np.geomspace(2.0**-140, 2.0**-127, 256).astype(np.float32)  # a block of subnormals alone
+    kept = reference.blockwise8_decode(reference.blockwise8_encode(x), 256)
+    assert (np.abs(kept / x - 1) < 0.05).all()  # 4.4% of the map, and the subnormal spacing (2^-149)
+
+
 @pytest.mark.lower_bound
 def test_the_chunk_table_shell_steps_8bit_state_block_by_block_as_the_dense_shell_does():
     hyper = options.resolve({"centered": True, "momentum": 0.9, "learning_rate": 0.01, "state_storage": "8bit"})

@@ -14,6 +14,9 @@ Every figure is a ratio measured in one process (see `fastrms.bench.peers` and `
 """
 
 import json
+import math
+import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -22,7 +25,7 @@ from .. import __version__, runtime
 from . import peers, row_timing, timing
 from .cases import ALL, MAIN
 from .figures import plot
-from .tables import markdown, print_table, summarize
+from .tables import markdown, print_table
 
 FULL_SIZES = (100, 1_000, 10_000, 100_000, 1_000_000, 3_000_000, 10_000_000, 30_000_000)
 QUICK_SIZES = (100, 10_000, 1_000_000, 10_000_000)
@@ -378,18 +381,20 @@ def run(
 
 def compare(old_path, new_path, file=None):
     """`fastrms bench --compare OLD.json NEW.json`: fastrms's median per cell in two saved
-    runs, their ratio, and whether the change is larger than the two runs' spreads."""
+    runs, their ratio, and whether the change is larger than the two runs' spreads. ValueError
+    (naming the file and what is wrong) for anything but two runs `read_run` accepts that
+    share a cell, before anything is printed."""
     file = sys.stdout if file is None else file
-    old, new = from_json(old_path), from_json(new_path)
+    old, new = read_run(old_path), read_run(new_path)
     before = {(r["variant"], r["dtype"], r["n"]): r for r in old["rows"]}
+    if not any((r["variant"], r["dtype"], r["n"]) in before for r in new["rows"]):
+        raise ValueError(f"{old_path} and {new_path} share no (variant, dtype, size) cell")
     print(f"fastrms's step, {old_path} ({old['date']}) -> {new_path} ({new['date']}), medians:", file=file)
-    shared = 0
     for row in new["rows"]:
         key = (row["variant"], row["dtype"], row["n"])
         if key not in before:
             continue
-        shared += 1
-        a, b = summarize(before[key]), summarize(row)
+        a, b = _median_and_spread(before[key]), _median_and_spread(row)
         change = b["us_per_step"] / a["us_per_step"]
         noise = (a["iqr_pct"] + b["iqr_pct"]) / 100.0
         verdict = "within the runs' spread" if abs(change - 1.0) <= noise else ("slower" if change > 1 else "faster")
@@ -398,9 +403,73 @@ def compare(old_path, new_path, file=None):
             f"  {change:5.2f}x  ({verdict})",
             file=file,
         )
-    if not shared:
-        raise ValueError(f"{old_path} and {new_path} share no (variant, dtype, size) cell")
     return 0
+
+
+#: The largest bench.json `read_run` reads (a full sweep writes well under 1 MiB).
+MAX_RUN_BYTES = 64 * 2**20
+
+
+def read_run(path):
+    """A run saved by `fastrms bench` (its bench.json), checked for what `compare` reads: a
+    regular file (never a FIFO or a device) of at most `MAX_RUN_BYTES`, UTF-8 JSON without
+    NaN or Infinity, holding a `date` and a non-empty list of `rows`, each with a `variant`
+    and `dtype` (strings), a size `n` (an integer >= 1), `seconds` whose `fastrms` entry is a
+    finite number > 0, and `samples` (if present) whose `fastrms` entry is a list of such
+    numbers. ValueError naming what is wrong; OSError when it cannot be opened."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError("is not a regular file")
+    if st.st_size > MAX_RUN_BYTES:
+        raise ValueError(f"is {st.st_size} bytes, more than a bench.json holds ({MAX_RUN_BYTES})")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_RUN_BYTES + 1)
+    if len(raw) > MAX_RUN_BYTES:
+        raise ValueError(f"is more than {MAX_RUN_BYTES} bytes")
+
+    def constant(name):
+        raise ValueError(f"holds {name}, which no bench.json does")
+
+    try:
+        result = json.loads(raw.decode("utf-8"), parse_constant=constant)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"is not JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("rows"), list) or not result["rows"]:
+        raise ValueError("has no 'rows' list of results")
+    if not isinstance(result.get("date"), str):
+        raise ValueError("has no 'date' string")
+    for i, row in enumerate(result["rows"]):
+        where = f"rows[{i}]"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} is not an object")
+        for key in ("variant", "dtype"):
+            if not isinstance(row.get(key), str):
+                raise ValueError(f"{where} has no {key!r} string")
+        n = row.get("n")
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or n != int(n) or n < 1:
+            raise ValueError(f"{where}['n'] must be an integer >= 1, got {n!r}")
+        row["n"] = int(n)
+        seconds = row.get("seconds")
+        if not isinstance(seconds, dict) or not _positive(seconds.get("fastrms")):
+            raise ValueError(f"{where}['seconds']['fastrms'] must be a number > 0")
+        samples = row.get("samples", {})
+        own = samples.get("fastrms", [seconds["fastrms"]]) if isinstance(samples, dict) else None
+        if not isinstance(own, list) or not own or not all(_positive(x) for x in own):
+            raise ValueError(f"{where}['samples']['fastrms'] must be a list of numbers > 0")
+    return result
+
+
+def _median_and_spread(row):
+    """fastrms's median time of a checked row (us) and its samples' spread (% of it)."""
+    f = row["seconds"]["fastrms"]
+    own = row.get("samples", {}).get("fastrms") or [f]
+    return {"us_per_step": f * 1e6, "iqr_pct": 100.0 * timing.spread(own)[2] / f}
+
+
+def _positive(x):
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
 def from_json(path):

@@ -62,17 +62,20 @@ def scale_of(a, at):
 @njit(inline="always")
 def requantise(values, count, a, at, signed):
     """Store `values[:count]` (float32) as the block at byte `at` of `a`: its scale, the
-    bits' maximum of |value| (NaN if any is NaN, inf if any is infinite), and each value's
-    code on the map (`.storage`)."""
+    bits' maximum of the finite |value| (NaN if any is NaN), and each value's code on the map
+    (`.storage`; an infinite value saturates to the scale)."""
     u32 = np.uint32
     top = u32(0)
     for j in range(count):
         bits = u32(np.float32(values[j]).view(u32) & u32(0x7FFFFFFF))
+        bits = u32(0) if bits == u32(0x7F800000) else bits  # inf: not the scale (it saturates to it)
         top = bits if bits > top else top
     scale = u32(top).view(np.float32)
-    inv = np.float32(1.0) / scale if scale > np.float32(0.0) else np.float32(0.0)
+    # a subnormal scale: values and scale taken 2^64 up first (exact), so 1 / scale is finite
+    pre = np.float32(18446744073709551616.0) if top < u32(0x00800000) else np.float32(1.0)
+    inv = np.float32(1.0) / np.float32(scale * pre) if scale > np.float32(0.0) else np.float32(0.0)
     for j in range(count):
-        y = values[j] * inv
+        y = np.float32(values[j] * pre) * inv
         a[at + j] = signed8_code(y) if signed else unsigned8_code(y)
     o = at + BLOCK8
     a[o] = np.uint8(top & u32(0xFF))

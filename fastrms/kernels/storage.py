@@ -178,9 +178,13 @@ def _same_extent(n):
 # the same on any machine). Value i is `MAP[code] * scale` of its block; a block is
 # encoded from its float32 values x as
 #
-#     scale = max |x|            over the block (its bits' maximum: NaN if any x is NaN,
-#                                else inf if any is infinite)
-#     y     = x * inv            inv = 1 / scale (float32), or 0 when scale is 0 (or NaN)
+#     scale = max |x|            over the block's finite x (their bits' maximum; NaN if
+#                                any x is NaN): finite for finite inputs, so one square
+#                                that overflows (v = inf, from a grad beyond 2^64) does
+#                                not stop its 255 neighbours; an infinite x saturates to
+#                                +-scale
+#     y     = (x * p) * inv      p = 2^64 when scale is subnormal (exact), else 1;
+#                                inv = 1 / (scale * p) (float32), or 0 when scale is 0 or NaN
 #     code  = the map entry nearest y: the number of MIDPOINTS below y for UNSIGNED8 (a
 #             tie goes to the lower code), and for SIGNED8 the sign's half and the
 #             magnitude nearest |y| (a tie goes to the smaller magnitude); a NaN y gets the
@@ -190,7 +194,8 @@ def _same_extent(n):
 #
 #   UNSIGNED8 (square_avg, v >= 0):  MAP[c] = 2^((c - 255) / 8): 8 codes an octave from
 #       2^-31.875 to 1, no zero. Every value is kept to within 4.4% of itself down to
-#       2^-31.875 of its block's largest, and a small v is never stored as 0: a zero code
+#       2^-31.875 of its block's largest (or to the subnormal spacing 2^-149, in a block
+#       whose largest is subnormal), and a small v is never stored as 0: a zero code
 #       would make a later 1/sqrt(v) blow up (torchao's finding for 4-bit Adam), and
 #       relative precision is what sqrt(v) needs.
 #   SIGNED8 (grad_avg, momentum_buffer):  MAP[c] = -2^((127 - c) / 4) for c < 128 and
