@@ -52,6 +52,9 @@ class RMSprop:
         then gets a float32 master in the optimizer's state (`master_param.<i>` in
         `state_dict`), made from its values, which the step updates and writes back rounded
         to nearest even, in the same pass (as `copy_to` does; its grads float32 or 16-bit).
+        A 16-bit param element written from outside since the last step (a restore, an
+        edit: it is no longer its master rounded) becomes its master first, in that pass:
+        `master <- float32(param) if param != round(master) else master`.
     learning_rate : float or callable, default 0.001
         A number >= 0, or a schedule `count -> lr` (`count` = steps already taken; see
         `fastrms.schedules`).
@@ -149,6 +152,7 @@ class RMSprop:
             if copy_to is not None:
                 raise ValueError("copy_to is for float32 params; 16-bit params are written from their own masters")
             self._single, given, arrays, copies, copy_codec = low
+            copy_codec = storage.MASTERS[copy_codec.tag]  # the copies are the params: what is written there counts
         self._masters = low is not None
         self._dtypes = tuple(dict.fromkeys(a.dtype for a in arrays))
         hyper = check_hyperparameters(options, self._dtypes)  # in range, and fitting the params' dtypes

@@ -967,6 +967,43 @@ def test_16_bit_params_step_as_a_float32_master_with_its_copy_does(name, dtype_n
 
 
 @needs_ml_dtypes
+@pytest.mark.parametrize("storage", ["native", "8bit"])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_a_write_into_16_bit_params_between_steps_becomes_the_master(dtype_name, storage):
+    """A restore or an edit of the 16-bit weights between steps is what the next step starts
+    from (as a float32 master run whose master was set to the written values), not
+    overwritten from the old master; elements nobody wrote keep their master's precision."""
+    low = _low_dtype(dtype_name)
+    rng = np.random.default_rng(11)
+    shapes = [(BIG,), (300,)]
+    params = [rng.standard_normal(s).astype(low) for s in shapes]
+    masters, copies = [p.astype(np.float32) for p in params], [p.copy() for p in params]
+    options = dict(momentum=0.9, state_storage=storage)
+    fast = fastrms.RMSprop(params, 0.01, **options)
+    ref = reference.RMSprop(masters, 0.01, copy_to=copies, **options)
+    for t in range(5):
+        if t in (2, 4):  # written from outside: some elements, then the whole of one param
+            for p, m, c in zip(params, masters, copies):
+                edit = slice(None) if t == 4 and p.size == 300 else slice(3, None, 7)
+                old = p[edit].copy()
+                p[edit] = (rng.standard_normal(p[edit].shape) * 3).astype(low)
+                written = p[edit].view(np.uint16) != old.view(np.uint16)  # the same bits again: no write to see
+                m[edit], c[edit] = np.where(written, p[edit].astype(np.float32), m[edit]), p[edit]
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        fast.step(grads)
+        ref.step(grads)
+        for i, (p, c, m) in enumerate(zip(params, copies, masters)):
+            assert p.view(np.uint16).tobytes() == c.view(np.uint16).tobytes(), (t, i)
+            assert fast.state_dict()[f"master_param.{i}"].tobytes() == m.tobytes(), (t, i)
+    weights = rng.standard_normal(300).astype(low)
+    plain = fastrms.RMSprop(weights, 0.01)
+    plain.step(np.ones(300, np.float32))
+    weights[...] = (np.arange(300) / 7).astype(low)  # e.g. model.load_state_dict(...)
+    plain.step(np.zeros(300, np.float32))
+    assert weights.tobytes() == (np.arange(300) / 7).astype(low).tobytes()  # a zero-grad step keeps them
+
+
+@needs_ml_dtypes
 def test_a_16_bit_params_checkpoint_keeps_the_masters_and_continues_bitwise(tmp_path):
     bf16 = _low_dtype("bfloat16")
     rng = np.random.default_rng(10)

@@ -88,6 +88,7 @@ def _make_blockwise(key, parallel, copy, grads):
     update, read = element(key), grads.load
     uses_m, uses_b, has_copy = key.uses_grad_avg, key.uses_momentum_buffer, copy is not None
     encode = copy.encode if has_copy else NATIVE.encode
+    load, reseed = (copy.load, copy.reseed) if has_copy else (NATIVE.load, False)
     unsigned, signed = UNSIGNED8, SIGNED8
 
     def shell(param, grad, square_avg, grad_avg, momentum_buffer, copy_out, lr, beta, eps_in, eps_out, wd, mu,
@@ -128,7 +129,10 @@ def _make_blockwise(key, parallel, copy, grads):
                 for j in range(count):
                     m = signed[mq[j]] * m_scale if uses_m else zero
                     b = signed[bq[j]] * b_scale if uses_b else zero
-                    p, v, m, b = update(ps[j], read(gs, j), unsigned[vq[j]] * v_scale, m, b, k)
+                    p = ps[j]
+                    if reseed:  # a 16-bit param written since the last step: its value is the master's now
+                        p = load(cs, j) if cs[j] != encode(p) else p
+                    p, v, m, b = update(p, read(gs, j), unsigned[vq[j]] * v_scale, m, b, k)
                     ps[j] = p
                     if has_copy:
                         cs[j] = encode(p)

@@ -47,7 +47,7 @@ def dense(key, parallel, codec=NATIVE, copy=None, grads=NATIVE):
 def _make_copy(key, parallel, codec, copy, grads):
     at, read = apply(key, codec), grads.load
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
-    encode = copy.encode
+    encode, load, reseed = copy.encode, copy.load, copy.reseed
 
     def shell(param, grad, square_avg, grad_avg, momentum_buffer, copy_out, lr, beta, eps_in, eps_out, wd, mu,
               grad_scale, bc, clip):  # fmt: skip
@@ -60,7 +60,10 @@ def _make_copy(key, parallel, codec, copy, grads):
             raise ValueError("dense: momentum_buffer must have the size of param (momentum variant)")
         k = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
         for i in prange(n):
-            p, v, m, b = at(i, param[i], read(grad, i), square_avg, grad_avg, momentum_buffer, k)
+            p = param[i]
+            if reseed:  # a 16-bit param written since the last step: its value is the master's now
+                p = load(copy_out, i) if copy_out[i] != encode(p) else p
+            p, v, m, b = at(i, p, read(grad, i), square_avg, grad_avg, momentum_buffer, k)
             param[i] = p
             copy_out[i] = encode(p)
             square_avg[i] = v

@@ -47,7 +47,10 @@ class Codec(NamedTuple):
     values (`n`, or whole blocks for `BLOCKWISE8`), so element `start` of a chunk that
     starts on a block is at `extent(start)`; `block`: 0 for an element-wise codec, else
     the elements a block's scale covers (`load` and `encode` then are None: the shells of
-    `.blockwise` read and write whole blocks)."""
+    `.blockwise` read and write whole blocks); `reseed`, for the copy that is a 16-bit param
+    kept with a float32 master (`MASTERS`): a copy element that is not the master's rounding
+    (written from outside since the last step) becomes the master before the step,
+    `p = load(copy) if copy != encode(p) else p`."""
 
     tag: str
     dtype: Any
@@ -57,6 +60,7 @@ class Codec(NamedTuple):
     witness: Any
     extent: Any = None
     block: int = 0
+    reseed: bool = False
 
 
 @njit(inline="always")
@@ -299,6 +303,8 @@ CODECS = {"native": NATIVE, "bfloat16": BFLOAT16, "8bit": BLOCKWISE8}
 #: The codecs of a float32 step's 16-bit arrays (low-precision grads and copies), by the
 #: NumPy dtype name they hold (`ml_dtypes.bfloat16`'s is "bfloat16").
 ARRAYS = {"bfloat16": BFLOAT16, "float16": FLOAT16}
+#: The copy codecs of 16-bit params with float32 masters (`Codec.reseed`), by their plain codec's tag.
+MASTERS = {c.tag: c._replace(tag=f"{c.tag}m", reseed=True) for c in ARRAYS.values()}
 
 
 def _mix32(h):
