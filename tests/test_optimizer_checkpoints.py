@@ -350,7 +350,7 @@ def _storages():
 def test_a_grad_whose_square_overflows_saves_loads_and_its_neighbours_keep_training(storage, tmp_path):
     """One finite grad beyond 2^64 makes its element's v overflow to inf: the run's own
     checkpoint must load back, and the 8-bit block's other 255 values must keep moving."""
-    options = dict(state_storage=storage, momentum=0.9)
+    options = dict(MAIN["nesterov"], state_storage=storage)
     g = np.full(600, 0.1, np.float32)
     g[3] = 2e19
     straight, first = (fastrms.RMSprop(np.zeros(600, np.float32), 0.01, **options) for _ in range(2))

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import fastrms
 from fastrms import kernels, reference
+from fastrms.bench.cases import MAIN
 
 # derandomize: the same examples on every run, so that a CI run cannot fail on an example no
 # earlier run tried (hypothesis's database is off with -p no:cacheprovider and on fresh clones)
@@ -292,22 +293,23 @@ def test_any_mutated_checkpoint_is_a_valueerror_or_a_faithful_load(data, tmp_pat
             assert state[key].shape == value.shape and np.isfinite(state[key]).all()
 
 
-#: every state storage, the rowwise layout and both 16-bit param dtypes (with float32 masters)
+#: every state storage, the rowwise layout and both 16-bit param dtypes (with float32 masters),
+#: each with one of the main variants (a momentum buffer in each, centring in some)
 CHECKPOINTED = [
-    ("native", "elementwise", "float32"),
-    ("bfloat16", "elementwise", "float32"),
-    ("8bit", "elementwise", "float32"),
-    ("native", "rowwise", "float32"),
-    ("native", "elementwise", "bfloat16"),
-    ("8bit", "elementwise", "float16"),
+    ("native", "elementwise", "float32", "nesterov"),
+    ("bfloat16", "elementwise", "float32", "nesterov"),
+    ("8bit", "elementwise", "float32", "centered_momentum"),
+    ("native", "rowwise", "float32", "nesterov"),
+    ("native", "elementwise", "bfloat16", "centered_momentum"),
+    ("8bit", "elementwise", "float16", "nesterov"),
 ]
 _BIGGEST32 = float(np.finfo(np.float32).max)
 
 
-@pytest.mark.parametrize("storage, layout, params", CHECKPOINTED)
+@pytest.mark.parametrize("storage, layout, params, variant", CHECKPOINTED)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(data=st.data())
-def test_any_finite_run_saved_loads_back_and_continues_bitwise(storage, layout, params, data, tmp_path_factory):
+def test_any_finite_run_saved_loads_back_continuing_bitwise(storage, layout, params, variant, data, tmp_path_factory):
     """Whatever finite grads a run took (huge ones, whose squares overflow to inf, included),
     its own checkpoint loads back and the resumed run equals the one that never stopped. (The
     centered variant takes grads below 2^60: where both v and m^2 overflow, v - m^2 is NaN, as
@@ -316,9 +318,8 @@ def test_any_finite_run_saved_loads_back_and_continues_bitwise(storage, layout, 
     if low and __import__("importlib.util").util.find_spec("ml_dtypes") is None:
         pytest.skip("ml_dtypes is not installed (pip install 'fastrms[bfloat16]')")
     dtype = {"float32": np.float32, "float16": np.float16}.get(params) or __import__("ml_dtypes").bfloat16
-    options = dict(state_storage=storage, state_layout=layout, momentum=data.draw(st.sampled_from([0.0, 0.9])))
-    options["centered"] = layout == "elementwise" and data.draw(st.booleans())
-    bound = 2.0**60 if options["centered"] else _BIGGEST32
+    options = dict(MAIN[variant], state_storage=storage, state_layout=layout)
+    bound = 2.0**60 if options.get("centered") else _BIGGEST32
     rows, width = data.draw(st.integers(1, 40)), 7
     before, after = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 3))
 
