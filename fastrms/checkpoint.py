@@ -190,14 +190,16 @@ def loadable(d):
                 if not np.isfinite(a).all():
                     raise ValueError(f"state_dict[{key!r}] holds NaN or infinite values")
             else:
-                decoded = a if a.dtype.kind == "f" else _decoded(d, key, name, a)
-                _check_values(key, name, decoded)
+                _check_values(key, name, _decoded(name, a))
         except ValueError as exc:
             raise ValueError(f"not saved: {exc}; nothing was written") from None
 
 
-def _decoded(d, key, name, a):
-    """The values a stored state array holds (bfloat16 bits: uint16; 8-bit blocks: uint8)."""
+def _decoded(name, a):
+    """The values a state array of `state_dict` holds (native: itself; bfloat16 bits: uint16;
+    8-bit blocks: uint8)."""
+    if a.dtype.kind == "f":
+        return a
     codec = storage.BLOCKWISE8 if a.dtype == np.uint8 else storage.BFLOAT16
     return storage.decode(codec, a, signed=name != "square_avg")
 

@@ -182,7 +182,7 @@ def _check(args):
         import importlib.util
 
         from .bench.cases import ALL
-        from .bench.report import README_END, README_START, read_run
+        from .bench.report import README_END, README_START, read_run, shared_cells
 
         chosen = [f"--{mode}" for mode in _MODES if getattr(args, mode)]
         if len(chosen) > 1:
@@ -228,14 +228,10 @@ def _check(args):
                 raise UsageError(f"--compare {str(path)!r} cannot be read: {exc.strerror or exc}") from None
             except ValueError as exc:
                 raise UsageError(f"--compare {str(path)!r} is not a bench.json of fastrms bench: it {exc}") from None
-        if runs and not {(r["variant"], r["dtype"], r["n"]) for r in runs[0]["rows"]} & {
-            (r["variant"], r["dtype"], r["n"]) for r in runs[1]["rows"]
-        }:
+        if runs and not shared_cells(*runs):
             raise UsageError("--compare: the two runs share no (variant, dtype, size) cell")
-        if args.command == "bench" and not any(getattr(args, mode) for mode in _MODES):
-            _output_folder(args.output, "--output")  # the sweep writes its results there
-        elif args.accuracy:
-            _output_folder(args.output, "--output")  # accuracy.png
+        if args.accuracy or not chosen:  # accuracy.png, or the sweep's results: the only benches that write files
+            _output_folder(args.output, "--output")
 
 
 #: Rough bytes a bench case holds per element of its size: the float64 draws, the arrays of

@@ -62,7 +62,7 @@ def param_arrays(params):
     each checked (`float_array`: float32/float64, C-contiguous, writeable) as a plain
     ndarray; params that share memory are refused (`disjoint`)."""
     single = isinstance(params, np.ndarray)
-    if not single and (isinstance(params, (str, bytes, dict)) or not hasattr(params, "__iter__")):
+    if not single and not iterable(params):
         raise TypeError(f"params must be an ndarray or a sequence of ndarrays, got {type(params).__name__}")
     given = [params] if single else list(params)
     arrays = [float_array(param_name(single, i), p, writeable=True) for i, p in enumerate(given)]
@@ -78,7 +78,7 @@ def low_params(params):
     ValueError for one that is not C-contiguous, aligned and writeable, or that shares memory
     with another."""
     single = isinstance(params, np.ndarray)
-    if not single and (isinstance(params, (str, bytes, dict)) or not hasattr(params, "__iter__")):
+    if not single and not iterable(params):
         return None
     given = [params] if single else list(params)
     codecs = [low_codec(p.dtype) if isinstance(p, np.ndarray) else None for p in given]

@@ -411,8 +411,8 @@ def _real_scalar(x):
         return False
     if isinstance(x, Real):
         return True
-    kind = getattr(getattr(x, "dtype", None), "kind", None)  # NumPy and JAX dtypes have one
-    return hasattr(type(x), "__float__") and tuple(getattr(x, "shape", ())) == () and kind not in ("b", "c")
+    complex_ = getattr(getattr(x, "dtype", None), "kind", None) == "c"  # NumPy and JAX dtypes have a kind
+    return hasattr(type(x), "__float__") and tuple(getattr(x, "shape", ())) == () and not complex_
 
 
 def check_learning_rate_fit(name, lr, weight_decay, dtypes):

@@ -386,9 +386,9 @@ def compare(old_path, new_path, file=None):
     share a cell, before anything is printed."""
     file = sys.stdout if file is None else file
     old, new = read_run(old_path), read_run(new_path)
-    before = {(r["variant"], r["dtype"], r["n"]): r for r in old["rows"]}
-    if not any((r["variant"], r["dtype"], r["n"]) in before for r in new["rows"]):
+    if not shared_cells(old, new):
         raise ValueError(f"{old_path} and {new_path} share no (variant, dtype, size) cell")
+    before = {(r["variant"], r["dtype"], r["n"]): r for r in old["rows"]}
     print(f"fastrms's step, {old_path} ({old['date']}) -> {new_path} ({new['date']}), medians:", file=file)
     for row in new["rows"]:
         key = (row["variant"], row["dtype"], row["n"])
@@ -459,6 +459,13 @@ def read_run(path):
         if not isinstance(own, list) or not own or not all(_positive(x) for x in own):
             raise ValueError(f"{where}['samples']['fastrms'] must be a list of numbers > 0")
     return result
+
+
+def shared_cells(old, new):
+    """The (variant, dtype, size) cells two runs (`read_run`) both hold."""
+    return {(r["variant"], r["dtype"], r["n"]) for r in old["rows"]} & {
+        (r["variant"], r["dtype"], r["n"]) for r in new["rows"]
+    }
 
 
 def _median_and_spread(row):
