@@ -80,6 +80,7 @@ class Bucket:
         self.steps = torch.zeros(len(params), dtype=_get_scalar_dtype())
         self.steps_np = self.steps.numpy()
         self.has_state = np.zeros(len(params), dtype=bool)
+        self.written = self.grad_flat._version  # the grad buffer's version when `active` was last brought up to date
         self.names = self.hyper = self.key = self.scalars = None
         self._subset = (None, None)  # (active mask bytes, the chunk table over those params)
 
@@ -90,6 +91,22 @@ class Bucket:
             active[i] = True
 
         return mark
+
+    def notice(self):
+        """Mark as having a grad the params whose grad view was written from outside
+        backward (`p.grad += g`, `p.grad.copy_(g)`) since `zero_grad`: the buffer's version
+        moved, and the view of a param backward did not reach is no longer all zeros. Reads
+        only those views, and only when the version moved."""
+        version = self.grad_flat._version
+        if version == self.written:
+            return
+        self.written = version
+        active = self.active
+        if active.all():
+            return
+        for i in np.flatnonzero(~active):
+            if self.grads[i].any():
+                active[i] = True
 
     def tiles(self):
         """Whether every param and grad is still the view this bucket made: the grad object,
@@ -151,6 +168,17 @@ class Bucket:
             if p.grad is not grad:
                 p.grad = grad
         self.active[:] = not set_to_none
+        self.written = self.grad_flat._version
+
+    def zero_grad_of(self, i, set_to_none):
+        """`zero_grads` for param `i` alone."""
+        grad = self.grads[i]
+        self.notice()  # the other views' writes are theirs
+        grad.zero_()
+        if self.params[i].grad is not grad:
+            self.params[i].grad = grad
+        self.active[i] = not set_to_none
+        self.written = self.grad_flat._version
 
     def step(self, hyper, parallel_mode, bumped):
         """One kernel call over the params that have a grad (after `prepare`): a dense
@@ -163,7 +191,7 @@ class Bucket:
         n = self.param_np.size if everyone else int(np.dot(active, self.sizes))
         master = self.low is not None and self.stochastic is None
         parallel = parallel_mode(n, 4 if self.low is not None else self.param_np.itemsize, hyper)
-        copy = self.low if master else None
+        copy = storage.MASTERS[self.low.tag] if master else None  # a param written from outside is its master's value
         if everyone:
             empty = self.state_np["square_avg"][:0]
             arrays = (

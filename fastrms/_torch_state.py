@@ -17,26 +17,59 @@ GROUP_DEFAULTS = dict(momentum=0, centered=False, foreach=None, maximize=False, 
 
 
 class Layout:
-    """Per param group: its flat buckets by dtype (`buckets`), the `(index, param)` of the
-    params in no bucket (`loose`) and whether a param is listed twice (`repeats`); across
-    groups, `flat_slot`: param -> `(bucket, index)` for the params that live in a bucket."""
+    """Which params live in flat buckets (`flatten=True`), and how the groups `param_groups`
+    holds now are stepped: per group, its buckets by dtype whose params all sit in it
+    (`buckets`, one dense call each), the `(index, param)` of the others (`loose`, stepped per
+    tensor; a bucketed param whose bucket is split across groups or partly gone is stepped
+    through its views) and whether a param is listed twice (`repeats`). `flat_slot`: param ->
+    `(bucket, index)` for every param ever bucketed. `sync` reads `param_groups` again when
+    their fingerprint (the params' ids, group by group) changed: torch.optim reads them at
+    every step, and so do ZeRO's and torch's utilities that edit them."""
 
-    __slots__ = ("buckets", "loose", "repeats", "flat_slot")
+    __slots__ = ("buckets", "loose", "repeats", "flat_slot", "seen", "every")
 
     def __init__(self):
         self.buckets, self.loose, self.repeats, self.flat_slot = [], [], [], {}
+        self.every = []  # every bucket made, in order
+        self.seen = None  # the fingerprint of the groups the fields above describe
 
-    def add(self, params, buckets, state=None):
-        """Register one group: `params` its list, `buckets` its `{dtype: Bucket}`; `state`
-        (torch's per-param state) is adopted into the buckets when given."""
-        for bucket in buckets.values():
+    def register(self, buckets, state=None):
+        """Take `buckets` (an iterable of `Bucket`); `state` (torch's per-param state) is
+        adopted into them when given."""
+        for bucket in buckets:
+            self.every.append(bucket)
             for i, p in enumerate(bucket.params):
                 self.flat_slot[p] = (bucket, i)
                 if state is not None and state.get(p):
                     bucket.adopt(i, state[p])
-        self.buckets.append(buckets)
-        self.loose.append([(j, p) for j, p in enumerate(params) if p not in self.flat_slot])
-        self.repeats.append(len(set(params)) != len(params))
+        self.seen = None
+
+    def sync(self, param_groups, check):
+        """Lay out the groups `param_groups` holds now, if they changed since the last call;
+        `check(gi, params)` (or None) checks each group's params then, raising before
+        anything is written."""
+        mark = fingerprint(param_groups)
+        if mark == self.seen:
+            return
+        if check is not None:
+            for gi, group in enumerate(param_groups):
+                check(gi, group["params"])
+        self.buckets, self.loose, self.repeats = [], [], []
+        for group in param_groups:
+            params = group["params"]
+            members = {id(p) for p in params}
+            whole = {}
+            for p in params:
+                slot = self.flat_slot.get(p)
+                if slot is not None and slot[0].dtype not in whole:
+                    bucket = slot[0]
+                    if all(id(q) in members for q in bucket.params):
+                        whole[bucket.dtype] = bucket
+            inside = {id(p) for bucket in whole.values() for p in bucket.params}
+            self.buckets.append(whole)
+            self.loose.append([(j, p) for j, p in enumerate(params) if id(p) not in inside])
+            self.repeats.append(len(members) != len(params))
+        self.seen = mark
 
     def pickled(self):
         """What a pickle keeps of the buckets: each group's lists of bucketed params."""
@@ -48,9 +81,22 @@ class Layout:
         layout = cls()
         for gi, (group, lists) in enumerate(zip(param_groups, bucketed)):
             place = {p: (gi << 24) + j for j, p in enumerate(group["params"])}
-            buckets = {params[0].dtype: Bucket(params, stochastic, [place[p] for p in params]) for params in lists}
-            layout.add(group["params"], buckets, state)
+            layout.register([Bucket(params, stochastic, [place[p] for p in params]) for params in lists], state)
+        layout.sync(param_groups, None)
         return layout
+
+
+def fingerprint(param_groups):
+    """What decides a layout: the params of each group, by identity (a layout holds them, so
+    an id is not reused while it is kept). A group whose `params` is not a list or tuple is
+    refused, as it could not be read twice."""
+    mark = []
+    for gi, group in enumerate(param_groups):
+        params = group["params"] if isinstance(group, dict) and "params" in group else None
+        if not isinstance(params, (list, tuple)):
+            raise TypeError(f"param_groups[{gi}]['params'] must be a list of tensors, got {type(params).__name__}")
+        mark.append(tuple(map(id, params)))
+    return tuple(mark)
 
 
 def upgrade(param_groups, state):

@@ -39,6 +39,8 @@ class Steps:
     def step(self, param_groups, state_of, held):
         """One step over every param of `param_groups` that has a grad (`state_of`: torch's
         per-param state; `held`: the flat buckets, `fastrms._torch_state.Layout`)."""
+        for bucket in held.every:  # grads written into a bucket's views from outside backward
+            bucket.notice()
         plans = [self.plan(i, group, state_of, held) for i, group in enumerate(param_groups)]  # every check first
         bumped, steps = [], {}
         for hyper, rounds, flat, sparse, lagging in plans:
@@ -208,5 +210,6 @@ class Steps:
         elif self.stochastic is not None and dtype is torch.bfloat16:  # no master: rounded stochastically
             shell = runtime.locked(kernels.stochastic_segments(key, bool(parallel)), parallel)
         else:  # the float32 masters stepped from 16-bit grads, each param written back in the pass
-            shell = runtime.locked(kernels.segments(key, bool(parallel), storage.NATIVE, low, low), parallel)
+            copy = storage.MASTERS[low.tag]  # a param written from outside since the last step is its master's value
+            shell = runtime.locked(kernels.segments(key, bool(parallel), storage.NATIVE, copy, low), parallel)
         shell(witness, ptrs, sizes, chunks, *O.scalars(hyper, hyper["learning_rate"], 1))

@@ -135,6 +135,7 @@ class RMSprop(torch.optim.Optimizer):
             maximize=maximize,
             differentiable=differentiable,
         )
+        self._steps.hyperparameters(defaults, "RMSprop", ())  # torch checks the options before the params
         super().__init__(params, defaults)
 
     def _caches(self):
@@ -154,10 +155,10 @@ class RMSprop(torch.optim.Optimizer):
             self.param_groups.pop()  # nothing of a refused group stays
             raise
 
-    def _adopt_group(self, gi):
-        group = self.param_groups[gi]
+    def _check_params(self, gi, params):
+        """The params of group `gi`: each a tensor the fused step takes, distinct ones not
+        sharing memory."""
         where = f"param_groups[{gi}]"
-        params = group["params"]
         for j, p in enumerate(params):
             _torch_tensors.check_param(p, f"{where}['params'][{j}]")
             if self._stochastic is not None and p.dtype == torch.float16:
@@ -165,12 +166,17 @@ class RMSprop(torch.optim.Optimizer):
                     f"{where}['params'][{j}] is torch.float16: stochastic_rounding=True rounds bfloat16 params "
                     "(float16 ones are stepped over a float32 master: stochastic_rounding=False)"
                 )
+        _torch_tensors.check_disjoint(list(dict.fromkeys(params)), where)
+
+    def _adopt_group(self, gi):
+        group = self.param_groups[gi]
+        where = f"param_groups[{gi}]"
+        params = group["params"]
+        self._check_params(gi, params)
         self._steps.hyperparameters(group, where, tuple(dict.fromkeys(_NUMPY[p.dtype] for p in params)))
-        distinct = list(dict.fromkeys(params))
-        _torch_tensors.check_disjoint(distinct, where)
-        buckets = {}
+        buckets = []
         if self._flatten:
-            if len(distinct) != len(params):
+            if len(set(params)) != len(params):
                 raise ValueError(f"{where}: flatten=True cannot hold a param listed twice (torch would step it twice)")
             held = self._bucketing.flat_slot
             trained = [p for p in params if p.requires_grad and p not in held]
@@ -178,8 +184,8 @@ class RMSprop(torch.optim.Optimizer):
             place = {p: (gi << 24) + j for j, p in enumerate(params)}  # each param's noise key's ident
             for dtype in dict.fromkeys(p.dtype for p in trained):
                 members = [p for p in trained if p.dtype == dtype]
-                buckets[dtype] = Bucket(members, self._stochastic, [place[p] for p in members])
-        self._bucketing.add(params, buckets)
+                buckets.append(Bucket(members, self._stochastic, [place[p] for p in members]))
+        self._bucketing.register(buckets)
 
     # ------------------------------------------------------------------ pickling, state dicts
 
@@ -226,12 +232,16 @@ class RMSprop(torch.optim.Optimizer):
         held = self._bucketing
         if not held.flat_slot:
             return super().zero_grad(set_to_none)
+        held.sync(self.param_groups, self._check_params)
         for buckets in held.buckets:
             for bucket in buckets.values():
                 bucket.zero_grads(set_to_none)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p not in held.flat_slot and p.grad is not None:
+        for loose in held.loose:
+            for _, p in loose:
+                slot = held.flat_slot.get(p)
+                if slot is not None:  # its bucket is split across groups: its view alone
+                    slot[0].zero_grad_of(slot[1], set_to_none)
+                elif p.grad is not None:
                     if set_to_none:
                         p.grad = None
                     else:
@@ -247,5 +257,6 @@ class RMSprop(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._bucketing.sync(self.param_groups, self._check_params)  # param_groups as they are now
         self._steps.step(self.param_groups, self.state, self._bucketing)
         return loss

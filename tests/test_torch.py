@@ -179,6 +179,7 @@ def _snapshot(params):
         (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], lr=-1.0), "lr must be"),
         (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], alpha=1.0), "alpha must be"),
         (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], eps=0.0), "eps must be"),
+        (lambda: RMSprop(None, lr=torch.tensor([1.0, 2.0])), "Tensor lr must be 1-element"),  # before the params, as torch
     ],
 )
 def test_bad_construction_is_refused_naming_the_cause(make, error):
@@ -414,6 +415,51 @@ def test_16_bit_state_dicts_keep_the_float32_masters_and_resume_bit_for_bit(dtyp
     mine.load_state_dict(theirs.state_dict())
     _train(fresh, mine, 2, dtype)
     assert all(s["master_param"].dtype == torch.float32 for s in mine.state.values())
+
+
+def _zero_grad_step(model, opt):
+    """A step with zero grads and no momentum: the weights must stay where they are."""
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    before = _snapshot(model.parameters())
+    opt.step()
+    return max((p.float() - q.float()).abs().max().item() for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["per-tensor", "flatten"])
+@pytest.mark.parametrize("dtype", LOW, ids=["bfloat16", "float16"])
+def test_16_bit_weights_written_from_outside_are_where_the_next_step_starts(dtype, flatten):
+    model, other = _model(dtype), _model(dtype, seed=7)
+    opt = RMSprop(model.parameters(), lr=1e-2, flatten=flatten)
+    _train(model, opt, 3, dtype)
+    model.load_state_dict(other.state_dict())  # a restore: every weight written from outside
+    assert _zero_grad_step(model, opt) == 0.0
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["master_param"].to(dtype), p)  # the master took the written value
+    with torch.no_grad():
+        next(model.parameters())[0].add_(1.0)  # an edit of one row
+    assert _zero_grad_step(model, opt) == 0.0
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bfloat16", "float16"])
+def test_a_16_bit_run_resumed_through_torch_optim_keeps_torchs_steps(dtype):
+    model = _model(dtype)
+    opt = RMSprop(model.parameters(), lr=1e-2)
+    _train(model, opt, 3, dtype)
+    theirs = torch.optim.RMSprop(model.parameters(), lr=1e-2)
+    theirs.load_state_dict(opt.state_dict())  # torch keeps (and casts) the masters it does not use
+    _train(model, theirs, 3, dtype, seed=4)
+    after_torch = _snapshot(model.parameters())
+    opt.load_state_dict(theirs.state_dict())  # stale masters: the params are the truth
+    assert _zero_grad_step(model, opt) == 0.0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), after_torch))
+    for p in model.parameters():  # a float32 detour and back: the old masters do not come back
+        p.data = p.data.float()
+    _train(model, opt, 2, torch.float32, seed=6)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    assert _zero_grad_step(model, opt) == 0.0
 
 
 def test_16_bit_params_with_a_sparse_grad_or_a_bad_master_are_refused_with_nothing_written():
