@@ -180,9 +180,16 @@ class Bucket:
         self.active[i] = not set_to_none
         self.written = self.grad_flat._version
 
-    def step(self, hyper, parallel_mode, bumped):
+    def active_grads(self):
+        """The grads a step reads: the whole buffer, or the views of the params that have one."""
+        if self.active.all():
+            return [self.grad_flat]
+        return [self.grads[i] for i in np.flatnonzero(self.active)]
+
+    def step(self, hyper, parallel_mode, bumped, coef=1.0):
         """One kernel call over the params that have a grad (after `prepare`): a dense
-        call over the whole buffer when all have one, else a chunk table over those."""
+        call over the whole buffer when all have one, else a chunk table over those; the
+        grads scaled by `coef` (the guard's)."""
         active = self.active
         if not active.any():
             return
@@ -221,6 +228,8 @@ class Bucket:
                 shell = runtime.locked(make, parallel)
             call = (self.state_np["square_avg"][:0], ptrs, sizes, chunks, *self.scalars)
             self.steps_np[active] += self.steps_np.dtype.type(1.0)
+        if coef != 1.0:
+            call = (*call[: -len(self.scalars)], *self.scalars._replace(grad_scale=self.scalars.grad_scale * coef))
         shell(*call)
         bumped.append(self.param_flat)  # views share their base's version counter
         bumped.extend(self.state[name] for name in (*self.names, MASTER) if name in self.state)

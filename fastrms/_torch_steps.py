@@ -11,12 +11,13 @@ version counters bumped. A rejected step changes nothing."""
 import numpy as np
 import torch
 
-from . import _torch_options, _torch_sparse, _torch_tensors, kernels, runtime, spec
+from . import _torch_guard, _torch_options, _torch_sparse, _torch_tensors, kernels, runtime, spec
 from . import options as O
 from .kernels import storage
 
 _NUMPY = _torch_tensors.NUMPY
 _LOW = _torch_tensors.LOW
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class Steps:
@@ -25,8 +26,11 @@ class Steps:
     layout (`layouts`, `fastrms._torch_tensors.layout`) and the pointer table last checked
     for overlaps per group, dtype and round (`checked`). `dense_rows` is the optimizer's."""
 
-    def __init__(self, dense_rows, stochastic=None):
+    def __init__(self, dense_rows, stochastic=None, guard=None):
         self.dense_rows = dense_rows
+        #: `clip_global_norm` and `skip_nonfinite` (checked), or None when neither is asked for;
+        #: the last norm the guard measured and the steps it refused
+        self.guard, self.last_norm, self.skipped = guard, None, 0
         #: the seed of stochastic rounding of bfloat16 params (None: they keep float32 masters),
         #: and each param's `stochastic_base` by its place (group << 24 | index)
         self.stochastic, self.bases = stochastic, {}
@@ -42,21 +46,47 @@ class Steps:
         for bucket in held.every:  # grads written into a bucket's views from outside backward
             bucket.notice()
         plans = [self.plan(i, group, state_of, held) for i, group in enumerate(param_groups)]  # every check first
+        coef = 1.0
+        if self.guard is not None:
+            found = self.verdict(plans)
+            if found.norm is not None:
+                self.last_norm = found.norm
+            if not found.stepped:  # skip_nonfinite: nothing is written, no step counted
+                self.skipped += 1
+                return
+            coef = found.coef
         bumped, steps = [], {}
         for hyper, rounds, flat, sparse, lagging in plans:
             for args in lagging:  # dense_rows: rows stepped sparsely before, now a dense grad
                 _torch_sparse.catch_up(*args, hyper, hyper["learning_rate"])
             for bucket in flat:
-                bucket.step(hyper, self.parallel, bumped)
+                bucket.step(hyper, self.parallel, bumped, coef)
             for members in rounds:
                 for dtype, (rows, ptrs, sizes) in members.items():
-                    self.run(hyper, dtype, rows, ptrs, sizes, bumped, steps)
+                    self.run(hyper, dtype, rows, ptrs, sizes, bumped, steps, coef)
             for p, table, counters, entry in sparse:
                 _torch_sparse.step(hyper, p, table, counters, entry, bumped)
         for dtype, addresses in steps.items():  # each param's `step` += 1, one call per dtype
             kernels.increment(np.array(addresses, dtype=np.int64), np.empty(0, dtype))
         if bumped:
             torch.autograd.graph.increment_version(bumped)
+
+    def verdict(self, plans):
+        """The guard's verdict over every grad the `plans` step (each once; `fastrms._torch_guard`)."""
+        grads = {}
+        for _, rounds, flat, sparse, _ in plans:
+            if sparse:
+                raise ValueError(
+                    "clip_global_norm and skip_nonfinite look at dense grads only; a param has a sparse grad "
+                    f"({tuple(sparse[0][0].shape)}): step sparse tables in an optimizer without them"
+                )
+            for bucket in flat:
+                grads.update((id(g), (g, g)) for g in bucket.active_grads())
+            for members in rounds:
+                for rows, _, _ in members.values():
+                    grads.update((id(row[5]), (row[5], row[2])) for row in rows)
+        pairs = list(grads.values())
+        return _torch_guard.verdict(self.guard, [g for g, _ in pairs], [p for _, p in pairs])
 
     def plan(self, gi, group, state_of, held):
         """The group's checked options, the rounds of its params that have a grad (per dtype,
@@ -93,11 +123,16 @@ class Steps:
                     continue  # its buffer's zeroed view: no grad since zero_grad(set_to_none=True)
             if not g.is_cpu:
                 raise ValueError(f"{where}['params'][{j}]: its grad is on {g.device}; fastrms steps CPU tensors only")
+            t = p  # the memory stepped: the param's, or a DTensor's local shard's
+            if type(p) not in _PLAIN:
+                t, g = _torch_tensors.local_pair(p, g, f"{where}['params'][{j}]")
             if g.is_sparse:
+                if t is not p:
+                    raise ValueError(f"{where}['params'][{j}]: a DTensor param with a sparse grad is not supported")
                 sparse.append((j, p, g))
                 continue
-            if not (g.is_contiguous() and p.is_contiguous()):
-                _torch_tensors.check_pair(p, g, f"{where}['params'][{j}]")
+            if not (g.is_contiguous() and t.is_contiguous()):
+                _torch_tensors.check_pair(t, g, f"{where}['params'][{j}]")
             dtype = p.dtype
             if names is None or dtype not in _NUMPY:
                 if dtype not in _NUMPY:
@@ -106,7 +141,7 @@ class Steps:
                 names = spec.of(hyper).names
             if g.dtype is not dtype:
                 raise ValueError(f"{where}['params'][{j}]: its grad is {g.dtype}, the param {dtype}")
-            address, shape = p.data_ptr(), p.shape
+            address, shape = t.data_ptr(), t.shape
             cached = layouts.get(id(p))
             if (  # the cached layout holds while the param, its address, shape and state tensors do
                 cached is None
@@ -115,7 +150,7 @@ class Steps:
                 or cached[2] != shape
                 or cached[3] != names
                 or not cached[6](cached[4])
-                or (cached[7] is not None and cached[7] != p.stride())
+                or (cached[7] is not None and cached[7] != t.stride())
             ):
                 name = f"{where}['params'][{j}]"
                 if not p.is_cpu:  # a param moved or swapped (torch.utils.swap_tensors) off the CPU
@@ -139,7 +174,7 @@ class Steps:
             ptrs = (cached[13], g.data_ptr(), *cached[8])
             if self.stochastic is not None and dtype is torch.bfloat16:  # this step's noise key, in the sixth column
                 ptrs = (*ptrs, storage.step_key(self.base((gi << 24) + j), int(cached[12][-1]) + 1))
-            rows.append((ptrs, cached[9], p, cached[10], cached[11]))
+            rows.append((ptrs, cached[9], p, cached[10], cached[11], g))
         for turn, members in enumerate(rounds):
             for dtype, rows in members.items():
                 ptrs = np.array([row[0] for row in rows], dtype=np.int64)
@@ -189,11 +224,12 @@ class Steps:
         self.layouts[id(p)] = entry
         return entry
 
-    def run(self, hyper, dtype, rows, ptrs, table, bumped, steps):
-        """One kernel call for the rows (`plan`) of one group, dtype and round."""
+    def run(self, hyper, dtype, rows, ptrs, table, bumped, steps, coef=1.0):
+        """One kernel call for the rows (`plan`) of one group, dtype and round, the grads
+        scaled by `coef` (the guard's)."""
         key = spec.of(hyper).variant
         sizes = np.array(table, dtype=np.int64)
-        for _, _, p, tensors, (step_dtype, step_address) in rows:
+        for _, _, p, tensors, (step_dtype, step_address), _ in rows:
             bumped.append(p)
             bumped.extend(tensors)
             steps.setdefault(_NUMPY[step_dtype], []).append(step_address)
@@ -212,4 +248,7 @@ class Steps:
         else:  # the float32 masters stepped from 16-bit grads, each param written back in the pass
             copy = storage.MASTERS[low.tag]  # a param written from outside since the last step is its master's value
             shell = runtime.locked(kernels.segments(key, bool(parallel), storage.NATIVE, copy, low), parallel)
-        shell(witness, ptrs, sizes, chunks, *O.scalars(hyper, hyper["learning_rate"], 1))
+        scalars = O.scalars(hyper, hyper["learning_rate"], 1)
+        if coef != 1.0:
+            scalars = scalars._replace(grad_scale=scalars.grad_scale * coef)
+        shell(witness, ptrs, sizes, chunks, *scalars)

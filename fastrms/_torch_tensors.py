@@ -5,6 +5,8 @@ distinct params not sharing memory; no param, state or grad of one kernel call o
 another, as threads would race on shared memory), and each param's cached layout (`layout`:
 its state, created as torch creates it, and the addresses a kernel call reads)."""
 
+import sys
+
 import numpy as np
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
@@ -22,6 +24,57 @@ NUMPY = {
 __all__ = ["LOW", "MASTER", "NUMPY"]
 #: The dtypes of a param's `step` counter.
 STEP_DTYPES = (torch.float32, torch.float64)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_NO_DISPATCH = torch.Tensor.__torch_dispatch__
+
+
+def dtensor_type():
+    """`torch.distributed.tensor.DTensor`, or None while nothing has imported it (then no
+    DTensor exists): fastrms never imports torch.distributed itself."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def local(t, name):
+    """The tensor whose memory the kernel steps for `t`: `t` itself, or a DTensor's local
+    shard (FSDP2's params, `distribute_tensor`'s). Any other tensor subclass (a wrapper whose
+    `data_ptr()` is not its values', a fake or lazy tensor) is refused with a TypeError naming
+    `name`: the kernel would read and write the wrong memory."""
+    kind = type(t)
+    if kind in _PLAIN:
+        return t
+    dtensor = dtensor_type()
+    if dtensor is not None and isinstance(t, dtensor):
+        shard = t.to_local()
+        if type(shard) not in _PLAIN:
+            raise TypeError(f"{name} is a DTensor whose local shard is a {type(shard).__name__}; fastrms steps "
+                            "DTensors whose shards are plain tensors")  # fmt: skip
+        return shard
+    if isinstance(t, torch.Tensor) and kind.__torch_dispatch__ is _NO_DISPATCH and (t.numel() == 0 or t.data_ptr()):
+        return t  # a Python subclass of a plain tensor: its memory is its values
+    raise TypeError(
+        f"{name} is a {kind.__module__}.{kind.__qualname__}, a tensor subclass whose memory fastrms cannot step "
+        "in place (it steps plain tensors, nn.Parameter and DTensor's local shards)"
+    )
+
+
+def local_pair(p, g, name):
+    """`(local(p), local(g))` for a param that is not a plain tensor: a DTensor param's grad
+    must be a DTensor on the same mesh with the same placements (its shard is then laid out
+    like the param's)."""
+    t = local(p, name)
+    if t is p:
+        return p, g
+    if type(g) is not type(p):
+        raise ValueError(f"{name} is a DTensor, its grad a {type(g).__name__}; a DTensor param's grad is a DTensor")
+    if g.device_mesh != p.device_mesh or g.placements != p.placements:
+        raise ValueError(
+            f"{name}: its grad is placed {tuple(g.placements)} on {g.device_mesh}, the param {tuple(p.placements)} "
+            f"on {p.device_mesh}; fastrms steps the shards in place, so they must be placed alike"
+        )
+    return t, local(g, f"{name}'s grad")
 
 
 def dense(t):
@@ -74,6 +127,7 @@ def check_param(p, name):
     writes it in place)."""
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{name} is a {type(p).__name__}, not a tensor")
+    p = local(p, name)
     if p.device.type != "cpu":
         raise ValueError(f"{name} is on {p.device}; fastrms.torch.RMSprop steps CPU tensors only")
     if p.dtype not in NUMPY:
@@ -92,8 +146,9 @@ def check_disjoint(params, where):
     """Distinct params must not share memory: one kernel call steps them at once."""
     if len(params) < 2:
         return
-    starts = np.array([p.data_ptr() for p in params], dtype=np.int64)
-    ends = starts + np.array([p.numel() * p.element_size() for p in params], dtype=np.int64)
+    shards = [local(p, f"{where}['params']") for p in params]
+    starts = np.array([p.data_ptr() for p in shards], dtype=np.int64)
+    ends = starts + np.array([p.numel() * p.element_size() for p in shards], dtype=np.int64)
     keep = ends > starts
     clash = first_overlap(starts[keep], ends[keep])
     if clash is not None:
@@ -181,6 +236,7 @@ def layout(p, names, address, name, state, slot, stochastic=False):
     writes the param back, rounded to nearest even: the entry's pointers are then
     `(master, state..., param)`. With `stochastic` a bfloat16 param keeps no master: the
     kernel steps it in place (float32 state, stochastic rounding)."""
+    shard = local(p, name)  # a DTensor's local shard; else p
     if p.is_inference():
         raise RuntimeError(
             f"{name}: Inplace update to inference tensor outside InferenceMode is not allowed (the param was "
@@ -196,7 +252,7 @@ def layout(p, names, address, name, state, slot, stochastic=False):
         else:
             state[MASTER] = slot[0].state_view(MASTER, slot[1])
             state[MASTER].copy_(p.detach())
-    tensors = []
+    tensors, shards = [], []  # the state tensors, and the memory the kernel steps of each
     for state_name in (*names, MASTER) if low else names:
         if state_name not in state:
             if slot is None:
@@ -207,11 +263,16 @@ def layout(p, names, address, name, state, slot, stochastic=False):
         if not isinstance(t, torch.Tensor) or t.dtype != kept or t.shape != p.shape or not t.is_cpu:
             like = "a float32 CPU tensor of the param's shape" if kept != p.dtype else "a CPU tensor like the param"
             raise ValueError(f"{name}: its state {state_name!r} is not {like}")
-        if t.stride() != p.stride() and p.numel() > 1:
+        if shard is not p and (type(t) is not type(p) or t.placements != p.placements or t.device_mesh != p.device_mesh):
+            raise ValueError(f"{name}: its state {state_name!r} is not a DTensor placed like the param "
+                             f"({tuple(p.placements)} on {p.device_mesh})")  # fmt: skip
+        held_shard = local(t, f"{name}: its state {state_name!r}")
+        if held_shard.shape != shard.shape or (held_shard.stride() != shard.stride() and shard.numel() > 1):
             raise ValueError(f"{name}: its state {state_name!r} is not laid out like the param")
         tensors.append(t)
+        shards.append(held_shard)
     ptrs = [0, 0, 0]
-    for state_name, t in zip(names, tensors):
+    for state_name, t in zip(names, shards):
         ptrs[STATE_NAMES.index(state_name)] = t.data_ptr()
     if low:
         ptrs.append(address)  # the 16-bit param: the copy the kernel writes
@@ -228,17 +289,17 @@ def layout(p, names, address, name, state, slot, stochastic=False):
     entry = (
         p,
         address,
-        p.shape,
+        shard.shape,
         names,
         state,
         keys,
         holds(keys, held),
-        None if p.is_contiguous() else p.stride(),
+        None if shard.is_contiguous() else shard.stride(),
         tuple(ptrs),
-        p.numel(),
+        shard.numel(),
         tensors,
         (step.dtype, step.data_ptr()),
         held,
-        tensors[-1].data_ptr() if low else address,  # what the kernel steps: the param, or its master
+        shards[-1].data_ptr() if low else address,  # what the kernel steps: the param, or its master
     )
     return entry

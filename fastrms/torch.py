@@ -52,6 +52,7 @@ except ImportError:  # pragma: no cover - exercised in a subprocess without torc
 
 
 from . import _torch_state, _torch_steps, _torch_tensors
+from . import options as O
 from ._torch_buckets import Bucket
 
 __all__ = ["RMSprop"]
@@ -112,6 +113,8 @@ class RMSprop(torch.optim.Optimizer):
         dense_rows: bool = False,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        clip_global_norm: "float | None" = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         for name, value in (("flatten", flatten), ("dense_rows", dense_rows),
                             ("stochastic_rounding", stochastic_rounding)):  # fmt: skip
@@ -121,6 +124,7 @@ class RMSprop(torch.optim.Optimizer):
             raise TypeError(f"seed must be an int in [0, 2**64), got {seed!r}")
         self._flatten, self._dense_rows = flatten, dense_rows
         self._stochastic = seed if stochastic_rounding else None  # the seed of stochastic rounding, or None
+        self._guard = _guard_options(clip_global_norm, skip_nonfinite)
         self._bucketing = _torch_state.Layout()  # which params live in flat buffers (flatten=True)
         self._caches()
         defaults = dict(
@@ -139,8 +143,23 @@ class RMSprop(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def _caches(self):
-        # the step's checks, layouts and kernel calls
-        self._steps = _torch_steps.Steps(self._dense_rows, self._stochastic)
+        # the step's checks, layouts and kernel calls (the guard's record carried over)
+        old = getattr(self, "_steps", None)
+        self._steps = _torch_steps.Steps(self._dense_rows, self._stochastic, self._guard)
+        if old is not None:
+            self._steps.last_norm, self._steps.skipped = old.last_norm, old.skipped
+
+    @property
+    def last_grad_norm(self) -> "float | None":
+        """The global norm of the grads the last guarded step measured (`clip_global_norm`),
+        before clipping; None before the first."""
+        return self._steps.last_norm
+
+    @property
+    def skipped_steps(self) -> int:
+        """The steps `skip_nonfinite=True` refused (a NaN or an infinity in a grad), in this
+        process."""
+        return self._steps.skipped
 
     def __repr__(self) -> str:
         mode = f"flatten={self._flatten}, dense_rows={self._dense_rows};"
@@ -165,6 +184,11 @@ class RMSprop(torch.optim.Optimizer):
                 raise TypeError(
                     f"{where}['params'][{j}] is torch.float16: stochastic_rounding=True rounds bfloat16 params "
                     "(float16 ones are stepped over a float32 master: stochastic_rounding=False)"
+                )
+            if self._flatten and _torch_tensors.local(p, where) is not p:
+                raise TypeError(
+                    f"{where}['params'][{j}] is a DTensor: flatten=True moves plain params into one buffer (FSDP2 "
+                    "already keeps its shards in one; use flatten=False)"
                 )
         _torch_tensors.check_disjoint(list(dict.fromkeys(params)), where)
 
@@ -192,7 +216,7 @@ class RMSprop(torch.optim.Optimizer):
     def __getstate__(self):
         state = super().__getstate__()
         state["fastrms"] = {"flatten": self._flatten, "dense_rows": self._dense_rows, "stochastic": self._stochastic,
-                            "buckets": self._bucketing.pickled()}  # fmt: skip
+                            "guard": self._guard, "buckets": self._bucketing.pickled()}  # fmt: skip
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -206,6 +230,7 @@ class RMSprop(torch.optim.Optimizer):
         self._flatten = ours["flatten"]
         self._dense_rows = ours.get("dense_rows", False)
         self._stochastic = ours.get("stochastic")
+        self._guard = ours.get("guard")
         self._caches()
         buckets = ours["buckets"]
         self._bucketing = _torch_state.Layout.unpickled(self.param_groups, buckets, self.state, self._stochastic)
@@ -260,3 +285,12 @@ class RMSprop(torch.optim.Optimizer):
         self._bucketing.sync(self.param_groups, self._check_params)  # param_groups as they are now
         self._steps.step(self.param_groups, self.state, self._bucketing)
         return loss
+
+
+def _guard_options(clip_global_norm, skip_nonfinite):
+    """`clip_global_norm` and `skip_nonfinite` checked as the NumPy front end checks them, or
+    None when neither is asked for."""
+    if clip_global_norm is None and skip_nonfinite is False:
+        return None
+    checked = O.check_hyperparameters(O.resolve({"clip_global_norm": clip_global_norm, "skip_nonfinite": skip_nonfinite}))
+    return {"clip_global_norm": checked["clip_global_norm"], "skip_nonfinite": checked["skip_nonfinite"]}
