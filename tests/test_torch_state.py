@@ -134,3 +134,63 @@ def test_a_group_edited_into_something_unsteppable_is_refused_before_anything_is
     with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\] must be a list of tensors, got generator"):
         a.step()
     assert all(torch.equal(p, q) for p, q in zip(ours, before))
+
+
+class _OffloadLike:
+    """torchao's `CPUOffloadOptimizer(params, optimizer_class=...)` call sequence, on CPU
+    tensors (the real one asserts a CUDA or XPU device): one optimizer per param over a host
+    copy whose preallocated grad a post-accumulate-grad hook overwrites in place, stepped in
+    the order backward reached the params, each param copied back after its step; its
+    `param_groups` are every inner optimizer's, for LR schedulers."""
+
+    def __init__(self, params, optimizer_class, **kwargs):
+        self.host, self.optims, self.queue = {}, {}, {}
+        for p in params:
+            host = torch.empty_like(p)
+            host.grad = torch.empty_like(host)
+            host.copy_(p.detach())
+            self.host[p] = host
+            p.register_post_accumulate_grad_hook(self._arrived)
+            self.optims[p] = optimizer_class([{"params": host}], **kwargs)
+
+    def _arrived(self, p):
+        self.host[p].grad.copy_(p.grad)
+        self.queue.pop(p, None)
+        self.queue[p] = True
+
+    @torch.no_grad()
+    def step(self):
+        for p in self.queue:
+            self.optims[p].step()
+            p.copy_(self.host[p])
+        self.queue.clear()
+
+    def zero_grad(self):
+        for p in self.host:
+            p.grad = None
+
+    @property
+    def param_groups(self):
+        return sum((o.param_groups for o in self.optims.values()), start=[])
+
+
+@pytest.mark.parametrize("mode", MODES, ids=IDS)
+def test_torchao_cpu_offload_call_sequence_matches_torch_optim(mode):
+    models = []
+    for cls, kw in ((RMSprop, mode), (torch.optim.RMSprop, {})):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2)).double()
+        start = [p.detach().clone() for p in model.parameters()]
+        opt = _OffloadLike(list(model.parameters()), cls, lr=1e-2, momentum=0.9, **kw)
+        g = torch.Generator().manual_seed(1)
+        for s in range(6):
+            opt.zero_grad()
+            model(torch.randn(5, 6, generator=g, dtype=torch.float64)).pow(2).mean().backward()
+            if s == 3:
+                for group in opt.param_groups:  # an LR scheduler's edit
+                    group["lr"] *= 0.5
+            opt.step()
+        models.append(model)
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert all(not torch.equal(p, q) for p, q in zip(models[0].parameters(), start))  # every param was stepped
