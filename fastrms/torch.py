@@ -85,6 +85,17 @@ class RMSprop(torch.optim.Optimizer):
     None, so that backward keeps writing into the buffer. If a grad is replaced by another
     tensor, the step notices and takes the per-tensor path.
 
+    `param_groups` is read at every step, as torch.optim reads it: groups or params swapped,
+    appended or removed between steps (DeepSpeed ZeRO's patterns) are what the next step
+    steps. DTensor params (FSDP2) are stepped on their local shards, their state DTensors
+    placed like them; every other tensor subclass is refused.
+
+    `clip_global_norm` (a float, or None) and `skip_nonfinite` (keyword-only, fastrms's own)
+    guard the step before anything is written: `coef = min(1, max_norm / (norm + 1e-6))`
+    scales every grad as the kernel reads it (the norm over every grad the step reads,
+    summed over a DTensor's mesh), and a NaN or an infinity in any grad skips the step
+    (`skipped_steps`); `last_grad_norm` is the last norm measured.
+
     Sparse grads of rows (`nn.Embedding(sparse=True)`: a 2-D param, a COO grad with one
     sparse and one dense dimension), which torch refuses, are stepped on the rows they name
     through the row kernel (`fastrms._torch_sparse`); every other row stays bitwise
