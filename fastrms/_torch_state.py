@@ -113,7 +113,7 @@ def upgrade(param_groups, state):
 
 def copied(state_dict, param_groups):
     """The `state` of `state_dict` checked against this optimizer's `param_groups` (every
-    state tensor with its param's number of elements, `step` one number) and copied, so the
+    state tensor of its param's shape, `step` one number) and copied, so the
     given dict is never written to; ValueError before anything is loaded."""
     groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
     saved = state_dict.get("state") if isinstance(state_dict, dict) else None
@@ -130,7 +130,7 @@ def copied(state_dict, param_groups):
         for name, t in value.items():
             if not torch.is_tensor(t):
                 continue
-            if name in _FLOAT32_STATE and p is not None and t.numel() != p.numel():
+            if name in _FLOAT32_STATE and p is not None and t.shape != p.shape:
                 raise ValueError(
                     f"state[{key!r}][{name!r}] has shape {tuple(t.shape)}, its param {tuple(p.shape)}: "
                     "this state dict is not this model's"

@@ -246,10 +246,22 @@ class RMSprop(torch.optim.Optimizer):
         buckets = ours["buckets"]
         self._bucketing = _torch_state.Layout.unpickled(self.param_groups, buckets, self.state, self._stochastic)
 
+    def state_dict(self) -> dict:
+        """torch's `state_dict`; with `flatten=True` the state of a bucketed param is copied out
+        of the flat buffers, so that saving one param's state writes its own elements, not
+        the whole buffer's."""
+        out = super().state_dict()
+        if self._bucketing.flat_slot:
+            out["state"] = {
+                key: {name: t.clone() if torch.is_tensor(t) and t._is_view() else t for name, t in value.items()}
+                for key, value in out["state"].items()
+            }
+        return out
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's `load_state_dict` (a `torch.optim.RMSprop` state dict loads as is; so do
-        older ones, as torch loads them). Every state tensor must have its param's number of
-        elements, or nothing is loaded; the given dict is never written to, now or by later
+        older ones, as torch loads them). Every state tensor must have its param's shape, or
+        nothing is loaded; the given dict is never written to, now or by later
         steps (its tensors are copied). With `flatten=True` the values go into the flat
         state buffers."""
         copied = _torch_state.copied(state_dict, self.param_groups)

@@ -2,6 +2,7 @@
 autograd, hooks, and ZeroRedundancyOptimizer on gloo (skipped, saying so, without torch)."""
 
 import copy
+import io
 import os
 import subprocess
 import sys
@@ -314,6 +315,62 @@ def test_flatten_survives_a_replaced_grad_and_state_dicts_both_ways():
     _train(ours, restart, 10, dtype, seed=3)
     _train(theirs, back, 10, dtype, seed=3)
     _assert_close(ours, theirs, dtype)
+
+
+def _flat_pair():
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(40, 30, dtype=torch.float64)), torch.nn.Parameter(torch.randn(50, dtype=torch.float64))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opts = RMSprop(ours, lr=0.01, momentum=0.5, flatten=True), torch.optim.RMSprop(theirs, lr=0.01, momentum=0.5)
+    return ours, theirs, opts
+
+
+def _grads_into(params, seed):
+    torch.manual_seed(seed)
+    for p in params:  # in place where a grad is kept, as backward accumulates into it
+        g = torch.randn(p.shape, dtype=p.dtype)
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad += g
+
+
+def test_flatten_follows_torch_when_p_data_is_replaced_or_a_grad_written_after_zero_grad():
+    ours, theirs, opts = _flat_pair()
+    for s in range(6):
+        for params, opt in zip((ours, theirs), opts):
+            opt.zero_grad()  # set_to_none: fastrms keeps zeroed views; p.grad += g writes into them
+            _grads_into(params, s)
+            if s == 2:
+                params[0].data = torch.full((40, 30), 0.5, dtype=torch.float64)  # a restore through .data
+            opt.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert torch.all(ours[0] != 0.5)
+
+
+def test_flatten_refuses_a_reshaped_param_or_state_before_writing_and_saves_each_state_alone():
+    ours, theirs, (opt, ref) = _flat_pair()
+    _grads_into(ours, 0), _grads_into(theirs, 0)
+    opt.step(), ref.step()
+    saved = ref.state_dict()
+    saved["state"][0]["square_avg"] = saved["state"][0]["square_avg"].reshape(30, 40)  # the right size
+    before = {k: t.clone() for k, t in opt.state[ours[1]].items()}
+    with pytest.raises(ValueError, match=r"state\[0\]\['square_avg'\] has shape \(30, 40\), its param \(40, 30\)"):
+        opt.load_state_dict(saved)
+    assert all(torch.equal(opt.state[ours[1]][k], t) for k, t in before.items())  # nothing loaded
+    sizes = []
+    for optimizer in (opt, ref):  # one param's state saved alone: its elements, not the whole buffers'
+        out = io.BytesIO()
+        torch.save(optimizer.state_dict()["state"][1], out)
+        sizes.append(len(out.getvalue()))
+    assert sizes[0] <= sizes[1] + 100
+    params = [p.detach().clone() for p in ours]
+    ours[0].data = torch.zeros(30, 40, dtype=torch.float64)
+    ours[0].grad = torch.ones(30, 40, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"\['params'\]\[0\]: its state 'square_avg' is not a CPU tensor like"):
+        opt.step()
+    assert torch.equal(ours[1], params[1])
 
 
 def test_flatten_must_be_a_bool():
