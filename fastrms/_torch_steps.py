@@ -11,13 +11,43 @@ version counters bumped. A rejected step changes nothing."""
 import numpy as np
 import torch
 
-from . import _torch_guard, _torch_options, _torch_sparse, _torch_tensors, kernels, runtime, spec
+from typing import NamedTuple
+
+from . import _torch_fast, _torch_guard, _torch_options, _torch_sparse, _torch_tensors, kernels, runtime, spec
 from . import options as O
 from .kernels import storage
 
 _NUMPY = _torch_tensors.NUMPY
 _LOW = _torch_tensors.LOW
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+class Call(NamedTuple):
+    """One kernel call of a step: the pointer table (`kernels.segments`), the sizes (int64)
+    and chunk table, the grads read and the params they belong to (for the guard), the
+    tensors whose version counters the step bumps and the addresses of the `step` counters
+    it advances, by their NumPy dtype."""
+
+    ptrs: np.ndarray
+    sizes: np.ndarray
+    chunks: np.ndarray
+    total: int
+    grads: list
+    owners: list
+    bumped: list
+    steps: dict
+
+    @classmethod
+    def of(cls, rows, ptrs, sizes, chunks):
+        """From `Steps.checked_plan`'s rows `(pointers, size, param, state tensors, (step
+        dtype, step address), grad)`."""
+        bumped, steps = [], {}
+        for _, _, p, tensors, (step_dtype, step_address), _ in rows:
+            bumped.append(p)
+            bumped.extend(tensors)
+            steps.setdefault(_NUMPY[step_dtype], []).append(step_address)
+        grads, owners = [row[5] for row in rows], [row[2] for row in rows]
+        return cls(ptrs, np.array(sizes, dtype=np.int64), chunks, sum(sizes), grads, owners, bumped, steps)
 
 
 class Steps:
@@ -35,6 +65,7 @@ class Steps:
         #: and each param's `stochastic_base` by its place (group << 24 | index)
         self.stochastic, self.bases = stochastic, {}
         self.hyper_cache, self.tables, self.layouts, self.checked = {}, {}, {}, {}
+        self.kept = {}  # each group's `fastrms._torch_fast.Kept`, or None
 
     def hyperparameters(self, group, where, dtypes):
         """The group's options as fastrms's, checked (`fastrms._torch_options`)."""
@@ -62,8 +93,8 @@ class Steps:
             for bucket in flat:
                 bucket.step(hyper, self.parallel, bumped, coef)
             for members in rounds:
-                for dtype, (rows, ptrs, sizes) in members.items():
-                    self.run(hyper, dtype, rows, ptrs, sizes, bumped, steps, coef)
+                for dtype, call in members.items():
+                    self.run(hyper, dtype, call, bumped, steps, coef)
             for p, table, counters, entry in sparse:
                 _torch_sparse.step(hyper, p, table, counters, entry, bumped)
         for dtype, addresses in steps.items():  # each param's `step` += 1, one call per dtype
@@ -83,16 +114,31 @@ class Steps:
             for bucket in flat:
                 grads.update((id(g), (g, g)) for g in bucket.active_grads())
             for members in rounds:
-                for rows, _, _ in members.values():
-                    grads.update((id(row[5]), (row[5], row[2])) for row in rows)
+                for call in members.values():
+                    grads.update((id(g), (g, p)) for g, p in zip(call.grads, call.owners))
         pairs = list(grads.values())
         return _torch_guard.verdict(self.guard, [g for g, _ in pairs], [p for _, p in pairs])
 
     def plan(self, gi, group, state_of, held):
         """The group's checked options, the rounds of its params that have a grad (per dtype,
-        rows `(pointers, size, param, tensors to bump, step tensor)`; a param listed twice
-        goes again in a later round) and its buckets that still tile. The common case (dense
-        CPU grad and param, both contiguous) costs a few C calls per param."""
+        a `Call`; a param listed twice goes again in a later round) and its buckets that
+        still tile. A group stepped as it was last time (the same params, addresses, state
+        and options, every grad fresh and dense: `fastrms._torch_fast.Kept`) reuses its
+        pointer tables, its grads checked in one pass per property."""
+        kept = self.kept.get(gi)
+        if kept is not None and kept.mark is held.seen and state_of is kept.state_of:
+            hyper = self.hyperparameters(group, f"param_groups[{gi}]", kept.dtypes)
+            if hyper is kept.hyper:
+                found = kept.reuse(group["params"], state_of)
+                if found is not None:
+                    return hyper, [found], [], [], []
+        planned = self.checked_plan(gi, group, state_of, held)
+        self.kept[gi] = _torch_fast.Kept.of(planned, group["params"], state_of, held, self)
+        return planned
+
+    def checked_plan(self, gi, group, state_of, held):
+        """`plan`, each param looked at on its own (its cached layout kept while the param,
+        its address, shape and state tensors are); a few C calls per param."""
         where = f"param_groups[{gi}]"
         names = None
         sparse, lagging = [], []  # params with a sparse grad; dense_rows params to catch up first
@@ -181,13 +227,18 @@ class Steps:
                 sizes = tuple(row[1] for row in rows)
                 widths = _torch_tensors.widths(dtype, self.stochastic is not None)
                 _torch_tensors.check_overlaps(self.checked, (gi, dtype, turn), widths, ptrs, sizes, where)
-                members[dtype] = (rows, ptrs, sizes)
+                members[dtype] = Call.of(rows, ptrs, sizes, self.chunks(sizes))
         sparse = [
             self.sparse_table(group, where, f"{where}['params'][{j}]", p, g, state_of, held) for j, p, g in sparse
         ]
         used = [*(d for m in rounds for d in m), *(b.dtype for b in flat), *(s[0].dtype for s in sparse)]
         dtypes = tuple(dict.fromkeys(_NUMPY[d] for d in used))
         return self.hyperparameters(group, where, dtypes), rounds, flat, sparse, lagging
+
+    @staticmethod
+    def hyper_dtype(dtype):
+        """The NumPy dtype a param of torch `dtype` is stepped in (its options are checked for it)."""
+        return _NUMPY[dtype]
 
     def base(self, ident):
         """The `stochastic_base` of the param at place `ident` (computed once)."""
@@ -224,22 +275,25 @@ class Steps:
         self.layouts[id(p)] = entry
         return entry
 
-    def run(self, hyper, dtype, rows, ptrs, table, bumped, steps, coef=1.0):
-        """One kernel call for the rows (`plan`) of one group, dtype and round, the grads
-        scaled by `coef` (the guard's)."""
-        key = spec.of(hyper).variant
-        sizes = np.array(table, dtype=np.int64)
-        for _, _, p, tensors, (step_dtype, step_address), _ in rows:
-            bumped.append(p)
-            bumped.extend(tensors)
-            steps.setdefault(_NUMPY[step_dtype], []).append(step_address)
-        chunks = self.tables.get(table)
+    def chunks(self, sizes):
+        """The chunk table over params of `sizes` (a tuple; cached)."""
+        chunks = self.tables.get(sizes)
         if chunks is None:
             if len(self.tables) > 256:
                 self.tables.clear()
-            chunks = self.tables[table] = kernels.chunk_table(sizes)
+            chunks = self.tables[sizes] = kernels.chunk_table(np.array(sizes, dtype=np.int64))
+        return chunks
+
+    def run(self, hyper, dtype, call, bumped, steps, coef=1.0):
+        """One kernel call (`Call`) for one group, dtype and round, the grads scaled by
+        `coef` (the guard's)."""
+        key = spec.of(hyper).variant
+        bumped.extend(call.bumped)
+        for step_dtype, addresses in call.steps.items():
+            steps.setdefault(step_dtype, []).extend(addresses)
+        ptrs, sizes, chunks = call.ptrs, call.sizes, call.chunks
         witness = np.empty(0, dtype=_NUMPY[dtype])  # what the kernel computes in: a 16-bit param's master's
-        parallel = self.parallel(int(sizes.sum()), witness.itemsize, hyper)
+        parallel = self.parallel(call.total, witness.itemsize, hyper)
         low = _LOW.get(dtype)
         if low is None:
             shell = runtime.shell(kernels.segments, key, parallel)
