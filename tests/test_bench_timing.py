@@ -56,8 +56,29 @@ def test_torch_steps_times_each_optimizer_and_a_training_step():
         compiled,
     }
     assert set(r["compile"]) == {compiled} and r["compile"][compiled] > 0
-    assert set(r["step"]) == set(r["train"]) | {"fastrms.RMSprop, one flat array"}
+    assert set(r["step"]) == set(r["train"]) | {"fastrms.RMSprop, one flat array", "limit: the same bytes, no math"}
     assert all(t > 0 for t in [*r["step"].values(), *r["train"].values()])
+
+
+def test_torch_tensors_times_the_per_tensor_step_beside_the_numpy_front_ends():
+    pytest.importorskip("torch", reason="torch is not installed (pip install 'fastrms[torch]')")
+    r = timing.torch_tensors(k=3, n=5, rounds=1, target=0.001)
+    assert set(r) == {
+        "fastrms.torch.RMSprop, per tensor",
+        "torch.optim.RMSprop(foreach=True)",
+        "fastrms.RMSprop, a list of arrays",
+        "fastrms.RMSprop, one array",
+    }
+    assert all(t > 0 for t in r.values())
+
+
+def test_torch_dtensors_times_both_optimizers_on_a_mesh_of_one_and_tears_it_down():
+    torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'fastrms[torch]')")
+    if not torch.distributed.is_available():
+        pytest.skip("this torch build has no torch.distributed")
+    r = timing.torch_dtensors(k=2, shape=(5, 3), rounds=1, target=0.001)
+    assert set(r) == {"fastrms.torch.RMSprop", "torch.optim.RMSprop"} and all(t > 0 for t in r.values())
+    assert not torch.distributed.is_initialized()
 
 
 def test_torch_embedding_times_the_sparse_and_the_dense_steps_of_a_table():

@@ -291,6 +291,20 @@ def run_torch(rounds=None, widths=(100,)):
     rounds = 7 if rounds is None else rounds
     for width in widths:
         _run_torch(timing.torch_steps(width=width, rounds=rounds))
+    k, n = 1000, 1000
+    steps = timing.torch_tensors(k, n, rounds=rounds)
+    base = steps["fastrms.RMSprop, a list of arrays"]
+    print(f"{k} float32 tensors of {n}, optimizer step, medians (the per-tensor step's fixed cost):")
+    for name, seconds in steps.items():
+        print(f"  {name:40s} {seconds * 1e3:8.3f} ms  {seconds / base:5.2f}x the NumPy front end's list")
+    steps = timing.torch_dtensors(rounds=rounds)
+    if steps is None:
+        print("DTensor params: skipped (torch.distributed is not available, or a process group is running)")
+    else:
+        ours = steps["fastrms.torch.RMSprop"]
+        print("100 float32 DTensors of 301x150 on a mesh of 1 rank (FSDP2's params), optimizer step, medians:")
+        for name, seconds in steps.items():
+            print(f"  {name:40s} {seconds * 1e3:8.3f} ms  {seconds / ours:5.2f}x fastrms.torch")
     n, width, k = 200_000, 64, 4096
     steps = timing.torch_embedding(n, width, k, rounds=rounds)
     ours = steps["fastrms.torch, dense grad"]
@@ -308,7 +322,7 @@ def _run_torch(r):
     for name, seconds in r.get("compile", {}).items():
         print(f"  {name}: compiling took {seconds:.1f} s (its first call), the price of each new process")
     print("whole training step (zero_grad, forward, backward, step), medians:")
-    for name, seconds in r["train"].items():
+    for name, seconds in r["train"].items():  # the limit has no training step
         share = r["step"][name] / seconds
         print(f"  {name:36s} {seconds * 1e3:8.3f} ms  optimizer {share:6.1%} of it")
 

@@ -230,6 +230,8 @@ def torch_steps(layers=100, width=100, rounds=7, target=0.05, seed=0, compiled=T
     p, g = Problem(n, "float32").fresh()
     flat = RMSprop(p, 1e-3)
     steps["fastrms.RMSprop, one flat array"] = lambda: flat.step(g)
+    traffic, _held = setup("traffic", Problem(n, "float32"))
+    steps["limit: the same bytes, no math"] = traffic
     return {
         "params": n,
         "tensors": 2 * layers,
@@ -237,6 +239,73 @@ def torch_steps(layers=100, width=100, rounds=7, target=0.05, seed=0, compiled=T
         "train": measure_calls(train, rounds, target),
         "compile": compile_seconds,
     }
+
+
+def torch_tensors(k=1000, n=1000, rounds=7, target=0.05, seed=0):
+    """`fastrms bench --torch`, the per-tensor step's fixed cost: `k` float32 tensors of `n`
+    elements through `fastrms.torch.RMSprop` (per tensor), `torch.optim.RMSprop(foreach=True)`
+    and `fastrms.RMSprop` over a list of `k` NumPy arrays of the same sizes, and over one
+    array of `k * n` elements. Returns `{name: median seconds}`."""
+    import torch
+
+    from ..torch import RMSprop as FusedRMSprop
+
+    torch.manual_seed(seed)
+    steps = {}
+    for name, make in (
+        ("fastrms.torch.RMSprop, per tensor", lambda ps: FusedRMSprop(ps, lr=1e-3)),
+        ("torch.optim.RMSprop(foreach=True)", lambda ps: torch.optim.RMSprop(ps, lr=1e-3, foreach=True)),
+    ):
+        params = [torch.nn.Parameter(torch.randn(n)) for _ in range(k)]
+        for p in params:
+            p.grad = torch.randn(n) * 1e-3
+        steps[name] = make(params).step
+    rng = np.random.default_rng(seed)
+    arrays = [rng.standard_normal(n, dtype=np.float32) for _ in range(k)]
+    grads = [rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3) for _ in range(k)]
+    listed = RMSprop(arrays, learning_rate=1e-3)
+    steps["fastrms.RMSprop, a list of arrays"] = lambda: listed.step(grads)
+    p, g = Problem(k * n, "float32").fresh()
+    flat = RMSprop(p, 1e-3)
+    steps["fastrms.RMSprop, one array"] = lambda: flat.step(g)
+    return measure_calls(steps, rounds, target)
+
+
+def torch_dtensors(k=100, shape=(301, 150), rounds=7, target=0.05, seed=0):
+    """`fastrms bench --torch`, DTensor params (FSDP2's): `k` float32 DTensors of `shape`
+    sharded on a mesh of one rank (gloo, a file rendezvous; the process group made and torn
+    down here), stepped by `fastrms.torch.RMSprop` (on the local shards) and by
+    `torch.optim.RMSprop` (its default, foreach) on the same DTensors. Returns
+    `{name: median seconds}`, or None when torch.distributed is not available or a process
+    group is already running."""
+    import tempfile
+
+    import torch
+
+    from ..torch import RMSprop as FusedRMSprop
+
+    dist = torch.distributed
+    if not dist.is_available() or dist.is_initialized():
+        return None
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    with tempfile.TemporaryDirectory() as folder:
+        dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=0, world_size=1)
+        try:
+            mesh = init_device_mesh("cpu", (1,))
+            torch.manual_seed(seed)
+            steps = {}
+            for name, make in (
+                ("fastrms.torch.RMSprop", lambda ps: FusedRMSprop(ps, lr=1e-3)),
+                ("torch.optim.RMSprop", lambda ps: torch.optim.RMSprop(ps, lr=1e-3)),
+            ):
+                params = [torch.nn.Parameter(distribute_tensor(torch.randn(shape), mesh, [Shard(0)])) for _ in range(k)]
+                for p in params:
+                    p.grad = distribute_tensor(torch.randn(shape) * 1e-3, mesh, [Shard(0)])
+                steps[name] = make(params).step
+            return measure_calls(steps, rounds, target)
+        finally:
+            dist.destroy_process_group()
 
 
 def torch_embedding(n=200_000, width=64, k=4096, rounds=7, target=0.05, seed=0):
