@@ -30,3 +30,9 @@ __all__ = [
     "PRESETS",
     "__version__",
 ]
+
+
+def __dir__():
+    """The public names only: the package's internal modules (imported as it loads) stay
+    importable but out of `dir(fastrms)` and tab completion."""
+    return sorted(__all__)

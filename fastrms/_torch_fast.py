@@ -105,7 +105,7 @@ class Kept:
             and len(state_of) == len(self.dicts)  # param -> state dict, by identity, without hashing tensors
             and all(map(_IS, state_of.keys(), self.keys))
             and all(map(_IS, state_of.values(), self.dicts))
-            and all(all(map(_IS, map(dict.get, dicts, repeat(key)), tensors)) for key, (dicts, tensors) in self.held.items())
+            and all(all(map(_IS, map(dict.get, ds, repeat(key)), ts)) for key, (ds, ts) in self.held.items())
         ):  # fmt: skip
             return None
         gptrs = np.fromiter(map(_DATA_PTR, grads), dtype=np.int64, count=len(grads))

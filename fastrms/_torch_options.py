@@ -51,6 +51,11 @@ def hyperparameters(cache, group, where, dtypes, dense_rows):
             message = str(exc)
             for ours, theirs in TORCH_NAMES.items():
                 message = message.replace(ours, theirs)
+            message = message.replace(  # torch's weight decay is the coupled one; there is no other here
+                "use decoupled_weight_decay=True, or the lazy mode",
+                "fastrms.torch has torch's coupled weight decay only: use dense_rows=False, the lazy mode, or "
+                "weight_decay=0",
+            )
             option = message.split(" ", 1)[0]
             if isinstance(exc, ValueError) and option in TORCH_PHRASES:
                 value = lr if option == "lr" else group[option]

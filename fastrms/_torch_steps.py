@@ -8,10 +8,10 @@ buckets' dense calls (`fastrms._torch_buckets`), the sparse grads' row steps
 (`fastrms._torch_sparse`), every `step` counter advanced in one call per dtype, and the
 version counters bumped. A rejected step changes nothing."""
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
-
-from typing import NamedTuple
 
 from . import _torch_fast, _torch_guard, _torch_options, _torch_sparse, _torch_tensors, kernels, runtime, spec
 from . import options as O

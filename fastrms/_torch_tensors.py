@@ -263,7 +263,8 @@ def layout(p, names, address, name, state, slot, stochastic=False):
         if not isinstance(t, torch.Tensor) or t.dtype != kept or t.shape != p.shape or not t.is_cpu:
             like = "a float32 CPU tensor of the param's shape" if kept != p.dtype else "a CPU tensor like the param"
             raise ValueError(f"{name}: its state {state_name!r} is not {like}")
-        if shard is not p and (type(t) is not type(p) or t.placements != p.placements or t.device_mesh != p.device_mesh):
+        placed = shard is p or (type(t) is type(p) and t.placements == p.placements and t.device_mesh == p.device_mesh)
+        if not placed:
             raise ValueError(f"{name}: its state {state_name!r} is not a DTensor placed like the param "
                              f"({tuple(p.placements)} on {p.device_mesh})")  # fmt: skip
         held_shard = local(t, f"{name}: its state {state_name!r}")

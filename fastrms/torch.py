@@ -51,6 +51,9 @@ except ImportError:  # pragma: no cover - exercised in a subprocess without torc
     ) from None
 
 
+import difflib
+import inspect
+
 from . import _torch_state, _torch_steps, _torch_tensors
 from . import options as O
 from ._torch_buckets import Bucket
@@ -105,6 +108,16 @@ class RMSprop(torch.optim.Optimizer):
     missed when next touched, so the run equals torch's dense one up to rounding (without
     momentum; with momentum the forward pass reads rows where they were left).
     """
+
+    def __new__(cls, *args, **kwargs):
+        # an unknown keyword gets the closest option's name (Python's own error names none)
+        unknown = [name for name in kwargs if name not in _OPTIONS]
+        if unknown:
+            name = unknown[0]
+            hint = _FOREIGN.get(name) or next(iter(difflib.get_close_matches(name, _OPTIONS, n=1)), None)
+            said = f" Did you mean {hint!r}?" if hint else ""
+            raise TypeError(f"RMSprop() got an unexpected keyword argument {name!r}.{said} Options are {_OPTIONS}")
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -315,5 +328,12 @@ def _guard_options(clip_global_norm, skip_nonfinite):
     None when neither is asked for."""
     if clip_global_norm is None and skip_nonfinite is False:
         return None
-    checked = O.check_hyperparameters(O.resolve({"clip_global_norm": clip_global_norm, "skip_nonfinite": skip_nonfinite}))
+    given = {"clip_global_norm": clip_global_norm, "skip_nonfinite": skip_nonfinite}
+    checked = O.check_hyperparameters(O.resolve(given))
     return {"clip_global_norm": checked["clip_global_norm"], "skip_nonfinite": checked["skip_nonfinite"]}
+
+
+#: The keywords `RMSprop` takes, and fastrms's or other libraries' names for some of them.
+_OPTIONS = [name for name in inspect.signature(RMSprop.__init__).parameters if name not in ("self", "params")]
+_FOREIGN = {"learning_rate": "lr", "beta": "alpha", "rho": "alpha", "decay": "alpha", "epsilon": "eps",
+            "nesterov": "momentum", "decoupled_weight_decay": "weight_decay"}  # fmt: skip

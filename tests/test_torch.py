@@ -180,7 +180,10 @@ def _snapshot(params):
         (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], lr=-1.0), "lr must be"),
         (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], alpha=1.0), "alpha must be"),
         (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], eps=0.0), "eps must be"),
-        (lambda: RMSprop(None, lr=torch.tensor([1.0, 2.0])), "Tensor lr must be 1-element"),  # before the params, as torch
+        (lambda: RMSprop(None, lr=torch.tensor([1.0, 2.0])), "Tensor lr must be 1-element"),  # before params
+        (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], lrr=0.1), "argument 'lrr'. Did you mean 'lr'"),
+        (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], learning_rate=0.1), "'learning_rate'. Did you mean 'lr'"),
+        (lambda: RMSprop([torch.nn.Parameter(torch.ones(2))], weight_decay=0.1, dense_rows=True), "or weight_decay=0"),
     ],
 )
 def test_bad_construction_is_refused_naming_the_cause(make, error):
@@ -319,7 +322,7 @@ def test_flatten_survives_a_replaced_grad_and_state_dicts_both_ways():
 
 def _flat_pair():
     torch.manual_seed(0)
-    ours = [torch.nn.Parameter(torch.randn(40, 30, dtype=torch.float64)), torch.nn.Parameter(torch.randn(50, dtype=torch.float64))]
+    ours = [torch.nn.Parameter(torch.randn(shape, dtype=torch.float64)) for shape in ((40, 30), (50,))]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     opts = RMSprop(ours, lr=0.01, momentum=0.5, flatten=True), torch.optim.RMSprop(theirs, lr=0.01, momentum=0.5)
     return ours, theirs, opts

@@ -39,7 +39,8 @@ _FSDP = textwrap.dedent(
 
     def build():
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 5), nn.Tanh(), nn.Linear(5, 1))  # uneven shards
+        # 13 and 5 rows over 2 ranks: uneven shards
+        model = nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 5), nn.Tanh(), nn.Linear(5, 1))
         for layer in model:
             if isinstance(layer, nn.Linear):
                 fully_shard(layer)
@@ -94,7 +95,8 @@ _FSDP = textwrap.dedent(
     if rank == 1:
         next(model.parameters()).grad.to_local()[0, 0] = float("nan")
     opt.step()
-    report["skipped on every rank"] = opt.skipped_steps == 1 and all(torch.equal(a, b) for a, b in zip(full(model), before))
+    unmoved = all(torch.equal(a, b) for a, b in zip(full(model), before))
+    report["skipped on every rank"] = opt.skipped_steps == 1 and unmoved
     # DCP: save mid-run, restore into a fresh model and optimizer, go on: the same as going straight on
     model = build()
     opt = RMSprop(model.parameters(), **OPTIONS, clip_global_norm=0.05)
@@ -150,14 +152,16 @@ _ONE_RANK = textwrap.dedent(
         for p, q in zip(ours, theirs):
             g = torch.randn(p.shape)
             if isinstance(p, DTensor):
-                p.grad, q.grad = distribute_tensor(g, mesh, p.placements), distribute_tensor(g.clone(), mesh, q.placements)
+                p.grad = distribute_tensor(g, mesh, p.placements)
+                q.grad = distribute_tensor(g.clone(), mesh, q.placements)
             else:
                 p.grad, q.grad = g, g.clone()
         opt.step()
         ref.step()
     full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t
     report = {
-        "gap": max(float((full(p) - full(q)).abs().max() / full(q).abs().max()) for p, q in zip(ours, theirs) if p.numel()),
+        "gap": max(float((full(p) - full(q)).abs().max() / full(q).abs().max())
+                   for p, q in zip(ours, theirs) if p.numel()),
         "state": [sorted(k for k, t in opt.state[p].items() if isinstance(t, DTensor)) for p in ours],
         "torch's state": [sorted(k for k, t in ref.state[q].items() if isinstance(t, DTensor)) for q in theirs],
         "steps": [float(opt.state[p]["step"]) for p in ours],
@@ -221,8 +225,12 @@ def test_fsdp2_on_two_cpu_ranks_matches_torch_optim_and_resumes_from_dcp(tmp_pat
     script.write_text(_FSDP)
     store = str(tmp_path / "store")
     procs = [
-        subprocess.Popen([sys.executable, str(script), str(r), "2", store, str(out)], env=_env(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), "2", store, str(out)],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
         for r in range(2)
     ]
     try:

@@ -20,9 +20,10 @@ def _params(n=4, seed=0):
 def _pair(mode, groups):
     """The same params twice, and an optimizer for each: fastrms's and torch's."""
     ours, theirs = _params(), _params()
-    make = lambda ps, cls, kw: cls(
-        [{"params": [ps[i] for i in idx], **opts} for idx, opts in groups], lr=0.01, **kw
-    )  # noqa: E731
+
+    def make(ps, cls, kw):
+        return cls([{"params": [ps[i] for i in idx], **opts} for idx, opts in groups], lr=0.01, **kw)
+
     return ours, theirs, make(ours, RMSprop, mode), make(theirs, torch.optim.RMSprop, {})
 
 
