@@ -207,6 +207,14 @@ class RMSprop:
         return self._clock.step_count
 
     @property
+    def state_nbytes(self):
+        """Bytes the optimizer's state takes across the cluster: each param's state arrays
+        (PyTorch's names, the param's dtype), one copy (a donating step writes the new
+        generation over the old; without `donate` a step holds two generations for a
+        moment)."""
+        return sum(int(g.nbytes) * len(self._names) // (1 + len(self._names)) for g in self._gens)
+
+    @property
     def skipped_steps(self):
         """Steps refused by `skip_nonfinite`."""
         return self._clock.skipped_steps

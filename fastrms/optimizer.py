@@ -267,6 +267,16 @@ class RMSprop:
         return self._clock.step_count
 
     @property
+    def state_nbytes(self) -> int:
+        """Bytes the optimizer's state takes: the state arrays as stored (`state_storage`: 4
+        or 8 bytes an element, 2 for bfloat16, 1 and the block scales for 8bit; `state_layout`
+        "rowwise": one value a row) and `dense_rows`' per-row step counters. The params, and
+        the copies `copy_to` writes, are the caller's."""
+        return sum(getattr(s, name).nbytes for s in self._slots for name in s.names) + sum(
+            s.row_step.nbytes for s in self._slots
+        )
+
+    @property
     def skipped_steps(self) -> int:
         """Steps refused by `skip_nonfinite` because a grad held a NaN or an infinity."""
         return self._clock.skipped_steps

@@ -180,6 +180,20 @@ class RMSprop(torch.optim.Optimizer):
         return self._steps.last_norm
 
     @property
+    def state_nbytes(self) -> int:
+        """Bytes the optimizer's state takes on this process: every tensor in `state` (a
+        DTensor's local shard; a 16-bit param's float32 master and state; the `step`
+        counters), each counted once (with `flatten=True`, views of the flat buffers)."""
+        seen, total = set(), 0
+        for p_state in self.state.values():
+            for t in p_state.values():
+                if torch.is_tensor(t) and id(t) not in seen:
+                    seen.add(id(t))
+                    shard = _torch_tensors.local(t, "a state tensor")
+                    total += shard.numel() * shard.element_size()
+        return total
+
+    @property
     def skipped_steps(self) -> int:
         """The steps `skip_nonfinite=True` refused (a NaN or an infinity in a grad), in this
         process."""

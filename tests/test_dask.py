@@ -518,3 +518,9 @@ def test_dask_refuses_a_state_storage_it_does_not_keep():
         init_state(p, state_storage="bfloat16")
     with pytest.raises(ValueError, match=r"^rmsprop_step\(\) keeps the state"):
         rmsprop_step(p, p, {"square_avg": p}, 1, 0.1, state_storage="bfloat16")
+
+
+def test_state_nbytes_is_the_state_arrays_of_every_param():
+    params = [da.zeros((40, 30), dtype=np.float32, chunks=(20, 30)), da.zeros(50, dtype=np.float64, chunks=25)]
+    assert RMSprop(params, 0.01).state_nbytes == 40 * 30 * 4 + 50 * 8
+    assert RMSprop(params, 0.01, momentum=0.9, centered=True).state_nbytes == 3 * (40 * 30 * 4 + 50 * 8)

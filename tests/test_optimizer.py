@@ -846,6 +846,27 @@ def test_8bit_state_starts_at_initial_scale_exactly_and_takes_a_quarter_of_the_b
     assert kept <= 0.27 * 2 * opt.params.nbytes  # the target: at most 0.27x of float32 state
 
 
+@pytest.mark.parametrize(
+    "options, per_element",
+    [
+        ({}, 4),
+        ({"momentum": 0.9, "centered": True}, 12),
+        ({"state_storage": "bfloat16"}, 2),
+        ({"state_storage": "8bit", "momentum": 0.9}, 2),
+    ],  # fmt: skip
+    ids=["float32", "3 arrays", "bfloat16", "8bit"],
+)
+def test_state_nbytes_counts_the_state_as_stored(options, per_element):
+    params = [np.zeros(4096, np.float32), np.zeros((64, 32), np.float32)]
+    opt = fastrms.RMSprop(params, **options)
+    stored = sum(a.nbytes for k, a in opt.state_dict().items() if isinstance(a, np.ndarray))
+    assert opt.state_nbytes == stored  # what a checkpoint holds
+    n = 4096 + 64 * 32
+    assert per_element * n <= opt.state_nbytes <= per_element * n * 1.05  # 8bit: the block scales besides
+    rows = fastrms.RMSprop(np.zeros((64, 32), np.float32), dense_rows=True)
+    assert rows.state_nbytes == 64 * 32 * 4 + 64 * 8  # and a step counter per row
+
+
 def test_8bit_state_moves_the_params_as_float32_state_does_within_its_rounding():
     fast, _ = run_both({"state_storage": "8bit"}, 4096, np.float32, steps=20)
     full, _ = run_both({}, 4096, np.float32, steps=20)

@@ -376,6 +376,17 @@ def test_flatten_refuses_a_reshaped_param_or_state_before_writing_and_saves_each
     assert torch.equal(ours[1], params[1])
 
 
+@pytest.mark.parametrize("flatten", [False, True], ids=["per-tensor", "flatten"])
+def test_state_nbytes_counts_every_state_tensor_once(flatten):
+    model = _model(torch.bfloat16)
+    opt = RMSprop(model.parameters(), lr=1e-2, momentum=0.9, flatten=flatten)
+    assert opt.state_nbytes == 0  # no state before the first step, as in torch
+    _train(model, opt, 1, torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    steps = sum(s["step"].numel() * s["step"].element_size() for s in opt.state.values())
+    assert opt.state_nbytes == 3 * 4 * n + steps  # float32 square_avg, momentum_buffer and master
+
+
 def test_flatten_must_be_a_bool():
     with pytest.raises(TypeError, match="flatten must be True or False"):
         RMSprop([torch.nn.Parameter(torch.ones(2))], flatten=1)
