@@ -162,9 +162,27 @@ def step_bytes(size, itemsize, state_arrays):
 def drivers(centered=False, wd_mode=WD_NONE, mom_mode=MOM_NONE, nesterov=False):
     """Return `(serial, parallel)`, the two in-place dense shells of one variant.
 
-    Both take `(param, grad, square_avg, grad_avg, momentum_buffer, *scalars)` (see
-    `.dense`; `scalars` a `Scalars`), update in place and return whether they
-    ran in parallel.
+    Both take `(param, grad, square_avg, grad_avg, momentum_buffer, lr, beta, eps_in,
+    eps_out, weight_decay, momentum, grad_scale, bias_correction, clip)`, update in place
+    and return whether they ran in parallel. The arrays are 1-D, of one float dtype and
+    size; `grad_avg` and `momentum_buffer` may be empty (`param[:0]`) when the variant
+    keeps no such state. The nine scalars are `Scalars`' fields in order:
+
+    | scalar | meaning | plain RMSprop |
+    |---|---|---|
+    | `lr` | the learning rate | e.g. 1e-3 |
+    | `beta` | the decay of the averages (torch's `alpha`) | 0.9 |
+    | `eps_in` | epsilon inside the root: `sqrt(v + eps_in)` | 0.0 |
+    | `eps_out` | epsilon outside the root: `sqrt(v) + eps_out` | 1e-8 |
+    | `weight_decay` | the decay's factor (coupled or decoupled, per `wd_mode`) | 0.0 |
+    | `momentum` | the momentum factor (per `mom_mode`) | 0.0 |
+    | `grad_scale` | every grad is multiplied by it first (-1 maximizes; a clip's coefficient) | 1.0 |
+    | `bias_correction` | `1 - beta^t`, dividing `v` (1.0: none) | 1.0 |
+    | `clip` | each grad element clamped to `[-clip, clip]` (`inf`: none) | inf |
+
+    `kernels.Scalars(lr, beta, eps_in, eps_out, weight_decay, momentum, grad_scale,
+    bias_correction)` builds them (`clip` defaults to infinity): `shell(p, g, v, p[:0],
+    p[:0], *Scalars(1e-3, 0.9, 0.0, 1e-8, 0.0, 0.0, 1.0, 1.0))`.
     """
     key = variant(centered, wd_mode, mom_mode, nesterov)
     return dense(key, False), dense(key, True)
