@@ -27,9 +27,11 @@ def _demo(args):
         f"  the first call took {result['seconds_first_call'] * 1e3:.0f} ms: its kernels loaded from the disk cache"
         " (or compiled)"
     )
+    first, ratio, largest = demo.first_ahead(demo.pull_ahead())
+    where = f"from {first:,} parameters" if first is not None else "at no size timed here"
     print(
-        "  with 2 parameters a step is bound by the call, not the arithmetic; from 1e6 parameters fastrms's step is\n"
-        "  12-65x faster than the seed's NumPy step (fastrms bench)"
+        f"  one step timed alone at sizes 2 to {largest:,} (float64): fastrms's is faster than the seed's NumPy step"
+        f"\n  {where}, {ratio:.1f}x at {largest:,} (both are bound by the call, not the arithmetic, at 2)"
     )
     print(f"  mean squared error: {result['mse_init']:.4f} at the start, {result['mse_final']:.4f} at the end")
     fitted = result["theta_fitted"].ravel()
@@ -43,7 +45,7 @@ def _demo(args):
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print("  no plot: matplotlib is not installed (pip install 'fastrms[plot]')", file=sys.stderr)
+        print("  no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         return 0
     path = demo.plot(result, args.output / "linear_regression.png")
     print(f"  plot: {path}")
@@ -207,9 +209,9 @@ def _check(args):
                 raise UsageError(f"--readme {str(path)!r} is not writable")
         _check_memory(args)  # arithmetic only: the same answer whether torch or dask are installed
         if args.torch and importlib.util.find_spec("torch") is None:
-            raise UsageError("fastrms bench --torch needs PyTorch: pip install 'fastrms[torch]'")
+            raise UsageError("fastrms bench --torch needs PyTorch: pip install torch==2.13.0 (the CPU build)")
         if args.master and importlib.util.find_spec("torch") is None:
-            raise UsageError("fastrms bench --master needs PyTorch: pip install 'fastrms[torch]'")
+            raise UsageError("fastrms bench --master needs PyTorch: pip install torch==2.13.0 (the CPU build)")
         if args.no_compile and not args.master:
             raise UsageError("--no-compile goes with --master")
         if args.steps is not None and not args.accuracy:
@@ -217,9 +219,9 @@ def _check(args):
         if args.beta is not None and not args.accuracy:
             raise UsageError("--beta goes with --accuracy")
         if args.accuracy and importlib.util.find_spec("ml_dtypes") is None:
-            raise UsageError("fastrms bench --accuracy needs ml_dtypes: pip install 'fastrms[bfloat16]'")
+            raise UsageError("fastrms bench --accuracy needs ml_dtypes: pip install ml_dtypes")
         if args.dask and (importlib.util.find_spec("dask") is None or importlib.util.find_spec("distributed") is None):
-            raise UsageError("fastrms bench --dask needs Dask: pip install 'fastrms[dask]'")
+            raise UsageError("fastrms bench --dask needs Dask: pip install 'dask[array]' distributed zarr")
         runs = []
         for path in args.compare or ():
             try:

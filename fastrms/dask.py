@@ -17,9 +17,7 @@ try:
     import dask
     import dask.array as da
 except ImportError:  # pragma: no cover - exercised in a subprocess without dask
-    raise ImportError(
-        "fastrms.dask needs Dask; install it with: pip install 'fastrms[dask]' (dask[array], distributed, zarr)"
-    ) from None
+    raise ImportError("fastrms.dask needs Dask; install it with: pip install 'dask[array]' distributed zarr") from None
 
 from typing import TYPE_CHECKING
 

@@ -87,6 +87,46 @@ def run(num_iterations=1000, learning_rate=0.001, fitted_learning_rate=0.01):
     )
 
 
+#: The sizes `pull_ahead` times, from the seed's 2 parameters up.
+SIZES = (2, 100, 1_000, 10_000, 100_000, 1_000_000)
+
+
+def pull_ahead(sizes=SIZES, rounds=5, target=0.004):
+    """Where fastrms pulls ahead of the seed's NumPy step: one step of `fastrms.RMSprop` and
+    of the seed's loop body (`reference.seed_step`) on float64 arrays of each size, timed
+    in this process (medians of `rounds` interleaved rounds). Returns `{n: (fastrms
+    seconds, seed seconds)}`."""
+    from .bench.timing import measure_calls
+    from .optimizer import RMSprop
+
+    out = {}
+    for n in sizes:
+        g = np.full(n, 0.5)
+        opt = RMSprop(np.zeros(n), learning_rate=1e-3)
+        theta, v = np.zeros(n), np.zeros(n)
+
+        def seed():
+            reference.seed_step(theta, v, g, 1e-3, 0.9, 1e-8)
+
+        timed = measure_calls({"fastrms": lambda: opt.step(g), "seed": seed}, rounds, target)
+        out[n] = (timed["fastrms"], timed["seed"])
+    return out
+
+
+def first_ahead(timings):
+    """`(n, ratio, largest)`: the smallest size from which fastrms's step is faster than the
+    seed's at every larger size (None if not even at the largest), and the seed's time over
+    fastrms's at the largest size."""
+    first = None
+    for n in sorted(timings, reverse=True):
+        fast, seed = timings[n]
+        if fast >= seed:
+            break
+        first = n
+    largest = max(timings)
+    return first, timings[largest][1] / timings[largest][0], largest
+
+
 def plot(result, path):
     """The seed's figure (the data points and the fitted lines, the legend below the axes so
     it covers no data) beside the mean squared error per step of both runs, saved to

@@ -138,7 +138,7 @@ OPTIONS = (
         "state_storage", "native", "choice", "storage",
         "how the state is stored: \"native\" (the params' dtype), \"bfloat16\" (float32 params only: "
         "half the state's bytes; the update computes in float32 from the stored values and stores its "
-        "result rounded to nearest even, as `torch.bfloat16` does; needs `ml_dtypes`, `fastrms[bfloat16]`) or "
+        "result rounded to nearest even, as `torch.bfloat16` does; needs `ml_dtypes`, the `bfloat16` extra) or "
         "\"8bit\" (float32 params only: a quarter of the bytes and a little more, in blocks of 256 codes and a "
         "float32 scale, dequantised, stepped in float32 and requantised in one pass; see docs/algorithm.md)",
         choices=("native", "bfloat16", "8bit"),

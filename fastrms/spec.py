@@ -112,7 +112,7 @@ def view_dtype(codec, param_dtype):
     except ImportError:
         raise ImportError(
             "state_storage='bfloat16' shows the state as ml_dtypes.bfloat16 arrays; install it with: "
-            "pip install 'fastrms[bfloat16]' (ml_dtypes)"
+            "pip install ml_dtypes"
         ) from None
     return np.dtype(ml_dtypes.bfloat16)
 

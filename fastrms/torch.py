@@ -47,7 +47,7 @@ try:
     import torch
 except ImportError:  # pragma: no cover - exercised in a subprocess without torch
     raise ImportError(
-        "fastrms.torch needs PyTorch; install it with: pip install 'fastrms[torch]' (torch==2.13.0, the CPU build)"
+        "fastrms.torch needs PyTorch; install it with: pip install torch==2.13.0 (the CPU build)"
     ) from None
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed (pip install 'fastrms[bfloat16]')")
+pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed (pip install ml_dtypes)")
 
 from fastrms import cli
 from fastrms.bench import accuracy

@@ -3,7 +3,7 @@ float32 masters (the copies by hand) and torch.compile of it."""
 
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'fastrms[torch]')")
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0)")
 
 from fastrms import cli  # noqa: E402
 from fastrms.bench import master  # noqa: E402

@@ -8,7 +8,7 @@ from fastrms import cli
 from fastrms.bench import precision
 from fastrms.kernels import storage
 
-pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed (pip install 'fastrms[bfloat16]')")
+pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed (pip install ml_dtypes)")
 
 
 def test_the_bfloat16_bespoke_loop_is_the_optimizers_step_bit_for_bit():

@@ -44,7 +44,7 @@ def test_clipped_times_every_clip_case_and_the_read_pass():
 
 @pytest.mark.slow
 def test_torch_steps_times_each_optimizer_and_a_training_step():
-    pytest.importorskip("torch", reason="torch is not installed (pip install 'fastrms[torch]')")
+    pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0)")
     r = timing.torch_steps(layers=2, width=8, rounds=1, target=0.001)
     assert r["tensors"] == 4 and r["params"] == 2 * (8 * 8 + 8)
     compiled = "torch.compile(torch.optim.RMSprop.step)"
@@ -61,7 +61,7 @@ def test_torch_steps_times_each_optimizer_and_a_training_step():
 
 
 def test_torch_tensors_times_the_per_tensor_step_beside_the_numpy_front_ends():
-    pytest.importorskip("torch", reason="torch is not installed (pip install 'fastrms[torch]')")
+    pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0)")
     r = timing.torch_tensors(k=3, n=5, rounds=1, target=0.001)
     assert set(r) == {
         "fastrms.torch.RMSprop, per tensor",
@@ -73,7 +73,7 @@ def test_torch_tensors_times_the_per_tensor_step_beside_the_numpy_front_ends():
 
 
 def test_torch_dtensors_times_both_optimizers_on_a_mesh_of_one_and_tears_it_down():
-    torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'fastrms[torch]')")
+    torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0)")
     if not torch.distributed.is_available():
         pytest.skip("this torch build has no torch.distributed")
     r = timing.torch_dtensors(k=2, shape=(5, 3), rounds=1, target=0.001)
@@ -82,7 +82,7 @@ def test_torch_dtensors_times_both_optimizers_on_a_mesh_of_one_and_tears_it_down
 
 
 def test_torch_embedding_times_the_sparse_and_the_dense_steps_of_a_table():
-    pytest.importorskip("torch", reason="torch is not installed (pip install 'fastrms[torch]')")
+    pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0)")
     r = timing.torch_embedding(n=50, width=4, k=8, rounds=1, target=0.001)
     assert list(r) == [
         "fastrms.torch, sparse grad, lazy",
@@ -94,7 +94,7 @@ def test_torch_embedding_times_the_sparse_and_the_dense_steps_of_a_table():
 
 
 def test_dask_step_times_the_fused_map_the_expressions_and_one_process():
-    pytest.importorskip("distributed", reason="dask is not installed (pip install 'fastrms[dask]')")
+    pytest.importorskip("distributed", reason="dask is not installed (pip install 'dask[array]' distributed zarr)")
     r = timing.dask_step(total=40_000, chunk=10_000, rounds=1)
     assert r["tasks"] == 4
     cases = ("fastrms.dask, fused map", "fastrms.dask, fused map, donate=True", "dask.array NumPy expressions",

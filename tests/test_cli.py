@@ -121,3 +121,11 @@ def test_info_with_a_threading_layer_that_cannot_start_is_one_line_not_a_traceba
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     assert out.stderr.startswith("fastrms: error:") and "NUMBA_THREADING_LAYER" in out.stderr
+
+
+def test_first_ahead_is_where_fastrms_stays_ahead_and_the_ratio_at_the_largest_size():
+    timings = {2: (1.0, 2.0), 100: (3.0, 2.0), 1000: (1.0, 2.0), 10_000: (1.0, 4.0)}
+    assert demo.first_ahead(timings) == (1000, 4.0, 10_000)  # ahead at 2 by chance, behind at 100
+    assert demo.first_ahead({2: (2.0, 1.0), 10: (3.0, 1.5)}) == (None, 0.5, 10)
+    measured = demo.pull_ahead(sizes=(2, 1000), rounds=1, target=0.0005)
+    assert set(measured) == {2, 1000} and all(f > 0 and s > 0 for f, s in measured.values())

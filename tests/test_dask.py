@@ -7,7 +7,7 @@ import signal
 import numpy as np
 import pytest
 
-da = pytest.importorskip("dask.array", reason="dask is not installed (pip install 'fastrms[dask]')")
+da = pytest.importorskip("dask.array", reason="dask is not installed (pip install 'dask[array]' distributed zarr)")
 import dask  # noqa: E402
 from conftest import assert_optional_import  # noqa: E402
 
@@ -418,7 +418,7 @@ def test_a_task_runs_its_kernel_on_at_most_omp_num_threads(monkeypatch):
 
 
 def test_importing_fastrms_does_not_import_dask_and_a_missing_dask_is_one_clear_error():
-    message = "fastrms.dask needs Dask; install it with: pip install 'fastrms[dask]'"
+    message = "fastrms.dask needs Dask; install it with: pip install 'dask[array]' distributed zarr"
     assert_optional_import("fastrms.dask", "dask", message)
 
 

@@ -690,7 +690,7 @@ def test_with_nan_grads_bit_for_bit_holds_everywhere_but_the_nans_sign(n, dtype)
 
 needs_ml_dtypes = pytest.mark.skipif(
     __import__("importlib.util").util.find_spec("ml_dtypes") is None,
-    reason="ml_dtypes is not installed (pip install 'fastrms[bfloat16]')",
+    reason="ml_dtypes is not installed (pip install ml_dtypes)",
 )
 
 

@@ -222,7 +222,7 @@ def test_skip_nonfinite_matches_the_reference_over_a_run_with_bad_steps(dtype):
 
 needs_ml_dtypes = pytest.mark.skipif(
     __import__("importlib.util").util.find_spec("ml_dtypes") is None,
-    reason="ml_dtypes is not installed (pip install 'fastrms[bfloat16]')",
+    reason="ml_dtypes is not installed (pip install ml_dtypes)",
 )
 
 

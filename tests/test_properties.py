@@ -316,7 +316,7 @@ def test_any_finite_run_saved_loads_back_continuing_bitwise(storage, layout, par
     in torch, and `save` refuses that state by name.)"""
     low = storage == "bfloat16" or params != "float32"
     if low and __import__("importlib.util").util.find_spec("ml_dtypes") is None:
-        pytest.skip("ml_dtypes is not installed (pip install 'fastrms[bfloat16]')")
+        pytest.skip("ml_dtypes is not installed (pip install ml_dtypes)")
     dtype = {"float32": np.float32, "float16": np.float16}.get(params) or __import__("ml_dtypes").bfloat16
     options = dict(MAIN[variant], state_storage=storage, state_layout=layout)
     bound = 2.0**60 if options.get("centered") else _BIGGEST32

@@ -13,7 +13,7 @@ import pytest
 
 from fastrms import reference
 
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'fastrms[torch]')")
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0)")
 from conftest import assert_optional_import  # noqa: E402
 
 from fastrms.torch import RMSprop  # noqa: E402
@@ -213,7 +213,7 @@ def test_a_bad_grad_is_refused_before_any_param_is_written():
 
 
 def test_importing_fastrms_does_not_import_torch_and_a_missing_torch_is_one_clear_error():
-    message = "fastrms.torch needs PyTorch; install it with: pip install 'fastrms[torch]'"
+    message = "fastrms.torch needs PyTorch; install it with: pip install torch==2.13.0"
     assert_optional_import("fastrms.torch", "torch", message)
 
 
@@ -402,7 +402,7 @@ def _numpy_low(t):
     bits = t.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
     if t.dtype == torch.float16:
         return bits.view(np.float16)
-    ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed (pip install 'fastrms[bfloat16]')")
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed (pip install ml_dtypes)")
     return bits.view(ml_dtypes.bfloat16)
 
 

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'fastrms[torch]')")
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0)")
 if not torch.distributed.is_available():  # pragma: no cover - torch builds without distributed
     pytest.skip("this torch build has no torch.distributed", allow_module_level=True)
 

@@ -4,7 +4,7 @@ noticed, each against torch.optim.RMSprop making the same change."""
 
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'fastrms[torch]')")
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0)")
 
 from fastrms.torch import RMSprop  # noqa: E402
 

@@ -5,7 +5,7 @@ torch.optim.RMSprop refuses: lazy rows against the NumPy reference bit for bit, 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'fastrms[torch]')")
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0)")
 
 from fastrms import reference  # noqa: E402
 from fastrms.torch import RMSprop  # noqa: E402

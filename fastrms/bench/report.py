@@ -249,7 +249,7 @@ def run_accuracy(output, steps=None, beta=None):
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print("  no plot: matplotlib is not installed (pip install 'fastrms[plot]')")
+        print("  no plot: matplotlib is not installed (pip install matplotlib)")
         return 0
     print(f"  plot: {accuracy.plot(losses, output / 'accuracy.png')}")
     return 0
@@ -386,7 +386,7 @@ def run(
     try:
         print("wrote " + " and ".join(str(p) for p in plot(result, out / "bench.png")))
     except ImportError:
-        print("no plot: matplotlib is not installed (pip install 'fastrms[bench]')", file=sys.stderr)
+        print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     for path in readme or ():
         update_readme(path, markdown(result, compact=True))
         print(f"updated the benchmark table in {path}")

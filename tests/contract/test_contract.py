@@ -133,7 +133,7 @@ class TorchFront:
 def _fronts():
     out = [pytest.param(NumPyFront, id="numpy")]
     have = {name: importlib.util.find_spec(name) is not None for name in ("dask", "torch")}
-    reason = "{} is not installed (pip install 'fastrms[{}]')"
+    reason = "{} is not installed (python -m pip install -e '.[{}]' in the repository)"
     out.append(pytest.param(DaskFront, id="dask", marks=pytest.mark.skipif(not have["dask"],
                reason=reason.format("dask", "dask"))))  # fmt: skip
     out.append(pytest.param(TorchFront, id="torch", marks=pytest.mark.skipif(not have["torch"],
