@@ -105,10 +105,10 @@ def pull_ahead(sizes=SIZES, rounds=5, target=0.004):
         opt = RMSprop(np.zeros(n), learning_rate=1e-3)
         theta, v = np.zeros(n), np.zeros(n)
 
-        def seed():
+        def seed(theta=theta, v=v, g=g):
             reference.seed_step(theta, v, g, 1e-3, 0.9, 1e-8)
 
-        timed = measure_calls({"fastrms": lambda: opt.step(g), "seed": seed}, rounds, target)
+        timed = measure_calls({"fastrms": lambda opt=opt, g=g: opt.step(g), "seed": seed}, rounds, target)
         out[n] = (timed["fastrms"], timed["seed"])
     return out
 

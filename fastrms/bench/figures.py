@@ -51,7 +51,7 @@ def plot(result, path):
         fig.suptitle(title)
         fig.tight_layout(rect=(0, 0.2, 1, 1))
         path = Path(path)
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend below whole, however narrow the figure
         plt.close(fig)
 
         fig, axes = plt.subplots(1, len(dtypes), figsize=(4.8 * len(dtypes), 4.6), squeeze=False, sharey=True)
@@ -72,6 +72,6 @@ def plot(result, path):
         fig.suptitle(title)
         fig.tight_layout(rect=(0, 0.16, 1, 1))
         limit_path = path.with_name(f"{path.stem}-limit{path.suffix}")
-        fig.savefig(limit_path, dpi=110)
+        fig.savefig(limit_path, dpi=110, bbox_inches="tight")
         plt.close(fig)
     return path, limit_path

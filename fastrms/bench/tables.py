@@ -20,6 +20,9 @@ def summarize(row):
     bounds = [s[k] for k in ("traffic", "bespoke") if k in s]
     own = row.get("samples", {}).get("fastrms")
     low, _, iqr = timing.spread(own) if own else (f, f, 0.0)
+    floor = row.get("samples", {}).get("traffic")  # the limit kernel does the same work every round
+    floor_iqr = timing.spread(floor)[2] / s["traffic"] if floor else 0.0
+    pct_of_limit = 100.0 * max(bounds) / f if bounds else None
     return {
         "us_per_step": f * 1e6,
         "min_us": low * 1e6,
@@ -28,7 +31,11 @@ def summarize(row):
         "gb_per_s": row["bytes_per_step"] / f / 1e9,
         "pct_of_traffic": 100.0 * s["traffic"] / f if "traffic" in s else None,
         "pct_of_bespoke": 100.0 * s["bespoke"] / f if "bespoke" in s else None,
-        "pct_of_limit": 100.0 * max(bounds) / f if bounds else None,
+        "pct_of_limit": pct_of_limit,
+        "limit_iqr_pct": 100.0 * floor_iqr,
+        # the machine's noise: fastrms's rounds or the limit kernel's spread apart, or a step
+        # faster than the same bytes with no arithmetic
+        "noisy": iqr > UNSTABLE * f or floor_iqr > UNSTABLE or (pct_of_limit or 0.0) > 100.0 * BEYOND_LIMIT,
         "x_seed": ratio("numpy_seed"),
         "x_out": ratio("numpy_out"),
         "x_torch": ratio("torch_foreach"),
@@ -38,6 +45,36 @@ def summarize(row):
 
 #: A cell whose fastrms samples have an IQR above this share of their median is flagged (!).
 UNSTABLE = 0.2
+#: A step measured this much faster than its limit (the same bytes, no arithmetic) is noise.
+BEYOND_LIMIT = 1.05
+#: The ratio columns a noisy cell does not report ("?").
+RATIOS = ("pct_of_traffic", "pct_of_bespoke", "pct_of_limit", "x_seed", "x_out", "x_torch", "x_jax")
+
+
+def noise(result):
+    """`(noisy cells, cells, load)`: how many cells of a run its own noise spoiled (see
+    `summarize`) and the machine's 1-minute load average over its cores when it started
+    (None where unknown)."""
+    noisy = sum(summarize(row)["noisy"] for row in result["rows"])
+    return noisy, len(result["rows"]), result["machine"].get("load")
+
+
+def warning(result):
+    """The line printed on top of a noisy run's table, or None."""
+    noisy, cells, load = noise(result)
+    busy = load is not None and load > 0.5
+    if not noisy and not busy:
+        return None
+    why = []
+    if busy:
+        why.append(f"the machine was busy when it started (load {load:.0%} of its cores)")
+    if noisy:
+        why.append(
+            f"{noisy} of {cells} cells are noisy (their rounds or the limit kernel's spread more than {UNSTABLE:.0%}, "
+            f"or fastrms measured faster than the same bytes with no arithmetic): their ratios show as ?"
+        )
+    return "WARNING: " + "; ".join(why) + ". Run it again on a quiet machine before trusting the ratios."
+
 
 COLUMNS = [
     ("variant", "variant", "{}"),
@@ -62,6 +99,8 @@ def table_rows(rows):
     for row in rows:
         fig = {**row, **summarize(row)}
         cells = [("-" if fig[key] is None else fmt.format(fig[key])) for _, key, fmt in COLUMNS]
+        if fig["noisy"]:  # ratios this run cannot stand behind
+            cells = [("?" if key in RATIOS and cell != "-" else cell) for (_, key, _), cell in zip(COLUMNS, cells)]
         if fig["unstable"]:
             cells[[k for _, k, _ in COLUMNS].index("iqr_pct")] += " !"
         out.append(cells)
@@ -80,7 +119,8 @@ def markdown(result, compact=False):
     keep = [i for i, (h, _, _) in enumerate(COLUMNS) if not compact or h in COMPACT]
     lines = ["| " + " | ".join(COLUMNS[i][0] for i in keep) + " |", "|" + "---|" * len(keep)]
     lines += ["| " + " | ".join(r[i] for i in keep) + " |" for r in table_rows(result["rows"])]
-    return "\n".join([*lines, "", footnote(result, compact)])
+    top = warning(result)
+    return "\n".join([*([top, ""] if top else []), *lines, "", footnote(result, compact)])
 
 
 def footnote(result, compact=False):
@@ -104,7 +144,7 @@ def footnote(result, compact=False):
             + ("" if compact else ", `min` its fastest round")
             + ", `IQR` the spread of its rounds "
             f"(the interquartile range over the median; `!` marks a cell above {UNSTABLE:.0%}: a noisy run, "
-            f"measure it again). {limits}; `x ...` are speed-ups of "
+            f"measure it again; `?` a ratio a noisy cell cannot stand behind). {limits}; `x ...` are speed-ups of "
             "`RMSprop.step` (validation included) over each peer; `-` marks a peer not installed here "
             "(or a dtype it does not run).",
         ]
@@ -118,6 +158,9 @@ def print_table(result, file=sys.stdout):
     except ImportError:
         print(markdown(result), file=file)
         return
+    top = warning(result)
+    if top:
+        print(top, file=file)
     table = Table(title=f"fastrms {result['version']} on {result['machine']['cpu']}")
     rows = table_rows(result["rows"])
     for i, (header, key, _) in enumerate(COLUMNS):

@@ -90,6 +90,17 @@ def crossover(options, dtype, sizes=_CROSSOVER_SIZES, rounds=7):
     return rows, first
 
 
+def _load():
+    """The 1-minute load average over the usable cores (None where the OS does not say)."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return os.getloadavg()[0] / cores
+    except (AttributeError, OSError):
+        return None
+
+
 def machine():
     """CPU, core count, threading layer and versions, for any published figure."""
     import numba
@@ -101,6 +112,7 @@ def machine():
     except (OSError, StopIteration):
         pass
     info = {
+        "load": _load(),
         "cpu": cpu,
         "cores": numba.config.NUMBA_NUM_THREADS,
         "threads": numba.get_num_threads(),
