@@ -33,12 +33,12 @@ class Options(TypedDict, total=False):
     bytes; the update computes in float32 from the stored values and stores its result rounded to nearest even, as
     `torch.bfloat16` does; needs `ml_dtypes`, the `bfloat16` extra) or "8bit" (float32 params only: a quarter of the
     bytes and a little more, in blocks of 256 codes and a float32 scale, dequantised, stepped in float32 and
-    requantised in one pass; see docs/algorithm.md); default `'native'`."""
+    requantised in one pass; see [docs/algorithm.md](algorithm.md)); default `'native'`."""
     state_layout: Literal["elementwise", "rowwise"]
     """The shape of `square_avg`: "elementwise" (one value per element) or "rowwise" (one per row of each param, its
     first axis, a 1-D param's rows being its elements: `v <- beta * v + (1 - beta) * mean(g^2)` over the row, as
     FBGEMM's rowwise optimizers keep an embedding table's state; with state_storage='native', not centered; see
-    docs/algorithm.md); default `'elementwise'`."""
+    [docs/algorithm.md](algorithm.md)); default `'elementwise'`."""
     skip_nonfinite: bool
     """A step whose grads hold a NaN or an infinity changes nothing and is counted in `skipped_steps`; default
     `False`."""

@@ -1,6 +1,6 @@
 """The fused RMSprop step over Dask arrays: one task per chunk, each running the out-of-place
 kernel (`fastrms.functional.rmsprop_step`) on its block, for params and state that
-live on a `distributed` cluster. `docs/algorithm.md` is the update; the bits are those of
+live on a `distributed` cluster. [docs/algorithm.md](algorithm.md) is the update; the bits are those of
 `fastrms.RMSprop` on the same data, whatever the chunking.
 
 - `rmsprop_step`: the lazy pure step, `(param, grad, state, t, lr, ...) -> (new_param,

@@ -52,7 +52,7 @@ def rmsprop_step(
     `momentum_buffer` when the variant keeps them), or None for the initial state
     (`init_state`). `options` are `fastrms.RMSprop`'s keyword options
     (`fastrms.options.OPTIONS`); `learning_rate` is a number here (evaluate a schedule
-    at `t - 1` yourself). The update is `docs/algorithm.md`'s.
+    at `t - 1` yourself). The update is [docs/algorithm.md](algorithm.md)'s.
 
     Inputs are never written. With `out=(param_out, state_out)` the results go into the
     arrays given (same shapes and dtypes; `state_out` a dict like `state`): each may be

@@ -1,6 +1,6 @@
 """The RMSprop optimizer: validates, holds the state, and hands each array to a fused kernel.
 
-The update each kernel applies is in `docs/algorithm.md` (and `fastrms.kernels.element`);
+The update each kernel applies is in [docs/algorithm.md](algorithm.md) (and `fastrms.kernels.element`);
 the options are declared once, in `fastrms.options`; checkpoints are
 `fastrms.checkpoint`'s.
 """
@@ -32,7 +32,7 @@ __all__ = ["RMSprop"]
 class RMSprop:
     """RMSprop over NumPy float arrays, each step one fused in-place Numba pass per array.
 
-    Per element, at step `t` with grad `g` (the plain variant; `docs/algorithm.md` gives
+    Per element, at step `t` with grad `g` (the plain variant; [docs/algorithm.md](algorithm.md) gives
     every option's term):
 
         v <- beta * v + (1 - beta) * g^2
@@ -96,12 +96,12 @@ class RMSprop:
         result rounded to nearest even, as `torch.bfloat16` does; needs `ml_dtypes`,
         the `bfloat16` extra) or "8bit" (float32 params only: a quarter of the bytes and a little
         more, in blocks of 256 codes and a float32 scale, dequantised, stepped in float32 and
-        requantised in one pass; see docs/algorithm.md).
+        requantised in one pass; see [docs/algorithm.md](algorithm.md)).
     state_layout : str, default 'elementwise'
         The shape of `square_avg`: "elementwise" (one value per element) or "rowwise" (one per row
         of each param, its first axis, a 1-D param's rows being its elements: `v <- beta * v + (1 -
         beta) * mean(g^2)` over the row, as FBGEMM's rowwise optimizers keep an embedding table's
-        state; with state_storage='native', not centered; see docs/algorithm.md).
+        state; with state_storage='native', not centered; see [docs/algorithm.md](algorithm.md)).
     skip_nonfinite : bool, default False
         A step whose grads hold a NaN or an infinity changes nothing and is counted in
         `skipped_steps`.

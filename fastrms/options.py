@@ -20,7 +20,7 @@ None for off (the clipping options), and `choice`: one of the strings `choices`.
 
 Adding an option means a row here, its arithmetic in `fastrms.kernels.element` (and, if
 it selects a variant, in `variant_key`), and its formula in `fastrms.reference`.
-The update every variant follows is in `docs/algorithm.md`.
+The update every variant follows is in [docs/algorithm.md](algorithm.md).
 """
 
 import difflib
@@ -140,7 +140,8 @@ OPTIONS = (
         "half the state's bytes; the update computes in float32 from the stored values and stores its "
         "result rounded to nearest even, as `torch.bfloat16` does; needs `ml_dtypes`, the `bfloat16` extra) or "
         "\"8bit\" (float32 params only: a quarter of the bytes and a little more, in blocks of 256 codes and a "
-        "float32 scale, dequantised, stepped in float32 and requantised in one pass; see docs/algorithm.md)",
+        "float32 scale, dequantised, stepped in float32 and requantised in one pass; see "
+        "[docs/algorithm.md](algorithm.md))",
         choices=("native", "bfloat16", "8bit"),
     ),
     Option(
@@ -148,7 +149,7 @@ OPTIONS = (
         "the shape of `square_avg`: \"elementwise\" (one value per element) or \"rowwise\" (one per row of "
         "each param, its first axis, a 1-D param's rows being its elements: `v <- beta * v + (1 - beta) * "
         "mean(g^2)` over the row, as FBGEMM's rowwise optimizers keep an embedding table's state; with "
-        "state_storage='native', not centered; see docs/algorithm.md)",
+        "state_storage='native', not centered; see [docs/algorithm.md](algorithm.md))",
         choices=("elementwise", "rowwise"),
     ),
     Option(

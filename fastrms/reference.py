@@ -2,7 +2,7 @@
 
 Nothing here is fast: every line allocates temporaries, as the seed article's code does.
 `seed_rmsprop` and `seed_step` are the seed's own code; `rmsprop_step` and
-`RMSprop` are every variant of the update exactly as `docs/algorithm.md` states it, with
+`RMSprop` are every variant of the update exactly as [docs/algorithm.md](algorithm.md) states it, with
 scalars rounded once to the array's dtype (`1 - beta` and `lr * wd` formed in float64
 first), as the kernels do.
 """
@@ -13,7 +13,7 @@ import numpy as np
 
 from .options import resolve
 
-#: The sum of squares' order (`docs/algorithm.md`, `fastrms.kernels.reduce`): blocks of
+#: The sum of squares' order ([docs/algorithm.md](algorithm.md), `fastrms.kernels.reduce`): blocks of
 #: 32768 elements from each array's start, 1024 float64 lanes per block.
 BLOCK, LANES = 1 << 15, 1024
 
@@ -206,7 +206,7 @@ def rmsprop_step(param, grad, state, t, lr, beta=0.9, epsilon=1e-8, **options):
     """Step `t` (1-based) of any variant; returns the new param, updates `state` (a dict
     with `square_avg` and, when used, `grad_avg` / `momentum_buffer`). `options` are
     `fastrms.RMSprop`'s keyword options (`fastrms.options.OPTIONS`); the formula
-    is `docs/algorithm.md`'s."""
+    is [docs/algorithm.md](algorithm.md)'s."""
     o = resolve({**options, "learning_rate": lr, "beta": beta, "epsilon": epsilon}, "rmsprop_step()")
     momentum, centered, nesterov = o["momentum"], o["centered"], o["nesterov"]
     lr_in_momentum, weight_decay, decoupled_weight_decay = (

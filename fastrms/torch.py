@@ -2,7 +2,7 @@
 per param group and dtype.
 
 It is a `torch.optim.Optimizer` with `torch.optim.RMSprop`'s signature, defaults, state
-layout and formula (`docs/algorithm.md` with `beta = alpha`, epsilon outside the root,
+layout and formula ([docs/algorithm.md](algorithm.md) with `beta = alpha`, epsilon outside the root,
 coupled weight decay, the learning rate outside the momentum buffer):
 
     g <- -grad if maximize else grad;   g <- g + weight_decay * p

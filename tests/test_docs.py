@@ -32,9 +32,29 @@ def test_the_docs_build_strictly(tmp_path):
         # reST markup shows literally in Markdown; private and inherited members stay out
         for leftover in ("``", ":func:", ":mod:", ":class:", "__weakref__", "__dataclass_fields__", "_install"):
             assert leftover not in html, (name, leftover)
+    _assert_rendered_as_meant(site)
     guide = (tmp_path / "site" / "guide" / "index.html").read_text()
     assert "Quick start" in guide and "Threads, processes, checkpoints" in guide
     assert "x seed NumPy" in (tmp_path / "site" / "performance" / "index.html").read_text()
+
+
+def _assert_rendered_as_meant(site):
+    """What Markdown can silently get wrong: a list item shown as text ("- **...**" inside a
+    paragraph, after a block that ended the list), a path to a docs page written where a link
+    is meant (a bare `docs/x.md` outside a link and a command line), and code blocks that
+    would scroll sideways at 1280 px (the stylesheet wraps them; it must be there and used)."""
+    for page in sorted(site.rglob("*.html")):
+        html = page.read_text(encoding="utf-8")
+        text = re.sub(r"<pre\b.*?</pre>", "", html, flags=re.S)  # code blocks
+        text = re.sub(r"<a\b[^>]*>.*?</a>", "", text, flags=re.S)  # links
+        text = re.sub(r"<code>[^<]*\s[^<]*</code>", "", text)  # command lines (a path as an argument)
+        name = page.relative_to(site)
+        assert not re.search(r"(?:<p>|\n)\s*[-*] <strong>", text), (name, "a list item rendered as text")
+        assert not re.search(r"docs/[\w-]+\.md", text), (name, "a docs path where a link is meant")
+        if "<pre" in html:
+            assert "stylesheets/extra.css" in html, name
+    css = (site / "stylesheets" / "extra.css").read_text()
+    assert re.search(r"pre > code \{[^}]*white-space: pre-wrap", css), "code blocks must wrap, not scroll"
 
 
 def _python_blocks(path):

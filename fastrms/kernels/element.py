@@ -1,6 +1,6 @@
 """The per-element RMSprop update, written once, one compiled specialisation per variant.
 
-For step `t`, per element (`docs/algorithm.md` is the contract):
+For step `t`, per element ([docs/algorithm.md](algorithm.md) is the contract):
 
     g <- grad_scale * clamp(grad, -clip, clip)    clip = inf unless clip_value is set;
                                                   grad_scale = -1 maximizing, times the
@@ -107,7 +107,7 @@ class Scalars(NamedTuple):
     once to the arrays' dtype (`1 - beta` and `lr * weight_decay` are formed in float64
     first). They travel together in Python and are passed unpacked (`shell(..., *scalars)`):
     Numba types this NamedTuple 2.4x slower than nine floats (a plain tuple would be about as
-    fast; docs/internals.md has the measurement)."""
+    fast; [docs/internals.md](internals.md) has the measurement)."""
 
     lr: float
     beta: float
