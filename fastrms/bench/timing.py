@@ -46,6 +46,13 @@ def spread(values):
     return float(np.min(values)), float(med), float(q3 - q1)
 
 
+#: Seconds between two implementations' samples: an OpenMP runtime (torch's) keeps its
+#: threads spinning for a while after a parallel region, and on a machine with few cores
+#: they would take the next sample's cores (measured: the step timed after torch's foreach
+#: step 1.15-1.25x slower at 1e6 elements on 2 cores, as fast after a pause).
+SETTLE = 0.005
+
+
 def measure_calls(steps, rounds=7, target=0.02, samples_out=None):
     """Median seconds per call of each zero-argument callable in `steps`, interleaved
     (every round's seconds per call go into `samples_out`, when given)."""
@@ -54,6 +61,7 @@ def measure_calls(steps, rounds=7, target=0.02, samples_out=None):
     for _ in range(rounds):
         for name, step in steps.items():
             k = calls[name]
+            time.sleep(SETTLE)  # the last one's idle threads (torch's OpenMP spins) go to sleep first
             t0 = time.perf_counter()
             for _ in range(k):
                 step()
