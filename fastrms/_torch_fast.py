@@ -64,7 +64,7 @@ class Kept:
         kept.held = {}
         for d, p in zip(map(state_of.get, params), params):
             entry = steps.layouts[id(p)]
-            for key, t in zip(entry[5], entry[12]):
+            for key, t in zip(entry.keys, entry.held):
                 dicts, tensors = kept.held.setdefault(key, ([], []))
                 dicts.append(d)
                 tensors.append(t)

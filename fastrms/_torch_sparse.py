@@ -106,16 +106,16 @@ def catch_up(p, tensors, names, counters, key, t, hyper, lr):
 def lagging(p, cached, names, hyper, name):
     """`dense_rows`: the arguments of `catch_up` before a dense grad steps `p`, a param
     stepped by rows (`cached` its layout, `fastrms._torch_tensors.layout`)."""
-    state = cached[4]
+    state = cached.state
     found = counters(state, p.shape[0], name)
-    return p, cached[10], names, found, spec.of(hyper).variant, int(float(state["step"])) + 1
+    return p, cached.tensors, names, found, spec.of(hyper).variant, int(float(state["step"])) + 1
 
 
 def step(hyper, p, table, row_step, entry, bumped):
     """One row step of `p` (its sparse grad's `table`), at its own step count as torch
     counts; `row_step` (dense_rows) goes into its state, and `p` and its state tensors onto
     `bumped` (their version counters are bumped after the step)."""
-    state, key, lr = entry[4], spec.of(hyper).variant, hyper["learning_rate"]
+    state, key, lr = entry.state, spec.of(hyper).variant, hyper["learning_rate"]
     if row_step is not None:
         state[ROW_STEP] = row_step
     count = state["step"]
@@ -125,4 +125,4 @@ def step(hyper, p, table, row_step, entry, bumped):
                    lambda verdict, run: run(scalars(hyper, lr, t)))  # torch's count; no guard here  # fmt: skip
     count.add_(1)
     bumped.append(p)
-    bumped.extend(entry[10])
+    bumped.extend(entry.tensors)

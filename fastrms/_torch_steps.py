@@ -191,12 +191,12 @@ class Steps:
             cached = layouts.get(id(p))
             if (  # the cached layout holds while the param, its address, shape and state tensors do
                 cached is None
-                or cached[0] is not p
-                or cached[1] != address
-                or cached[2] != shape
-                or cached[3] != names
-                or not cached[6](cached[4])
-                or (cached[7] is not None and cached[7] != t.stride())
+                or cached.param is not p
+                or cached.address != address
+                or cached.shape != shape
+                or cached.names != names
+                or not cached.holds(cached.state)
+                or (cached.strides is not None and cached.strides != t.stride())
             ):
                 name = f"{where}['params'][{j}]"
                 if not p.is_cpu:  # a param moved or swapped (torch.utils.swap_tensors) off the CPU
@@ -204,9 +204,9 @@ class Steps:
                 if g.shape != shape:  # torch keeps a grad's shape its param's, unless p.data was replaced
                     raise ValueError(f"{name}: its grad has shape {tuple(g.shape)}, the param {tuple(shape)}")
                 cached = self.layout(p, names, address, name, state_of[p], held)
-            if g.numel() != cached[9]:
-                raise ValueError(f"{where}['params'][{j}]: its grad has {g.numel()} elements, the param {cached[9]}")
-            if dense_rows and _torch_sparse.ROW_STEP in cached[4]:
+            if g.numel() != cached.numel:
+                raise ValueError(f"{where}['params'][{j}]: its grad has {g.numel()} elements, the param {cached.numel}")
+            if dense_rows and _torch_sparse.ROW_STEP in cached.state:
                 lagging.append(_torch_sparse.lagging(p, cached, names, hyper, f"{where}['params'][{j}]"))
             turn = 0
             if seen is not None:
@@ -217,10 +217,10 @@ class Steps:
             rows = members.get(dtype)
             if rows is None:
                 rows = members[dtype] = []
-            ptrs = (cached[13], g.data_ptr(), *cached[8])
+            ptrs = (cached.stepped, g.data_ptr(), *cached.state_ptrs)
             if self.stochastic is not None and dtype is torch.bfloat16:  # this step's noise key, in the sixth column
-                ptrs = (*ptrs, storage.step_key(self.base((gi << 24) + j), int(cached[12][-1]) + 1))
-            rows.append((ptrs, cached[9], p, cached[10], cached[11], g))
+                ptrs = (*ptrs, storage.step_key(self.base((gi << 24) + j), int(cached.held[-1]) + 1))
+            rows.append((ptrs, cached.numel, p, cached.tensors, cached.step, g))
         for turn, members in enumerate(rounds):
             for dtype, rows in members.items():
                 ptrs = np.array([row[0] for row in rows], dtype=np.int64)
@@ -260,7 +260,7 @@ class Steps:
         names = spec.of(hyper).names
         entry = self.layout(p, names, p.data_ptr(), name, state_of[p], held)
         parallel = runtime.parallel_mode() != "serial"
-        table, counters = _torch_sparse.table(p, g, entry[10], names, entry[4], self.dense_rows, parallel, name)
+        table, counters = _torch_sparse.table(p, g, entry.tensors, names, entry.state, self.dense_rows, parallel, name)
         return p, table, counters, entry
 
     @staticmethod

@@ -6,6 +6,8 @@ another, as threads would race on shared memory), and each param's cached layout
 its state, created as torch creates it, and the addresses a kernel call reads)."""
 
 import sys
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -224,6 +226,26 @@ def check_overlaps(checked, at, widths, ptrs, sizes, where):
     checked[at] = (addresses, key_sizes)
 
 
+class Entry(NamedTuple):
+    """A param's cached layout (`layout`): what it was made from, checked again before each
+    use, and what a kernel call reads."""
+
+    param: torch.Tensor  # the param it is the layout of
+    address: int  # the param's (local shard's) data address when made
+    shape: tuple  # its (local) shape
+    names: tuple  # the state the variant keeps, fastrms.spec's names
+    state: dict  # torch's per-param state dict
+    keys: tuple  # the state keys held (`names`, "step", a 16-bit param's MASTER)
+    holds: "Callable[[dict], bool]"  # whether `state` still holds `held` under `keys`
+    strides: "tuple | None"  # its strides when not contiguous (else None)
+    state_ptrs: tuple  # the addresses of square_avg, grad_avg, momentum_buffer (0: not kept) and a 16-bit param
+    numel: int  # its (local) number of elements
+    tensors: list  # the state tensors (and a master), whose version counters a step bumps
+    step: tuple  # `(dtype, address)` of its `step` counter
+    held: tuple  # the tensors `holds` checks
+    stepped: int  # the address the kernel steps: the param's, or its float32 master's
+
+
 def layout(p, names, address, name, state, slot, stochastic=False):
     """The cached layout of `p` (see `_plan`), made anew: its state created as
     torch creates it (a buffer the options need and the state lacks, after momentum or
@@ -287,20 +309,19 @@ def layout(p, names, address, name, state, slot, stochastic=False):
         )
     keys = (*names, "step", MASTER) if low else (*names, "step")
     held = (*tensors[: len(names)], step, tensors[-1]) if low else (*tensors, step)
-    entry = (
-        p,
-        address,
-        shard.shape,
-        names,
-        state,
-        keys,
-        holds(keys, held),
-        None if shard.is_contiguous() else shard.stride(),
-        tuple(ptrs),
-        shard.numel(),
-        tensors,
-        (step.dtype, step.data_ptr()),
-        held,
-        shards[-1].data_ptr() if low else address,  # what the kernel steps: the param, or its master
+    return Entry(
+        param=p,
+        address=address,
+        shape=shard.shape,
+        names=names,
+        state=state,
+        keys=keys,
+        holds=holds(keys, held),
+        strides=None if shard.is_contiguous() else shard.stride(),
+        state_ptrs=tuple(ptrs),
+        numel=shard.numel(),
+        tensors=tensors,
+        step=(step.dtype, step.data_ptr()),
+        held=held,
+        stepped=shards[-1].data_ptr() if low else address,
     )
-    return entry
