@@ -93,10 +93,10 @@ class RMSprop:
     state_storage : str, default 'native'
         How the state is stored: "native" (the params' dtype), "bfloat16" (float32 params only: half
         the state's bytes; the update computes in float32 from the stored values and stores its
-        result rounded to nearest even, as `torch.bfloat16` does; needs `ml_dtypes`,
-        the `bfloat16` extra) or "8bit" (float32 params only: a quarter of the bytes and a little
-        more, in blocks of 256 codes and a float32 scale, dequantised, stepped in float32 and
-        requantised in one pass; see [docs/algorithm.md](algorithm.md)).
+        result rounded to nearest even, as `torch.bfloat16` does; needs `ml_dtypes`, the `bfloat16`
+        extra) or "8bit" (float32 params only: a quarter of the bytes and a little more, in blocks
+        of 256 codes and a float32 scale, dequantised, stepped in float32 and requantised in one
+        pass; see [docs/algorithm.md](algorithm.md)).
     state_layout : str, default 'elementwise'
         The shape of `square_avg`: "elementwise" (one value per element) or "rowwise" (one per row
         of each param, its first axis, a 1-D param's rows being its elements: `v <- beta * v + (1 -
