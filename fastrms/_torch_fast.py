@@ -6,7 +6,8 @@ iteration per tensor.
 
 What a kept table stands for, and is checked again at every step: the same params (the
 layout's fingerprint), at the same addresses with the same sizes, contiguous; the same
-state dicts holding the same state tensors; the same options; every param with a dense,
+state dicts holding the same state tensors; options keeping the same state (a learning rate
+that a scheduler changes every step keeps the tables); every param with a dense,
 contiguous CPU grad of its dtype and size that overlaps no param or state. Anything else
 (a param without a grad, a new state tensor, a sparse or strided grad) takes the checked
 path (`fastrms._torch_steps.Steps.checked_plan`), which explains a refusal."""
@@ -17,6 +18,7 @@ from itertools import repeat
 import numpy as np
 import torch
 
+from . import spec
 from ._torch_tensors import widths
 
 _GRAD = operator.attrgetter("grad")
@@ -34,7 +36,7 @@ class Kept:
     """One group's kept pointer tables (see the module): `reuse` gives the step's calls, or
     None when the group is no longer what they stand for."""
 
-    __slots__ = ("mark", "state_of", "hyper", "dtypes", "pptrs", "numels", "gdtypes", "gbytes", "keys", "dicts", "held",
+    __slots__ = ("mark", "state_of", "hyper", "names", "dtypes", "pptrs", "numels", "gdtypes", "gbytes", "keys", "dicts", "held",
                  "calls", "starts", "ends")  # fmt: skip
 
     @classmethod
@@ -55,7 +57,7 @@ class Kept:
         if not all(map(_CONTIGUOUS, grads)):
             return None
         kept = cls()
-        kept.mark, kept.state_of, kept.hyper = held.seen, state_of, hyper
+        kept.mark, kept.state_of, kept.hyper, kept.names = held.seen, state_of, hyper, spec.of(hyper).names
         kept.dtypes = tuple(dict.fromkeys(steps.hyper_dtype(p.dtype) for p in params))
         kept.pptrs, kept.numels = list(map(_DATA_PTR, params)), list(map(_NUMEL, params))
         kept.gdtypes = list(map(_DTYPE, params))

@@ -128,7 +128,7 @@ class Steps:
         kept = self.kept.get(gi)
         if kept is not None and kept.mark is held.seen and state_of is kept.state_of:
             hyper = self.hyperparameters(group, f"param_groups[{gi}]", kept.dtypes)
-            if hyper is kept.hyper:
+            if hyper is kept.hyper or spec.of(hyper).names == kept.names:  # a new lr keeps the tables
                 found = kept.reuse(group["params"], state_of)
                 if found is not None:
                     return hyper, [found], [], [], []

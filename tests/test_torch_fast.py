@@ -89,3 +89,22 @@ def test_a_grad_that_aliases_a_param_or_is_not_dense_is_refused_on_the_kept_path
     with pytest.raises(ValueError, match="sparse grad"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_a_scheduler_changing_lr_every_step_keeps_the_tables_and_steps_as_torch():
+    out = []
+    for cls in (RMSprop, torch.optim.RMSprop):
+        params = _params()
+        opt = cls(params, lr=0.01, momentum=0.9)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+        kept = []
+        for s in range(6):
+            _grads(params, s)
+            opt.step()
+            sched.step()
+            kept.append(getattr(opt, "_steps", None) and opt._steps.kept[0])
+        out.append((params, kept))
+    (ours, kept), (theirs, _) = out
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert kept[1] is not None and all(k is kept[1] for k in kept[1:])  # built once, then reused
