@@ -36,8 +36,8 @@ class Kept:
     """One group's kept pointer tables (see the module): `reuse` gives the step's calls, or
     None when the group is no longer what they stand for."""
 
-    __slots__ = ("mark", "state_of", "hyper", "names", "dtypes", "pptrs", "numels", "gdtypes", "gbytes", "keys", "dicts", "held",
-                 "calls", "starts", "ends")  # fmt: skip
+    __slots__ = ("mark", "state_of", "hyper", "names", "dtypes", "pptrs", "numels", "gdtypes", "gbytes", "keys",
+                 "dicts", "held", "calls", "starts", "ends")  # fmt: skip
 
     @classmethod
     def of(cls, planned, params, state_of, held, steps):
