@@ -51,7 +51,7 @@ def test_the_step_is_one_task_per_chunk():
 
 
 def test_params_and_state_are_views_of_the_generation_not_copies():
-    from fastrms._dask_cluster import _layer
+    from fastrms.dask._cluster import _layer
 
     blocks = [np.arange(24.0).reshape(2, 3, 4) + 24 * i for i in range(2)]
     stacked = da.Array({("s", 0, i, 0): b for i, b in enumerate(blocks)}, "s", ((2,), (3, 3), (4,)), dtype=float)
@@ -314,8 +314,8 @@ def test_a_donating_step_leaves_a_chunk_others_still_see_alone(client):
 def test_a_failed_donating_step_leaves_the_optimizer_refusing_to_go_on(client, monkeypatch, tmp_path):
     """The old generation may be half overwritten: step, params, state, save and load all
     raise LostStateError saying to resume in a new optimizer."""
-    from fastrms import _dask_cluster
     from fastrms import dask as fd
+    from fastrms.dask import _cluster as _dask_cluster
 
     p0, grads = _data()
     opt = RMSprop(da.from_array(p0, chunks=(100, 20)), 0.01, donate=True)
@@ -342,7 +342,7 @@ def test_only_a_chunk_nothing_else_can_see_is_written_over():
     """The checks behind ``donate`` on a worker, with a stand-in for the worker's state."""
     from types import SimpleNamespace
 
-    from fastrms import _dask_blocks as fd
+    from fastrms.dask import _blocks as fd
 
     def holder(data, key, grad, waiting=()):
         worker = SimpleNamespace(state=SimpleNamespace(tasks={key: SimpleNamespace(dependents=list(waiting))}))
@@ -369,7 +369,7 @@ def test_only_a_chunk_nothing_else_can_see_is_written_over():
 
 
 def test_a_chunk_missing_from_its_worker_is_flagged_for_the_dependency_path(client):
-    from fastrms._dask_blocks import _Key, _Missing, _pulled_step
+    from fastrms.dask._blocks import _Key, _Missing, _pulled_step
 
     f = client.submit(_pulled_step, _Key(("no-such-chunk", 0)), _Key(("no-such-grad", 0)), ["square_avg"], 1,
                       0.01, 0.9, 1e-8, {}, pure=False)  # fmt: skip
@@ -378,7 +378,7 @@ def test_a_chunk_missing_from_its_worker_is_flagged_for_the_dependency_path(clie
 
 
 def test_task_outputs_reuse_only_buffers_nothing_refers_to():
-    from fastrms import _dask_blocks as fd
+    from fastrms.dask import _blocks as fd
 
     fd._BUFFERS.clear()
     a = fd._output((3, 1000), np.float32)
@@ -405,7 +405,7 @@ def test_task_outputs_reuse_only_buffers_nothing_refers_to():
 def test_a_task_runs_its_kernel_on_at_most_omp_num_threads(monkeypatch):
     import numba
 
-    from fastrms import _dask_blocks as fd
+    from fastrms.dask import _blocks as fd
 
     before = numba.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -1,5 +1,5 @@
-"""DTensor params (`fastrms._torch_tensors.local`) and the guard over a mesh
-(`fastrms._torch_guard`): FSDP2's `fully_shard` on 2 CPU ranks (gloo on 127.0.0.1, the
+"""DTensor params (`fastrms.torch._tensors.local`) and the guard over a mesh
+(`fastrms.torch._guard`): FSDP2's `fully_shard` on 2 CPU ranks (gloo on 127.0.0.1, the
 processes started and stopped here) against torch.optim.RMSprop on the same sharded model,
 with torch's and fastrms's clipping, a NaN on one rank, and a DCP save/restore mid-run;
 DTensors of one rank stepped as torch steps them (a crash before: a DTensor's data_ptr() is

@@ -1,4 +1,4 @@
-"""The kept pointer tables of the per-tensor step (`fastrms._torch_fast.Kept`): after a few
+"""The kept pointer tables of the per-tensor step (`fastrms.torch._fast.Kept`): after a few
 steps on the kept path, every change a training loop or a tool makes between steps is
 noticed, each against torch.optim.RMSprop making the same change."""
 

@@ -1,4 +1,4 @@
-"""`clip_global_norm` and `skip_nonfinite` in fastrms.torch (`fastrms._torch_guard`): the
+"""`clip_global_norm` and `skip_nonfinite` in fastrms.torch (`fastrms.torch._guard`): the
 clipped run against torch.optim.RMSprop after `torch.nn.utils.clip_grad_norm_`, per tensor and
 flattened, 16-bit grads included; a non-finite grad skips the whole step; what is refused.
 Over a mesh of 2 ranks: tests/test_torch_dtensor.py."""

@@ -1,4 +1,4 @@
-"""`param_groups` is read at every step (`fastrms._torch_state.Layout.sync`): the edits
+"""`param_groups` is read at every step (`fastrms.torch._state.Layout.sync`): the edits
 training stacks make to an optimizer's groups, each against torch.optim.RMSprop doing the
 same, per tensor and with flatten=True."""
 

@@ -23,11 +23,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import _dask_checkpoint, _dask_cluster, clipping, functional, spec
-from . import options as O
-from ._checks import STEP_MAX, count
-from ._dask_blocks import _block_step, _generation_step, _stack, release_buffers
-from ._dask_cluster import (
+from .. import clipping, functional, spec
+from .. import options as O
+from .._checks import STEP_MAX, count
+from ..clock import Clock
+from ..presets import preset_options
+from . import _checkpoint, _cluster
+from ._blocks import _block_step, _generation_step, _stack, release_buffers
+from ._cluster import (
     LostStateError,
     _check_array,
     _client,
@@ -38,13 +41,11 @@ from ._dask_cluster import (
     _unstack,
     _wait,
 )  # fmt: skip
-from .clock import Clock
-from .presets import preset_options
 
 if TYPE_CHECKING:  # the static types of **options (generated from the options table)
     from typing_extensions import Unpack
 
-    from ._typing import Options
+    from .._typing import Options
 
 __all__ = ["LostStateError", "RMSprop", "init_state", "release_buffers", "rmsprop_step"]
 
@@ -299,7 +300,7 @@ class RMSprop:
             _check_array("grads" if self._single else f"grads[{i}]", g, _Shape.of(gen))
         client = _client()
         if client is not None:
-            grads = _dask_cluster.computed(client, grads, self._gens)
+            grads = _cluster.computed(client, grads, self._gens)
         verdict = clipping.GO
         if self._hyper["skip_nonfinite"]:
             finite = dask.compute(*(da.isfinite(g).all() for g in grads))
@@ -320,7 +321,7 @@ class RMSprop:
                 new.append(da.blockwise(_generation_step, (0, *idx), gen, (0, *idx), g, idx, dtype=gen.dtype, **args))
             self._gens = list(dask.persist(*new))
         else:
-            self._gens = _dask_cluster.step(client, self._gens, grads, args, self._donate, self._break)
+            self._gens = _cluster.step(client, self._gens, grads, args, self._donate, self._break)
 
     def _break(self, why):
         """A donating step failed: the params and state may be half updated (see `_usable`)."""
@@ -336,7 +337,7 @@ class RMSprop:
         checkpoint loadable. Older generations are removed after the switch."""
         self._usable()
         states = [dict(zip(self._names, _unstack(gen)[1:])) for gen in self._gens]
-        _dask_checkpoint.write(path, states, self._gens, self._hyper, self._clock, self._compute)
+        _checkpoint.write(path, states, self._gens, self._hyper, self._clock, self._compute)
 
     def load(self, path):
         """Restore a checkpoint written by `save` into this optimizer (same params,
@@ -345,9 +346,7 @@ class RMSprop:
         negative `square_avg` values, another variant) raises ValueError and changes
         nothing; a missing folder raises FileNotFoundError."""
         self._usable()
-        step_count, skipped, hyper, states = _dask_checkpoint.read(
-            path, self._gens, self._names, self._hyper, self._compute
-        )
+        step_count, skipped, hyper, states = _checkpoint.read(path, self._gens, self._names, self._hyper, self._compute)
         params = [_layer(gen, 0) for gen in self._gens]
         self._gens = self._settle([self._stacked(p, s) for p, s in zip(params, states)])
         self._hyper = hyper

@@ -16,7 +16,7 @@ import threading
 import numba
 import numpy as np
 
-from . import functional
+from .. import functional
 
 
 def _output(shape, dtype):

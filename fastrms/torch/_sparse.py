@@ -21,10 +21,10 @@ False) chooses what an untouched row does:
 import numpy as np
 import torch
 
-from . import rows as rows_step
-from . import runtime, spec
-from .memory import span
-from .options import scalars
+from .. import rows as rows_step
+from .. import runtime, spec
+from ..memory import span
+from ..options import scalars
 
 #: The state key of the per-row step counters (`dense_rows=True`).
 ROW_STEP = "row_step"
@@ -105,7 +105,7 @@ def catch_up(p, tensors, names, counters, key, t, hyper, lr):
 
 def lagging(p, cached, names, hyper, name):
     """`dense_rows`: the arguments of `catch_up` before a dense grad steps `p`, a param
-    stepped by rows (`cached` its layout, `fastrms._torch_tensors.layout`)."""
+    stepped by rows (`cached` its layout, `fastrms.torch._tensors.layout`)."""
     state = cached.state
     found = counters(state, p.shape[0], name)
     return p, cached.tensors, names, found, spec.of(hyper).variant, int(float(state["step"])) + 1

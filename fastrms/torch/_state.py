@@ -6,7 +6,7 @@ before torch's own `load_state_dict` copies it in."""
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
-from ._torch_buckets import STATE_NAMES, Bucket
+from ._buckets import STATE_NAMES, Bucket
 
 #: The state a 16-bit param keeps in float32 (its master copy and RMSprop's buffers).
 _FLOAT32_STATE = (*STATE_NAMES, "master_param")

@@ -17,10 +17,10 @@ import stat
 import dask.array as da
 import numpy as np
 
-from . import checkpoint
-from . import options as O
-from ._checks import STEP_MAX, count
-from ._dask_cluster import LostStateError, _checksums, _Shape
+from .. import checkpoint
+from .. import options as O
+from .._checks import STEP_MAX, count
+from ._cluster import LostStateError, _checksums, _Shape
 
 #: The small file in a checkpoint folder that names the current generation.
 POINTER = "CURRENT"

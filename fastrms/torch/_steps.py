@@ -4,8 +4,8 @@ memory shared with another param or state, each param's state tensors made or fo
 then one chunk-table kernel call per group, dtype and round (`Steps.run`; for bfloat16 or
 float16 params the shell that steps their float32 masters from their 16-bit grads and
 writes each param back in the same pass), the flat
-buckets' dense calls (`fastrms._torch_buckets`), the sparse grads' row steps
-(`fastrms._torch_sparse`), every `step` counter advanced in one call per dtype, and the
+buckets' dense calls (`fastrms.torch._buckets`), the sparse grads' row steps
+(`fastrms.torch._sparse`), every `step` counter advanced in one call per dtype, and the
 version counters bumped. A rejected step changes nothing."""
 
 from typing import NamedTuple
@@ -13,12 +13,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import _torch_fast, _torch_guard, _torch_options, _torch_sparse, _torch_tensors, kernels, runtime, spec
-from . import options as O
-from .kernels import storage
+from .. import kernels, runtime, spec
+from .. import options as O
+from ..kernels import storage
+from . import _fast, _guard, _options, _sparse, _tensors
 
-_NUMPY = _torch_tensors.NUMPY
-_LOW = _torch_tensors.LOW
+_NUMPY = _tensors.NUMPY
+_LOW = _tensors.LOW
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -53,7 +54,7 @@ class Call(NamedTuple):
 class Steps:
     """What a step needs beyond the optimizer's own state, cached across steps: each group's
     checked options (`hyper_cache`), chunk tables by size tuple (`tables`), each param's
-    layout (`layouts`, `fastrms._torch_tensors.layout`) and the pointer table last checked
+    layout (`layouts`, `fastrms.torch._tensors.layout`) and the pointer table last checked
     for overlaps per group, dtype and round (`checked`). `dense_rows` is the optimizer's."""
 
     def __init__(self, dense_rows, stochastic=None, guard=None):
@@ -65,15 +66,15 @@ class Steps:
         #: and each param's `stochastic_base` by its place (group << 24 | index)
         self.stochastic, self.bases = stochastic, {}
         self.hyper_cache, self.tables, self.layouts, self.checked = {}, {}, {}, {}
-        self.kept = {}  # each group's `fastrms._torch_fast.Kept`, or None
+        self.kept = {}  # each group's `fastrms.torch._fast.Kept`, or None
 
     def hyperparameters(self, group, where, dtypes):
-        """The group's options as fastrms's, checked (`fastrms._torch_options`)."""
-        return _torch_options.hyperparameters(self.hyper_cache, group, where, dtypes, self.dense_rows)
+        """The group's options as fastrms's, checked (`fastrms.torch._options`)."""
+        return _options.hyperparameters(self.hyper_cache, group, where, dtypes, self.dense_rows)
 
     def step(self, param_groups, state_of, held):
         """One step over every param of `param_groups` that has a grad (`state_of`: torch's
-        per-param state; `held`: the flat buckets, `fastrms._torch_state.Layout`)."""
+        per-param state; `held`: the flat buckets, `fastrms.torch._state.Layout`)."""
         for bucket in held.every:  # grads written into a bucket's views from outside backward
             bucket.notice()
         plans = [self.plan(i, group, state_of, held) for i, group in enumerate(param_groups)]  # every check first
@@ -89,21 +90,21 @@ class Steps:
         bumped, steps = [], {}
         for hyper, rounds, flat, sparse, lagging in plans:
             for args in lagging:  # dense_rows: rows stepped sparsely before, now a dense grad
-                _torch_sparse.catch_up(*args, hyper, hyper["learning_rate"])
+                _sparse.catch_up(*args, hyper, hyper["learning_rate"])
             for bucket in flat:
                 bucket.step(hyper, self.parallel, bumped, coef)
             for members in rounds:
                 for dtype, call in members.items():
                     self.run(hyper, dtype, call, bumped, steps, coef)
             for p, table, counters, entry in sparse:
-                _torch_sparse.step(hyper, p, table, counters, entry, bumped)
+                _sparse.step(hyper, p, table, counters, entry, bumped)
         for dtype, addresses in steps.items():  # each param's `step` += 1, one call per dtype
             kernels.increment(np.array(addresses, dtype=np.int64), np.empty(0, dtype))
         if bumped:
             torch.autograd.graph.increment_version(bumped)
 
     def verdict(self, plans):
-        """The guard's verdict over every grad the `plans` step (each once; `fastrms._torch_guard`)."""
+        """The guard's verdict over every grad the `plans` step (each once; `fastrms.torch._guard`)."""
         grads = {}
         for _, rounds, flat, sparse, _ in plans:
             if sparse:
@@ -117,13 +118,13 @@ class Steps:
                 for call in members.values():
                     grads.update((id(g), (g, p)) for g, p in zip(call.grads, call.owners))
         pairs = list(grads.values())
-        return _torch_guard.verdict(self.guard, [g for g, _ in pairs], [p for _, p in pairs])
+        return _guard.verdict(self.guard, [g for g, _ in pairs], [p for _, p in pairs])
 
     def plan(self, gi, group, state_of, held):
         """The group's checked options, the rounds of its params that have a grad (per dtype,
         a `Call`; a param listed twice goes again in a later round) and its buckets that
         still tile. A group stepped as it was last time (the same params, addresses, state
-        and options, every grad fresh and dense: `fastrms._torch_fast.Kept`) reuses its
+        and options, every grad fresh and dense: `fastrms.torch._fast.Kept`) reuses its
         pointer tables, its grads checked in one pass per property."""
         kept = self.kept.get(gi)
         if kept is not None and kept.mark is held.seen and state_of is kept.state_of:
@@ -133,7 +134,7 @@ class Steps:
                 if found is not None:
                     return hyper, [found], [], [], []
         planned = self.checked_plan(gi, group, state_of, held)
-        self.kept[gi] = _torch_fast.Kept.of(planned, group["params"], state_of, held, self)
+        self.kept[gi] = _fast.Kept.of(planned, group["params"], state_of, held, self)
         return planned
 
     def checked_plan(self, gi, group, state_of, held):
@@ -171,18 +172,18 @@ class Steps:
                 raise ValueError(f"{where}['params'][{j}]: its grad is on {g.device}; fastrms steps CPU tensors only")
             t = p  # the memory stepped: the param's, or a DTensor's local shard's
             if type(p) not in _PLAIN:
-                t, g = _torch_tensors.local_pair(p, g, f"{where}['params'][{j}]")
+                t, g = _tensors.local_pair(p, g, f"{where}['params'][{j}]")
             if g.is_sparse:
                 if t is not p:
                     raise ValueError(f"{where}['params'][{j}]: a DTensor param with a sparse grad is not supported")
                 sparse.append((j, p, g))
                 continue
             if not (g.is_contiguous() and t.is_contiguous()):
-                _torch_tensors.check_pair(t, g, f"{where}['params'][{j}]")
+                _tensors.check_pair(t, g, f"{where}['params'][{j}]")
             dtype = p.dtype
             if names is None or dtype not in _NUMPY:
                 if dtype not in _NUMPY:
-                    _torch_tensors.check_param(p, f"{where}['params'][{j}]")
+                    _tensors.check_param(p, f"{where}['params'][{j}]")
                 hyper = self.hyperparameters(group, where, (_NUMPY[dtype],))
                 names = spec.of(hyper).names
             if g.dtype is not dtype:
@@ -206,8 +207,8 @@ class Steps:
                 cached = self.layout(p, names, address, name, state_of[p], held)
             if g.numel() != cached.numel:
                 raise ValueError(f"{where}['params'][{j}]: its grad has {g.numel()} elements, the param {cached.numel}")
-            if dense_rows and _torch_sparse.ROW_STEP in cached.state:
-                lagging.append(_torch_sparse.lagging(p, cached, names, hyper, f"{where}['params'][{j}]"))
+            if dense_rows and _sparse.ROW_STEP in cached.state:
+                lagging.append(_sparse.lagging(p, cached, names, hyper, f"{where}['params'][{j}]"))
             turn = 0
             if seen is not None:
                 turn = seen[id(p)] = seen.get(id(p), -1) + 1
@@ -225,8 +226,8 @@ class Steps:
             for dtype, rows in members.items():
                 ptrs = np.array([row[0] for row in rows], dtype=np.int64)
                 sizes = tuple(row[1] for row in rows)
-                widths = _torch_tensors.widths(dtype, self.stochastic is not None)
-                _torch_tensors.check_overlaps(self.checked, (gi, dtype, turn), widths, ptrs, sizes, where)
+                widths = _tensors.widths(dtype, self.stochastic is not None)
+                _tensors.check_overlaps(self.checked, (gi, dtype, turn), widths, ptrs, sizes, where)
                 members[dtype] = Call.of(rows, ptrs, sizes, self.chunks(sizes))
         sparse = [
             self.sparse_table(group, where, f"{where}['params'][{j}]", p, g, state_of, held) for j, p, g in sparse
@@ -249,18 +250,18 @@ class Steps:
 
     def sparse_table(self, group, where, name, p, g, state_of, held):
         """A param with a sparse grad, checked: `(p, rows.Table, row counters, layout)`."""
-        _torch_tensors.check_param(p, name)
+        _tensors.check_param(p, name)
         if p.dtype in _LOW:
             raise ValueError(
                 f"{name}: a {p.dtype} param with a sparse grad; fastrms steps the sparse rows of float32 and "
                 "float64 params (a 16-bit param's rows would need its master copy's rows: not supported)"
             )
-        _torch_sparse.check(p, g, name)
+        _sparse.check(p, g, name)
         hyper = self.hyperparameters(group, where, (_NUMPY[p.dtype],))
         names = spec.of(hyper).names
         entry = self.layout(p, names, p.data_ptr(), name, state_of[p], held)
         parallel = runtime.parallel_mode() != "serial"
-        table, counters = _torch_sparse.table(p, g, entry.tensors, names, entry.state, self.dense_rows, parallel, name)
+        table, counters = _sparse.table(p, g, entry.tensors, names, entry.state, self.dense_rows, parallel, name)
         return p, table, counters, entry
 
     @staticmethod
@@ -269,9 +270,9 @@ class Steps:
         return runtime.parallel_for(size, itemsize, 1 + bool(hyper["centered"]) + bool(hyper["momentum"]))
 
     def layout(self, p, names, address, name, p_state, held):
-        """The cached layout of `p` (see `plan` and `fastrms._torch_tensors.layout`), made anew."""
+        """The cached layout of `p` (see `plan` and `fastrms.torch._tensors.layout`), made anew."""
         stochastic = self.stochastic is not None and p.dtype is torch.bfloat16
-        entry = _torch_tensors.layout(p, names, address, name, p_state, held.flat_slot.get(p), stochastic)
+        entry = _tensors.layout(p, names, address, name, p_state, held.flat_slot.get(p), stochastic)
         self.layouts[id(p)] = entry
         return entry
 

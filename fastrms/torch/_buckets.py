@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import kernels, runtime, spec
-from . import options as O
-from .kernels import storage
+from .. import kernels, runtime, spec
+from .. import options as O
+from ..kernels import storage
 
 _GRAD = operator.attrgetter("grad")
 _DATA_PTR = torch.Tensor.data_ptr

@@ -12,7 +12,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from ._dask_blocks import _generation_step, _Key, _Missing, _pulled_step, _row
+from ._blocks import _generation_step, _Key, _Missing, _pulled_step, _row
 
 
 def _unstack(stacked):

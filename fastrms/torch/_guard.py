@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from . import clipping
+from .. import clipping
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 

@@ -10,7 +10,7 @@ state dicts holding the same state tensors; options keeping the same state (a le
 that a scheduler changes every step keeps the tables); every param with a dense,
 contiguous CPU grad of its dtype and size that overlaps no param or state. Anything else
 (a param without a grad, a new state tensor, a sparse or strided grad) takes the checked
-path (`fastrms._torch_steps.Steps.checked_plan`), which explains a refusal."""
+path (`fastrms.torch._steps.Steps.checked_plan`), which explains a refusal."""
 
 import operator
 from itertools import repeat
@@ -18,8 +18,8 @@ from itertools import repeat
 import numpy as np
 import torch
 
-from . import spec
-from ._torch_tensors import widths
+from .. import spec
+from ._tensors import widths
 
 _GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")

@@ -54,13 +54,13 @@ except ImportError:  # pragma: no cover - exercised in a subprocess without torc
 import difflib
 import inspect
 
-from . import _torch_state, _torch_steps, _torch_tensors
-from . import options as O
-from ._torch_buckets import Bucket
+from .. import options as O
+from . import _state, _steps, _tensors
+from ._buckets import Bucket
 
 __all__ = ["RMSprop"]
 
-_NUMPY = _torch_tensors.NUMPY
+_NUMPY = _tensors.NUMPY
 
 
 class RMSprop(torch.optim.Optimizer):
@@ -101,7 +101,7 @@ class RMSprop(torch.optim.Optimizer):
 
     Sparse grads of rows (`nn.Embedding(sparse=True)`: a 2-D param, a COO grad with one
     sparse and one dense dimension), which torch refuses, are stepped on the rows they name
-    through the row kernel (`fastrms._torch_sparse`); every other row stays bitwise
+    through the row kernel (`fastrms.torch._sparse`); every other row stays bitwise
     unchanged. `dense_rows` (keyword-only, fastrms's own) chooses what an untouched row
     does: with False (lazy) its state does not decay; with True each row keeps the step that
     last touched it (`row_step` in the state) and catches up the zero-gradient steps it
@@ -149,7 +149,7 @@ class RMSprop(torch.optim.Optimizer):
         self._flatten, self._dense_rows = flatten, dense_rows
         self._stochastic = seed if stochastic_rounding else None  # the seed of stochastic rounding, or None
         self._guard = _guard_options(clip_global_norm, skip_nonfinite)
-        self._bucketing = _torch_state.Layout()  # which params live in flat buffers (flatten=True)
+        self._bucketing = _state.Layout()  # which params live in flat buffers (flatten=True)
         self._caches()
         defaults = dict(
             lr=lr,
@@ -169,7 +169,7 @@ class RMSprop(torch.optim.Optimizer):
     def _caches(self):
         # the step's checks, layouts and kernel calls (the guard's record carried over)
         old = getattr(self, "_steps", None)
-        self._steps = _torch_steps.Steps(self._dense_rows, self._stochastic, self._guard)
+        self._steps = _steps.Steps(self._dense_rows, self._stochastic, self._guard)
         if old is not None:
             self._steps.last_norm, self._steps.skipped = old.last_norm, old.skipped
 
@@ -189,7 +189,7 @@ class RMSprop(torch.optim.Optimizer):
             for t in p_state.values():
                 if torch.is_tensor(t) and id(t) not in seen:
                     seen.add(id(t))
-                    shard = _torch_tensors.local(t, "a state tensor")
+                    shard = _tensors.local(t, "a state tensor")
                     total += shard.numel() * shard.element_size()
         return total
 
@@ -217,18 +217,18 @@ class RMSprop(torch.optim.Optimizer):
         sharing memory."""
         where = f"param_groups[{gi}]"
         for j, p in enumerate(params):
-            _torch_tensors.check_param(p, f"{where}['params'][{j}]")
+            _tensors.check_param(p, f"{where}['params'][{j}]")
             if self._stochastic is not None and p.dtype == torch.float16:
                 raise TypeError(
                     f"{where}['params'][{j}] is torch.float16: stochastic_rounding=True rounds bfloat16 params "
                     "(float16 ones are stepped over a float32 master: stochastic_rounding=False)"
                 )
-            if self._flatten and _torch_tensors.local(p, where) is not p:
+            if self._flatten and _tensors.local(p, where) is not p:
                 raise TypeError(
                     f"{where}['params'][{j}] is a DTensor: flatten=True moves plain params into one buffer (FSDP2 "
                     "already keeps its shards in one; use flatten=False)"
                 )
-        _torch_tensors.check_disjoint(list(dict.fromkeys(params)), where)
+        _tensors.check_disjoint(list(dict.fromkeys(params)), where)
 
     def _adopt_group(self, gi):
         group = self.param_groups[gi]
@@ -242,7 +242,7 @@ class RMSprop(torch.optim.Optimizer):
                 raise ValueError(f"{where}: flatten=True cannot hold a param listed twice (torch would step it twice)")
             held = self._bucketing.flat_slot
             trained = [p for p in params if p.requires_grad and p not in held]
-            _torch_tensors.check_disjoint([*held, *trained], "flatten=True")
+            _tensors.check_disjoint([*held, *trained], "flatten=True")
             place = {p: (gi << 24) + j for j, p in enumerate(params)}  # each param's noise key's ident
             for dtype in dict.fromkeys(p.dtype for p in trained):
                 members = [p for p in trained if p.dtype == dtype]
@@ -262,7 +262,7 @@ class RMSprop(torch.optim.Optimizer):
         after unpickling or `copy.deepcopy`, the flat buffers are built anew."""
         ours = state.pop("fastrms", None)
         super().__setstate__(state)
-        _torch_state.upgrade(self.param_groups, self.state)
+        _state.upgrade(self.param_groups, self.state)
         if ours is None:
             return
         self._flatten = ours["flatten"]
@@ -271,7 +271,7 @@ class RMSprop(torch.optim.Optimizer):
         self._guard = ours.get("guard")
         self._caches()
         buckets = ours["buckets"]
-        self._bucketing = _torch_state.Layout.unpickled(self.param_groups, buckets, self.state, self._stochastic)
+        self._bucketing = _state.Layout.unpickled(self.param_groups, buckets, self.state, self._stochastic)
 
     def state_dict(self) -> dict:
         """torch's `state_dict`; with `flatten=True` the state of a bucketed param is copied out
@@ -291,9 +291,9 @@ class RMSprop(torch.optim.Optimizer):
         nothing is loaded; the given dict is never written to, now or by later
         steps (its tensors are copied). With `flatten=True` the values go into the flat
         state buffers."""
-        copied = _torch_state.copied(state_dict, self.param_groups)
+        copied = _state.copied(state_dict, self.param_groups)
         super().load_state_dict({**state_dict, "state": copied})
-        _torch_state.float32_state(copied, state_dict, self.param_groups, self.state)  # torch cast them to 16 bits
+        _state.float32_state(copied, state_dict, self.param_groups, self.state)  # torch cast them to 16 bits
         self._caches()
         for p, (bucket, i) in self._bucketing.flat_slot.items():
             state = self.state.get(p)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
-from ._torch_buckets import LOW, MASTER, STATE_NAMES
+from ._buckets import LOW, MASTER, STATE_NAMES
 
 #: The dtypes the fused step takes, with the NumPy dtype it computes in (and keeps the state
 #: in): a 16-bit param's is float32, its master copy's.
