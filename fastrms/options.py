@@ -264,13 +264,19 @@ def aliases(library):
 _FOREIGN = {"lr": "learning_rate", "alpha": "beta", "rho": "beta", "decay": "beta", "eps": "epsilon"}
 
 
+def closest(name, names, foreign):
+    """The option meant by an unknown keyword `name`: another library's spelling of one
+    (`foreign`), or the closest of `names`, or None."""
+    return foreign.get(name) or next(iter(difflib.get_close_matches(name, names, n=1)), None)
+
+
 def resolve(given, who="RMSprop()"):
     """Every option: `given` (a dict of some) over the defaults. An unknown name is a
     TypeError, as Python gives for an unexpected keyword argument."""
     unknown = [k for k in given if k not in BY_NAME]
     if unknown:
         name = unknown[0]
-        hint = _FOREIGN.get(name) or next(iter(difflib.get_close_matches(name, NAMES, n=1)), None)
+        hint = closest(name, NAMES, _FOREIGN)
         said = f" Did you mean {hint!r}?" if hint else ""
         if name in _FOREIGN:
             said += f" For another library's names and defaults: RMSprop.like('torch', params, {name}=...)."

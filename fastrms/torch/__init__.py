@@ -51,7 +51,6 @@ except ImportError:  # pragma: no cover - exercised in a subprocess without torc
     ) from None
 
 
-import difflib
 import inspect
 
 from .. import options as O
@@ -114,7 +113,7 @@ class RMSprop(torch.optim.Optimizer):
         unknown = [name for name in kwargs if name not in _OPTIONS]
         if unknown:
             name = unknown[0]
-            hint = _FOREIGN.get(name) or next(iter(difflib.get_close_matches(name, _OPTIONS, n=1)), None)
+            hint = O.closest(name, _OPTIONS, _FOREIGN)
             said = f" Did you mean {hint!r}?" if hint else ""
             raise TypeError(f"RMSprop() got an unexpected keyword argument {name!r}.{said} Options are {_OPTIONS}")
         return super().__new__(cls)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .. import spec
-from ._tensors import widths
+from ._tensors import NUMPY, PLAIN, widths
 
 _GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")
@@ -28,7 +28,6 @@ _DATA_PTR = torch.Tensor.data_ptr
 _NUMEL = torch.Tensor.numel
 _CONTIGUOUS = torch.Tensor.is_contiguous
 _ELEMENT_SIZE = torch.Tensor.element_size
-_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _IS = operator.is_
 
 
@@ -51,14 +50,14 @@ class Kept:
         calls = rounds[0]
         if sum(len(call.owners) for call in calls.values()) != len(params) or not params:
             return None
-        if not set(map(type, params)) <= _PLAIN or not all(map(_CONTIGUOUS, params)):
+        if not set(map(type, params)) <= PLAIN or not all(map(_CONTIGUOUS, params)):
             return None
         grads = list(map(_GRAD, params))
         if not all(map(_CONTIGUOUS, grads)):
             return None
         kept = cls()
         kept.mark, kept.state_of, kept.hyper, kept.names = held.seen, state_of, hyper, spec.of(hyper).names
-        kept.dtypes = tuple(dict.fromkeys(steps.hyper_dtype(p.dtype) for p in params))
+        kept.dtypes = tuple(dict.fromkeys(NUMPY[p.dtype] for p in params))
         kept.pptrs, kept.numels = list(map(_DATA_PTR, params)), list(map(_NUMEL, params))
         kept.gdtypes = list(map(_DTYPE, params))
         kept.gbytes = np.array(kept.numels, dtype=np.int64) * np.array(list(map(_ELEMENT_SIZE, params)), np.int64)
@@ -96,7 +95,7 @@ class Kept:
     def _reuse(self, params, state_of):
         grads = list(map(_GRAD, params))
         if not (
-            set(map(type, grads)) <= _PLAIN  # no None, no subclass
+            set(map(type, grads)) <= PLAIN  # no None, no subclass
             and all(map(_IS_CPU, grads))
             and all(map(_CONTIGUOUS, grads))  # False for a sparse COO grad
             and list(map(_DTYPE, grads)) == self.gdtypes

@@ -16,8 +16,7 @@ import math
 import torch
 
 from .. import clipping
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+from ._tensors import PLAIN
 
 
 def verdict(options, grads, owners):
@@ -26,7 +25,7 @@ def verdict(options, grads, owners):
     params) of the params `owners`."""
     plain, meshes = [], {}
     for g, p in zip(grads, owners):
-        if type(p) in _PLAIN:
+        if type(p) in PLAIN:
             plain.append(g)
             continue
         mesh, placements = p.device_mesh, p.placements

@@ -20,7 +20,6 @@ from . import _fast, _guard, _options, _sparse, _tensors
 
 _NUMPY = _tensors.NUMPY
 _LOW = _tensors.LOW
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class Call(NamedTuple):
@@ -171,7 +170,7 @@ class Steps:
             if not g.is_cpu:
                 raise ValueError(f"{where}['params'][{j}]: its grad is on {g.device}; fastrms steps CPU tensors only")
             t = p  # the memory stepped: the param's, or a DTensor's local shard's
-            if type(p) not in _PLAIN:
+            if type(p) not in _tensors.PLAIN:
                 t, g = _tensors.local_pair(p, g, f"{where}['params'][{j}]")
             if g.is_sparse:
                 if t is not p:
@@ -235,11 +234,6 @@ class Steps:
         used = [*(d for m in rounds for d in m), *(b.dtype for b in flat), *(s[0].dtype for s in sparse)]
         dtypes = tuple(dict.fromkeys(_NUMPY[d] for d in used))
         return self.hyperparameters(group, where, dtypes), rounds, flat, sparse, lagging
-
-    @staticmethod
-    def hyper_dtype(dtype):
-        """The NumPy dtype a param of torch `dtype` is stepped in (its options are checked for it)."""
-        return _NUMPY[dtype]
 
     def base(self, ident):
         """The `stochastic_base` of the param at place `ident` (computed once)."""

@@ -28,7 +28,8 @@ __all__ = ["LOW", "MASTER", "NUMPY"]
 STEP_DTYPES = (torch.float32, torch.float64)
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+#: The tensor types whose memory is their values: stepped as they are.
+PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _NO_DISPATCH = torch.Tensor.__torch_dispatch__
 
 
@@ -45,12 +46,12 @@ def local(t, name):
     `data_ptr()` is not its values', a fake or lazy tensor) is refused with a TypeError naming
     `name`: the kernel would read and write the wrong memory."""
     kind = type(t)
-    if kind in _PLAIN:
+    if kind in PLAIN:
         return t
     dtensor = dtensor_type()
     if dtensor is not None and isinstance(t, dtensor):
         shard = t.to_local()
-        if type(shard) not in _PLAIN:
+        if type(shard) not in PLAIN:
             raise TypeError(f"{name} is a DTensor whose local shard is a {type(shard).__name__}; fastrms steps "
                             "DTensors whose shards are plain tensors")  # fmt: skip
         return shard
