@@ -1,5 +1,5 @@
-"""The keyword-only options' static types, generated from `fastrms.options.OPTIONS`
-(do not edit: `fastrms.options.typing_source()` writes this file, and a test checks it).
+"""The keyword-only options' static types, generated from `fastrms.core.options.OPTIONS`
+(do not edit: `fastrms.core.options.typing_source()` writes this file, and a test checks it).
 """
 
 from typing import Literal, TypedDict

@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import clipping, kernels, runtime, spec
-from . import options as O
-from ._checks import STEP_MAX, count, float_array
-from .layout import address
+from . import kernels
+from .core import guard, runtime, spec
+from .core import options as O
+from .core.checks import STEP_MAX, count, float_array
+from .core.memory import address
 
 if TYPE_CHECKING:  # the static types of **options (generated from the options table)
     from typing_extensions import Unpack
@@ -51,7 +52,7 @@ def rmsprop_step(
     `state` is a dict of the arrays PyTorch names (`square_avg`, and `grad_avg` /
     `momentum_buffer` when the variant keeps them), or None for the initial state
     (`init_state`). `options` are `fastrms.RMSprop`'s keyword options
-    (`fastrms.options.OPTIONS`); `learning_rate` is a number here (evaluate a schedule
+    (`fastrms.core.options.OPTIONS`); `learning_rate` is a number here (evaluate a schedule
     at `t - 1` yourself). The update is [docs/algorithm.md](algorithm.md)'s.
 
     Inputs are never written. With `out=(param_out, state_out)` the results go into the
@@ -96,7 +97,7 @@ def rmsprop_step(
     key = spec.of(hyper).variant
     parallel = runtime.parallel_for(p.size, p.itemsize, len(names))
     scalars = O.scalars(hyper, hyper["learning_rate"], t)
-    verdict = clipping.guard(
+    verdict = guard.guard(
         lambda: (kernels.sumsq_parallel if parallel else kernels.sumsq_serial)(g),
         lambda: (kernels.nonfinite_parallel if parallel else kernels.nonfinite_serial)(g),
         lambda: [g],

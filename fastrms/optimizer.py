@@ -1,8 +1,8 @@
 """The RMSprop optimizer: validates, holds the state, and hands each array to a fused kernel.
 
 The update each kernel applies is in [docs/algorithm.md](algorithm.md) (and `fastrms.kernels.element`);
-the options are declared once, in `fastrms.options`; checkpoints are
-`fastrms.checkpoint`'s.
+the options are declared once, in `fastrms.core.options`; checkpoints are
+`fastrms.core.checkpoint`'s.
 """
 
 import os
@@ -12,13 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import checkpoint, clipping, cpu, kernels, memory, spec
-from . import options as O
-from . import rows as rows_step
-from .clock import Clock
+from . import kernels
+from .backend import cpu
+from .backend.layout import Slot
+from .core import checkpoint, guard, memory, spec
+from .core import options as O
+from .core import rows as rows_step
+from .core.clock import Clock
+from .core.options import check_hyperparameters
 from .kernels import storage
-from .layout import Slot
-from .options import check_hyperparameters
 from .presets import preset_options
 
 if TYPE_CHECKING:  # the static types of **options (generated from the options table)
@@ -39,7 +41,7 @@ class RMSprop:
         param <- param - lr * g / (sqrt(v) + epsilon)
 
     Every option after `epsilon` is keyword-only; all are declared once, in
-    `fastrms.options.OPTIONS`, from which the list below is written.
+    `fastrms.core.options.OPTIONS`, from which the list below is written.
 
     Parameters
     ----------
@@ -196,7 +198,7 @@ class RMSprop:
         self._hyper, self._clock = hyper, clock
         self._spec = spec.of(hyper)
         self._variant = self._spec.variant
-        self._guarded, self._norms = clipping.guarded(hyper), clipping.needs_norm(hyper)
+        self._guarded, self._norms = guard.guarded(hyper), guard.needs_norm(hyper)
         self._dense_rows = hyper["dense_rows"]
         self._rowwise = self._spec.rowwise
 
@@ -379,7 +381,7 @@ class RMSprop:
     def _launch(self, calls, checked):
         """Guard, then write: `calls` holds, per group, `(shell, arrays, check arrays, norm
         arrays)`; `checked` the grads (for the rare overflow path)."""
-        verdict = clipping.GO
+        verdict = guard.GO
         if self._guarded:
             verdict = self._plan.verdict(calls, checked, self._hyper)
             if verdict.norm is not None:
@@ -423,7 +425,7 @@ class RMSprop:
         run equals a dense one with zero grads elsewhere, up to rounding. `clip_value`
         applies per element; `clip_global_norm` to the norm over every named table's summed
         rows, and `skip_nonfinite` skips the whole call. Every check runs before anything is
-        written (`fastrms.rows` has the rule).
+        written (`fastrms.core.rows` has the rule).
         """
         if not self._busy.acquire(False):
             raise RuntimeError("RMSprop.step_rows was entered by another thread while a step was running")
@@ -504,7 +506,7 @@ class RMSprop:
         file under that name. An existing file keeps its permission bits; anything but a
         regular file at `path` (a folder, a FIFO, a device) is refused with ValueError. The
         params are not saved: they are the caller's (as with `torch.save(opt.state_dict())`).
-        See `fastrms.checkpoint`."""
+        See `fastrms.core.checkpoint`."""
         d = self.state_dict()
         checkpoint.loadable(d)  # what load would refuse is not written
         checkpoint.write(path, d)

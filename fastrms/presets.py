@@ -17,7 +17,7 @@ does, so rounding never gives NaN); PyTorch updates `grad_avg` with `lerp` and K
 scales `lr * g / d` in another order, so results agree to rounding, not bit for bit.
 """
 
-from .options import LIBRARIES, aliases
+from .core.options import LIBRARIES, aliases
 
 PRESETS = {
     "seed": dict(learning_rate=1e-3, beta=0.9, epsilon=1e-8),
@@ -37,7 +37,7 @@ PRESETS = {
 `PRESETS[name]`, which holds that library's formula options as well as its defaults."""
 
 #: The other libraries' names for fastrms's options, for users porting code (from the
-#: options table, `fastrms.options.OPTIONS`).
+#: options table, `fastrms.core.options.OPTIONS`).
 ALIASES = {library: aliases(library) for library in PRESETS if library in LIBRARIES}
 
 

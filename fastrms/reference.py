@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .options import resolve
+from .core.options import resolve
 
 #: The sum of squares' order ([docs/algorithm.md](algorithm.md), `fastrms.kernels.reduce`): blocks of
 #: 32768 elements from each array's start, 1024 float64 lanes per block.
@@ -205,7 +205,7 @@ def clip_grads(grads, clip_global_norm=None, clip_value=None):
 def rmsprop_step(param, grad, state, t, lr, beta=0.9, epsilon=1e-8, **options):
     """Step `t` (1-based) of any variant; returns the new param, updates `state` (a dict
     with `square_avg` and, when used, `grad_avg` / `momentum_buffer`). `options` are
-    `fastrms.RMSprop`'s keyword options (`fastrms.options.OPTIONS`); the formula
+    `fastrms.RMSprop`'s keyword options (`fastrms.core.options.OPTIONS`); the formula
     is [docs/algorithm.md](algorithm.md)'s."""
     o = resolve({**options, "learning_rate": lr, "beta": beta, "epsilon": epsilon}, "rmsprop_step()")
     momentum, centered, nesterov = o["momentum"], o["centered"], o["nesterov"]

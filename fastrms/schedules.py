@@ -15,8 +15,8 @@ so `step_decay(0.001, 0.95, 500)` gives 0.001 for steps 1..500 and 0.00095 for 5
 import math
 from dataclasses import dataclass
 
-from ._checks import count as _count
-from ._checks import number as _number
+from .core.checks import count as _count
+from .core.checks import number as _number
 
 __all__ = [
     "constant",

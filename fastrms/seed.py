@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._checks import count
+from .core.checks import count
 from .optimizer import RMSprop
 from .schedules import constant, step_decay
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import fastrms
-from fastrms import options, reference, schedules
+from fastrms import reference, schedules
 from fastrms.bench.cases import all_variants
+from fastrms.core import options
 
 SIZES = (0, 1, 7, 22, 1031)
 BIG = 1_000_003

@@ -41,7 +41,7 @@ def _pure(w, g, opts):
     lr = opts.pop("learning_rate", 1e-3)
     state = None
     for t in range(3):
-        rate = fastrms.options.scheduled_lr(lr, t, 0.0, (w.dtype,)) if callable(lr) else lr
+        rate = fastrms.core.options.scheduled_lr(lr, t, 0.0, (w.dtype,)) if callable(lr) else lr
         new, state = functional.rmsprop_step(w, g, state, t + 1, rate, **opts)
         w[...] = new
 

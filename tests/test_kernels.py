@@ -9,8 +9,9 @@ import pytest
 from conftest import BIG, problem
 from numba import njit, prange
 
-from fastrms import kernels, options, reference
+from fastrms import kernels, reference
 from fastrms.bench.cases import all_variants
+from fastrms.core import options
 
 ARGS = kernels.Scalars(
     lr=0.01, beta=0.9, eps_in=0.0, eps_out=1e-8, weight_decay=0.01, momentum=0.9, grad_scale=1.0, bias_correction=0.5
@@ -208,7 +209,8 @@ def test_the_packed_patterns_tell_packed_from_scalar():
 _CACHE_SCRIPT = """
 import sys
 import numpy as np
-from fastrms import kernels, options, reference
+from fastrms import kernels, reference
+from fastrms.core import options
 x = np.ones(64, np.float32)
 if sys.argv[1] == "others-first":
     s = kernels.Scalars(0.1, 0.9, 0.0, 1e-8, 0.1, 0.9, 1.0, 1.0)

@@ -7,8 +7,9 @@ import pytest
 from conftest import BIG
 from numba import njit
 
-from fastrms import kernels, options, reference, spec
+from fastrms import kernels, reference
 from fastrms.bench.cases import MAIN
+from fastrms.core import options, spec
 from fastrms.kernels import storage
 
 try:

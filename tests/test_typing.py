@@ -11,14 +11,14 @@ from typing import Literal
 import pytest
 
 import fastrms
-from fastrms import options
+from fastrms.core import options
 
 
 def test_the_typed_options_file_is_the_tables_own():
     path = Path(fastrms.__file__).with_name("_typing.py")
     assert path.read_text(encoding="utf-8") == options.typing_source(), (
-        "fastrms/_typing.py is out of date with fastrms.options.OPTIONS; regenerate it as "
-        "fastrms.options.typing_source()'s docstring says"
+        "fastrms/_typing.py is out of date with fastrms.core.options.OPTIONS; regenerate it as "
+        "fastrms.core.options.typing_source()'s docstring says"
     )
 
 

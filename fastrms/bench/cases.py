@@ -7,7 +7,7 @@ paired with a setting of the runtime options (`maximize`, `bias_correction`,
 """
 
 from .. import kernels
-from ..options import OPTIONS, options_for
+from ..core.options import OPTIONS, options_for
 
 #: name -> RMSprop keyword options, the variants the benchmarks time.
 MAIN = {

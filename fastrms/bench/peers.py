@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import njit, prange
 
-from .. import kernels, reference, spec
+from .. import kernels, reference
+from ..core import spec
+from ..core.options import BY_NAME, DEFAULTS, resolve
 from ..optimizer import RMSprop
-from ..options import BY_NAME, DEFAULTS, resolve
 
 #: The hyperparameters every benchmark case uses (the seed's): the options table's defaults.
 DEFAULT_HYPER = {k: DEFAULTS[k] for k in ("learning_rate", "beta", "epsilon")}

@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from .. import __version__, runtime
+from .. import __version__
+from ..core import runtime
 from . import peers, row_timing, timing
 from .cases import ALL, MAIN
 from .figures import plot

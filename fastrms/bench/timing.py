@@ -9,9 +9,10 @@ import time
 
 import numpy as np
 
-from .. import kernels, spec
+from .. import kernels
+from ..core import spec
+from ..core.options import resolve, scalars, variant_key
 from ..optimizer import RMSprop
-from ..options import resolve, scalars, variant_key
 from .peers import DEFAULT_HYPER, Problem, available, setup
 
 
@@ -147,7 +148,7 @@ def many_arrays(dtype="float32", total=1_000_000, rounds=7, target=0.03, seed=0)
     """A whole model's step against one array of the same total size, in one process:
     `{case: seconds}` for one array, 200 arrays of mixed sizes, 1000 equal arrays, and each
     of those packed (`fastrms.pack`) and stepped with one flat grad."""
-    from ..layout import pack
+    from ..backend.layout import pack
 
     rng = np.random.default_rng(seed)
     weights = rng.random(200) ** 3

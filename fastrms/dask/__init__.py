@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import clipping, functional, spec
-from .. import options as O
-from .._checks import STEP_MAX, count
-from ..clock import Clock
+from .. import functional
+from ..core import guard, spec
+from ..core import options as O
+from ..core.checks import STEP_MAX, count
+from ..core.clock import Clock
 from ..presets import preset_options
 from . import _checkpoint, _cluster
 from ._blocks import _block_step, _generation_step, _stack, release_buffers
@@ -301,10 +302,10 @@ class RMSprop:
         client = _client()
         if client is not None:
             grads = _cluster.computed(client, grads, self._gens)
-        verdict = clipping.GO
+        verdict = guard.GO
         if self._hyper["skip_nonfinite"]:
             finite = dask.compute(*(da.isfinite(g).all() for g in grads))
-            verdict = clipping.GO if all(finite) else clipping.SKIP
+            verdict = guard.GO if all(finite) else guard.SKIP
         self._clock.take(verdict, lambda scalars: self._write(client, grads, scalars.lr))
 
     def _write(self, client, grads, lr):

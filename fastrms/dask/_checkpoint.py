@@ -3,7 +3,7 @@
 
 A checkpoint folder holds `gen-<step>-<random>/` (a Zarr group: one array `"<name>.<i>"` per
 state array of param `i`, chunked like it; attributes: `format_version`
-(`fastrms.checkpoint.FORMAT_VERSION`, the one of every fastrms checkpoint), the counts, the
+(`fastrms.core.checkpoint.FORMAT_VERSION`, the one of every fastrms checkpoint), the counts, the
 hyperparameters, the params' shapes and dtypes, and a manifest of every array's chunks with
 the CRC-32 of each) and `CURRENT`, the name of the generation to load. Loading checks every
 one of those before anything changes.
@@ -17,9 +17,9 @@ import stat
 import dask.array as da
 import numpy as np
 
-from .. import checkpoint
-from .. import options as O
-from .._checks import STEP_MAX, count
+from ..core import checkpoint
+from ..core import options as O
+from ..core.checks import STEP_MAX, count
 from ._cluster import LostStateError, _checksums, _Shape
 
 #: The small file in a checkpoint folder that names the current generation.

@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - exercised in a subprocess without torc
 
 import inspect
 
-from .. import options as O
+from ..core import options as O
 from . import _state, _steps, _tensors
 from ._buckets import Bucket
 

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .. import kernels, runtime, spec
-from .. import options as O
+from .. import kernels
+from ..core import options as O
+from ..core import runtime, spec
 from ..kernels import storage
 
 _GRAD = operator.attrgetter("grad")

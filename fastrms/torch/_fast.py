@@ -18,7 +18,7 @@ from itertools import repeat
 import numpy as np
 import torch
 
-from .. import spec
+from ..core import spec
 from ._tensors import NUMPY, PLAIN, widths
 
 _GRAD = operator.attrgetter("grad")

@@ -1,6 +1,6 @@
 """The guard of a `fastrms.torch.RMSprop` step (a private module of `fastrms.torch`; it
 imports torch): `clip_global_norm` and `skip_nonfinite` decided once, over the grads the step
-is about to read, before anything is written (`fastrms.clipping.guard`, the formula):
+is about to read, before anything is written (`fastrms.core.guard.guard`, the formula):
 
     norm = sqrt(sum over the grads g of ||g||^2)        ||g|| in g's dtype (float32 for 16 bits)
     coef = min(1, max_norm / (norm + 1e-6))              folded into the kernel's grad scale
@@ -15,12 +15,12 @@ import math
 
 import torch
 
-from .. import clipping
+from ..core import guard
 from ._tensors import PLAIN
 
 
 def verdict(options, grads, owners):
-    """The step's `fastrms.clipping.Verdict` under `options` (`clip_global_norm`,
+    """The step's `fastrms.core.guard.Verdict` under `options` (`clip_global_norm`,
     `skip_nonfinite`) for `grads` (the tensors the kernels read: local shards for DTensor
     params) of the params `owners`."""
     plain, meshes = [], {}
@@ -45,7 +45,7 @@ def verdict(options, grads, owners):
         total += float(both[0])
         bad = bad or float(both[1]) > 0
     arrays = lambda: [(g.float() if g.dtype in (torch.bfloat16, torch.float16) else g).numpy() for g in grads]  # noqa: E731
-    return clipping.guard(lambda: total, lambda: bad, arrays, options)
+    return guard.guard(lambda: total, lambda: bad, arrays, options)
 
 
 def local_sums(grads):

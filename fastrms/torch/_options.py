@@ -4,7 +4,7 @@
 
 import torch
 
-from .. import options as O
+from ..core import options as O
 
 #: torch's names for the options it shares with fastrms (the rest are the same name).
 TORCH_NAMES = {"learning_rate": "lr", "beta": "alpha", "epsilon": "eps"}

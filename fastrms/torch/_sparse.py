@@ -1,6 +1,6 @@
 """`fastrms.torch.RMSprop`'s sparse grads: the row-sparse COO grads of
 `nn.Embedding(sparse=True)` (and `nn.EmbeddingBag`) stepped through the row kernel
-(`fastrms.rows`), which `torch.optim.RMSprop` refuses.
+(`fastrms.core.rows`), which `torch.optim.RMSprop` refuses.
 
 A param `(n, width)` whose grad is a sparse COO tensor with one sparse and one dense
 dimension (indices `(1, nnz)`, values `(nnz, width)`, coalesced or not) is stepped on the
@@ -21,10 +21,10 @@ False) chooses what an untouched row does:
 import numpy as np
 import torch
 
-from .. import rows as rows_step
-from .. import runtime, spec
-from ..memory import span
-from ..options import scalars
+from ..core import rows as rows_step
+from ..core import runtime, spec
+from ..core.memory import span
+from ..core.options import scalars
 
 #: The state key of the per-row step counters (`dense_rows=True`).
 ROW_STEP = "row_step"
@@ -59,7 +59,7 @@ def counters(state, n, name):
 
 
 def table(p, g, tensors, names, state, dense_rows, parallel, name):
-    """The `fastrms.rows.Table` of one param: its state `tensors` (in `names` order, as
+    """The `fastrms.core.rows.Table` of one param: its state `tensors` (in `names` order, as
     `fastrms.torch.RMSprop._layout` made them) and the grad's rows, checked; `row_step`
     created (every row up to date at the param's current step) or checked when
     `dense_rows`. Nothing is written."""

@@ -13,8 +13,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .. import kernels, runtime, spec
-from .. import options as O
+from .. import kernels
+from ..core import options as O
+from ..core import runtime, spec
 from ..kernels import storage
 from . import _fast, _guard, _options, _sparse, _tensors
 

@@ -234,7 +234,7 @@ class Entry(NamedTuple):
     param: torch.Tensor  # the param it is the layout of
     address: int  # the param's (local shard's) data address when made
     shape: tuple  # its (local) shape
-    names: tuple  # the state the variant keeps, fastrms.spec's names
+    names: tuple  # the state the variant keeps, fastrms.core.spec's names
     state: dict  # torch's per-param state dict
     keys: tuple  # the state keys held (`names`, "step", a 16-bit param's MASTER)
     holds: "Callable[[dict], bool]"  # whether `state` still holds `held` under `keys`

@@ -24,9 +24,9 @@ import zipfile
 
 import numpy as np
 
+from ..kernels import storage
 from . import spec
-from ._checks import STEP_MAX, count
-from .kernels import storage
+from .checks import STEP_MAX, count
 from .options import (
     ALL_STATE_NAMES,
     BOOL_OPTIONS,

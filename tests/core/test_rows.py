@@ -7,7 +7,8 @@ import pytest
 from conftest import assert_unchanged, snapshot
 
 import fastrms
-from fastrms import kernels, options, reference, schedules, spec
+from fastrms import kernels, reference, schedules
+from fastrms.core import options, spec
 
 VARIANTS = [
     {},

@@ -8,9 +8,8 @@ import bisect
 
 import numpy as np
 
-from ._checks import float_array
-from .kernels import contiguous_address, storage
-from .layout import address
+from ..kernels import contiguous_address, storage
+from .checks import float_array
 
 _FLOAT32 = np.dtype(np.float32)
 
@@ -28,6 +27,11 @@ __all__ = [
     "step_grads",
     "writeable",
 ]
+
+
+def address(a):
+    """The address of `a`'s first element."""
+    return a.__array_interface__["data"][0]
 
 
 def grad_name(index):
@@ -258,7 +262,7 @@ def copies(copy_to, arrays, single):
 def step_grads(grads, slots, packed):
     """`(checked, slots, low)`: a step's grads checked (`check_grads`) with the slots they go
     with, and the indices of the 16-bit ones: a list or tuple of one array per slot, or, for
-    params that tile one buffer (`packed`, a `fastrms.layout.Group`, else None), one flat
+    params that tile one buffer (`packed`, a `fastrms.backend.layout.Group`, else None), one flat
     grad array of that buffer's size."""
     if packed is not None and isinstance(grads, np.ndarray):
         checked = check_grad(grads, packed.span, None)

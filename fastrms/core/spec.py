@@ -1,5 +1,5 @@
 """The spec of a step, computed once from the options and frozen: what every front end and the
-backend read instead of re-deriving it (the rules themselves are `fastrms.options`').
+backend read instead of re-deriving it (the rules themselves are `fastrms.core.options`').
 
     Spec(variant, state, compute, rounding)
 
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..kernels import Variant, storage
 from . import options as O
-from .kernels import Variant, storage
 
 __all__ = ["Spec", "StateSlot", "of", "view_dtype"]
 

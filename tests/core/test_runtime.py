@@ -1,4 +1,4 @@
-"""fastrms.runtime: threads and processes never crash the host, whatever the threading layer."""
+"""fastrms.core.runtime: threads and processes never crash the host, whatever the threading layer."""
 
 import os
 import subprocess
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fastrms
-from fastrms import runtime
+from fastrms.core import runtime
 
 SCRIPT = textwrap.dedent(
     """

@@ -1,12 +1,13 @@
-"""fastrms.spec: the frozen spec a step's options give, read by every front end."""
+"""fastrms.core.spec: the frozen spec a step's options give, read by every front end."""
 
 import dataclasses
 
 import numpy as np
 import pytest
 
-from fastrms import kernels, options, spec
+from fastrms import kernels
 from fastrms.bench.cases import all_variants
+from fastrms.core import options, spec
 
 
 def test_the_state_slots_follow_the_variant_in_pytorchs_names():

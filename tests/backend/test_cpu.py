@@ -1,4 +1,4 @@
-"""fastrms.cpu: the CPU backend's plan (groups by dtype, the kernels each runs on, a step's
+"""fastrms.backend.cpu: the CPU backend's plan (groups by dtype, the kernels each runs on, a step's
 calls, the guard over them)."""
 
 import math
@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 import fastrms
-from fastrms import cpu, kernels, memory, options, runtime, spec
-from fastrms.layout import Slot
+from fastrms import kernels
+from fastrms.backend import cpu
+from fastrms.backend.layout import Slot
+from fastrms.core import memory, options, runtime, spec
 
 
 def _plan(arrays, **opts):

@@ -1,10 +1,10 @@
 """The CPU backend of `fastrms.RMSprop`: where and how each step's kernels run.
 
-`Plan(slots, hyper, spec)` groups the params by dtype (`fastrms.layout.Group`: one
+`Plan(slots, hyper, spec)` groups the params by dtype (`fastrms.backend.layout.Group`: one
 kernel call a group, with its pointer table) and picks each group's kernels for this
 process: serial below `fastrms.kernels.PARALLEL_MIN_BYTES`, else parallel, or parallel
-behind the process-wide lock under `workqueue` (`fastrms.runtime.shell`/`locked`), picked
-again whenever `fastrms.runtime.generation` changes (after a fork). A step is then
+behind the process-wide lock under `workqueue` (`fastrms.core.runtime.shell`/`locked`), picked
+again whenever `fastrms.core.runtime.generation` changes (after a fork). A step is then
 
     calls = plan.calls(groups, checked, clipping, low)  # which shell steps each group, with what
     verdict = plan.verdict(calls, grads, options)       # the guard over those calls' reductions
@@ -18,8 +18,9 @@ it is given. A backend for another device is another module with this interface.
 
 import numpy as np
 
-from . import clipping, kernels, runtime
-from .kernels import storage
+from .. import kernels
+from ..core import guard, runtime
+from ..kernels import storage
 from .layout import Group, grad_span
 
 __all__ = ["Plan"]
@@ -172,11 +173,11 @@ class Plan:
         return [("dense", arrays, (g,), table, grads)]
 
     def verdict(self, calls, checked, options):
-        """The guard (`fastrms.clipping.guard`) over `calls`: the groups' sums of squares
+        """The guard (`fastrms.core.guard.guard`) over `calls`: the groups' sums of squares
         added in order (reproducible), their non-finite checks, the grads for the overflow
         path."""
         pairs = self._pairs
-        return clipping.guard(
+        return guard.guard(
             lambda: sum(
                 pairs(i, grads)[shell if shell == "rowwise" else "dense" if len(norm_args) == 1 else "segments"][2](
                     *norm_args

@@ -22,8 +22,9 @@ from typing import NamedTuple
 import numpy as np
 from numba import get_num_threads
 
-from . import clipping, kernels, memory
-from ._checks import float_array
+from .. import kernels
+from . import guard, memory
+from .checks import float_array
 
 
 class Table(NamedTuple):
@@ -71,7 +72,7 @@ def named(param, rows, grad_rows, table):
 def slot_table(slots, single, owned, parallel_of, param, given_rows, given_grads, suffix):
     """One table of `fastrms.RMSprop.step_rows`, checked: `param` an index into `slots`
     (None for an optimizer over one), `given_rows` and `given_grads` its rows and grad rows, none of
-    it sharing memory with what the step writes (`owned`, a `fastrms.memory.Owned`);
+    it sharing memory with what the step writes (`owned`, a `fastrms.core.memory.Owned`);
     `parallel_of(i)` whether slot `i`'s group may run on the parallel shells."""
     if param is None:
         if len(slots) != 1:
@@ -169,7 +170,7 @@ def catch_up_constants(hyper, variant, lr):
 def step(tables, t, hyper, variant, kernel, take):
     """One step `t` over `tables` (checked `Table`s of one dtype and `variant`, options
     `hyper`: `dense_rows` and the guard's among them) by the front end's step protocol
-    `take(verdict, run)` (`fastrms.clock.Clock.take`, or one that counts as torch does):
+    `take(verdict, run)` (`fastrms.core.clock.Clock.take`, or one that counts as torch does):
     `run(scalars)` writes the rows with the step's kernel scalars. `kernel(make, parallel)`
     returns the shell (`kernels.rows` or `kernels.merged_rows`) to call; a table runs on the
     parallel one when it may and its rows move `PARALLEL_MIN_BYTES`. Returns the global norm
@@ -189,7 +190,7 @@ def step(tables, t, hyper, variant, kernel, take):
     # kept, as the reference keeps it) but the rows' dense_rows counters
     idle = [tb for tb in tables if not tb.width and tb.last.size]
     tables = [tb for tb in tables if tb.width]
-    if not clipping.guarded(hyper) and hyper["state_layout"] != "rowwise":  # one call per table: merge, check, step
+    if not guard.guarded(hyper) and hyper["state_layout"] != "rowwise":  # one call per table: merge, check, step
 
         def merged(scalars):
             catch_up = catch_up_constants(hyper, variant, scalars.lr)
@@ -204,7 +205,7 @@ def step(tables, t, hyper, variant, kernel, take):
                     raise bad_row(table, bad)
             _touch(idle, t)
 
-        take(clipping.GO, merged)
+        take(guard.GO, merged)
         return None
     # the global norm and the non-finite check need every table's summed rows first (and the
     # rowwise row shell takes distinct rows, one grad row each)
@@ -214,7 +215,7 @@ def step(tables, t, hyper, variant, kernel, take):
         if bad >= 0:
             raise bad_row(table, bad)
         summed.append((unique, g))
-    verdict = clipping.guard(
+    verdict = guard.guard(
         lambda: sum(
             (kernels.sumsq_parallel if parallel(tb) else kernels.sumsq_serial)(g) for tb, (_, g) in zip(tables, summed)
         ),

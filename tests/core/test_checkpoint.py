@@ -1,4 +1,4 @@
-"""fastrms.checkpoint: hostile files and dicts are refused with one error type and nothing
+"""fastrms.core.checkpoint: hostile files and dicts are refused with one error type and nothing
 changed; saves keep files' modes, refuse non-files and clean up after themselves."""
 
 import io

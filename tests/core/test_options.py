@@ -1,4 +1,4 @@
-"""fastrms.options: the one table of options, and what derives from it."""
+"""fastrms.core.options: the one table of options, and what derives from it."""
 
 import inspect
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import fastrms
-from fastrms import kernels, options, reference
+from fastrms import kernels, reference
+from fastrms.core import options
 from fastrms.presets import ALIASES
 
 

@@ -14,8 +14,9 @@ allocated once. Params of one dtype form a `Group` that one kernel call steps:
 
 import numpy as np
 
-from . import kernels
-from ._checks import flat_view
+from .. import kernels
+from ..core.checks import flat_view
+from ..core.memory import address
 
 #: State kinds in the order of the chunk table's columns after param and grad.
 _STATE = ("square_avg", "grad_avg", "momentum_buffer")
@@ -54,11 +55,6 @@ class Slot:
     def owned(self):
         """The non-empty arrays the step writes: param, state and the copy."""
         return tuple(a for a in (self.flat, *(getattr(self, n) for n in self.names), self.copy) if a.size)
-
-
-def address(a):
-    """The address of `a`'s first element."""
-    return a.__array_interface__["data"][0]
 
 
 def _root(a):

@@ -4,12 +4,12 @@ built from it, and the step and skip counts.
 
     lr_t      = learning_rate                  (a number)
               | schedule(t - 1)                (a schedule: called with the steps already taken)
-    scalars_t = fastrms.options.scalars(options, lr_t, t)
+    scalars_t = fastrms.core.options.scalars(options, lr_t, t)
     a step    = checks, then the guard's verdict, then Clock.take(verdict, run):
                 skipped_steps += 1 (refused) | run(scalars_t * clip coefficient); step_count += 1
 
 `fastrms.torch` counts as torch does (a `step` tensor per param) and the pure step takes `t`
-from its caller; both build their scalars with `fastrms.options.scalars` too.
+from its caller; both build their scalars with `fastrms.core.options.scalars` too.
 """
 
 from . import options as O
@@ -20,7 +20,7 @@ __all__ = ["Clock"]
 class Clock:
     """The step count `step_count`, the steps `skipped_steps` refused, the learning rate the
     last step used (`last_lr`) and the next step's (`lr()`, `scalars()`). A schedule's value
-    is checked as a learning rate is (`fastrms.options.scheduled_lr`). The scalars are rebuilt
+    is checked as a learning rate is (`fastrms.core.options.scheduled_lr`). The scalars are rebuilt
     only when the learning rate changes or bias correction is on (they depend on `t` then):
     a small step pays one comparison."""
 
@@ -68,7 +68,7 @@ class Clock:
 
     def take(self, verdict, run):
         """One step by the protocol every counting front end follows, after its checks and
-        the guard's `verdict` (`fastrms.clipping.Verdict`): a refused step is counted in
+        the guard's `verdict` (`fastrms.core.guard.Verdict`): a refused step is counted in
         `skipped_steps` and nothing runs; otherwise `run(scalars)` writes the step with this
         step's scalars, the clipping coefficient folded into `grad_scale`, and then the step
         is counted. An exception from `run` (raised before it writes) counts nothing.

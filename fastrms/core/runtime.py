@@ -201,7 +201,7 @@ def parallel_for(size, itemsize, state_arrays):
 
 @functools.lru_cache(maxsize=256)
 def _parallel_for(size, itemsize, state_arrays, generation):
-    from . import kernels
+    from .. import kernels
 
     return (
         kernels.step_bytes(size, itemsize, state_arrays) >= kernels.PARALLEL_MIN_BYTES and parallel_mode() != "serial"
@@ -245,8 +245,8 @@ def info() -> dict:
     import llvmlite
     import numpy
 
-    from . import kernels
-    from ._version import __version__
+    from .. import kernels
+    from .._version import __version__
 
     stats = kernels.cache_stats()
     return {

@@ -41,7 +41,7 @@ SKIP = Verdict(False, None, 1.0)
 
 
 def guarded(options: "Mapping[str, Any]") -> bool:
-    """Whether the options (`fastrms.options`, resolved) ask for the guard: a look at the
+    """Whether the options (`fastrms.core.options`, resolved) ask for the guard: a look at the
     grads before the step writes anything."""
     return options["clip_global_norm"] is not None or bool(options["skip_nonfinite"])
 

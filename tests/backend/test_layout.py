@@ -1,4 +1,4 @@
-"""fastrms.layout and the many-array step: one kernel call per dtype, pack(), bit for bit."""
+"""fastrms.backend.layout and the many-array step: one kernel call per dtype, pack(), bit for bit."""
 
 import numpy as np
 import pytest

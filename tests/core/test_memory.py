@@ -1,11 +1,11 @@
-"""fastrms.memory: grads checked against their params, and nothing the step reads shares
+"""fastrms.core.memory: grads checked against their params, and nothing the step reads shares
 memory with what it writes."""
 
 import numpy as np
 import pytest
 
-from fastrms import memory, options, spec
-from fastrms.layout import Slot, address
+from fastrms.backend.layout import Slot, address
+from fastrms.core import memory, options, spec
 
 NAMES = spec.of(options.resolve({"momentum": 0.9})).names
 

@@ -1,12 +1,12 @@
-"""fastrms.clock: the learning rate, kernel scalars and counts of a step."""
+"""fastrms.core.clock: the learning rate, kernel scalars and counts of a step."""
 
 import math
 
 import numpy as np
 import pytest
 
-from fastrms import clipping, options
-from fastrms.clock import Clock
+from fastrms.core import guard, options
+from fastrms.core.clock import Clock
 
 
 def _options(**given):
@@ -70,15 +70,15 @@ def test_take_runs_the_step_with_the_clipped_scalars_then_counts_it():
     hyper = _options(learning_rate=lambda count: 0.1 / (1 + count))
     clock = Clock(hyper, (np.dtype(np.float64),), step_count=3, skipped_steps=2)
     seen = []
-    assert clock.take(clipping.Verdict(True, 10.0, 0.25), seen.append)
+    assert clock.take(guard.Verdict(True, 10.0, 0.25), seen.append)
     assert seen == [options.scalars(hyper, 0.1 / 4, 4)._replace(grad_scale=0.25)]
     assert (clock.step_count, clock.skipped_steps, clock.last_lr) == (4, 2, 0.1 / 4)
-    assert clock.take(clipping.GO, seen.append) and seen[-1].grad_scale == 1.0 and seen[-1].lr == 0.1 / 5
+    assert clock.take(guard.GO, seen.append) and seen[-1].grad_scale == 1.0 and seen[-1].lr == 0.1 / 5
 
 
 def test_take_counts_a_refused_step_and_runs_nothing():
     clock = Clock(_options(), (np.dtype(np.float32),), step_count=3)
-    assert not clock.take(clipping.SKIP, lambda scalars: pytest.fail("a refused step ran"))
+    assert not clock.take(guard.SKIP, lambda scalars: pytest.fail("a refused step ran"))
     assert (clock.step_count, clock.skipped_steps, clock.last_lr) == (3, 1, None)
 
 
@@ -89,5 +89,5 @@ def test_take_counts_nothing_when_the_write_raises():
         raise ValueError("rows[0] = 9 is outside [0, 3)")
 
     with pytest.raises(ValueError, match="outside"):
-        clock.take(clipping.GO, bad_row)
+        clock.take(guard.GO, bad_row)
     assert (clock.step_count, clock.skipped_steps, clock.last_lr) == (0, 0, None)

@@ -1,4 +1,4 @@
-"""Gradient clipping: fastrms.clipping's coefficient, and clip_global_norm / clip_value in the
+"""Gradient clipping: fastrms.core.guard's coefficient, and clip_global_norm / clip_value in the
 optimizer, the pure step, checkpoints and presets, against the reference and torch."""
 
 import math
@@ -8,7 +8,8 @@ import pytest
 from conftest import BIG, snapshot
 
 import fastrms
-from fastrms import clipping, kernels, options, reference
+from fastrms import kernels, reference
+from fastrms.core import guard, options
 from fastrms.functional import rmsprop_step
 
 SHAPES = [(300, 7), (5,), (BIG,), (2, 3, 4)]
@@ -19,10 +20,10 @@ def _grads(rng, dtype, shapes=SHAPES, scale=1.0):
 
 
 def test_coefficient_is_torchs():
-    assert clipping.coefficient(0.5, 1.0) == 1.0
-    assert clipping.coefficient(4.0, 1.0) == 1.0 / (4.0 + 1e-6)
-    assert clipping.coefficient(math.inf, 1.0) == 0.0
-    assert math.isnan(clipping.coefficient(math.nan, 1.0))
+    assert guard.coefficient(0.5, 1.0) == 1.0
+    assert guard.coefficient(4.0, 1.0) == 1.0 / (4.0 + 1e-6)
+    assert guard.coefficient(math.inf, 1.0) == 0.0
+    assert math.isnan(guard.coefficient(math.nan, 1.0))
 
 
 @pytest.mark.parametrize(
@@ -312,31 +313,31 @@ def _opts(max_norm, skip_nonfinite):
 
 
 def test_guarded_and_needs_norm_follow_the_options():
-    assert not clipping.guarded(_opts(None, False)) and not clipping.needs_norm(_opts(None, False))
-    assert clipping.guarded(_opts(None, True)) and not clipping.needs_norm(_opts(None, True))
-    assert clipping.guarded(_opts(1.0, False)) and clipping.needs_norm(_opts(1.0, False))
+    assert not guard.guarded(_opts(None, False)) and not guard.needs_norm(_opts(None, False))
+    assert guard.guarded(_opts(None, True)) and not guard.needs_norm(_opts(None, True))
+    assert guard.guarded(_opts(1.0, False)) and guard.needs_norm(_opts(1.0, False))
 
 
 def test_the_guard_reads_nothing_without_clipping_or_skipping():
-    assert clipping.guard(_never, _never, _never, _opts(None, False)) == clipping.Verdict(True, None, 1.0)
+    assert guard.guard(_never, _never, _never, _opts(None, False)) == guard.Verdict(True, None, 1.0)
 
 
 def test_the_guard_skips_a_nonfinite_step_only_when_asked():
-    assert clipping.guard(_never, lambda: True, _never, _opts(None, True)) == clipping.Verdict(False, None, 1.0)
-    assert clipping.guard(_never, lambda: False, _never, _opts(None, True)).stepped
-    stopped = clipping.guard(lambda: math.inf, lambda: True, _never, _opts(1.0, True))
+    assert guard.guard(_never, lambda: True, _never, _opts(None, True)) == guard.Verdict(False, None, 1.0)
+    assert guard.guard(_never, lambda: False, _never, _opts(None, True)).stepped
+    stopped = guard.guard(lambda: math.inf, lambda: True, _never, _opts(1.0, True))
     assert not stopped.stepped and stopped.norm == math.inf
-    kept = clipping.guard(lambda: math.nan, lambda: True, _never, _opts(1.0, False))
+    kept = guard.guard(lambda: math.nan, lambda: True, _never, _opts(1.0, False))
     assert kept.stepped and math.isnan(kept.norm) and math.isnan(kept.coef)  # torch keeps the NaN too
 
 
 def test_the_guard_clips_by_the_norm_and_uses_it_as_the_finite_check():
-    v = clipping.guard(lambda: 16.0, _never, _never, _opts(1.0, True))  # a finite sum: no second pass
-    assert v == clipping.Verdict(True, 4.0, 1.0 / (4.0 + 1e-6))
-    assert clipping.guard(lambda: 0.25, _never, _never, _opts(1.0, False)).coef == 1.0
+    v = guard.guard(lambda: 16.0, _never, _never, _opts(1.0, True))  # a finite sum: no second pass
+    assert v == guard.Verdict(True, 4.0, 1.0 / (4.0 + 1e-6))
+    assert guard.guard(lambda: 0.25, _never, _never, _opts(1.0, False)).coef == 1.0
 
 
 def test_the_guard_rescales_finite_grads_whose_squares_overflow():
     grads = [np.array([1e200, -1e200]), np.array([3e199])]
-    v = clipping.guard(lambda: math.inf, lambda: False, lambda: grads, _opts(1.0, True))
+    v = guard.guard(lambda: math.inf, lambda: False, lambda: grads, _opts(1.0, True))
     assert v.stepped and v.norm == pytest.approx(math.sqrt(2.09) * 1e200) and 0.0 < v.coef < 1e-199

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from . import kernels
-from ._checks import fits, flag, number
+from .. import kernels
+from .checks import fits, flag, number
 
 #: The libraries whose spellings the table records (and that have presets).
 LIBRARIES = ("torch", "keras", "tf1", "optax")
@@ -236,7 +236,7 @@ def typing_source():
     """The text of `fastrms/_typing.py`: the keyword-only options as a `TypedDict`, so
     that static checkers know every name and type of `**options` (`tests/test_typing.py`
     checks the file against this table; regenerate it with
-    `python -c "import fastrms.options as o; print(o.typing_source(), end='')" > fastrms/_typing.py`)."""
+    `python -c "import fastrms.core.options as o; print(o.typing_source(), end='')" > fastrms/_typing.py`)."""
     fields = []
     for o in OPTIONS:
         if o.name not in POSITIONAL:
@@ -245,8 +245,8 @@ def typing_source():
             fields.append(f"    {o.name}: {_type(o)}\n{text}")
     fields = "\n".join(fields)
     return (
-        '"""The keyword-only options\' static types, generated from `fastrms.options.OPTIONS`\n'
-        "(do not edit: `fastrms.options.typing_source()` writes this file, and a test checks it).\n"
+        '"""The keyword-only options\' static types, generated from `fastrms.core.options.OPTIONS`\n'
+        "(do not edit: `fastrms.core.options.typing_source()` writes this file, and a test checks it).\n"
         '"""\n\n'
         "from typing import Literal, TypedDict\n\n\n"
         "class Options(TypedDict, total=False):\n"
