@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import kernels
+from .backend import cpu
 from .core import guard, runtime, spec
 from .core import options as O
 from .core.checks import STEP_MAX, count, float_array
@@ -113,10 +114,10 @@ def rmsprop_step(
     if out is not None and _same(p, p_out) and all(_same(flat[n], flat_out[n]) for n in names):
         # every output is its input: the in-place shell (same bits; LLVM cannot vectorise a
         # loop whose outputs alias its inputs, so the out-of-place one would run scalar)
-        shell = runtime.shell(kernels.dense, key, parallel)
+        shell = cpu.kernel("dense", key, parallel)
         arrays: tuple = (p_out, g, flat_out["square_avg"], m, b)
     else:
-        shell = runtime.shell(kernels.dense_out, key, parallel)
+        shell = cpu.kernel("out", key, parallel)
         m_out, b_out = flat_out.get("grad_avg", empty), flat_out.get("momentum_buffer", empty)
         arrays = (p, g, flat["square_avg"], m, b, p_out, flat_out["square_avg"], m_out, b_out)
     shell(*arrays, *scalars)

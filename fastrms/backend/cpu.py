@@ -3,7 +3,7 @@
 `Plan(slots, hyper, spec)` groups the params by dtype (`fastrms.backend.layout.Group`: one
 kernel call a group, with its pointer table) and picks each group's kernels for this
 process: serial below `fastrms.kernels.PARALLEL_MIN_BYTES`, else parallel, or parallel
-behind the process-wide lock under `workqueue` (`fastrms.core.runtime.shell`/`locked`), picked
+behind the process-wide lock under `workqueue` (`kernel`, `fastrms.core.runtime.locked`), picked
 again whenever `fastrms.core.runtime.generation` changes (after a fork). A step is then
 
     calls = plan.calls(groups, checked, clipping, low)  # which shell steps each group, with what
@@ -23,7 +23,31 @@ from ..core import guard, runtime
 from ..kernels import storage
 from .layout import Group, grad_span
 
-__all__ = ["Plan"]
+__all__ = ["Plan", "kernel"]
+
+#: The step shells by the arrays' shape: one flat array (`dense`), many through a chunk table
+#: (`segments`), a flat array written out of place (`out`), rows (`rows`), each a
+#: `fastrms.kernels` factory `(variant, parallel, *formats)`; `stochastic` ones round
+#: bfloat16 params stochastically.
+_SHELLS = {
+    ("dense", False): kernels.dense,
+    ("segments", False): kernels.segments,
+    ("out", False): kernels.dense_out,
+    ("rows", False): kernels.rows,
+    ("dense", True): kernels.stochastic,
+    ("segments", True): kernels.stochastic_segments,
+}
+
+
+def kernel(shape, variant, parallel, *formats, stochastic=False):
+    """The step kernel every front end calls for arrays laid out as `shape` (`_SHELLS`):
+    variant `variant`, serial or parallel, the array formats `formats` in the factory's order
+    (the state's codec, the copy's codec or None, the grads' codec: `fastrms.kernels.storage`;
+    for `rows`, whether the state is rowwise), behind the process-wide lock when parallel
+    kernels may not overlap here (`fastrms.core.runtime.locked`). The one place a kernel is
+    chosen; factories cache what they compile, so a call costs a dict lookup or two."""
+    make = _SHELLS[(shape, stochastic)]
+    return runtime.locked(make(variant, bool(parallel), *formats), parallel)
 
 
 class Plan:
@@ -64,22 +88,18 @@ class Plan:
         """`(pairs, parallel)`: a group's kernels reading its grads as `grads` says."""
         if self._rowwise:
             reducers = (kernels.nonfinite_segments(parallel, grads), kernels.sumsq_segments(parallel, grads))
-            rows = runtime.locked(kernels.rows(self._variant, parallel, True), parallel)
+            rows = kernel("rows", self._variant, parallel, True)
             locked = tuple(runtime.locked(f, parallel) for f in reducers)
             return {"rowwise": (_rowwise_runner(rows), *locked)}, parallel
-        pairs = {
-            "dense": (
-                kernels.dense(self._variant, parallel, self._codec, group.copy, grads),
-                kernels.nonfinite(parallel, grads),
-                kernels.sumsq(parallel, grads),
-            ),
-            "segments": (
-                kernels.segments(self._variant, parallel, self._codec, group.copy, grads),
-                kernels.nonfinite_segments(parallel, grads),
-                kernels.sumsq_segments(parallel, grads),
-            ),
+        formats = (self._codec, group.copy, grads)
+        reducers = {
+            "dense": (kernels.nonfinite(parallel, grads), kernels.sumsq(parallel, grads)),
+            "segments": (kernels.nonfinite_segments(parallel, grads), kernels.sumsq_segments(parallel, grads)),
         }
-        return {k: tuple(runtime.locked(f, parallel) for f in fns) for k, fns in pairs.items()}, parallel
+        return {
+            shape: (kernel(shape, self._variant, parallel, *formats), *(runtime.locked(f, parallel) for f in fns))
+            for shape, fns in reducers.items()
+        }, parallel
 
     def _pairs(self, index, grads):
         """Group `index`'s kernels for grads read as `grads` (made on first use)."""
@@ -195,8 +215,8 @@ class Plan:
             self._pairs(i, grads)[shell][0](*args, *scalars)
 
     def row_kernel(self, make, parallel):
-        """`runtime.shell(make, variant, parallel)` for `step_rows`, kept until `choose` runs
-        again."""
+        """The row shell `make` (`kernels.rows` or `kernels.merged_rows`) of this plan's
+        variant for `step_rows`, kept until `choose` runs again."""
         shell = self._rows.get((make, parallel))
         if shell is None:
             shell = runtime.locked(make(self._variant, bool(parallel), self._rowwise), parallel)

@@ -208,14 +208,6 @@ def _parallel_for(size, itemsize, state_arrays, generation):
     )
 
 
-def shell(make, variant, parallel):
-    """The kernel a front end calls: `make(variant, parallel)` (a `fastrms.kernels` shell
-    factory), behind the process-wide lock when it is parallel and parallel kernels may not
-    overlap here (`parallel_mode() == "serialized"`). The one place that picks serial,
-    parallel or locked; callers cache the result until `generation` changes."""
-    return locked(make(variant, bool(parallel)), parallel)
-
-
 def locked(kernel, parallel):
     """`kernel` as a front end calls it: `serialized(kernel)` when it is a parallel kernel
     and parallel kernels may not overlap here, else `kernel` itself."""

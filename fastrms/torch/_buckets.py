@@ -9,8 +9,9 @@ import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import kernels
+from ..backend import cpu
 from ..core import options as O
-from ..core import runtime, spec
+from ..core import spec
 from ..kernels import storage
 
 _GRAD = operator.attrgetter("grad")
@@ -211,8 +212,7 @@ class Bucket:
             )
             if master:
                 arrays = (*arrays, self.param_np)  # the 16-bit params, written from their masters
-            shell = runtime.locked(kernels.dense(key, bool(parallel), storage.NATIVE, copy, self.low or storage.NATIVE),
-                                   parallel)  # fmt: skip
+            shell = cpu.kernel("dense", key, parallel, storage.NATIVE, copy, self.low or storage.NATIVE)
             call = (*arrays, *self.scalars)
             self.steps_np += self.steps_np.dtype.type(1.0)
         else:
@@ -223,10 +223,9 @@ class Bucket:
                     self.bases = [storage.stochastic_base(self.stochastic, ident) for ident in self.idents]
                 steps = self.steps_np
                 ptrs[:, 5] = [storage.step_key(self.bases[i], int(steps[i]) + 1) for i in np.flatnonzero(active)]
-                shell = runtime.locked(kernels.stochastic_segments(key, bool(parallel)), parallel)
+                shell = cpu.kernel("segments", key, parallel, stochastic=True)
             else:
-                make = kernels.segments(key, bool(parallel), storage.NATIVE, copy, self.low or storage.NATIVE)
-                shell = runtime.locked(make, parallel)
+                shell = cpu.kernel("segments", key, parallel, storage.NATIVE, copy, self.low or storage.NATIVE)
             call = (self.state_np["square_avg"][:0], ptrs, sizes, chunks, *self.scalars)
             self.steps_np[active] += self.steps_np.dtype.type(1.0)
         if coef != 1.0:

@@ -121,7 +121,7 @@ def step(hyper, p, table, row_step, entry, bumped):
     count = state["step"]
     t = int(float(count)) + 1
     rows_step.step([table], t, hyper, key,
-                   lambda make, parallel: runtime.shell(make, key, parallel),
+                   lambda make, parallel: runtime.locked(make(key, bool(parallel)), parallel),
                    lambda verdict, run: run(scalars(hyper, lr, t)))  # torch's count; no guard here  # fmt: skip
     count.add_(1)
     bumped.append(p)

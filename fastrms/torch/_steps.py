@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .. import kernels
+from ..backend import cpu
 from ..core import options as O
 from ..core import runtime, spec
 from ..kernels import storage
@@ -292,12 +293,12 @@ class Steps:
         parallel = self.parallel(call.total, witness.itemsize, hyper)
         low = _LOW.get(dtype)
         if low is None:
-            shell = runtime.shell(kernels.segments, key, parallel)
+            shell = cpu.kernel("segments", key, parallel)
         elif self.stochastic is not None and dtype is torch.bfloat16:  # no master: rounded stochastically
-            shell = runtime.locked(kernels.stochastic_segments(key, bool(parallel)), parallel)
+            shell = cpu.kernel("segments", key, parallel, stochastic=True)
         else:  # the float32 masters stepped from 16-bit grads, each param written back in the pass
             copy = storage.MASTERS[low.tag]  # a param written from outside since the last step is its master's value
-            shell = runtime.locked(kernels.segments(key, bool(parallel), storage.NATIVE, copy, low), parallel)
+            shell = cpu.kernel("segments", key, parallel, storage.NATIVE, copy, low)
         scalars = O.scalars(hyper, hyper["learning_rate"], 1)
         if coef != 1.0:
             scalars = scalars._replace(grad_scale=scalars.grad_scale * coef)
