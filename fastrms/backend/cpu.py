@@ -21,9 +21,9 @@ import numpy as np
 from .. import kernels
 from ..core import guard, runtime
 from ..kernels import storage
-from .layout import Group, grad_span
+from .layout import Group, all_rows, grad_span
 
-__all__ = ["Plan", "kernel"]
+__all__ = ["Plan", "all_rows", "kernel", "rowwise"]
 
 #: The step shells by the arrays' shape: one flat array (`dense`), many through a chunk table
 #: (`segments`), a flat array written out of place (`out`), rows (`rows`), each a
@@ -88,9 +88,8 @@ class Plan:
         """`(pairs, parallel)`: a group's kernels reading its grads as `grads` says."""
         if self._rowwise:
             reducers = (kernels.nonfinite_segments(parallel, grads), kernels.sumsq_segments(parallel, grads))
-            rows = kernel("rows", self._variant, parallel, True)
             locked = tuple(runtime.locked(f, parallel) for f in reducers)
-            return {"rowwise": (_rowwise_runner(rows), *locked)}, parallel
+            return {"rowwise": (rowwise(self._variant, parallel), *locked)}, parallel
         formats = (self._codec, group.copy, grads)
         reducers = {
             "dense": (kernels.nonfinite(parallel, grads), kernels.sumsq(parallel, grads)),
@@ -227,9 +226,11 @@ class Plan:
 _NO_LAST = np.zeros(0, np.int64)
 
 
-def _rowwise_runner(shell):
-    """`run(tables, *scalars)`: the rowwise row `shell` over every row of each table
-    `(param, grad, square_avg, grad_avg, momentum_buffer, rows, width)`, in order."""
+def rowwise(variant, parallel):
+    """`run(tables, *scalars)`: the rowwise row shell of `variant` over every row of each
+    table `(param, grad, square_avg, grad_avg, momentum_buffer, rows, width)`, in order
+    (`state_layout="rowwise"`: one `square_avg` value a row; `rows, width`: `all_rows`)."""
+    shell = kernel("rows", variant, parallel, True)
 
     def run(tables, *scalars):
         for param, grad, square_avg, grad_avg, momentum_buffer, rows, width in tables:

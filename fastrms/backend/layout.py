@@ -132,7 +132,7 @@ class Group:
             for name in names:
                 setattr(self.span, name, state[name])
         #: rowwise: each param's `(rows, width)` as a table
-        self.row_tables = [_all_rows(s.shape) for s in slots] if spec.rowwise else []
+        self.row_tables = [all_rows(s.shape) for s in slots] if spec.rowwise else []
         self.witness = slots[0].flat[:0]
         self.sizes = np.array([s.flat.size for s in slots], dtype=np.int64)
         self.chunks = kernels.chunk_table(self.sizes)
@@ -157,7 +157,7 @@ class Group:
         return True
 
 
-def _all_rows(shape):
+def all_rows(shape):
     """`(rows, width)` of a param of `shape` seen as a table: every row index of its first
     axis (one row for a 0-d param) and the elements a row holds."""
     n = shape[0] if len(shape) else 1

@@ -98,6 +98,12 @@ class RMSprop(torch.optim.Optimizer):
     summed over a DTensor's mesh), and a NaN or an infinity in any grad skips the step
     (`skipped_steps`); `last_grad_norm` is the last norm measured.
 
+    `state_storage` ("native", "bfloat16" or "8bit") and `state_layout` ("elementwise" or
+    "rowwise") (keyword-only, fastrms's own) keep the state as `fastrms.RMSprop` keeps it with
+    the same options, under torch's key names: bfloat16 tensors of the param's shape, 1-D
+    uint8 tensors of 8-bit blocks (256 codes and a float32 scale a block), or `square_avg`
+    with one value a row of the first axis.
+
     Sparse grads of rows (`nn.Embedding(sparse=True)`: a 2-D param, a COO grad with one
     sparse and one dense dimension), which torch refuses, are stepped on the rows they name
     through the row kernel (`fastrms.torch._sparse`); every other row stays bitwise
@@ -138,6 +144,8 @@ class RMSprop(torch.optim.Optimizer):
         seed: int = 0,
         clip_global_norm: "float | None" = None,
         skip_nonfinite: bool = False,
+        state_storage: str = "native",
+        state_layout: str = "elementwise",
     ) -> None:
         for name, value in (("flatten", flatten), ("dense_rows", dense_rows),
                             ("stochastic_rounding", stochastic_rounding)):  # fmt: skip
@@ -147,6 +155,7 @@ class RMSprop(torch.optim.Optimizer):
             raise TypeError(f"seed must be an int in [0, 2**64), got {seed!r}")
         self._flatten, self._dense_rows = flatten, dense_rows
         self._stochastic = seed if stochastic_rounding else None  # the seed of stochastic rounding, or None
+        self._lean = _lean_options(state_storage, state_layout, flatten, stochastic_rounding)
         self._guard = _guard_options(clip_global_norm, skip_nonfinite)
         self._bucketing = _state.Layout()  # which params live in flat buffers (flatten=True)
         self._caches()
@@ -168,7 +177,8 @@ class RMSprop(torch.optim.Optimizer):
     def _caches(self):
         # the step's checks, layouts and kernel calls (the guard's record carried over)
         old = getattr(self, "_steps", None)
-        self._steps = _steps.Steps(self._dense_rows, self._stochastic, self._guard)
+        own = {"dense_rows": self._dense_rows, **self._lean}
+        self._steps = _steps.Steps(own, self._stochastic, self._guard)
         if old is not None:
             self._steps.last_norm, self._steps.skipped = old.last_norm, old.skipped
 
@@ -199,7 +209,8 @@ class RMSprop(torch.optim.Optimizer):
         return self._steps.skipped
 
     def __repr__(self) -> str:
-        mode = f"flatten={self._flatten}, dense_rows={self._dense_rows};"
+        lean = "".join(f", {k}={v!r}" for k, v in self._lean.items() if v not in ("native", "elementwise"))
+        mode = f"flatten={self._flatten}, dense_rows={self._dense_rows}{lean};"
         return super().__repr__().replace("RMSprop (", f"fastrms.torch.RMSprop ({mode}", 1)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -227,6 +238,17 @@ class RMSprop(torch.optim.Optimizer):
                     f"{where}['params'][{j}] is a DTensor: flatten=True moves plain params into one buffer (FSDP2 "
                     "already keeps its shards in one; use flatten=False)"
                 )
+            if self._steps.form.codec.block or self._steps.form.rowwise:
+                if _tensors.local(p, where) is not p:
+                    raise TypeError(
+                        f"{where}['params'][{j}] is a DTensor: state_storage='8bit' and state_layout='rowwise' keep "
+                        "1-D state tensors a DTensor cannot place like its param (use 'bfloat16' or 'native')"
+                    )
+            if self._steps.form.rowwise and p.dtype in _tensors.LOW:
+                raise TypeError(
+                    f"{where}['params'][{j}] is {p.dtype}: state_layout='rowwise' steps float32 and float64 params "
+                    "(the row kernels write no 16-bit copy of a master)"
+                )
         _tensors.check_disjoint(list(dict.fromkeys(params)), where)
 
     def _adopt_group(self, gi):
@@ -253,7 +275,7 @@ class RMSprop(torch.optim.Optimizer):
     def __getstate__(self):
         state = super().__getstate__()
         state["fastrms"] = {"flatten": self._flatten, "dense_rows": self._dense_rows, "stochastic": self._stochastic,
-                            "guard": self._guard, "buckets": self._bucketing.pickled()}  # fmt: skip
+                            "guard": self._guard, "lean": self._lean, "buckets": self._bucketing.pickled()}  # fmt: skip
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -268,6 +290,7 @@ class RMSprop(torch.optim.Optimizer):
         self._dense_rows = ours.get("dense_rows", False)
         self._stochastic = ours.get("stochastic")
         self._guard = ours.get("guard")
+        self._lean = ours.get("lean", _lean_options("native", "elementwise", False, False))
         self._caches()
         buckets = ours["buckets"]
         self._bucketing = _state.Layout.unpickled(self.param_groups, buckets, self.state, self._stochastic)
@@ -290,9 +313,12 @@ class RMSprop(torch.optim.Optimizer):
         nothing is loaded; the given dict is never written to, now or by later
         steps (its tensors are copied). With `flatten=True` the values go into the flat
         state buffers."""
-        copied = _state.copied(state_dict, self.param_groups)
+        form = self._steps.form
+        copied = _state.copied(state_dict, self.param_groups, form)
         super().load_state_dict({**state_dict, "state": copied})
-        _state.float32_state(copied, state_dict, self.param_groups, self.state)  # torch cast them to 16 bits
+        _state.kept_forms(
+            copied, state_dict, self.param_groups, self.state, form
+        )  # torch cast them to the param's dtype
         self._caches()
         for p, (bucket, i) in self._bucketing.flat_slot.items():
             state = self.state.get(p)
@@ -334,6 +360,25 @@ class RMSprop(torch.optim.Optimizer):
         self._bucketing.sync(self.param_groups, self._check_params)  # param_groups as they are now
         self._steps.step(self.param_groups, self.state, self._bucketing)
         return loss
+
+
+def _lean_options(state_storage, state_layout, flatten, stochastic_rounding):
+    """`state_storage` and `state_layout` checked as the NumPy front end checks them, and
+    against the options fastrms.torch cannot combine them with."""
+    checked = O.check_hyperparameters(O.resolve({"state_storage": state_storage, "state_layout": state_layout}))
+    lean = {"state_storage": checked["state_storage"], "state_layout": checked["state_layout"]}
+    if lean != {"state_storage": "native", "state_layout": "elementwise"}:
+        if flatten:
+            raise ValueError(
+                f"flatten=True keeps the state in flat buffers in the params' dtype; state_storage="
+                f"{state_storage!r} and state_layout={state_layout!r} keep it per param (use flatten=False)"
+            )
+        if stochastic_rounding and (lean["state_storage"] == "8bit" or lean["state_layout"] == "rowwise"):
+            raise ValueError(
+                "stochastic_rounding=True steps bfloat16 params with state kept element by element in float32 or "
+                f"bfloat16; state_storage={state_storage!r}, state_layout={state_layout!r} is not among them"
+            )
+    return lean
 
 
 def _guard_options(clip_global_norm, skip_nonfinite):

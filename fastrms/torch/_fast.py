@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..core import spec
-from ._tensors import NUMPY, PLAIN, widths
+from ._tensors import NUMPY, PLAIN
 
 _GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")
@@ -48,6 +48,8 @@ class Kept:
         if flat or sparse or lagging or len(rounds) != 1 or steps.dense_rows or steps.stochastic is not None:
             return None
         calls = rounds[0]
+        if any(call.tables is not None for call in calls.values()):  # rowwise: the tables hold the grads
+            return None
         if sum(len(call.owners) for call in calls.values()) != len(params) or not params:
             return None
         if not set(map(type, params)) <= PLAIN or not all(map(_CONTIGUOUS, params)):
@@ -74,11 +76,10 @@ class Kept:
         for dtype, call in calls.items():
             idx = None if len(calls) == 1 else np.array([i for i, p in enumerate(params) if p.dtype is dtype])
             kept.calls.append((dtype, idx, call))
-            w = widths(dtype)
-            for c, width in enumerate(w):
-                if width and c != 1 and c < call.ptrs.shape[1]:
-                    used = call.ptrs[:, c] != 0
-                    spans.append((call.ptrs[used, c], call.ptrs[used, c] + call.sizes[used] * width))
+            for c in range(min(call.ptrs.shape[1], call.spans.shape[1])):
+                used = (call.ptrs[:, c] != 0) & (call.spans[:, c] > 0)
+                if c != 1 and used.any():
+                    spans.append((call.ptrs[used, c], call.ptrs[used, c] + call.spans[used, c]))
         starts = np.concatenate([s for s, _ in spans]) if spans else np.empty(0, np.int64)
         ends = np.concatenate([e for _, e in spans]) if spans else np.empty(0, np.int64)
         order = np.argsort(starts, kind="stable")

@@ -18,9 +18,10 @@ TORCH_PHRASES = {
 }
 
 
-def hyperparameters(cache, group, where, dtypes, dense_rows):
+def hyperparameters(cache, group, where, dtypes, own):
     """A torch param group's options as fastrms's, checked for `dtypes` (cached in `cache`
-    per distinct set); a bad value raises torch's own words first, naming the group
+    per distinct set; `own`: fastrms's own options, `dense_rows`, `state_storage` and
+    `state_layout`, the optimizer's); a bad value raises torch's own words first, naming the group
     (`where`), then fastrms's reason in torch's names."""
     lr = group["lr"]
     if isinstance(lr, torch.Tensor):
@@ -43,7 +44,7 @@ def hyperparameters(cache, group, where, dtypes, dense_rows):
             "momentum": group["momentum"],
             "centered": group["centered"],
             "maximize": group["maximize"],
-            "dense_rows": dense_rows,
+            **own,
         }
         try:
             hyper = O.check_hyperparameters(O.resolve(given), dtypes)

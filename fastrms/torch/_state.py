@@ -3,10 +3,13 @@
 the defaults an older torch state dict lacks, and the checks a loaded state dict passes
 before torch's own `load_state_dict` copies it in."""
 
+import numpy as np
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
+from ..kernels import storage
 from ._buckets import STATE_NAMES, Bucket
+from ._tensors import ELEMENTWISE
 
 #: The state a 16-bit param keeps in float32 (its master copy and RMSprop's buffers).
 _FLOAT32_STATE = (*STATE_NAMES, "master_param")
@@ -111,10 +114,11 @@ def upgrade(param_groups, state):
                 p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_get_scalar_dtype())
 
 
-def copied(state_dict, param_groups):
+def copied(state_dict, param_groups, form):
     """The `state` of `state_dict` checked against this optimizer's `param_groups` (every
-    state tensor of its param's shape, `step` one number) and copied, so the
-    given dict is never written to; ValueError before anything is loaded."""
+    state tensor as `form` keeps it: `fastrms.torch._tensors.Form`, a float one of the
+    param's shape where that is bfloat16, `step` one number) and copied, so the given dict
+    is never written to; ValueError before anything is loaded."""
     groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
     saved = state_dict.get("state") if isinstance(state_dict, dict) else None
     if not isinstance(groups, list) or not isinstance(saved, dict):
@@ -130,26 +134,48 @@ def copied(state_dict, param_groups):
         for name, t in value.items():
             if not torch.is_tensor(t):
                 continue
-            if name in _FLOAT32_STATE and p is not None and t.shape != p.shape:
-                raise ValueError(
-                    f"state[{key!r}][{name!r}] has shape {tuple(t.shape)}, its param {tuple(p.shape)}: "
-                    "this state dict is not this model's"
-                )
+            if name in _FLOAT32_STATE and p is not None:
+                _check_form(f"state[{key!r}][{name!r}]", name, t, p, form)
             if name == "step" and t.numel() != 1:
                 raise ValueError(f"state[{key!r}]['step'] must hold one number, got shape {tuple(t.shape)}")
         out[key] = {n: t.clone() if torch.is_tensor(t) else t for n, t in value.items()}
     return out
 
 
-def float32_state(copied, state_dict, param_groups, state):
+def _check_form(where, name, t, p, form):
+    """A saved state tensor `t` is one `form` keeps for `p` (a float tensor of `p`'s shape
+    stands for a param-shaped one in any float dtype: it is cast when loaded)."""
+    dtype, shape = form.of(name, p, torch.float32 if p.dtype in _LOW else p.dtype)
+    if form.param_shaped(name):
+        if t.shape != p.shape:
+            raise ValueError(
+                f"{where} has shape {tuple(t.shape)}, its param {tuple(p.shape)}: this state dict is not this model's"
+            )
+        return
+    if t.dtype != dtype or tuple(t.shape) != shape:
+        raise ValueError(
+            f"{where} is {t.dtype} of shape {tuple(t.shape)}; this optimizer keeps it as {dtype} of shape {shape} "
+            f"({'8-bit blocks' if form.codec.block else 'one value a row'}): load a state dict saved with the same "
+            "state_storage and state_layout"
+        )
+    if form.codec.block:  # a scale is a block's largest finite magnitude: finite, >= 0
+        scales = storage.block_parts(t.detach().numpy(), p.numel())[1]
+        if not (np.isfinite(scales) & (scales >= 0)).all():
+            raise ValueError(f"{where} holds a negative or non-finite block scale (a block's scale is >= 0)")
+
+
+def kept_forms(copied, state_dict, param_groups, state, form):
     """After torch's `load_state_dict`, which casts every state tensor to its param's dtype:
-    give each 16-bit param its float32 state and master back, from `copied` (the checked
-    copies of `state_dict`'s, widened exactly when they were saved in 16 bits)."""
+    give each param its state back as `form` keeps it, from `copied` (the checked copies of
+    `state_dict`'s): a 16-bit param's float32 state and master, bfloat16 state, 8-bit
+    blocks (cast exactly when they were saved so; rounded to nearest even into bfloat16)."""
     ids = [i for g in state_dict["param_groups"] for i in g.get("params", ())]
     params = [p for g in param_groups for p in g["params"]]
     for key, p in zip(ids, params):
-        if p.dtype in _LOW and key in copied:
-            for name in _FLOAT32_STATE:
-                t = copied[key].get(name)
-                if torch.is_tensor(t):
-                    state[p][name] = t.to(torch.float32)
+        if key not in copied or (form == ELEMENTWISE and p.dtype not in _LOW):
+            continue
+        kept = torch.float32 if p.dtype in _LOW else p.dtype
+        for name in _FLOAT32_STATE:
+            t = copied[key].get(name)
+            if torch.is_tensor(t):
+                state[p][name] = t.to(form.of(name, p, kept)[0])

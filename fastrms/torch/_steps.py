@@ -25,12 +25,14 @@ _LOW = _tensors.LOW
 
 
 class Call(NamedTuple):
-    """One kernel call of a step: the pointer table (`kernels.segments`), the sizes (int64)
-    and chunk table, the grads read and the params they belong to (for the guard), the
-    tensors whose version counters the step bumps and the addresses of the `step` counters
-    it advances, by their NumPy dtype."""
+    """One kernel call of a step: the pointer table (`kernels.segments`), the bytes each
+    pointer covers, the sizes (int64) and chunk table, the grads read and the params they
+    belong to (for the guard), the tensors whose version counters the step bumps, the
+    addresses of the `step` counters it advances, by their NumPy dtype, and with rowwise
+    state the row shell's tables (`fastrms.backend.cpu.rowwise`), else None."""
 
     ptrs: np.ndarray
+    spans: np.ndarray
     sizes: np.ndarray
     chunks: np.ndarray
     total: int
@@ -38,18 +40,32 @@ class Call(NamedTuple):
     owners: list
     bumped: list
     steps: dict
+    tables: "list | None"
 
     @classmethod
-    def of(cls, rows, ptrs, sizes, chunks):
-        """From `Steps.checked_plan`'s rows `(pointers, size, param, state tensors, (step
-        dtype, step address), grad)`."""
+    def of(cls, rows, ptrs, sizes, chunks, rowwise=False):
+        """From `Steps.checked_plan`'s rows `(pointers, size, param, layout entry, grad)`."""
         bumped, steps = [], {}
-        for _, _, p, tensors, (step_dtype, step_address), _ in rows:
+        for _, _, p, entry, _ in rows:
             bumped.append(p)
-            bumped.extend(tensors)
-            steps.setdefault(_NUMPY[step_dtype], []).append(step_address)
-        grads, owners = [row[5] for row in rows], [row[2] for row in rows]
-        return cls(ptrs, np.array(sizes, dtype=np.int64), chunks, sum(sizes), grads, owners, bumped, steps)
+            bumped.extend(entry.tensors)
+            steps.setdefault(_NUMPY[entry.step[0]], []).append(entry.step[1])
+        grads, owners = [row[4] for row in rows], [row[2] for row in rows]
+        spans = np.array([row[3].spans for row in rows], dtype=np.int64).reshape(len(rows), 6)
+        tables = [_rowwise_table(p, g, entry) for _, _, p, entry, g in rows] if rowwise else None
+        return cls(ptrs, spans, np.array(sizes, dtype=np.int64), chunks, sum(sizes), grads, owners, bumped, steps,
+                   tables)  # fmt: skip
+
+
+def _rowwise_table(p, g, entry):
+    """A param's arrays for the rowwise row shell: `(param, grad, square_avg, grad_avg,
+    momentum_buffer, rows, width)`, NumPy views of the tensors (float32/float64, plain)."""
+    kept = dict(zip(entry.names, entry.tensors))
+    flat = p.detach().numpy().reshape(-1)
+    empty = flat[:0]
+    rows, width = cpu.all_rows(tuple(p.shape))
+    momentum_buffer = kept["momentum_buffer"].numpy().reshape(-1) if "momentum_buffer" in kept else empty
+    return flat, g.numpy().reshape(-1), kept["square_avg"].numpy().reshape(-1), empty, momentum_buffer, rows, width
 
 
 class Steps:
@@ -58,8 +74,12 @@ class Steps:
     layout (`layouts`, `fastrms.torch._tensors.layout`) and the pointer table last checked
     for overlaps per group, dtype and round (`checked`). `dense_rows` is the optimizer's."""
 
-    def __init__(self, dense_rows, stochastic=None, guard=None):
-        self.dense_rows = dense_rows
+    def __init__(self, own, stochastic=None, guard=None):
+        #: fastrms's own options (`dense_rows`, `state_storage`, `state_layout`), checked with
+        #: each group's, and how the state is kept (`fastrms.torch._tensors.Form`)
+        self.own, self.dense_rows = own, own["dense_rows"]
+        kept = spec.of({"state_storage": own["state_storage"], "state_layout": own["state_layout"]})
+        self.form = _tensors.Form(kept.codec, kept.rowwise)
         #: `clip_global_norm` and `skip_nonfinite` (checked), or None when neither is asked for;
         #: the last norm the guard measured and the steps it refused
         self.guard, self.last_norm, self.skipped = guard, None, 0
@@ -71,7 +91,7 @@ class Steps:
 
     def hyperparameters(self, group, where, dtypes):
         """The group's options as fastrms's, checked (`fastrms.torch._options`)."""
-        return _options.hyperparameters(self.hyper_cache, group, where, dtypes, self.dense_rows)
+        return _options.hyperparameters(self.hyper_cache, group, where, dtypes, self.own)
 
     def step(self, param_groups, state_of, held):
         """One step over every param of `param_groups` that has a grad (`state_of`: torch's
@@ -222,14 +242,14 @@ class Steps:
             ptrs = (cached.stepped, g.data_ptr(), *cached.state_ptrs)
             if self.stochastic is not None and dtype is torch.bfloat16:  # this step's noise key, in the sixth column
                 ptrs = (*ptrs, storage.step_key(self.base((gi << 24) + j), int(cached.held[-1]) + 1))
-            rows.append((ptrs, cached.numel, p, cached.tensors, cached.step, g))
+            rows.append((ptrs, cached.numel, p, cached, g))
         for turn, members in enumerate(rounds):
             for dtype, rows in members.items():
                 ptrs = np.array([row[0] for row in rows], dtype=np.int64)
                 sizes = tuple(row[1] for row in rows)
-                widths = _tensors.widths(dtype, self.stochastic is not None)
-                _tensors.check_overlaps(self.checked, (gi, dtype, turn), widths, ptrs, sizes, where)
-                members[dtype] = Call.of(rows, ptrs, sizes, self.chunks(sizes))
+                call = Call.of(rows, ptrs, sizes, self.chunks(sizes), self.form.rowwise)
+                _tensors.check_overlaps(self.checked, (gi, dtype, turn), call.spans, ptrs, where)
+                members[dtype] = call
         sparse = [
             self.sparse_table(group, where, f"{where}['params'][{j}]", p, g, state_of, held) for j, p, g in sparse
         ]
@@ -252,6 +272,11 @@ class Steps:
                 f"{name}: a {p.dtype} param with a sparse grad; fastrms steps the sparse rows of float32 and "
                 "float64 params (a 16-bit param's rows would need its master copy's rows: not supported)"
             )
+        if self.form != _tensors.ELEMENTWISE:
+            raise ValueError(
+                f"{name} has a sparse grad; its rows are stepped by the row kernels, which keep the state in the "
+                "param's dtype element by element (state_storage='native', state_layout='elementwise')"
+            )
         _sparse.check(p, g, name)
         hyper = self.hyperparameters(group, where, (_NUMPY[p.dtype],))
         names = spec.of(hyper).names
@@ -268,7 +293,7 @@ class Steps:
     def layout(self, p, names, address, name, p_state, held):
         """The cached layout of `p` (see `plan` and `fastrms.torch._tensors.layout`), made anew."""
         stochastic = self.stochastic is not None and p.dtype is torch.bfloat16
-        entry = _tensors.layout(p, names, address, name, p_state, held.flat_slot.get(p), stochastic)
+        entry = _tensors.layout(p, names, address, name, p_state, held.flat_slot.get(p), stochastic, self.form)
         self.layouts[id(p)] = entry
         return entry
 
@@ -291,15 +316,18 @@ class Steps:
         ptrs, sizes, chunks = call.ptrs, call.sizes, call.chunks
         witness = np.empty(0, dtype=_NUMPY[dtype])  # what the kernel computes in: a 16-bit param's master's
         parallel = self.parallel(call.total, witness.itemsize, hyper)
-        low = _LOW.get(dtype)
-        if low is None:
-            shell = cpu.kernel("segments", key, parallel)
-        elif self.stochastic is not None and dtype is torch.bfloat16:  # no master: rounded stochastically
-            shell = cpu.kernel("segments", key, parallel, stochastic=True)
-        else:  # the float32 masters stepped from 16-bit grads, each param written back in the pass
-            copy = storage.MASTERS[low.tag]  # a param written from outside since the last step is its master's value
-            shell = cpu.kernel("segments", key, parallel, storage.NATIVE, copy, low)
+        low, codec = _LOW.get(dtype), self.form.codec
         scalars = O.scalars(hyper, hyper["learning_rate"], 1)
         if coef != 1.0:
             scalars = scalars._replace(grad_scale=scalars.grad_scale * coef)
+        if call.tables is not None:  # one value a row: the row shell, one call a param
+            cpu.rowwise(key, parallel)(call.tables, *scalars)
+            return
+        if low is None:
+            shell = cpu.kernel("segments", key, parallel, codec)
+        elif self.stochastic is not None and dtype is torch.bfloat16:  # no master: rounded stochastically
+            shell = cpu.kernel("segments", key, parallel, codec, stochastic=True)
+        else:  # the float32 masters stepped from 16-bit grads, each param written back in the pass
+            copy = storage.MASTERS[low.tag]  # a param written from outside since the last step is its master's value
+            shell = cpu.kernel("segments", key, parallel, codec, copy, low)
         shell(witness, ptrs, sizes, chunks, *scalars)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
+from ..kernels import storage
 from ._buckets import LOW, MASTER, STATE_NAMES
 
 #: The dtypes the fused step takes, with the NumPy dtype it computes in (and keeps the state
@@ -175,39 +176,23 @@ def check_pair(p, g, name):
         )
 
 
-def widths(dtype, stochastic=False):
-    """Bytes per element at each column of a kernel call's pointer table for params of
-    `dtype` (0: not an address): the param (or its float32 master), the grad, the three
-    state arrays, and a 16-bit param written back beside its master (column 5; with
-    `stochastic` a bfloat16 param is itself column 0 and column 5 is its noise key)."""
-    if dtype not in LOW:
-        size = NUMPY[dtype].itemsize
-        return (size, size, size, size, size, 0)
-    if stochastic and dtype is torch.bfloat16:
-        return (2, 2, 4, 4, 4, 0)
-    return (4, 2, 4, 4, 4, 2)
-
-
-def check_overlaps(checked, at, widths, ptrs, sizes, where):
+def check_overlaps(checked, at, spans, ptrs, where):
     """No param or state of one kernel call may overlap another, nor a grad any of them
     (threads would race on shared memory); grads may overlap each other (they are only
-    read). `widths` gives the bytes per element of each column of `ptrs` (`widths`):
-    column 1 is the grad, read; every other with a width is written. Checked again only
-    when an address or size changed (`checked[at]`: the last check's pointers and sizes)."""
-    addresses = ptrs[:, [c for c, w in enumerate(widths) if w and c < ptrs.shape[1]]]  # not the noise keys
+    read). `spans` gives the bytes each address of `ptrs` covers (`Entry.spans`; 0: not an
+    address): column 1 is the grad, read; every other is written. Checked again only when an
+    address or a span changed (`checked[at]`: the last check's pointers and spans)."""
+    columns = [c for c in range(min(ptrs.shape[1], spans.shape[1])) if c != 1 and spans[:, c].any()]
+    addresses = ptrs[:, [1, *columns]]
     last = checked.get(at)
-    if last is not None and last[1] == sizes and np.array_equal(last[0], addresses):
+    if last is not None and np.array_equal(last[1], spans) and np.array_equal(last[0], addresses):
         return
-    key_sizes = sizes
-    counts = np.array(sizes, dtype=np.int64)
-    columns = [c for c, w in enumerate(widths) if w and c != 1 and c < ptrs.shape[1]]
-    written = ptrs[:, columns]
-    spans = counts[:, None] * np.array([widths[c] for c in columns], dtype=np.int64)[None, :]
-    grad_bytes = counts * widths[1]
-    used = (written != 0) & (spans > 0)
+    written, sized = ptrs[:, columns], spans[:, columns]
+    grad_bytes = spans[:, 1]
+    used = (written != 0) & (sized > 0)
     owner = np.broadcast_to(np.arange(len(ptrs))[:, None], written.shape)[used]
     w_start = written[used]
-    w_end = w_start + spans[used]
+    w_end = w_start + sized[used]
     clash = first_overlap(w_start, w_end)
     culprit = None if clash is None else int(owner[clash[1]])
     if culprit is None and w_start.size:
@@ -224,7 +209,46 @@ def check_overlaps(checked, at, widths, ptrs, sizes, where):
             f"{where}: {who} of this dtype shares memory with another param, grad or state stepped in the same "
             "call; fastrms steps them at once, so they must be separate tensors"
         )
-    checked[at] = (addresses, key_sizes)
+    checked[at] = (addresses, spans)
+
+
+class Form(NamedTuple):
+    """How an optimizer keeps its params' state (`state_storage`, `state_layout`): the
+    dtype and shape of each state tensor, and a fresh one."""
+
+    codec: storage.Codec = storage.NATIVE
+    rowwise: bool = False
+
+    def of(self, state_name, p, kept):
+        """`(dtype, shape)` of state `state_name` of a param shaped like `p` whose state is
+        kept in `kept` (its dtype; float32 for a 16-bit param): `p`'s shape in `kept`
+        (native), in bfloat16, one value a row of its first axis (rowwise `square_avg`), or
+        the bytes of its 8-bit blocks (1-D uint8, 256 codes and a float32 scale a block)."""
+        if state_name == MASTER:
+            return kept, tuple(p.shape)
+        if self.rowwise and state_name == "square_avg":
+            return kept, tuple(p.shape[:1])
+        if self.codec.block:
+            return torch.uint8, (storage.extent(self.codec, p.numel()),)
+        return (torch.bfloat16 if self.codec is storage.BFLOAT16 else kept), tuple(p.shape)
+
+    def param_shaped(self, state_name):
+        """Whether state `state_name` is laid out like its param (else a 1-D tensor)."""
+        return state_name == MASTER or not (self.codec.block or (self.rowwise and state_name == "square_avg"))
+
+    def fresh(self, state_name, p, kept):
+        """A new state tensor `state_name` for `p`, holding zeros (as torch starts it)."""
+        dtype, shape = self.of(state_name, p, kept)
+        if self.param_shaped(state_name):
+            return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        t = torch.zeros(shape, dtype=dtype)
+        if self.codec.block:  # zero-valued blocks: a zero scale, the codes of zero
+            storage.fill(self.codec, t.numpy(), np.float32, 0.0)
+        return t
+
+
+#: The state as torch keeps it: in the param's dtype, element by element.
+ELEMENTWISE = Form()
 
 
 class Entry(NamedTuple):
@@ -245,9 +269,10 @@ class Entry(NamedTuple):
     step: tuple  # `(dtype, address)` of its `step` counter
     held: tuple  # the tensors `holds` checks
     stepped: int  # the address the kernel steps: the param's, or its float32 master's
+    spans: tuple  # the bytes each column of its pointer row covers (`check_overlaps`)
 
 
-def layout(p, names, address, name, state, slot, stochastic=False):
+def layout(p, names, address, name, state, slot, stochastic=False, form=ELEMENTWISE):
     """The cached layout of `p` (see `_plan`), made anew: its state created as
     torch creates it (a buffer the options need and the state lacks, after momentum or
     centering is switched on mid-run, starts at zero) and checked to be laid out like
@@ -258,7 +283,8 @@ def layout(p, names, address, name, state, slot, stochastic=False):
     (`state[MASTER]`, made from the param when missing); the kernel steps the master and
     writes the param back, rounded to nearest even: the entry's pointers are then
     `(master, state..., param)`. With `stochastic` a bfloat16 param keeps no master: the
-    kernel steps it in place (float32 state, stochastic rounding)."""
+    kernel steps it in place (float32 state, stochastic rounding). `form` says how the state
+    is kept (`Form`: the params' dtype, bfloat16, 8-bit blocks, rowwise)."""
     shard = local(p, name)  # a DTensor's local shard; else p
     if p.is_inference():
         raise RuntimeError(
@@ -279,13 +305,25 @@ def layout(p, names, address, name, state, slot, stochastic=False):
     for state_name in (*names, MASTER) if low else names:
         if state_name not in state:
             if slot is None:
-                state[state_name] = torch.zeros_like(p, dtype=kept, memory_format=torch.preserve_format)
+                state[state_name] = form.fresh(state_name, p, kept)
             else:
                 state[state_name] = slot[0].state_view(state_name, slot[1])
         t = state[state_name]
-        if not isinstance(t, torch.Tensor) or t.dtype != kept or t.shape != p.shape or not t.is_cpu:
-            like = "a float32 CPU tensor of the param's shape" if kept != p.dtype else "a CPU tensor like the param"
+        dtype, shape = form.of(state_name, p, kept)
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape or not t.is_cpu:
+            if (dtype, shape) == (p.dtype, tuple(p.shape)):
+                like = "a CPU tensor like the param"
+            elif shape == tuple(p.shape):
+                like = f"a {str(dtype).replace('torch.', '')} CPU tensor of the param's shape"
+            else:
+                like = f"a {str(dtype).replace('torch.', '')} CPU tensor of shape {shape}"
             raise ValueError(f"{name}: its state {state_name!r} is not {like}")
+        if not form.param_shaped(state_name):  # 8-bit blocks or one value a row: a plain 1-D tensor
+            if type(t) not in PLAIN or not t.is_contiguous():
+                raise ValueError(f"{name}: its state {state_name!r} is not a contiguous plain tensor")
+            tensors.append(t)
+            shards.append(t)
+            continue
         placed = shard is p or (type(t) is type(p) and t.placements == p.placements and t.device_mesh == p.device_mesh)
         if not placed:
             raise ValueError(f"{name}: its state {state_name!r} is not a DTensor placed like the param "
@@ -295,11 +333,15 @@ def layout(p, names, address, name, state, slot, stochastic=False):
             raise ValueError(f"{name}: its state {state_name!r} is not laid out like the param")
         tensors.append(t)
         shards.append(held_shard)
-    ptrs = [0, 0, 0]
+    ptrs, spans = [0, 0, 0], [0] * 6
     for state_name, t in zip(names, shards):
         ptrs[STATE_NAMES.index(state_name)] = t.data_ptr()
+        spans[2 + STATE_NAMES.index(state_name)] = t.numel() * t.element_size()
+    numel = shard.numel()
+    spans[0] = spans[1] = numel * shard.element_size()  # the param (stepped in place), its grad
     if low:
         ptrs.append(address)  # the 16-bit param: the copy the kernel writes
+        spans[0], spans[5] = numel * 4, numel * shard.element_size()  # its master stepped, itself written
     step = state["step"]
     if not torch.is_tensor(step):
         step = state["step"] = torch.tensor(float(step), dtype=_get_scalar_dtype())  # as torch's __setstate__
@@ -325,4 +367,5 @@ def layout(p, names, address, name, state, slot, stochastic=False):
         step=(step.dtype, step.data_ptr()),
         held=held,
         stepped=shards[-1].data_ptr() if low else address,
+        spans=tuple(spans),
     )
