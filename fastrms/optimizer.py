@@ -7,6 +7,7 @@ the options are declared once, in `fastrms.core.options`; checkpoints are
 
 import os
 import threading
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -15,12 +16,12 @@ import numpy as np
 from . import kernels
 from .backend import cpu
 from .backend.layout import Slot
-from .core import checkpoint, guard, memory, spec
+from .core import checkpoint, guard, memory, runtime, spec
 from .core import options as O
 from .core import rows as rows_step
 from .core.clock import Clock
 from .core.options import check_hyperparameters
-from .kernels import storage
+from .kernels import contiguous_address, storage
 from .presets import preset_options
 
 if TYPE_CHECKING:  # the static types of **options (generated from the options table)
@@ -167,7 +168,7 @@ class RMSprop:
             raise ValueError(f"{what} cannot be combined with dense_rows=True: step_rows does not write the copies")
         if copies is not None and hyper["state_layout"] == "rowwise":
             raise ValueError(f"{what} cannot be combined with state_layout='rowwise': the row shells write no copies")
-        self._busy = threading.Lock()  # one step at a time: a second thread's step raises
+        self._stepping = False  # one step at a time: a second thread's step raises (`_enter`)
         self._state = threading.RLock()  # a step, a snapshot (state_dict, save) or a load: one at a time, waiting
         self._copies_given = None if copy_to is None else ([copy_to] if self._single else list(copy_to))
         self._configure(hyper, Clock(hyper, self._dtypes))
@@ -201,6 +202,8 @@ class RMSprop:
         self._guarded, self._norms = guard.guarded(hyper), guard.needs_norm(hyper)
         self._dense_rows = hyper["dense_rows"]
         self._rowwise = self._spec.rowwise
+        #: a step of one array that `_step_one` may take inline: no guard, no rows
+        self._inline = self._single and not (self._guarded or self._dense_rows or self._rowwise)
 
     # ------------------------------------------------------------------ properties
 
@@ -321,16 +324,38 @@ class RMSprop:
         step to end, and a step waits for them: a snapshot is never torn, a load never mixed
         with a step. Returns None.
         """
-        if not self._busy.acquire(False):  # non-blocking
-            raise RuntimeError(
-                "RMSprop.step was entered by another thread while a step was running; one optimizer "
-                "is stepped by one thread at a time (give each thread its own, or hold a lock)"
-            )
+        state = self._state
+        acquired = state.acquire(False)
+        if acquired and not self._stepping:
+            self._stepping = True
+        else:
+            self._enter(state, "step", acquired)
         try:
-            with self._state:
+            if self._inline and self._copies_given is None:
+                self._step_one(grads)
+            else:
                 self._step(grads)
         finally:
-            self._busy.release()
+            self._stepping = False
+            state.release()
+
+    def _enter(self, state, what, acquired):
+        """Take the state's lock for a step (`acquired`: whether a try without waiting took
+        it): waited for while a snapshot or a load holds it, refused (RuntimeError) while
+        another step runs, in another thread or this one."""
+        if acquired:
+            if not self._stepping:
+                self._stepping = True
+                return
+            state.release()  # this thread re-entered its own step
+        elif not self._stepping:
+            state.acquire()  # a snapshot or a load in another thread: wait for it (no step holds the lock)
+            self._stepping = True
+            return
+        raise RuntimeError(
+            f"RMSprop.{what} was entered by another thread while a step was running; one optimizer "
+            "is stepped by one thread at a time (give each thread its own, or hold a lock)"
+        )
 
     def _step(self, grads):
         if self._copies_given is not None:
@@ -360,23 +385,40 @@ class RMSprop:
 
     def _step_one(self, grad):
         """The step of an optimizer over one array: the same checks and kernel as a group's,
-        without the group bookkeeping (this is the whole cost of a small step)."""
-        s = self._slots[0]
+        without the group bookkeeping (this is the whole cost of a small step). The common
+        case (a plain C-contiguous aligned grad of the param's dtype and shape, sharing no
+        memory with the param or state, no guard or rows) is checked inline; anything else
+        takes the checks that name what is wrong."""
+        s, plan = self._slots[0], self._plan
+        if (
+            self._inline
+            and type(grad) is np.ndarray
+            and grad.dtype is s.dtype
+            and grad.shape == s.shape
+            and plan.generation == runtime.generation()
+            and s.param.flags.writeable
+        ):
+            start, owned = contiguous_address(grad), self._owned
+            k = bisect_left(owned.starts, start + grad.nbytes) - 1  # `memory.Owned.overlaps`, inline
+            if start >= 0 and not start % s.dtype.itemsize and (k < 0 or owned.ends[k] <= start or not grad.nbytes):
+                arrays = (s.flat, grad if grad.ndim == 1 else grad.reshape(-1), s.square_avg, s.grad_avg,
+                          s.momentum_buffer)  # fmt: skip
+                if self._copy_to is not None:
+                    arrays = (*arrays, s.copy)
+                scalars = self._clock.scalars()
+                plan.update()(*arrays, *scalars)  # Clock.take with GO, inlined: a small step's cost
+                self._clock.advance()
+                if not plan.settled:  # from then on the machine code's entry point
+                    plan.settle((*arrays, *scalars))
+                return
         g, start = memory.check_grad(grad, s, None)
         if self._owned.overlaps(start, g.nbytes):
             raise memory.overlap(None)
         memory.writeable(s, True, 0)
-        self._plan.current()
+        plan.current()
         low = g.dtype is not s.dtype and g.dtype != s.dtype  # a 16-bit grad
-        if low or self._guarded or self._dense_rows or self._rowwise:  # the group's path: the guard, 16-bit grads, rows
-            calls = self._plan.calls(self._plan.groups, ((g, start),), self._norms, [0] if low else ())
-            self._launch(calls, ((g, start),))
-            return
-        arrays = (s.flat, g.reshape(-1), s.square_avg, s.grad_avg, s.momentum_buffer)
-        if self._copy_to is not None:
-            arrays = (*arrays, s.copy)
-        self._plan.update()(*arrays, *self._clock.scalars())  # Clock.take with GO, inlined: a small step's cost
-        self._clock.advance()
+        calls = plan.calls(plan.groups, ((g, start),), self._norms, [0] if low else ())
+        self._launch(calls, ((g, start),))
 
     def _launch(self, calls, checked):
         """Guard, then write: `calls` holds, per group, `(shell, arrays, check arrays, norm
@@ -427,13 +469,13 @@ class RMSprop:
         rows, and `skip_nonfinite` skips the whole call. Every check runs before anything is
         written (`fastrms.core.rows` has the rule).
         """
-        if not self._busy.acquire(False):
-            raise RuntimeError("RMSprop.step_rows was entered by another thread while a step was running")
+        state = self._state
+        self._enter(state, "step_rows", state.acquire(False))
         try:
-            with self._state:
-                self._step_rows(rows, grad_rows, param)
+            self._step_rows(rows, grad_rows, param)
         finally:
-            self._busy.release()
+            self._stepping = False
+            state.release()
 
     def _step_rows(self, rows, grad_rows, param):
         if self._copy_to is not None:

@@ -84,9 +84,12 @@ def test_bench_many_prints_the_ratio_to_one_array(capsys, monkeypatch):
     from fastrms.bench import timing
 
     monkeypatch.setattr(timing, "many_arrays", lambda dtype, rounds: {"one array": 1e-4, "200 arrays": 3e-4})
+    fixed = {1000: {"RMSprop.step": 2.1e-6, "kernels.rmsprop_update": 0.84e-6}}
+    monkeypatch.setattr(timing, "fixed_cost", lambda rounds: fixed)
     assert cli.main(["bench", "--many", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "3.00x one array" in out and "1.00x one array" in out
+    assert "one array of 1000, medians: RMSprop.step 2.10 us" in out and "0.84 us: 2.50x" in out
 
 
 def test_bench_clipped_prints_each_case_against_the_unclipped_step(capsys, monkeypatch):

@@ -101,3 +101,11 @@ def test_dask_step_times_the_fused_map_the_expressions_and_one_process():
              "fastrms.RMSprop, one process")  # fmt: skip
     assert all(r[k] > 0 for k in (*cases, "out-of-place fused step, one process"))
     assert all(r[f"kernel, {k}"] > 0 and 0 < r[f"busy, {k}"] <= 1 for k in cases[:2])
+
+
+def test_fixed_cost_times_the_step_against_the_raw_kernel_call_per_size():
+    times = timing.fixed_cost(sizes=(16, 64), rounds=1, target=0.001)
+    assert list(times) == [16, 64]
+    for cases in times.values():
+        assert set(cases) == {"RMSprop.step", "kernels.rmsprop_update"}
+        assert all(0 < s < 1 for s in cases.values())

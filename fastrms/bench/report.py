@@ -154,6 +154,12 @@ def run_many(dtypes=None, rounds=None):
         print(f"{dtype}, 1e6 elements in all, RMSprop.step (plain), medians:")
         for label, seconds in times.items():
             print(f"  {label:34s} {seconds * 1e6:9.1f} us  {seconds / base:5.2f}x one array")
+    for n, times in timing.fixed_cost(rounds=7 if rounds is None else rounds).items():
+        step, raw = times["RMSprop.step"], times["kernels.rmsprop_update"]
+        print(
+            f"float32, one array of {n}, medians: RMSprop.step {step * 1e6:.2f} us, the raw kernel call "
+            f"(kernels.rmsprop_update) {raw * 1e6:.2f} us: {step / raw:.2f}x (the optimizer's fixed cost)"
+        )
     return 0
 
 

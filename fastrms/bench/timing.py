@@ -169,6 +169,26 @@ def many_arrays(dtype="float32", total=1_000_000, rounds=7, target=0.03, seed=0)
     return measure_calls(steps, rounds, target)
 
 
+def fixed_cost(sizes=(16, 1000), dtype="float32", rounds=7, target=0.02, seed=0):
+    """The optimizer's fixed cost: `{n: {case: seconds}}`, `RMSprop.step` of one array of `n`
+    elements (the plain variant) against the raw kernel call it wraps
+    (`fastrms.kernels.rmsprop_update`, the same update with no checks, clock or state of its
+    own), interleaved in one process."""
+    from .. import kernels
+
+    rng = np.random.default_rng(seed)
+    hyper = (DEFAULT_HYPER["learning_rate"], DEFAULT_HYPER["beta"], DEFAULT_HYPER["epsilon"])
+    out = {}
+    for n in sizes:
+        p, g = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
+        opt = RMSprop(p.copy(), **DEFAULT_HYPER)
+        q, v = p.copy(), np.zeros(n, dtype)
+        steps = {"RMSprop.step": lambda o=opt, g=g: o.step(g),
+                 "kernels.rmsprop_update": lambda q=q, g=g, v=v: kernels.rmsprop_update(q, g, v, *hyper)}  # fmt: skip
+        out[n] = measure_calls(steps, rounds, target)
+    return out
+
+
 #: `fastrms bench --clipped`: the options timed against each base variant.
 CLIP_CASES = {
     "unclipped": {},
