@@ -632,6 +632,54 @@ def test_two_threads_in_one_optimizer_get_a_clear_error_not_corruption():
     assert opt.step_count == 1
 
 
+def test_a_step_entered_again_from_its_own_thread_is_refused_and_the_outer_step_changes_nothing():
+    p = np.zeros(10)
+    calls = []
+
+    def schedule(count):  # steps the optimizer it schedules, from inside its step
+        calls.append(count)
+        if len(calls) == 1:
+            opt.step(np.ones(10))
+        return 0.1
+
+    opt = fastrms.RMSprop(p, schedule)
+    with pytest.raises(RuntimeError, match="another thread while a step was running"):
+        opt.step(np.ones(10))
+    assert np.all(p == 0) and opt.step_count == 0
+    opt.step(np.ones(10))  # the lock was given back
+    assert opt.step_count == 1 and np.all(p < 0)
+
+
+def test_after_the_first_step_takes_the_kernels_entry_point_every_check_still_runs_first():
+    p = np.linspace(-1, 1, 1000).astype(np.float32)
+    twin_p = p.copy()
+    opt, twin = fastrms.RMSprop(p), fastrms.RMSprop(twin_p)
+    first, second = np.ones(1000, np.float32), np.arange(1000, dtype=np.float32) / 1000
+    opt.step(first)
+    twin.step(first)
+    assert opt._plan.settled and not hasattr(opt._plan.update(), "overloads")  # the machine code itself
+    bad = [
+        (np.ones(1000, np.float64), TypeError, "must have dtype float32"),
+        (np.ones(2000, np.float32)[::2], ValueError, "C-contiguous"),
+        (np.ones(999, np.float32), ValueError, "must have shape"),
+        (np.ones((1000, 1), np.float32), ValueError, "must have shape"),
+        (p, ValueError, "shares memory"),
+        ([1.0] * 1000, TypeError, "numpy.ndarray"),
+    ]
+    for grad, error, match in bad:
+        with pytest.raises(error, match=match):
+            opt.step(grad)
+    p.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        opt.step(second)
+    p.flags.writeable = True
+    assert opt.step_count == 1
+    opt.step(second)
+    twin.step(second)
+    np.testing.assert_array_equal(p, twin_p)  # the refused steps wrote nothing
+    assert opt.step_count == twin.step_count == 2
+
+
 # ------------------------------------------------------------------ hardening: numbers that do not fit the dtype
 
 
