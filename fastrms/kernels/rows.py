@@ -214,6 +214,83 @@ def _shell(kind, key, parallel, rowwise):
     return fn
 
 
+@njit(inline="always")
+def lane_sum(row, w, zero):
+    """The sum of squares of `row[:w]` in 8 lanes, lane j % 8 adding element j in order,
+    then ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)): a fixed order (the same bits
+    anywhere; `fastrms.reference` writes it) that vectorises, as one sum cannot. `zero`:
+    0 in the row's dtype."""
+    l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = zero
+    whole = w >> np.uint64(3)
+    for c in range(whole):
+        q = np.uint64(c) << np.uint64(3)
+        l0 += row[q] * row[q]
+        l1 += row[q + np.uint64(1)] * row[q + np.uint64(1)]
+        l2 += row[q + np.uint64(2)] * row[q + np.uint64(2)]
+        l3 += row[q + np.uint64(3)] * row[q + np.uint64(3)]
+        l4 += row[q + np.uint64(4)] * row[q + np.uint64(4)]
+        l5 += row[q + np.uint64(5)] * row[q + np.uint64(5)]
+        l6 += row[q + np.uint64(6)] * row[q + np.uint64(6)]
+        l7 += row[q + np.uint64(7)] * row[q + np.uint64(7)]
+    done = whole << np.uint64(3)
+    for j in range(w - done):  # the tail: element done + j falls to lane j
+        x = row[done + np.uint64(j)] * row[done + np.uint64(j)]
+        if j == 0:
+            l0 += x
+        elif j == 1:
+            l1 += x
+        elif j == 2:
+            l2 += x
+        elif j == 3:
+            l3 += x
+        elif j == 4:
+            l4 += x
+        elif j == 5:
+            l5 += x
+        else:
+            l6 += x
+    return ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
+
+
+def _make_catch_up(key, rowwise):
+    """`catch_up_row(param, square_avg, grad_avg, momentum_buffer, r, a0, w, skipped, decay,
+    drift_lr, beta, mu)`: row `r` (elements `a0..a0 + w`) brought through the `skipped`
+    zero-gradient steps it missed, in closed form (`fastrms.core.rows` derives it): the
+    averages decay by `beta**skipped`, the param by `decay**skipped` and, with momentum, by
+    the buffer's drift. Inlined into the row loop; called only for a row that missed steps."""
+    uses_m = key.uses_grad_avg
+    momentum, nesterov = key.mom_mode != MOM_NONE, key.nesterov
+
+    def catch_up_row(param, square_avg, grad_avg, momentum_buffer, r, a0, w, skipped, decay, drift_lr, beta, mu):
+        T = param.dtype.type
+        bk = T(beta**skipped)
+        if rowwise:
+            square_avg[r] = bk * square_avg[r]
+        else:
+            for j in range(w):
+                square_avg[a0 + j] = bk * square_avg[a0 + j]
+        if uses_m:
+            for j in range(w):
+                grad_avg[a0 + j] = bk * grad_avg[a0 + j]
+        ak = decay**skipped
+        if momentum:
+            muk = mu**skipped
+            c = skipped * muk if decay == mu else mu * (ak - muk) / (decay - mu)
+            c = T(drift_lr * c * (mu if nesterov else 1.0))
+            akt, mukt = T(ak), T(muk)
+            for j in range(w):
+                b = momentum_buffer[a0 + j]
+                param[a0 + j] = akt * param[a0 + j] - c * b
+                momentum_buffer[a0 + j] = mukt * b
+        elif decay != 1.0:
+            akt = T(ak)
+            for j in range(w):
+                param[a0 + j] = akt * param[a0 + j]
+
+    name(catch_up_row, f"catch_up_row_{key.tag}{'_rowwise' if rowwise else ''}")
+    return njit(inline="always")(catch_up_row)
+
+
 def _make_row_run(key, rowwise=False):
     """The `inline="always"` loop over rows `lo..hi` both shells run: each row's catch-up,
     then its update from its grads (`grad_rows[s]` if `slot` is empty, else
@@ -232,7 +309,7 @@ def _make_row_run(key, rowwise=False):
     at = apply(key)
     update_rw, effective = element(key, True), grad_of(key)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
-    momentum, nesterov = key.mom_mode != MOM_NONE, key.nesterov
+    catch_up_row = _make_catch_up(key, rowwise)
 
     def run(param, grad_rows, summed, slot, first, square_avg, grad_avg, momentum_buffer, rows, lo, hi, width, last,
             t, catch_up, update, decay, drift_lr, beta, mu, kc):  # fmt: skip
@@ -258,67 +335,14 @@ def _make_row_run(key, rowwise=False):
             if catch_up:
                 skipped = t - 1 - last[r]
                 if skipped > 0:
-                    bk = T(beta**skipped)
-                    if rowwise:
-                        square_avg[r] = bk * square_avg[r]
-                    else:
-                        for j in range(w):
-                            square_avg[a0 + j] = bk * square_avg[a0 + j]
-                    if uses_m:
-                        for j in range(w):
-                            grad_avg[a0 + j] = bk * grad_avg[a0 + j]
-                    ak = decay**skipped
-                    if momentum:
-                        muk = mu**skipped
-                        c = skipped * muk if decay == mu else mu * (ak - muk) / (decay - mu)
-                        c = T(drift_lr * c * (mu if nesterov else 1.0))
-                        akt, mukt = T(ak), T(muk)
-                        for j in range(w):
-                            b = momentum_buffer[a0 + j]
-                            param[a0 + j] = akt * param[a0 + j] - c * b
-                            momentum_buffer[a0 + j] = mukt * b
-                    elif decay != 1.0:
-                        akt = T(ak)
-                        for j in range(w):
-                            param[a0 + j] = akt * param[a0 + j]
+                    catch_up_row(param, square_avg, grad_avg, momentum_buffer, r, a0, w, skipped, decay, drift_lr, beta,
+                                 mu)  # fmt: skip
                 last[r] = t
             if update and rowwise:  # the row's v first, then each element from it (grads coalesced first)
                 g0 = np.uint64(s) * w
-                # the sum of squares in 8 lanes, lane j % 8 adding element j in order, then
-                # ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)): a fixed order (the same bits
-                # anywhere; `fastrms.reference` writes it) that vectorises, as one sum cannot
                 for j in range(w):  # the grads as the update reads them, first: this loop vectorises
                     row[j] = effective(param[a0 + j], grad_rows[g0 + j], kc)
-                l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = kc[11]
-                whole = w >> np.uint64(3)
-                for c in range(whole):
-                    q = np.uint64(c) << np.uint64(3)
-                    l0 += row[q] * row[q]
-                    l1 += row[q + np.uint64(1)] * row[q + np.uint64(1)]
-                    l2 += row[q + np.uint64(2)] * row[q + np.uint64(2)]
-                    l3 += row[q + np.uint64(3)] * row[q + np.uint64(3)]
-                    l4 += row[q + np.uint64(4)] * row[q + np.uint64(4)]
-                    l5 += row[q + np.uint64(5)] * row[q + np.uint64(5)]
-                    l6 += row[q + np.uint64(6)] * row[q + np.uint64(6)]
-                    l7 += row[q + np.uint64(7)] * row[q + np.uint64(7)]
-                done = whole << np.uint64(3)
-                for j in range(w - done):  # the tail: element done + j falls to lane j
-                    x = row[done + np.uint64(j)] * row[done + np.uint64(j)]
-                    if j == 0:
-                        l0 += x
-                    elif j == 1:
-                        l1 += x
-                    elif j == 2:
-                        l2 += x
-                    elif j == 3:
-                        l3 += x
-                    elif j == 4:
-                        l4 += x
-                    elif j == 5:
-                        l5 += x
-                    else:
-                        l6 += x
-                total = ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
+                total = lane_sum(row, w, kc[11])
                 v = kc[1] * square_avg[r] + kc[2] * (total / T(width)) if width > 0 else square_avg[r]
                 square_avg[r] = v  # (a row of no elements keeps its v)
                 for j in range(w):
