@@ -11,7 +11,7 @@ import numpy as np
 
 from . import kernels
 from .backend import cpu
-from .core import guard, runtime, spec
+from .core import guard, spec
 from .core import options as O
 from .core.checks import STEP_MAX, count, float_array
 from .core.memory import address
@@ -96,7 +96,7 @@ def rmsprop_step(
     empty = param.reshape(-1)[:0]
     p, g, p_out = param.reshape(-1), grad.reshape(-1), param_out.reshape(-1)
     key = spec.of(hyper).variant
-    parallel = runtime.parallel_for(p.size, p.itemsize, len(names))
+    parallel = cpu.parallel(p.size, p.itemsize, len(names))
     scalars = O.scalars(hyper, hyper["learning_rate"], t)
     verdict = guard.guard(
         lambda: (kernels.sumsq_parallel if parallel else kernels.sumsq_serial)(g),

@@ -24,7 +24,7 @@ from ..core import guard, runtime
 from ..kernels import storage
 from .layout import Group, all_rows, grad_span
 
-__all__ = ["Plan", "all_rows", "kernel", "rowwise"]
+__all__ = ["Plan", "all_rows", "chunks", "kernel", "parallel", "rowwise"]
 
 #: The step shells by the arrays' shape: one flat array (`dense`), many through a chunk table
 #: (`segments`), a flat array written out of place (`out`), rows (`rows`), each a
@@ -38,6 +38,29 @@ _SHELLS = {
     ("dense", True): kernels.stochastic,
     ("segments", True): kernels.stochastic_segments,
 }
+
+
+def parallel(size, itemsize, streams):
+    """Whether a step of `size` elements of `itemsize` bytes with `streams` state arrays runs
+    on the parallel kernels here: the traffic rule (`fastrms.kernels.PARALLEL_MIN_BYTES`)
+    and what this process may run (`fastrms.core.runtime.parallel_for`). The one place the
+    rule is applied for every front end."""
+    return runtime.parallel_for(size, itemsize, streams)
+
+
+_CHUNKS: dict = {}
+
+
+def chunks(sizes):
+    """The chunk table (`fastrms.kernels.chunk_table`) over arrays of `sizes` (a tuple of
+    ints), made once and kept for the next step that steps arrays of the same sizes (up to
+    256 tables)."""
+    found = _CHUNKS.get(sizes)
+    if found is None:
+        if len(_CHUNKS) > 256:
+            _CHUNKS.clear()
+        found = _CHUNKS[sizes] = kernels.chunk_table(np.array(sizes, dtype=np.int64))
+    return found
 
 
 def kernel(shape, variant, parallel, *formats, stochastic=False):

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .. import kernels
 from ..backend import cpu
 from ..core import options as O
 from ..core import spec
@@ -249,6 +248,6 @@ class Bucket:
         rows = [[b + self.offsets[i] * w if b else 0 for b, w in zip(bases, widths)] for i in np.flatnonzero(active)]
         ptrs = np.array(rows, dtype=np.int64)
         sizes = np.array([self.sizes[i] for i in np.flatnonzero(active)], dtype=np.int64)
-        table = (ptrs, sizes, kernels.chunk_table(sizes))
+        table = (ptrs, sizes, cpu.chunks(tuple(sizes.tolist())))
         self._subset = (mask, table)
         return table

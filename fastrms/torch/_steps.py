@@ -70,7 +70,7 @@ def _rowwise_table(p, g, entry):
 
 class Steps:
     """What a step needs beyond the optimizer's own state, cached across steps: each group's
-    checked options (`hyper_cache`), chunk tables by size tuple (`tables`), each param's
+    checked options (`hyper_cache`), each param's
     layout (`layouts`, `fastrms.torch._tensors.layout`) and the pointer table last checked
     for overlaps per group, dtype and round (`checked`). `dense_rows` is the optimizer's."""
 
@@ -86,7 +86,7 @@ class Steps:
         #: the seed of stochastic rounding of bfloat16 params (None: they keep float32 masters),
         #: and each param's `stochastic_base` by its place (group << 24 | index)
         self.stochastic, self.bases = stochastic, {}
-        self.hyper_cache, self.tables, self.layouts, self.checked = {}, {}, {}, {}
+        self.hyper_cache, self.layouts, self.checked = {}, {}, {}
         self.kept = {}  # each group's `fastrms.torch._fast.Kept`, or None
 
     def hyperparameters(self, group, where, dtypes):
@@ -247,7 +247,7 @@ class Steps:
             for dtype, rows in members.items():
                 ptrs = np.array([row[0] for row in rows], dtype=np.int64)
                 sizes = tuple(row[1] for row in rows)
-                call = Call.of(rows, ptrs, sizes, self.chunks(sizes), self.form.rowwise)
+                call = Call.of(rows, ptrs, sizes, cpu.chunks(sizes), self.form.rowwise)
                 _tensors.check_overlaps(self.checked, (gi, dtype, turn), call.spans, ptrs, where)
                 members[dtype] = call
         sparse = [
@@ -288,7 +288,7 @@ class Steps:
     @staticmethod
     def parallel(size, itemsize, hyper):
         """Whether a step of `size` elements runs on the parallel kernels here."""
-        return runtime.parallel_for(size, itemsize, 1 + bool(hyper["centered"]) + bool(hyper["momentum"]))
+        return cpu.parallel(size, itemsize, 1 + bool(hyper["centered"]) + bool(hyper["momentum"]))
 
     def layout(self, p, names, address, name, p_state, held):
         """The cached layout of `p` (see `plan` and `fastrms.torch._tensors.layout`), made anew."""
@@ -296,15 +296,6 @@ class Steps:
         entry = _tensors.layout(p, names, address, name, p_state, held.flat_slot.get(p), stochastic, self.form)
         self.layouts[id(p)] = entry
         return entry
-
-    def chunks(self, sizes):
-        """The chunk table over params of `sizes` (a tuple; cached)."""
-        chunks = self.tables.get(sizes)
-        if chunks is None:
-            if len(self.tables) > 256:
-                self.tables.clear()
-            chunks = self.tables[sizes] = kernels.chunk_table(np.array(sizes, dtype=np.int64))
-        return chunks
 
     def run(self, hyper, dtype, call, bumped, steps, coef=1.0):
         """One kernel call (`Call`) for one group, dtype and round, the grads scaled by
