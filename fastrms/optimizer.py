@@ -135,6 +135,14 @@ class RMSprop:
     array([0.96837723, 0.96837723, 0.96837723], dtype=float32)
     """
 
+    def __new__(cls, params: Any = None, *args: Any, **kwargs: Any) -> "RMSprop":
+        # params on a CUDA device: the same optimizer, stepped by the CUDA backend (fastrms.device)
+        if cls is RMSprop and _on_device(params):
+            from .device import DeviceRMSprop
+
+            return super().__new__(DeviceRMSprop)
+        return super().__new__(cls)
+
     def __init__(
         self,
         params: "np.ndarray | Sequence[np.ndarray]",
@@ -566,6 +574,15 @@ class RMSprop:
             self.load_state_dict(d)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{os.fsdecode(os.fspath(path))!r} does not fit this optimizer: {exc}") from None
+
+
+def _on_device(params):
+    """Whether `params` (one array, or a list or tuple of them) live on a CUDA device: the
+    first has `__cuda_array_interface__` (or is numba-cuda's simulated device array). Reads
+    nothing else, and never a generator."""
+    first = params[0] if isinstance(params, (list, tuple)) and params else params
+    kind = type(first)
+    return hasattr(kind, "__cuda_array_interface__") or kind.__name__ == "FakeCUDAArray"
 
 
 RMSprop.__init__.__signature__ = O.signature(("copy_to",))  # type: ignore[attr-defined]  # for help() and inspect

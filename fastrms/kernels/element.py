@@ -35,9 +35,9 @@ loop shells (`.dense` and those to come) read the arrays, call it and write back
 the variant keeps. `k` is `constants`' tuple, already rounded to the arrays' dtype.
 """
 
+import math
 from typing import NamedTuple
 
-import numpy as np
 from numba import njit
 
 from ._jit import name
@@ -198,7 +198,7 @@ def _make_element(key, rowwise):
             s = zero if s < zero else s  # max(s, 0); NaN passes through, as np.maximum does
         else:
             s = v / bc if correct else v
-        u = g / (np.sqrt(s + eps_in) + eps_out)
+        u = g / (math.sqrt(s + eps_in) + eps_out)
         if mom_mode == MOM_OUTSIDE:
             b = mu * b + u
             p = p - lr * (u + mu * b) if nesterov else p - lr * b

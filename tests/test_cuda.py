@@ -1,0 +1,231 @@
+"""The CUDA target (`fastrms.kernels.cuda`, `fastrms.backend.cuda`, `fastrms.device`), on a
+machine without a GPU: every kernel compiled to PTX for sm_80 and sm_90 and, where `ptxas`
+is found, assembled with its registers and spills checked; every kernel run on numba-cuda's
+simulator through `fastrms.RMSprop` against `fastrms.reference` (to the simulator's
+tolerance: it computes each element's constants in float64, and a GPU fuses multiply-adds:
+neither is bit for bit with the CPU). The device check itself (`python -m fastrms bench
+--cuda`) needs a GPU."""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+HAS_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
+needs_numba_cuda = pytest.mark.skipif(
+    not HAS_NUMBA_CUDA, reason="numba-cuda is not installed (pip install 'fastrms[cuda]')"
+)
+PTXAS = shutil.which("ptxas")
+
+
+def test_importing_fastrms_never_imports_numba_cuda():
+    code = (
+        "import sys, fastrms, fastrms.functional; print(sorted(m for m in sys.modules if m.startswith('numba.cuda')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _signatures():
+    import numba
+
+    from fastrms.kernels import cuda as K
+    from fastrms.kernels import storage
+    from fastrms.kernels.element import MOM_INSIDE, MOM_OUTSIDE, WD_DECOUPLED, variant
+
+    f32, f64 = numba.float32[::1], numba.float64[::1]
+    table = (numba.int64[:, ::1], numba.int64[::1], numba.int64[:, ::1])
+    scalars = (numba.float64,) * 9
+    plain, full = variant(), variant(centered=True, wd_mode=WD_DECOUPLED, mom_mode=MOM_OUTSIDE, nesterov=True)
+    inside = variant(mom_mode=MOM_INSIDE)
+    bf16m = storage.MASTERS["bf16"]
+    return {  # every kernel, over a covering set of variants and formats
+        "dense plain float32": (K.dense(plain), (f32, numba.int64[::1], numba.int64, *scalars)),
+        "dense full float64": (K.dense(full), (f64, numba.int64[::1], numba.int64, *scalars)),
+        "segments full float32": (K.segments(full), (f32, *table, *scalars)),
+        "segments lr-inside bfloat16 state": (K.segments(inside, storage.BFLOAT16), (f32, *table, *scalars)),
+        "segments bfloat16 masters": (
+            K.segments(full, storage.NATIVE, bf16m, storage.BFLOAT16),
+            (f32, *table, *scalars),
+        ),
+        "sumsq float16 grads": (K.sumsq(storage.FLOAT16), (f32, *table, f64)),
+        "sumsq float64": (K.sumsq(), (f64, *table, f64)),
+        "nonfinite bfloat16 grads": (K.nonfinite(storage.BFLOAT16), (f32, *table, numba.int32[::1])),
+        "total": (K.total, (f64, f64)),
+    }
+
+
+@needs_numba_cuda
+@pytest.mark.parametrize("cc", [(8, 0), (9, 0)], ids=["sm_80", "sm_90"])
+def test_every_kernel_compiles_to_ptx_and_assembles_without_spills(cc, tmp_path):
+    from fastrms.kernels import cuda as K
+
+    for name, (kernel, signature) in _signatures().items():
+        ptx, _ = K.ptx(kernel, signature, cc)
+        assert f".target sm_{cc[0]}{cc[1]}" in ptx, name
+        assert ".entry" in ptx, name
+        if name.startswith(("dense", "segments")):
+            assert "sqrt.rn.f" in ptx, name  # the update's root: IEEE, not an approximation
+        if PTXAS is None:
+            continue
+        path = tmp_path / "kernel.ptx"
+        path.write_text(ptx)
+        out = subprocess.run([PTXAS, f"-arch=sm_{cc[0]}{cc[1]}", "-v", str(path), "-o", os.devnull],
+                             capture_output=True, text=True)  # fmt: skip
+        assert out.returncode == 0, (name, out.stderr)
+        registers = [int(n) for n in re.findall(r"Used (\d+) registers", out.stderr)]
+        spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", out.stderr)]
+        assert registers and max(registers) <= 64, (name, registers)  # 256 threads a block keep full occupancy
+        assert not any(spills), (name, out.stderr)
+
+
+@needs_numba_cuda
+def test_8bit_state_is_refused_by_the_cuda_kernels_naming_why():
+    from fastrms.kernels import cuda as K
+    from fastrms.kernels import storage
+    from fastrms.kernels.element import variant
+
+    with pytest.raises(ValueError, match="8-bit blocks, which the CUDA kernels do not step"):
+        K.segments(variant(), storage.BLOCKWISE8)
+
+
+#: Run on the simulator (a subprocess: NUMBA_ENABLE_CUDASIM is read when numba-cuda loads).
+_SIMULATED = textwrap.dedent(
+    """
+    import json, sys, numpy as np
+    from numba import cuda
+    import fastrms
+    from fastrms import reference
+
+    rng = np.random.default_rng(0)
+    shapes = [(30, 10), (700,), (5,)]
+    cases = json.loads(sys.argv[1])
+    out = {}
+    for label, opts, dtype in cases:
+        ps = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        gs = [[rng.standard_normal(s).astype(dtype) for s in shapes] for _ in range(3)]
+        if opts.get("skip_nonfinite"):
+            gs[1][2][0] = np.nan  # the second step is skipped
+        dev = [cuda.to_device(p.copy()) for p in ps]
+        opt = fastrms.RMSprop(dev, 0.01, **opts)
+        ref = reference.RMSprop([p.copy() for p in ps], 0.01, **opts)
+        for step in gs:
+            opt.step([cuda.to_device(g) for g in step])
+            ref.step([g.copy() for g in step])
+        got = [d.copy_to_host() for d in dev]
+        scale = max(float(np.abs(p - r).max()) for p, r in zip(ps, ref.params))
+        err = max(float(np.abs(g - r).max()) for g, r in zip(got, ref.params))
+        state = opt.state_dict()
+        cpu = fastrms.RMSprop([p.copy() for p in ps], 0.01, **opts)
+        cpu.load_state_dict(state)  # a device state dict loads on the CPU
+        back = fastrms.RMSprop([cuda.to_device(g) for g in got], 0.01, **opts)
+        back.load_state_dict(cpu.state_dict())  # and back
+        same = all(np.array_equal(back.state_dict()[k], v) for k, v in state.items() if isinstance(v, np.ndarray))
+        out[label] = {"err": err, "moved": scale, "steps": opt.step_count, "skipped": opt.skipped_steps,
+                      "kernels": opt.kernel_calls, "norm": opt.last_grad_norm,
+                      "ref_norm": getattr(ref, "last_grad_norm", None), "round_trip": same}
+    one = cuda.to_device(np.ones(1000, np.float32))
+    single = fastrms.RMSprop(one, 0.01)
+    single.step(cuda.to_device(np.ones(1000, np.float32)))
+    out["single"] = {"kernels": single.kernel_calls, "value": float(one.copy_to_host()[0])}
+    print(json.dumps(out))
+    """
+)
+
+SIMULATED_CASES = [  # every variant axis, both dtypes, the guard and the bfloat16 state
+    ("plain float32", {}, "float32"),
+    ("centered momentum float64", {"centered": True, "momentum": 0.9}, "float64"),
+    ("nesterov, lr inside, decoupled decay", {"momentum": 0.9, "nesterov": True, "lr_in_momentum": True,
+                                              "weight_decay": 0.01, "decoupled_weight_decay": True}, "float32"),
+    ("coupled decay, maximize, eps in root", {"weight_decay": 0.01, "maximize": True, "eps_in_sqrt": True}, "float32"),
+    ("clip_global_norm, skip_nonfinite", {"clip_global_norm": 1.0, "skip_nonfinite": True}, "float32"),
+    ("bfloat16 state", {"state_storage": "bfloat16", "momentum": 0.9}, "float32"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    if not HAS_NUMBA_CUDA:
+        pytest.skip("numba-cuda is not installed (pip install 'fastrms[cuda]')")
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    out = subprocess.run([sys.executable, "-c", _SIMULATED, json.dumps(SIMULATED_CASES)], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("label", [c[0] for c in SIMULATED_CASES])
+def test_every_variant_on_the_simulator_matches_the_reference(simulated, label):
+    found = simulated[label]
+    assert found["moved"] > 1e-3  # the run did something
+    assert found["err"] <= 2e-6 * max(1.0, found["moved"]), found  # the simulator's float64 constants
+    assert found["kernels"] == ["cuda segments"]  # three arrays of one dtype: one launch
+    assert found["round_trip"]  # device -> CPU -> device, the state unchanged
+    if "skip_nonfinite" in label:
+        assert found["steps"] == 2 and found["skipped"] == 1
+        assert found["norm"] == pytest.approx(found["ref_norm"], rel=1e-6)
+    else:
+        assert found["steps"] == 3
+
+
+def test_one_array_on_the_simulator_is_one_grid_stride_launch(simulated):
+    found = simulated["single"]
+    assert found["kernels"] == ["cuda dense"]
+    lr, g = 0.01, 1.0  # first step from zero state, beta 0.9: v = 0.1, p = 1 - lr * g / (sqrt(0.1) + eps)
+    assert found["value"] == pytest.approx(1 - lr * g / (np.sqrt(0.1) + 1e-8), rel=1e-6)
+
+
+_REFUSALS = textwrap.dedent(
+    """
+    import numpy as np
+    from numba import cuda
+    import fastrms
+
+    dev = cuda.to_device(np.zeros(8, np.float32))
+    for make in (
+        lambda: fastrms.RMSprop([dev, np.zeros(8, np.float32)]),
+        lambda: fastrms.RMSprop(dev, state_storage="8bit"),
+        lambda: fastrms.RMSprop(dev, copy_to=np.zeros(8, np.float32)),
+        lambda: fastrms.RMSprop(dev).step(cuda.to_device(np.zeros(8, np.float64))),
+        lambda: fastrms.RMSprop(dev).step(cuda.to_device(np.zeros(9, np.float32))),
+        lambda: fastrms.RMSprop(dev).step(np.zeros(8, np.float32)),
+        lambda: fastrms.RMSprop(dev).step(dev),
+        lambda: fastrms.RMSprop(cuda.to_device(np.zeros(8, np.int32))),
+    ):
+        try:
+            make()
+            print("ACCEPTED")
+        except (TypeError, ValueError) as exc:
+            print(type(exc).__name__, str(exc).splitlines()[0])
+    print("untouched", float(np.abs(dev.copy_to_host()).max()))
+    """
+)
+
+
+@needs_numba_cuda
+def test_bad_device_input_is_refused_before_anything_is_written():
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    out = subprocess.run([sys.executable, "-c", _REFUSALS], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert "ACCEPTED" not in lines, lines
+    expected = [
+        r"TypeError params\[1\] is a numpy.ndarray on the host, the others live on a CUDA device",
+        r"ValueError state_storage='8bit' is a CPU option",
+        r"ValueError copy_to is a CPU option",
+        r"TypeError grads must have dtype float32 like its param, got float64",
+        r"ValueError grads must have shape \(8,\) like its param, got \(9,\)",
+        r"TypeError grads must be a CUDA device array",
+        r"ValueError grads shares memory with a param or the optimizer's state",
+        r"TypeError params must be float32 or float64 on the device, got int32",
+    ]
+    for line, pattern in zip(lines, expected):
+        assert re.match(pattern, line), (line, pattern)
+    assert lines[-1] == "untouched 0.0"
