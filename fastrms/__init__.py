@@ -19,9 +19,9 @@ runtime.setup()  # before any parallel kernel runs: choose a thread- and fork-sa
 
 from . import functional, kernels, reference, schedules  # noqa: E402
 from ._version import __version__  # noqa: E402
+from .backend import info  # noqa: E402
 from .backend.layout import pack  # noqa: E402
 from .core import checkpoint, spec  # noqa: E402
-from .core.runtime import info  # noqa: E402
 from .optimizer import RMSprop  # noqa: E402
 from .presets import PRESETS  # noqa: E402
 from .seed import rmsprop  # noqa: E402

@@ -56,7 +56,7 @@ def _info(args):
     import numpy as np
 
     from . import RMSprop
-    from .core.runtime import info
+    from .backend import info
 
     # one small float32 step first, so the cache lines say whether its kernels loaded from disk
     w = np.zeros(8, np.float32)

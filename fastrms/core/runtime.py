@@ -231,8 +231,7 @@ def _after_fork_in_child():
 
 def info() -> dict:
     """What fastrms runs on: threading layer, threads, the parallel mode and why; the kernels'
-    disk cache (its folder and what its lookups in this process did); the versions; the
-    CUDA target (`cuda_target`)."""
+    disk cache (its folder and what its lookups in this process did); the versions."""
     import platform
 
     import llvmlite
@@ -262,18 +261,4 @@ def info() -> dict:
         "cache_misses": stats["misses"],
         "compiled_here": stats["compiled"],
         "source_hash": kernels.SOURCE_HASH[:16],
-        "cuda": cuda_target(),
     }
-
-
-def cuda_target() -> dict:
-    """The CUDA target: `{"available", "device", "why"}` (`fastrms.backend.cuda.describe`),
-    or why not when numba-cuda is not installed. Imports numba-cuda when it is there (only
-    `fastrms info` asks)."""
-    import importlib.util
-
-    if importlib.util.find_spec("numba_cuda") is None:
-        return {"available": False, "device": None, "why": "numba-cuda is not installed (pip install 'fastrms[cuda]')"}
-    from ..backend import cuda
-
-    return cuda.describe()

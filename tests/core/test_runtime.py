@@ -282,18 +282,3 @@ def test_a_chosen_layer_that_cannot_start_says_which_what_was_tried_and_the_fix(
     assert "'tbb'" in message and "NUMBA_THREADING_LAYER" in message
     assert "pip install" in message and "conda" not in message
     assert "libtbb" in message or "Numba still could not start TBB" in message
-
-
-def test_info_reports_the_cuda_target_or_why_there_is_none(monkeypatch):
-    found = runtime.info()["cuda"]
-    assert set(found) == {"available", "device", "why"}
-    assert found["available"] == (found["device"] is not None) and found["available"] == (found["why"] == "")
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numba_cuda" else real(name, *a))
-    assert runtime.cuda_target() == {
-        "available": False,
-        "device": None,
-        "why": "numba-cuda is not installed (pip install 'fastrms[cuda]')",
-    }
