@@ -98,6 +98,8 @@ def _bench(args):
         return report.run_accuracy(args.output, args.steps, args.beta)
     if args.torch:
         return report.run_torch(args.rounds, widths=(100, 300) if args.sizes is None else args.sizes)
+    if args.cuda:
+        return report.run_cuda(args.rounds)
     return report.run(
         output=args.output,
         command="fastrms bench " + " ".join(args.argv),
@@ -173,7 +175,7 @@ def _output_folder(path, option):
 
 #: The benches other than the default sweep (each an option of `fastrms bench`): one at a time.
 _MODES = ("compare", "threshold", "many", "clipped", "sparse", "dask", "cold", "precision", "master", "accuracy",
-          "torch")  # fmt: skip
+          "torch", "cuda")  # fmt: skip
 
 
 def _check(args):
@@ -210,6 +212,13 @@ def _check(args):
         _check_memory(args)  # arithmetic only: the same answer whether torch or dask are installed
         if args.torch and importlib.util.find_spec("torch") is None:
             raise UsageError("fastrms bench --torch needs PyTorch: pip install torch==2.13.0 (the CPU build)")
+        if args.cuda:
+            from .backend import cuda_target
+
+            target = cuda_target()
+            if not target["available"] or "simulator" in (target["device"] or ""):
+                why = target["why"] or "numba-cuda's simulator cannot time a GPU"
+                raise UsageError(f"fastrms bench --cuda needs a CUDA GPU: {why}")
         if args.master and importlib.util.find_spec("torch") is None:
             raise UsageError("fastrms bench --master needs PyTorch: pip install torch==2.13.0 (the CPU build)")
         if args.no_compile and not args.master:
@@ -349,6 +358,9 @@ def _parse(argv):
     b.add_argument("--beta", type=_beta, help="with --accuracy: RMSprop's beta, in [0, 1) (default 0.9)")
     b.add_argument(
         "--torch", action="store_true", help="fastrms.torch.RMSprop against torch (--sizes: layer widths, 100 300)"
+    )
+    b.add_argument(
+        "--cuda", action="store_true", help="the step on a GPU: GB/s against the same-traffic kernel and torch"
     )
     b.set_defaults(func=_bench)
     i = sub.add_parser(

@@ -334,6 +334,18 @@ def _run_torch(r):
         print(f"  {name:36s} {seconds * 1e3:8.3f} ms  optimizer {share:6.1%} of it")
 
 
+def run_cuda(rounds=None):
+    """`fastrms bench --cuda`: the step on a GPU (`fastrms.bench.gpu`)."""
+    from ..backend import cuda_target
+    from . import gpu
+
+    print(f"CUDA device: {cuda_target()['device']}; medians of interleaved rounds, float32:")
+    for case, row in gpu.cuda_steps(rounds=7 if rounds is None else rounds).items():
+        rate = "" if row["GB/s"] is None else f"  {row['GB/s']:8.1f} GB/s"
+        print(f"  {case:52s} {row['seconds'] * 1e3:10.3f} ms{rate}")
+    return 0
+
+
 def run_clipped(dtypes=None, rounds=None, sizes=None, variants=None):
     """`fastrms bench --clipped`: clipping's cost against the unclipped step."""
     for dtype in dtypes or ["float32"]:

@@ -1,0 +1,116 @@
+"""`fastrms bench --cuda`: the step on a GPU, against the same-traffic kernel on the device
+and against torch's step of the same tensors (needs a CUDA GPU; numba-cuda's simulator
+cannot time one).
+
+- one float32 array of `n` elements: `fastrms.RMSprop` (`fastrms.device`, one grid-stride
+  launch) against a kernel that reads and writes the same bytes with no math (param, grad
+  and `square_avg` read, param and `square_avg` written: 20 bytes an element);
+- a model of `k` float32 tensors of mixed sizes (one multi-tensor launch) against
+  `torch.optim.RMSprop(foreach=True)` over torch CUDA tensors of the same sizes and
+  `torch.compile` of its step (its compile time reported apart), when torch with CUDA is
+  installed.
+
+Seconds are medians of interleaved rounds, each sample synchronised with the device.
+"""
+
+import time
+
+import numpy as np
+
+from .timing import measure_calls
+
+#: Bytes a plain step moves per float32 element: param, grad and square_avg read, param
+#: and square_avg written.
+BYTES = 20
+
+
+def cuda_steps(n=100_000_000, k=200, total=50_000_000, rounds=7, target=0.05, seed=0):
+    """`{case: {"seconds": s, "GB/s": rate}}` (see the module); `"compile seconds"` for
+    torch.compile's first call when it runs."""
+    from numba import cuda
+
+    import fastrms
+
+    def synced(step):
+        def run():
+            step()
+            cuda.synchronize()
+
+        return run
+
+    rng = np.random.default_rng(seed)
+    p, g = cuda.to_device(rng.standard_normal(n).astype(np.float32)), cuda.to_device(rng.random(n, np.float32))
+    opt = fastrms.RMSprop(p, 1e-3)
+    v = cuda.to_device(np.zeros(n, np.float32))
+    traffic = _traffic_kernel()
+    blocks = min(-(-n // 256), 4096)
+    steps = {
+        f"fastrms, one array of {n}": synced(lambda: opt.step(g)),
+        f"same traffic, one array of {n}": synced(lambda: traffic[blocks, 256](p, g, v)),
+    }
+    sizes = _model_sizes(rng, k, total)
+    params = [cuda.to_device(rng.standard_normal(s).astype(np.float32)) for s in sizes]
+    grads = [cuda.to_device(rng.random(s, np.float32)) for s in sizes]
+    model = fastrms.RMSprop(params, 1e-3)
+    steps[f"fastrms, {k} tensors"] = synced(lambda: model.step(grads))
+    extra = {}
+    torch_steps, compile_seconds = _torch_steps(sizes, rng, synced)
+    steps.update(torch_steps)
+    if compile_seconds is not None:
+        extra["torch.compile: first call (compile) seconds"] = compile_seconds
+    seconds = measure_calls(steps, rounds, target)
+    out = {}
+    for case, s in seconds.items():
+        moved = (n if "one array" in case else total) * BYTES
+        out[case] = {"seconds": s, "GB/s": moved / s / 1e9}
+    out.update({label: {"seconds": s, "GB/s": None} for label, s in extra.items()})
+    return out
+
+
+def _traffic_kernel():
+    from numba import cuda
+
+    @cuda.jit
+    def traffic(p, g, v):
+        for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+            x, y = g[i], v[i]
+            p[i] = p[i] + y
+            v[i] = x
+
+    return traffic
+
+
+def _model_sizes(rng, k, total):
+    weights = rng.random(k) ** 3
+    sizes = np.maximum(1, (weights / weights.sum() * total).astype(np.int64))
+    sizes[0] += total - sizes.sum()
+    return [int(s) for s in sizes]
+
+
+def _torch_steps(sizes, rng, synced):
+    """torch's foreach step and torch.compile of it over CUDA tensors of `sizes`, or none
+    when torch has no CUDA here."""
+    try:
+        import torch
+    except ImportError:
+        return {}, None
+    if not torch.cuda.is_available():
+        return {}, None
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in sizes]
+    for q in params:
+        q.grad = torch.rand(q.shape, device="cuda")
+    foreach = torch.optim.RMSprop(params, lr=1e-3, alpha=0.9, foreach=True)
+    compiled_opt = torch.optim.RMSprop([torch.nn.Parameter(q.detach().clone()) for q in params], lr=1e-3, alpha=0.9)
+    for q, r in zip(compiled_opt.param_groups[0]["params"], params):
+        q.grad = r.grad.clone()
+    compiled = torch.compile(compiled_opt.step)
+    start = time.perf_counter()
+    compiled()
+    torch.cuda.synchronize()
+    compile_seconds = time.perf_counter() - start
+    k = len(sizes)
+    steps = {
+        f"torch.optim.RMSprop(foreach=True), {k} tensors": synced(foreach.step),
+        f"torch.compile of it, {k} tensors": synced(compiled),
+    }
+    return steps, compile_seconds
