@@ -16,6 +16,8 @@ chosen by the grads' dtype at each step. The optimizer validates; the plan only 
 it is given. A backend for another device is another module with this interface.
 """
 
+from typing import Any, NamedTuple
+
 import numba
 import numpy as np
 
@@ -24,7 +26,20 @@ from ..core import guard, runtime
 from ..kernels import storage
 from .layout import Group, all_rows, grad_span
 
-__all__ = ["Plan", "all_rows", "chunks", "kernel", "parallel", "rowwise"]
+__all__ = ["Call", "Plan", "all_rows", "chunks", "kernel", "parallel", "rowwise"]
+
+
+class Call(NamedTuple):
+    """One group's kernel call in a step (`Plan.calls`): which shell steps it (`"dense"`,
+    `"segments"` or `"rowwise"`), with what arrays, the arrays its non-finite check and its
+    sum of squares read (None: no norm is summed), and the codec its grads are read with."""
+
+    shell: str
+    args: tuple
+    check: Any
+    norm: Any
+    grads: Any
+
 
 #: The step shells by the arrays' shape: one flat array (`dense`), many through a chunk table
 #: (`segments`), a flat array written out of place (`out`), rows (`rows`), each a
@@ -170,11 +185,11 @@ class Plan:
 
     @staticmethod
     def calls(groups, checked, clipping, low=()):
-        """`(shell, arrays, check arrays, norm arrays, grads codec)` for each group: which
-        shell steps it, with what. The norm (`clipping`) is always summed per array (a chunk
-        table for several), so its bits do not depend on which shell steps the group. `low`:
-        the indices of 16-bit grads (`check_grads`); a group's grads are all of its params'
-        dtype or all of one 16-bit dtype (TypeError otherwise, before anything is written)."""
+        """A `Call` for each group: which shell steps it, with what. The norm (`clipping`)
+        is always summed per array (a chunk table for several), so its bits do not depend on
+        which shell steps the group. `low`: the indices of 16-bit grads (`check_grads`); a
+        group's grads are all of its params' dtype or all of one 16-bit dtype (TypeError
+        otherwise, before anything is written)."""
         out = []
         for group in groups:
             grads = _grads_codec(group, checked, low) if low else storage.NATIVE
@@ -191,7 +206,7 @@ class Plan:
                     for i, s, (rows, width) in zip(group.indices, group.slots, group.row_tables)
                     if s.flat.size
                 ]
-                out.append(("rowwise", (tables,), table, table, grads))
+                out.append(Call("rowwise", (tables,), table, table, grads))
                 continue
             if group.kind == "dense":
                 s = group.slots[0]
@@ -199,7 +214,7 @@ class Plan:
                 if grads is not storage.NATIVE:
                     g = g.view(np.uint16)
                 arrays = (s.flat, g, s.square_avg, s.grad_avg, s.momentum_buffer)
-                out.append(("dense", arrays if group.copy is None else (*arrays, s.copy), (g,), (g,), grads))
+                out.append(Call("dense", arrays if group.copy is None else (*arrays, s.copy), (g,), (g,), grads))
                 continue
             addresses = [checked[i][1] for i in group.indices]
             table = (group.witness, group.ptrs, group.sizes, group.chunks)
@@ -210,10 +225,10 @@ class Plan:
                     if clipping:
                         group.ptrs[:, 1] = addresses
                     arrays = (span.flat, g, span.square_avg, span.grad_avg, span.momentum_buffer)
-                    out.append(("dense", arrays, (g,), table if clipping else None, grads))
+                    out.append(Call("dense", arrays, (g,), table if clipping else None, grads))
                     continue
             group.ptrs[:, 1] = addresses
-            out.append(("segments", table, table, table, grads))
+            out.append(Call("segments", table, table, table, grads))
         return out
 
     def packed_call(self, checked, clipping, low=()):
@@ -230,29 +245,29 @@ class Plan:
             offsets = packed.offsets // (packed.dtype.itemsize // g.itemsize)
             packed.ptrs[:, 1] = offsets + checked[0][1]
             table = (packed.witness, packed.ptrs, packed.sizes, packed.chunks)
-        return [("dense", arrays, (g,), table, grads)]
+        return [Call("dense", arrays, (g,), table, grads)]
 
     def verdict(self, calls, checked, options):
         """The guard (`fastrms.core.guard.guard`) over `calls`: the groups' sums of squares
         added in order (reproducible), their non-finite checks, the grads for the overflow
         path."""
         pairs = self._pairs
+
+        def sumsq(i, call):  # the norm is summed per array: a chunk table for several (see `calls`)
+            shape = call.shell if call.shell == "rowwise" else "dense" if len(call.norm) == 1 else "segments"
+            return pairs(i, call.grads)[shape][2](*call.norm)
+
         return guard.guard(
-            lambda: sum(
-                pairs(i, grads)[shell if shell == "rowwise" else "dense" if len(norm_args) == 1 else "segments"][2](
-                    *norm_args
-                )
-                for i, (shell, _, _, norm_args, grads) in enumerate(calls)
-            ),
-            lambda: any(pairs(i, grads)[shell][1](*args) for i, (shell, _, args, _, grads) in enumerate(calls)),
+            lambda: sum(sumsq(i, call) for i, call in enumerate(calls)),
+            lambda: any(pairs(i, call.grads)[call.shell][1](*call.check) for i, call in enumerate(calls)),
             lambda: [g for g, _ in checked],
             options,
         )
 
     def run(self, calls, scalars):
         """One kernel call per group."""
-        for i, (shell, args, _, _, grads) in enumerate(calls):
-            self._pairs(i, grads)[shell][0](*args, *scalars)
+        for i, call in enumerate(calls):
+            self._pairs(i, call.grads)[call.shell][0](*call.args, *scalars)
 
     def row_kernel(self, make, parallel):
         """The row shell `make` (`kernels.rows` or `kernels.merged_rows`) of this plan's

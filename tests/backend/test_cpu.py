@@ -90,3 +90,18 @@ def test_a_group_whose_grads_are_16_bit_runs_the_kernels_that_read_them():
     checked, low = memory.check_grads(mixed, slots)
     with pytest.raises(TypeError, match=r"grads\[1\] is float16, grads\[0\] float32: the grads of one dtype's "):
         plan.calls(plan.groups, checked, False, low)
+
+
+@pytest.mark.parametrize("flat_grad", [True, False], ids=["one flat grad", "grads tiling one buffer"])
+def test_skip_nonfinite_alone_checks_packed_params_whose_calls_sum_no_norm(flat_grad):
+    arrays = [np.ones(5, np.float32), np.ones(7, np.float32)]
+    _, views = fastrms.pack(arrays)
+    opt = fastrms.RMSprop(views, skip_nonfinite=True)
+    buffer, grads = fastrms.pack([np.ones(5, np.float32), np.ones(7, np.float32)])
+    given = buffer if flat_grad else grads
+    opt.step(given)
+    before = [v.copy() for v in views]
+    grads[1][3] = np.nan
+    opt.step(given)
+    assert opt.step_count == 1 and opt.skipped_steps == 1
+    assert all(np.array_equal(v, b) for v, b in zip(views, before))
