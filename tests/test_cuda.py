@@ -1,4 +1,4 @@
-"""The CUDA target (`fastrms.kernels.cuda`, `fastrms.backend.cuda`, `fastrms.device`), on a
+"""The CUDA target (`fastrms.kernels.cuda`, `fastrms.backend.cuda`, `fastrms.optimizer.DeviceRMSprop`), on a
 machine without a GPU: every kernel compiled to PTX for sm_80 and sm_90 and, where `ptxas`
 is found, assembled with its registers and spills checked; every kernel run on numba-cuda's
 simulator through `fastrms.RMSprop` against `fastrms.reference` (to the simulator's

@@ -2,7 +2,7 @@
 and against torch's step of the same tensors (needs a CUDA GPU; numba-cuda's simulator
 cannot time one).
 
-- one float32 array of `n` elements: `fastrms.RMSprop` (`fastrms.device`, one grid-stride
+- one float32 array of `n` elements: `fastrms.RMSprop` (`fastrms.optimizer.DeviceRMSprop`, one grid-stride
   launch) against a kernel that reads and writes the same bytes with no math (param, grad
   and `square_avg` read, param and `square_avg` written: 20 bytes an element);
 - a model of `k` float32 tensors of mixed sizes (one multi-tensor launch) against
