@@ -75,9 +75,18 @@ def test_every_python_example_in_the_docs_runs(path, tmp_path):
         needed = re.search(rf"^import {module}|^from fastrms.{module}", text, re.M)
         if needed and importlib.util.find_spec(module) is None:
             pytest.skip(f"{path.name}'s examples need {module}, not installed here (the {extra} extra)")
+    env = dict(os.environ)
+    if re.search(r"^from numba import cuda", text, re.M):  # a GPU example: on the simulator, where no GPU is
+        if importlib.util.find_spec("numba_cuda") is None:
+            pytest.skip(f"{path.name}'s examples need numba-cuda, not installed here (the cuda extra)")
+        from fastrms.backend import cuda_target
+
+        if not cuda_target()["available"]:
+            env["NUMBA_ENABLE_CUDASIM"] = "1"
     script = tmp_path / "examples.py"
     script.write_text(text, encoding="utf-8")
-    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
 
 
