@@ -747,3 +747,4 @@ def _on_device(params):
 
 
 RMSprop.__init__.__signature__ = O.signature(("copy_to",))  # type: ignore[attr-defined]  # for help() and inspect
+RMSprop.__new__.__signature__ = RMSprop.__init__.__signature__  # type: ignore[attr-defined]  # inspect reads __new__ first
