@@ -667,13 +667,22 @@ class DeviceRMSprop(RMSprop):
         state = self._state
         self._enter(state, "step", state.acquire(False))
         try:
-            given, backend = [grads] if self._single else grads, self._backend
-            if self._single and not backend.is_device_array(grads):
-                backend.interface(grads, "grads")  # raises, naming what it is
-            if not self._single and (isinstance(grads, (str, bytes)) or len(given) != len(self._arrays)):
-                raise ValueError(f"grads must be a sequence of {len(self._arrays)} device arrays, like params")
+            backend = self._backend
+            if self._single:
+                given = [grads]
+                if not backend.is_device_array(grads):
+                    backend.interface(grads, "grads")  # raises, naming what it is
+            else:
+                if backend.is_device_array(grads) or not isinstance(grads, (list, tuple)):
+                    raise TypeError(f"grads must be a list or tuple of {len(self._arrays)} device arrays, like params, "
+                                    f"got {type(grads).__name__}")  # fmt: skip
+                given = list(grads)
+                if len(given) != len(self._arrays):
+                    raise ValueError(
+                        f"grads must hold {len(self._arrays)} device arrays, like params; got {len(given)}"
+                    )
             plan = self._device
-            plan.load(plan.check_grads(list(given)))
+            plan.load(plan.check_grads(given))
             verdict = guard.GO
             if self._guarded:
                 verdict = guard.guard(

@@ -131,6 +131,14 @@ _SIMULATED = textwrap.dedent(
         out[label] = {"err": err, "moved": scale, "steps": opt.step_count, "skipped": opt.skipped_steps,
                       "kernels": opt.kernel_calls, "norm": opt.last_grad_norm,
                       "ref_norm": getattr(ref, "last_grad_norm", None), "round_trip": same}
+    mixed = [cuda.to_device(np.ones(300, np.float32)), cuda.to_device(np.ones(40, np.float64)),
+             cuda.to_device(np.ones(7, np.float32))]
+    both = fastrms.RMSprop(mixed, 0.01)
+    both.step([cuda.to_device(np.full(a.shape, 2.0, a.dtype)) for a in mixed])
+    cpu = [np.ones(300, np.float32), np.ones(40, np.float64), np.ones(7, np.float32)]
+    fastrms.RMSprop(cpu, 0.01).step([np.full(a.shape, 2.0, a.dtype) for a in cpu])
+    out["mixed"] = {"kernels": both.kernel_calls,
+                    "err": max(float(np.abs(d.copy_to_host() - c).max()) for d, c in zip(mixed, cpu))}
     one = cuda.to_device(np.ones(1000, np.float32))
     single = fastrms.RMSprop(one, 0.01)
     single.step(cuda.to_device(np.ones(1000, np.float32)))
@@ -175,6 +183,12 @@ def test_every_variant_on_the_simulator_matches_the_reference(simulated, label):
         assert found["steps"] == 3
 
 
+def test_two_dtypes_on_the_simulator_are_two_launches_each_over_its_own_arrays(simulated):
+    found = simulated["mixed"]
+    assert found["kernels"] == ["cuda segments", "cuda dense"]  # float32: two arrays; float64: one
+    assert found["err"] <= 1e-6
+
+
 def test_one_array_on_the_simulator_is_one_grid_stride_launch(simulated):
     found = simulated["single"]
     assert found["kernels"] == ["cuda dense"]
@@ -198,6 +212,8 @@ _REFUSALS = textwrap.dedent(
         lambda: fastrms.RMSprop(dev).step(np.zeros(8, np.float32)),
         lambda: fastrms.RMSprop(dev).step(dev),
         lambda: fastrms.RMSprop(cuda.to_device(np.zeros(8, np.int32))),
+        lambda: fastrms.RMSprop([dev]).step(g for g in [dev]),
+        lambda: fastrms.RMSprop([dev]).step([]),
     ):
         try:
             make()
@@ -225,7 +241,10 @@ def test_bad_device_input_is_refused_before_anything_is_written():
         r"TypeError grads must be a CUDA device array",
         r"ValueError grads shares memory with a param or the optimizer's state",
         r"TypeError params must be float32 or float64 on the device, got int32",
+        r"TypeError grads must be a list or tuple of 1 device arrays, like params, got generator",
+        r"ValueError grads must hold 1 device arrays, like params; got 0",
     ]
+    assert len(lines) == len(expected) + 1, lines
     for line, pattern in zip(lines, expected):
         assert re.match(pattern, line), (line, pattern)
     assert lines[-1] == "untouched 0.0"
