@@ -27,6 +27,8 @@ from ..kernels.segments import GRAD, PARAM
 
 __all__ = ["Plan", "describe", "is_device_array"]
 
+#: The non-finite check's flag before it looks.
+_NO_FLAG = np.zeros(1, np.int32)
 #: State arrays' columns in a pointer row, after param and grad.
 _COLUMNS = {"square_avg": 2, "grad_avg": 3, "momentum_buffer": 4}
 
@@ -86,6 +88,7 @@ class _Group:
         self.sizes_device = cuda.to_device(np.array(sizes, np.int64))
         self.ptrs_device = cuda.to_device(self.ptrs)
         self.blocks = max(1, min(len(self.chunks_host), 1024))
+        self.partial = cuda.device_array(len(self.chunks_host), np.float64)  # the sum of squares per chunk
 
     def spans(self):
         """Byte spans `[start, end)` of every param and state array the group writes."""
@@ -112,6 +115,8 @@ class Plan:
             self.groups.append(
                 _Group(idx, [faces[i][0] for i in idx], [math.prod(faces[i][1]) for i in idx], dtype, spec)
             )
+        self._totals = cuda.device_array(len(self.groups), np.float64)  # each group's sum of squares
+        self._flag = cuda.to_device(_NO_FLAG)  # set by the non-finite check
         spans = [g.spans() for g in self.groups]
         self._starts = np.concatenate([s for s, _ in spans])
         self._ends = np.concatenate([e for _, e in spans])
@@ -155,26 +160,22 @@ class Plan:
                 group.ptrs_device.copy_to_device(group.ptrs, stream=self.stream)
 
     def sumsq(self):
-        """The float64 sum of squares over every grad (a fixed order; a host sync)."""
-        total = 0.0
-        for group in self.groups:
-            partial = cuda.device_array(len(group.chunks_host), np.float64, stream=self.stream)
-            out = cuda.device_array(1, np.float64, stream=self.stream)
+        """The float64 sum of squares over every grad (a fixed order; one host sync)."""
+        for g, group in enumerate(self.groups):
             K.sumsq()[group.blocks, K.THREADS, self.stream](
-                group.witness, group.ptrs_device, group.sizes_device, group.chunks, partial
+                group.witness, group.ptrs_device, group.sizes_device, group.chunks, group.partial
             )
-            K.total[1, 1, self.stream](partial, out)
-            total += float(out.copy_to_host(stream=self.stream)[0])
-        return total
+            K.total[1, 1, self.stream](group.partial, self._totals[g : g + 1])
+        return float(sum(self._totals.copy_to_host(stream=self.stream)))  # the groups in order
 
     def nonfinite(self):
-        """Whether any grad holds a NaN or an infinity (a host sync)."""
-        flag = cuda.to_device(np.zeros(1, np.int32), stream=self.stream)
+        """Whether any grad holds a NaN or an infinity (one host sync)."""
+        self._flag.copy_to_device(_NO_FLAG, stream=self.stream)
         for group in self.groups:
             K.nonfinite()[group.blocks, K.THREADS, self.stream](
-                group.witness, group.ptrs_device, group.sizes_device, group.chunks, flag
+                group.witness, group.ptrs_device, group.sizes_device, group.chunks, self._flag
             )
-        return bool(flag.copy_to_host(stream=self.stream)[0])
+        return bool(self._flag.copy_to_host(stream=self.stream)[0])
 
     def run(self, scalars):
         """One launch per dtype group (no host sync)."""
