@@ -120,7 +120,7 @@ def rmsprop_step(
         shell = cpu.kernel("out", key, parallel)
         m_out, b_out = flat_out.get("grad_avg", empty), flat_out.get("momentum_buffer", empty)
         arrays = (p, g, flat["square_avg"], m, b, p_out, flat_out["square_avg"], m_out, b_out)
-    shell(*arrays, *scalars)
+    shell(tuple(scalars), *arrays)
     return param_out, state_out
 
 

@@ -409,13 +409,14 @@ class RMSprop:
             if start >= 0 and not start % s.dtype.itemsize and (k < 0 or owned.ends[k] <= start or not grad.nbytes):
                 arrays = (s.flat, grad if grad.ndim == 1 else grad.reshape(-1), s.square_avg, s.grad_avg,
                           s.momentum_buffer)  # fmt: skip
-                if self._copy_to is not None:
-                    arrays = (*arrays, s.copy)
-                scalars = self._clock.scalars()
-                plan.update()(*arrays, *scalars)  # Clock.take with GO, inlined: a small step's cost
+                more = () if self._copy_to is None else (s.copy,)
+                scalars = self._clock.plain()
+                if plan.settled:  # Clock.take with GO, inlined: a small step's cost
+                    plan.update()(scalars, *arrays, more)
+                else:  # from then on the machine code's entry point
+                    plan.update()(scalars, *arrays, *more)
+                    plan.settle(scalars, arrays, more)
                 self._clock.advance()
-                if not plan.settled:  # from then on the machine code's entry point
-                    plan.settle((*arrays, *scalars))
                 return
         g, start = memory.check_grad(grad, s, None)
         if self._owned.overlaps(start, g.nbytes):

@@ -42,18 +42,18 @@ def _signatures():
 
     f32, f64 = numba.float32[::1], numba.float64[::1]
     table = (numba.int64[:, ::1], numba.int64[::1], numba.int64[:, ::1])
-    scalars = (numba.float64,) * 9
+    scalars = numba.types.UniTuple(numba.float64, 9)
     plain, full = variant(), variant(centered=True, wd_mode=WD_DECOUPLED, mom_mode=MOM_OUTSIDE, nesterov=True)
     inside = variant(mom_mode=MOM_INSIDE)
     bf16m = storage.MASTERS["bf16"]
     return {  # every kernel, over a covering set of variants and formats
-        "dense plain float32": (K.dense(plain), (f32, numba.int64[::1], numba.int64, *scalars)),
-        "dense full float64": (K.dense(full), (f64, numba.int64[::1], numba.int64, *scalars)),
-        "segments full float32": (K.segments(full), (f32, *table, *scalars)),
-        "segments lr-inside bfloat16 state": (K.segments(inside, storage.BFLOAT16), (f32, *table, *scalars)),
+        "dense plain float32": (K.dense(plain), (scalars, f32, numba.int64[::1], numba.int64)),
+        "dense full float64": (K.dense(full), (scalars, f64, numba.int64[::1], numba.int64)),
+        "segments full float32": (K.segments(full), (scalars, f32, *table)),
+        "segments lr-inside bfloat16 state": (K.segments(inside, storage.BFLOAT16), (scalars, f32, *table)),
         "segments bfloat16 masters": (
             K.segments(full, storage.NATIVE, bf16m, storage.BFLOAT16),
-            (f32, *table, *scalars),
+            (scalars, f32, *table),
         ),
         "sumsq float16 grads": (K.sumsq(storage.FLOAT16), (f32, *table, f64)),
         "sumsq float64": (K.sumsq(), (f64, *table, f64)),

@@ -119,7 +119,7 @@ w = np.zeros(8, np.float32); fastrms.RMSprop(w, 1e-3).step(np.ones_like(w)); out
 w = np.zeros(8); kernels.rmsprop_update(w, np.ones(8), np.zeros(8), 1e-3, 0.9, 1e-8); out.append(float(w[0]))
 for shell in kernels.drivers():
     w = np.zeros(8)
-    shell(w, np.ones(8), np.zeros(8), w[:0], w[:0], *kernels.Scalars(1e-3, 0.9, 0.0, 1e-8, 0.0, 0.0, 1.0, 1.0))
+    shell(tuple(kernels.Scalars(1e-3, 0.9, 0.0, 1e-8, 0.0, 0.0, 1.0, 1.0)), w, np.ones(8), np.zeros(8), w[:0], w[:0])
     out.append(float(w[0]))
 t = np.zeros((4, 2)); fastrms.RMSprop(t, 1e-3).step_rows(np.array([1, 1]), np.ones((2, 2)) / 2); out.append(t[1, 0])
 stats = kernels.cache_stats()
@@ -316,7 +316,7 @@ step = sys.argv[1]
 w = np.zeros(8)
 if step == "1":
     scalars = kernels.Scalars(1e-3, 0.9, 0.0, 1e-8, 0.0, 0.0, 1.0, 1.0)
-    kernels.drivers()[1](w, np.ones(8), np.zeros(8), w[:0], w[:0], *scalars)
+    kernels.drivers()[1](tuple(scalars), w, np.ones(8), np.zeros(8), w[:0], w[:0])
 elif step == "2":
     kernels.rmsprop_update(w, np.ones(8), np.zeros(8), 1e-3, 0.9, 1e-8)
 else:

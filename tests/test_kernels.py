@@ -31,8 +31,8 @@ def test_serial_and_parallel_drivers_are_bitwise_identical(key, n, dtype):
     a, b = _arrays(n, dtype), _arrays(n, dtype)
     before = [x.copy() for x in a]
     for _ in range(3):
-        serial(*a, *ARGS)
-        parallel(*b, *ARGS)
+        serial(tuple(ARGS), *a)
+        parallel(tuple(ARGS), *b)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
     if n:  # the step happened: param, square_avg and the state the variant keeps changed
@@ -49,7 +49,7 @@ def test_a_shell_refuses_arrays_it_could_run_past():
         args[short] = args[short][:9]
         for shell in (serial, parallel):
             with pytest.raises(ValueError, match="size of param"):
-                shell(*args, *ARGS)
+                shell(tuple(ARGS), *args)
 
 
 def test_drivers_are_built_once_per_variant():
@@ -182,7 +182,7 @@ def test_hot_loop_is_vectorised_on_the_width_llvm_chose(name, parallel, dtype):
     key = options.variant_key(options.resolve(all_variants()[name]))
     driver = kernels.dense(key, parallel)
     fresh = njit(parallel=parallel, error_model="numpy", nogil=True)(driver.py_func)
-    fresh(*_arrays(4, dtype), *ARGS)
+    fresh(tuple(ARGS), *_arrays(4, dtype))
     asm = "\n".join(fresh.inspect_asm().values())
     assert width in _packed(asm, "sqrt", dtype), f"no packed sqrt on {width}"
     assert width in _packed(asm, "div", dtype), f"no packed division on {width}"
@@ -216,7 +216,7 @@ if sys.argv[1] == "others-first":
     s = kernels.Scalars(0.1, 0.9, 0.0, 1e-8, 0.1, 0.9, 1.0, 1.0)
     for key in [(True, 1, 1, True), (True, 2, 2, False), (False, 1, 0, False)]:
         for driver in kernels.drivers(*key):
-            driver(x.copy(), x.copy(), x.copy(), x.copy(), x.copy(), *s)
+            driver(tuple(s), x.copy(), x.copy(), x.copy(), x.copy(), x.copy())
 p, g, v = np.linspace(-1, 1, 64).astype(np.float32), np.full(64, 0.5, np.float32), np.zeros(64, np.float32)
 ref = reference.rmsprop_step(p.copy(), g, {"square_avg": v.copy()}, 1, 0.01, 0.9, 1e-8)
 kernels.rmsprop_update(p, g, v, 0.01, 0.9, 1e-8)
@@ -341,3 +341,129 @@ def test_prefetch_refuses_what_is_not_an_array():
 
     with pytest.raises(TypingError):
         bad(1.0)
+
+
+# --- the one builder of the flat shells: every form, from the same body ---
+
+_FULL = kernels.variant(True, kernels.WD_DECOUPLED, kernels.MOM_OUTSIDE, True)
+
+
+def _form_case(form, n, seed=3):
+    """`(arrays, more)` for a float32 step of `form` over `n` elements, `_FULL`'s state."""
+    storage = kernels.storage
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal(n).astype(np.float32)
+    g = (rng.standard_normal(n) * 0.1).astype(np.float32)
+    v, m, b = rng.random(n).astype(np.float32), *(rng.standard_normal(n).astype(np.float32) for _ in "mb")
+    if form.stochastic:
+        p = reference.bfloat16_round(p)
+    if form.grads is not storage.NATIVE:
+        g = reference.bfloat16_round(g) if form.grads.tag == "bf16" else g.astype(np.float16).view(np.uint16)
+    if form.codec is storage.BFLOAT16:
+        v, m, b = (reference.bfloat16_round(x) for x in (v, m, b))
+    elif form.codec is storage.BLOCKWISE8:
+        v, m, b = (
+            reference.blockwise8_encode(v),
+            reference.blockwise8_encode(m, True),
+            reference.blockwise8_encode(b, True),
+        )
+    arrays = [p, g, v, m, b]
+    if form.out:
+        more = [np.zeros_like(a) for a in (p, v, m, b)]
+    elif form.copy is not None:
+        more = [np.zeros(n, np.uint16)]
+    elif form.stochastic:
+        more = [5, 99]
+    else:
+        more = []
+    return arrays, more
+
+
+_FORMS = {
+    "native": kernels.Form(),
+    "bfloat16 state": kernels.Form(kernels.storage.BFLOAT16),
+    "8-bit state": kernels.Form(kernels.storage.BLOCKWISE8),
+    "float16 grads": kernels.Form(grads=kernels.storage.FLOAT16),
+    "bfloat16 copy": kernels.Form(copy=kernels.storage.BFLOAT16),
+    "bfloat16 masters": kernels.Form(grads=kernels.storage.BFLOAT16, copy=kernels.storage.MASTERS["bf16"]),
+    "out of place": kernels.Form(out=True),
+    "stochastic": kernels.Form(grads=kernels.storage.BFLOAT16, stochastic=True),
+}
+
+
+@pytest.mark.parametrize("name", list(_FORMS))
+def test_every_form_writes_the_same_bits_serial_and_parallel(name):
+    """Each form's parallel shell writes every array it writes (an array the parallel loop
+    reached through the star arguments was once dropped as dead) and the serial shell's bits;
+    the arrays it does not own stay as they were."""
+    form, n = _FORMS[name], 3000
+    runs = []
+    for parallel in (False, True):
+        arrays, more = _form_case(form, n)
+        before = [a.copy() for a in arrays]
+        kernels.flat(_FULL, parallel, form)(tuple(ARGS), *arrays, *more)
+        if form.out:
+            assert all(np.array_equal(a, b) for a, b in zip(arrays, before)), "an input was written"
+            written = more
+        else:
+            assert np.array_equal(arrays[1], before[1]), "the grad was written"
+            written = [arrays[0], *arrays[2:], *(m for m in more if isinstance(m, np.ndarray))]
+        assert all(not np.array_equal(w, np.zeros_like(w)) for w in written if w.size), "an array was not written"
+        runs.append([w.tobytes() for w in written])
+    assert runs[0] == runs[1]
+
+
+def test_native_form_matches_the_out_of_place_form_and_the_reference():
+    opts = dict(weight_decay=0.01, momentum=0.9, centered=True, nesterov=True, decoupled_weight_decay=True,
+                bias_correction=True)  # fmt: skip
+    hyper = options.resolve({"learning_rate": 0.01, **opts})
+    assert options.variant_key(hyper) == _FULL
+    scalars = tuple(options.scalars(hyper, 0.01, 2))
+    arrays, _ = _form_case(_FORMS["native"], 1031)
+    p, g, v, m, b = (a.copy() for a in arrays)
+    outs = [np.empty_like(a) for a in (p, v, m, b)]
+    kernels.flat(_FULL, False, kernels.Form(out=True))(scalars, p, g, v, m, b, *outs)
+    kernels.dense(_FULL, True)(scalars, p, g, v, m, b)
+    assert all(np.array_equal(x, y) for x, y in zip(outs, (p, v, m, b)))
+    state = {"square_avg": arrays[2].copy(), "grad_avg": arrays[3].copy(), "momentum_buffer": arrays[4].copy()}
+    want = reference.rmsprop_step(arrays[0].copy(), arrays[1], state, 2, 0.01, **opts)
+    np.testing.assert_array_equal(p, want)
+    assert all(np.array_equal(state[k], x) for k, x in zip(("square_avg", "grad_avg", "momentum_buffer"), (v, m, b)))
+
+
+def test_scalars_are_one_tuple_a_namedtuple_too():
+    a, b = _arrays(64, np.float32), _arrays(64, np.float32)
+    shell = kernels.dense(_FULL, False)
+    shell(tuple(ARGS), *a)
+    shell(ARGS, *b)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(Exception, match="(?i)unpack|tuple|size"):  # eight floats: Numba refuses to type the call
+        shell(tuple(ARGS)[:8], *_arrays(64, np.float32))
+
+
+def test_a_form_is_checked_before_anything_is_compiled():
+    storage = kernels.storage
+    with pytest.raises(ValueError, match="one way"):
+        kernels.flat(_FULL, False, kernels.Form(copy=storage.BFLOAT16, out=True))
+    with pytest.raises(ValueError, match="stochastic: the q8 state is kept in blocks"):
+        kernels.flat(_FULL, False, kernels.Form(storage.BLOCKWISE8, stochastic=True))
+    with pytest.raises(ValueError, match="in place"):
+        kernels.table(_FULL, False, kernels.Form(out=True))
+
+
+@pytest.mark.parametrize("name", [n for n in _FORMS if n != "native"])
+def test_every_form_is_vectorised(name):
+    """Each form's serial shell of plain RMSprop, compiled afresh: packed square roots on the
+    registers LLVM uses for vectors on this host (the native form, every variant:
+    `test_hot_loop_is_vectorised_...`)."""
+    if _isa() is None:
+        pytest.skip(f"no packed-instruction patterns known for this ISA ({platform.machine()!r})")
+    width = _chosen_width(np.dtype(np.float32), False)
+    if width is None:
+        pytest.skip(f"LLVM does not vectorise even a minimal sqrt loop on this host ({platform.machine()})")
+    form = _FORMS[name]
+    fresh = njit(error_model="numpy", nogil=True)(kernels.flat(kernels.variant(), False, form).py_func)
+    arrays, more = _form_case(form, 300)
+    fresh(tuple(ARGS), *arrays, *more)
+    asm = "\n".join(fresh.inspect_asm().values())
+    assert width in _packed(asm, "sqrt", np.float32), f"{name}: no packed sqrt on {width}"

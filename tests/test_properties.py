@@ -89,8 +89,8 @@ def test_serial_and_parallel_drivers_agree_bitwise(centered, wd, mom, nesterov, 
         -1.0,
         rng.uniform(0.1, 1),
     )
-    serial(*a, *scalars)
-    parallel(*b, *scalars)
+    serial(tuple(scalars), *a)
+    parallel(tuple(scalars), *b)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
 

@@ -94,7 +94,7 @@ def _run(name, n, parallel, steps=10):
     ref = reference.RMSprop(p0.copy(), 0.01, state_storage="bfloat16", **opts)
     shell = kernels.dense(key, parallel, storage.BFLOAT16)
     for t in range(1, steps + 1):
-        shell(p, grads[t % 3], *arrays, *options.scalars(hyper, 0.01, t))
+        shell(tuple(options.scalars(hyper, 0.01, t)), p, grads[t % 3], *arrays)
         ref.step(grads[t % 3])
     return p, state, ref, hyper
 
@@ -138,10 +138,10 @@ def test_the_chunk_table_shell_reads_the_state_through_the_codec():
     )
     sizes_ = np.array(sizes, dtype=np.int64)
     table = kernels.chunk_table(sizes_)
-    scalars = options.scalars(hyper, 0.01, 1)
-    kernels.segments(key, True, storage.BFLOAT16)(params[0][:0], ptrs, sizes_, table, *scalars)
+    scalars = tuple(options.scalars(hyper, 0.01, 1))
+    kernels.segments(key, True, storage.BFLOAT16)(scalars, params[0][:0], ptrs, sizes_, table)
     for (p, st), g, p_table, st_table in zip(alone, grads, params, states):
-        kernels.dense(key, False, storage.BFLOAT16)(p, g, *st, *scalars)
+        kernels.dense(key, False, storage.BFLOAT16)(scalars, p, g, *st)
         assert p.tobytes() == p_table.tobytes()
         assert all(a.tobytes() == b.tobytes() for a, b in zip(st, st_table))
         assert st[0].any() and st[2].any()  # the state was written, in bfloat16
@@ -191,21 +191,21 @@ def test_a_shell_reads_16_bit_grads_as_their_float32_values(name, parallel):
     """The dense and chunk-table shells fed 16-bit grads give the bits of the float32 shells
     fed the same values widened, with the copy written too."""
     hyper = options.resolve({"centered": True, "momentum": 0.9, "learning_rate": 0.01})
-    key, scalars = options.variant_key(hyper), options.scalars(hyper, 0.01, 1)
+    key, scalars = options.variant_key(hyper), tuple(options.scalars(hyper, 0.01, 1))
     n = BIG if parallel else 1031
     bits, wide = _low(n, name)
     codec = storage.ARRAYS[name]
     p0 = np.random.default_rng(1).standard_normal(n).astype(np.float32)
     mine, theirs, tabled = ([p0.copy(), *[np.zeros(n, np.float32) for _ in range(3)]] for _ in range(3))
     copy, copy_tabled = np.zeros(n, np.uint16), np.zeros(n, np.uint16)
-    kernels.dense(key, parallel, storage.NATIVE, codec, codec)(mine[0], bits, *mine[1:], copy, *scalars)
-    kernels.dense(key, parallel)(theirs[0], wide, *theirs[1:], *scalars)
+    kernels.dense(key, parallel, storage.NATIVE, codec, codec)(scalars, mine[0], bits, *mine[1:], copy)
+    kernels.dense(key, parallel)(scalars, theirs[0], wide, *theirs[1:])
     assert all(a.tobytes() == b.tobytes() for a, b in zip(mine, theirs))
     np.testing.assert_array_equal(copy, reference.low_round(mine[0], name))
     ptrs = np.array([[kernels.address(a) for a in (tabled[0], bits, *tabled[1:], copy_tabled)]], dtype=np.int64)
     sizes = np.array([n], dtype=np.int64)
     kernels.segments(key, parallel, storage.NATIVE, codec, codec)(
-        p0[:0], ptrs, sizes, kernels.chunk_table(sizes), *scalars
+        scalars, p0[:0], ptrs, sizes, kernels.chunk_table(sizes)
     )
     assert all(a.tobytes() == b.tobytes() for a, b in zip(tabled, theirs)) and copy_tabled.tobytes() == copy.tobytes()
 
@@ -274,7 +274,7 @@ def test_stochastic_rounding_is_unbiased():
 @pytest.mark.lower_bound
 def test_the_stochastic_shells_give_the_same_bits_serial_parallel_and_chunked(name):
     hyper = options.resolve({**MAIN[name], "learning_rate": 0.01})
-    key, scalars = options.variant_key(hyper), options.scalars(hyper, 0.01, 1)
+    key, scalars = options.variant_key(hyper), tuple(options.scalars(hyper, 0.01, 1))
     n = BIG
     params, _ = _low(n, "bfloat16", seed=6)
     grads, _ = _low(n, "bfloat16", seed=7)
@@ -283,7 +283,7 @@ def test_the_stochastic_shells_give_the_same_bits_serial_parallel_and_chunked(na
     for parallel in (False, True):
         p = params.copy()
         state = {k: np.zeros(n if k in names else 0, np.float32) for k in ("square_avg", "grad_avg", "momentum_buffer")}
-        kernels.stochastic(key, parallel)(p, grads, *state.values(), 0, 99, *scalars)
+        kernels.stochastic(key, parallel)(scalars, p, grads, *state.values(), 0, 99)
         runs.append((p, state))
     assert runs[0][0].tobytes() == runs[1][0].tobytes()
     p = params.copy()
@@ -291,7 +291,7 @@ def test_the_stochastic_shells_give_the_same_bits_serial_parallel_and_chunked(na
     ptrs = np.array([[kernels.address(p), kernels.address(grads),
                       *[kernels.address(a) if a.size else 0 for a in state.values()], 99]], dtype=np.int64)  # fmt: skip
     sizes = np.array([n], dtype=np.int64)
-    kernels.stochastic_segments(key, True)(np.zeros(0, np.float32), ptrs, sizes, kernels.chunk_table(sizes), *scalars)
+    kernels.stochastic_segments(key, True)(scalars, np.zeros(0, np.float32), ptrs, sizes, kernels.chunk_table(sizes))
     assert p.tobytes() == runs[0][0].tobytes()
     assert all(state[k].tobytes() == runs[0][1][k].tobytes() for k in names)
     wide = reference.bfloat16_value(params)
@@ -358,7 +358,7 @@ def _block_run(name, n, parallel, steps=4):
     shell = kernels.dense(key, parallel, storage.BLOCKWISE8)
     for t in range(1, steps + 1):
         g = (rng.standard_normal(n) * np.exp(rng.uniform(-12, 4, n))).astype(np.float32)
-        shell(p, g, *arrays, *options.scalars(hyper, 0.01, t))
+        shell(tuple(options.scalars(hyper, 0.01, t)), p, g, *arrays)
         ref.step(g)
     return p, state, ref
 
@@ -384,7 +384,7 @@ def test_an_8bit_block_with_a_nan_is_all_nan_and_its_neighbours_are_not():
     g[300] = np.nan  # block 1 of 3
     v = spec.of(hyper).allocate(storage.extent(storage.BLOCKWISE8, 600), np.float32)["square_avg"]
     kernels.dense(options.variant_key(hyper), False, storage.BLOCKWISE8)(
-        p, g, v, v[:0], v[:0], *options.scalars(hyper, 0.01, 1)
+        tuple(options.scalars(hyper, 0.01, 1)), p, g, v, v[:0], v[:0]
     )
     values = storage.decode(storage.BLOCKWISE8, v, 600)
     assert np.isnan(values[256:512]).all() and np.isfinite(values[:256]).all() and np.isfinite(values[512:]).all()
@@ -410,7 +410,7 @@ def test_an_overflowing_square_or_a_subnormal_block_is_encoded_as_the_reference_
         if t == 1:
             g[3] = 2e19  # g^2 overflows: v = inf
         before = p.copy()
-        shell(p, g, *arrays, *options.scalars(hyper, 0.01, t))
+        shell(tuple(options.scalars(hyper, 0.01, t)), p, g, *arrays)
         with np.errstate(over="ignore", invalid="ignore"):
             ref.step(g)
         assert p.tobytes() == ref.params[0].tobytes()
@@ -439,10 +439,10 @@ def test_the_chunk_table_shell_steps_8bit_state_block_by_block_as_the_dense_shel
         [[kernels.address(a) for a in (p, g, *st)] for p, g, st in zip(params, grads, states)], dtype=np.int64
     )
     sizes_ = np.array(sizes, dtype=np.int64)
-    scalars = options.scalars(hyper, 0.01, 1)
-    kernels.segments(key, True, storage.BLOCKWISE8)(params[0][:0], ptrs, sizes_, kernels.chunk_table(sizes_), *scalars)
+    scalars = tuple(options.scalars(hyper, 0.01, 1))
+    kernels.segments(key, True, storage.BLOCKWISE8)(scalars, params[0][:0], ptrs, sizes_, kernels.chunk_table(sizes_))
     for (p, st), g, p_table, st_table in zip(alone, grads, params, states):
-        kernels.dense(key, False, storage.BLOCKWISE8)(p, g, *st, *scalars)
+        kernels.dense(key, False, storage.BLOCKWISE8)(scalars, p, g, *st)
         assert p.tobytes() == p_table.tobytes()
         assert all(a.tobytes() == b.tobytes() for a, b in zip(st, st_table))
         assert st[0].any() and st[2].any()
@@ -452,9 +452,14 @@ def test_an_8bit_shell_refuses_state_of_the_wrong_size():
     hyper = options.resolve({"learning_rate": 0.01, "state_storage": "8bit"})
     shell = kernels.dense(options.variant_key(hyper), False, storage.BLOCKWISE8)
     p = np.ones(300, np.float32)
-    with pytest.raises(ValueError, match="square_avg the bytes of its 8-bit blocks"):
+    with pytest.raises(ValueError, match="8-bit state: the bytes of its blocks"):
         shell(
-            p, p, np.zeros(300, np.uint8), p[:0].view(np.uint8), p[:0].view(np.uint8), *options.scalars(hyper, 0.01, 1)
+            tuple(options.scalars(hyper, 0.01, 1)),
+            p,
+            p,
+            np.zeros(300, np.uint8),
+            p[:0].view(np.uint8),
+            p[:0].view(np.uint8),
         )
     assert (p == 1).all()
 

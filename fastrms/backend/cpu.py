@@ -158,21 +158,27 @@ class Plan:
             self.choose(self._variant)
 
     def update(self):
-        """The first group's in-place dense kernel (an optimizer over one array): its
-        dispatcher until `settle` finds the machine code its first call ran, then that code's
-        entry point, which skips Numba's type dispatch (0.4 us of a 1000-element step). The
-        caller passes what it checked: C-contiguous arrays of the dtypes of that first call."""
+        """The first group's in-place dense kernel (an optimizer over one array), called
+        `(scalars, *arrays, *more)` (`more`: the copy, if any) until `settle`, then
+        `(scalars, *arrays, more)`: the entry point of the machine code the first call ran,
+        which skips Numba's type dispatch (0.4 us of a 1000-element step) and takes the
+        shell's trailing arrays as the one tuple Numba folds them into. The caller passes what
+        it checked: C-contiguous arrays of the dtypes of that first call."""
         return self._update
 
-    def settle(self, args):
-        """After a call of `update()` with `args`: keep the entry point of the machine code
-        that call ran (a locked kernel, `fastrms.core.runtime.locked`, stays as it is)."""
+    def settle(self, scalars, arrays, more):
+        """After a call of `update()` with `(scalars, *arrays, *more)`: keep the entry point of
+        the machine code that call ran (a locked kernel, `fastrms.core.runtime.locked`, is
+        called through it as it is)."""
         self.settled = True
-        overloads = getattr(self._update, "overloads", None)
-        if overloads:
-            found = overloads.get(tuple(numba.typeof(a) for a in args))
-            if found is not None:
+        fn = self._update
+        typed = tuple(numba.typeof(a) for a in (scalars, *arrays))
+        rest = tuple(numba.typeof(a) for a in more)
+        for sig, found in getattr(fn, "overloads", {}).items():
+            if sig[:-1] == typed and tuple(sig[-1]) == rest:
                 self._update = found.entry_point
+                return
+        self._update = lambda scalars, *args: fn(scalars, *args[:-1], *args[-1])
 
     def parallel_of(self, index):
         """Whether param `index`'s group runs on the parallel kernels."""
@@ -265,9 +271,10 @@ class Plan:
         )
 
     def run(self, calls, scalars):
-        """One kernel call per group."""
+        """One kernel call per group, each given the step's `scalars` first, as a plain tuple."""
+        scalars = tuple(scalars)  # a NamedTuple is typed 2.4x slower
         for i, call in enumerate(calls):
-            self._pairs(i, call.grads)[call.shell][0](*call.args, *scalars)
+            self._pairs(i, call.grads)[call.shell][0](scalars, *call.args)
 
     def row_kernel(self, make, parallel):
         """The row shell `make` (`kernels.rows` or `kernels.merged_rows`) of this plan's
@@ -283,15 +290,15 @@ _NO_LAST = np.zeros(0, np.int64)
 
 
 def rowwise(variant, parallel):
-    """`run(tables, *scalars)`: the rowwise row shell of `variant` over every row of each
+    """`run(scalars, tables)`: the rowwise row shell of `variant` over every row of each
     table `(param, grad, square_avg, grad_avg, momentum_buffer, rows, width)`, in order
     (`state_layout="rowwise"`: one `square_avg` value a row; `rows, width`: `all_rows`)."""
     shell = kernel("rows", variant, parallel, True)
 
-    def run(tables, *scalars):
+    def run(scalars, tables):
         for param, grad, square_avg, grad_avg, momentum_buffer, rows, width in tables:
-            shell(param, grad, square_avg, grad_avg, momentum_buffer, rows, width, _NO_LAST, 0, False, True, 1.0, 1.0,
-                  *scalars)  # fmt: skip
+            shell(scalars, param, grad, square_avg, grad_avg, momentum_buffer, rows, width, _NO_LAST, 0, False, True,
+                  1.0, 1.0)  # fmt: skip
 
     return run
 

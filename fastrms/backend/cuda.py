@@ -179,16 +179,16 @@ class Plan:
 
     def run(self, scalars):
         """One launch per dtype group (no host sync)."""
-        key, codec = self.spec.variant, self.spec.codec
+        key, codec, scalars = self.spec.variant, self.spec.codec, tuple(scalars)
         for group in self.groups:
             if len(group.indices) == 1:
                 blocks = max(1, min(-(-group.total // K.THREADS), 4096))
                 K.dense(key, codec)[blocks, K.THREADS, self.stream](
-                    group.witness, group.ptrs_device[0], group.total, *scalars
+                    scalars, group.witness, group.ptrs_device[0], group.total
                 )
             else:
                 K.segments(key, codec)[group.blocks, K.THREADS, self.stream](
-                    group.witness, group.ptrs_device, group.sizes_device, group.chunks, *scalars
+                    scalars, group.witness, group.ptrs_device, group.sizes_device, group.chunks
                 )
 
     @property

@@ -89,7 +89,7 @@ def crossover(options, dtype, sizes=_CROSSOVER_SIZES, rounds=7):
         state = {
             name: np.zeros_like(p) if name in names else p[:0] for name in ("square_avg", "grad_avg", "momentum_buffer")
         }
-        args = (p, g, state["square_avg"], state["grad_avg"], state["momentum_buffer"], *scalars(hyper, 1e-3, 1))
+        args = (tuple(scalars(hyper, 1e-3, 1)), p, g, state["square_avg"], state["grad_avg"], state["momentum_buffer"])
         serial, parallel = kernels.dense(key, False), kernels.dense(key, True)
         steps = {"serial": lambda k=serial, a=args: k(*a), "parallel": lambda k=parallel, a=args: k(*a)}
         times = measure_calls(steps, rounds)

@@ -25,7 +25,7 @@ class Clock:
     a small step pays one comparison."""
 
     __slots__ = ("step_count", "skipped_steps", "last_lr", "_options", "_dtypes", "_schedule", "_lr", "_every",
-                 "_scalars", "_pending")  # fmt: skip
+                 "_scalars", "_plain", "_pending")  # fmt: skip
 
     def __init__(self, options, dtypes, step_count=0, skipped_steps=0, last_lr=None):
         lr = options["learning_rate"]
@@ -33,7 +33,7 @@ class Clock:
         self._schedule = lr if callable(lr) else None
         self._lr = None if callable(lr) else lr
         self._every = options["bias_correction"]
-        self._scalars = None  # built by the first step
+        self._scalars = self._plain = None  # built by the first step
         self._pending = None
         self.step_count, self.skipped_steps, self.last_lr = step_count, skipped_steps, last_lr
 
@@ -54,8 +54,15 @@ class Clock:
         lr = self.lr()
         if self._every or self._scalars is None or lr != self._scalars[0]:  # else the last step's hold
             self._scalars = O.scalars(self._options, lr, self.step_count + 1)
+            self._plain = tuple(self._scalars)
         self._pending = lr
         return self._scalars
+
+    def plain(self):
+        """`scalars()` as a plain tuple, as the kernels take them (built once with it: Numba
+        types a NamedTuple 2.4x slower)."""
+        self.scalars()
+        return self._plain
 
     def advance(self):
         """A step was taken (with the learning rate `scalars` gave)."""

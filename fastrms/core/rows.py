@@ -115,8 +115,8 @@ def catch_up(param, square_avg, grad_avg, momentum_buffer, width, last, t, hyper
     lagging = np.flatnonzero(last < t - 1)
     if lagging.size:
         kernels.rows(variant, False, rowwise)(
-            param, param[:0], square_avg, grad_avg, momentum_buffer, lagging, width, last, t, True, False,
-            *catch_up_constants(hyper, variant, scalars.lr), *scalars,
+            tuple(scalars), param, param[:0], square_avg, grad_avg, momentum_buffer, lagging, width, last, t, True,
+            False, *catch_up_constants(hyper, variant, scalars.lr),
         )  # fmt: skip
 
 
@@ -198,8 +198,9 @@ def step(tables, t, hyper, variant, kernel, take):
                 p = parallel(table)
                 parts = get_num_threads() if p else 1  # one hash partition of the rows per thread
                 bad = kernel(kernels.merged_rows, p)(
-                    table.param, table.grads, table.square_avg, table.grad_avg, table.momentum_buffer, table.rows,
-                    table.n, table.width, parts, table.last, t, dense_rows, *catch_up, *scalars,
+                    tuple(scalars), table.param, table.grads, table.square_avg, table.grad_avg,
+                    table.momentum_buffer, table.rows, table.n, table.width, parts, table.last, t, dense_rows,
+                    *catch_up,
                 )  # fmt: skip
                 if bad >= 0:
                     raise bad_row(table, bad)
@@ -228,8 +229,8 @@ def step(tables, t, hyper, variant, kernel, take):
         catch_up = catch_up_constants(hyper, variant, scalars.lr)
         for table, (unique, g) in zip(tables, summed):
             kernel(kernels.rows, parallel(table))(
-                table.param, g, table.square_avg, table.grad_avg, table.momentum_buffer, unique, table.width,
-                table.last, t, dense_rows, True, *catch_up, *scalars,
+                tuple(scalars), table.param, g, table.square_avg, table.grad_avg, table.momentum_buffer, unique,
+                table.width, table.last, t, dense_rows, True, *catch_up,
             )  # fmt: skip
         _touch(idle, t)
 

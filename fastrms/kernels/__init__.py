@@ -7,12 +7,15 @@ the rest of fastrms, so user `@njit` code can call it directly).
   `BLOCKWISE8`: blocks of 256 one-byte codes and a float32 scale), and a float32 step's
   other 16-bit arrays (`ARRAYS`: bfloat16 or float16 grads and
   copies);
-- `.dense`: loop shells over whole flat arrays, in place and out of place, serial and
-  parallel, and the stochastic shell (bfloat16 params kept without a master, rounded
-  stochastically from a counter-based hash);
-- `.blockwise`: the dense shell of 8-bit blockwise state (each block dequantised, stepped
-  and requantised in one pass);
-- `.segments`: the loop shell over a chunk table: many arrays of one dtype in one call;
+- `.dense`: the one builder of the loop shells over whole flat arrays (`flat(key, parallel,
+  Form(...))`, the array formats as parameters): in place and out of place, serial and
+  parallel, with a low-precision copy, and stochastic (bfloat16 params kept without a
+  master, rounded stochastically from a counter-based hash); `dense`, `dense_out` and
+  `stochastic` name the common forms;
+- `.blockwise`: the pass over 8-bit blockwise state (each block dequantised, stepped and
+  requantised);
+- `.segments`: the loop shell over a chunk table, built from the flat shell of the same
+  form (`table`): many arrays of one dtype in one call;
 - `.rows`: the loop shells over named rows of a table (sparse updates; rowwise state, one
   `square_avg` value a row), and coalescing;
 - `.prefetch`: the software prefetch of the row shell (rows named by an index array);
@@ -26,9 +29,10 @@ the rest of fastrms, so user `@njit` code can call it directly).
   its on-disk cache (`._jit`: a cache that hits in every new process and is never stale).
 
 Each shell reads `param`, `grad` and the state arrays once and writes `param` and the
-state once, element by element: no temporaries and no second pass. Scalars arrive as a
-`Scalars` of Python floats and are rounded once to the arrays' dtype, so float32
-arrays are updated in float32 arithmetic throughout.
+state once, element by element: no temporaries and no second pass. Every shell takes the
+step's scalars first, as one tuple of the nine `Scalars` floats (`shell(scalars, *arrays)`);
+they are rounded once to the arrays' dtype, so float32 arrays are updated in float32
+arithmetic throughout.
 
 A shell's hot loop slices nothing and calls no inlined function taking arrays but the
 element function and the prefetch hints: Numba counts a reference for each, and cannot
@@ -41,7 +45,7 @@ import numpy as np
 
 from . import _jit, storage
 from ._jit import SOURCE_HASH, cache_stats, jit
-from .dense import dense, dense_out, stochastic
+from .dense import Form, dense, dense_out, flat, stochastic
 from .element import (
     MOM_INSIDE,
     MOM_NONE,
@@ -70,6 +74,7 @@ from .segments import (
     sumsq_segments,
     sumsq_segments_parallel,
     sumsq_segments_serial,
+    table,
 )
 
 __all__ = [
@@ -91,6 +96,8 @@ __all__ = [
     "Variant",
     "dense",
     "dense_out",
+    "flat",
+    "Form",
     "drivers",
     "element",
     "increment",
@@ -119,6 +126,7 @@ __all__ = [
     "sumsq_segments_parallel",
     "sumsq_segments_serial",
     "sumsq_serial",
+    "table",
     "variant",
     "variants",
 ]
@@ -162,11 +170,10 @@ def step_bytes(size, itemsize, state_arrays):
 def drivers(centered=False, wd_mode=WD_NONE, mom_mode=MOM_NONE, nesterov=False):
     """Return `(serial, parallel)`, the two in-place dense shells of one variant.
 
-    Both take `(param, grad, square_avg, grad_avg, momentum_buffer, lr, beta, eps_in,
-    eps_out, weight_decay, momentum, grad_scale, bias_correction, clip)`, update in place
-    and return whether they ran in parallel. The arrays are 1-D, of one float dtype and
+    Both take `(scalars, param, grad, square_avg, grad_avg, momentum_buffer)`, update in
+    place and return whether they ran in parallel. The arrays are 1-D, of one float dtype and
     size; `grad_avg` and `momentum_buffer` may be empty (`param[:0]`) when the variant
-    keeps no such state. The nine scalars are `Scalars`' fields in order:
+    keeps no such state. `scalars` is one tuple of nine floats, `Scalars`' fields in order:
 
     | scalar | meaning | plain RMSprop |
     |---|---|---|
@@ -181,8 +188,9 @@ def drivers(centered=False, wd_mode=WD_NONE, mom_mode=MOM_NONE, nesterov=False):
     | `clip` | each grad element clamped to `[-clip, clip]` (`inf`: none) | inf |
 
     `kernels.Scalars(lr, beta, eps_in, eps_out, weight_decay, momentum, grad_scale,
-    bias_correction)` builds them (`clip` defaults to infinity): `shell(p, g, v, p[:0],
-    p[:0], *Scalars(1e-3, 0.9, 0.0, 1e-8, 0.0, 0.0, 1.0, 1.0))`.
+    bias_correction)` builds them (`clip` defaults to infinity): `shell(tuple(Scalars(1e-3,
+    0.9, 0.0, 1e-8, 0.0, 0.0, 1.0, 1.0)), p, g, v, p[:0], p[:0])` (a plain tuple: Numba
+    types it as fast as separate floats, a NamedTuple 2.4x slower).
     """
     key = variant(centered, wd_mode, mom_mode, nesterov)
     return dense(key, False), dense(key, True)
@@ -217,7 +225,8 @@ def rmsprop_update(param, grad, square_avg, learning_rate, beta, epsilon):
     p = param.reshape(n)
     g = grad.reshape(n)
     v = square_avg.reshape(n)
+    scalars = (float(learning_rate), float(beta), 0.0, float(epsilon), 0.0, 0.0, 1.0, 1.0, np.inf)
     if step_bytes(n, param.itemsize, 1) >= PARALLEL_MIN_BYTES:
-        _plain_parallel(p, g, v, p[:0], p[:0], learning_rate, beta, 0.0, epsilon, 0.0, 0.0, 1.0, 1.0, np.inf)
+        _plain_parallel(scalars, p, g, v, p[:0], p[:0])
     else:
-        _plain_serial(p, g, v, p[:0], p[:0], learning_rate, beta, 0.0, epsilon, 0.0, 0.0, 1.0, 1.0, np.inf)
+        _plain_serial(scalars, p, g, v, p[:0], p[:0])

@@ -1,11 +1,9 @@
-"""The loop shell over whole flat arrays whose state is kept in 8-bit blocks
-(`.storage.BLOCKWISE8`): each block of 256 elements is dequantised, stepped and requantised
-in one pass.
+"""The pass over 8-bit blockwise state (`.storage.BLOCKWISE8`), which `.dense.flat` runs
+for that codec: each block of 256 elements is dequantised, stepped and requantised in one
+pass.
 
-`blockwise(key, parallel, copy=None, grads=NATIVE)` is the shell `(param, grad, square_avg,
-grad_avg, momentum_buffer, *scalars)` (with `copy`, the copy after the state, as `.dense`
-takes it) over float32 params, each state array a uint8 array of `extent(n)` bytes (whole
-260-byte blocks: 256 codes and the block's scale). For each block, in float32:
+Each state array is a uint8 array of `extent(n)` bytes (whole 260-byte blocks: 256 codes
+and the block's scale), over float32 params. For each block, in float32:
 
     v, m, b  = MAP[code] * scale              (square_avg on UNSIGNED8, the others on SIGNED8)
     p, v, m, b = element(p, g, v, m, b)       the same per-element update as every shell
@@ -13,41 +11,20 @@ takes it) over float32 params, each state array a uint8 array of `extent(n)` byt
                                               (likewise m and b, each with its own scale)
 
 so the param is updated from the unrounded state, and only what is kept is rounded (as
-with bfloat16 state). A block is one thread's: the threads split the blocks, so the bits do
-not depend on the thread count. Returns whether it ran in parallel; checks only the arrays'
-sizes, as `.dense` does.
+with bfloat16 state). A block is one thread's: the threads split the blocks (`TILE` at a
+time, `tile`), so the bits do not depend on the thread count. This module holds the step of
+a tile of blocks, the block's scale and its requantisation.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from ._jit import jit, name
-from .element import constants, element
-from .storage import (
-    BLOCK8,
-    BLOCK8_BYTES,
-    NATIVE,
-    SIGNED8,
-    UNSIGNED8,
-    grad_suffix,
-    signed8_code,
-    suffix,
-    unsigned8_code,
-)
+from ._jit import name
+from .element import element
+from .storage import BLOCK8, BLOCK8_BYTES, NATIVE, SIGNED8, UNSIGNED8, grad_suffix, signed8_code, suffix, unsigned8_code
 
 #: Blocks a thread steps with one scratch buffer (its allocation amortised over them).
 TILE = 16
-
-_BLOCKWISE: dict = {}
-
-
-def blockwise(key, parallel, copy=None, grads=NATIVE):
-    """The 8-bit blockwise-state shell of variant `key` (see the module)."""
-    tag = (key, parallel, None if copy is None else copy.tag, grads.tag)
-    fn = _BLOCKWISE.get(tag)
-    if fn is None:
-        fn = _BLOCKWISE[tag] = _make_blockwise(key, parallel, copy, grads)
-    return fn
 
 
 @njit(inline="always")
@@ -84,80 +61,69 @@ def requantise(values, count, a, at, signed):
     a[o + 3] = np.uint8(top >> u32(24))
 
 
-def _make_blockwise(key, parallel, copy, grads):
+_TILES: dict = {}
+
+
+def tile(key, grads=NATIVE, copy=None):
+    """The `inline="always"` step of one tile of 8-bit blocks, for variant `key`, its grads
+    read as `grads` says, with `copy` each param's copy written too: `step_tile(t, blocks, n,
+    param, grad, square_avg, grad_avg, momentum_buffer, copy_out, k)` steps blocks
+    `t * TILE` to `(t + 1) * TILE` (of `blocks` over `n` params), `k` the element
+    function's constants. The flat shell's parallel loop calls it once per tile."""
+    tag = (key, grads.tag, None if copy is None else copy.tag)
+    fn = _TILES.get(tag)
+    if fn is None:
+        fn = _TILES[tag] = _make_tile(key, grads, copy)
+    return fn
+
+
+def _make_tile(key, grads, copy):
     update, read = element(key), grads.load
     uses_m, uses_b, has_copy = key.uses_grad_avg, key.uses_momentum_buffer, copy is not None
-    encode = copy.encode if has_copy else NATIVE.encode
-    load, reseed = (copy.load, copy.reseed) if has_copy else (NATIVE.load, False)
+    low = copy if has_copy else NATIVE
+    encode, load, reseed = low.encode, low.load, low.reseed
     unsigned, signed = UNSIGNED8, SIGNED8
 
-    def shell(param, grad, square_avg, grad_avg, momentum_buffer, copy_out, lr, beta, eps_in, eps_out, wd, mu,
-              grad_scale, bc, clip):  # fmt: skip
-        n = param.size
-        blocks = (n + BLOCK8 - 1) // BLOCK8
-        e = blocks * BLOCK8_BYTES
-        if grad.size != n or square_avg.size != e:
-            raise ValueError("blockwise: grad must have the size of param, square_avg the bytes of its 8-bit blocks")
-        if uses_m and grad_avg.size != e:
-            raise ValueError("blockwise: grad_avg must have the bytes of param's 8-bit blocks (centered variant)")
-        if uses_b and momentum_buffer.size != e:
-            raise ValueError(
-                "blockwise: momentum_buffer must have the bytes of param's 8-bit blocks (momentum variant)"
-            )
-        if has_copy and copy_out.size != n:
-            raise ValueError("blockwise: the copy must have the size of param")
-        k = constants(np.float32, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
+    def step_tile(t, blocks, n, param, grad, square_avg, grad_avg, momentum_buffer, copy_out, k):
         zero = k[11]
-        for t in prange((blocks + TILE - 1) // TILE):
-            vs = np.empty(BLOCK8, np.float32)
-            ms = np.empty(BLOCK8 if uses_m else 0, np.float32)
-            bs = np.empty(BLOCK8 if uses_b else 0, np.float32)
-            for blk in range(t * TILE, min(blocks, (t + 1) * TILE)):
-                # the block's slices: the loop over them vectorises (indexing the whole
-                # arrays at base + j, nested in the tile loop, did not: 8x slower)
-                base, at = blk * BLOCK8, blk * BLOCK8_BYTES
-                stop = min(n, base + BLOCK8)
-                count = stop - base
-                ps, gs = param[base:stop], grad[base:stop]
-                cs = copy_out[base:stop] if has_copy else copy_out
-                vq = square_avg[at : at + BLOCK8_BYTES]
-                mq = grad_avg[at : at + BLOCK8_BYTES] if uses_m else grad_avg
-                bq = momentum_buffer[at : at + BLOCK8_BYTES] if uses_b else momentum_buffer
-                v_scale = scale_of(vq, 0)
-                m_scale = scale_of(mq, 0) if uses_m else zero
-                b_scale = scale_of(bq, 0) if uses_b else zero
-                for j in range(count):
-                    m = signed[mq[j]] * m_scale if uses_m else zero
-                    b = signed[bq[j]] * b_scale if uses_b else zero
-                    p = ps[j]
-                    if reseed:  # a 16-bit param written since the last step: its value is the master's now
-                        p = load(cs, j) if cs[j] != encode(p) else p
-                    p, v, m, b = update(p, read(gs, j), unsigned[vq[j]] * v_scale, m, b, k)
-                    ps[j] = p
-                    if has_copy:
-                        cs[j] = encode(p)
-                    vs[j] = v
-                    if uses_m:
-                        ms[j] = m
-                    if uses_b:
-                        bs[j] = b
-                requantise(vs, count, vq, 0, False)
+        vs = np.empty(BLOCK8, np.float32)
+        ms = np.empty(BLOCK8 if uses_m else 0, np.float32)
+        bs = np.empty(BLOCK8 if uses_b else 0, np.float32)
+        for blk in range(t * TILE, min(blocks, (t + 1) * TILE)):
+            # the block's slices: the loop over them vectorises (indexing the whole arrays at
+            # base + j, nested in the tile loop, did not: 8x slower)
+            base, at = blk * BLOCK8, blk * BLOCK8_BYTES
+            stop = min(n, base + BLOCK8)
+            count = stop - base
+            ps, gs = param[base:stop], grad[base:stop]
+            cs = copy_out[base:stop] if has_copy else ps
+            vq = square_avg[at : at + BLOCK8_BYTES]
+            mq = grad_avg[at : at + BLOCK8_BYTES] if uses_m else grad_avg
+            bq = momentum_buffer[at : at + BLOCK8_BYTES] if uses_b else momentum_buffer
+            v_scale = scale_of(vq, 0)
+            m_scale = scale_of(mq, 0) if uses_m else zero
+            b_scale = scale_of(bq, 0) if uses_b else zero
+            for j in range(count):
+                m = signed[mq[j]] * m_scale if uses_m else zero
+                b = signed[bq[j]] * b_scale if uses_b else zero
+                p = ps[j]
+                if reseed:  # a 16-bit param written since the last step: its value is the master's now
+                    p = load(cs, j) if cs[j] != encode(p) else p
+                p, v, m, b = update(p, read(gs, j), unsigned[vq[j]] * v_scale, m, b, k)
+                ps[j] = p
+                if has_copy:
+                    cs[j] = encode(p)
+                vs[j] = v
                 if uses_m:
-                    requantise(ms, count, mq, 0, True)
+                    ms[j] = m
                 if uses_b:
-                    requantise(bs, count, bq, 0, True)
-        return parallel
+                    bs[j] = b
+            requantise(vs, count, vq, 0, False)
+            if uses_m:
+                requantise(ms, count, mq, 0, True)
+            if uses_b:
+                requantise(bs, count, bq, 0, True)
 
     kind = f"_copy{suffix(copy)}" if has_copy else ""
-    name(shell, f"blockwise_{key.tag}{kind}{grad_suffix(grads)}_{'parallel' if parallel else 'serial'}")
-    full = jit(parallel)(shell)
-    if has_copy:
-        return full
-
-    def plain(param, grad, square_avg, grad_avg, momentum_buffer, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc,
-              clip):  # fmt: skip
-        return full(param, grad, square_avg, grad_avg, momentum_buffer, param[:0], lr, beta, eps_in, eps_out, wd, mu,
-                    grad_scale, bc, clip)  # fmt: skip
-
-    name(plain, f"blockwise_{key.tag}_plain{grad_suffix(grads)}_{'parallel' if parallel else 'serial'}")
-    return jit(False)(plain)
+    name(step_tile, f"blockwise_tile_{key.tag}{kind}{grad_suffix(grads)}")
+    return njit(inline="always")(step_tile)

@@ -7,10 +7,10 @@ Every kernel takes its arrays by address, as the CPU chunk-table shell (`.segmen
 momentum_buffer, and a copy: `.segments.PARAM` ... `COPY`, 0 where nothing is kept), and
 `witness` is an empty device array of the dtype the update computes in.
 
-- `dense(key, codec, copy, grads)`: one array, `(witness, ptrs, n, *scalars)` over its
+- `dense(key, codec, copy, grads)`: one array, `(scalars, witness, ptrs, n)` over its
   pointer row `ptrs` (1-D), a grid-stride loop (any grid covers any size);
 - `segments(key, codec, copy, grads)`: many arrays of one dtype in one launch (apex's
-  `multi_tensor_apply`), `(witness, ptrs, sizes, chunks, *scalars)` over a chunk table
+  `multi_tensor_apply`), `(scalars, witness, ptrs, sizes, chunks)` over a chunk table
   (`chunk_table(sizes, CHUNK)`): block `b` takes chunks `b, b + grid, ...`, its threads
   stride the chunk's elements;
 - `sumsq(grads)`: `(witness, ptrs, sizes, chunks, partial)`, each chunk's sum of squares
@@ -174,8 +174,8 @@ def _views(key, codec, copy, grads):
 def _make_dense(key, codec, copy, grads):
     step, views = _updater(key, codec, copy, grads), _views(key, codec, copy, grads)
 
-    def kernel(witness, ptrs, n, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):
-        k = constants(witness.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
+    def kernel(scalars, witness, ptrs, n):
+        k = constants(witness.dtype.type, scalars)
         param, grad, square_avg, grad_avg, momentum_buffer, copy_out = views(witness, ptrs, n)
         for i in range(cuda.grid(1), n, cuda.gridsize(1)):
             step(i, param, grad, square_avg, grad_avg, momentum_buffer, copy_out, k)
@@ -186,8 +186,8 @@ def _make_dense(key, codec, copy, grads):
 def _make_segments(key, codec, copy, grads):
     step, views = _updater(key, codec, copy, grads), _views(key, codec, copy, grads)
 
-    def kernel(witness, ptrs, sizes, chunks, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):
-        k = constants(witness.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
+    def kernel(scalars, witness, ptrs, sizes, chunks):
+        k = constants(witness.dtype.type, scalars)
         for c in range(cuda.blockIdx.x, chunks.shape[0], cuda.gridDim.x):
             a, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
             param, grad, square_avg, grad_avg, momentum_buffer, copy_out = views(witness, ptrs[a], sizes[a])

@@ -105,9 +105,10 @@ def variants():
 class Scalars(NamedTuple):
     """The runtime scalars of one step, as Python floats (float64); the kernels round each
     once to the arrays' dtype (`1 - beta` and `lr * weight_decay` are formed in float64
-    first). They travel together in Python and are passed unpacked (`shell(..., *scalars)`):
-    Numba types this NamedTuple 2.4x slower than nine floats (a plain tuple would be about as
-    fast; [docs/internals.md](internals.md) has the measurement)."""
+    first). Every shell takes them first, as one tuple: `shell(tuple(scalars), *arrays)`. Numba
+    types a plain tuple of nine floats as fast as nine floats, this NamedTuple 2.4x slower
+    ([docs/internals.md](internals.md) has the measurement), so the front ends pass
+    `tuple(scalars)` (a `Scalars` works too, typed and compiled once more)."""
 
     lr: float
     beta: float
@@ -121,10 +122,11 @@ class Scalars(NamedTuple):
 
 
 @njit(inline="always")
-def constants(T, lr, beta, eps_in, eps_out, weight_decay, momentum, grad_scale, bias_correction, clip):
-    """The `Scalars` as the element function uses them, each rounded once to dtype
-    `T`: `(lr, beta, 1 - beta, eps_in, eps_out, wd, lr * wd, mu, grad_scale, bc, bc != 1, 0,
-    clip, -clip)`."""
+def constants(T, scalars):
+    """The `Scalars` (any tuple of its nine floats) as the element function uses them, each
+    rounded once to dtype `T`: `(lr, beta, 1 - beta, eps_in, eps_out, wd, lr * wd, mu,
+    grad_scale, bc, bc != 1, 0, clip, -clip)`."""
+    lr, beta, eps_in, eps_out, weight_decay, momentum, grad_scale, bias_correction, clip = scalars
     bc = T(bias_correction)
     return (
         T(lr),

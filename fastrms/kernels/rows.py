@@ -9,13 +9,14 @@ the hardware prefetchers cannot hide: `.prefetch`). `param` and the state are th
 flat (C-order) views of `(n, width)` tables, `last`, `t`, `catch_up`, `decay` and
 `drift_lr` drive the catch-up below:
 
-- `rows(key, parallel)`: `(param, grad_rows, square_avg, grad_avg, momentum_buffer, rows,
-  width, ...)` with `rows` distinct indices in `[0, n)` and `grad_rows` the flat
+- `rows(key, parallel)`: `(scalars, param, grad_rows, square_avg, grad_avg, momentum_buffer,
+  rows, width, last, t, catch_up, update, decay, drift_lr)` (`scalars`: the nine `Scalars`
+  floats, one tuple, first as in every shell) with `rows` distinct indices in `[0, n)` and `grad_rows` the flat
   `(len(rows), width)` grads; rows are spread over the threads. With `update` False only
   the catch-up below runs (before a dense step over the whole table, which then steps every
   row itself).
-- `merged_rows(key, parallel)`: `(param, grad_rows, square_avg, grad_avg,
-  momentum_buffer, rows, n, width, parts, last, t, catch_up, decay, drift_lr, *scalars)`,
+- `merged_rows(key, parallel)`: `(scalars, param, grad_rows, square_avg, grad_avg,
+  momentum_buffer, rows, n, width, parts, last, t, catch_up, decay, drift_lr)`,
   with `rows` as the user gave them: duplicates allowed, any values. It returns the
   position of the first row outside `[0, n)` (then nothing is written), else -1. The rows
   are split into `parts` by a hash of the index (one part per thread: `parts` is the
@@ -392,15 +393,15 @@ def _make_rows(key, parallel, rowwise):
     run = _make_row_run(key, rowwise)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
 
-    def shell(param, grad_rows, square_avg, grad_avg, momentum_buffer, rows, width, last, t, catch_up, update, decay,
-              drift_lr, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):  # fmt: skip
+    def shell(scalars, param, grad_rows, square_avg, grad_avg, momentum_buffer, rows, width, last, t, catch_up, update,
+              decay, drift_lr):  # fmt: skip
         if update and grad_rows.size != rows.size * width:
             raise ValueError("rows: grad_rows must hold width elements per row")
         n = param.size // width if width else last.size  # whole arrays are indexed: no slice clamps
         check_state(param, square_avg, grad_avg, momentum_buffer, uses_m, uses_b, n if rowwise else -1)
         if (width or catch_up) and (first_bad(rows, n) >= 0 or (catch_up and last.size != n)):
             raise ValueError("rows: every row must be in [0, n) and last the size of n (catch_up)")
-        kc = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
+        kc, beta, mu = constants(param.dtype.type, scalars), scalars[1], scalars[5]
         none = rows[:0]
         for block in prange((rows.size + BLOCK - 1) // BLOCK):
             lo, hi = block * BLOCK, min((block + 1) * BLOCK, rows.size)
@@ -416,15 +417,15 @@ def _make_merged_rows(key, parallel, rowwise):
     run = _make_row_run(key, rowwise)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
 
-    def shell(param, grad_rows, square_avg, grad_avg, momentum_buffer, rows, n, width, parts, last, t, catch_up,
-              decay, drift_lr, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):  # fmt: skip
+    def shell(scalars, param, grad_rows, square_avg, grad_avg, momentum_buffer, rows, n, width, parts, last, t,
+              catch_up, decay, drift_lr):  # fmt: skip
         if grad_rows.size != rows.size * width or param.size != n * width or (catch_up and last.size != n):
             raise ValueError("merged_rows: grad_rows must hold width elements per row, param n rows, last n (catch_up)")
         check_state(param, square_avg, grad_avg, momentum_buffer, uses_m, uses_b, n if rowwise else -1)
         bad = first_bad(rows, n)
         if bad >= 0:
             return bad
-        kc = constants(param.dtype.type, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)
+        kc, beta, mu = constants(param.dtype.type, scalars), scalars[1], scalars[5]
         for part in prange(parts):
             unique, first, count, where, mine, u, c = group(rows, part, parts)
             slot, summed = add_duplicates(grad_rows, width, count, where, mine, u, c)

@@ -3,6 +3,7 @@
 A model is hundreds of arrays; a call per array costs a Python round trip each. This shell
 takes them all at once, as apex's `multi_tensor_apply` and torch's fused optimizers do:
 
+- `scalars`: the step's nine `Scalars` floats, one tuple, first as in every shell;
 - `ptrs`: int64 `(arrays, 5)`, the data addresses of each array's param, grad,
   `square_avg`, `grad_avg` and `momentum_buffer` (0 where the variant keeps none); the
   copy shell (`copy=BFLOAT16`) reads a sixth column, the address of each param's copy;
@@ -11,7 +12,7 @@ takes them all at once, as apex's `multi_tensor_apply` and torch's fused optimiz
   of every array exactly once, sized so the threads stay balanced (`chunk_table`);
 - `witness`: an empty array of the arrays' dtype (it fixes the compiled dtype).
 
-Each chunk runs the serial `.dense` shell over its slices: the same loop, and so the
+Each chunk runs the serial `.dense.flat` shell of the same form over its slices: the same loop, and so the
 same bits, as stepping each array on its own. A chunk starts on a multiple of `CHUNK`
 elements, so on an 8-bit block too: its state is the bytes of its blocks (`codec.extent`).
 The caller guarantees that the addresses are live, C-contiguous arrays of `witness`'s
@@ -24,9 +25,9 @@ from numba import carray, prange, types
 from numba.extending import intrinsic
 
 from ._jit import jit, name
-from .dense import dense, stochastic
+from .dense import IN_PLACE, Form, check_form, flat
 from .reduce import BLOCK, block_sumsq_of, nonfinite
-from .storage import BFLOAT16, NATIVE, grad_suffix, suffix
+from .storage import BFLOAT16, NATIVE, grad_suffix
 
 #: Elements per chunk: big enough that a chunk's loop vectorises and amortises its set-up,
 #: small enough that two threads share a model of mixed sizes evenly. It is the sum of
@@ -58,91 +59,76 @@ def chunk_table(sizes, chunk=CHUNK):
     return np.array(rows, dtype=np.int64).reshape(-1, 3)
 
 
-_SEGMENTS: dict = {}
+_TABLES: dict = {}
 
 
-def segments(key, parallel, codec=NATIVE, copy=None, grads=NATIVE):
-    """The chunk-table shell of variant `key`, serial or `parallel=True`, the state stored
-    as `codec` says, the grads read as `grads` says: `(witness, ptrs, sizes, chunks,
-    *scalars)`; with `copy`, each param's copy (column `COPY`) written too, as `copy`
-    stores it."""
-    tag = (key, parallel, codec.tag, None if copy is None else copy.tag, grads.tag)
-    fn = _SEGMENTS.get(tag)
+def table(key, parallel, form=IN_PLACE):
+    """The chunk-table shell of variant `key` for the array formats `form` (`.dense.Form`;
+    not out of place), serial or `parallel=True`: `(scalars, witness, ptrs, sizes,
+    chunks)`. Each chunk runs the serial flat shell of the same form over its slices: with
+    `form.copy`, each param's copy (column `COPY`) written too; with `form.stochastic`,
+    column `PARAM` holds the params' bfloat16 bits, column `NOISE` each array's noise key
+    for this step, and each chunk its offset in its array: the bits of stepping each array
+    alone."""
+    tag = (key, bool(parallel), form.tag)
+    fn = _TABLES.get(tag)
     if fn is None:
-        fn = _SEGMENTS[tag] = _make_segments(key, parallel, codec, copy, grads)
+        check_form(form, "segments")
+        if form.out:
+            raise ValueError("segments: a chunk table is stepped in place (no out-of-place form)")
+        fn = _TABLES[tag] = _build_table(key, bool(parallel), form)
     return fn
 
 
-def _make_segments(key, parallel, codec, copy, grads):
-    # Each chunk is handed to the serial dense shell, as slices: the same loop (vectorised,
+def segments(key, parallel, codec=NATIVE, copy=None, grads=NATIVE):
+    """The chunk-table shell of variant `key`, the state stored as `codec` says, the grads
+    read as `grads` says; with `copy`, each param's copy (column `COPY`) written too."""
+    return table(key, parallel, Form(codec, grads, copy))
+
+
+def stochastic_segments(key, parallel, codec=NATIVE, grads=BFLOAT16):
+    """The chunk-table shell of bfloat16 params kept without a master copy (`witness` an
+    empty float32 array): see `table`."""
+    return table(key, parallel, Form(codec, grads, stochastic=True))
+
+
+def _build_table(key, parallel, form):
+    # Each chunk is handed to the serial flat shell, as slices: the same loop (vectorised,
     # the same bits) as one array's step, called once per chunk.
-    if copy is not None:
-        return _make_copy_segments(key, parallel, codec, copy, grads)
-    run = dense(key, False, codec, None, grads)
+    run = flat(key, False, form)
     uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
-    stored, read, extent = codec.witness, grads.witness, codec.extent
+    has_copy, stoch = form.copy is not None, form.stochastic
+    stored, read, extent = form.codec.witness, form.grads.witness, form.codec.extent
+    copied = form.copy.witness if has_copy else NATIVE.witness
+    bits = BFLOAT16.witness
 
-    def shell(witness, ptrs, sizes, chunks, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):
+    def shell(scalars, witness, ptrs, sizes, chunks):
         state = stored(witness)  # an empty array of the state's storage dtype
         given = read(witness)  # and of the grads'
-        for c in prange(chunks.shape[0]):
-            a, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-            n = sizes[a]
-            param = carray(_pointer(ptrs[a, PARAM], witness), (n,))
-            grad = carray(_pointer(ptrs[a, GRAD], given), (n,))
-            held, first, last = extent(n), extent(start), extent(stop)  # storage elements (8-bit: whole blocks)
-            square_avg = carray(_pointer(ptrs[a, SQUARE_AVG], state), (held,))
-            grad_avg = carray(_pointer(ptrs[a, GRAD_AVG], state), (held if uses_m else 0,))
-            momentum_buffer = carray(_pointer(ptrs[a, MOMENTUM_BUFFER], state), (held if uses_b else 0,))
-            run(
-                param[start:stop],
-                grad[start:stop],
-                square_avg[first:last],
-                grad_avg[first:last] if uses_m else grad_avg,
-                momentum_buffer[first:last] if uses_b else momentum_buffer,
-                lr,
-                beta,
-                eps_in,
-                eps_out,
-                wd,
-                mu,
-                grad_scale,
-                bc,
-                clip,
-            )
-        return parallel
-
-    name(shell, f"segments_{key.tag}{suffix(codec)}{grad_suffix(grads)}_{'parallel' if parallel else 'serial'}")
-    return jit(parallel)(shell)
-
-
-def _make_copy_segments(key, parallel, codec, copy, grads):
-    run = dense(key, False, codec, copy, grads)
-    uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
-    stored, copied, read, extent = codec.witness, copy.witness, grads.witness, codec.extent
-
-    def shell(witness, ptrs, sizes, chunks, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):
-        state = stored(witness)  # an empty array of the state's storage dtype
         low = copied(witness)  # and of the copy's
-        given = read(witness)  # and of the grads'
+        params = bits(witness) if stoch else witness  # and of the params'
         for c in prange(chunks.shape[0]):
             a, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
             n = sizes[a]
-            param = carray(_pointer(ptrs[a, PARAM], witness), (n,))
+            param = carray(_pointer(ptrs[a, PARAM], params), (n,))
             grad = carray(_pointer(ptrs[a, GRAD], given), (n,))
             held, first, last = extent(n), extent(start), extent(stop)  # storage elements (8-bit: whole blocks)
             square_avg = carray(_pointer(ptrs[a, SQUARE_AVG], state), (held,))
             grad_avg = carray(_pointer(ptrs[a, GRAD_AVG], state), (held if uses_m else 0,))
             momentum_buffer = carray(_pointer(ptrs[a, MOMENTUM_BUFFER], state), (held if uses_b else 0,))
-            copy_out = carray(_pointer(ptrs[a, COPY], low), (n,))
-            run(param[start:stop], grad[start:stop], square_avg[first:last],
-                grad_avg[first:last] if uses_m else grad_avg,
-                momentum_buffer[first:last] if uses_b else momentum_buffer,
-                copy_out[start:stop], lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)  # fmt: skip
+            arrays = (param[start:stop], grad[start:stop], square_avg[first:last],
+                      grad_avg[first:last] if uses_m else grad_avg,
+                      momentum_buffer[first:last] if uses_b else momentum_buffer)  # fmt: skip
+            if has_copy:
+                copy_out = carray(_pointer(ptrs[a, COPY], low), (n,))
+                run(scalars, *arrays, copy_out[start:stop])
+            elif stoch:
+                run(scalars, *arrays, start, ptrs[a, NOISE])
+            else:
+                run(scalars, *arrays)
         return parallel
 
-    kind = f"{suffix(codec)}_copy{suffix(copy)}{grad_suffix(grads)}"
-    name(shell, f"segments_{key.tag}{kind}_{'parallel' if parallel else 'serial'}")
+    name(shell, f"segments_{key.tag}{form.label}_{'parallel' if parallel else 'serial'}")
     return jit(parallel)(shell)
 
 
@@ -157,52 +143,6 @@ def nonfinite_segments(parallel, grads=NATIVE):
     if fn is None:
         fn = _NONFINITE_SEGMENTS[(parallel, grads.tag)] = _make_nonfinite_segments(parallel, grads)
     return fn
-
-
-_STOCHASTIC_SEGMENTS: dict = {}
-
-
-def stochastic_segments(key, parallel, codec=NATIVE, grads=BFLOAT16):
-    """The chunk-table shell of bfloat16 params kept without a master copy: `(witness, ptrs,
-    sizes, chunks, *scalars)`, `witness` an empty float32 array, column `PARAM` the params'
-    bfloat16 bits, column `NOISE` each array's noise key for this step (a uint32); each chunk
-    runs `.dense.stochastic` over its slices, with its offset in its array: the bits of
-    stepping each array alone."""
-    tag = (key, parallel, codec.tag, grads.tag)
-    fn = _STOCHASTIC_SEGMENTS.get(tag)
-    if fn is None:
-        fn = _STOCHASTIC_SEGMENTS[tag] = _make_stochastic_segments(key, parallel, codec, grads)
-    return fn
-
-
-def _make_stochastic_segments(key, parallel, codec, grads):
-    run = stochastic(key, False, codec, grads)
-    uses_m, uses_b = key.uses_grad_avg, key.uses_momentum_buffer
-    stored, read, extent = codec.witness, grads.witness, codec.extent
-    bits = BFLOAT16.witness
-
-    def shell(witness, ptrs, sizes, chunks, lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip):
-        state = stored(witness)  # an empty array of the state's storage dtype
-        given = read(witness)  # and of the grads'
-        low = bits(witness)  # and of the params' bits
-        for c in prange(chunks.shape[0]):
-            a, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-            n = sizes[a]
-            param = carray(_pointer(ptrs[a, PARAM], low), (n,))
-            grad = carray(_pointer(ptrs[a, GRAD], given), (n,))
-            held, first, last = extent(n), extent(start), extent(stop)  # storage elements (8-bit: whole blocks)
-            square_avg = carray(_pointer(ptrs[a, SQUARE_AVG], state), (held,))
-            grad_avg = carray(_pointer(ptrs[a, GRAD_AVG], state), (held if uses_m else 0,))
-            momentum_buffer = carray(_pointer(ptrs[a, MOMENTUM_BUFFER], state), (held if uses_b else 0,))
-            run(param[start:stop], grad[start:stop], square_avg[first:last],
-                grad_avg[first:last] if uses_m else grad_avg,
-                momentum_buffer[first:last] if uses_b else momentum_buffer,
-                start, ptrs[a, NOISE], lr, beta, eps_in, eps_out, wd, mu, grad_scale, bc, clip)  # fmt: skip
-        return parallel
-
-    kind = f"{suffix(codec)}{grad_suffix(grads)}"
-    name(shell, f"stochastic_segments_{key.tag}{kind}_{'parallel' if parallel else 'serial'}")
-    return jit(parallel)(shell)
 
 
 def _make_nonfinite_segments(parallel, grads):

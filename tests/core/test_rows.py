@@ -145,9 +145,9 @@ def test_the_row_shell_is_the_same_bits_serial_and_parallel(dtype):
         arrays = [np.random.default_rng(6).standard_normal(n * width).astype(dtype) for _ in range(4)]
         arrays[1] = np.abs(arrays[1])
         last = np.zeros(n, np.int64)
-        s = options.scalars(options.resolve({"momentum": 0.9, "centered": True}), 0.01, 3)
-        ran = kernels.rows(key, parallel)(arrays[0], g, arrays[1], arrays[2], arrays[3], rows, width, last, 3, True,
-                                          True, 1.0, 0.01, *s)  # fmt: skip
+        s = tuple(options.scalars(options.resolve({"momentum": 0.9, "centered": True}), 0.01, 3))
+        ran = kernels.rows(key, parallel)(s, arrays[0], g, arrays[1], arrays[2], arrays[3], rows, width, last, 3, True,
+                                          True, 1.0, 0.01)  # fmt: skip
         assert ran == parallel
         out.append((arrays, last))
     for x, y in zip(out[0][0], out[1][0]):
@@ -266,7 +266,7 @@ def test_merged_rows_are_the_same_bits_in_any_number_of_parts_and_as_coalescing_
     rows = np.concatenate([rng.integers(0, n, k - 40), rng.choice(n, 40, replace=False)]).astype(np.int64)
     g = rng.standard_normal(k * width)
     key = options.variant_key(options.resolve(opts))
-    s = options.scalars(options.resolve(opts), 0.01, 4)
+    s = tuple(options.scalars(options.resolve(opts), 0.01, 4))
     start = [rng.random(n * width) for _ in range(4)]
     last = rng.integers(0, 3, n).astype(np.int64)
 
@@ -278,13 +278,13 @@ def test_merged_rows_are_the_same_bits_in_any_number_of_parts_and_as_coalescing_
     def merged(parallel, parts):
         def step(p, v, m, b, seen):
             shell = kernels.merged_rows(key, parallel)
-            assert shell(p, g, v, m, b, rows, n, width, parts, seen, 4, True, 1.0, 0.01, *s) == -1
+            assert shell(s, p, g, v, m, b, rows, n, width, parts, seen, 4, True, 1.0, 0.01) == -1
 
         return step
 
     def coalesced(p, v, m, b, seen):
         unique, summed, _ = kernels.coalesce(rows, n, g, width)
-        kernels.rows(key, False)(p, summed, v, m, b, unique, width, seen, 4, True, True, 1.0, 0.01, *s)
+        kernels.rows(key, False)(s, p, summed, v, m, b, unique, width, seen, 4, True, True, 1.0, 0.01)
 
     expected = run(coalesced)
     assert not np.array_equal(expected[0], start[0])
@@ -295,24 +295,24 @@ def test_merged_rows_are_the_same_bits_in_any_number_of_parts_and_as_coalescing_
 
 def test_merged_rows_refuse_a_bad_row_before_writing_anything():
     key = options.variant_key(options.resolve({}))
-    s = options.scalars(options.resolve({}), 0.01, 1)
+    s = tuple(options.scalars(options.resolve({}), 0.01, 1))
     for parallel in (False, True):
         table, v = np.ones(40), np.zeros(40)
         rows = np.array([3, 1, 3, 10, -2])
-        bad = kernels.merged_rows(key, parallel)(table, np.ones(5 * 4), v, v[:0], v[:0], rows, 10, 4, 2, rows[:0], 1,
-                                                 False, 1.0, 0.01, *s)  # fmt: skip
+        bad = kernels.merged_rows(key, parallel)(s, table, np.ones(5 * 4), v, v[:0], v[:0], rows, 10, 4, 2, rows[:0],
+                                                 1, False, 1.0, 0.01)  # fmt: skip
         assert bad == 3 and np.all(table == 1) and np.all(v == 0)
 
 
 def test_the_row_shells_refuse_arrays_they_could_run_past():
     opts = {"centered": True, "momentum": 0.9}
-    key, s = options.variant_key(options.resolve(opts)), options.scalars(options.resolve(opts), 0.01, 1)
+    key, s = options.variant_key(options.resolve(opts)), tuple(options.scalars(options.resolve(opts), 0.01, 1))
     rows, last = np.array([0, 2]), np.zeros(3, np.int64)
     for parallel in (False, True):
         rows_shell, merged_shell = kernels.rows(key, parallel), kernels.merged_rows(key, parallel)
         shells = (
-            lambda a, shell=rows_shell: shell(*a, rows, 4, last, 1, False, True, 1.0, 0.01, *s),
-            lambda a, shell=merged_shell: shell(*a, rows, 3, 4, 2, last, 1, False, 1.0, 0.01, *s),
+            lambda a, shell=rows_shell: shell(s, *a, rows, 4, last, 1, False, True, 1.0, 0.01),
+            lambda a, shell=merged_shell: shell(s, *a, rows, 3, 4, 2, last, 1, False, 1.0, 0.01),
         )
         for call in shells:
             for short in (1, 2, 3, 4):  # grad_rows, square_avg, grad_avg, momentum_buffer one element short
@@ -329,12 +329,12 @@ def test_the_row_shells_refuse_arrays_they_could_run_past():
         arrays = [np.ones(12), np.ones(8), np.zeros(12), np.zeros(12), np.zeros(12)]
         before = [a.copy() for a in arrays]
         with pytest.raises(ValueError, match=r"in \[0, n\)"):
-            rows_shell(*arrays, np.array([0, 3]), 4, last, 1, False, True, 1.0, 0.01, *s)
+            rows_shell(s, *arrays, np.array([0, 3]), 4, last, 1, False, True, 1.0, 0.01)
         for shell, args in ((rows_shell, (rows, 4)), (merged_shell, (rows, 3, 4, 2))):
             with pytest.raises(ValueError, match="last"):
-                shell(*arrays, *args, last[:2], 2, True, *((True,) if shell is rows_shell else ()), 1.0, 0.01, *s)
+                shell(s, *arrays, *args, last[:2], 2, True, *((True,) if shell is rows_shell else ()), 1.0, 0.01)
         with pytest.raises(ValueError, match="param n rows"):
-            merged_shell(*arrays, rows, 4, 4, 2, last, 1, False, 1.0, 0.01, *s)
+            merged_shell(s, *arrays, rows, 4, 4, 2, last, 1, False, 1.0, 0.01)
         assert all(np.array_equal(a, b) for a, b in zip(arrays, before)) and not last.any()
 
 
@@ -347,12 +347,12 @@ def test_the_row_shells_prefetch_the_rows_ahead():
 
     for opts in VARIANTS[3:4]:  # one variant: the prefetches are the shell's, not the variant's
         key = options.variant_key(options.resolve(opts))
-        s = options.scalars(options.resolve(opts), 0.01, 1)
+        s = tuple(options.scalars(options.resolve(opts), 0.01, 1))
         x = np.ones(4 * 8, np.float32)
         for shell, rows in ((kernels.rows, (np.array([1]), 8)), (kernels.merged_rows, (np.array([1]), 4, 8, 2))):
             fresh = njit(parallel=True, error_model="numpy", nogil=True)(shell(key, True).py_func)
-            head = (x, x[:8].copy(), x.copy(), x.copy(), x.copy(), *rows, np.zeros(4, np.int64), 1, True)
-            fresh(*head, *((True,) if shell is kernels.rows else ()), 1.0, 0.01, *s)
+            head = (s, x, x[:8].copy(), x.copy(), x.copy(), x.copy(), *rows, np.zeros(4, np.int64), 1, True)
+            fresh(*head, *((True,) if shell is kernels.rows else ()), 1.0, 0.01)
             ir = "\n".join(fresh.inspect_llvm().values())
             assert re.search(r"call void @llvm\.prefetch[.\w]*\(.*i32 1, i32 3, i32 1\)", ir), (shell, opts)
 
@@ -573,8 +573,8 @@ def test_the_rowwise_row_shell_is_the_same_bits_serial_and_parallel():
     for parallel in (False, True):
         p, v, b = p0.copy(), np.zeros(n, np.float32), np.zeros(n * width, np.float32)
         kernels.rows(key, parallel, True)(
-            p, grads, v, v[:0], b, rows, width, np.zeros(0, np.int64), 1, False, True, 1.0, 0.01,
-            *options.scalars(hyper, 0.01, 1),
+            tuple(options.scalars(hyper, 0.01, 1)), p, grads, v, v[:0], b, rows, width, np.zeros(0, np.int64), 1,
+            False, True, 1.0, 0.01,
         )  # fmt: skip
         results.append((p.tobytes(), v.tobytes(), b.tobytes()))
     assert results[0] == results[1]
