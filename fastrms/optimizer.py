@@ -585,8 +585,9 @@ class DeviceRMSprop(RMSprop):
     same protocol (every check first, then the guard's verdict, then `Clock.take`), run by
     the CUDA backend (`fastrms.backend.cuda.Plan`: one launch per dtype, the tables kept).
     State dicts are the NumPy optimizer's, key for key (host copies): a run moves between a
-    GPU and the CPU through `state_dict`/`load_state_dict` or `save`/`load`. Refused on the
-    device, naming the option: `copy_to`, `state_storage="8bit"`, `state_layout="rowwise"`,
+    GPU and the CPU through `state_dict`/`load_state_dict` or `save`/`load`. A float32
+    param's grads may be float16 (widened exactly as they are read, as on the CPU). Refused
+    on the device, naming the option: `copy_to`, `state_storage="8bit"`, `state_layout="rowwise"`,
     `dense_rows` and `step_rows` (the CPU's)."""
 
     def __init__(self, params, learning_rate=0.001, beta=0.9, epsilon=1e-8, *, copy_to=None, **options):
@@ -683,7 +684,7 @@ class DeviceRMSprop(RMSprop):
                         f"grads must hold {len(self._arrays)} device arrays, like params; got {len(given)}"
                     )
             plan = self._device
-            plan.load(plan.check_grads(given))
+            plan.load(*plan.check_grads(given))
             verdict = guard.GO
             if self._guarded:
                 verdict = guard.guard(

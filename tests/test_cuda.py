@@ -139,6 +139,21 @@ _SIMULATED = textwrap.dedent(
     fastrms.RMSprop(cpu, 0.01).step([np.full(a.shape, 2.0, a.dtype) for a in cpu])
     out["mixed"] = {"kernels": both.kernel_calls,
                     "err": max(float(np.abs(d.copy_to_host() - c).max()) for d, c in zip(mixed, cpu))}
+    ps = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    halves = [[rng.standard_normal(s).astype(np.float16) for s in shapes] for _ in range(3)]
+    dev = [cuda.to_device(p.copy()) for p in ps]
+    opt = fastrms.RMSprop(dev, 0.01, clip_global_norm=1.0)
+    ref = reference.RMSprop([p.copy() for p in ps], 0.01, clip_global_norm=1.0)
+    cpu = fastrms.RMSprop([p.copy() for p in ps], 0.01, clip_global_norm=1.0)
+    for step in halves:
+        opt.step([cuda.to_device(g) for g in step])
+        ref.step([g.astype(np.float32) for g in step])  # float16 widens exactly
+        cpu.step(step)
+    got = [d.copy_to_host() for d in dev]
+    out["float16 grads"] = {"err": max(float(np.abs(g - r).max()) for g, r in zip(got, ref.params)),
+                            "cpu_err": max(float(np.abs(g - c).max()) for g, c in zip(got, cpu.params)),
+                            "moved": max(float(np.abs(p - r).max()) for p, r in zip(ps, ref.params)),
+                            "norm": opt.last_grad_norm, "ref_norm": ref.last_grad_norm}
     one = cuda.to_device(np.ones(1000, np.float32))
     single = fastrms.RMSprop(one, 0.01)
     single.step(cuda.to_device(np.ones(1000, np.float32)))
@@ -189,6 +204,13 @@ def test_two_dtypes_on_the_simulator_are_two_launches_each_over_its_own_arrays(s
     assert found["err"] <= 1e-6
 
 
+def test_float16_grads_of_float32_params_on_the_simulator_match_the_reference(simulated):
+    found = simulated["float16 grads"]
+    assert found["moved"] > 1e-3
+    assert found["err"] <= 2e-6 * max(1.0, found["moved"]) and found["cpu_err"] <= 2e-6 * max(1.0, found["moved"])
+    assert found["norm"] == pytest.approx(found["ref_norm"], rel=1e-6)  # the guard read them as float16 too
+
+
 def test_one_array_on_the_simulator_is_one_grid_stride_launch(simulated):
     found = simulated["single"]
     assert found["kernels"] == ["cuda dense"]
@@ -214,6 +236,10 @@ _REFUSALS = textwrap.dedent(
         lambda: fastrms.RMSprop(cuda.to_device(np.zeros(8, np.int32))),
         lambda: fastrms.RMSprop([dev]).step(g for g in [dev]),
         lambda: fastrms.RMSprop([dev]).step([]),
+        lambda: fastrms.RMSprop(cuda.to_device(np.zeros(8))).step(cuda.to_device(np.zeros(8, np.float16))),
+        lambda: fastrms.RMSprop([dev, cuda.to_device(np.zeros(4, np.float32))]).step(
+            [cuda.to_device(np.zeros(8, np.float16)), cuda.to_device(np.zeros(4, np.float32))]
+        ),
     ):
         try:
             make()
@@ -236,13 +262,15 @@ def test_bad_device_input_is_refused_before_anything_is_written():
         r"TypeError params\[1\] is a numpy.ndarray on the host, the others live on a CUDA device",
         r"ValueError state_storage='8bit' is a CPU option",
         r"ValueError copy_to is a CPU option",
-        r"TypeError grads must have dtype float32 like its param, got float64",
+        r"TypeError grads must have dtype float32 \(or float16\) like its param, got float64",
         r"ValueError grads must have shape \(8,\) like its param, got \(9,\)",
         r"TypeError grads must be a CUDA device array",
         r"ValueError grads shares memory with a param or the optimizer's state",
         r"TypeError params must be float32 or float64 on the device, got int32",
         r"TypeError grads must be a list or tuple of 1 device arrays, like params, got generator",
         r"ValueError grads must hold 1 device arrays, like params; got 0",
+        r"TypeError grads must have dtype float64 like its param, got float16",
+        r"TypeError grads\[1\] is float32, grads\[0\] float16: the grads of one dtype's params are all float32 or all",
     ]
     assert len(lines) == len(expected) + 1, lines
     for line, pattern in zip(lines, expected):

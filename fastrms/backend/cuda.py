@@ -11,7 +11,8 @@ default stream, or to `stream` (numba-cuda's, or `cuda.external_stream` of anoth
 library's, such as torch's current stream).
 
 Device arrays are anything with `__cuda_array_interface__` (numba-cuda's device arrays,
-CuPy arrays, torch CUDA tensors), C-contiguous, of float32 or float64; under numba-cuda's
+CuPy arrays, torch CUDA tensors), C-contiguous, of float32 or float64 (a float32 param's
+grads may be float16: read as `fastrms.kernels.storage.FLOAT16`); under numba-cuda's
 simulator (`NUMBA_ENABLE_CUDASIM=1`), its fake device arrays. Imported only when such
 params are given: importing fastrms never imports numba-cuda.
 """
@@ -89,6 +90,7 @@ class _Group:
         self.ptrs_device = cuda.to_device(self.ptrs)
         self.blocks = max(1, min(len(self.chunks_host), 1024))
         self.partial = cuda.device_array(len(self.chunks_host), np.float64)  # the sum of squares per chunk
+        self.grads = storage.NATIVE  # how the last step's grads are read (float16 for float32 params)
 
     def spans(self):
         """Byte spans `[start, end)` of every param and state array the group writes."""
@@ -133,15 +135,17 @@ class Plan:
         raise IndexError(index)
 
     def check_grads(self, grads):
-        """Each grad's address, checked: a device array of its param's shape and dtype,
-        C-contiguous, sharing no memory with a param or the state (ValueError or TypeError
-        naming the grad; nothing is written)."""
-        addresses = []
+        """`(addresses, codecs)`: each grad's address and each group's grads codec, checked:
+        a device array of its param's shape and dtype (or float16 for a float32 param, the
+        group's grads all of one dtype), C-contiguous, sharing no memory with a param or the
+        state (ValueError or TypeError naming the grad; nothing is written)."""
+        addresses, dtypes = [], []
         for i, g in enumerate(grads):
             name = f"grads[{i}]" if len(grads) > 1 else "grads"
             address, shape, dtype = interface(g, name)
-            if dtype != self.dtypes[i]:
-                raise TypeError(f"{name} must have dtype {self.dtypes[i]} like its param, got {dtype}")
+            if dtype != self.dtypes[i] and not (dtype == np.float16 and self.dtypes[i] == np.float32):
+                also = " (or float16)" if self.dtypes[i] == np.float32 else ""
+                raise TypeError(f"{name} must have dtype {self.dtypes[i]}{also} like its param, got {dtype}")
             if shape != self.shapes[i]:
                 raise ValueError(f"{name} must have shape {self.shapes[i]} like its param, got {shape}")
             nbytes = math.prod(shape) * dtype.itemsize
@@ -149,10 +153,24 @@ class Plan:
             if nbytes and k >= 0 and self._ends[k] > address:
                 raise ValueError(f"{name} shares memory with a param or the optimizer's state")
             addresses.append(address)
-        return addresses
+            dtypes.append(dtype)
+        codecs = []
+        for group in self.groups:
+            first = dtypes[group.indices[0]]
+            for i in group.indices:
+                if dtypes[i] != first:
+                    raise TypeError(
+                        f"grads[{i}] is {dtypes[i]}, grads[{group.indices[0]}] {first}: the grads of one dtype's "
+                        f"params are all {group.dtype} or all float16"
+                    )
+            codecs.append(storage.NATIVE if first == group.dtype else storage.ARRAYS[first.name])
+        return addresses, codecs
 
-    def load(self, addresses):
-        """Write the grads' `addresses` into each group's pointer table on the device."""
+    def load(self, addresses, codecs):
+        """Write the grads' `addresses` into each group's pointer table on the device, and
+        keep how each group's grads are read (`codecs`, from `check_grads`)."""
+        for group, codec in zip(self.groups, codecs):
+            group.grads = codec
         for group in self.groups:
             column = [addresses[i] for i in group.indices]
             if not np.array_equal(group.ptrs[:, GRAD], column):
@@ -162,7 +180,7 @@ class Plan:
     def sumsq(self):
         """The float64 sum of squares over every grad (a fixed order; one host sync)."""
         for g, group in enumerate(self.groups):
-            K.sumsq()[group.blocks, K.THREADS, self.stream](
+            K.sumsq(group.grads)[group.blocks, K.THREADS, self.stream](
                 group.witness, group.ptrs_device, group.sizes_device, group.chunks, group.partial
             )
             K.total[1, 1, self.stream](group.partial, self._totals[g : g + 1])
@@ -172,7 +190,7 @@ class Plan:
         """Whether any grad holds a NaN or an infinity (one host sync)."""
         self._flag.copy_to_device(_NO_FLAG, stream=self.stream)
         for group in self.groups:
-            K.nonfinite()[group.blocks, K.THREADS, self.stream](
+            K.nonfinite(group.grads)[group.blocks, K.THREADS, self.stream](
                 group.witness, group.ptrs_device, group.sizes_device, group.chunks, self._flag
             )
         return bool(self._flag.copy_to_host(stream=self.stream)[0])
@@ -183,11 +201,11 @@ class Plan:
         for group in self.groups:
             if len(group.indices) == 1:
                 blocks = max(1, min(-(-group.total // K.THREADS), 4096))
-                K.dense(key, codec)[blocks, K.THREADS, self.stream](
+                K.dense(key, codec, None, group.grads)[blocks, K.THREADS, self.stream](
                     scalars, group.witness, group.ptrs_device[0], group.total
                 )
             else:
-                K.segments(key, codec)[group.blocks, K.THREADS, self.stream](
+                K.segments(key, codec, None, group.grads)[group.blocks, K.THREADS, self.stream](
                     scalars, group.witness, group.ptrs_device, group.sizes_device, group.chunks
                 )
 
