@@ -5,6 +5,7 @@ the options are declared once, in `fastrms.core.options`; checkpoints are
 `fastrms.core.checkpoint`'s.
 """
 
+import math
 import os
 import threading
 from bisect import bisect_left
@@ -587,8 +588,8 @@ class DeviceRMSprop(RMSprop):
     State dicts are the NumPy optimizer's, key for key (host copies): a run moves between a
     GPU and the CPU through `state_dict`/`load_state_dict` or `save`/`load`. A float32
     param's grads may be float16 (widened exactly as they are read, as on the CPU). Refused
-    on the device, naming the option: `copy_to`, `state_storage="8bit"`, `state_layout="rowwise"`,
-    `dense_rows` and `step_rows` (the CPU's)."""
+    on the device, naming the option: `copy_to`, `state_layout="rowwise"`, `dense_rows` and
+    `step_rows` (the CPU's)."""
 
     def __init__(self, params, learning_rate=0.001, beta=0.9, epsilon=1e-8, *, copy_to=None, **options):
         from .backend import cuda as backend
@@ -611,13 +612,12 @@ class DeviceRMSprop(RMSprop):
         hyper = check_hyperparameters(options, self._dtypes)
         refused = {
             "copy_to": copy_to is not None,
-            "state_storage='8bit'": hyper["state_storage"] == "8bit",
             "state_layout='rowwise'": hyper["state_layout"] == "rowwise",
             "dense_rows=True": hyper["dense_rows"],
         }
         for what, given in refused.items():
             if given:
-                raise ValueError(f"{what} is a CPU option: the CUDA kernels step elementwise state in place")
+                raise ValueError(f"{what} is a CPU option: the CUDA backend does not take it")
         self._arrays, self._shapes = arrays, [shape for _, shape, _ in faces]
         self._masters, self._copies_given, self._copy_to = False, None, None
         self._stepping = False
@@ -637,7 +637,14 @@ class DeviceRMSprop(RMSprop):
     def _state_view(self, name):
         if name not in self._spec.names:
             return None
-        arrays = [self._device.state(name, i).reshape(shape) for i, shape in enumerate(self._shapes)]
+        if self._spec.codec.block:  # 8-bit blocks: their values, decoded on the host (a copy), read-only
+            arrays = []
+            for i, shape in enumerate(self._shapes):
+                a = self._spec.decode(name, self._device.state(name, i).copy_to_host(), math.prod(shape)).reshape(shape)
+                a.flags.writeable = False
+                arrays.append(a)
+        else:
+            arrays = [self._device.state(name, i).reshape(shape) for i, shape in enumerate(self._shapes)]
         return arrays[0] if self._single else arrays
 
     @property
@@ -647,7 +654,10 @@ class DeviceRMSprop(RMSprop):
 
     @property
     def kernel_calls(self):
-        """The launch of each dtype group: "cuda dense" (one array) or "cuda segments"."""
+        """The launch of each dtype group: "cuda dense" (one array), "cuda segments" or, with
+        8-bit state, "cuda blockwise"."""
+        if self._spec.codec.block:
+            return ["cuda blockwise"] * len(self._device.groups)
         return ["cuda dense" if len(g.indices) == 1 else "cuda segments" for g in self._device.groups]
 
     @property

@@ -32,3 +32,25 @@ def test_cuda_steps_time_fastrms_against_the_same_traffic_kernel_on_the_device()
     assert "fastrms, 20 tensors" in rows
     assert all(row["seconds"] > 0 for row in rows.values())
     assert all(row["GB/s"] is None or row["GB/s"] > 0 for row in rows.values())
+    assert "fastrms 8-bit state, 20 tensors" in rows
+
+
+def test_cuda_steps_run_end_to_end_on_the_simulator():
+    """Every case `fastrms bench --cuda` times runs (the simulator cannot time them: this
+    checks that a GPU machine's first run does not fail on the bench's own code)."""
+    import json
+    import os
+
+    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip install 'fastrms[cuda]')")
+    code = (
+        "import json; from fastrms.bench import gpu\n"
+        "rows = gpu.cuda_steps(n=2048, k=3, total=3000, rounds=1, target=1e-4)\n"
+        "print(json.dumps({case: row['GB/s'] for case, row in rows.items()}))"
+    )
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"fastrms, one array of 2048", "same traffic, one array of 2048", "fastrms, 3 tensors",
+            "fastrms 8-bit state, 3 tensors"} <= set(rows)  # fmt: skip
+    assert all(rate > 0 for rate in rows.values())

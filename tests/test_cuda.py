@@ -59,6 +59,8 @@ def _signatures():
         "sumsq float64": (K.sumsq(), (f64, *table, f64)),
         "nonfinite bfloat16 grads": (K.nonfinite(storage.BFLOAT16), (f32, *table, numba.int32[::1])),
         "total": (K.total, (f64, f64)),
+        "blockwise centered momentum": (K.blockwise(full), (scalars, f32, *table)),
+        "blockwise bfloat16 masters": (K.blockwise(plain, bf16m, storage.BFLOAT16), (scalars, f32, *table)),
     }
 
 
@@ -87,13 +89,14 @@ def test_every_kernel_compiles_to_ptx_and_assembles_without_spills(cc, tmp_path)
 
 
 @needs_numba_cuda
-def test_8bit_state_is_refused_by_the_cuda_kernels_naming_why():
+def test_8bit_state_goes_to_the_blockwise_kernel_not_the_elementwise_ones():
     from fastrms.kernels import cuda as K
     from fastrms.kernels import storage
     from fastrms.kernels.element import variant
 
-    with pytest.raises(ValueError, match="8-bit blocks, which the CUDA kernels do not step"):
-        K.segments(variant(), storage.BLOCKWISE8)
+    for elementwise in (K.segments, K.dense):
+        with pytest.raises(ValueError, match="8-bit blocks: blockwise\\(\\) steps it"):
+            elementwise(variant(), storage.BLOCKWISE8)
 
 
 #: Run on the simulator (a subprocess: NUMBA_ENABLE_CUDASIM is read when numba-cuda loads).
@@ -170,6 +173,7 @@ SIMULATED_CASES = [  # every variant axis, both dtypes, the guard and the bfloat
     ("coupled decay, maximize, eps in root", {"weight_decay": 0.01, "maximize": True, "eps_in_sqrt": True}, "float32"),
     ("clip_global_norm, skip_nonfinite", {"clip_global_norm": 1.0, "skip_nonfinite": True}, "float32"),
     ("bfloat16 state", {"state_storage": "bfloat16", "momentum": 0.9}, "float32"),
+    ("8-bit state", {"state_storage": "8bit", "momentum": 0.9, "centered": True}, "float32"),
 ]  # fmt: skip
 
 
@@ -189,7 +193,7 @@ def test_every_variant_on_the_simulator_matches_the_reference(simulated, label):
     found = simulated[label]
     assert found["moved"] > 1e-3  # the run did something
     assert found["err"] <= 2e-6 * max(1.0, found["moved"]), found  # the simulator's float64 constants
-    assert found["kernels"] == ["cuda segments"]  # three arrays of one dtype: one launch
+    assert found["kernels"] == ["cuda blockwise" if "8-bit" in label else "cuda segments"]  # one dtype: one launch
     assert found["round_trip"]  # device -> CPU -> device, the state unchanged
     if "skip_nonfinite" in label:
         assert found["steps"] == 2 and found["skipped"] == 1
@@ -227,7 +231,6 @@ _REFUSALS = textwrap.dedent(
     dev = cuda.to_device(np.zeros(8, np.float32))
     for make in (
         lambda: fastrms.RMSprop([dev, np.zeros(8, np.float32)]),
-        lambda: fastrms.RMSprop(dev, state_storage="8bit"),
         lambda: fastrms.RMSprop(dev, copy_to=np.zeros(8, np.float32)),
         lambda: fastrms.RMSprop(dev).step(cuda.to_device(np.zeros(8, np.float64))),
         lambda: fastrms.RMSprop(dev).step(cuda.to_device(np.zeros(9, np.float32))),
@@ -260,7 +263,6 @@ def test_bad_device_input_is_refused_before_anything_is_written():
     assert "ACCEPTED" not in lines, lines
     expected = [
         r"TypeError params\[1\] is a numpy.ndarray on the host, the others live on a CUDA device",
-        r"ValueError state_storage='8bit' is a CPU option",
         r"ValueError copy_to is a CPU option",
         r"TypeError grads must have dtype float32 \(or float16\) like its param, got float64",
         r"ValueError grads must have shape \(8,\) like its param, got \(9,\)",

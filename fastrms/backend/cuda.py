@@ -4,7 +4,8 @@
 its pointer and chunk tables (`fastrms.kernels.cuda`), made once and kept: a step then
 writes the grads' addresses into the tables (one small copy to the device per dtype) and
 launches one kernel per dtype: `kernels.cuda.dense` for a group of one array,
-`kernels.cuda.segments` (multi-tensor, a chunk table) for more. The guard's sum of squares
+`kernels.cuda.segments` (multi-tensor, a chunk table) for more, `kernels.cuda.blockwise`
+for 8-bit state. The guard's sum of squares
 and non-finite check run on the device too; only their verdict comes back (a host sync,
 and only when `clip_global_norm` or `skip_nonfinite` asks for one). Launches go to the
 default stream, or to `stream` (numba-cuda's, or `cuda.external_stream` of another
@@ -77,7 +78,9 @@ class _Group:
     def __init__(self, indices, addresses, sizes, dtype, spec):
         self.indices, self.dtype, self.sizes = indices, np.dtype(dtype), sizes
         stored = self.stored = storage.state_dtype(spec.codec, self.dtype)
-        self.state = {name: [cuda.to_device(np.zeros(n, stored)) for n in sizes] for name in spec.names}
+        held = [storage.extent(spec.codec, n) for n in sizes]  # 8-bit state: its blocks' bytes
+        self.state = {name: [cuda.to_device(np.zeros(h, stored)) for h in held] for name in spec.names}
+        self.held = np.array(held, np.int64)
         self.ptrs = np.zeros((len(indices), 6), np.int64)
         self.ptrs[:, PARAM] = addresses
         for name, arrays in self.state.items():
@@ -99,7 +102,8 @@ class _Group:
         for c in (PARAM, *(_COLUMNS[n] for n in self.state)):
             used = self.ptrs[:, c] != 0
             starts.append(self.ptrs[used, c])
-            ends.append(self.ptrs[used, c] + size[used] * (self.dtype.itemsize if c == PARAM else self.stored.itemsize))
+            nbytes = size * self.dtype.itemsize if c == PARAM else self.held * self.stored.itemsize
+            ends.append(self.ptrs[used, c] + nbytes[used])
         return np.concatenate(starts), np.concatenate(ends)
 
 
@@ -199,7 +203,11 @@ class Plan:
         """One launch per dtype group (no host sync)."""
         key, codec, scalars = self.spec.variant, self.spec.codec, tuple(scalars)
         for group in self.groups:
-            if len(group.indices) == 1:
+            if codec.block:  # 8-bit state: a block of threads per 8-bit block, over the chunk table
+                K.blockwise(key, None, group.grads)[group.blocks, K.THREADS, self.stream](
+                    scalars, group.witness, group.ptrs_device, group.sizes_device, group.chunks
+                )
+            elif len(group.indices) == 1:
                 blocks = max(1, min(-(-group.total // K.THREADS), 4096))
                 K.dense(key, codec, None, group.grads)[blocks, K.THREADS, self.stream](
                     scalars, group.witness, group.ptrs_device[0], group.total

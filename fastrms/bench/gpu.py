@@ -8,6 +8,9 @@ cannot time one).
 - a model of `k` float32 tensors of mixed sizes (one multi-tensor launch) against
   `torch.optim.RMSprop(foreach=True)` over torch CUDA tensors of the same sizes and
   `torch.compile` of its step (its compile time reported apart), when torch with CUDA is
+  installed;
+- the same model with 8-bit state (`state_storage="8bit"`, one blockwise launch) against
+  bitsandbytes' `RMSprop8bit` over the same sizes, when bitsandbytes with CUDA is
   installed.
 
 Seconds are medians of interleaved rounds, each sample synchronised with the device.
@@ -22,6 +25,8 @@ from .timing import measure_calls
 #: Bytes a plain step moves per float32 element: param, grad and square_avg read, param
 #: and square_avg written.
 BYTES = 20
+#: The same with 8-bit `square_avg`: a byte an element and a float32 scale a 256-element block.
+BYTES_8BIT = 12 + 2 * 260 / 256
 
 
 def cuda_steps(n=100_000_000, k=200, total=50_000_000, rounds=7, target=0.05, seed=0):
@@ -42,7 +47,8 @@ def cuda_steps(n=100_000_000, k=200, total=50_000_000, rounds=7, target=0.05, se
     p, g = cuda.to_device(rng.standard_normal(n).astype(np.float32)), cuda.to_device(rng.random(n, np.float32))
     opt = fastrms.RMSprop(p, 1e-3)
     v = cuda.to_device(np.zeros(n, np.float32))
-    traffic = _traffic_kernel()
+    from ..kernels.cuda import traffic
+
     blocks = min(-(-n // 256), 4096)
     steps = {
         f"fastrms, one array of {n}": synced(lambda: opt.step(g)),
@@ -53,31 +59,21 @@ def cuda_steps(n=100_000_000, k=200, total=50_000_000, rounds=7, target=0.05, se
     grads = [cuda.to_device(rng.random(s, np.float32)) for s in sizes]
     model = fastrms.RMSprop(params, 1e-3)
     steps[f"fastrms, {k} tensors"] = synced(lambda: model.step(grads))
+    lean = fastrms.RMSprop([cuda.to_device(q.copy_to_host()) for q in params], 1e-3, state_storage="8bit")
+    steps[f"fastrms 8-bit state, {k} tensors"] = synced(lambda: lean.step(grads))
     extra = {}
     torch_steps, compile_seconds = _torch_steps(sizes, rng, synced)
     steps.update(torch_steps)
+    steps.update(_bitsandbytes_steps(sizes, synced))
     if compile_seconds is not None:
         extra["torch.compile: first call (compile) seconds"] = compile_seconds
     seconds = measure_calls(steps, rounds, target)
     out = {}
     for case, s in seconds.items():
-        moved = (n if "one array" in case else total) * BYTES
+        moved = (n if "one array" in case else total) * (BYTES_8BIT if "8bit" in case or "8-bit" in case else BYTES)
         out[case] = {"seconds": s, "GB/s": moved / s / 1e9}
     out.update({label: {"seconds": s, "GB/s": None} for label, s in extra.items()})
     return out
-
-
-def _traffic_kernel():
-    from numba import cuda
-
-    @cuda.jit
-    def traffic(p, g, v):
-        for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
-            x, y = g[i], v[i]
-            p[i] = p[i] + y
-            v[i] = x
-
-    return traffic
 
 
 def _model_sizes(rng, k, total):
@@ -114,3 +110,20 @@ def _torch_steps(sizes, rng, synced):
         f"torch.compile of it, {k} tensors": synced(compiled),
     }
     return steps, compile_seconds
+
+
+def _bitsandbytes_steps(sizes, synced):
+    """bitsandbytes' `RMSprop8bit` (blockwise 8-bit state) over CUDA tensors of `sizes`, or
+    none when bitsandbytes or torch's CUDA is missing here."""
+    try:
+        import bitsandbytes as bnb
+        import torch
+    except ImportError:
+        return {}
+    if not torch.cuda.is_available():
+        return {}
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in sizes]
+    for q in params:
+        q.grad = torch.rand(q.shape, device="cuda")
+    opt = bnb.optim.RMSprop8bit(params, lr=1e-3, alpha=0.9)
+    return {f"bitsandbytes RMSprop8bit, {len(sizes)} tensors": synced(opt.step)}

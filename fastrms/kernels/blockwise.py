@@ -13,7 +13,8 @@ and the block's scale), over float32 params. For each block, in float32:
 so the param is updated from the unrounded state, and only what is kept is rounded (as
 with bfloat16 state). A block is one thread's: the threads split the blocks (`TILE` at a
 time, `tile`), so the bits do not depend on the thread count. This module holds the step of
-a tile of blocks, the block's scale and its requantisation.
+a tile of blocks, the block's scale and its requantisation (in pieces the CUDA kernel of
+`.cuda` shares: `magnitude`, `scaling`, `code_of`, `store_scale`).
 """
 
 import numpy as np
@@ -37,28 +38,58 @@ def scale_of(a, at):
 
 
 @njit(inline="always")
-def requantise(values, count, a, at, signed):
-    """Store `values[:count]` (float32) as the block at byte `at` of `a`: its scale, the
-    bits' maximum of the finite |value| (NaN if any is NaN), and each value's code on the map
-    (`.storage`; an infinite value saturates to the scale)."""
+def magnitude(x):
+    """The bits of |x| (float32) as a block's scale takes them: an infinity counts as 0 (it
+    saturates to the scale), a NaN above every number (the scale is NaN then)."""
     u32 = np.uint32
-    top = u32(0)
-    for j in range(count):
-        bits = u32(np.float32(values[j]).view(u32) & u32(0x7FFFFFFF))
-        bits = u32(0) if bits == u32(0x7F800000) else bits  # inf: not the scale (it saturates to it)
-        top = bits if bits > top else top
+    bits = u32(np.float32(x).view(u32) & u32(0x7FFFFFFF))
+    return u32(0) if bits == u32(0x7F800000) else bits
+
+
+@njit(inline="always")
+def scaling(top):
+    """`(pre, inv)` of a block whose largest magnitude has the bits `top`: each value is
+    coded as `(value * pre) * inv` on the map. A subnormal scale: values and scale are taken
+    2^64 up first (exact), so `1 / scale` is finite; a zero scale codes every value from 0."""
+    u32 = np.uint32
     scale = u32(top).view(np.float32)
-    # a subnormal scale: values and scale taken 2^64 up first (exact), so 1 / scale is finite
     pre = np.float32(18446744073709551616.0) if top < u32(0x00800000) else np.float32(1.0)
     inv = np.float32(1.0) / np.float32(scale * pre) if scale > np.float32(0.0) else np.float32(0.0)
-    for j in range(count):
-        y = np.float32(values[j] * pre) * inv
-        a[at + j] = signed8_code(y) if signed else unsigned8_code(y)
+    return pre, inv
+
+
+@njit(inline="always")
+def code_of(x, pre, inv, signed):
+    """The code of value `x` in a block coded with `scaling`'s `(pre, inv)`."""
+    y = np.float32(x * pre) * inv
+    return signed8_code(y) if signed else unsigned8_code(y)
+
+
+@njit(inline="always")
+def store_scale(a, at, top):
+    """Write the scale bits `top` after the codes of the block at byte `at` of `a`
+    (little-endian), as `scale_of` reads them."""
+    u32 = np.uint32
     o = at + BLOCK8
     a[o] = np.uint8(top & u32(0xFF))
     a[o + 1] = np.uint8(u32(top >> u32(8)) & u32(0xFF))
     a[o + 2] = np.uint8(u32(top >> u32(16)) & u32(0xFF))
     a[o + 3] = np.uint8(top >> u32(24))
+
+
+@njit(inline="always")
+def requantise(values, count, a, at, signed):
+    """Store `values[:count]` (float32) as the block at byte `at` of `a`: its scale, the
+    bits' maximum of the finite |value| (NaN if any is NaN, `magnitude`), and each value's
+    code on the map (`.storage`; an infinite value saturates to the scale)."""
+    top = np.uint32(0)
+    for j in range(count):
+        bits = magnitude(values[j])
+        top = bits if bits > top else top
+    pre, inv = scaling(top)
+    for j in range(count):
+        a[at + j] = code_of(values[j], pre, inv, signed)
+    store_scale(a, at, top)
 
 
 _TILES: dict = {}

@@ -20,11 +20,19 @@ momentum_buffer, and a copy: `.segments.PARAM` ... `COPY`, 0 where nothing is ke
   device (not the CPU's bits: another order);
 - `nonfinite(grads)`: `(witness, ptrs, sizes, chunks, flag)` sets `flag[0] = 1` when any
   grad holds a NaN or an infinity.
+- `traffic(p, g, v)`: the bytes of a plain step with no arithmetic (`fastrms bench --cuda`'s
+  limit).
 
-`codec` (the state's storage) is `.storage.NATIVE` or `BFLOAT16`, `grads` native or a
-16-bit grads codec, `copy` None or a copy codec (`.storage.ARRAYS`, `MASTERS`): the CPU
-codecs, the same functions. 8-bit blocks (`BLOCKWISE8`) are CPU-only: each block's scale
-needs the block's maximum first, a reduction per block this module does not have.
+- `blockwise(key, copy, grads)`: the multi-tensor kernel over 8-bit blockwise state
+  (`.storage.BLOCKWISE8`), `(scalars, witness, ptrs, sizes, chunks)` as `segments`: a
+  block of `THREADS` threads takes one 8-bit block (`BLOCK8` elements) at a time, a thread
+  an element: each dequantises its element and steps it, the block's maxima of |v|, |m|
+  and |b| are reduced in shared memory, and each thread requantises its element on them
+  (the CPU's maps, codes and scales: `.blockwise`'s pieces).
+
+`codec` (the state's storage) is `.storage.NATIVE` or `BFLOAT16` (8-bit blocks:
+`blockwise`), `grads` native or a 16-bit grads codec, `copy` None or a copy codec
+(`.storage.ARRAYS`, `MASTERS`): the CPU codecs, the same functions.
 
 NVVM contracts `a * b + c` into one fused multiply-add, which the CPU kernels do not: the
 device's results agree with the CPU's to rounding (a few ulps), not bit for bit. Under the
@@ -38,11 +46,25 @@ import numpy as np
 from numba import cuda
 from numba.cuda.core import config
 
-from .element import apply, constants
+from .blockwise import code_of, magnitude, scale_of, scaling, store_scale
+from .element import apply, constants, element
 from .segments import COPY, GRAD, GRAD_AVG, MOMENTUM_BUFFER, PARAM, SQUARE_AVG, chunk_table
-from .storage import NATIVE
+from .storage import BLOCK8, BLOCK8_BYTES, BLOCKWISE8, NATIVE, SIGNED8, UNSIGNED8
 
-__all__ = ["CHUNK", "THREADS", "SIMULATED", "chunk_table", "dense", "nonfinite", "ptx", "segments", "sumsq", "total"]
+__all__ = [
+    "CHUNK",
+    "THREADS",
+    "SIMULATED",
+    "blockwise",
+    "chunk_table",
+    "dense",
+    "nonfinite",
+    "ptx",
+    "segments",
+    "sumsq",
+    "total",
+    "traffic",
+]
 
 #: Elements a chunk of the multi-tensor kernel holds (torch's `MultiTensorApply` packs 65536).
 CHUNK = 1 << 16
@@ -119,7 +141,79 @@ def segments(key, codec=NATIVE, copy=None, grads=NATIVE):
 
 def _elementwise(codec):
     if codec.block:
-        raise ValueError(f"the {codec.tag} state is kept in 8-bit blocks, which the CUDA kernels do not step")
+        raise ValueError(f"the {codec.tag} state is kept in 8-bit blocks: blockwise() steps it, a block at a time")
+
+
+def blockwise(key, copy=None, grads=NATIVE):
+    """The multi-tensor kernel of variant `key` over 8-bit blockwise state (see the module);
+    launched with `THREADS` threads a block, one per element of an 8-bit block."""
+    if THREADS != BLOCK8:
+        raise ValueError(f"blockwise needs a thread per element of a block: THREADS ({THREADS}) == BLOCK8 ({BLOCK8})")
+    return _cached("blockwise", _make_blockwise, key, copy, grads)
+
+
+def _make_blockwise(key, copy, grads):
+    update, read = element(key), grads.load
+    uses_m, uses_b, has_copy = key.uses_grad_avg, key.uses_momentum_buffer, copy is not None
+    low = copy if has_copy else NATIVE
+    encode, load, reseed = low.encode, low.load, low.reseed
+    unsigned, signed = UNSIGNED8, SIGNED8
+    views = _views(key, BLOCKWISE8, copy, grads)
+
+    def kernel(scalars, witness, ptrs, sizes, chunks):
+        k = constants(np.float32, scalars)
+        zero = k[11]
+        t = cuda.threadIdx.x
+        tops = cuda.shared.array((3, THREADS), np.uint32)  # each thread's |v|, |m|, |b| bits, then their maxima
+        for c in range(cuda.blockIdx.x, chunks.shape[0], cuda.gridDim.x):
+            a, start, stop = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            param, grad, square_avg, grad_avg, momentum_buffer, copy_out = views(witness, ptrs[a], sizes[a])
+            for base in range(start, stop, BLOCK8):  # chunks start on a block: CHUNK is a multiple of BLOCK8
+                at, i = (base // BLOCK8) * BLOCK8_BYTES, base + t
+                live = i < stop
+                v = m = b = zero
+                if live:  # the thread's element, from the block's codes and scales
+                    p = param[i]
+                    if reseed:  # a 16-bit param written since the last step: its value is the master's now
+                        p = load(copy_out, i) if copy_out[i] != encode(p) else p
+                    if uses_m:
+                        m = signed[grad_avg[at + t]] * scale_of(grad_avg, at)
+                    if uses_b:
+                        b = signed[momentum_buffer[at + t]] * scale_of(momentum_buffer, at)
+                    p, v, m, b = update(p, read(grad, i), unsigned[square_avg[at + t]] * scale_of(square_avg, at), m,
+                                        b, k)  # fmt: skip
+                    param[i] = p
+                    if has_copy:
+                        copy_out[i] = encode(p)
+                tops[0, t] = magnitude(v) if live else np.uint32(0)
+                tops[1, t] = magnitude(m) if live else np.uint32(0)
+                tops[2, t] = magnitude(b) if live else np.uint32(0)
+                cuda.syncthreads()  # every code and scale of the block read, every magnitude written
+                half = THREADS // 2
+                while half > 0:
+                    if t < half:
+                        for r in range(3):
+                            tops[r, t] = max(tops[r, t], tops[r, t + half])
+                    cuda.syncthreads()
+                    half //= 2
+                if live:
+                    pre, inv = scaling(tops[0, 0])
+                    square_avg[at + t] = code_of(v, pre, inv, False)
+                    if uses_m:
+                        pre, inv = scaling(tops[1, 0])
+                        grad_avg[at + t] = code_of(m, pre, inv, True)
+                    if uses_b:
+                        pre, inv = scaling(tops[2, 0])
+                        momentum_buffer[at + t] = code_of(b, pre, inv, True)
+                if t == 0:
+                    store_scale(square_avg, at, tops[0, 0])
+                    if uses_m:
+                        store_scale(grad_avg, at, tops[1, 0])
+                    if uses_b:
+                        store_scale(momentum_buffer, at, tops[2, 0])
+                cuda.syncthreads()  # the maxima read before the next block writes them
+
+    return cuda.jit(kernel)
 
 
 def _updater(key, codec, copy, grads):
@@ -151,20 +245,22 @@ def _updater(key, codec, copy, grads):
 
 
 def _views(key, codec, copy, grads):
-    """`views(witness, row, n)`: the six arrays of pointer row `row` holding `n` elements."""
+    """`views(witness, row, n)`: the six arrays of pointer row `row` holding `n` elements
+    (each state array the storage elements that hold them: `codec.extent(n)`)."""
     uses_m, uses_b, has_copy = key.uses_grad_avg, key.uses_momentum_buffer, copy is not None
-    stored, given = codec.witness, grads.witness
+    stored, given, extent = codec.witness, grads.witness, codec.extent
     copied = copy.witness if has_copy else NATIVE.witness
 
     def views(witness, row, n):
         witness = host(witness)
         state = stored(witness)
+        held = extent(n)
         return (
             view(row[PARAM], n, witness),
             view(row[GRAD], n, given(witness)),
-            view(row[SQUARE_AVG], n, state),
-            view(row[GRAD_AVG], n if uses_m else 0, state),
-            view(row[MOMENTUM_BUFFER], n if uses_b else 0, state),
+            view(row[SQUARE_AVG], held, state),
+            view(row[GRAD_AVG], held if uses_m else 0, state),
+            view(row[MOMENTUM_BUFFER], held if uses_b else 0, state),
             view(row[COPY], n if has_copy else 0, copied(witness)),
         )
 
@@ -281,3 +377,14 @@ def ptx(kernel, signature, cc):
         return cuda.compile_ptx(getattr(kernel, "py_func", kernel), signature, cc=tuple(cc))
     finally:
         dispatcher.get_current_device = asked
+
+
+@cuda.jit
+def traffic(p, g, v):
+    """The same-traffic kernel of `fastrms bench --cuda`: reads `p`, `g` and `v` and writes
+    `p` and `v`, as a plain step does, with no arithmetic but an addition (a grid-stride
+    loop, as `dense`)."""
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        x, y = g[i], v[i]
+        p[i] = p[i] + y
+        v[i] = x
