@@ -441,6 +441,14 @@ def test_scalars_are_one_tuple_a_namedtuple_too():
         shell(tuple(ARGS)[:8], *_arrays(64, np.float32))
 
 
+def test_a_shell_refuses_arrays_its_form_does_not_take():
+    a = _arrays(16, np.float32)
+    before = [x.copy() for x in a]
+    with pytest.raises(ValueError, match=r"dense: after the five arrays it takes 0 more \(none\)"):
+        kernels.dense(_FULL, False)(tuple(ARGS), *a, np.zeros(16, np.uint16))  # a copy, to a shell without one
+    assert all(np.array_equal(x, y) for x, y in zip(a, before))
+
+
 def test_a_form_is_checked_before_anything_is_compiled():
     storage = kernels.storage
     with pytest.raises(ValueError, match="one way"):

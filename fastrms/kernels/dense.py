@@ -129,8 +129,14 @@ def _build(key, parallel, form):
         sizes += " (8-bit state: the bytes of its blocks)"
     centred = f"{name_of(form)}: grad_avg must have the size of param (centered variant)"
     momentum = f"{name_of(form)}: momentum_buffer must have the size of param (momentum variant)"
+    extra = ("copy",) if has_copy else ("param_out", "square_avg_out", "grad_avg_out", "momentum_buffer_out") if out \
+        else ("offset", "noise") if stoch else ()  # fmt: skip
+    arity = f"{name_of(form)}: after the five arrays it takes {len(extra)} more ({', '.join(extra) or 'none'})"
+    count = len(extra)
 
     def shell(scalars, param, grad, square_avg, grad_avg, momentum_buffer, *more):
+        if len(more) != count:  # (too few: Numba refuses to type `more[...]` first)
+            raise ValueError(arity)
         n = param.size
         e = held(n)  # the state's stored elements: n, or the bytes of n's 8-bit blocks
         # each form's extra arrays under names of their own, never aliases of the inputs (an
