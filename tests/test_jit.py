@@ -265,6 +265,7 @@ def test_stale_index_files_of_the_same_module_are_pruned(tmp_path):
             "dense.h-5.py311.1.nbc",
             "rows.k-1.py311.nbi",  # another source file's: not this index's to judge
             "rows.k-1.py311.1.nbc",
+            _jit.LOCK_NAME,  # the folder's save lock (`_BoundedIndex.save`)
         ]
     )
     assert cache.load("key") == b"data" and fresh.load("key") == b"data"
@@ -341,3 +342,32 @@ def test_a_caller_compiled_against_a_cached_parallel_kernel_still_starts_numbas_
     for step in ("1", "2", "3"):
         out = subprocess.run([sys.executable, "-c", CALLERS, step], env=env, capture_output=True, text=True)
         assert out.returncode == 0 and out.stdout.startswith("ok"), (step, out.returncode, out.stderr[-2000:])
+
+
+_SAVER = """
+import sys, time
+from fastrms.kernels import _jit
+
+folder, who, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+index = _jit._BoundedIndex(folder, "shell-1.py311", "stamp", "shell-")
+while time.time() < start:  # every process starts saving at once
+    pass
+for j in range(60):
+    index.save(("signature", who, j), {"who": who, "j": j})
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="advisory file locks are POSIX's")
+def test_processes_saving_signatures_of_one_function_at_once_lose_none(tmp_path):
+    """Three processes save 60 signatures each into one index at the same time: every one is
+    in the index afterwards, with its own data (unlocked, an index read before another
+    process wrote it was written back without that process's signatures)."""
+    import time
+
+    start = time.time() + 2.0
+    procs = [subprocess.Popen([sys.executable, "-c", _SAVER, str(tmp_path), str(who), str(start)]) for who in range(3)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    index = kernels._jit._BoundedIndex(str(tmp_path), "shell-1.py311", "stamp", "shell-")
+    for who in range(3):
+        for j in range(60):
+            assert index.load(("signature", who, j)) == {"who": who, "j": j}, (who, j)

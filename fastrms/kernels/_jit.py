@@ -33,11 +33,18 @@ to its library (`KernelCache.load_overload`), so callers compiled against a cach
 kernel, ours or a user's, start Numba's threads.
 """
 
+import contextlib
 import hashlib
+import itertools
 import os
 import pickle
 import shutil
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # no advisory file locks (Windows): saves are not serialised between processes there
+    fcntl = None  # type: ignore[assignment]
 
 import llvmlite
 import numba
@@ -161,13 +168,56 @@ def _read_index(path):
     return (version, stamp, overloads) if isinstance(overloads, dict) else None
 
 
+#: The file in each cache folder that saves lock (`_BoundedIndex.save`).
+LOCK_NAME = ".fastrms-save.lock"
+
+
+@contextlib.contextmanager
+def _exclusive(path):
+    """An exclusive advisory lock on the file `path` (made if missing) for the block; nothing
+    where the OS has no such locks or the file cannot be opened."""
+    if fcntl is None:
+        yield
+        return
+    try:
+        held = open(path, "a+b")
+    except OSError:
+        held = None
+    if held is None:
+        yield
+        return
+    with held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+
+
 class _BoundedIndex(IndexDataCacheFile):
-    """Numba's index and data files, sealed with a digest, pruned whenever the index is written."""
+    """Numba's index and data files, sealed with a digest, pruned whenever the index is
+    written, and saved under a lock."""
 
     def __init__(self, cache_path, filename_base, source_stamp, module_prefix):
         super().__init__(cache_path=cache_path, filename_base=filename_base, source_stamp=source_stamp)
         self._prefix = module_prefix
         self._base = filename_base
+
+    def save(self, key, data):
+        """Numba's save (the index read, the key given a data file, both written) under an
+        exclusive lock on the cache folder, the data first. Unlocked, two processes compiling
+        two signatures of one function at once each wrote back the index it had read, under
+        the same data file name: one signature was lost, and the next process compiled it
+        again (CI's wheel stage caught one)."""
+        with _exclusive(os.path.join(self._cache_path, LOCK_NAME)):
+            overloads = self._load_index()
+            data_name = overloads.get(key)
+            if data_name is None:
+                taken = set(overloads.values())
+                data_name = next(n for n in map(self._data_name, itertools.count(1)) if n not in taken)
+                overloads[key] = data_name
+            self._save_data(data_name, data)
+            self._save_index(overloads)
 
     def _load_index(self):
         found = _read_index(self._index_path)
