@@ -587,9 +587,14 @@ class DeviceRMSprop(RMSprop):
     the CUDA backend (`fastrms.backend.cuda.Plan`: one launch per dtype, the tables kept).
     State dicts are the NumPy optimizer's, key for key (host copies): a run moves between a
     GPU and the CPU through `state_dict`/`load_state_dict` or `save`/`load`. A float32
-    param's grads may be float16 (widened exactly as they are read, as on the CPU). Refused
-    on the device, naming the option: `copy_to`, `state_layout="rowwise"`, `dense_rows` and
-    `step_rows` (the CPU's)."""
+    param's grads may be float16 (widened exactly as they are read, as on the CPU).
+    16-bit models as on the CPU: float16 params (all of them) each get a float32 master on
+    the device (`master_param.<i>` in `state_dict`), which the step updates and writes back
+    rounded to nearest even in the same pass, a param element written from outside since
+    the last step becoming its master first; or float32 params with `copy_to`, float16
+    device arrays written in the same pass. bfloat16 has no `__cuda_array_interface__`
+    type, so it does not reach the device this way. Refused on the device, naming the
+    option: `state_layout="rowwise"`, `dense_rows` and `step_rows` (the CPU's)."""
 
     def __init__(self, params, learning_rate=0.001, beta=0.9, epsilon=1e-8, *, copy_to=None, **options):
         from .backend import cuda as backend
@@ -597,33 +602,42 @@ class DeviceRMSprop(RMSprop):
         options = O.resolve({**options, "learning_rate": learning_rate, "beta": beta, "epsilon": epsilon})
         self._single = backend.is_device_array(params)
         arrays = [params] if self._single else list(params)
-        for i, p in enumerate(arrays):
-            if not backend.is_device_array(p):
-                raise TypeError(
-                    f"params[{i}] is a {type(p).__module__}.{type(p).__name__} on the host, the others live on a "
-                    "CUDA device: one optimizer steps its params on one device"
-                )
+        _all_on_device(backend, arrays, "params")
         names = ["params"] if self._single else [f"params[{i}]" for i in range(len(arrays))]
         faces = [backend.interface(p, name) for p, name in zip(arrays, names)]
         for name, (_, _, dtype) in zip(names, faces):
-            if dtype not in (np.float32, np.float64):
-                raise TypeError(f"{name} must be float32 or float64 on the device, got {dtype}")
-        self._dtypes = tuple(dict.fromkeys(dtype for _, _, dtype in faces))
+            if dtype not in (np.float32, np.float64, np.float16):
+                raise TypeError(f"{name} must be float32, float64 or float16 on the device, got {dtype}")
+        halves = [dtype == np.float16 for _, _, dtype in faces]
+        self._masters = any(halves)
+        if self._masters and not all(halves):
+            i, first = halves.index(not halves[0]), 0
+            raise TypeError(
+                f"{names[i]} is {faces[i][2]}, {names[first]} {faces[first][2]}: 16-bit params on the device are all "
+                "float16, each with a float32 master; for a mix, keep float32 masters yourself and pass the float16 "
+                "arrays as copy_to"
+            )
+        if self._masters and copy_to is not None:
+            raise ValueError("copy_to is for float32 params; 16-bit params are written from their own masters")
+        self._dtypes = (np.dtype(np.float32),) if self._masters else tuple(dict.fromkeys(d for _, _, d in faces))
         hyper = check_hyperparameters(options, self._dtypes)
-        refused = {
-            "copy_to": copy_to is not None,
-            "state_layout='rowwise'": hyper["state_layout"] == "rowwise",
-            "dense_rows=True": hyper["dense_rows"],
-        }
+        refused = {"state_layout='rowwise'": hyper["state_layout"] == "rowwise", "dense_rows=True": hyper["dense_rows"]}
         for what, given in refused.items():
             if given:
                 raise ValueError(f"{what} is a CPU option: the CUDA backend does not take it")
+        copies, copy = None, None
+        if copy_to is not None:
+            copies, copy = _device_copies(backend, copy_to, faces, self._single), storage.ARRAYS["float16"]
         self._arrays, self._shapes = arrays, [shape for _, shape, _ in faces]
-        self._masters, self._copies_given, self._copy_to = False, None, None
+        self._stepped = arrays  # what the kernels step as params: the float32 masters of 16-bit params
+        if self._masters:
+            copies, copy = [address for address, _, _ in faces], storage.MASTERS[storage.FLOAT16.tag]
+            self._stepped = [backend.cuda.to_device(_host(backend, p).astype(np.float32)) for p in arrays]
+        self._copies_given, self._copy_to = None, copies
         self._stepping = False
         self._state = threading.RLock()
         self._configure(hyper, Clock(hyper, self._dtypes))
-        self._device = backend.Plan(arrays, self._spec)
+        self._device = backend.Plan(self._stepped, self._spec, copies=copies, copy=copy)
         self._backend = backend
         self._last_grad_norm = None
 
@@ -729,17 +743,24 @@ class DeviceRMSprop(RMSprop):
         """`fastrms.RMSprop.state_dict`: the same keys, the state copied to the host."""
         with self._state:
             slots = self._shadow(True)
-            return checkpoint.state_dict(slots, self._hyper, self._clock.step_count, self._clock.skipped_steps)
+            d = checkpoint.state_dict(slots, self._hyper, self._clock.step_count, self._clock.skipped_steps)
+            if self._masters:  # float16 params: their float32 masters are the optimizer's state
+                for i, master in enumerate(self._stepped):
+                    d[f"master_param.{i}"] = master.copy_to_host()
+            return d
 
     def load_state_dict(self, state_dict):
         """`fastrms.RMSprop.load_state_dict`, the state copied to the device (a dict saved
         on the CPU loads here, and the reverse)."""
         step_count, skipped, hyper, arrays = checkpoint.validate(
-            state_dict, self._shadow(False), self._hyper, self._dtypes, False
+            state_dict, self._shadow(False), self._hyper, self._dtypes, self._masters
         )
         with self._state:
             for (i, name), a in arrays.items():
-                self._device.state(name, i).copy_to_device(np.ascontiguousarray(a).reshape(-1))
+                if name == "master_param":
+                    self._stepped[i].copy_to_device(np.ascontiguousarray(a, np.float32))
+                else:
+                    self._device.state(name, i).copy_to_device(np.ascontiguousarray(a).reshape(-1))
             self._configure(hyper, Clock(hyper, self._dtypes, step_count, skipped, self._clock.last_lr))
 
     def load(self, path):
@@ -749,6 +770,40 @@ class DeviceRMSprop(RMSprop):
             self.load_state_dict(d)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path!r} does not fit this optimizer: {exc}") from None
+
+
+def _all_on_device(backend, arrays, what):
+    for i, a in enumerate(arrays):
+        if not backend.is_device_array(a):
+            raise TypeError(
+                f"{what}[{i}] is a {type(a).__module__}.{type(a).__name__} on the host, the others live on a "
+                "CUDA device: one optimizer steps its params on one device"
+            )
+
+
+def _device_copies(backend, copy_to, faces, single):
+    """The addresses of `copy_to`'s float16 device arrays, one per float32 param of
+    `faces` (`backend.interface`'s), of its shape (TypeError or ValueError naming the copy;
+    the overlaps are the plan's to refuse)."""
+    if single and not backend.is_device_array(copy_to):
+        raise TypeError(f"copy_to must be a CUDA device array like params, got {type(copy_to).__name__}")
+    if not single and (not isinstance(copy_to, (list, tuple)) or len(copy_to) != len(faces)):
+        got = f"{len(copy_to)} arrays" if isinstance(copy_to, (list, tuple)) else type(copy_to).__name__
+        raise TypeError(f"copy_to must be a list or tuple of {len(faces)} device arrays, one per param, got {got}")
+    given = [copy_to] if single else list(copy_to)
+    addresses = []
+    for i, (c, (_, shape, dtype)) in enumerate(zip(given, faces)):
+        name = "copy_to" if single else f"copy_to[{i}]"
+        address, got_shape, got_dtype = backend.interface(c, name)
+        if got_dtype != np.float16:
+            raise TypeError(f"{name} must be float16 on the device, got {got_dtype}")
+        if dtype != np.float32:
+            raise TypeError(f"{name}: a float16 copy is of a float32 param; {'params' if single else f'params[{i}]'} "
+                            f"is {dtype}")  # fmt: skip
+        if got_shape != shape:
+            raise ValueError(f"{name} must have its param's shape {shape}, got {got_shape}")
+        addresses.append(address)
+    return addresses
 
 
 def _host(backend, a):

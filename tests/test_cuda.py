@@ -157,6 +157,43 @@ _SIMULATED = textwrap.dedent(
                             "cpu_err": max(float(np.abs(g - c).max()) for g, c in zip(got, cpu.params)),
                             "moved": max(float(np.abs(p - r).max()) for p, r in zip(ps, ref.params)),
                             "norm": opt.last_grad_norm, "ref_norm": ref.last_grad_norm}
+    for label, opts in (("float16 masters", {"momentum": 0.9, "centered": True}),
+                        ("float16 masters, 8-bit state", {"state_storage": "8bit"})):
+        halves = [rng.standard_normal(s).astype(np.float16) for s in shapes]
+        dev = [cuda.to_device(h.copy()) for h in halves]
+        opt = fastrms.RMSprop(dev, 0.01, **opts)
+        cpu = fastrms.RMSprop([h.copy() for h in halves], 0.01, **opts)  # the CPU's float32 masters
+        for k in range(3):
+            grads = [rng.standard_normal(s).astype(np.float16) for s in shapes]
+            if k == 1:  # an element written from outside: its master takes its value
+                for d, c in zip(dev, cpu.params):
+                    h = d.copy_to_host()
+                    h.reshape(-1)[0] = c.reshape(-1)[0] = 3.0
+                    d.copy_to_device(h)
+            opt.step([cuda.to_device(g) for g in grads])
+            cpu.step(grads)
+        state, mine = opt.state_dict(), cpu.state_dict()
+        back = fastrms.RMSprop([cuda.to_device(h) for h in halves], 0.01, **opts)
+        back.load_state_dict(state)
+        out[label] = {"kernels": opt.kernel_calls, "dtypes": [str(d.copy_to_host().dtype) for d in dev],
+                      "params_differ": sum(int(np.sum(d.copy_to_host() != c)) for d, c in zip(dev, cpu.params)),
+                      "master_err": max(float(np.abs(state[f"master_param.{i}"] - mine[f"master_param.{i}"]).max())
+                                        for i in range(len(shapes))),
+                      "moved": max(float(np.abs(d.copy_to_host().astype(np.float32) - h).max())
+                                   for d, h in zip(dev, halves)),
+                      "keys": sorted(state) == sorted(mine),
+                      "round_trip": all(np.array_equal(back.state_dict()[k], v) for k, v in state.items()
+                                        if isinstance(v, np.ndarray))}
+    ps = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    copies = [np.zeros(s, np.float16) for s in shapes]
+    dev, dcopies = [cuda.to_device(p.copy()) for p in ps], [cuda.to_device(c) for c in copies]
+    opt = fastrms.RMSprop(dev, 0.01, copy_to=dcopies)
+    cpu = fastrms.RMSprop([p.copy() for p in ps], 0.01, copy_to=copies)
+    grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    opt.step([cuda.to_device(g) for g in grads])
+    cpu.step(grads)
+    out["copy_to"] = {"copies_differ": sum(int(np.sum(d.copy_to_host() != c)) for d, c in zip(dcopies, copies)),
+                      "written": min(float(np.abs(c).max()) for c in copies)}
     one = cuda.to_device(np.ones(1000, np.float32))
     single = fastrms.RMSprop(one, 0.01)
     single.step(cuda.to_device(np.ones(1000, np.float32)))
@@ -215,6 +252,23 @@ def test_float16_grads_of_float32_params_on_the_simulator_match_the_reference(si
     assert found["norm"] == pytest.approx(found["ref_norm"], rel=1e-6)  # the guard read them as float16 too
 
 
+@pytest.mark.parametrize("label", ["float16 masters", "float16 masters, 8-bit state"])
+def test_float16_params_on_the_simulator_step_float32_masters_as_the_cpu_does(simulated, label):
+    found = simulated[label]
+    assert found["kernels"] == ["cuda blockwise" if "8-bit" in label else "cuda segments"]
+    assert found["dtypes"] == ["float16"] * 3  # the user's params stay float16, written in place
+    assert found["moved"] > 1e-3
+    assert found["params_differ"] == 0  # rounded to float16, the CPU's params, element for element
+    assert found["master_err"] <= 1e-6  # the masters: the CPU's to the simulator's float64 constants
+    assert found["keys"] and found["round_trip"]  # master_param.<i> as on the CPU, and it loads back
+
+
+def test_copy_to_on_the_simulator_writes_the_float16_copies_the_cpu_writes(simulated):
+    found = simulated["copy_to"]
+    assert found["written"] > 0.1  # every copy was written (they started at zero)
+    assert found["copies_differ"] == 0
+
+
 def test_one_array_on_the_simulator_is_one_grid_stride_launch(simulated):
     found = simulated["single"]
     assert found["kernels"] == ["cuda dense"]
@@ -229,9 +283,15 @@ _REFUSALS = textwrap.dedent(
     import fastrms
 
     dev = cuda.to_device(np.zeros(8, np.float32))
+    half = cuda.to_device(np.zeros(8, np.float16))
     for make in (
         lambda: fastrms.RMSprop([dev, np.zeros(8, np.float32)]),
-        lambda: fastrms.RMSprop(dev, copy_to=np.zeros(8, np.float32)),
+        lambda: fastrms.RMSprop(dev, copy_to=np.zeros(8, np.float16)),
+        lambda: fastrms.RMSprop(dev, copy_to=cuda.to_device(np.zeros(8, np.float32))),
+        lambda: fastrms.RMSprop([dev, cuda.to_device(np.zeros(8, np.float32))], copy_to=[half, half]),
+        lambda: fastrms.RMSprop([dev, cuda.to_device(np.zeros(8, np.float16))]),
+        lambda: fastrms.RMSprop(cuda.to_device(np.zeros(8, np.float16)), copy_to=dev),
+        lambda: fastrms.RMSprop(dev, state_layout="rowwise"),
         lambda: fastrms.RMSprop(dev).step(cuda.to_device(np.zeros(8, np.float64))),
         lambda: fastrms.RMSprop(dev).step(cuda.to_device(np.zeros(9, np.float32))),
         lambda: fastrms.RMSprop(dev).step(np.zeros(8, np.float32)),
@@ -249,7 +309,7 @@ _REFUSALS = textwrap.dedent(
             print("ACCEPTED")
         except (TypeError, ValueError) as exc:
             print(type(exc).__name__, str(exc).splitlines()[0])
-    print("untouched", float(np.abs(dev.copy_to_host()).max()))
+    print("untouched", float(np.abs(dev.copy_to_host()).max()), float(np.abs(half.copy_to_host()).max()))
     """
 )
 
@@ -263,12 +323,17 @@ def test_bad_device_input_is_refused_before_anything_is_written():
     assert "ACCEPTED" not in lines, lines
     expected = [
         r"TypeError params\[1\] is a numpy.ndarray on the host, the others live on a CUDA device",
-        r"ValueError copy_to is a CPU option",
+        r"TypeError copy_to must be a CUDA device array like params, got ndarray",
+        r"TypeError copy_to must be float16 on the device, got float32",
+        r"ValueError params \(or their copies\) share memory on the device",
+        r"TypeError params\[1\] is float16, params\[0\] float32: 16-bit params on the device are all float16",
+        r"ValueError copy_to is for float32 params; 16-bit params are written from their own masters",
+        r"ValueError state_layout='rowwise' is a CPU option",
         r"TypeError grads must have dtype float32 \(or float16\) like its param, got float64",
         r"ValueError grads must have shape \(8,\) like its param, got \(9,\)",
         r"TypeError grads must be a CUDA device array",
         r"ValueError grads shares memory with a param or the optimizer's state",
-        r"TypeError params must be float32 or float64 on the device, got int32",
+        r"TypeError params must be float32, float64 or float16 on the device, got int32",
         r"TypeError grads must be a list or tuple of 1 device arrays, like params, got generator",
         r"ValueError grads must hold 1 device arrays, like params; got 0",
         r"TypeError grads must have dtype float64 like its param, got float16",
@@ -277,4 +342,4 @@ def test_bad_device_input_is_refused_before_anything_is_written():
     assert len(lines) == len(expected) + 1, lines
     for line, pattern in zip(lines, expected):
         assert re.match(pattern, line), (line, pattern)
-    assert lines[-1] == "untouched 0.0"
+    assert lines[-1] == "untouched 0.0 0.0"

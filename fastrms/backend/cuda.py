@@ -13,7 +13,9 @@ library's, such as torch's current stream).
 
 Device arrays are anything with `__cuda_array_interface__` (numba-cuda's device arrays,
 CuPy arrays, torch CUDA tensors), C-contiguous, of float32 or float64 (a float32 param's
-grads may be float16: read as `fastrms.kernels.storage.FLOAT16`); under numba-cuda's
+grads may be float16: read as `fastrms.kernels.storage.FLOAT16`; a float32 param may have a
+float16 copy written in the same pass, the copy being the user's param when the float32
+array is its master); under numba-cuda's
 simulator (`NUMBA_ENABLE_CUDASIM=1`), its fake device arrays. Imported only when such
 params are given: importing fastrms never imports numba-cuda.
 """
@@ -25,7 +27,7 @@ from numba import cuda
 
 from ..kernels import cuda as K
 from ..kernels import storage
-from ..kernels.segments import GRAD, PARAM
+from ..kernels.segments import COPY, GRAD, PARAM
 
 __all__ = ["Plan", "describe", "is_device_array"]
 
@@ -75,7 +77,7 @@ class _Group:
     """The params of one dtype: their pointer rows (host and device), sizes and chunk
     table (device), the state arrays (device), and the kernel's launch shape."""
 
-    def __init__(self, indices, addresses, sizes, dtype, spec):
+    def __init__(self, indices, addresses, sizes, dtype, spec, copies):
         self.indices, self.dtype, self.sizes = indices, np.dtype(dtype), sizes
         stored = self.stored = storage.state_dtype(spec.codec, self.dtype)
         held = [storage.extent(spec.codec, n) for n in sizes]  # 8-bit state: its blocks' bytes
@@ -83,6 +85,8 @@ class _Group:
         self.held = np.array(held, np.int64)
         self.ptrs = np.zeros((len(indices), 6), np.int64)
         self.ptrs[:, PARAM] = addresses
+        if copies is not None:
+            self.ptrs[:, COPY] = copies
         for name, arrays in self.state.items():
             self.ptrs[:, _COLUMNS[name]] = [interface(a, name)[0] for a in arrays]
         self.total = int(sum(sizes))
@@ -96,31 +100,36 @@ class _Group:
         self.grads = storage.NATIVE  # how the last step's grads are read (float16 for float32 params)
 
     def spans(self):
-        """Byte spans `[start, end)` of every param and state array the group writes."""
+        """Byte spans `[start, end)` of every param, copy and state array the group writes."""
         size = np.array(self.sizes, np.int64)
         starts, ends = [], []
-        for c in (PARAM, *(_COLUMNS[n] for n in self.state)):
+        widths = {PARAM: size * self.dtype.itemsize, COPY: size * 2}  # a copy: 16-bit
+        for c in (PARAM, COPY, *(_COLUMNS[n] for n in self.state)):
             used = self.ptrs[:, c] != 0
             starts.append(self.ptrs[used, c])
-            nbytes = size * self.dtype.itemsize if c == PARAM else self.held * self.stored.itemsize
+            nbytes = widths.get(c, self.held * self.stored.itemsize)
             ends.append(self.ptrs[used, c] + nbytes[used])
         return np.concatenate(starts), np.concatenate(ends)
 
 
 class Plan:
-    """The dtype groups of an optimizer's device params, their state and tables."""
+    """The dtype groups of an optimizer's device params, their state and tables; with
+    `copies` (each param's 16-bit copy's address) and `copy` (their codec:
+    `storage.ARRAYS` for `copy_to`'s copies, `storage.MASTERS` when the params are float32
+    masters of 16-bit params), every launch writes each param's copy too."""
 
-    def __init__(self, params, spec, stream=0):
+    def __init__(self, params, spec, stream=0, copies=None, copy=None):
         faces = [interface(p, f"params[{i}]") for i, p in enumerate(params)]  # float32 or float64: checked
         self.spec, self.stream, self.shapes = spec, stream, [shape for _, shape, _ in faces]
+        self.copy = copy  # the copies' codec (`storage.ARRAYS` or `MASTERS`), with `copies` their addresses
         self.dtypes = [dtype for _, _, dtype in faces]
         order = list(dict.fromkeys(self.dtypes))
         self.groups = []
         for dtype in order:
             idx = [i for i, d in enumerate(self.dtypes) if d == dtype]
-            self.groups.append(
-                _Group(idx, [faces[i][0] for i in idx], [math.prod(faces[i][1]) for i in idx], dtype, spec)
-            )
+            addresses, sizes = [faces[i][0] for i in idx], [math.prod(faces[i][1]) for i in idx]
+            copied = None if copies is None else [copies[i] for i in idx]
+            self.groups.append(_Group(idx, addresses, sizes, dtype, spec, copied))
         self._totals = cuda.device_array(len(self.groups), np.float64)  # each group's sum of squares
         self._flag = cuda.to_device(_NO_FLAG)  # set by the non-finite check
         spans = [g.spans() for g in self.groups]
@@ -129,7 +138,10 @@ class Plan:
         order = np.argsort(self._starts)
         self._starts, self._ends = self._starts[order], self._ends[order]
         if np.any(self._starts[1:] < self._ends[:-1]):
-            raise ValueError("params share memory on the device; fastrms steps them at once, so they must be separate")
+            raise ValueError(
+                "params (or their copies) share memory on the device; fastrms steps them at once, so they must be "
+                "separate"
+            )
 
     def state(self, name, index):
         """The device array of state `name` of param `index`."""
@@ -201,19 +213,19 @@ class Plan:
 
     def run(self, scalars):
         """One launch per dtype group (no host sync)."""
-        key, codec, scalars = self.spec.variant, self.spec.codec, tuple(scalars)
+        key, codec, copy, scalars = self.spec.variant, self.spec.codec, self.copy, tuple(scalars)
         for group in self.groups:
             if codec.block:  # 8-bit state: a block of threads per 8-bit block, over the chunk table
-                K.blockwise(key, None, group.grads)[group.blocks, K.THREADS, self.stream](
+                K.blockwise(key, copy, group.grads)[group.blocks, K.THREADS, self.stream](
                     scalars, group.witness, group.ptrs_device, group.sizes_device, group.chunks
                 )
             elif len(group.indices) == 1:
                 blocks = max(1, min(-(-group.total // K.THREADS), 4096))
-                K.dense(key, codec, None, group.grads)[blocks, K.THREADS, self.stream](
+                K.dense(key, codec, copy, group.grads)[blocks, K.THREADS, self.stream](
                     scalars, group.witness, group.ptrs_device[0], group.total
                 )
             else:
-                K.segments(key, codec, None, group.grads)[group.blocks, K.THREADS, self.stream](
+                K.segments(key, codec, copy, group.grads)[group.blocks, K.THREADS, self.stream](
                     scalars, group.witness, group.ptrs_device, group.sizes_device, group.chunks
                 )
 
