@@ -45,10 +45,15 @@ def _signatures():
     scalars = numba.types.UniTuple(numba.float64, 9)
     plain, full = variant(), variant(centered=True, wd_mode=WD_DECOUPLED, mom_mode=MOM_OUTSIDE, nesterov=True)
     inside = variant(mom_mode=MOM_INSIDE)
-    bf16m = storage.MASTERS["bf16"]
+    bf16m, f16m = storage.MASTERS["bf16"], storage.MASTERS[storage.FLOAT16.tag]
     return {  # every kernel, over a covering set of variants and formats
         "dense plain float32": (K.dense(plain), (scalars, f32, numba.int64[::1], numba.int64)),
         "dense full float64": (K.dense(full), (scalars, f64, numba.int64[::1], numba.int64)),
+        "dense float16 masters": (
+            K.dense(plain, storage.NATIVE, f16m, storage.FLOAT16),
+            (scalars, f32, numba.int64[::1], numba.int64),
+        ),
+        "segments float16 copy_to": (K.segments(inside, storage.NATIVE, storage.FLOAT16), (scalars, f32, *table)),
         "segments full float32": (K.segments(full), (scalars, f32, *table)),
         "segments lr-inside bfloat16 state": (K.segments(inside, storage.BFLOAT16), (scalars, f32, *table)),
         "segments bfloat16 masters": (
