@@ -33,6 +33,7 @@ def test_cuda_steps_time_fastrms_against_the_same_traffic_kernel_on_the_device()
     assert all(row["seconds"] > 0 for row in rows.values())
     assert all(row["GB/s"] is None or row["GB/s"] > 0 for row in rows.values())
     assert "fastrms 8-bit state, 20 tensors" in rows
+    assert "fastrms float16 params over float32 masters, 20 tensors" in rows
 
 
 def test_cuda_steps_run_end_to_end_on_the_simulator():
@@ -52,5 +53,6 @@ def test_cuda_steps_run_end_to_end_on_the_simulator():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"fastrms, one array of 2048", "same traffic, one array of 2048", "fastrms, 3 tensors",
-            "fastrms 8-bit state, 3 tensors"} <= set(rows)  # fmt: skip
+            "fastrms 8-bit state, 3 tensors",
+            "fastrms float16 params over float32 masters, 3 tensors"} <= set(rows)  # fmt: skip
     assert all(rate > 0 for rate in rows.values())

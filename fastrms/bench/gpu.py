@@ -9,6 +9,8 @@ cannot time one).
   `torch.optim.RMSprop(foreach=True)` over torch CUDA tensors of the same sizes and
   `torch.compile` of its step (its compile time reported apart), when torch with CUDA is
   installed;
+- the same model kept in float16 over float32 masters on the device (the params float16,
+  their grads float16: one multi-tensor launch that also writes the float16 params);
 - the same model with 8-bit state (`state_storage="8bit"`, one blockwise launch) against
   bitsandbytes' `RMSprop8bit` over the same sizes, when bitsandbytes with CUDA is
   installed.
@@ -27,6 +29,10 @@ from .timing import measure_calls
 BYTES = 20
 #: The same with 8-bit `square_avg`: a byte an element and a float32 scale a 256-element block.
 BYTES_8BIT = 12 + 2 * 260 / 256
+#: float16 params over float32 masters: the master read and written (8), the float16 param
+#: read (an element written from outside is the master's next value) and written (4), the
+#: float16 grad read (2), square_avg read and written (8).
+BYTES_MASTERS = 22
 
 
 def cuda_steps(n=100_000_000, k=200, total=50_000_000, rounds=7, target=0.05, seed=0):
@@ -61,6 +67,10 @@ def cuda_steps(n=100_000_000, k=200, total=50_000_000, rounds=7, target=0.05, se
     steps[f"fastrms, {k} tensors"] = synced(lambda: model.step(grads))
     lean = fastrms.RMSprop([cuda.to_device(q.copy_to_host()) for q in params], 1e-3, state_storage="8bit")
     steps[f"fastrms 8-bit state, {k} tensors"] = synced(lambda: lean.step(grads))
+    halves = [cuda.to_device(q.copy_to_host().astype(np.float16)) for q in params]
+    half_grads = [cuda.to_device(q.copy_to_host().astype(np.float16)) for q in grads]
+    mastered = fastrms.RMSprop(halves, 1e-3)
+    steps[f"fastrms float16 params over float32 masters, {k} tensors"] = synced(lambda: mastered.step(half_grads))
     extra = {}
     torch_steps, compile_seconds = _torch_steps(sizes, rng, synced)
     steps.update(torch_steps)
@@ -70,7 +80,8 @@ def cuda_steps(n=100_000_000, k=200, total=50_000_000, rounds=7, target=0.05, se
     seconds = measure_calls(steps, rounds, target)
     out = {}
     for case, s in seconds.items():
-        moved = (n if "one array" in case else total) * (BYTES_8BIT if "8bit" in case or "8-bit" in case else BYTES)
+        per = BYTES_8BIT if "8bit" in case or "8-bit" in case else BYTES_MASTERS if "masters" in case else BYTES
+        moved = (n if "one array" in case else total) * per
         out[case] = {"seconds": s, "GB/s": moved / s / 1e9}
     out.update({label: {"seconds": s, "GB/s": None} for label, s in extra.items()})
     return out
