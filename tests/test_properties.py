@@ -342,3 +342,31 @@ def test_any_finite_run_saved_loads_back_continuing_bitwise(storage, layout, par
     assert straight.params.tobytes() == resumed.params.tobytes()
     a, b = straight.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(np.asarray(a[k]).tobytes() == np.asarray(b[k]).tobytes() for k in a)
+
+
+def test_derandomized_examples_do_not_depend_on_the_local_modules_loaded(tmp_path, monkeypatch):
+    """conftest keeps hypothesis's pool of local constants empty: loading a module full of
+    integer constants (as an editable fastrms is, and an installed one is not) must not
+    change what a derandomized test draws."""
+    import importlib
+    import sys
+
+    def draws():
+        seen = []
+
+        @settings(max_examples=200, deadline=None, derandomize=True, database=None)
+        @given(st.integers(0, 10**9))
+        def collect(x):
+            seen.append(x)
+
+        collect()
+        return seen
+
+    before = draws()
+    (tmp_path / "many_constants.py").write_text(
+        "VALUES = [" + ", ".join(str(123_456_789 + 7919 * i) for i in range(500)) + "]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("many_constants")
+    monkeypatch.setitem(sys.modules, "many_constants", module)
+    assert draws() == before
