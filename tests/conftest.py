@@ -13,7 +13,7 @@ from fastrms.core import options
 
 
 def _same_examples_in_every_run():
-    """Hypothesis (6.131 and later) sometimes draws a constant it found in the source of the
+    """Hypothesis (recent releases) sometimes draws a constant it found in the source of the
     local modules loaded so far: an editable fastrms is local, an installed wheel is not,
     and what is loaded depends on the tests run before. So `derandomize=True` examples
     differed between CI's README stage and its wheel stage, and the wheel stage drew a
