@@ -611,9 +611,9 @@ class DeviceRMSprop(RMSprop):
         halves = [dtype == np.float16 for _, _, dtype in faces]
         self._masters = any(halves)
         if self._masters and not all(halves):
-            i, first = halves.index(not halves[0]), 0
+            i = halves.index(not halves[0])
             raise TypeError(
-                f"{names[i]} is {faces[i][2]}, {names[first]} {faces[first][2]}: 16-bit params on the device are all "
+                f"{names[i]} is {faces[i][2]}, {names[0]} {faces[0][2]}: 16-bit params on the device are all "
                 "float16, each with a float32 master; for a mix, keep float32 masters yourself and pass the float16 "
                 "arrays as copy_to"
             )

@@ -206,9 +206,9 @@ class _BoundedIndex(IndexDataCacheFile):
     def save(self, key, data):
         """Numba's save (the index read, the key given a data file, both written) under an
         exclusive lock on the cache folder, the data first. Unlocked, two processes compiling
-        two signatures of one function at once each wrote back the index it had read, under
-        the same data file name: one signature was lost, and the next process compiled it
-        again (CI's wheel stage caught one)."""
+        two signatures of one function at once each write back the index they read, under
+        the same data file name: one signature is lost, and the next process compiles it
+        again."""
         with _exclusive(os.path.join(self._cache_path, LOCK_NAME)):
             overloads = self._load_index()
             data_name = overloads.get(key)
